@@ -1,0 +1,32 @@
+"""tilegrad: exact, memory-bounded CNNs on gigapixel slides and whole 3D volumes.
+
+The public API is the list in ``__all__``; everything else is internal and may change.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    CheckpointError,
+    DataError,
+    GeometryError,
+    MemoryBudgetError,
+    NotStreamableError,
+    ShapeError,
+    TilegradError,
+)
+from .units import format_bytes, parse_bytes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "DataError",
+    "GeometryError",
+    "MemoryBudgetError",
+    "NotStreamableError",
+    "ShapeError",
+    "TilegradError",
+    "__version__",
+    "format_bytes",
+    "parse_bytes",
+]

@@ -1,0 +1,46 @@
+"""One family of exceptions for everything tilegrad refuses.
+
+Every message says what was expected, what was received and what to do next, e.g.::
+
+    tile_size 128 is smaller than the halo the network needs (2 x 93 px + stride 32): use at least 256
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "DataError",
+    "GeometryError",
+    "MemoryBudgetError",
+    "NotStreamableError",
+    "ShapeError",
+    "TilegradError",
+]
+
+
+class TilegradError(Exception):
+    """Base class of every error tilegrad raises on purpose."""
+
+
+class ShapeError(TilegradError, ValueError):
+    """An input, tile or shape argument has the wrong rank, size or layout."""
+
+
+class GeometryError(TilegradError, ValueError):
+    """A tile is too small for the receptive field, or a geometry cannot be derived."""
+
+
+class NotStreamableError(TilegradError, TypeError):
+    """A layer is not local (global pooling, train-mode BatchNorm, Linear over space, ...)."""
+
+
+class MemoryBudgetError(TilegradError, ValueError):
+    """No plan fits the memory budget, or a budget string cannot be parsed."""
+
+
+class DataError(TilegradError, ValueError):
+    """A file, CSV row or array cannot be read or does not have the expected content."""
+
+
+class CheckpointError(TilegradError, RuntimeError):
+    """A checkpoint is missing, corrupt or from an incompatible run."""
