@@ -14,6 +14,7 @@ from .errors import (
     ShapeError,
     TilegradError,
 )
+from .memory import PeakMemoryMeter, measure_peak_memory
 from .units import format_bytes, parse_bytes
 
 __version__ = "0.1.0"
@@ -24,9 +25,11 @@ __all__ = [
     "GeometryError",
     "MemoryBudgetError",
     "NotStreamableError",
+    "PeakMemoryMeter",
     "ShapeError",
     "TilegradError",
     "__version__",
     "format_bytes",
+    "measure_peak_memory",
     "parse_bytes",
 ]
