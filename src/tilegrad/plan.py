@@ -283,12 +283,12 @@ def _conventional_peak(units: list[Unit], input_shape: tuple[int, ...], param_by
 
 
 def _candidate_cuts(units: list[Unit]) -> list[int]:
-    """Cut after each unit that changes the spatial scale (downsampling or upsampling), except the last."""
-    cuts = []
-    for k, unit in enumerate(units[:-1]):
+    """Cut points (unit indices) just before and just after each unit that changes the spatial scale."""
+    cuts: set[int] = set()
+    for k, unit in enumerate(units):
         if unit.in_shape[2:] != unit.out_shape[2:]:
-            cuts.append(k + 1)
-    return cuts
+            cuts.update({k, k + 1})
+    return sorted(c for c in cuts if 0 < c < len(units))
 
 
 def _scale(units: list[Unit], first: int, ndim: int, input_shape: Sequence[int]) -> tuple[Fraction, ...]:

@@ -325,7 +325,7 @@ class StreamingModule(nn.Module):
         training = torch.is_grad_enabled() and (bool(grad_params) or input_grad)
         plan = self.plan(shape, dtype=dtype, lazy=lazy, input_grad=input_grad)
         reader = _Reader(x, device, dtype)
-        if plan.conventional or (not lazy and all(len(s.grid) == 1 for s in plan.segments)):
+        if plan.conventional or (len(plan.segments) == 1 and len(plan.segments[0].grid) == 1):
             # one tile covers everything: streaming would only add a recomputation
             return self.module(x if not lazy else reader.read(tuple(slice(None) for _ in shape[2:])))
         if not training:
