@@ -15,6 +15,7 @@ from .errors import (
     TilegradError,
 )
 from .geometry import ReceptiveField, receptive_field, register_geometry_rule
+from .infer import infer
 from .memory import PeakMemoryMeter, measure_peak_memory
 from .plan import Plan, plan_streaming
 from .split import split_model
@@ -37,6 +38,7 @@ __all__ = [
     "TilegradError",
     "__version__",
     "format_bytes",
+    "infer",
     "measure_peak_memory",
     "parse_bytes",
     "plan_streaming",

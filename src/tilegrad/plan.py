@@ -307,6 +307,8 @@ def plan_streaming(
     mode: str = "auto",
     input_in_memory: bool = True,
     input_grad: bool = False,
+    training: bool = True,
+    output_in_memory: bool = True,
 ) -> Plan:
     """Choose segments and tile sizes for ``module`` on an input of ``input_shape`` (N, C, *spatial).
 
@@ -348,7 +350,7 @@ def plan_streaming(
     best: Plan | None = None
     smallest: Plan | None = None
     errors: list[str] = []
-    if memory_budget is not None and mode == "auto":
+    if memory_budget is not None and mode == "auto" and training:
         peak = _conventional_peak(units, input_shape, param_bytes, dtype)
         if peak <= budget:
             seg = _segment(units, input_shape[2:], ndim, dtype, (Fraction(1),) * ndim)
@@ -370,7 +372,9 @@ def plan_streaming(
         ranges = list(itertools.pairwise(bounds))
         inp = _nbytes(input_shape, dtype) if input_in_memory else 0
         outs = [_nbytes(units[b - 1].out_shape, dtype) for _, b in ranges]
-        fixed = 2 * param_bytes + inp + sum(outs)
+        if not output_in_memory:
+            outs[-1] = 0
+        fixed = (2 if training else 1) * param_bytes + inp + sum(outs)
         chosen: list[SegmentPlan] = []
         for k, (a, b) in enumerate(ranges):
             grads = outs[k] + (outs[k - 1] if k > 0 else (inp if input_grad else 0))
@@ -381,7 +385,10 @@ def plan_streaming(
                 s
                 for s in options
                 if budget is None
-                or (fixed + grads + s.tile_train_bytes <= budget and fixed + s.tile_forward_bytes <= budget)
+                or (
+                    (not training or fixed + grads + s.tile_train_bytes <= budget)
+                    and fixed + s.tile_forward_bytes <= budget
+                )
             ]
             pool = fitting or options
             chosen.append(
