@@ -78,7 +78,9 @@ AxisIndex(start=1, step=1, count=1, drop=True))
     if n_ellipsis > 1:
         raise IndexError("an index can only have a single ellipsis ('...')")
     if len(key) - n_ellipsis > ndim:
-        raise IndexError(f"too many indices: the image has {ndim} axes {shape}, the key has {len(key) - n_ellipsis}")
+        raise IndexError(
+            f"too many indices: the image has {ndim} axes {shape}, the key has {len(key) - n_ellipsis}"
+        )
     if n_ellipsis:
         at = next(i for i, k in enumerate(key) if k is Ellipsis)
         fill = (slice(None),) * (ndim - len(key) + 1)
@@ -106,7 +108,9 @@ def read_planned(
         out = np.asarray(read(bounds))
         expected = tuple(len(range(*b)) for b in bounds)
         if out.shape != expected:  # pragma: no cover - a backend bug, not a user error
-            raise ShapeError(f"internal: backend returned {out.shape} for bounds {bounds}, expected {expected}")
+            raise ShapeError(
+                f"internal: backend returned {out.shape} for bounds {bounds}, expected {expected}"
+            )
         flips = tuple(i for i, a in enumerate(plan) if a.step < 0 and a.count > 1)
         if flips:
             out = np.flip(out, flips)
@@ -141,6 +145,9 @@ def read_strided_in_blocks(
     first = (*bounds[:axis], (lo, lo + half * step, step), *bounds[axis + 1 :])
     second = (*bounds[:axis], (lo + half * step, bounds[axis][1], step), *bounds[axis + 1 :])
     return np.concatenate(
-        [read_strided_in_blocks(read_box, first, max_elements), read_strided_in_blocks(read_box, second, max_elements)],
+        [
+            read_strided_in_blocks(read_box, first, max_elements),
+            read_strided_in_blocks(read_box, second, max_elements),
+        ],
         axis=axis,
     )

@@ -86,9 +86,14 @@ class ZarrImage(ArrayImage):
         ms = ms[0]
         datasets = ms["datasets"]
         if not 0 <= level < len(datasets):
-            raise DataError(f"{self.path} has {len(datasets)} pyramid level(s) (0..{len(datasets) - 1}); got {level}")
+            raise DataError(
+                f"{self.path} has {len(datasets)} pyramid level(s) (0..{len(datasets) - 1}); got {level}"
+            )
         axes = ms.get("axes") or [{"name": n, "type": "space"} for n in "zyx"]
-        axes = [a if isinstance(a, dict) else {"name": a, "type": "channel" if a == "c" else "space"} for a in axes]
+        axes = [
+            a if isinstance(a, dict) else {"name": a, "type": "channel" if a == "c" else "space"}
+            for a in axes
+        ]
         channel = [i for i, a in enumerate(axes) if a.get("type") == "channel"]
         spatial = [i for i, a in enumerate(axes) if a.get("type") == "space"]
         arrays = [group[d["path"]] for d in datasets]
@@ -109,7 +114,12 @@ class ZarrImage(ArrayImage):
         self._dtype = np.dtype(arrays[level].dtype)
         self._level_path = datasets[level]["path"]
         scale = next(
-            (t["scale"] for t in datasets[level].get("coordinateTransformations", []) if t["type"] == "scale"), None
+            (
+                t["scale"]
+                for t in datasets[level].get("coordinateTransformations", [])
+                if t["type"] == "scale"
+            ),
+            None,
         )
         units = [_MM_PER_UNIT.get(axes[i].get("unit")) for i in spatial]
         if scale is not None and all(u is not None for u in units):
@@ -181,7 +191,12 @@ class ZarrWriter(ImageWriter):
         if self.partial_path.exists():
             self._remove([self.partial_path])  # a stale partial store of an interrupted run
         self._array = zarr.open_array(
-            store=str(self.partial_path), mode="w", shape=self.shape, chunks=chunks, dtype=self.dtype, fill_value=0
+            store=str(self.partial_path),
+            mode="w",
+            shape=self.shape,
+            chunks=chunks,
+            dtype=self.dtype,
+            fill_value=0,
         )
         meta: dict[str, Any] = {}
         if spacing is not None:

@@ -93,7 +93,9 @@ class DicomImage(LazyImage):
         self._shape = (samples, *spatial)
         rescaled = any(s.slope != 1.0 or s.intercept != 0.0 for s in slices)
         self._dtype = np.dtype(np.float32) if rescaled else _pixel_dtype(first, self.path)
-        pixel = _floats(_get(first, "SharedFunctionalGroupsSequence", "PixelMeasuresSequence", "PixelSpacing"))
+        pixel = _floats(
+            _get(first, "SharedFunctionalGroupsSequence", "PixelMeasuresSequence", "PixelSpacing")
+        )
         pixel = pixel or _floats(getattr(first, "PixelSpacing", None))
         if pixel is None:
             self._spacing = None
@@ -132,9 +134,12 @@ class DicomImage(LazyImage):
             return by_series[series_uid]
         if len(by_series) > 1:
             listing = "; ".join(
-                f"{uid} ({len(v)} files, {getattr(v[0][1], 'SeriesDescription', '')!s})" for uid, v in by_series.items()
+                f"{uid} ({len(v)} files, {getattr(v[0][1], 'SeriesDescription', '')!s})"
+                for uid, v in by_series.items()
             )
-            raise DataError(f"{self.path} holds {len(by_series)} DICOM series: {listing}. Pass series_uid=...")
+            raise DataError(
+                f"{self.path} holds {len(by_series)} DICOM series: {listing}. Pass series_uid=..."
+            )
         return next(iter(by_series.values()))
 
     @staticmethod
@@ -151,10 +156,14 @@ class DicomImage(LazyImage):
 
     def _orientation(self, ds: Any) -> np.ndarray | None:
         iop = _floats(getattr(ds, "ImageOrientationPatient", None))
-        iop = iop or _floats(_get(ds, "SharedFunctionalGroupsSequence", "PlaneOrientationSequence", "ImageOrientationPatient"))
+        iop = iop or _floats(
+            _get(ds, "SharedFunctionalGroupsSequence", "PlaneOrientationSequence", "ImageOrientationPatient")
+        )
         return None if iop is None else np.asarray(iop, dtype=np.float64)
 
-    def _series(self, headers: list[tuple[Path, Any]]) -> tuple[list[_Slice], float | None, np.ndarray | None]:
+    def _series(
+        self, headers: list[tuple[Path, Any]]
+    ) -> tuple[list[_Slice], float | None, np.ndarray | None]:
         first = headers[0][1]
         for p, ds in headers:
             if (int(ds.Rows), int(ds.Columns)) != (int(first.Rows), int(first.Columns)):
@@ -184,9 +193,19 @@ class DicomImage(LazyImage):
         slices = []
         for k in range(frames):
             item = per_frame[k] if per_frame is not None and len(per_frame) == frames else None
-            pos = _floats(_get(item, "PlanePositionSequence", "ImagePositionPatient")) if item is not None else None
-            scale = self._rescale(item) if item is not None and "PixelValueTransformationSequence" in item else None
-            slices.append(_Slice(self.path, k, None if pos is None else np.asarray(pos), *(scale or shared_scale)))
+            pos = (
+                _floats(_get(item, "PlanePositionSequence", "ImagePositionPatient"))
+                if item is not None
+                else None
+            )
+            scale = (
+                self._rescale(item)
+                if item is not None and "PixelValueTransformationSequence" in item
+                else None
+            )
+            slices.append(
+                _Slice(self.path, k, None if pos is None else np.asarray(pos), *(scale or shared_scale))
+            )
         orientation = self._orientation(ds)
         if orientation is not None and all(s.position is not None for s in slices):
             return self._sorted(slices, np.cross(orientation[:3], orientation[3:]))
@@ -219,7 +238,9 @@ class DicomImage(LazyImage):
             )
         return slices, spacing, normal
 
-    def _make_affine(self, ds: Any, pixel: Sequence[float] | None, normal: np.ndarray | None) -> np.ndarray | None:
+    def _make_affine(
+        self, ds: Any, pixel: Sequence[float] | None, normal: np.ndarray | None
+    ) -> np.ndarray | None:
         orientation = self._orientation(ds)
         first = self._slices[0]
         origin = first.position
@@ -236,7 +257,9 @@ class DicomImage(LazyImage):
             if normal is None or self._spacing is None:
                 return None
             last = self._slices[-1].position
-            step = (last - origin) / (len(self._slices) - 1) if last is not None else normal * self._spacing[0]
+            step = (
+                (last - origin) / (len(self._slices) - 1) if last is not None else normal * self._spacing[0]
+            )
             affine[:3, :3] = np.stack([step, row_axis, column_axis], axis=1)
         else:
             affine[:3, :3] = np.stack([row_axis, column_axis, np.cross(row_dir, col_dir)], axis=1)
@@ -259,7 +282,9 @@ class DicomImage(LazyImage):
         if array.ndim == 2:
             array = array[..., np.newaxis]
         if array.shape[:2] != (self._rows, self._cols):
-            raise DataError(f"{s.path}: pixel data of shape {array.shape} where the header says {self._rows}x{self._cols}")
+            raise DataError(
+                f"{s.path}: pixel data of shape {array.shape} where the header says {self._rows}x{self._cols}"
+            )
         if self._dtype == np.float32:
             array = array.astype(np.float32) * np.float32(s.slope) + np.float32(s.intercept)
         return array

@@ -51,6 +51,18 @@ def _nibabel() -> Any:
     return require("nibabel", "io", "reading and writing NIfTI")
 
 
+def _load(path: Path) -> Any:
+    """nib.load, or for a single-file NIfTI with another suffix (nibabel goes by suffix) its file map directly."""
+    nib = _nibabel()
+    if path.name.lower().endswith((".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")):
+        return nib.load(path)
+    with open(path, "rb") as f:
+        head = f.read(348)
+    cls = nib.Nifti2Image if head[4:8] == b"n+2\x00" else nib.Nifti1Image
+    holder = nib.fileholders.FileHolder(str(path))
+    return cls.from_file_map({"image": holder, "header": holder})
+
+
 def _is_gzip(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(2) == b"\x1f\x8b"
@@ -63,7 +75,7 @@ class NiftiImage(ArrayImage):
         nib = _nibabel()
         self.path = Path(path)
         try:
-            img = nib.load(self.path)
+            img = _load(self.path)
         except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as exc:
             raise DataError(f"{self.path} is not a readable NIfTI file: {exc}") from None
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image, nib.Nifti1Pair, nib.Nifti2Pair)):
@@ -117,7 +129,7 @@ class NiftiImage(ArrayImage):
             raise DataError(f"{self.path}: voxel data cannot be read ({type(exc).__name__}: {exc})") from exc
 
     def _open(self) -> Any:
-        return _nibabel().load(self.path).dataobj
+        return _load(self.path).dataobj
 
     def _native_array(self) -> Any:
         return self._handle
@@ -154,7 +166,9 @@ class NiftiWriter(ImageWriter):
             raise DataError(f"NIfTI output must end in .nii or .nii.gz; received {name!r}")
         n_spatial = len(tuple(shape)) - 1
         if n_spatial not in (2, 3):
-            raise ShapeError(f"NiftiWriter writes (C, X, Y) or (C, X, Y, Z) images; received shape {tuple(shape)}")
+            raise ShapeError(
+                f"NiftiWriter writes (C, X, Y) or (C, X, Y, Z) images; received shape {tuple(shape)}"
+            )
         super().__init__(
             path,
             shape,
@@ -168,7 +182,9 @@ class NiftiWriter(ImageWriter):
         if affine is None:
             diag = list(spacing) if spacing is not None else [1.0] * n_spatial
             if len(diag) != n_spatial:
-                raise ShapeError(f"spacing needs {n_spatial} values (one per spatial axis); received {spacing}")
+                raise ShapeError(
+                    f"spacing needs {n_spatial} values (one per spatial axis); received {spacing}"
+                )
             affine = np.diag([*diag, *([1.0] * (4 - n_spatial))])
         affine = np.asarray(affine, dtype=np.float64)
         if affine.shape != (4, 4):
@@ -186,7 +202,9 @@ class NiftiWriter(ImageWriter):
         header.set_sform(affine, code="scanner")
         header.set_xyzt_units(xyz="mm")
         header.set_data_offset(_HEADER_BYTES)
-        self._scratch = self.partial_path.with_name(self.partial_path.name + ".nii") if self.compressed else None
+        self._scratch = (
+            self.partial_path.with_name(self.partial_path.name + ".nii") if self.compressed else None
+        )
         target = self._scratch or self.partial_path
         with open(target, "wb") as f:
             f.write(header.binaryblock)

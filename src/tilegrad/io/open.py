@@ -46,7 +46,12 @@ def _magic(path: Path) -> str | None:
         head = f.read(352)
     if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return "tiff"
-    if head[:8] == b"\x89PNG\r\n\x1a\n" or head[:3] == b"\xff\xd8\xff" or head[:2] == b"BM" or head[:4] == b"GIF8":
+    if (
+        head[:8] == b"\x89PNG\r\n\x1a\n"
+        or head[:3] == b"\xff\xd8\xff"
+        or head[:2] == b"BM"
+        or head[:4] == b"GIF8"
+    ):
         return "pillow"
     if head[128:132] == b"DICM":
         return "dicom"
@@ -91,13 +96,14 @@ def select_level(image: LazyImage, mpp: float, *, tolerance: float = 0.1) -> int
     """
     if not mpp > 0:
         raise DataError(f"mpp must be a positive number of microns per pixel; received {mpp}")
-    base = image.level(0) if image.level_index != 0 else image
-    if base.mpp is None:
+    if image.mpp is None:
         raise DataError(
             f"{image._name()} has no pixel size metadata, so mpp={mpp} cannot choose a level; pass level=... "
             f"instead (levels: {image._describe_levels()})"
         )
-    mpps = [base.mpp * float(np.mean(lv.downsample[-2:])) for lv in image.levels]
+    mpps = [
+        image.level(k).mpp for k in range(len(image.levels))
+    ]  # each level's own metadata where it has one
     errors = [abs(m - mpp) / mpp for m in mpps]
     best = int(np.argmin(errors))
     if errors[best] > tolerance:
@@ -220,4 +226,6 @@ def create_writer(
         return ZarrWriter(path, shape, dtype, **options)
     if name.endswith(".npy"):
         return NpyWriter(path, shape, dtype, **options)
-    raise DataError(f"cannot tell the output format of {path}: use a .tif, .tiff, .nii, .nii.gz, .zarr or .npy name")
+    raise DataError(
+        f"cannot tell the output format of {path}: use a .tif, .tiff, .nii, .nii.gz, .zarr or .npy name"
+    )

@@ -34,7 +34,9 @@ class PillowImage(ArrayImage):
                     img.load()
                     array = self._to_array(img, pil)
         except (pil.DecompressionBombError, pil.DecompressionBombWarning) as exc:
-            raise DataError(f"{path} is too large to read in one piece ({exc}); convert it to tiled TIFF") from None
+            raise DataError(
+                f"{path} is too large to read in one piece ({exc}); convert it to tiled TIFF"
+            ) from None
         except (pil.UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"{path} is not a readable image (truncated or corrupt?): {exc}") from None
         super().__init__(array, axes=(2, 0, 1), path=path)

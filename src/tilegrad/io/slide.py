@@ -75,7 +75,9 @@ class OpenSlideImage(LazyImage):
         try:
             region = self._handle.read_region(location, self._level_index, (x1 - x0, y1 - y0))
         except _openslide().OpenSlideError as exc:
-            raise DataError(f"{self.path}: OpenSlide cannot read region y {y0}:{y1}, x {x0}:{x1}: {exc}") from exc
+            raise DataError(
+                f"{self.path}: OpenSlide cannot read region y {y0}:{y1}, x {x0}:{x1}: {exc}"
+            ) from exc
         rgba = np.asarray(region, dtype=np.float32)
         alpha = rgba[..., 3:] / 255.0
         rgb = rgba[..., :3] * alpha + self._background * (1.0 - alpha)

@@ -75,7 +75,9 @@ def _map_axes(axes: str, shape: Sequence[int], where: str) -> tuple[tuple[int | 
     """Image axes (C, [Z,] Y, X) from a tifffile axes string such as 'YXS', 'CYX', 'TZCYX', 'IYX'."""
     channel = [i for i, a in enumerate(axes) if a in _CHANNEL and shape[i] > 1]
     if len(channel) > 1:
-        raise DataError(f"{where} has axes {axes!r} with shape {tuple(shape)}: both C and S hold several channels")
+        raise DataError(
+            f"{where} has axes {axes!r} with shape {tuple(shape)}: both C and S hold several channels"
+        )
     spatial = [i for i, a in enumerate(axes) if a in _SPATIAL]
     if not {"Y", "X"} <= {axes[i] for i in spatial}:
         raise DataError(f"{where} has axes {axes!r}: expected an image with Y and X axes")
@@ -174,7 +176,9 @@ class TiffImage(ArrayImage):
         if not tif.series:
             raise DataError(f"{name} contains no image series")
         if not 0 <= series < len(tif.series):
-            raise DataError(f"{name} has {len(tif.series)} image series (0..{len(tif.series) - 1}); received {series}")
+            raise DataError(
+                f"{name} has {len(tif.series)} image series (0..{len(tif.series) - 1}); received {series}"
+            )
         s = tif.series[series]
         levels = s.levels
         if not 0 <= level < len(levels):
@@ -310,10 +314,14 @@ class TiffWriter(ImageWriter):
         if compression not in (None, "zlib", "jpeg"):
             raise DataError(f"compression must be 'zlib', 'jpeg' or None; received {compression!r}")
         if compression == "jpeg" and (np.dtype(dtype) != np.uint8 or shape[0] not in (1, 3)):
-            raise DataError("JPEG compression needs uint8 images with 1 or 3 channels; use compression='zlib'")
+            raise DataError(
+                "JPEG compression needs uint8 images with 1 or 3 channels; use compression='zlib'"
+            )
         if mpp is not None and not mpp > 0:
             raise DataError(f"mpp must be a positive number of microns per pixel; received {mpp}")
-        super().__init__(path, shape, dtype, chunks=(tile, tile), overwrite=overwrite, keep_partial=keep_partial)
+        super().__init__(
+            path, shape, dtype, chunks=(tile, tile), overwrite=overwrite, keep_partial=keep_partial
+        )
         self.tile = tile
         self.compression = compression
         self.mpp = mpp
@@ -325,7 +333,9 @@ class TiffWriter(ImageWriter):
         if levels < 1:
             raise DataError(f"levels must be >= 1; received {levels}")
         self.n_levels = levels
-        self._scratch_paths = [self.partial_path.with_name(f"{self.partial_path.name}.level{k}") for k in range(levels)]
+        self._scratch_paths = [
+            self.partial_path.with_name(f"{self.partial_path.name}.level{k}") for k in range(levels)
+        ]
         self._base = np.lib.format.open_memmap(
             self._scratch_paths[0], mode="w+", dtype=self.dtype, shape=(h, w, self.shape[0])
         )

@@ -96,7 +96,13 @@ def thumbnail(image: LazyImage, max_size: int = 1024) -> Thumbnail:
     for r0 in range(0, out_shape[0], rows_per_strip):
         r1 = min(r0 + rows_per_strip, out_shape[0])
         counts = (r1 - r0, *out_shape[1:])
-        key = (slice(None), *(slice(start * f, (start + n) * f) for start, n, f in zip((r0, *(0,) * (len(counts) - 1)), counts, factors)))
+        key = (
+            slice(None),
+            *(
+                slice(start * f, (start + n) * f)
+                for start, n, f in zip((r0, *(0,) * (len(counts) - 1)), counts, factors)
+            ),
+        )
         block = np.asarray(source[key], dtype=np.float32)
         shape = [channels]
         for n, f in zip(counts, factors):

@@ -138,7 +138,9 @@ class ImageWriter:
         except TypeError:
             raise DataError(f"dtype must be a numpy dtype; received {dtype!r}") from None
         if self.path.exists() and not overwrite:
-            raise DataError(f"{self.path} already exists; pass overwrite=True to replace it (on successful close)")
+            raise DataError(
+                f"{self.path} already exists; pass overwrite=True to replace it (on successful close)"
+            )
         if not self.path.parent.is_dir():
             raise DataError(f"cannot write {self.path}: directory {self.path.parent} does not exist")
         self.partial_path = self.path.with_name(self.path.name + ".partial")
@@ -165,9 +167,13 @@ class ImageWriter:
 
     def _check_open(self, action: str) -> None:
         if self._status == _CLOSED:
-            raise WriterStateError(f"{self.path} was closed; {action} after close() are refused. Open a new writer")
+            raise WriterStateError(
+                f"{self.path} was closed; {action} after close() are refused. Open a new writer"
+            )
         if self._status == _ABORTED:
-            raise WriterStateError(f"the writer of {self.path} was aborted; {action} are refused. Open a new writer")
+            raise WriterStateError(
+                f"the writer of {self.path} was aborted; {action} are refused. Open a new writer"
+            )
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self._check_open("writes")
@@ -188,7 +194,11 @@ class ImageWriter:
                 f"{self.path} stores {self.dtype}; received {value.dtype} values. Convert explicitly (e.g. "
                 f"np.clip(x, 0, 255).round().astype({self.dtype.name!r})) so no value is silently wrapped"
             )
-        full = np.broadcast_to(value, target).reshape(tuple(a.count for a in plan)).astype(self.dtype, copy=False)
+        full = (
+            np.broadcast_to(value, target)
+            .reshape(tuple(a.count for a in plan))
+            .astype(self.dtype, copy=False)
+        )
         flips = tuple(i for i, a in enumerate(plan) if a.step < 0 and a.count > 1)
         if flips:
             full = np.flip(full, flips)
@@ -203,7 +213,9 @@ class ImageWriter:
             cast = np.asarray(value).astype(self.dtype)
         same = cast.item() == value or (value != value and cast.item() != cast.item())  # NaN stays NaN
         if not same:
-            raise DataError(f"{self.path} stores {self.dtype}; the value {value!r} is not representable in it")
+            raise DataError(
+                f"{self.path} stores {self.dtype}; the value {value!r} is not representable in it"
+            )
         return cast
 
     # ------------------------------------------------------------------ lifecycle
@@ -315,9 +327,16 @@ class NpyWriter(ImageWriter):
     ) -> None:
         ndim = len(tuple(shape))
         super().__init__(
-            path, shape, dtype, chunks=chunks or (64,) * (ndim - 1), overwrite=overwrite, keep_partial=keep_partial
+            path,
+            shape,
+            dtype,
+            chunks=chunks or (64,) * (ndim - 1),
+            overwrite=overwrite,
+            keep_partial=keep_partial,
         )
-        self._array = np.lib.format.open_memmap(self.partial_path, mode="w+", dtype=self.dtype, shape=self.shape)
+        self._array = np.lib.format.open_memmap(
+            self.partial_path, mode="w+", dtype=self.dtype, shape=self.shape
+        )
 
     def _write(self, bounds: Bounds, value: np.ndarray) -> None:
         self._array[tuple(slice(*b) for b in bounds)] = value
