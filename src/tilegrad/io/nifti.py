@@ -38,6 +38,7 @@ import numpy as np
 from ..errors import DataError, ShapeError
 from ._deps import require
 from ._indexing import Bounds
+from ._rawfile import RawArrayFile
 from .base import ArrayImage
 from .writer import ImageWriter
 
@@ -144,8 +145,8 @@ class NiftiWriter(ImageWriter):
     ``affine``: 4x4 voxel-to-world matrix (use the source's ``image.affine``); without it, ``spacing`` (mm per
     spatial axis) gives a diagonal affine. C > 1 is stored as a 4th axis (X, Y, Z, C).
 
-    Voxels go straight into a memory-mapped ``<path>.partial`` (``.nii``) or ``<path>.partial.nii`` scratch file
-    (``.nii.gz``, gzip-compressed in a stream at close). ``chunks`` sets the never-written check (default 32).
+    Voxels go straight into ``<path>.partial`` (``.nii``) or a ``<path>.partial.nii`` scratch file (``.nii.gz``,
+    gzip-compressed in a stream at close) with positional writes (NOTE [ No memory maps for big images ]). ``chunks`` sets the never-written check (default 32).
     """
 
     def __init__(
@@ -209,20 +210,18 @@ class NiftiWriter(ImageWriter):
         with open(target, "wb") as f:
             f.write(header.binaryblock)
             f.write(b"\x00" * (_HEADER_BYTES - len(header.binaryblock)))
-            f.truncate(_HEADER_BYTES + self.nbytes)
-        self._array = np.memmap(
-            target, mode="r+", dtype=self.dtype, offset=_HEADER_BYTES, shape=self._file_shape, order="F"
+        self._file: RawArrayFile | None = RawArrayFile.create(
+            target, self._file_shape, self.dtype, offset=_HEADER_BYTES, order="F"
         )
 
     def _write(self, bounds: Bounds, value: np.ndarray) -> None:
-        key = tuple(slice(*b) for b in bounds)
         if self.shape[0] > 1:
-            self._array[(*key[1:], key[0])] = np.moveaxis(value, 0, -1)
+            self._file.write((*bounds[1:], bounds[0]), np.moveaxis(value, 0, -1))
         else:
-            self._array[key[1:]] = value[0]
+            self._file.write(bounds[1:], value[0])
 
     def _finalize(self) -> None:
-        self._array.flush()
+        self._release()
         if self.compressed:
             with open(self._scratch, "rb") as src, gzip.open(self.partial_path, "wb", compresslevel=1) as dst:
                 shutil.copyfileobj(src, dst, length=16 * 2**20)
@@ -231,4 +230,6 @@ class NiftiWriter(ImageWriter):
         return [self.partial_path] + ([self._scratch] if self._scratch is not None else [])
 
     def _release(self) -> None:
-        self._array = None
+        if self._file is not None:
+            self._file.close()
+        self._file = None

@@ -25,6 +25,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -39,6 +40,7 @@ import numpy as np
 from ..errors import DataError, ShapeError
 from ._deps import require
 from ._indexing import Bounds
+from ._rawfile import RawArrayFile
 from .base import ArrayImage, Level, _downsample
 from .writer import ImageWriter
 
@@ -283,10 +285,11 @@ class TiffWriter(ImageWriter):
     halve until the image fits in one tile. ``compression``: ``"zlib"`` (lossless, default), ``"jpeg"`` (uint8
     only, lossy) or None. ``mpp``: microns per pixel of level 0, stored in X/YResolution.
 
-    Tiles written with ``writer[...] = tile`` go to an uncompressed level-0 scratch file
-    ``<path>.partial.level0`` (memory-mapped, on disk next to the output). ``close()`` then builds each reduced
-    level tile by tile from the previous one (2x2 box filter), writes the TIFF to ``<path>.partial`` and renames it
-    to ``path``. Memory stays at a few tiles; disk needs the uncompressed image plus a third for the scratch.
+    Tiles written with ``writer[...] = tile`` go to an uncompressed level-0 scratch file ``<path>.partial.level0``
+    (raw, next to the output, written with positional writes: NOTE [ No memory maps for big images ]). ``close()``
+    then builds each reduced level band by band from the previous one (2x2 box filter), writes the TIFF to
+    ``<path>.partial`` and renames it to ``path``. Memory stays at a band of tiles (about 8 MiB); disk needs the
+    uncompressed image plus a third for the scratch files, which are deleted at close.
     OpenSlide reads uint8 images with 1 (grey) or 3 (RGB) channels.
     """
 
@@ -336,60 +339,77 @@ class TiffWriter(ImageWriter):
         self._scratch_paths = [
             self.partial_path.with_name(f"{self.partial_path.name}.level{k}") for k in range(levels)
         ]
-        self._base = np.lib.format.open_memmap(
-            self._scratch_paths[0], mode="w+", dtype=self.dtype, shape=(h, w, self.shape[0])
+        self._base: RawArrayFile | None = RawArrayFile.create(
+            self._scratch_paths[0], (h, w, self.shape[0]), self.dtype
         )
 
     def _write(self, bounds: Bounds, value: np.ndarray) -> None:
-        (c0, c1, cs), (y0, y1, ys), (x0, x1, xs) = bounds
-        self._base[y0:y1:ys, x0:x1:xs, c0:c1:cs] = value.transpose(1, 2, 0)
+        channel, rows, cols = bounds
+        self._base.write((rows, cols, channel), value.transpose(1, 2, 0))
 
     def _partial_files(self) -> list[Path]:
         return [self.partial_path, *self._scratch_paths]
 
     def _release(self) -> None:
+        if self._base is not None:
+            self._base.close()
         self._base = None
 
     def _level_shapes(self) -> list[tuple[int, int]]:
         h, w = self.shape[1:]
         return [(math.ceil(h / 2**k), math.ceil(w / 2**k)) for k in range(self.n_levels)]
 
-    def _tiles(self, array: np.ndarray) -> Iterator[np.ndarray]:
-        t = self.tile
-        h, w, c = array.shape
-        for y in range(0, h, t):
-            for x in range(0, w, t):
-                block = np.asarray(array[y : y + t, x : x + t])
-                if block.shape[:2] != (t, t):
-                    padded = np.zeros((t, t, c), dtype=array.dtype)
-                    padded[: block.shape[0], : block.shape[1]] = block
-                    block = padded
-                yield block if c > 1 else block[..., 0]
+    def _band_width(self) -> int:
+        """Columns read at once: whole tiles, about 8 MiB per band of tile rows (few syscalls, bounded memory)."""
+        per_column = self.tile * self.shape[0] * self.dtype.itemsize
+        return max(1, (8 * 2**20 // per_column) // self.tile) * self.tile
 
-    def _build_level(self, src: np.ndarray, k: int, shape: tuple[int, int]) -> np.ndarray:
-        dst = np.lib.format.open_memmap(
-            self._scratch_paths[k], mode="w+", dtype=self.dtype, shape=(*shape, self.shape[0])
-        )
-        t = self.tile
+    def _read(self, f: RawArrayFile, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+        h, w, c = f.shape
+        return f.read(((rows[0], min(rows[1], h), 1), (cols[0], min(cols[1], w), 1), (0, c, 1)))
+
+    def _tiles(self, f: RawArrayFile) -> Iterator[np.ndarray]:
+        """TIFF tiles in row-major order, zero-padded at the edges, read a band of tiles at a time."""
+        t, band = self.tile, self._band_width()
+        h, w, c = f.shape
+        for y in range(0, h, t):
+            for x0 in range(0, w, band):
+                block = self._read(f, (y, y + t), (x0, x0 + band))
+                for x in range(0, block.shape[1], t):
+                    tile = block[:, x : x + t]
+                    if tile.shape[:2] != (t, t):
+                        padded = np.zeros((t, t, c), dtype=self.dtype)
+                        padded[: tile.shape[0], : tile.shape[1]] = tile
+                        tile = padded
+                    yield tile if c > 1 else tile[..., 0]
+
+    def _build_level(self, src: RawArrayFile, k: int, shape: tuple[int, int]) -> RawArrayFile:
+        """Level k from level k-1 by the 2x2 box filter, a band of output tiles at a time."""
+        dst = RawArrayFile.create(self._scratch_paths[k], (*shape, self.shape[0]), self.dtype)
+        t, band = self.tile, self._band_width()
         for y in range(0, shape[0], t):
-            for x in range(0, shape[1], t):
-                block = np.asarray(src[2 * y : 2 * (y + t), 2 * x : 2 * (x + t)])
-                dst[y : y + t, x : x + t] = _downsample_2x(block)
-        dst.flush()
+            for x in range(0, shape[1], band):
+                block = self._read(src, (2 * y, 2 * (y + t)), (2 * x, 2 * (x + band)))
+                small = _downsample_2x(block)
+                dst.write(
+                    ((y, y + small.shape[0], 1), (x, x + small.shape[1], 1), (0, self.shape[0], 1)), small
+                )
         return dst
 
     def _finalize(self) -> None:
         tifffile = _tifffile()
-        self._base.flush()
         channels = self.shape[0]
         photometric = "rgb" if channels == 3 and self.dtype == np.uint8 else "minisblack"
         raw_bytes = self.nbytes * 4 // 3
         bigtiff = raw_bytes > 2**31  # compressed size is unknown in advance: be generous
         compression = {"zlib": "zlib", "jpeg": "jpeg", None: None}[self.compression]
         src = self._base
-        with tifffile.TiffWriter(self.partial_path, bigtiff=bigtiff) as tw:
+        opened: list[RawArrayFile] = []
+        with contextlib.ExitStack() as stack, tifffile.TiffWriter(self.partial_path, bigtiff=bigtiff) as tw:
+            stack.callback(lambda: [f.close() for f in opened])
             for k, shape in enumerate(self._level_shapes()):
                 array = src if k == 0 else self._build_level(src, k, shape)
+                opened.append(array)
                 options: dict[str, Any] = {}
                 if self.mpp is not None:
                     px_per_cm = 1e4 / (self.mpp * 2**k)

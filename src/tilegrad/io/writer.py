@@ -47,6 +47,7 @@ import numpy as np
 
 from ..errors import DataError, ShapeError, WriterStateError
 from ._indexing import AxisIndex, Bounds, normalize_key
+from ._rawfile import RawArrayFile
 
 __all__ = ["ImageWriter", "NpyWriter"]
 
@@ -310,7 +311,7 @@ def _describe(plan: Sequence[AxisIndex]) -> str:
 
 
 class NpyWriter(ImageWriter):
-    """A ``.npy`` file filled tile by tile through a memory map (``np.load(path, mmap_mode="r")`` reads it back).
+    """A ``.npy`` file filled tile by tile with positional writes (NOTE [ No memory maps for big images ]).
 
     ``chunks``: granularity of the never-written check (default 64 per spatial axis).
     """
@@ -334,15 +335,25 @@ class NpyWriter(ImageWriter):
             overwrite=overwrite,
             keep_partial=keep_partial,
         )
-        self._array = np.lib.format.open_memmap(
-            self.partial_path, mode="w+", dtype=self.dtype, shape=self.shape
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": self.shape,
+        }
+        with open(self.partial_path, "wb") as f:
+            np.lib.format.write_array_header_2_0(f, header)
+            offset = f.tell()
+        self._file: RawArrayFile | None = RawArrayFile.create(
+            self.partial_path, self.shape, self.dtype, offset=offset
         )
 
     def _write(self, bounds: Bounds, value: np.ndarray) -> None:
-        self._array[tuple(slice(*b) for b in bounds)] = value
+        self._file.write(bounds, value)
 
     def _finalize(self) -> None:
-        self._array.flush()
+        pass
 
     def _release(self) -> None:
-        self._array = None
+        if self._file is not None:
+            self._file.close()
+        self._file = None
