@@ -115,3 +115,16 @@ def test_arrays_pass_through_without_copies(tmp_path):
     assert grey.shape == (1, 5, 7)
     with pytest.raises(ShapeError, match="channel axis"):
         ArrayImage(np.zeros(5))
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_npy_files_are_read_by_region_in_either_order(tmp_path, order):
+    data = np.asarray(RNG.normal(size=(3, 11, 13)), order=order)
+    np.save(tmp_path / "a.npy", data)
+    image = open_image(tmp_path / "a.npy")
+    np.testing.assert_array_equal(image[1:, 2:9:3, ::-4], data[1:, 2:9:3, ::-4])
+    np.testing.assert_array_equal(image.read(), data)
+    raw = (tmp_path / "a.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(raw[:-8])
+    with pytest.raises(DataError, match=r"cut\.npy is truncated"):
+        open_image(tmp_path / "cut.npy")

@@ -25,6 +25,8 @@ import numpy as np
 
 from ..errors import DataError, ShapeError
 from ._deps import require
+from ._indexing import Bounds
+from ._rawfile import RawArrayFile
 from .base import ArrayImage, Level, _downsample
 from .writer import ImageWriter
 
@@ -140,24 +142,36 @@ class ZarrImage(ArrayImage):
 
 
 class NpyImage(ArrayImage):
-    """A ``.npy`` file opened as a read-only memory map, taken as (C, *spatial)."""
+    """A ``.npy`` file taken as (C, *spatial), read region by region with positional reads (not a memory map:
+    NOTE [ No memory maps for big images ])."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        fmt = np.lib.format
         try:
-            array = np.load(self.path, mmap_mode="r")
+            with open(self.path, "rb") as f:
+                version = fmt.read_magic(f)
+                read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+                offset = f.tell()
         except (ValueError, OSError, EOFError) as exc:
             raise DataError(f"{self.path} is not a readable .npy file: {exc}") from None
-        if not isinstance(array, np.ndarray):
-            raise DataError(f"{self.path} holds {type(array).__name__}, not one array")
-        super().__init__(array, path=self.path)
-        self._array = None
+        if dtype.hasobject:
+            raise DataError(f"{self.path} holds Python objects ({dtype}), not pixels")
+        needed = offset + int(np.prod(shape)) * dtype.itemsize
+        if os.path.getsize(self.path) < needed:
+            raise DataError(
+                f"{self.path} is truncated: an array of shape {shape} ({dtype}) needs {needed} bytes, the file has "
+                f"{os.path.getsize(self.path)}"
+            )
+        self._file = RawArrayFile(self.path, shape, dtype, offset=offset, order="F" if fortran else "C")
+        super().__init__(None, native_shape=shape, dtype=dtype, path=self.path)
 
-    def _open(self) -> Any:
-        return np.load(self.path, mmap_mode="r")
+    def _read(self, bounds: Bounds) -> np.ndarray:
+        return self._file.read(bounds)
 
-    def _native_array(self) -> Any:
-        return self._handle
+    def close(self) -> None:
+        self._file.close()
 
 
 class ZarrWriter(ImageWriter):
