@@ -306,7 +306,10 @@ class ArrayImage(LazyImage):
         for (lo, hi, step), axis in zip(bounds, self._axes):
             if axis is not None:
                 native_key[axis] = slice(lo, hi, step)
-        out = np.asarray(self._native_array()[tuple(native_key)])
+        native = self._native_array()
+        out = np.asarray(native[tuple(native_key)])
+        if isinstance(native, np.ndarray) or isinstance(out, np.memmap) or not out.flags.writeable:
+            out = np.array(out)  # a view of the source or of a file mapping: hand out a fresh, writable array
         # Remaining array axes are in array order; put them in image order.
         kept = sorted(a for a in self._axes if a is not None)
         order = [kept.index(a) for a in self._axes if a is not None]
