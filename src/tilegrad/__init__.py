@@ -10,9 +10,11 @@ from .errors import (
     DataError,
     GeometryError,
     MemoryBudgetError,
+    MissingDependencyError,
     NotStreamableError,
     ShapeError,
     TilegradError,
+    WriterStateError,
 )
 from .memory import PeakMemoryMeter, measure_peak_memory
 from .units import format_bytes, parse_bytes
@@ -24,10 +26,12 @@ __all__ = [
     "DataError",
     "GeometryError",
     "MemoryBudgetError",
+    "MissingDependencyError",
     "NotStreamableError",
     "PeakMemoryMeter",
     "ShapeError",
     "TilegradError",
+    "WriterStateError",
     "__version__",
     "format_bytes",
     "measure_peak_memory",

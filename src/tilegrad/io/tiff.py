@@ -278,7 +278,8 @@ def _downsample_2x(block: np.ndarray) -> np.ndarray:
         acc[h] = acc[h - 1]  # a replicated edge row averages the real row with itself
     if w % 2:
         acc[:, w] = acc[:, w - 1]
-    out = acc.reshape(acc.shape[0] // 2, 2, acc.shape[1] // 2, 2, c).sum(axis=(1, 3))
+    rows = acc[0::2] + acc[1::2]  # pairwise sums: much faster than a strided reduction over a reshape
+    out = rows[:, 0::2] + rows[:, 1::2]
     out *= 0.25
     if np.issubdtype(block.dtype, np.integer):
         info = np.iinfo(block.dtype)
