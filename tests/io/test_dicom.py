@@ -162,3 +162,14 @@ def test_truncated_pixel_data_is_reported(tmp_path, volume):
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(DataError, match=r"one\.dcm"):
         open_image(path)[...]
+
+
+def test_tile_by_tile_reads_decode_each_slice_once(tmp_path, volume, monkeypatch):
+    image = open_image(_write_series(tmp_path / "s", volume, np.arange(6) * 2.0))
+    decoded = []
+    original = DicomImage._decode
+    monkeypatch.setattr(DicomImage, "_decode", lambda self, s: decoded.append(s.path) or original(self, s))
+    for y in range(0, ROWS, 4):  # in-plane tiles over the full depth: every tile visits every slice
+        for x in range(0, COLS, 3):
+            np.testing.assert_array_equal(image[0, :, y : y + 4, x : x + 3], volume[:, y : y + 4, x : x + 3])
+    assert len(decoded) == 6 and len(set(decoded)) == 6
