@@ -16,7 +16,11 @@ from .errors import (
     TilegradError,
     WriterStateError,
 )
+from .geometry import ReceptiveField, receptive_field, register_geometry_rule
 from .memory import PeakMemoryMeter, measure_peak_memory
+from .plan import Plan, plan_streaming
+from .split import split_model
+from .stream import StreamingModule
 from .units import format_bytes, parse_bytes
 
 __version__ = "0.1.0"
@@ -29,11 +33,18 @@ __all__ = [
     "MissingDependencyError",
     "NotStreamableError",
     "PeakMemoryMeter",
+    "Plan",
+    "ReceptiveField",
     "ShapeError",
+    "StreamingModule",
     "TilegradError",
     "WriterStateError",
     "__version__",
     "format_bytes",
     "measure_peak_memory",
     "parse_bytes",
+    "plan_streaming",
+    "receptive_field",
+    "register_geometry_rule",
+    "split_model",
 ]
