@@ -110,6 +110,7 @@ class DicomImage(LazyImage):
         else:
             self._spacing = (pixel[0], pixel[1])
         self._affine = self._make_affine(first, pixel, normal)
+        self._affine_space = "LPS"
 
     # ------------------------------------------------------------------ headers
     def _read_header(self, pydicom: Any, path: Path) -> Any:

@@ -108,6 +108,7 @@ class NiftiImage(ArrayImage):
         unit = _MM_PER_UNIT.get(space_unit, 1.0)
         self._spacing = tuple(float(str(np.float32(z))) * unit for z in zooms)
         self._affine = np.asarray(img.affine, dtype=np.float64)
+        self._affine_space = "RAS"
         self._array = None
 
     def _check_size(self, img: Any) -> None:
