@@ -74,7 +74,7 @@ class _LogCapture(logging.Handler):
 
 
 def _map_axes(axes: str, shape: Sequence[int], where: str) -> tuple[tuple[int | None, ...], dict[int, int]]:
-    """Image axes (C, [Z,] Y, X) from a tifffile axes string such as 'YXS', 'CYX', 'TZCYX', 'IYX'."""
+    """Image axes (C, [Z,] Y, X) from a tifffile axes string such as 'YXS', 'CYX', 'TZCYX', 'QYX'."""
     channel = [i for i, a in enumerate(axes) if a in _CHANNEL and shape[i] > 1]
     if len(channel) > 1:
         raise DataError(
@@ -83,6 +83,10 @@ def _map_axes(axes: str, shape: Sequence[int], where: str) -> tuple[tuple[int | 
     spatial = [i for i, a in enumerate(axes) if a in _SPATIAL]
     if not {"Y", "X"} <= {axes[i] for i in spatial}:
         raise DataError(f"{where} has axes {axes!r}: expected an image with Y and X axes")
+    # A plain page stack (tifffile calls its axis I or Q: no metadata says what it is) reads as Z.
+    stack = [i for i, a in enumerate(axes) if a in "IQ" and shape[i] > 1]
+    if "Z" not in axes and len(stack) == 1 and stack[0] < min(spatial):
+        spatial = [stack[0], *spatial]
     fixed = {}
     for i, a in enumerate(axes):
         if i in channel or i in spatial:
