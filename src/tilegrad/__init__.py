@@ -10,9 +10,11 @@ from .errors import (
     DataError,
     GeometryError,
     MemoryBudgetError,
+    MissingDependencyError,
     NotStreamableError,
     ShapeError,
     TilegradError,
+    WriterStateError,
 )
 from .geometry import ReceptiveField, receptive_field, register_geometry_rule
 from .infer import infer
@@ -29,6 +31,7 @@ __all__ = [
     "DataError",
     "GeometryError",
     "MemoryBudgetError",
+    "MissingDependencyError",
     "NotStreamableError",
     "PeakMemoryMeter",
     "Plan",
@@ -36,6 +39,7 @@ __all__ = [
     "ShapeError",
     "StreamingModule",
     "TilegradError",
+    "WriterStateError",
     "__version__",
     "format_bytes",
     "infer",

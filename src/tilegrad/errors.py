@@ -12,9 +12,11 @@ __all__ = [
     "DataError",
     "GeometryError",
     "MemoryBudgetError",
+    "MissingDependencyError",
     "NotStreamableError",
     "ShapeError",
     "TilegradError",
+    "WriterStateError",
 ]
 
 
@@ -44,3 +46,11 @@ class DataError(TilegradError, ValueError):
 
 class CheckpointError(TilegradError, RuntimeError):
     """A checkpoint is missing, corrupt or from an incompatible run."""
+
+
+class MissingDependencyError(TilegradError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+class WriterStateError(TilegradError, RuntimeError):
+    """A writer was used outside its lifecycle (open -> write tiles -> close), e.g. written to after close."""
