@@ -25,8 +25,7 @@ GEOMETRIES = [
 @pytest.mark.parametrize("tile", [40, 97, 256, 5000])
 def test_plan_dim_properties(stride, lo, hi, align, in_len, tile):
     dim = DimGeometry(stride, lo, hi)
-    out_len = int(in_len / stride) if stride >= 1 else int(in_len / stride)
-    out_len = max(1, out_len)
+    out_len = max(1, int(in_len / stride))
     try:
         spans = plan_dim(dim, align, in_len, out_len, tile)
     except Exception as err:  # too small a tile must be refused with the size that works
