@@ -238,6 +238,7 @@ class _Run:
         self.epoch_loss_sum, self.epoch_slides = 0.0, 0
         self.history: list[dict[str, float]] = []
         self.best_val_loss = math.inf
+        self.allreduce_before = 0
         if saved is not None:
             self._restore(saved)
 
@@ -257,6 +258,7 @@ class _Run:
             "epoch_loss_sum": self.epoch_loss_sum,
             "epoch_slides": self.epoch_slides,
             "best_val_loss": self.best_val_loss,
+            "allreduce_calls": self.allreduce_before + self.ctx.allreduce_calls,
             "history": self.history,
             "rng": get_rng_state(),
         }
@@ -272,6 +274,7 @@ class _Run:
             self.global_step = int(saved["global_step"])
             self.epoch_loss_sum, self.epoch_slides = float(saved["epoch_loss_sum"]), int(saved["epoch_slides"])
             self.best_val_loss = float(saved["best_val_loss"])
+            self.allreduce_before = int(saved["allreduce_calls"])
             self.history = [dict(h) for h in saved["history"]]
             set_rng_state(saved["rng"])
         except (KeyError, RuntimeError, ValueError) as err:
