@@ -13,9 +13,11 @@ __all__ = [
     "DataError",
     "GeometryError",
     "MemoryBudgetError",
+    "MissingDependencyError",
     "NotStreamableError",
     "ShapeError",
     "TilegradError",
+    "WriterStateError",
 ]
 
 
@@ -49,3 +51,11 @@ class CheckpointError(TilegradError, RuntimeError):
 
 class ConfigError(TilegradError, ValueError):
     """An option or a combination of options cannot be used (unknown model name, unsupported precision, ...)."""
+
+
+class MissingDependencyError(TilegradError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+class WriterStateError(TilegradError, RuntimeError):
+    """A writer was used outside its lifecycle (open -> write tiles -> close), e.g. written to after close."""
