@@ -52,5 +52,5 @@ def test_factory_spec_module_or_pair(tmp_path, monkeypatch):
 
 
 def test_unknown_model_name_lists_the_choices():
-    with pytest.raises(ConfigError, match="unknown model 'resnet7'.*small_cnn"):
+    with pytest.raises(ConfigError, match=r"unknown model 'resnet7'.*small_cnn"):
         build_model("resnet7", 2)

@@ -34,9 +34,11 @@ __all__ = [
     "SPLITS",
     "SlideInput",
     "SlideRecord",
+    "crop",
     "open_slide",
     "random_orientation",
     "read_slide_csv",
+    "tissue_box",
 ]
 
 SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -155,61 +157,87 @@ def _check_readable(array: Any, where: str, image_text: str) -> None:
         )
     try:
         np.asarray(array[:, shape[1] - 1 : shape[1], shape[2] - 1 : shape[2]])
-    except (OSError, ValueError, RuntimeError) as err:
+    except DataError as err:
         raise DataError(f"{where}: image {image_text!r} cannot be decoded: {err}") from None
 
 
 def open_slide(path: str | Path, *, level: int | None = None, mpp: float | None = None, where: str = "") -> Any:
-    """Open an image lazily as a (C, H, W) array with numpy slicing, at a pyramid ``level`` or resolution ``mpp``.
+    """Open an image lazily as a (C, H, W) :class:`tilegrad.io.LazyImage`, at a pyramid ``level`` or ``mpp``.
 
-    Uses the readers of :mod:`tilegrad.io`. ``where`` prefixes error messages (e.g. ``"slides.csv line 3"``).
+    ``where`` prefixes error messages (e.g. ``"slides.csv line 3"``).
     """
-    prefix = f"{where}: " if where else ""
+    from ..io import open_image
+
     try:
-        from ..io import open_image
-    except ImportError:  # TEMPORARY: until tilegrad.io is on this branch, read small files eagerly.
-        return _open_eagerly(Path(path), level, mpp, prefix)
-    try:
-        return open_image(path, level=level, mpp=mpp)
+        image = open_image(path, level=level, mpp=mpp)
     except DataError as err:
-        raise DataError(f"{prefix}{err}") from None
-
-
-def _open_eagerly(path: Path, level: int | None, mpp: float | None, prefix: str) -> np.ndarray:
-    if level not in (None, 0) or mpp is not None:
-        raise DataError(f"{prefix}reading pyramid levels needs tilegrad.io")
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            data = tifffile.imread(path)
-        else:
-            from PIL import Image
-
-            with Image.open(path) as img:
-                data = np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
-    except (OSError, ValueError, SyntaxError) as err:
-        raise DataError(f"{prefix}cannot read image {path.name!r}: {err}") from None
-    if data.ndim == 2:
-        data = data[:, :, None]
-    return np.moveaxis(data, -1, 0)
+        raise DataError(f"{where}: {err}" if where else str(err)) from None
+    if image.ndim != 3:
+        raise DataError(
+            f"{where + ': ' if where else ''}{Path(path).name} has shape {image.shape}; expected a 2D slide "
+            f"(channels, height, width)"
+        )
+    return image
 
 
 def random_orientation(array: Any, rng: np.random.Generator) -> Any:
-    """One of the 8 flips/90-degree rotations of a (C, H, W) array, chosen by ``rng``, as a lazy view.
+    """One of the 8 flips/90-degree rotations of a (C, H, W) image, chosen by ``rng``, as a lazy view.
+
+    Nothing is read: slicing the view reads the matching region of ``array`` (see :mod:`tilegrad.io.transforms`).
 
     >>> a = np.arange(6).reshape(1, 2, 3)
     >>> sorted({random_orientation(a, np.random.default_rng(s)).shape for s in range(20)})
     [(1, 2, 3), (1, 3, 2)]
     """
-    k = int(rng.integers(4))
-    flip = bool(rng.integers(2))
-    if isinstance(array, np.ndarray):
-        view = np.rot90(array, k, axes=(1, 2))
-        return view[:, :, ::-1] if flip else view
-    from .. import io as tio  # lazy views of the io readers
+    from ..io import open_image, random_flip_rotate
 
-    return tio.orient(array, rot90=k, flip=flip)
+    return random_flip_rotate(open_image(array), rng)
+
+
+def tissue_box(image: Any, margin: int = 2) -> tuple[slice, ...] | None:
+    """Bounding box (spatial slices) of the tissue in a slide, from a thresholded thumbnail; None if no tissue.
+
+    ``margin`` is in thumbnail pixels.
+    """
+    from ..io import tissue_mask
+
+    return tissue_mask(image, max_size=512).bbox(margin=margin)
+
+
+def _crop_view() -> type:
+    from ..io import LazyImage
+
+    class CropView(LazyImage):
+        """A lazy rectangular region of a (C, *spatial) image: reads only what is sliced."""
+
+        def __init__(self, image: Any, box: tuple[slice, ...]) -> None:
+            self.base = image
+            self._offsets = (0, *(int(b.start) for b in box))
+            self._shape = (image.shape[0], *(int(b.stop) - int(b.start) for b in box))
+            self._dtype = image.dtype
+            self._spacing = image.spacing
+            self.path = image.path
+
+        def _read(self, bounds: Any) -> np.ndarray:
+            return self.base._checked_read(
+                tuple((lo + o, hi + o, step) for (lo, hi, step), o in zip(bounds, self._offsets))
+            )
+
+        def close(self) -> None:
+            self.base.close()
+
+    return CropView
+
+
+def crop(image: Any, box: tuple[slice, ...]) -> Any:
+    """The region ``box`` (one slice per spatial axis) of a lazy image, as a lazy image.
+
+    >>> crop(np.arange(24).reshape(1, 4, 6), (slice(1, 3), slice(2, 5)))[0].tolist()
+    [[8, 9, 10], [14, 15, 16]]
+    """
+    from ..io import open_image
+
+    return _crop_view()(open_image(image), box)
 
 
 class SlideInput:

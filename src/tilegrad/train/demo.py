@@ -68,7 +68,7 @@ def _prepare_out(out: Path, factor: int) -> None:
 
     if out.exists() and any(out.iterdir()) and not (out / _MARKER).exists():
         raise ConfigError(f"{out} exists and was not written by tilegrad demo; choose another --out")
-    for name in (*_OWNED, f"slides_{factor}x_down"):
+    for name in _OWNED:
         if (out / name).exists():
             shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,51 +140,47 @@ def _add_lesion(slide: np.ndarray, cy: int, cx: int, radius: int) -> None:
 
 
 def _downsample(img: np.ndarray, factor: int) -> np.ndarray:
+    """Box-average (H, W, C) ``img`` over ``factor x factor`` blocks (what a slide pyramid level holds)."""
     h, w, c = img.shape
     blocks = img[: h // factor * factor, : w // factor * factor].astype(np.float64)
-    return np.rint(blocks.reshape(h // factor, factor, w // factor, factor, c).mean(axis=(1, 3))).astype(np.uint8)
+    return blocks.reshape(h // factor, factor, w // factor, factor, c).mean(axis=(1, 3))
 
 
-def _write_image(path: Path, img: np.ndarray) -> Path:
-    """Pyramidal TIFF via tilegrad.io when available, PNG otherwise; returns the path written."""
-    try:
-        from ..io import write_image  # type: ignore[attr-defined]
-    except ImportError:
-        from PIL import Image
-
-        path = path.with_suffix(".png")
-        Image.fromarray(img).save(path)
-        return path
-    path = path.with_suffix(".tif")
-    write_image(path, np.moveaxis(img, -1, 0))
-    return path
+MPP = 0.25
+"""Microns per pixel written into the demo slides (level 0, as a 40x scan)."""
 
 
 def make_demo_slides(out: str | Path, settings: DemoSettings | None = None) -> dict[str, Any]:
-    """Write the demo dataset: full-resolution slides, their 8x-downsampled copies, and two CSVs."""
+    """Write the demo dataset as pyramidal TIFFs (levels 1x, 2x, 4x, 8x, ...) and ``slides.csv``.
+
+    The downsampled run reads pyramid level log2(factor) of the same files.
+    """
+    from ..io import create_writer
+
     s = settings or DemoSettings()
     out = Path(out)
-    full_dir, low_dir = out / "slides", out / f"slides_{s.factor}x_down"
-    full_dir.mkdir(parents=True, exist_ok=True)
-    low_dir.mkdir(parents=True, exist_ok=True)
+    slide_dir = out / "slides"
+    slide_dir.mkdir(parents=True, exist_ok=True)
+    levels = int(np.log2(s.factor)) + 1
+    if 2 ** (levels - 1) != s.factor:
+        raise ValueError(f"the downsampling factor must be a power of 2, received {s.factor}")
     source = _texture_source()
     rng = np.random.default_rng(s.seed)
-    rows_full, rows_low, lesions = ["image,label,split"], ["image,label,split"], {}
+    rows, lesions = ["image,label,split"], {}
     n = s.n_train + s.n_val
-    labels = np.array([i % 2 for i in range(n)])
     for i in range(n):
+        label = i % 2
         split = "train" if i < s.n_train else "val"
-        img, found = synthetic_slide(rng, s.size, bool(labels[i]), source)
-        name = f"slide_{i:03d}_{'pos' if labels[i] else 'neg'}"
-        full = _write_image(full_dir / name, img)
-        low = _write_image(low_dir / name, _downsample(img, s.factor))
-        rows_full.append(f"{full.relative_to(out).as_posix()},{labels[i]},{split}")
-        rows_low.append(f"{low.relative_to(out).as_posix()},{labels[i]},{split}")
-        lesions[full.name] = found
-    (out / "slides.csv").write_text("\n".join(rows_full) + "\n")
-    (out / f"slides_{s.factor}x_down.csv").write_text("\n".join(rows_low) + "\n")
+        img, found = synthetic_slide(rng, s.size, bool(label), source)
+        path = slide_dir / f"slide_{i:03d}_{'pos' if label else 'neg'}.tif"
+        with create_writer(path, (3, s.size, s.size), np.uint8, tile=128,
+                           levels=levels, mpp=MPP, overwrite=True) as writer:
+            writer[...] = np.moveaxis(img, -1, 0)
+        rows.append(f"{path.relative_to(out).as_posix()},{label},{split}")
+        lesions[path.name] = found
+    (out / "slides.csv").write_text("\n".join(rows) + "\n")
     (out / "lesions.json").write_text(json.dumps(lesions, indent=1))
-    return {"csv": out / "slides.csv", "csv_low": out / f"slides_{s.factor}x_down.csv", "lesions": lesions}
+    return {"csv": out / "slides.csv", "level": levels - 1, "lesions": lesions}
 
 
 def run_demo(out: str | Path = "tilegrad-demo", settings: DemoSettings | None = None, progress: bool = True) -> dict:
@@ -209,8 +205,10 @@ def run_demo(out: str | Path = "tilegrad-demo", settings: DemoSettings | None = 
     runs["full"] = train(TrainConfig(csv=str(data["csv"]), out=str(out / "run_full"), tile_size=s.tile, **common),
                          )
     low = s.size // s.factor
-    print(f"[3/4] training conventionally on {s.factor}x-downsampled slides ({low}x{low})", flush=True)
-    runs["down"] = train(TrainConfig(csv=str(data["csv_low"]), out=str(out / "run_down"), tile_size=None, **common))
+    print(f"[3/4] training conventionally on {s.factor}x-downsampled slides ({low}x{low}, pyramid level "
+          f"{data['level']})", flush=True)
+    runs["down"] = train(TrainConfig(csv=str(data["csv"]), out=str(out / "run_down"), tile_size=None,
+                                     level=data["level"], **common))
     print("[4/4] measuring memory, writing saliency maps and plots", flush=True)
     torch.set_grad_enabled(True)
     summary = _report(out, s, runs, data)

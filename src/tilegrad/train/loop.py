@@ -38,7 +38,15 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, DataError
 from .checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
-from .dataset import SlideInput, SlideRecord, open_slide, random_orientation, read_slide_csv
+from .dataset import (
+    SlideInput,
+    SlideRecord,
+    crop,
+    open_slide,
+    random_orientation,
+    read_slide_csv,
+    tissue_box,
+)
 from .distributed import DistContext, init_distributed, step_shard
 from .model import IMAGENET_MEAN, IMAGENET_STD, SlideClassifier, build_model
 
@@ -211,6 +219,7 @@ class _Run:
                 f"{self.num_classes}; resume with the same data or start a new run"
             )
         self.norm = _normalisation(config)
+        self.boxes: dict[Path, Any] = {}
 
         self.in_channels = _channels(train_records[0], config)
         torch.manual_seed(config.seed)
@@ -410,7 +419,8 @@ class _Run:
 
     def _input(self, record: SlideRecord, index: int) -> Any:
         rng = np.random.default_rng([self.config.seed, self.epoch, index])
-        return slide_input(record, self.config, self.norm, self.dtype, rng=rng if self.config.augment else None)
+        return slide_input(record, self.config, self.norm, self.dtype, rng=rng if self.config.augment else None,
+                           boxes=self.boxes)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
@@ -428,21 +438,24 @@ def slide_input(
     norm: tuple[Sequence[float] | None, Sequence[float] | None],
     dtype: torch.dtype,
     rng: np.random.Generator | None = None,
+    boxes: dict[Path, Any] | None = None,
 ) -> SlideInput:
-    """The lazy (1, C, H, W) model input for one slide, optionally randomly flipped/rotated by ``rng``."""
+    """The lazy (1, C, H, W) model input for one slide: cropped to its tissue (``config.tissue_crop``; boxes are
+    cached in ``boxes``), randomly flipped/rotated by ``rng`` when given, converted to float on reading."""
     array = open_slide(record.image, level=config.level, mpp=config.mpp, where=record.where())
     if config.tissue_crop:
-        array = _crop_to_tissue(array, record)
+        if boxes is not None and record.image in boxes:
+            box = boxes[record.image]
+        else:
+            box = tissue_box(array)  # None when the threshold finds no tissue: the whole slide is used
+            if boxes is not None:
+                boxes[record.image] = box
+        if box is not None:
+            array = crop(array, box)
     if rng is not None:
         array = random_orientation(array, rng)
     mean, std = norm
     return SlideInput(array, mean=mean, std=std, dtype=dtype)
-
-
-def _crop_to_tissue(array: Any, record: SlideRecord) -> Any:
-    from .. import io as tio
-
-    return tio.crop_to_tissue(array)
 
 
 @torch.no_grad()
@@ -467,9 +480,10 @@ def evaluate(
     norm = _normalisation(config)
     mine = list(range(ctx.rank, len(records), ctx.world_size))
     results = []
+    boxes: dict[Path, Any] = {}
     with _progress(total=len(mine), desc=desc, unit="slide", enabled=progress and ctx.is_main) as bar:
         for i in mine:
-            x = slide_input(records[i], config, norm, dtype)
+            x = slide_input(records[i], config, norm, dtype, boxes=boxes)
             with _autocast(config.amp, device):
                 logits = model(x)
             probs = torch.softmax(logits.float(), dim=1)[0].cpu().tolist()
