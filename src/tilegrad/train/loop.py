@@ -238,6 +238,8 @@ class _Run:
             memory_budget=config.budget,
             freeze_norm=config.freeze_norm,
         ).to(device=device, dtype=self.dtype)
+        if self.model.streamed is not None:
+            self.model.streamed.progress = config.progress and ctx.is_main  # a bar over tiles
         ctx.broadcast_parameters(self.model)
         self.optimizer = _make_optimizer(self.model, config)
         self.scheduler = _make_scheduler(self.optimizer, config)

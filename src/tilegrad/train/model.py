@@ -103,6 +103,8 @@ class SlideClassifier(nn.Module):
 
     def train(self, mode: bool = True) -> SlideClassifier:
         super().train(mode)
+        if self.streamed is not None:
+            self.streamed.training = mode  # not a registered child (see __init__); its plans are keyed by mode
         if self.freeze_norm:  # NOTE [ Frozen normalisation ]
             for module in self.trunk.modules():
                 if isinstance(module, _NORM_TYPES):
@@ -113,10 +115,8 @@ class SlideClassifier(nn.Module):
 def _make_streamed(trunk: nn.Module, tile_size: Any, memory_budget: Any) -> nn.Module | None:
     if tile_size is None and memory_budget is None:
         return None
-    try:
-        from ..stream import StreamingModule
-    except ImportError:  # TEMPORARY: until the streaming engine is on this branch, run the trunk whole.
-        return None
+    from ..stream import StreamingModule
+
     if memory_budget is not None:
         return StreamingModule(trunk, tile_size="auto", memory_budget=memory_budget)
     return StreamingModule(trunk, tile_size=tile_size)
@@ -224,26 +224,20 @@ def _call_factory(spec: str, kwargs: dict[str, Any]) -> Any:
 
 
 def _split(model: nn.Module, name: str) -> nn.Module:
-    """The local part of a classification network (everything before global pooling)."""
+    """The local part of a classification network (everything before global pooling), via split_model."""
+    from ..split import split_model
+
     try:
-        from ..split import split_model
-    except ImportError:  # TEMPORARY: until split_model is on this branch, handle the torchvision families here.
-        return _split_known(model, name)
-    trunk, _ = split_model(model)
+        trunk, _ = split_model(model)
+    except TilegradError as err:
+        raise ConfigError(
+            f"cannot split model {name!r} into a streamed trunk and a head: {err}. Give a factory that returns "
+            f"a (trunk, head) pair instead"
+        ) from None
+    if type(model).__name__ == "DenseNet":
+        # torchvision's DenseNet applies a ReLU to the features before pooling (in forward, not as a module)
+        trunk = nn.Sequential(trunk, nn.ReLU())
     return trunk
-
-
-def _split_known(model: nn.Module, name: str) -> nn.Module:
-    import torchvision
-
-    if isinstance(model, torchvision.models.ResNet):
-        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-        return nn.Sequential(*(getattr(model, n) for n in names))
-    if isinstance(model, torchvision.models.DenseNet):
-        return nn.Sequential(model.features, nn.ReLU())
-    if isinstance(model, torchvision.models.VGG):
-        return model.features
-    raise ConfigError(f"cannot split {name!r} into trunk and head yet")
 
 
 def _output_channels(trunk: nn.Module, in_channels: int, name: str) -> int:
