@@ -8,15 +8,27 @@ from pathlib import Path
 
 from tilegrad.cli import main
 
-SMALL = ["--model", "small_cnn", "--model-kwargs", '{"width": 4}', "--tile", "32", "--no-progress",
-         "--device", "cpu"]
+SMALL = [
+    "--model",
+    "small_cnn",
+    "--model-kwargs",
+    '{"width": 4}',
+    "--tile",
+    "32",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 
 
 def test_train_predict_saliency(slides, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", str(slides), "--out", str(out), "--epochs", "2", "--lr", "0.01", *SMALL]) == 0
     assert "epoch 2/2" in capsys.readouterr().out
-    assert main(["train", str(slides), "--out", str(out), "--epochs", "3", "--lr", "0.01", "--resume", *SMALL]) == 0
+    assert (
+        main(["train", str(slides), "--out", str(out), "--epochs", "3", "--lr", "0.01", "--resume", *SMALL])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "resuming" in printed and "epoch 3/3" in printed and "epoch 1/3" not in printed
     pred = tmp_path / "pred.csv"
@@ -25,7 +37,9 @@ def test_train_predict_saliency(slides, tmp_path, capsys):
     with open(pred) as f:
         assert len(list(csv.DictReader(f))) == 6
     png = tmp_path / "sal.png"
-    assert main(["saliency", str(out / "checkpoint.pt"), str(slides.parent / "img" / "s1.png"), str(png)]) == 0
+    assert (
+        main(["saliency", str(out / "checkpoint.pt"), str(slides.parent / "img" / "s1.png"), str(png)]) == 0
+    )
     assert png.exists() and png.with_suffix(".npy").exists()
 
 
@@ -37,7 +51,10 @@ def test_bad_csv_row_is_reported_with_its_line(slides, tmp_path, capsys):
 
 
 def test_bad_model_kwargs(slides, tmp_path, capsys):
-    assert main(["train", str(slides), "--out", str(tmp_path / "r"), "--model-kwargs", "[1]", "--no-progress"]) == 2
+    assert (
+        main(["train", str(slides), "--out", str(tmp_path / "r"), "--model-kwargs", "[1]", "--no-progress"])
+        == 2
+    )
     assert "--model-kwargs must be a JSON object" in capsys.readouterr().err
 
 

@@ -26,7 +26,11 @@ def _rewrite(csv, line, text):
 # (what is wrong, how the CSV is edited (line, new text) or a file is damaged, expected message fragments)
 BAD_INPUTS = [
     ("missing file", (3, "img/nope.png,1,train"), ["slides.csv line 3", "'img/nope.png' does not exist"]),
-    ("bad label (word)", (4, "img/s2.png,maybe,train"), ["slides.csv line 4", "label 'maybe'", "class index"]),
+    (
+        "bad label (word)",
+        (4, "img/s2.png,maybe,train"),
+        ["slides.csv line 4", "label 'maybe'", "class index"],
+    ),
     ("bad label (fraction)", (2, "img/s0.png,0.5,train"), ["slides.csv line 2", "label '0.5'"]),
     ("bad label (negative)", (5, "img/s3.png,-1,train"), ["slides.csv line 5", "label '-1'"]),
     ("bad header", (1, "path,target"), ["slides.csv line 1", "bad header", "image,label"]),
@@ -49,7 +53,9 @@ def test_bad_rows_name_the_line_and_the_problem(slides, case, edit, fragments):
 def test_corrupt_image_names_the_line(slides, damage):
     path = slides.parent / "img" / "s3.png"
     data = path.read_bytes()
-    path.write_bytes({"garbage": b"not an image at all" * 10, "truncated": data[: len(data) // 3], "empty": b""}[damage])
+    path.write_bytes(
+        {"garbage": b"not an image at all" * 10, "truncated": data[: len(data) // 3], "empty": b""}[damage]
+    )
     with pytest.raises(DataError) as info:
         read_slide_csv(slides)
     assert "slides.csv line 5" in str(info.value)
@@ -76,8 +82,11 @@ def test_labels_optional_for_prediction(slides):
 
 def test_random_orientation_reaches_all_eight_and_reads_only_the_sliced_region():
     a = np.arange(2 * 6 * 8).reshape(2, 6, 8)
-    dihedral = {np.ascontiguousarray(np.rot90(np.flip(a, 2) if f else a, k, axes=(1, 2))).tobytes()
-                for k in range(4) for f in (0, 1)}
+    dihedral = {
+        np.ascontiguousarray(np.rot90(np.flip(a, 2) if f else a, k, axes=(1, 2))).tobytes()
+        for k in range(4)
+        for f in (0, 1)
+    }
     seen = set()
     for seed in range(100):
         view = random_orientation(a, np.random.default_rng(seed))

@@ -15,8 +15,18 @@ from tilegrad.train.checkpoint import save_checkpoint
 
 def config(csv_path, out, **overrides):
     settings = dict(
-        csv=str(csv_path), out=str(out), model="small_cnn", model_kwargs={"width": 4}, tile_size=32,
-        epochs=2, lr=1e-2, optimizer="adam", schedule="cosine", seed=3, progress=False, device="cpu",
+        csv=str(csv_path),
+        out=str(out),
+        model="small_cnn",
+        model_kwargs={"width": 4},
+        tile_size=32,
+        epochs=2,
+        lr=1e-2,
+        optimizer="adam",
+        schedule="cosine",
+        seed=3,
+        progress=False,
+        device="cpu",
     )
     settings.update(overrides)
     return TrainConfig(**settings)
@@ -81,12 +91,18 @@ def uninterrupted(tmp_path_factory, make_slides):
         (0, 1),  # killed before any checkpoint: the run starts over
     ],
 )
-def test_resume_after_interruption_equals_uninterrupted_run_bit_for_bit(uninterrupted, tmp_path, save_every, stop_at):
+def test_resume_after_interruption_equals_uninterrupted_run_bit_for_bit(
+    uninterrupted, tmp_path, save_every, stop_at
+):
     slides, reference = uninterrupted
     with pytest.raises(Interrupt):
-        train(config(slides, tmp_path / "cut", accumulate=2, epochs=3, save_every=save_every),
-              on_step=interrupt_at(stop_at))
-    resumed = train(config(slides, tmp_path / "cut", accumulate=2, epochs=3, save_every=save_every), resume=True)
+        train(
+            config(slides, tmp_path / "cut", accumulate=2, epochs=3, save_every=save_every),
+            on_step=interrupt_at(stop_at),
+        )
+    resumed = train(
+        config(slides, tmp_path / "cut", accumulate=2, epochs=3, save_every=save_every), resume=True
+    )
     assert resumed.global_step == reference.global_step == 6
     assert_same_state(reference.model.state_dict(), resumed.model.state_dict())
     ref_ckpt = load_checkpoint(reference.checkpoint)

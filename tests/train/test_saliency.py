@@ -25,8 +25,18 @@ def test_streamed_input_gradient_equals_unstreamed_float64():
 
 
 def test_saliency_writes_png_and_low_resolution_array(slides, tmp_path):
-    train(TrainConfig(csv=str(slides), out=str(tmp_path / "run"), model="small_cnn", model_kwargs={"width": 4},
-                      tile_size=32, epochs=1, progress=False, device="cpu"))
+    train(
+        TrainConfig(
+            csv=str(slides),
+            out=str(tmp_path / "run"),
+            model="small_cnn",
+            model_kwargs={"width": 4},
+            tile_size=32,
+            epochs=1,
+            progress=False,
+            device="cpu",
+        )
+    )
     image = slides.parent / "img" / "s1.png"  # 48 x 40
     result = saliency(tmp_path / "run" / "checkpoint.pt", image, tmp_path / "sal.png", max_side=16)
     assert result.factor == 3

@@ -14,7 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "8x-downsampled copies; print both validation AUCs and peak memory; write saliency maps and learning curves.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--out", default="tilegrad-demo", help="output directory (created; a previous demo's is replaced)")
+    p.add_argument(
+        "--out", default="tilegrad-demo", help="output directory (created; a previous demo's is replaced)"
+    )
     p.add_argument("--quick", action="store_true", help="a much smaller run (a smoke test, not a result)")
     p.add_argument("--epochs", type=int, help="override the number of epochs")
     p.add_argument("--seed", type=int, default=0)

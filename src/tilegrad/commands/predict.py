@@ -27,8 +27,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train import predict
 
-    result = predict(args.checkpoint, args.csv, args.out, device=args.device, tile_size=args.tile,
-                     budget=args.budget, progress=not args.no_progress)
+    result = predict(
+        args.checkpoint,
+        args.csv,
+        args.out,
+        device=args.device,
+        tile_size=args.tile,
+        budget=args.budget,
+        progress=not args.no_progress,
+    )
     summary = f"wrote {len(result['probs'])} predictions to {args.out}"
     if not math.isnan(result["auc"]):
         summary += f" (AUC {result['auc']:.3f}, loss {result['loss']:.4f})"

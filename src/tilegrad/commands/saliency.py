@@ -30,8 +30,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train.saliency import saliency
 
-    result = saliency(args.checkpoint, args.image, args.out, target=args.target, level=args.level, mpp=args.mpp,
-                      max_side=args.max_side, device=args.device, tile_size=args.tile, budget=args.budget)
-    print(f"P(class {result.target}) = {result.probabilities[result.target]:.4f}; wrote {result.png} and "
-          f"{result.npy} ({result.map.shape[0]}x{result.map.shape[1]}, 1 value per {result.factor}x{result.factor} px)")
+    result = saliency(
+        args.checkpoint,
+        args.image,
+        args.out,
+        target=args.target,
+        level=args.level,
+        mpp=args.mpp,
+        max_side=args.max_side,
+        device=args.device,
+        tile_size=args.tile,
+        budget=args.budget,
+    )
+    print(
+        f"P(class {result.target}) = {result.probabilities[result.target]:.4f}; wrote {result.png} and "
+        f"{result.npy} ({result.map.shape[0]}x{result.map.shape[1]}, 1 value per {result.factor}x{result.factor} px)"
+    )
     return 0

@@ -83,15 +83,21 @@ def read_slide_csv(
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"dataset CSV {str(path)!r} does not exist: expected a CSV file with columns image,label")
+        raise DataError(
+            f"dataset CSV {str(path)!r} does not exist: expected a CSV file with columns image,label"
+        )
     name = path.name
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
-        raise DataError(f"{name}: not a UTF-8 text file ({err}); expected a CSV with columns image,label") from None
+        raise DataError(
+            f"{name}: not a UTF-8 text file ({err}); expected a CSV with columns image,label"
+        ) from None
     rows = list(csv.reader(text.splitlines()))
     if not rows:
-        raise DataError(f"{name}: the file is empty; expected a header line 'image,label[,split]' and one row per slide")
+        raise DataError(
+            f"{name}: the file is empty; expected a header line 'image,label[,split]' and one row per slide"
+        )
     header = [h.strip().lower() for h in rows[0]]
     needed = ["image", "label"] if require_labels else ["image"]
     unknown = [h for h in header if h not in ("image", "label", "split")]
@@ -119,9 +125,7 @@ def read_slide_csv(
         if "split" in col:
             split_text = row[col["split"]].strip().lower()
             if split_text not in SPLITS:
-                raise DataError(
-                    f"{where}: split {row[col['split']]!r} is not one of train, val, test"
-                )
+                raise DataError(f"{where}: split {row[col['split']]!r} is not one of train, val, test")
             split = SPLITS[split_text]
         if not image.is_file():
             raise DataError(f"{where}: image {image_text!r} does not exist (looked for {image})")
@@ -161,7 +165,9 @@ def _check_readable(array: Any, where: str, image_text: str) -> None:
         raise DataError(f"{where}: image {image_text!r} cannot be decoded: {err}") from None
 
 
-def open_slide(path: str | Path, *, level: int | None = None, mpp: float | None = None, where: str = "") -> Any:
+def open_slide(
+    path: str | Path, *, level: int | None = None, mpp: float | None = None, where: str = ""
+) -> Any:
     """Open an image lazily as a (C, H, W) :class:`tilegrad.io.LazyImage`, at a pyramid ``level`` or ``mpp``.
 
     ``where`` prefixes error messages (e.g. ``"slides.csv line 3"``).

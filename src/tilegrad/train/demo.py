@@ -26,16 +26,23 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DemoSettings", "make_demo_slides", "plot_histories", "quick_settings", "run_demo", "synthetic_slide"]
+__all__ = [
+    "DemoSettings",
+    "make_demo_slides",
+    "plot_histories",
+    "quick_settings",
+    "run_demo",
+    "synthetic_slide",
+]
 
 
 @dataclass
 class DemoSettings:
-    size: int = 1024
+    size: int = 512
     n_train: int = 40
     n_val: int = 24
-    epochs: int = 6
-    lr: float = 2e-3
+    epochs: int = 8
+    lr: float = 1e-3
     width: int = 16
     tile: int = 256
     accumulate: int = 2
@@ -48,7 +55,7 @@ class DemoSettings:
 TEXTURE_RANGE = (50.0, 235.0)
 LESION_AMPLITUDE = (60.0, 64.0, 40.0)
 LESION_RADIUS = (12, 21)
-LESIONS_PER_SLIDE = (1, 4)
+LESIONS_PER_SLIDE = (10, 21)
 
 
 def quick_settings() -> DemoSettings:
@@ -72,7 +79,9 @@ def _prepare_out(out: Path, factor: int) -> None:
         if (out / name).exists():
             shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
-    (out / _MARKER).write_text("written by tilegrad demo; its contents are replaced when the demo runs again\n")
+    (out / _MARKER).write_text(
+        "written by tilegrad demo; its contents are replaced when the demo runs again\n"
+    )
 
 
 def _texture_source() -> np.ndarray:
@@ -96,8 +105,9 @@ def synthetic_slide(
     src = _texture_source() if source is None else source
     # Texture: the IHC image mirrored (seamless) to cover the slide, shifted and re-oriented at random.
     extra = (size + src.shape[0], size + src.shape[1])
-    tiled = np.pad(src, ((0, extra[0] - src.shape[0] + 1), (0, extra[1] - src.shape[1] + 1), (0, 0)),
-                   mode="symmetric")
+    tiled = np.pad(
+        src, ((0, extra[0] - src.shape[0] + 1), (0, extra[1] - src.shape[1] + 1), (0, 0)), mode="symmetric"
+    )
     tiled = np.rot90(tiled, int(rng.integers(4)))
     if rng.integers(2):
         tiled = tiled[:, ::-1]
@@ -116,7 +126,12 @@ def synthetic_slide(
     if positive:
         coarse = tissue[4::8, 4::8].copy()  # one value per 8x8 block
         margin = -(-LESION_RADIUS[1] // 8) + 1  # whole lesions stay inside the slide
-        coarse[:margin], coarse[-margin:], coarse[:, :margin], coarse[:, -margin:] = False, False, False, False
+        coarse[:margin], coarse[-margin:], coarse[:, :margin], coarse[:, -margin:] = (
+            False,
+            False,
+            False,
+            False,
+        )
         inner = ndimage.binary_erosion(coarse, iterations=3, border_value=0)
         candidates = np.argwhere(inner if inner.any() else coarse) * 8 + 4
         for _ in range(int(rng.integers(*LESIONS_PER_SLIDE))):
@@ -173,8 +188,9 @@ def make_demo_slides(out: str | Path, settings: DemoSettings | None = None) -> d
         split = "train" if i < s.n_train else "val"
         img, found = synthetic_slide(rng, s.size, bool(label), source)
         path = slide_dir / f"slide_{i:03d}_{'pos' if label else 'neg'}.tif"
-        with create_writer(path, (3, s.size, s.size), np.uint8, tile=128,
-                           levels=levels, mpp=MPP, overwrite=True) as writer:
+        with create_writer(
+            path, (3, s.size, s.size), np.uint8, tile=128, levels=levels, mpp=MPP, overwrite=True
+        ) as writer:
             writer[...] = np.moveaxis(img, -1, 0)
         rows.append(f"{path.relative_to(out).as_posix()},{label},{split}")
         lesions[path.name] = found
@@ -183,7 +199,9 @@ def make_demo_slides(out: str | Path, settings: DemoSettings | None = None) -> d
     return {"csv": out / "slides.csv", "level": levels - 1, "lesions": lesions}
 
 
-def run_demo(out: str | Path = "tilegrad-demo", settings: DemoSettings | None = None, progress: bool = True) -> dict:
+def run_demo(
+    out: str | Path = "tilegrad-demo", settings: DemoSettings | None = None, progress: bool = True
+) -> dict:
     """Generate the data, train streamed (full resolution) and conventional (8x down), report; see module doc."""
     import torch
 
@@ -192,23 +210,41 @@ def run_demo(out: str | Path = "tilegrad-demo", settings: DemoSettings | None = 
     s = settings or DemoSettings()
     out = Path(out)
     started = time.perf_counter()
-    print(f"[1/4] writing {s.n_train + s.n_val} synthetic {s.size}x{s.size} slides (texture: scikit-image IHC "
-          f"sample) to {out}", flush=True)
+    print(
+        f"[1/4] writing {s.n_train + s.n_val} synthetic {s.size}x{s.size} slides (texture: scikit-image IHC "
+        f"sample) to {out}",
+        flush=True,
+    )
     _prepare_out(out, s.factor)
     data = make_demo_slides(out, s)
     common: dict[str, Any] = dict(
-        model="small_cnn", model_kwargs={"width": s.width}, epochs=s.epochs, lr=s.lr, accumulate=s.accumulate,
-        seed=s.seed, device="cpu", progress=progress, schedule="cosine", optimizer="adam",
+        model="small_cnn",
+        model_kwargs={"width": s.width},
+        epochs=s.epochs,
+        lr=s.lr,
+        accumulate=s.accumulate,
+        seed=s.seed,
+        device="cpu",
+        progress=progress,
+        schedule="cosine",
+        optimizer="adam",
     )
     runs = {}
     print(f"[2/4] training streamed at full resolution ({s.size}x{s.size}, tile {s.tile})", flush=True)
-    runs["full"] = train(TrainConfig(csv=str(data["csv"]), out=str(out / "run_full"), tile_size=s.tile, **common),
-                         )
+    runs["full"] = train(
+        TrainConfig(csv=str(data["csv"]), out=str(out / "run_full"), tile_size=s.tile, **common),
+    )
     low = s.size // s.factor
-    print(f"[3/4] training conventionally on {s.factor}x-downsampled slides ({low}x{low}, pyramid level "
-          f"{data['level']})", flush=True)
-    runs["down"] = train(TrainConfig(csv=str(data["csv"]), out=str(out / "run_down"), tile_size=None,
-                                     level=data["level"], **common))
+    print(
+        f"[3/4] training conventionally on {s.factor}x-downsampled slides ({low}x{low}, pyramid level "
+        f"{data['level']})",
+        flush=True,
+    )
+    runs["down"] = train(
+        TrainConfig(
+            csv=str(data["csv"]), out=str(out / "run_down"), tile_size=None, level=data["level"], **common
+        )
+    )
     print("[4/4] measuring memory, writing saliency maps and plots", flush=True)
     torch.set_grad_enabled(True)
     summary = _report(out, s, runs, data)
@@ -224,11 +260,16 @@ def _report(out: Path, s: DemoSettings, runs: dict[str, Any], data: dict[str, An
     memory = _memory(runs["full"].model, data, s)
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
-    curves = plot_histories({"streamed, full resolution": runs["full"].history,
-                             f"conventional, {s.factor}x downsampled": runs["down"].history},
-                            figures / "learning_curves.png")
-    val_pos = [line.split(",")[0] for line in data["csv"].read_text().splitlines()[1:]
-               if line.endswith(",1,val")][:3]
+    curves = plot_histories(
+        {
+            "streamed, full resolution": runs["full"].history,
+            f"conventional, {s.factor}x downsampled": runs["down"].history,
+        },
+        figures / "learning_curves.png",
+    )
+    val_pos = [
+        line.split(",")[0] for line in data["csv"].read_text().splitlines()[1:] if line.endswith(",1,val")
+    ][:3]
     pngs = []
     for rel in val_pos:
         png = figures / f"saliency_{Path(rel).stem}.png"
@@ -237,15 +278,28 @@ def _report(out: Path, s: DemoSettings, runs: dict[str, Any], data: dict[str, An
     auc_full, auc_down = runs["full"].history[-1]["val_auc"], runs["down"].history[-1]["val_auc"]
     print()
     print(f"validation AUC, streamed at full resolution ({s.size}x{s.size}):      {auc_full:.3f}")
-    print(f"validation AUC, conventional on {s.factor}x-downsampled ({s.size // s.factor}x{s.size // s.factor}):   "
-          f"{auc_down:.3f}")
-    print(f"peak memory of one streamed training step (tile {s.tile}), measured: "
-          f"{format_bytes(memory['streamed_peak'])}")
-    print(f"peak memory of one conventional step at full resolution, {memory['conventional_how']}: "
-          f"{format_bytes(memory['conventional_peak'])}")
-    print(f"outputs: {out}/  (learning curves {curves.relative_to(out)}, saliency {figures.relative_to(out)}/"
-          f"saliency_*.png, logs run_full/log.csv and run_down/log.csv, checkpoints run_*/checkpoint.pt)")
-    return {"auc_full": auc_full, "auc_down": auc_down, **memory, "figures": [str(p) for p in [curves, *pngs]]}
+    print(
+        f"validation AUC, conventional on {s.factor}x-downsampled ({s.size // s.factor}x{s.size // s.factor}):   "
+        f"{auc_down:.3f}"
+    )
+    print(
+        f"peak memory of one streamed training step (tile {s.tile}), measured: "
+        f"{format_bytes(memory['streamed_peak'])}"
+    )
+    print(
+        f"peak memory of one conventional step at full resolution, {memory['conventional_how']}: "
+        f"{format_bytes(memory['conventional_peak'])}"
+    )
+    print(
+        f"outputs: {out}/  (learning curves {curves.relative_to(out)}, saliency {figures.relative_to(out)}/"
+        f"saliency_*.png, logs run_full/log.csv and run_down/log.csv, checkpoints run_*/checkpoint.pt)"
+    )
+    return {
+        "auc_full": auc_full,
+        "auc_down": auc_down,
+        **memory,
+        "figures": [str(p) for p in [curves, *pngs]],
+    }
 
 
 def _memory(model: Any, data: dict[str, Any], s: DemoSettings) -> dict[str, Any]:
@@ -276,7 +330,11 @@ def _memory(model: Any, data: dict[str, Any], s: DemoSettings) -> dict[str, Any]
         conventional = int(estimate_memory(full, tuple(x.shape), mode="train").peak_bytes)
         how = "predicted by tilegrad.estimate_memory"
     model.zero_grad(set_to_none=True)
-    return {"streamed_peak": int(streamed_peak), "conventional_peak": int(conventional), "conventional_how": how}
+    return {
+        "streamed_peak": int(streamed_peak),
+        "conventional_peak": int(conventional),
+        "conventional_how": how,
+    }
 
 
 def plot_histories(histories: dict[str, list[dict[str, float]]], path: Path) -> Path:

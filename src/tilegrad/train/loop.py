@@ -283,7 +283,10 @@ class _Run:
                 self.scaler.load_state_dict(saved["scaler"])
             self.epoch, self.step_in_epoch = int(saved["epoch"]), int(saved["step_in_epoch"])
             self.global_step = int(saved["global_step"])
-            self.epoch_loss_sum, self.epoch_slides = float(saved["epoch_loss_sum"]), int(saved["epoch_slides"])
+            self.epoch_loss_sum, self.epoch_slides = (
+                float(saved["epoch_loss_sum"]),
+                int(saved["epoch_slides"]),
+            )
             self.best_val_loss = float(saved["best_val_loss"])
             self.allreduce_before = int(saved["allreduce_calls"])
             self.history = [dict(h) for h in saved["history"]]
@@ -344,7 +347,9 @@ class _Run:
             if self.ctx.is_main:
                 _write_log(self.out / "log.csv", self.history)
                 if improved:
-                    save_checkpoint(self.out / "best.pt", {k: v for k, v in self._state().items() if k != "rng"})
+                    save_checkpoint(
+                        self.out / "best.pt", {k: v for k, v in self._state().items() if k != "rng"}
+                    )
                 print(
                     f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f}  "
                     f"val loss {row['val_loss']:.4f}  val AUC {row['val_auc']:.3f}  ({row['seconds']:.0f} s)",
@@ -367,8 +372,10 @@ class _Run:
         self.model.train()
         criterion = nn.CrossEntropyLoss(reduction="sum")
         bar = _progress(
-            total=sum(len(step_shard(order[s * per_step : (s + 1) * per_step], ctx.rank, ctx.world_size))
-                      for s in range(n_steps)),
+            total=sum(
+                len(step_shard(order[s * per_step : (s + 1) * per_step], ctx.rank, ctx.world_size))
+                for s in range(n_steps)
+            ),
             desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
             unit="slide",
             enabled=cfg.progress and ctx.is_main,
@@ -407,8 +414,15 @@ class _Run:
                 if due:
                     self._save()
                 if self.on_step is not None:
-                    self.on_step(StepInfo(self.epoch, self.step_in_epoch, self.global_step,
-                                          loss_sum / len(global_slides), due))
+                    self.on_step(
+                        StepInfo(
+                            self.epoch,
+                            self.step_in_epoch,
+                            self.global_step,
+                            loss_sum / len(global_slides),
+                            due,
+                        )
+                    )
 
     def _all_reduce(self, loss_sum: float) -> float:
         """All-reduce gradients (and this step's loss sum, in the same message) across processes."""
@@ -421,8 +435,14 @@ class _Run:
 
     def _input(self, record: SlideRecord, index: int) -> Any:
         rng = np.random.default_rng([self.config.seed, self.epoch, index])
-        return slide_input(record, self.config, self.norm, self.dtype, rng=rng if self.config.augment else None,
-                           boxes=self.boxes)
+        return slide_input(
+            record,
+            self.config,
+            self.norm,
+            self.dtype,
+            rng=rng if self.config.augment else None,
+            boxes=self.boxes,
+        )
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
@@ -544,7 +564,9 @@ def load_trained_model(
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
-        raise CheckpointError(f"the checkpoint's weights do not fit its model {config.model!r}: {err}") from None
+        raise CheckpointError(
+            f"the checkpoint's weights do not fit its model {config.model!r}: {err}"
+        ) from None
     model.eval()
     return model, config
 
@@ -572,8 +594,11 @@ def predict(
     probs = result["probs"]
     k = probs.shape[1]
     has_labels = all(r.label is not None for r in records)
-    columns = ["image", *(["label"] if has_labels else []), *(["probability"] if k == 2 else
-                                                               [f"prob_{c}" for c in range(k)])]
+    columns = [
+        "image",
+        *(["label"] if has_labels else []),
+        *(["probability"] if k == 2 else [f"prob_{c}" for c in range(k)]),
+    ]
     base = Path(csv_path).resolve().parent
     rows = []
     for record, p in zip(records, probs):
@@ -635,14 +660,18 @@ def _load_records(config: TrainConfig) -> tuple[list[SlideRecord], list[SlideRec
     if config.val_csv:
         val_records += read_slide_csv(config.val_csv, level=config.level, mpp=config.mpp)
     if not train_records:
-        raise DataError(f"{Path(config.csv).name}: no training slides (rows with split 'train' or no split column)")
+        raise DataError(
+            f"{Path(config.csv).name}: no training slides (rows with split 'train' or no split column)"
+        )
     return train_records, val_records
 
 
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 

@@ -104,7 +104,9 @@ class SlideClassifier(nn.Module):
     def train(self, mode: bool = True) -> SlideClassifier:
         super().train(mode)
         if self.streamed is not None:
-            self.streamed.training = mode  # not a registered child (see __init__); its plans are keyed by mode
+            self.streamed.training = (
+                mode  # not a registered child (see __init__); its plans are keyed by mode
+            )
         if self.freeze_norm:  # NOTE [ Frozen normalisation ]
             for module in self.trunk.modules():
                 if isinstance(module, _NORM_TYPES):

@@ -52,7 +52,9 @@ def input_gradient(
             if target is None:
                 target = int(np.argmax(probs))
             if not 0 <= target < logits.shape[1]:
-                raise ConfigError(f"target class {target} out of range: the model has {logits.shape[1]} classes")
+                raise ConfigError(
+                    f"target class {target} out of range: the model has {logits.shape[1]} classes"
+                )
             logits[0, target].backward()
     finally:
         for p, r in zip(model.parameters(), requires):
@@ -146,8 +148,9 @@ def render_saliency(thumbnail: np.ndarray, heat: np.ndarray, path: str | Path, *
     axes[0].set_title("slide")
     axes[1].imshow(rgb)
     extent = (-0.5, rgb.shape[1] - 0.5, rgb.shape[0] - 0.5, -0.5)
-    shown = axes[1].imshow(heat[: rgb.shape[0], : rgb.shape[1]], cmap="inferno", alpha=0.6, vmin=0, vmax=vmax,
-                           extent=extent)
+    shown = axes[1].imshow(
+        heat[: rgb.shape[0], : rgb.shape[1]], cmap="inferno", alpha=0.6, vmin=0, vmax=vmax, extent=extent
+    )
     axes[1].set_title("saliency |d score / d pixel|")
     fig.colorbar(shown, ax=axes[1], shrink=0.8)
     for ax in axes:
