@@ -11,11 +11,14 @@ from .errors import (
     DataError,
     GeometryError,
     MemoryBudgetError,
+    MissingDependencyError,
     NotStreamableError,
     ShapeError,
     TilegradError,
+    WriterStateError,
 )
 from .geometry import ReceptiveField, receptive_field, register_geometry_rule
+from .infer import infer
 from .memory import PeakMemoryMeter, measure_peak_memory
 from .plan import Plan, plan_streaming
 from .split import split_model
@@ -30,6 +33,7 @@ __all__ = [
     "DataError",
     "GeometryError",
     "MemoryBudgetError",
+    "MissingDependencyError",
     "NotStreamableError",
     "PeakMemoryMeter",
     "Plan",
@@ -37,8 +41,10 @@ __all__ = [
     "ShapeError",
     "StreamingModule",
     "TilegradError",
+    "WriterStateError",
     "__version__",
     "format_bytes",
+    "infer",
     "measure_peak_memory",
     "parse_bytes",
     "plan_streaming",

@@ -162,3 +162,28 @@ def test_truncated_pixel_data_is_reported(tmp_path, volume):
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(DataError, match=r"one\.dcm"):
         open_image(path)[...]
+
+
+def test_tile_by_tile_reads_decode_each_slice_once(tmp_path, volume, monkeypatch):
+    image = open_image(_write_series(tmp_path / "s", volume, np.arange(6) * 2.0))
+    decoded = []
+    original = DicomImage._decode
+    monkeypatch.setattr(DicomImage, "_decode", lambda self, s: decoded.append(s.path) or original(self, s))
+    for y in range(0, ROWS, 4):  # in-plane tiles over the full depth: every tile visits every slice
+        for x in range(0, COLS, 3):
+            np.testing.assert_array_equal(image[0, :, y : y + 4, x : x + 3], volume[:, y : y + 4, x : x + 3])
+    assert len(decoded) == 6 and len(set(decoded)) == 6
+
+
+def test_dicom_to_nifti_keeps_world_coordinates(tmp_path, volume):
+    """A DICOM series written as NIfTI with like=: same voxel, same place (LPS -> RAS+ handled)."""
+    nib = pytest.importorskip("nibabel")
+    from tilegrad.io import create_writer
+
+    series = open_image(_write_series(tmp_path / "s", volume, np.arange(6) * 2.0))
+    assert series.affine_space == "LPS"
+    with create_writer(tmp_path / "ct.nii.gz", series.shape, np.int16, like=series) as out:
+        out[...] = series.read()
+    ras = nib.load(tmp_path / "ct.nii.gz").affine
+    lps_point = series.affine @ [3, 2, 1, 1]
+    np.testing.assert_allclose(ras @ [3, 2, 1, 1], [-lps_point[0], -lps_point[1], lps_point[2], 1], atol=1e-4)

@@ -73,3 +73,13 @@ def test_strided_block_reads_never_exceed_the_box_limit(max_elements):
     np.testing.assert_array_equal(read_strided_in_blocks(read_box, bounds, max_elements), A[0, 1:7:2, 0:10:3])
     sizes = [np.prod([hi - lo for lo, hi in b]) for b in boxes]
     assert max(sizes) <= max(max_elements, 1)
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_results_are_fresh_writable_arrays_torch_can_take(key):
+    torch = pytest.importorskip("torch")
+    source = A.copy()
+    got = ArrayImage(source)[key]
+    if isinstance(got, np.ndarray) and got.size:
+        assert got.flags.writeable and not np.shares_memory(got, source)
+        torch.from_numpy(got)  # no negative strides

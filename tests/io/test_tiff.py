@@ -160,3 +160,14 @@ def test_writer_refuses_bad_arguments(tmp_path):
     with pytest.raises(DataError, match="JPEG"):
         TiffWriter(tmp_path / "v.tif", (3, 8, 8), np.float32, compression="jpeg")
     assert not list(tmp_path.iterdir())
+
+
+def test_plain_page_stack_reads_as_a_volume(tmp_path):
+    data = np.arange(5 * 20 * 30, dtype=np.uint16).reshape(5, 20, 30)
+    tifffile.imwrite(tmp_path / "stack.tif", data)  # no OME/ImageJ metadata: tifffile's axes are 'QYX'
+    image = open_image(tmp_path / "stack.tif")
+    assert image.shape == (1, 5, 20, 30)
+    np.testing.assert_array_equal(image[0, ::-2, 3], data[::-2, 3])
+    tifffile.imwrite(tmp_path / "movie.tif", data[:, None], metadata={"axes": "TZYX"})  # time is not space
+    with pytest.raises(DataError, match=r"axis 'T' holds 5 images"):
+        open_image(tmp_path / "movie.tif")

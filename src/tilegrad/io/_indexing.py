@@ -112,11 +112,12 @@ def read_planned(
                 f"internal: backend returned {out.shape} for bounds {bounds}, expected {expected}"
             )
         flips = tuple(i for i, a in enumerate(plan) if a.step < 0 and a.count > 1)
-        if flips:
-            out = np.flip(out, flips)
+        if flips:  # copied: negative strides are refused by torch.from_numpy
+            out = np.ascontiguousarray(np.flip(out, flips))
     drop = tuple(0 if a.drop else slice(None) for a in plan)
-    out = out[drop]
-    return np.ascontiguousarray(out) if isinstance(out, np.ndarray) else out  # all ints: a scalar, as numpy
+    # No other copy: backends return fresh arrays, and a channel-first transpose of an (H, W, C) file stays a
+    # strided view with positive strides (torch.from_numpy takes it) instead of doubling the memory of every read.
+    return out[drop]  # all ints: a scalar, as numpy
 
 
 def read_strided_in_blocks(

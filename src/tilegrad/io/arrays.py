@@ -77,6 +77,7 @@ class ZarrImage(ArrayImage):
         self._spacing = None if spacing is None else tuple(float(s) for s in spacing)
         affine = meta.get("affine")
         self._affine = None if affine is None else np.asarray(affine, dtype=np.float64)
+        self._affine_space = meta.get("affine_space")
 
     def _init_multiscales(self, group: Any, level: int) -> None:
         ms = _multiscales(dict(group.attrs))
@@ -178,7 +179,7 @@ class ZarrWriter(ImageWriter):
     """Write a (C, *spatial) zarr array tile by tile, built in ``<path>.partial`` and renamed on close.
 
     ``chunks``: zarr chunk shape (default: all channels x 64 per axis in 3D, x 512 in 2D). ``spacing`` (mm per
-    spatial axis) and ``affine`` are stored in ``attrs["tilegrad"]``. Tiles aligned with chunks write fastest.
+    spatial axis), ``affine`` and its ``affine_space`` ("RAS"/"LPS") are stored in ``attrs["tilegrad"]``. Tiles aligned with chunks write fastest.
     """
 
     def __init__(
@@ -190,6 +191,7 @@ class ZarrWriter(ImageWriter):
         chunks: Sequence[int] | None = None,
         spacing: Sequence[float] | None = None,
         affine: np.ndarray | None = None,
+        affine_space: str | None = None,
         overwrite: bool = False,
         keep_partial: bool = False,
     ) -> None:
@@ -219,6 +221,8 @@ class ZarrWriter(ImageWriter):
             meta["spacing_mm"] = [float(s) for s in spacing]
         if affine is not None:
             meta["affine"] = np.asarray(affine, dtype=float).tolist()
+            if affine_space is not None:
+                meta["affine_space"] = affine_space
         if meta:
             self._array.attrs.update({"tilegrad": meta})
 

@@ -6,7 +6,7 @@ and carries the physical metadata of the file:
 
 - ``spacing``: size of a pixel/voxel in millimetres per spatial axis, in axis order (None when unknown),
 - ``mpp``: microns per pixel in the image plane (the last two spatial axes), the usual unit for slides,
-- ``affine``: 4x4 voxel-to-world matrix for NIfTI (RAS+) and DICOM (LPS), else None,
+- ``affine``: 4x4 voxel-to-world matrix for NIfTI (RAS+) and DICOM (LPS), else None; ``affine_space`` says which,
 - ``levels``: the resolution pyramid (shape and downsample factor of every level) and ``level(k)`` to open one.
 
 NOTE [ Reader handles and processes ]
@@ -67,6 +67,7 @@ class LazyImage:
     _dtype: np.dtype
     _spacing: tuple[float, ...] | None = None
     _affine: np.ndarray | None = None
+    _affine_space: str | None = None
     _levels: tuple[Level, ...] = ()
     _level_index: int = 0
 
@@ -134,6 +135,12 @@ class LazyImage:
     def affine(self) -> np.ndarray | None:
         """4x4 matrix from (spatial) voxel indices to world coordinates, or None for formats without one."""
         return None if self._affine is None else self._affine.copy()
+
+    @property
+    def affine_space(self) -> str | None:
+        """World frame of :attr:`affine`: ``"RAS"`` (NIfTI: +x right, +y anterior, +z superior) or ``"LPS"``
+        (DICOM patient coordinates: +x left, +y posterior, +z superior)."""
+        return self._affine_space if self._affine is not None else None
 
     @property
     def levels(self) -> tuple[Level, ...]:
@@ -306,7 +313,10 @@ class ArrayImage(LazyImage):
         for (lo, hi, step), axis in zip(bounds, self._axes):
             if axis is not None:
                 native_key[axis] = slice(lo, hi, step)
-        out = np.asarray(self._native_array()[tuple(native_key)])
+        native = self._native_array()
+        out = np.asarray(native[tuple(native_key)])
+        if isinstance(native, np.ndarray) or isinstance(out, np.memmap) or not out.flags.writeable:
+            out = np.array(out)  # a view of the source or of a file mapping: hand out a fresh, writable array
         # Remaining array axes are in array order; put them in image order.
         kept = sorted(a for a in self._axes if a is not None)
         order = [kept.index(a) for a in self._axes if a is not None]

@@ -2,7 +2,8 @@
 
 Series are read as (C, Z, Y, X): slices sorted along the slice normal (the cross product of the row and column
 direction cosines in ImageOrientationPatient) by ImagePositionPatient, rows, columns. Only headers are read at open;
-pixel data is decoded per slice (per frame for multi-frame files) when a region needs it.
+pixel data is decoded per slice (per frame for multi-frame files) when a region needs it, and the most recently
+decoded slices (up to 32 MiB) are kept for the next tiles.
 
 Metadata: ``spacing`` = (slice spacing from the sorted positions, PixelSpacing row, PixelSpacing column) in mm;
 ``affine`` maps (k, row, column) indices to patient coordinates (LPS, mm). RescaleSlope/Intercept are applied, and
@@ -13,6 +14,7 @@ then the image reads as float32. A series with duplicate positions, mixed orient
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,8 @@ from ._indexing import Bounds
 from .base import LazyImage
 
 __all__ = ["DicomImage"]
+
+_CACHE_BYTES = 32 * 2**20  # decoded slices kept per reader (per process)
 
 
 def _pydicom() -> Any:
@@ -73,6 +77,8 @@ class DicomImage(LazyImage):
     def __init__(self, path: str | os.PathLike, *, series_uid: str | None = None) -> None:
         pydicom = _pydicom()
         self.path = Path(path)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_pid: int | None = None
         if self.path.is_dir():
             headers = self._scan_directory(pydicom, series_uid)
         else:
@@ -104,6 +110,7 @@ class DicomImage(LazyImage):
         else:
             self._spacing = (pixel[0], pixel[1])
         self._affine = self._make_affine(first, pixel, normal)
+        self._affine_space = "LPS"
 
     # ------------------------------------------------------------------ headers
     def _read_header(self, pydicom: Any, path: Path) -> Any:
@@ -289,6 +296,24 @@ class DicomImage(LazyImage):
             array = array.astype(np.float32) * np.float32(s.slope) + np.float32(s.intercept)
         return array
 
+    def _decoded(self, k: int) -> np.ndarray:
+        """Slice k, decoded; the most recent slices (up to _CACHE_BYTES) are kept, because tile-by-tile reads of a
+        volume visit the same slices once per in-plane tile and a slice can only be decoded whole."""
+        pid = os.getpid()
+        if self._cache_pid != pid:
+            self._cache, self._cache_pid = OrderedDict(), pid
+        if k in self._cache:
+            self._cache.move_to_end(k)
+            return self._cache[k]
+        plane = self._decode(self._slices[k])
+        self._cache[k] = plane
+        while sum(p.nbytes for p in self._cache.values()) > _CACHE_BYTES and len(self._cache) > 1:
+            self._cache.popitem(last=False)
+        return plane
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_cache": OrderedDict(), "_cache_pid": None}
+
     def _read(self, bounds: Bounds) -> np.ndarray:
         (c0, c1, cs), *spatial = bounds
         if self._volume:
@@ -297,7 +322,7 @@ class DicomImage(LazyImage):
         else:
             (y0, y1, ys), (x0, x1, xs) = spatial
             picked = range(1)
-        planes = [self._decode(self._slices[k])[y0:y1:ys, x0:x1:xs, c0:c1:cs] for k in picked]
+        planes = [self._decoded(k)[y0:y1:ys, x0:x1:xs, c0:c1:cs] for k in picked]
         out = np.stack(planes, axis=0).astype(self._dtype, copy=False)  # (Z, Y, X, C)
         out = np.moveaxis(out, -1, 0)
         return out if self._volume else out[:, 0]

@@ -56,12 +56,12 @@ def _load(path: Path) -> Any:
     """nib.load, or for a single-file NIfTI with another suffix (nibabel goes by suffix) its file map directly."""
     nib = _nibabel()
     if path.name.lower().endswith((".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")):
-        return nib.load(path)
+        return nib.load(path, mmap=False)  # reads, not a mapping: NOTE [ No memory maps for big images ]
     with open(path, "rb") as f:
         head = f.read(348)
     cls = nib.Nifti2Image if head[4:8] == b"n+2\x00" else nib.Nifti1Image
     holder = nib.fileholders.FileHolder(str(path))
-    return cls.from_file_map({"image": holder, "header": holder})
+    return cls.from_file_map({"image": holder, "header": holder}, mmap=False)
 
 
 def _is_gzip(path: Path) -> bool:
@@ -108,6 +108,7 @@ class NiftiImage(ArrayImage):
         unit = _MM_PER_UNIT.get(space_unit, 1.0)
         self._spacing = tuple(float(str(np.float32(z))) * unit for z in zooms)
         self._affine = np.asarray(img.affine, dtype=np.float64)
+        self._affine_space = "RAS"
         self._array = None
 
     def _check_size(self, img: Any) -> None:

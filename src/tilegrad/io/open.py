@@ -192,6 +192,7 @@ def _scaled_metadata(like: LazyImage, shape: Sequence[int]) -> dict[str, Any]:
         affine[:3, :n] = source[:3, :n] * scale
         affine[:3, 3] = source[:3, 3] + source[:3, :n] @ (0.5 * scale - 0.5)
         meta["affine"] = affine
+        meta["affine_space"] = like.affine_space
     return meta
 
 
@@ -204,8 +205,9 @@ def create_writer(
     **options: Any,
 ) -> ImageWriter:
     """A writer chosen by the suffix of ``path``: ``.tif/.tiff`` (pyramidal TIFF), ``.nii/.nii.gz``, ``.zarr``,
-    ``.npy``. ``like``: copy pixel size (and NIfTI affine) from a source image, scaled if the output's spatial size
-    differs (e.g. a 2x super-resolution output gets half the spacing). Other ``options`` go to the writer.
+    ``.npy``. ``like``: copy pixel size (and affine) from a source image, scaled if the output's spatial size
+    differs (e.g. a 2x super-resolution output gets half the spacing); a DICOM (LPS) affine becomes RAS+ in NIfTI.
+    Other ``options`` go to the writer.
     """
     name = Path(path).name.lower()
     meta = _scaled_metadata(like, shape) if like is not None else {}
@@ -215,12 +217,15 @@ def create_writer(
         return TiffWriter(path, shape, dtype, **options)
     if name.endswith((".nii", ".nii.gz")):
         if "affine" in meta:
-            options.setdefault("affine", meta["affine"])
+            affine = meta["affine"]
+            if meta["affine_space"] == "LPS":  # DICOM patient axes -> NIfTI's RAS+: negate x and y
+                affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+            options.setdefault("affine", affine)
         elif "spacing" in meta:
             options.setdefault("spacing", meta["spacing"])
         return NiftiWriter(path, shape, dtype, **options)
     if name.endswith(".zarr"):
-        for key in ("spacing", "affine"):
+        for key in ("spacing", "affine", "affine_space"):
             if key in meta:
                 options.setdefault(key, meta[key])
         return ZarrWriter(path, shape, dtype, **options)

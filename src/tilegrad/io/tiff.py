@@ -74,7 +74,7 @@ class _LogCapture(logging.Handler):
 
 
 def _map_axes(axes: str, shape: Sequence[int], where: str) -> tuple[tuple[int | None, ...], dict[int, int]]:
-    """Image axes (C, [Z,] Y, X) from a tifffile axes string such as 'YXS', 'CYX', 'TZCYX', 'IYX'."""
+    """Image axes (C, [Z,] Y, X) from a tifffile axes string such as 'YXS', 'CYX', 'TZCYX', 'QYX'."""
     channel = [i for i, a in enumerate(axes) if a in _CHANNEL and shape[i] > 1]
     if len(channel) > 1:
         raise DataError(
@@ -83,6 +83,10 @@ def _map_axes(axes: str, shape: Sequence[int], where: str) -> tuple[tuple[int | 
     spatial = [i for i, a in enumerate(axes) if a in _SPATIAL]
     if not {"Y", "X"} <= {axes[i] for i in spatial}:
         raise DataError(f"{where} has axes {axes!r}: expected an image with Y and X axes")
+    # A plain page stack (tifffile calls its axis I or Q: no metadata says what it is) reads as Z.
+    stack = [i for i, a in enumerate(axes) if a in "IQ" and shape[i] > 1]
+    if "Z" not in axes and len(stack) == 1 and stack[0] < min(spatial):
+        spatial = [stack[0], *spatial]
     fixed = {}
     for i, a in enumerate(axes):
         if i in channel or i in spatial:
@@ -263,15 +267,24 @@ class TiffImage(ArrayImage):
 # ---------------------------------------------------------------------------------------------------------- writer
 
 
+def _work_dtype(dtype: np.dtype) -> np.dtype:
+    """float32 sums of four <=16-bit integers are exact; anything wider is averaged in float64."""
+    small = (np.issubdtype(dtype, np.integer) and dtype.itemsize <= 2) or dtype == np.bool_
+    return np.dtype(np.float32 if small else np.float64)
+
+
 def _downsample_2x(block: np.ndarray) -> np.ndarray:
     """2x2 box filter of an (h, w, C) block; odd edges average the pixels that exist. Integers are rounded."""
-    h, w = block.shape[:2]
-    acc = block.astype(np.float64)
+    h, w, c = block.shape
+    acc = np.empty((h + h % 2, w + w % 2, c), dtype=_work_dtype(block.dtype))
+    acc[:h, :w] = block
     if h % 2:
-        acc = np.concatenate([acc, acc[-1:]], axis=0)
+        acc[h] = acc[h - 1]  # a replicated edge row averages the real row with itself
     if w % 2:
-        acc = np.concatenate([acc, acc[:, -1:]], axis=1)
-    out = acc.reshape(acc.shape[0] // 2, 2, acc.shape[1] // 2, 2, -1).mean(axis=(1, 3))
+        acc[:, w] = acc[:, w - 1]
+    rows = acc[0::2] + acc[1::2]  # pairwise sums: much faster than a strided reduction over a reshape
+    out = rows[:, 0::2] + rows[:, 1::2]
+    out *= 0.25
     if np.issubdtype(block.dtype, np.integer):
         info = np.iinfo(block.dtype)
         out = np.clip(np.rint(out), info.min, info.max)
@@ -288,7 +301,7 @@ class TiffWriter(ImageWriter):
     Tiles written with ``writer[...] = tile`` go to an uncompressed level-0 scratch file ``<path>.partial.level0``
     (raw, next to the output, written with positional writes: NOTE [ No memory maps for big images ]). ``close()``
     then builds each reduced level band by band from the previous one (2x2 box filter), writes the TIFF to
-    ``<path>.partial`` and renames it to ``path``. Memory stays at a band of tiles (about 8 MiB); disk needs the
+    ``<path>.partial`` and renames it to ``path``. Memory stays at a band of tiles (a few MiB); disk needs the
     uncompressed image plus a third for the scratch files, which are deleted at close.
     OpenSlide reads uint8 images with 1 (grey) or 3 (RGB) channels.
     """
@@ -359,10 +372,10 @@ class TiffWriter(ImageWriter):
         h, w = self.shape[1:]
         return [(math.ceil(h / 2**k), math.ceil(w / 2**k)) for k in range(self.n_levels)]
 
-    def _band_width(self) -> int:
-        """Columns read at once: whole tiles, about 8 MiB per band of tile rows (few syscalls, bounded memory)."""
-        per_column = self.tile * self.shape[0] * self.dtype.itemsize
-        return max(1, (8 * 2**20 // per_column) // self.tile) * self.tile
+    def _band_width(self, rows: int, bytes_per_element: int) -> int:
+        """Columns handled at once: whole tiles, so that ``rows`` x columns x C elements take about 4 MiB."""
+        per_column = rows * self.shape[0] * bytes_per_element
+        return max(1, (4 * 2**20 // per_column) // self.tile) * self.tile
 
     def _read(self, f: RawArrayFile, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
         h, w, c = f.shape
@@ -370,7 +383,8 @@ class TiffWriter(ImageWriter):
 
     def _tiles(self, f: RawArrayFile) -> Iterator[np.ndarray]:
         """TIFF tiles in row-major order, zero-padded at the edges, read a band of tiles at a time."""
-        t, band = self.tile, self._band_width()
+        t = self.tile
+        band = self._band_width(t, self.dtype.itemsize)
         h, w, c = f.shape
         for y in range(0, h, t):
             for x0 in range(0, w, band):
@@ -386,7 +400,10 @@ class TiffWriter(ImageWriter):
     def _build_level(self, src: RawArrayFile, k: int, shape: tuple[int, int]) -> RawArrayFile:
         """Level k from level k-1 by the 2x2 box filter, a band of output tiles at a time."""
         dst = RawArrayFile.create(self._scratch_paths[k], (*shape, self.shape[0]), self.dtype)
-        t, band = self.tile, self._band_width()
+        t = self.tile
+        band = (
+            self._band_width(4 * t, _work_dtype(self.dtype).itemsize) // 2 * 2
+        )  # 2x2 source px per output px
         for y in range(0, shape[0], t):
             for x in range(0, shape[1], band):
                 block = self._read(src, (2 * y, 2 * (y + t)), (2 * x, 2 * (x + band)))

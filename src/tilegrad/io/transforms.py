@@ -65,6 +65,7 @@ class FlipRotateView(LazyImage):
         spacing = image.spacing
         self._spacing = None if spacing is None else tuple(spacing[p - 1] for p in perm[1:])
         self._affine = self._map_affine(image.affine)
+        self._affine_space = image.affine_space
         self._levels = tuple(
             Level(tuple(lv.shape[p] for p in perm), tuple(lv.downsample[p - 1] for p in perm[1:]))
             for lv in image.levels
