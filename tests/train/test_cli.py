@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from tilegrad.cli import main
 
 SMALL = [
@@ -58,6 +60,7 @@ def test_bad_model_kwargs(slides, tmp_path, capsys):
     assert "--model-kwargs must be a JSON object" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0

@@ -41,7 +41,7 @@ class DemoSettings:
     size: int = 512
     n_train: int = 40
     n_val: int = 24
-    epochs: int = 8
+    epochs: int = 4
     lr: float = 1e-3
     width: int = 16
     tile: int = 256
@@ -52,8 +52,8 @@ class DemoSettings:
 
 # Lesion appearance (see NOTE [ Lesions vanish at 8x ]): texture range after compression, dot amplitude per channel,
 # lesion radius range in pixels and number of lesions per positive slide.
-TEXTURE_RANGE = (50.0, 235.0)
-LESION_AMPLITUDE = (60.0, 64.0, 40.0)
+TEXTURE_RANGE = (75.0, 210.0)
+LESION_AMPLITUDE = (90.0, 96.0, 60.0)
 LESION_RADIUS = (12, 21)
 LESIONS_PER_SLIDE = (10, 21)
 
@@ -126,24 +126,29 @@ def synthetic_slide(
     if positive:
         coarse = tissue[4::8, 4::8].copy()  # one value per 8x8 block
         margin = -(-LESION_RADIUS[1] // 8) + 1  # whole lesions stay inside the slide
-        coarse[:margin], coarse[-margin:], coarse[:, :margin], coarse[:, -margin:] = (
-            False,
-            False,
-            False,
-            False,
-        )
+        coarse[:margin] = coarse[-margin:] = False
+        coarse[:, :margin] = coarse[:, -margin:] = False
         inner = ndimage.binary_erosion(coarse, iterations=3, border_value=0)
         candidates = np.argwhere(inner if inner.any() else coarse) * 8 + 4
-        for _ in range(int(rng.integers(*LESIONS_PER_SLIDE))):
-            cy, cx = candidates[rng.integers(len(candidates))]
+        wanted = int(rng.integers(*LESIONS_PER_SLIDE))
+        for _ in range(20 * wanted):  # lesions that would overlap another or clip a pixel are redrawn
+            if len(lesions) == wanted or len(candidates) == 0:
+                break
+            cy, cx = (int(v) for v in candidates[rng.integers(len(candidates))])
             radius = int(rng.integers(*LESION_RADIUS))
-            _add_lesion(slide, int(cy), int(cx), radius)
-            lesions.append((int(cy), int(cx), radius))
+            if any((cy - y) ** 2 + (cx - x) ** 2 < (radius + r + 16) ** 2 for y, x, r in lesions):
+                continue
+            if _add_lesion(slide, cy, cx, radius):
+                lesions.append((cy, cx, radius))
     return np.clip(np.rint(slide), 0, 255).astype(np.uint8), lesions
 
 
-def _add_lesion(slide: np.ndarray, cy: int, cx: int, radius: int) -> None:
-    """Add a block-aligned cluster of dark 2x2 dots whose every 8x8 block has zero mean (NOTE above)."""
+def _add_lesion(slide: np.ndarray, cy: int, cx: int, radius: int) -> bool:
+    """Add a block-aligned cluster of dark 2x2 dots whose every 8x8 block has zero mean (NOTE above).
+
+    Returns False (and leaves the slide unchanged) if any pixel would leave the 0..255 range, which would break
+    the zero mean.
+    """
     amplitude = np.array(LESION_AMPLITUDE)  # darker in red/green than blue: purple "nuclei"
     y0, x0 = (cy - radius) // 8 * 8, (cx - radius) // 8 * 8
     y1, x1 = -(-(cy + radius) // 8) * 8, -(-(cx + radius) // 8) * 8
@@ -151,7 +156,11 @@ def _add_lesion(slide: np.ndarray, cy: int, cx: int, radius: int) -> None:
     dots = ((yy % 4 < 2) & (xx % 4 < 2)).astype(np.float64) - 0.25  # zero mean over every aligned 4x4 block
     by, bx = (yy // 8) * 8 + 4, (xx // 8) * 8 + 4  # centres of the 8x8 blocks
     inside = (by - cy) ** 2 + (bx - cx) ** 2 <= radius**2  # whole blocks only
-    slide[y0:y1, x0:x1] -= (dots * inside)[..., None] * amplitude
+    patched = slide[y0:y1, x0:x1] - (dots * inside)[..., None] * amplitude
+    if patched.min() < 0 or patched.max() > 255:
+        return False
+    slide[y0:y1, x0:x1] = patched
+    return True
 
 
 def _downsample(img: np.ndarray, factor: int) -> np.ndarray:

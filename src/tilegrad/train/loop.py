@@ -1,8 +1,10 @@
 """The training loop: slides one at a time through a streamed trunk, gradient accumulation, validation, checkpoints.
 
->>> from tilegrad.train import TrainConfig, train          # doctest: +SKIP
->>> result = train(TrainConfig(csv="slides.csv", model="resnet18", tile_size=512, epochs=10, out="runs/a"))
->>> result.history[-1]["val_auc"]                           # doctest: +SKIP
+Usage (see docs/training.md)::
+
+    from tilegrad.train import TrainConfig, train
+    result = train(TrainConfig(csv="slides.csv", model="resnet18", tile_size=512, epochs=10, out="runs/a"))
+    result.history[-1]["val_auc"]
 
 What happens per optimizer step: ``accumulate`` slides (times the number of processes, see
 NOTE [ One all-reduce per optimizer step ] in distributed.py) go forward and backward one by one, each slide's loss
