@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .errors import (
     CheckpointError,
+    ConfigError,
     DataError,
     GeometryError,
     MemoryBudgetError,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "ConfigError",
     "DataError",
     "GeometryError",
     "MemoryBudgetError",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "ConfigError",
     "DataError",
     "GeometryError",
     "MemoryBudgetError",
@@ -46,6 +47,10 @@ class DataError(TilegradError, ValueError):
 
 class CheckpointError(TilegradError, RuntimeError):
     """A checkpoint is missing, corrupt or from an incompatible run."""
+
+
+class ConfigError(TilegradError, ValueError):
+    """An option or a combination of options cannot be used (unknown model name, unsupported precision, ...)."""
 
 
 class MissingDependencyError(TilegradError, ImportError):
