@@ -450,7 +450,7 @@ def _tile_candidates(spatial: Sequence[int], units: list[Unit]) -> list[tuple[in
     top = max(spatial)
     t = 48.0
     while t < top:
-        sizes.add(int(round(t / 8)) * 8)
+        sizes.add(round(t / 8) * 8)
         t *= 2 ** 0.25
     sizes.add(top)
     return [tuple(min(s, d) for d in spatial) for s in sorted(sizes)]
