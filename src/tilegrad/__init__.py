@@ -20,6 +20,7 @@ from .geometry import ReceptiveField, receptive_field, register_geometry_rule
 from .infer import infer
 from .memory import PeakMemoryMeter, measure_peak_memory
 from .plan import Plan, plan_streaming
+from .reversible import AdditiveCoupling, ReversibleSequential
 from .split import split_model
 from .stream import StreamingModule
 from .units import format_bytes, parse_bytes
@@ -27,6 +28,7 @@ from .units import format_bytes, parse_bytes
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdditiveCoupling",
     "CheckpointError",
     "DataError",
     "GeometryError",
@@ -36,6 +38,7 @@ __all__ = [
     "PeakMemoryMeter",
     "Plan",
     "ReceptiveField",
+    "ReversibleSequential",
     "ShapeError",
     "StreamingModule",
     "TilegradError",
