@@ -171,7 +171,7 @@ def test_batchnorm_running_statistics_update_once_per_step(momentum):
             m.momentum = momentum
     plain = nn.Sequential(*copy.deepcopy(bl)).double()
     rev = ReversibleSequential(*bl).double()
-    for step in range(2):
+    for _step in range(2):
         x = torch.randn(2, 6, 5, 5, 5, dtype=torch.float64)
         _, g_rev = grads_of(rev, x)
         _, g_plain = grads_of(plain, x)
@@ -333,7 +333,9 @@ def _peak_in_subprocess(kind: str, depth: int) -> int:
 
 def test_memory_is_flat_in_depth():
     """Peak of one training step, each configuration in a fresh process (no allocator history)."""
-    peaks = {(kind, depth): _peak_in_subprocess(kind, depth) for kind in ("rev", "plain") for depth in (4, 16)}
+    peaks = {
+        (kind, depth): _peak_in_subprocess(kind, depth) for kind in ("rev", "plain") for depth in (4, 16)
+    }
     summary = {k: f"{v / 2**20:.1f} MiB" for k, v in peaks.items()}
     assert peaks["rev", 16] <= 1.3 * peaks["rev", 4], summary
     # the same measurement sees plain backprop grow with depth, so it can tell

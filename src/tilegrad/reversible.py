@@ -36,6 +36,7 @@ from .errors import ShapeError
 
 __all__ = ["AdditiveCoupling", "ReversibleSequential"]
 
+
 class _RngTape:
     """RNG states recorded before each ``f`` and ``g`` call of a stack (see NOTE [ Statistics and randomness ]).
 
@@ -173,7 +174,9 @@ class _ReversibleFunction(torch.autograd.Function):
     """See NOTE [ One Function over the whole stack ]."""
 
     @staticmethod
-    def forward(ctx: Any, owner: ReversibleSequential, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, owner: ReversibleSequential, x: torch.Tensor, *params: torch.Tensor
+    ) -> torch.Tensor:
         ctx.owner = owner
         ctx.params = params
         ctx.device = x.device
@@ -217,7 +220,9 @@ class _ReversibleFunction(torch.autograd.Function):
                         with torch.enable_grad():
                             out = block._forward(x, ctx.rng, k)
                     block_params = [p for p in block.parameters() if p.requires_grad and id(p) in index]
-                    grads = torch.autograd.grad(out, [x, *block_params], grad.to(out.dtype), allow_unused=True)
+                    grads = torch.autograd.grad(
+                        out, [x, *block_params], grad.to(out.dtype), allow_unused=True
+                    )
                     del out
                 grad = grads[0]
                 for p, gp in zip(block_params, grads[1:]):
@@ -264,7 +269,10 @@ class ReversibleSequential(nn.Module):
     """
 
     def __init__(
-        self, *blocks: AdditiveCoupling, check_reconstruction: float | None = None, preserve_rng_state: bool = True
+        self,
+        *blocks: AdditiveCoupling,
+        check_reconstruction: float | None = None,
+        preserve_rng_state: bool = True,
     ) -> None:
         super().__init__()
         for i, block in enumerate(blocks):
@@ -312,7 +320,11 @@ class ReversibleSequential(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        return f"check_reconstruction={self.check_reconstruction}" if self.check_reconstruction is not None else ""
+        return (
+            f"check_reconstruction={self.check_reconstruction}"
+            if self.check_reconstruction is not None
+            else ""
+        )
 
 
 def _reversible_geometry(ctx: Any, module: ReversibleSequential, node: Any, inputs: list) -> Any:
@@ -324,7 +336,9 @@ def _reversible_geometry(ctx: Any, module: ReversibleSequential, node: Any, inpu
     identity = Geometry.identity(ndim)
     for i, block in enumerate(module.blocks):
         if block.split_dim not in (1, -(ndim + 1)):
-            ctx.refuse(f"block {i} splits dim {block.split_dim}; only the channel dim (1) can be split when streaming")
+            ctx.refuse(
+                f"block {i} splits dim {block.split_dim}; only the channel dim (1) can be split when streaming"
+            )
         gf = module_geometry(block.f, ndim, f"{ctx.where} block {i} f")
         y1 = _merge(ctx, [identity, gf])
         gg = module_geometry(block.g, ndim, f"{ctx.where} block {i} g")
