@@ -5,6 +5,7 @@ The public API is the list in ``__all__``; everything else is internal and may c
 
 from __future__ import annotations
 
+from .checkpointing import checkpoint_sequential
 from .errors import (
     CheckpointError,
     DataError,
@@ -44,6 +45,7 @@ __all__ = [
     "TilegradError",
     "WriterStateError",
     "__version__",
+    "checkpoint_sequential",
     "format_bytes",
     "infer",
     "measure_peak_memory",
