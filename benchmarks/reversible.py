@@ -63,7 +63,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=21, help="input patch edge (low-res voxels), default 21")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
+    parser.add_argument(
+        "--steps", type=int, default=3, help="timed steps per configuration (median reported)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -82,7 +84,9 @@ def main() -> None:
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"# {name}: {results[name]['peak'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
     base = results["ESPCN"]
-    print(f"input {args.batch} x 1 x {args.size}^3, upscale 2, features (50, 100), CPU, torch {_torch_version()}\n")
+    print(
+        f"input {args.batch} x 1 x {args.size}^3, upscale 2, features (50, 100), CPU, torch {_torch_version()}\n"
+    )
     print("| model | parameters | peak training memory | vs ESPCN | median time / step | vs ESPCN |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
