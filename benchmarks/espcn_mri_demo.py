@@ -118,7 +118,7 @@ def main() -> None:
     vol, codes = load_volume()
     hi = torch.from_numpy(vol)[None, None]
     lo = F.avg_pool3d(hi, 2)
-    split = int(round(lo.shape[2] * 0.6))  # low-res index along axis 0
+    split = round(lo.shape[2] * 0.6)  # low-res index along axis 0
     lo_train, hi_train = lo[:, :, :split], hi[:, :, : 2 * split]
     lo_test, hi_test = lo[:, :, split:], hi[:, :, 2 * split :]
     truth = hi_test[0, 0].numpy()
