@@ -59,11 +59,10 @@ class PixelShuffle3d(nn.Module):
 
 
 def _rev_branch(channels: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv3d(channels, channels, 3, padding=1, bias=False),
-        nn.BatchNorm3d(channels),
-        nn.ReLU(inplace=True),
-    )
+    # pre-activation BN-ReLU-conv (as in RevNet); the conv starts at zero so every block starts as the identity
+    conv = nn.Conv3d(channels, channels, 3, padding=1, bias=False)
+    nn.init.zeros_(conv.weight)
+    return nn.Sequential(nn.BatchNorm3d(channels), nn.ReLU(), conv)
 
 
 def _rev_stack(channels: int, blocks: int, naive: bool) -> nn.Module:
@@ -87,7 +86,8 @@ class ESPCN3d(nn.Module):
     (output is exactly ``upscale`` times the input size, for whole volumes).
 
     ``rev_blocks=k`` inserts a stack of k reversible blocks (:class:`tilegrad.AdditiveCoupling` with
-    conv3x3x3-BN-ReLU branches, same padding) after every hidden layer: ESPCN-RN-k. They run as a
+    BN-ReLU-conv3x3x3 branches, same padding, the conv zero-initialised so each
+    block starts as the identity) after every hidden layer: ESPCN-RN-k. They run as a
     :class:`tilegrad.ReversibleSequential` (memory about flat in k) unless ``naive=True``, which builds the same
     architecture with plain backprop ("ESPCN-RN-k naive" in Blumberg et al. 2018).
 
