@@ -30,7 +30,9 @@ class StridedEncoderDecoder(nn.Module):
 
 
 def pixel_shuffle_upsampler():
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1), nn.PixelShuffle(2))
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1), nn.PixelShuffle(2)
+    )
 
 
 CASES = [

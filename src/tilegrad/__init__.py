@@ -5,6 +5,7 @@ The public API is the list in ``__all__``; everything else is internal and may c
 
 from __future__ import annotations
 
+from .checkpointing import checkpoint_sequential
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -21,6 +22,7 @@ from .geometry import ReceptiveField, receptive_field, register_geometry_rule
 from .infer import infer
 from .memory import PeakMemoryMeter, measure_peak_memory
 from .plan import Plan, plan_streaming
+from .reversible import AdditiveCoupling, ReversibleSequential
 from .split import split_model
 from .stream import StreamingModule
 from .units import format_bytes, parse_bytes
@@ -28,6 +30,7 @@ from .units import format_bytes, parse_bytes
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdditiveCoupling",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -38,11 +41,13 @@ __all__ = [
     "PeakMemoryMeter",
     "Plan",
     "ReceptiveField",
+    "ReversibleSequential",
     "ShapeError",
     "StreamingModule",
     "TilegradError",
     "WriterStateError",
     "__version__",
+    "checkpoint_sequential",
     "format_bytes",
     "infer",
     "measure_peak_memory",

@@ -25,7 +25,9 @@ __all__ = ["infer"]
 
 def _spatial_ndim(model: nn.Module) -> int:
     for m in model.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        if isinstance(
+            m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+        ):
             return m.weight.dim() - 2
     raise ShapeError(
         f"cannot tell whether {type(model).__name__} is 2D or 3D (it has no convolution); pass ndim= explicitly"
@@ -79,7 +81,10 @@ def infer(
     ndim = ndim or _spatial_ndim(model)
     shape = tuple(int(s) for s in source.shape)
     if len(shape) == ndim + 1:
-        batched, reader_source = False, (source.unsqueeze(0) if isinstance(source, torch.Tensor) else _Batched(source))
+        batched, reader_source = (
+            False,
+            (source.unsqueeze(0) if isinstance(source, torch.Tensor) else _Batched(source)),
+        )
     elif len(shape) == ndim + 2:
         batched, reader_source = True, source
     else:

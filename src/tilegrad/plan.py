@@ -96,7 +96,9 @@ class Chain(nn.Module):
 def _meta_profile(units: list[Unit], input_shape: Sequence[int], dtype: torch.dtype) -> None:
     """Fill shapes, saved bytes and FLOPs of each unit from one forward over meta tensors."""
     metas = [copy.deepcopy(u.module).to("meta") for u in units]
-    param_storages = {p.untyped_storage()._cdata for m in metas for p in itertools.chain(m.parameters(), m.buffers())}
+    param_storages = {
+        p.untyped_storage()._cdata for m in metas for p in itertools.chain(m.parameters(), m.buffers())
+    }
     x = torch.empty(tuple(input_shape), device="meta", dtype=dtype, requires_grad=True)
     seen: set[int] = set()
     current = {"saved": 0, "peak": 0}
@@ -117,7 +119,10 @@ def _meta_profile(units: list[Unit], input_shape: Sequence[int], dtype: torch.dt
         handles = [m.register_forward_hook(track) for m in meta.modules()]
         unit.in_shape = tuple(x.shape)
         try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FlopCounterMode(display=False) as fc:
+            with (
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+                FlopCounterMode(display=False) as fc,
+            ):
                 y = meta(x)
         except Exception as err:  # the user's model failed on this shape; say where
             raise GeometryError(
@@ -192,7 +197,11 @@ class Plan:
     def __str__(self) -> str:
         head = (
             f"input {'x'.join(map(str, self.input_shape))}: "
-            + ("conventional (unstreamed)" if self.conventional else f"{len(self.segments)} streamed segment(s)")
+            + (
+                "conventional (unstreamed)"
+                if self.conventional
+                else f"{len(self.segments)} streamed segment(s)"
+            )
             + f", predicted training peak {format_bytes(self.peak_bytes)}"
             + (f" (budget {format_bytes(self.budget)})" if self.budget else "")
             + f", predicted time x{self.time_ratio:.2f} of conventional"
@@ -281,7 +290,9 @@ def _evaluate(
     return fixed + backward, forward_peak, streamed / conventional
 
 
-def _conventional_peak(units: list[Unit], input_shape: tuple[int, ...], param_bytes: int, dtype: torch.dtype) -> int:
+def _conventional_peak(
+    units: list[Unit], input_shape: tuple[int, ...], param_bytes: int, dtype: torch.dtype
+) -> int:
     saved = sum(u.saved_bytes for u in units)
     largest = max(u.peak_act_bytes for u in units)
     return 2 * param_bytes + _nbytes(input_shape, dtype) + saved + _BACKWARD_TRANSIENT * largest
@@ -373,7 +384,9 @@ def plan_streaming(
         key = (first, stop, tile)
         if key not in cache:
             try:
-                cache[key] = _segment(units[first:stop], tile, ndim, dtype, _scale(units, first, ndim, input_shape))
+                cache[key] = _segment(
+                    units[first:stop], tile, ndim, dtype, _scale(units, first, ndim, input_shape)
+                )
             except GeometryError as err:
                 errors.append(str(err))
                 cache[key] = None
@@ -419,13 +432,18 @@ def plan_streaming(
             ]
             pool = fitting or options
             chosen.append(
-                min(pool, key=lambda s: (4 * s.flops * s.overlap + len(s.grid) * _TILE_OVERHEAD_FLOPS * 2, s.tile))
+                min(
+                    pool,
+                    key=lambda s: (4 * s.flops * s.overlap + len(s.grid) * _TILE_OVERHEAD_FLOPS * 2, s.tile),
+                )
                 if fitting
                 else min(pool, key=lambda s: s.tile_train_bytes)
             )
         if len(chosen) != len(ranges):
             continue
-        peak, fwd_peak, ratio = _evaluate(chosen, input_shape, param_bytes, dtype, input_in_memory, input_grad)
+        peak, fwd_peak, ratio = _evaluate(
+            chosen, input_shape, param_bytes, dtype, input_in_memory, input_grad
+        )
         plan = Plan(input_shape, chosen, False, peak, fwd_peak, ratio, memory_budget)
         if smallest is None or peak < smallest.peak_bytes:
             smallest = plan

@@ -55,9 +55,7 @@ class _Reader:
         return torch.from_numpy(np.ascontiguousarray(block)).to(device=self.device, dtype=self.dtype)
 
 
-def _run_forward(
-    seg: SegmentPlan, reader: _Reader, out: torch.Tensor | None, progress: Any
-) -> torch.Tensor:
+def _run_forward(seg: SegmentPlan, reader: _Reader, out: torch.Tensor | None, progress: Any) -> torch.Tensor:
     chain = seg.chain
     for tile in seg.grid:
         y = chain(reader.read(tile.inputs))
@@ -78,7 +76,9 @@ class _StreamFunction(torch.autograd.Function):
     """Streams the plan's segments; parameters are inputs so autograd routes their gradients normally."""
 
     @staticmethod
-    def forward(ctx: Any, owner: StreamingModule, plan: Plan, x: torch.Tensor | None, reader: _Reader, *params: Any):
+    def forward(
+        ctx: Any, owner: StreamingModule, plan: Plan, x: torch.Tensor | None, reader: _Reader, *params: Any
+    ):
         device_type = reader.device.type
         ctx.autocast = _autocast_state(device_type)
         ctx.device_type = device_type
@@ -348,4 +348,3 @@ class _NullBar:
 
     def __exit__(self, *exc: object) -> None:
         return None
-

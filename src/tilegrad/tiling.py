@@ -180,6 +180,8 @@ def tile_grid(
     return TileGrid(
         tuple(
             tuple(plan_dim(d, a, i, o, t, axis))
-            for axis, (d, a, i, o, t) in enumerate(zip(geometry.dims, geometry.align, in_shape, out_shape, tile_size))
+            for axis, (d, a, i, o, t) in enumerate(
+                zip(geometry.dims, geometry.align, in_shape, out_shape, tile_size)
+            )
         )
     )

@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "whole-image inference: no seams, no blending."
         ),
     )
-    p.add_argument("model", help="package.module:factory, file.py:factory, a tilegrad or torchvision model name")
+    p.add_argument(
+        "model", help="package.module:factory, file.py:factory, a tilegrad or torchvision model name"
+    )
     p.add_argument("input", type=Path)
     p.add_argument("output", type=Path)
     size = p.add_mutually_exclusive_group(required=True)
@@ -46,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             state = torch.load(args.weights, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for bad files
-            raise CheckpointError(f"cannot load weights from {args.weights}: {type(err).__name__}: {err}") from err
+            raise CheckpointError(
+                f"cannot load weights from {args.weights}: {type(err).__name__}: {err}"
+            ) from err
         state = state.get("model", state) if isinstance(state, dict) else state
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -66,6 +70,13 @@ def run(args: argparse.Namespace) -> int:
     out_shape = tuple(out_meta.shape[1:])
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with io.create_writer(args.output, out_shape, np.dtype(args.dtype), like=source) as sink:
-        infer(model, source, tile_size=args.tile, memory_budget=args.budget, out=sink, progress=not args.no_progress)
+        infer(
+            model,
+            source,
+            tile_size=args.tile,
+            memory_budget=args.budget,
+            out=sink,
+            progress=not args.no_progress,
+        )
     print(f"wrote {args.output} ({'x'.join(map(str, out_shape))}, {args.dtype})")
     return 0
