@@ -1,0 +1,85 @@
+"""Model factories (no arguments) for the memory accuracy benchmark, tests and the worked example.
+
+Pass them to ``tilegrad memory`` as ``benchmarks/memory_models.py:unet3d`` and so on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def vgg16() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.vgg16(weights=None)
+
+
+def vgg16_mri() -> nn.Module:
+    """VGG-16 taking the seed post's 5 MRI sequences (T1, T2, FLAIR, DWI, ADC) as input channels."""
+    model = vgg16()
+    model.features[0] = nn.Conv2d(5, 64, kernel_size=3, padding=1)
+    return model
+
+
+def resnet34() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet34(weights=None)
+
+
+def densenet121() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.densenet121(weights=None)
+
+
+def unet2d() -> nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(16, 32, 64, 128, 256),
+                strides=(2, 2, 2, 2), num_res_units=2)
+
+
+def unet3d() -> nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64, 128),
+                strides=(2, 2, 2), num_res_units=2)
+
+
+class PixelShuffle3d(nn.Module):
+    """(N, C r^3, D, H, W) -> (N, C, D r, H r, W r): the 3D sub-pixel convolution's rearrangement."""
+
+    def __init__(self, factor: int) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, d, h, w = x.shape
+        r = self.factor
+        x = x.view(n, c // r**3, r, r, r, d, h, w)
+        x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)
+        return x.reshape(n, c // r**3, d * r, h * r, w * r)
+
+
+class LocalESPCN3d(nn.Sequential):
+    """ESPCN-style 3D network for image quality transfer (Tanno et al. 2017; Blumberg et al. 2018): valid 3x3x3
+    conv to 50 channels, 1x1x1 conv to 100, 3x3x3 conv to channels x r^3, then a 3D pixel shuffle.
+
+    A local stand-in until ``tilegrad.models.ESPCN3d`` lands: same layer structure, written here.
+    """
+
+    def __init__(self, channels: int = 6, upscale: int = 2) -> None:
+        super().__init__(
+            nn.Conv3d(channels, 50, 3),
+            nn.ReLU(),
+            nn.Conv3d(50, 100, 1),
+            nn.ReLU(),
+            nn.Conv3d(100, channels * upscale**3, 3),
+            PixelShuffle3d(upscale),
+        )
+
+
+def espcn3d() -> nn.Module:
+    return LocalESPCN3d()
