@@ -14,7 +14,11 @@ from .errors import (
     ShapeError,
     TilegradError,
 )
+from .geometry import ReceptiveField, receptive_field, register_geometry_rule
 from .memory import PeakMemoryMeter, measure_peak_memory
+from .plan import Plan, plan_streaming
+from .split import split_model
+from .stream import StreamingModule
 from .units import format_bytes, parse_bytes
 
 __version__ = "0.1.0"
@@ -26,10 +30,17 @@ __all__ = [
     "MemoryBudgetError",
     "NotStreamableError",
     "PeakMemoryMeter",
+    "Plan",
+    "ReceptiveField",
     "ShapeError",
+    "StreamingModule",
     "TilegradError",
     "__version__",
     "format_bytes",
     "measure_peak_memory",
     "parse_bytes",
+    "plan_streaming",
+    "receptive_field",
+    "register_geometry_rule",
+    "split_model",
 ]

@@ -1,0 +1,422 @@
+"""Planner: given a trunk, an input shape and a tile size or a memory budget, decide how to stream it.
+
+A plan cuts the trunk into *segments* (contiguous runs of its top-level layers, when it is an ``nn.Sequential``).
+Each segment is streamed tile by tile with only its own halo; the feature map between two segments (a *boundary*)
+is kept whole. One segment is the leanest plan: memory is one tile's activations plus the input, the output and the
+parameters, whatever the image size, but the tile must carry the whole trunk's halo. More segments mean much smaller
+halos (less recomputation) in exchange for keeping the boundary maps. With no budget a fixed tile uses the leanest
+plan that is not wasteful: cuts only at boundaries no larger than the input image. With a budget, the planner
+predicts time and peak memory of every candidate (and of plain, unstreamed execution) and takes the fastest that
+fits.
+
+Predictions come from one pass over meta tensors (nothing is allocated): per layer, the bytes autograd saves and the
+forward FLOPs, scaled linearly with the tile area.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import GeometryError, MemoryBudgetError, NotStreamableError
+from .geometry import Geometry, compose, module_geometry
+from .tiling import TileGrid, tile_grid
+from .units import format_bytes
+
+__all__ = ["Plan", "SegmentPlan", "Unit", "plan_streaming", "units_of"]
+
+# Fixed cost of one tile launch, in FLOP-equivalents (Python + dispatch overhead of a few ms on a CPU).
+_TILE_OVERHEAD_FLOPS = 2e8
+# Extra room kept below a user budget for allocator slack and Python objects.
+_BUDGET_SAFETY = 0.9
+
+
+@dataclass
+class Unit:
+    """One top-level layer of the trunk (nested nn.Sequential containers are flattened)."""
+
+    name: str
+    module: nn.Module
+    geometry: Geometry | None = None
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+    saved_bytes: int = 0  # saved for backward on the whole image
+    flops: float = 0.0  # forward FLOPs on the whole image
+    peak_act_bytes: int = 0  # largest single tensor produced inside the unit
+
+
+def units_of(module: nn.Module) -> list[Unit]:
+    """Flatten nested ``nn.Sequential`` containers into named units; any other module is one unit."""
+    if not isinstance(module, nn.Sequential):
+        return [Unit("", module)]
+    out: list[Unit] = []
+    for name, child in module.named_children():
+        if isinstance(child, nn.Sequential) and len(child) > 0:
+            out.extend(Unit(f"{name}.{u.name}" if u.name else name, u.module) for u in units_of(child))
+        else:
+            out.append(Unit(name, child))
+    return out
+
+
+class Chain(nn.Module):
+    """Runs a list of units in order (a segment). Holds no parameters of its own in state_dict terms."""
+
+    def __init__(self, units: Sequence[Unit]):
+        super().__init__()
+        self._units = list(units)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for unit in self._units:
+            x = unit.module(x)
+        return x
+
+    def parameters_of(self) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = OrderedDict()
+        for unit in self._units:
+            for p in unit.module.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+
+def _meta_profile(units: list[Unit], input_shape: Sequence[int], dtype: torch.dtype) -> None:
+    """Fill shapes, saved bytes and FLOPs of each unit from one forward over meta tensors."""
+    metas = [copy.deepcopy(u.module).to("meta") for u in units]
+    param_storages = {p.untyped_storage()._cdata for m in metas for p in itertools.chain(m.parameters(), m.buffers())}
+    x = torch.empty(tuple(input_shape), device="meta", dtype=dtype, requires_grad=True)
+    seen: set[int] = set()
+    current = {"saved": 0, "peak": 0}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in param_storages and key not in seen:
+            seen.add(key)
+            current["saved"] += t.untyped_storage().nbytes()
+        return t
+
+    def track(module: nn.Module, args: object, output: object) -> None:
+        if isinstance(output, torch.Tensor):
+            current["peak"] = max(current["peak"], output.untyped_storage().nbytes())
+
+    for unit, meta in zip(units, metas):
+        current["saved"], current["peak"] = 0, 0
+        handles = [m.register_forward_hook(track) for m in meta.modules()]
+        unit.in_shape = tuple(x.shape)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FlopCounterMode(display=False) as fc:
+                y = meta(x)
+        except Exception as err:  # the user's model failed on this shape; say where
+            raise GeometryError(
+                f"layer '{unit.name}' ({type(unit.module).__name__}) failed on an input of shape {tuple(x.shape)}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        finally:
+            for h in handles:
+                h.remove()
+        if not isinstance(y, torch.Tensor):
+            raise NotStreamableError(f"layer '{unit.name}' returns {type(y).__name__}, expected one tensor")
+        unit.out_shape = tuple(y.shape)
+        unit.saved_bytes = current["saved"]
+        unit.flops = float(fc.get_total_flops())
+        unit.peak_act_bytes = max(current["peak"], y.untyped_storage().nbytes())
+        seen.add(y.untyped_storage()._cdata)  # the next unit's input is accounted as a boundary, not saved
+        x = y
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class SegmentPlan:
+    """How one segment runs: its units, geometry, tile (in the segment's own input pixels) and grid."""
+
+    units: list[Unit]
+    geometry: Geometry
+    tile: tuple[int, ...]
+    grid: TileGrid
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    tile_train_bytes: int = 0
+    tile_forward_bytes: int = 0
+    flops: float = 0.0
+
+    @property
+    def name(self) -> str:
+        names = [u.name for u in self.units]
+        if len(names) == 1:
+            return names[0] or "trunk"
+        return f"{names[0]} .. {names[-1]}"
+
+    @property
+    def overlap(self) -> float:
+        """Input pixels read over all tiles / input pixels: 1.0 means no recomputation of halos."""
+        return self.grid.input_area / math.prod(self.in_shape[2:])
+
+    @property
+    def chain(self) -> Chain:
+        return Chain(self.units)
+
+
+@dataclass
+class Plan:
+    """A streaming plan for one input shape. ``conventional`` plans run the trunk unstreamed."""
+
+    input_shape: tuple[int, ...]
+    segments: list[SegmentPlan]
+    conventional: bool
+    peak_bytes: int
+    forward_peak_bytes: int
+    time_ratio: float
+    budget: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tile_size(self) -> tuple[int, ...]:
+        """Tile size in input-image pixels (the first segment's tile)."""
+        return self.segments[0].tile
+
+    def __str__(self) -> str:
+        head = (
+            f"input {'x'.join(map(str, self.input_shape))}: "
+            + ("conventional (unstreamed)" if self.conventional else f"{len(self.segments)} streamed segment(s)")
+            + f", predicted training peak {format_bytes(self.peak_bytes)}"
+            + (f" (budget {format_bytes(self.budget)})" if self.budget else "")
+            + f", predicted time x{self.time_ratio:.2f} of conventional"
+        )
+        lines = [head]
+        if not self.conventional:
+            for seg in self.segments:
+                lines.append(
+                    f"  {seg.name}: tile {'x'.join(map(str, seg.tile))} px of a "
+                    f"{'x'.join(map(str, seg.in_shape[2:]))} map, {len(seg.grid)} tiles, "
+                    f"overlap x{seg.overlap:.2f}, tile training peak {format_bytes(seg.tile_train_bytes)}"
+                )
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def _segment(
+    units: list[Unit], tile_image: Sequence[int], ndim: int, dtype: torch.dtype, scale: Sequence[Fraction]
+) -> SegmentPlan:
+    geometry = Geometry.identity(ndim)
+    for unit in units:
+        assert unit.geometry is not None
+        geometry = compose(geometry, unit.geometry)
+    in_shape, out_shape = units[0].in_shape, units[-1].out_shape
+    tile = tuple(max(1, math.floor(t / s)) for t, s in zip(tile_image, scale))
+    try:
+        grid = tile_grid(geometry, in_shape[2:], out_shape[2:], tile)
+    except GeometryError as err:
+        minimum = getattr(err, "minimum", None)
+        if minimum is None or all(s == 1 for s in scale):
+            raise
+        # NOTE [ Deep segments ]: the tile is given in image pixels; a segment deep in the trunk runs on a map
+        # `scale` times smaller, where the same extent may not even hold its halo. Such a segment uses the
+        # smallest tile its halo allows instead (its maps are small, so this costs little memory). The plan's
+        # printout shows every segment's tile.
+        tile = tuple(max(t, _min_tile(geometry, in_shape[2:], out_shape[2:], d)) for d, t in enumerate(tile))
+        grid = tile_grid(geometry, in_shape[2:], out_shape[2:], tile)
+    area_ratio = math.prod(grid.max_in_shape) / math.prod(in_shape[2:])
+    saved = sum(u.saved_bytes for u in units) * area_ratio
+    largest = max(u.peak_act_bytes for u in units) * area_ratio
+    tile_in = _nbytes((in_shape[0], in_shape[1], *grid.max_in_shape), dtype)
+    return SegmentPlan(
+        units=units,
+        geometry=geometry,
+        tile=tuple(min(t, i) for t, i in zip(tile, in_shape[2:])),
+        grid=grid,
+        in_shape=in_shape,
+        out_shape=out_shape,
+        tile_train_bytes=int(tile_in + saved + 3 * largest),
+        tile_forward_bytes=int(tile_in + 3 * largest),
+        flops=sum(u.flops for u in units),
+    )
+
+
+def _min_tile(geometry: Geometry, in_shape: Sequence[int], out_shape: Sequence[int], axis: int) -> int:
+    from .tiling import plan_dim
+
+    dim, align = geometry.dims[axis], geometry.align[axis]
+    try:
+        plan_dim(dim, align, in_shape[axis], out_shape[axis], 1, axis)
+    except GeometryError as err:
+        return int(err.minimum)  # type: ignore[attr-defined]
+    return 1
+
+
+def _evaluate(
+    segments: list[SegmentPlan],
+    input_shape: tuple[int, ...],
+    param_bytes: int,
+    dtype: torch.dtype,
+    input_in_memory: bool,
+    input_grad: bool,
+) -> tuple[int, int, float]:
+    """Predicted (training peak, forward peak, time ratio) of a streamed plan."""
+    inp = _nbytes(input_shape, dtype) if input_in_memory else 0
+    boundaries = [_nbytes(s.out_shape, dtype) for s in segments]
+    fixed = 2 * param_bytes + inp + sum(boundaries)
+    forward_peak = fixed + max(s.tile_forward_bytes for s in segments)
+    backward = 0
+    for k, seg in enumerate(segments):
+        grad_out = boundaries[k]
+        grad_in = boundaries[k - 1] if k > 0 else (inp if input_grad else 0)
+        backward = max(backward, grad_out + grad_in + seg.tile_train_bytes)
+    conventional = sum(3 * s.flops for s in segments) or 1.0
+    streamed = sum(4 * s.flops * s.overlap + len(s.grid) * _TILE_OVERHEAD_FLOPS * 2 for s in segments)
+    return fixed + backward, forward_peak, streamed / conventional
+
+
+def _conventional_peak(units: list[Unit], input_shape: tuple[int, ...], param_bytes: int, dtype: torch.dtype) -> int:
+    saved = sum(u.saved_bytes for u in units)
+    largest = max(u.peak_act_bytes for u in units)
+    return 2 * param_bytes + _nbytes(input_shape, dtype) + saved + 3 * largest
+
+
+def _candidate_cuts(units: list[Unit]) -> list[int]:
+    """Cut points (unit indices) just before and just after each unit that changes the spatial scale."""
+    cuts: set[int] = set()
+    for k, unit in enumerate(units):
+        if unit.in_shape[2:] != unit.out_shape[2:]:
+            cuts.update({k, k + 1})
+    return sorted(c for c in cuts if 0 < c < len(units))
+
+
+def _scale(units: list[Unit], first: int, ndim: int, input_shape: Sequence[int]) -> tuple[Fraction, ...]:
+    """Image pixels per pixel of unit ``first``'s input map."""
+    shape = units[first].in_shape
+    return tuple(Fraction(input_shape[2 + d], shape[2 + d]) for d in range(ndim))
+
+
+def plan_streaming(
+    module: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    tile_size: int | Sequence[int] | str = "auto",
+    memory_budget: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    mode: str = "auto",
+    input_in_memory: bool = True,
+    input_grad: bool = False,
+) -> Plan:
+    """Choose segments and tile sizes for ``module`` on an input of ``input_shape`` (N, C, *spatial).
+
+    ``mode``: "lean" (one segment, memory flat in the image size), "stages" (cut at every change of scale),
+    or "auto" (with a budget: the fastest plan that fits, including unstreamed execution; without: "lean" plus
+    cuts at boundaries no larger than the input).
+    """
+    input_shape = tuple(int(s) for s in input_shape)
+    ndim = len(input_shape) - 2
+    if mode not in ("auto", "lean", "stages"):
+        raise GeometryError(f"mode must be 'auto', 'lean' or 'stages', received {mode!r}")
+    if tile_size == "auto" and memory_budget is None:
+        raise MemoryBudgetError(
+            "tile_size='auto' needs memory_budget= (bytes or a string such as '2GiB') to choose a tile"
+        )
+    units = units_of(module)
+    for unit in units:
+        unit.geometry = module_geometry(unit.module, ndim, unit.name)
+    _meta_profile(units, input_shape, dtype)
+    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+
+    if tile_size == "auto":
+        tile_choices = _tile_candidates(input_shape[2:], units)
+    else:
+        tile_choices = [tuple(tile_size) if not isinstance(tile_size, int) else (tile_size,) * ndim]
+
+    cut_points = _candidate_cuts(units)
+    if mode == "lean":
+        cut_sets: list[tuple[int, ...]] = [()]
+    elif mode == "stages":
+        cut_sets = [tuple(cut_points)]
+    elif memory_budget is None:
+        input_values = math.prod(input_shape)
+        cut_sets = [tuple(c for c in cut_points if math.prod(units[c - 1].out_shape) <= input_values)]
+    else:
+        cut_sets = [c for r in range(len(cut_points) + 1) for c in itertools.combinations(cut_points, r)]
+
+    budget = None if memory_budget is None else int(memory_budget * _BUDGET_SAFETY)
+    best: Plan | None = None
+    smallest: Plan | None = None
+    errors: list[str] = []
+    if memory_budget is not None and mode == "auto":
+        peak = _conventional_peak(units, input_shape, param_bytes, dtype)
+        if peak <= budget:
+            seg = _segment(units, input_shape[2:], ndim, dtype, (Fraction(1),) * ndim)
+            best = Plan(input_shape, [seg], True, peak, peak, 1.0, memory_budget)
+    cache: dict[tuple[int, int, tuple[int, ...]], SegmentPlan | None] = {}
+
+    def segment(first: int, stop: int, tile: tuple[int, ...]) -> SegmentPlan | None:
+        key = (first, stop, tile)
+        if key not in cache:
+            try:
+                cache[key] = _segment(units[first:stop], tile, ndim, dtype, _scale(units, first, ndim, input_shape))
+            except GeometryError as err:
+                errors.append(str(err))
+                cache[key] = None
+        return cache[key]
+
+    for cuts in cut_sets:
+        bounds = [0, *cuts, len(units)]
+        ranges = list(itertools.pairwise(bounds))
+        inp = _nbytes(input_shape, dtype) if input_in_memory else 0
+        outs = [_nbytes(units[b - 1].out_shape, dtype) for _, b in ranges]
+        fixed = 2 * param_bytes + inp + sum(outs)
+        chosen: list[SegmentPlan] = []
+        for k, (a, b) in enumerate(ranges):
+            grads = outs[k] + (outs[k - 1] if k > 0 else (inp if input_grad else 0))
+            options = [s for s in (segment(a, b, t) for t in tile_choices) if s is not None]
+            if not options:
+                break
+            fitting = [
+                s
+                for s in options
+                if budget is None
+                or (fixed + grads + s.tile_train_bytes <= budget and fixed + s.tile_forward_bytes <= budget)
+            ]
+            pool = fitting or options
+            chosen.append(
+                min(pool, key=lambda s: (4 * s.flops * s.overlap + len(s.grid) * _TILE_OVERHEAD_FLOPS * 2, s.tile))
+                if fitting
+                else min(pool, key=lambda s: s.tile_train_bytes)
+            )
+        if len(chosen) != len(ranges):
+            continue
+        peak, fwd_peak, ratio = _evaluate(chosen, input_shape, param_bytes, dtype, input_in_memory, input_grad)
+        plan = Plan(input_shape, chosen, False, peak, fwd_peak, ratio, memory_budget)
+        if smallest is None or peak < smallest.peak_bytes:
+            smallest = plan
+        if budget is not None and peak > budget:
+            continue
+        if best is None or ratio < best.time_ratio - 1e-9:
+            best = plan
+    if best is not None:
+        return best
+    if smallest is None:
+        raise GeometryError(errors[0] if errors else "no tile size fits this trunk")
+    raise MemoryBudgetError(
+        f"no streaming plan fits the memory budget of {format_bytes(memory_budget or 0)} for input "
+        f"{'x'.join(map(str, input_shape))}: the leanest plan found needs about {format_bytes(smallest.peak_bytes)} "
+        f"({smallest}). Raise the budget, use a smaller tile, or keep the input on disk as a lazy array"
+    )
+
+
+def _tile_candidates(spatial: Sequence[int], units: list[Unit]) -> list[tuple[int, ...]]:
+    """Tile sizes to try: powers of two (and 1.5x) from 64 px up to the whole image."""
+    sizes: set[int] = set()
+    t = 64
+    top = max(spatial)
+    while t < top:
+        sizes.update({t, t * 3 // 2})
+        t *= 2
+    sizes.add(top)
+    return [tuple(min(s, d) for d in spatial) for s in sorted(sizes)]

@@ -1,0 +1,89 @@
+"""split_model: cut a classification network into a streamable trunk and a head, with head(trunk(x)) == model(x)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from .errors import NotStreamableError, ShapeError
+
+__all__ = ["split_model"]
+
+
+class _DenseNetHead(nn.Module):
+    """torchvision DenseNet's forward after ``features``: relu, global average pool, flatten, classifier."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(x)
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return self.classifier(x)
+
+
+def _children(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return list(model.named_children())
+
+
+def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Sequential, nn.Module]:
+    """Split ``model`` before the child named ``at`` into ``(trunk, head)``.
+
+    Supported: torchvision ResNet (default ``at="avgpool"``), VGG and DenseNet (default ``at="features"``'s end,
+    i.e. the trunk is ``features``), and any ``nn.Sequential`` (``at`` is a child name or index; default: the first
+    adaptive/global pooling or Flatten layer). The trunk is an ``nn.Sequential`` with the original child names, so
+    errors name layers as in the model (``layer3.1.conv2``).
+
+    >>> import torchvision
+    >>> trunk, head = split_model(torchvision.models.resnet18(), at="avgpool")
+    >>> list(trunk._modules)[-1], type(head[0]).__name__
+    ('layer4', 'AdaptiveAvgPool2d')
+    """
+    tv_name = type(model).__name__
+    children = _children(model)
+    names = [n for n, _ in children]
+    if tv_name == "DenseNet" and hasattr(model, "features") and hasattr(model, "classifier"):
+        if at not in (None, "features", "classifier"):
+            raise ShapeError(f"DenseNet is split after 'features'; received at={at!r}")
+        return model.features, _DenseNetHead(model.classifier)
+    if tv_name in ("VGG", "AlexNet") and hasattr(model, "features"):
+        if at not in (None, "avgpool", "features"):
+            raise ShapeError(f"{tv_name} is split after 'features' (before 'avgpool'); received at={at!r}")
+        return model.features, nn.Sequential(model.avgpool, nn.Flatten(1), model.classifier)
+    if at is None:
+        if tv_name == "ResNet" or "avgpool" in names:
+            at = "avgpool"
+        else:
+            for name, child in children:
+                if isinstance(
+                    child,
+                    (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d,
+                     nn.AdaptiveMaxPool3d, nn.Flatten, nn.Linear),
+                ):  # fmt: skip
+                    at = name
+                    break
+    if isinstance(at, int):
+        at = names[at] if -len(names) <= at < len(names) else str(at)
+    if at not in names:
+        raise ShapeError(
+            f"cannot split {tv_name} at {at!r}: expected the name of one of its children {names}"
+        )
+    if not isinstance(model, nn.Sequential) and tv_name != "ResNet":
+        raise NotStreamableError(
+            f"split_model knows torchvision ResNet, VGG, DenseNet and nn.Sequential; {tv_name}'s forward may not be "
+            "a plain chain of its children. Build the trunk and head yourself (trunk = an nn.Sequential of the "
+            "local layers)"
+        )
+    k = names.index(at)
+    trunk = nn.Sequential(OrderedDict(children[:k]))
+    rest = children[k:]
+    if tv_name == "ResNet":
+        # ResNet.forward flattens between avgpool and fc
+        rest = [(n, m) for n, m in rest]
+        idx = [n for n, _ in rest].index("fc") if "fc" in [n for n, _ in rest] else len(rest)
+        rest.insert(idx, ("flatten", nn.Flatten(1)))
+    head = nn.Sequential(OrderedDict(rest))
+    return trunk, head

@@ -1,0 +1,160 @@
+"""N-d tile grids: which input box each tile reads and which output box it owns.
+
+A grid partitions the *output* of a trunk into disjoint boxes (the tiles' cores). For each core the grid gives the
+input box the tile must read (core's receptive field plus the halo, clipped to the image, origin aligned as in
+NOTE [ Translation equivariance ] of tilegrad/geometry.py) and where the core sits inside the tile's own output.
+
+NOTE [ Disjoint cores ]
+Cores never overlap and together cover the whole output, so summing each tile's parameter gradients (computed from
+its core only) counts every output position exactly once, and overlapping input gradients add up correctly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from itertools import product
+
+from .errors import GeometryError, ShapeError
+from .geometry import DimGeometry, Geometry
+
+__all__ = ["Span", "Tile", "TileGrid", "plan_dim", "tile_grid"]
+
+
+@dataclass(frozen=True)
+class Span:
+    """One tile along one dim: input [in_start, in_stop) produces the core output [out_start, out_stop).
+
+    ``offset`` is the global output index of the tile's local output index 0 (``in_start / stride``).
+    """
+
+    in_start: int
+    in_stop: int
+    out_start: int
+    out_stop: int
+    offset: int
+
+    @property
+    def in_length(self) -> int:
+        return self.in_stop - self.in_start
+
+    @property
+    def crop(self) -> slice:
+        """Where the core sits in the tile's own output."""
+        return slice(self.out_start - self.offset, self.out_stop - self.offset)
+
+
+def _span(dim: DimGeometry, align: int, in_len: int, j0: int, j1: int) -> Span:
+    need_lo = math.floor(j0 * dim.stride + dim.lo)
+    need_hi = math.ceil((j1 - 1) * dim.stride + dim.hi)
+    start = max(0, (need_lo // align) * align)
+    # tile extents are multiples of the alignment too, so that every inner map of the tile has whole pixels
+    # (a U-Net's skip concatenations need the encoder and decoder maps of a tile to agree in size)
+    stop = min(in_len, -(-(need_hi + 1) // align) * align)
+    offset = Fraction(start) / dim.stride
+    if offset.denominator != 1:  # pragma: no cover - guaranteed by align (see geometry.py)
+        raise GeometryError(f"tile origin {start} is not on the output grid of stride {dim.stride}")
+    return Span(start, stop, j0, j1, int(offset))
+
+
+def _spans(dim: DimGeometry, align: int, in_len: int, out_len: int, core: int) -> list[Span]:
+    return [_span(dim, align, in_len, j0, min(out_len, j0 + core)) for j0 in range(0, out_len, core)]
+
+
+def plan_dim(dim: DimGeometry, align: int, in_len: int, out_len: int, tile: int, axis: int = 0) -> list[Span]:
+    """Split one dim into tiles whose input extent is at most ``tile``, with the largest possible cores.
+
+    >>> from fractions import Fraction
+    >>> from tilegrad.geometry import DimGeometry
+    >>> g = DimGeometry(Fraction(1), Fraction(-2), Fraction(2))   # two 3x3 convs, padding 1
+    >>> [(s.in_start, s.in_stop, s.out_start, s.out_stop) for s in plan_dim(g, 1, 20, 20, tile=10)]
+    [(0, 8, 0, 6), (4, 14, 6, 12), (10, 20, 12, 18), (16, 20, 18, 20)]
+    """
+    if tile >= in_len:
+        return [Span(0, in_len, 0, out_len, 0)]
+
+    def fits(core: int) -> bool:
+        return max(s.in_length for s in _spans(dim, align, in_len, out_len, core)) <= tile
+
+    if not fits(1):
+        need = max(s.in_length for s in _spans(dim, align, in_len, out_len, 1))
+        left = max(0, math.ceil(-dim.lo))
+        right = max(0, math.ceil(dim.hi - (max(dim.stride, 1) - 1)))
+        err = GeometryError(
+            f"tile_size {tile} (spatial axis {axis}) is smaller than the halo the network needs "
+            f"({left} + {right} px + stride {dim.stride}, tile origins on multiples of {align}): "
+            f"use at least {need}"
+        )
+        err.minimum = need  # type: ignore[attr-defined]
+        err.halo = (left, right)  # type: ignore[attr-defined]
+        raise err
+    lo_core, hi_core = 1, out_len  # largest core that fits, by bisection (input extent grows with the core)
+    while lo_core < hi_core:
+        mid = (lo_core + hi_core + 1) // 2
+        if fits(mid):
+            lo_core = mid
+        else:
+            hi_core = mid - 1
+    return _spans(dim, align, in_len, out_len, lo_core)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One N-d tile: input box, global output core box, and the core's place in the tile's own output."""
+
+    inputs: tuple[slice, ...]
+    outputs: tuple[slice, ...]
+    crop: tuple[slice, ...]
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(s.stop - s.start for s in self.inputs)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Product of per-dim spans. Iterating yields :class:`Tile` objects in raster order."""
+
+    spans: tuple[tuple[Span, ...], ...]
+
+    def __iter__(self) -> Iterator[Tile]:
+        for combo in product(*self.spans):
+            yield Tile(
+                tuple(slice(s.in_start, s.in_stop) for s in combo),
+                tuple(slice(s.out_start, s.out_stop) for s in combo),
+                tuple(s.crop for s in combo),
+            )
+
+    def __len__(self) -> int:
+        return math.prod(len(s) for s in self.spans)
+
+    @property
+    def max_in_shape(self) -> tuple[int, ...]:
+        return tuple(max(s.in_length for s in spans) for spans in self.spans)
+
+    @property
+    def input_area(self) -> int:
+        """Input pixels read over all tiles (counting overlaps): the work streaming does."""
+        return math.prod(sum(s.in_length for s in spans) for spans in self.spans)
+
+
+def tile_grid(
+    geometry: Geometry,
+    in_shape: Sequence[int],
+    out_shape: Sequence[int],
+    tile_size: Sequence[int],
+) -> TileGrid:
+    """Tile grid for spatial input/output shapes and a per-dim tile size (input pixels, halo included)."""
+    if not (len(in_shape) == len(out_shape) == len(tile_size) == geometry.ndim):
+        raise ShapeError(
+            f"expected {geometry.ndim} spatial dims everywhere, received input {tuple(in_shape)}, "
+            f"output {tuple(out_shape)}, tile {tuple(tile_size)}"
+        )
+    return TileGrid(
+        tuple(
+            tuple(plan_dim(d, a, i, o, t, axis))
+            for axis, (d, a, i, o, t) in enumerate(zip(geometry.dims, geometry.align, in_shape, out_shape, tile_size))
+        )
+    )

@@ -1,0 +1,374 @@
+"""StreamingModule equivalence: outputs, input gradient and every parameter gradient against the plain module."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import tilegrad
+from tilegrad import GeometryError, NotStreamableError, ShapeError, StreamingModule
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.abs().max().item() or 1.0
+    return (a - b).abs().max().item() / scale
+
+
+def assert_equivalent(module: nn.Module, shape, tile, dtype=torch.float64, channels_last=False, **kwargs):
+    torch.manual_seed(0)
+    module = module.to(dtype)
+    x = torch.randn(*shape, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = module(x)
+    weight = torch.randn_like(y)
+    (y * weight).sum().backward()
+    ref_params = {n: p.grad.clone() for n, p in module.named_parameters()}
+    ref_x = x.grad.clone()
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+
+    streamed = StreamingModule(module, tile, **kwargs)
+    ys = streamed(x)
+    assert ys.shape == y.shape
+    (ys * weight).sum().backward()
+    tol = TOL[dtype]
+    assert rel_err(ys, y) <= tol, "output"
+    assert rel_err(x.grad, ref_x) <= tol, "input gradient"
+    assert ref_params, "the module has parameters to compare"
+    for name, p in module.named_parameters():
+        assert p.grad is not None, name
+        assert rel_err(p.grad, ref_params[name]) <= tol, name
+    plan = streamed.last_plan
+    assert plan is not None and not plan.conventional
+    assert sum(len(s.grid) for s in plan.segments) > 1, "the case must really be tiled"
+    return streamed
+
+
+def conv_net_2d():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2),
+        nn.LeakyReLU(0.1),
+        nn.Conv2d(8, 4, 3, stride=2),
+        nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
+    )
+
+
+def conv_net_3d():
+    return nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv3d(4, 4, 3, stride=2, padding=1),
+        nn.MaxPool3d(2, ceil_mode=True),
+        nn.Conv3d(4, 2, (1, 3, 3), padding=(0, 2, 2), dilation=(1, 2, 2)),
+    )
+
+
+class DenseBlock(nn.Module):
+    """DenseNet-style: every layer sees the concatenation of all earlier maps."""
+
+    def __init__(self, c=4, growth=3, layers=3):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Conv2d(c + i * growth, growth, 3, padding=1) for i in range(layers))
+
+    def forward(self, x):
+        features = [x]
+        for layer in self.layers:
+            features.append(torch.relu(layer(torch.cat(features, 1))))
+        return torch.cat(features, 1)
+
+
+class TinyUNet(nn.Module):
+    """Encoder-decoder with skips, a transposed-conv and an upsample decoder path."""
+
+    def __init__(self, dims=2):
+        super().__init__()
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        convt = nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d
+        pool = nn.MaxPool2d if dims == 2 else nn.MaxPool3d
+        self.enc1 = conv(1, 4, 3, padding=1)
+        self.down = pool(2)
+        self.enc2 = conv(4, 8, 3, padding=1)
+        self.down2 = conv(8, 8, 3, stride=2, padding=1)
+        self.up2 = nn.Upsample(scale_factor=2, mode="bilinear" if dims == 2 else "trilinear", align_corners=False)
+        self.dec2 = conv(16, 8, 3, padding=1)
+        self.up = convt(8, 4, 2, stride=2)
+        self.dec1 = conv(8, 2, 3, padding=1)
+
+    def forward(self, x):
+        e1 = torch.relu(self.enc1(x))
+        e2 = torch.relu(self.enc2(self.down(e1)))
+        b = torch.relu(self.down2(e2))
+        d2 = torch.relu(self.dec2(torch.cat([self.up2(b), e2], dim=1)))
+        return self.dec1(torch.cat([self.up(d2), e1], dim=1))
+
+
+def resnet18_trunk():
+    trunk, _ = tilegrad.split_model(torchvision.models.resnet18().eval(), at="avgpool")
+    # non-trivial BN statistics so that eval-mode BN is not the identity
+    for m in trunk.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return trunk
+
+
+CASES = [
+    # (id, factory, input shape, tile, extra kwargs)
+    ("2d-strides-pools-dilation", conv_net_2d, (1, 3, 61, 47), 24, {}),
+    ("2d-batch-of-2", conv_net_2d, (2, 3, 40, 52), 24, {}),
+    ("2d-lean-single-segment", conv_net_2d, (1, 3, 61, 47), 30, {"mode": "lean"}),
+    ("2d-tuple-tile", conv_net_2d, (1, 3, 45, 70), (28, 40), {}),
+    ("3d-odd-sizes", conv_net_3d, (1, 1, 21, 19, 23), 14, {}),
+    ("3d-batch-of-2", conv_net_3d, (2, 1, 20, 44, 44), 32, {"mode": "lean"}),
+    ("densenet-concat-block", lambda: DenseBlock(), (1, 4, 33, 29), 14, {}),
+    ("unet-2d-skips", lambda: TinyUNet(2), (1, 1, 72, 64), 44, {}),
+    ("unet-3d-skips", lambda: TinyUNet(3), (1, 1, 52, 44, 40), 36, {}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize(("name", "factory", "shape", "tile", "kwargs"), CASES, ids=[c[0] for c in CASES])
+def test_equivalence(name, factory, shape, tile, kwargs, dtype):
+    assert_equivalent(factory().eval(), shape, tile, dtype=dtype, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_resnet18_trunk_with_eval_batchnorm(dtype):
+    # stages mode: per-segment halos, several boundary maps
+    assert_equivalent(resnet18_trunk(), (1, 3, 224, 192), 160, dtype=dtype, mode="stages")
+
+
+def test_resnet18_trunk_lean_single_segment():
+    streamed = assert_equivalent(resnet18_trunk(), (1, 3, 480, 448), 448, mode="lean")
+    assert len(streamed.last_plan.segments) == 1
+
+
+def test_channels_last_input():
+    assert_equivalent(conv_net_2d(), (2, 3, 40, 36), 24, channels_last=True)
+
+
+def test_tile_larger_than_image_runs_the_module_directly():
+    net = conv_net_2d().double()
+    x = torch.randn(1, 3, 20, 20, dtype=torch.float64)
+    streamed = StreamingModule(net, 512)
+    assert torch.equal(streamed(x), net(x))
+    assert all(len(s.grid) == 1 for s in streamed.last_plan.segments)
+
+
+def test_no_grad_inference_and_lazy_numpy_memmap(tmp_path):
+    net = conv_net_2d().eval()
+    data = np.random.default_rng(0).standard_normal((1, 3, 61, 47)).astype(np.float32)
+    path = tmp_path / "image.dat"
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=data.shape)
+    mm[:] = data
+    mm.flush()
+    lazy = np.memmap(path, dtype=np.float32, mode="r", shape=data.shape)
+    streamed = StreamingModule(net, 24)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(data))
+        got = streamed(lazy)
+    assert rel_err(got, expected) <= 1e-5
+
+
+def test_lazy_input_training_gives_parameter_gradients():
+    net = conv_net_2d().double()
+    data = np.random.default_rng(1).standard_normal((1, 3, 50, 44))
+    x = torch.from_numpy(data)
+    y = net(x)
+    y.sum().backward()
+    ref = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    streamed = StreamingModule(net, 24)
+    streamed(data).sum().backward()  # a plain numpy array is a lazy array too
+    for p, r in zip(net.parameters(), ref):
+        assert rel_err(p.grad, r) <= 1e-10
+
+
+def test_autocast_bfloat16_trains_streamed_layers():
+    net = conv_net_2d()
+    x = torch.randn(1, 3, 48, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = net(x)
+    ref.float().sum().backward()
+    ref_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    streamed = StreamingModule(net, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = streamed(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    for p, r in zip(net.parameters(), ref_grads):
+        assert p.grad is not None and p.grad.dtype == torch.float32
+        assert rel_err(p.grad, r) <= 5e-2  # bf16 rounding differs between tile and whole-image kernels
+
+
+def test_state_dict_keys_are_the_wrapped_modules():
+    net = conv_net_2d()
+    streamed = StreamingModule(net, 24)
+    assert list(streamed.state_dict()) == list(net.state_dict())
+    other = StreamingModule(conv_net_2d(), 24)
+    other.load_state_dict(streamed.state_dict())
+    for a, b in zip(other.parameters(), net.parameters()):
+        assert torch.equal(a, b)
+    outer = nn.Sequential(streamed, nn.Flatten())
+    assert next(iter(outer.state_dict())) == "0.0.weight"
+    nn.Sequential(StreamingModule(conv_net_2d(), 24), nn.Flatten()).load_state_dict(outer.state_dict())
+
+
+def test_optimizer_step_matches_plain_training():
+    torch.manual_seed(0)
+    plain = conv_net_2d().double()
+    twin = conv_net_2d().double()
+    twin.load_state_dict(plain.state_dict())
+    streamed = StreamingModule(twin, 24)
+    opt_a = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    opt_b = torch.optim.SGD(streamed.parameters(), lr=0.1, momentum=0.9)
+    for step in range(3):
+        x = torch.randn(1, 3, 44, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        for model, opt in ((plain, opt_a), (streamed, opt_b)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(plain.parameters(), twin.parameters()):
+        assert rel_err(b, a) <= 1e-10
+
+
+def test_autograd_grad_api_works_too():
+    net = conv_net_2d().double()
+    x = torch.randn(1, 3, 40, 40, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(StreamingModule(net, 24)(x).sum(), [x])
+    (ref,) = torch.autograd.grad(net(x).sum(), [x])
+    assert rel_err(gx, ref) <= 1e-10
+
+
+def test_split_model_resnet_vgg_densenet_sequential():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    for factory in (torchvision.models.resnet18, torchvision.models.vgg11, torchvision.models.densenet121):
+        model = factory().eval()
+        trunk, head = tilegrad.split_model(model)
+        with torch.no_grad():
+            assert torch.allclose(head(trunk(x)), model(x), atol=1e-6), factory.__name__
+        tilegrad.receptive_field(trunk, ndim=2)  # the trunk is streamable
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    trunk, head = tilegrad.split_model(seq)
+    assert len(trunk) == 1 and torch.allclose(head(trunk(x)), seq(x))
+    with pytest.raises(ShapeError, match="expected the name of one of its children"):
+        tilegrad.split_model(seq, at="nope")
+
+
+# ---------------------------------------------------------------------------------------- geometry ----------
+
+
+def test_receptive_field_known_values():
+    rf = tilegrad.receptive_field(tilegrad.split_model(torchvision.models.resnet34())[0].eval(), ndim=2)
+    assert rf.stride == (32, 32) and rf.size == (899, 899)  # the published ResNet-34 receptive field
+    vgg = tilegrad.receptive_field(torchvision.models.vgg16().features, ndim=2)
+    assert vgg.size == (212, 212) and vgg.stride == (32, 32)  # the published VGG-16 value
+    one = tilegrad.receptive_field(nn.Conv3d(1, 1, (3, 5, 7), stride=(1, 2, 2), padding=(1, 2, 3)), ndim=3)
+    assert one.halo == ((1, 1), (2, 1), (3, 2)) and one.stride == (1, 2, 2)
+
+
+def test_receptive_field_upsampling_has_fractional_stride():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.PixelShuffle(2))
+    rf = tilegrad.receptive_field(net, ndim=2)
+    from fractions import Fraction
+
+    assert rf.stride == (Fraction(1, 2), Fraction(1, 2))
+
+
+@pytest.mark.parametrize(
+    ("layer", "names"),
+    [
+        # (module to stream, words the error must contain)
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2).train()), ["'1'", "BatchNorm2d", "training mode"]),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2)), ["InstanceNorm2d", "per-image statistics"]),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2)), ["GroupNorm", "per-image"]),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1)), ["AdaptiveAvgPool2d", "head"]),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2)), ["Flatten"]),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Linear(2, 2)), ["Linear"]),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Dropout(0.5).train()), ["Dropout", "training mode"]),
+        (nn.Sequential(nn.Upsample(size=(8, 8))), ["fixed size"]),
+        (nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)), ["align_corners"]),
+        (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular")), ["circular"]),
+    ],
+)
+def test_refuses_non_local_layers_naming_them(layer, names):
+    with pytest.raises(NotStreamableError) as info:
+        StreamingModule(layer, 16)(torch.randn(1, 1, 32, 32))
+    for word in names:
+        assert word in str(info.value)
+
+
+def test_refuses_attention_and_global_mean_in_a_graph():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x) * x.mean(dim=(2, 3), keepdim=True)
+
+    with pytest.raises(NotStreamableError, match="mean"):
+        tilegrad.receptive_field(Attn(), ndim=2)
+    with pytest.raises(NotStreamableError, match="attention"):
+        tilegrad.receptive_field(nn.MultiheadAttention(4, 1), ndim=2)
+
+
+def test_tile_too_small_says_the_smallest_that_works():
+    net = nn.Sequential(*[nn.Conv2d(1, 1, 3, padding=1) for _ in range(10)])  # halo 10 px each side
+    with pytest.raises(GeometryError) as info:
+        StreamingModule(net, 12, mode="lean")(torch.randn(1, 1, 64, 64))
+    message = str(info.value)
+    assert "tile_size 12" in message and "10 + 10 px" in message and "use at least 21" in message
+    StreamingModule(net, 21, mode="lean")(torch.randn(1, 1, 64, 64))  # and that size does work
+
+
+def test_input_rank_and_tile_tuple_errors():
+    net = conv_net_2d()
+    with pytest.raises(ShapeError, match="expected an input of shape"):
+        StreamingModule(net, 16)(torch.randn(3, 32, 32, 2, 2, 2))
+    with pytest.raises(ShapeError, match="has 3 entries but the input has 2 spatial dims"):
+        StreamingModule(net, (16, 16, 16))(torch.randn(1, 3, 32, 32))
+    with pytest.raises(NotStreamableError, match="2D convolution but the input has 3 spatial dims"):
+        StreamingModule(net, 16)(torch.randn(1, 3, 8, 32, 32))
+    with pytest.raises(ShapeError, match="positive ints"):
+        StreamingModule(net, 0)
+    with pytest.raises(GeometryError, match="memory_budget"):
+        StreamingModule(net, "auto")
+
+
+def test_auto_tile_with_budget_reports_its_choice():
+    net = conv_net_2d().double()
+    streamed = StreamingModule(net, "auto", memory_budget="64MiB")
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64, requires_grad=True)
+    y = streamed(x)
+    assert streamed.last_plan.peak_bytes <= 64 * 2**20
+    assert isinstance(streamed.tile_size, tuple) or streamed.last_plan.conventional
+    assert "predicted training peak" in str(streamed.last_plan)
+    assert rel_err(y, net(x)) <= 1e-10
+
+
+def test_budget_too_small_raises_with_numbers():
+    net = conv_net_2d()
+    with pytest.raises(tilegrad.MemoryBudgetError, match="no streaming plan fits the memory budget"):
+        StreamingModule(net, "auto", memory_budget=1000)(torch.randn(1, 3, 64, 64))
+
+
+def test_second_backward_is_refused_clearly():
+    net = conv_net_2d().double()
+    y = StreamingModule(net, 24)(torch.randn(1, 3, 40, 40, dtype=torch.float64))
+    loss = y.sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(tilegrad.TilegradError, match="already been backpropagated"):
+        loss.backward()

@@ -1,0 +1,44 @@
+"""Memory claim, measured: a streamed training step's peak grows far less than the image (separate processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import tilegrad
+
+SCRIPT = r"""
+import json, sys, torch
+from torch import nn
+import tilegrad
+torch.manual_seed(0)
+size, mode = int(sys.argv[1]), sys.argv[2]
+net = nn.Sequential(
+    nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+    nn.MaxPool2d(2), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 3, stride=2, padding=1),
+)
+body = net if mode == "conventional" else tilegrad.StreamingModule(net, 96, mode="lean")
+x = torch.randn(1, 1, size, size)
+with tilegrad.PeakMemoryMeter("cpu") as meter:
+    body(x).square().mean().backward()
+print(json.dumps({"peak": meter.peak_bytes}))
+"""
+
+
+def _peak(size: int, mode: str) -> int:
+    src = str(Path(tilegrad.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(size), mode], capture_output=True, text=True, env=env, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+
+
+def test_streamed_peak_grows_far_less_than_the_image():
+    small, large = _peak(384, "streamed"), _peak(768, "streamed")  # 4x more pixels
+    conventional = _peak(768, "conventional")
+    assert large < 1.5 * small, (small, large)
+    assert large < conventional / 3, (large, conventional)
