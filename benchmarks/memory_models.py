@@ -83,3 +83,29 @@ class LocalESPCN3d(nn.Sequential):
 
 def espcn3d() -> nn.Module:
     return LocalESPCN3d()
+
+
+def _streamed(model: nn.Module, tile: int) -> nn.Module:
+    import tilegrad
+
+    trunk, head = tilegrad.split_model(model)
+    trunk.eval()  # frozen BatchNorm statistics: a tile cannot see the whole image's
+    return nn.Sequential(tilegrad.StreamingModule(trunk, tile_size=tile), head)
+
+
+def resnet34_streamed_128() -> nn.Module:
+    """ResNet-34 with its trunk streamed in 128 px tiles (BatchNorm frozen), head conventional."""
+    return _streamed(resnet34(), 128)
+
+
+def resnet34_streamed_256() -> nn.Module:
+    return _streamed(resnet34(), 256)
+
+
+def resnet34_frozen_bn() -> nn.Module:
+    """ResNet-34 with BatchNorm in eval mode: the conventional peer of the streamed factories."""
+    model = resnet34()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    return model

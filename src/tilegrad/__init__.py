@@ -15,7 +15,7 @@ from .errors import (
     TilegradError,
 )
 from .geometry import ReceptiveField, receptive_field, register_geometry_rule
-from .memory import PeakMemoryMeter, measure_peak_memory
+from .memory import MemoryReport, PeakMemoryMeter, estimate_memory, measure_peak_memory
 from .plan import Plan, plan_streaming
 from .split import split_model
 from .stream import StreamingModule
@@ -28,6 +28,7 @@ __all__ = [
     "DataError",
     "GeometryError",
     "MemoryBudgetError",
+    "MemoryReport",
     "NotStreamableError",
     "PeakMemoryMeter",
     "Plan",
@@ -36,6 +37,7 @@ __all__ = [
     "StreamingModule",
     "TilegradError",
     "__version__",
+    "estimate_memory",
     "format_bytes",
     "measure_peak_memory",
     "parse_bytes",

@@ -112,12 +112,12 @@ def _expected_input(model: nn.Module) -> str:
             ndim = len(module.kernel_size)
             spatial = ("H, W", "D, H, W")[ndim - 2] if ndim in (2, 3) else "L"
             return (
-                f"its first layer {name or '(model)'} ({type(module).__name__}) expects input "
+                f"Its first layer {name or '(model)'} ({type(module).__name__}) expects input "
                 f"(N, {module.in_channels}, {spatial})"
             )
         if isinstance(module, nn.Linear):
-            return f"its first layer {name or '(model)'} (Linear) expects input (N, ..., {module.in_features})"
-    return "check the number of channels and spatial dimensions the model expects"
+            return f"Its first layer {name or '(model)'} (Linear) expects input (N, ..., {module.in_features})"
+    return "Check the number of channels and spatial dimensions the model expects"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -262,16 +262,43 @@ class _ModuleWatch:
 # ----------------------------------------------------------------------------------------------------------------
 # The estimate
 # ----------------------------------------------------------------------------------------------------------------
-def _meta_state(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+@contextlib.contextmanager
+def _on_meta(
+    model: nn.Module, dtype: torch.dtype
+) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """Swap every parameter and buffer of ``model`` for a meta stand-in (``dtype`` for floating ones); restore after.
+
+    NOTE [ Meta stand-ins ]: the swap lasts for the whole simulation, not one call, because some modules run their
+    layers again inside backward (a StreamingModule recomputes each tile, checkpointing and reversible blocks
+    recompute activations): those recomputations must also see meta parameters. Shared parameters get one stand-in.
+    """
+    originals: list[tuple[dict[str, Any], str, Any]] = []
+    made: dict[int, torch.Tensor] = {}
     params: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        p_dtype = dtype if p.is_floating_point() else p.dtype
-        params[name] = torch.empty(p.shape, dtype=p_dtype, device="meta").requires_grad_(p.requires_grad)
     buffers: dict[str, torch.Tensor] = {}
-    for name, b in model.named_buffers():
-        b_dtype = dtype if b.is_floating_point() else b.dtype
-        buffers[name] = torch.empty(b.shape, dtype=b_dtype, device="meta")
-    return params, buffers
+    names = {id(p): n for n, p in model.named_parameters()}
+    buffer_names = {id(b): n for n, b in model.named_buffers()}
+    try:
+        for module in model.modules():
+            for table, is_param in ((module._parameters, True), (module._buffers, False)):
+                for key, value in list(table.items()):
+                    if value is None:
+                        continue
+                    if id(value) not in made:
+                        new_dtype = dtype if value.is_floating_point() else value.dtype
+                        stand_in = torch.empty(value.shape, dtype=new_dtype, device="meta")
+                        if is_param:
+                            stand_in = nn.Parameter(stand_in, requires_grad=value.requires_grad)
+                            params[names.get(id(value), key)] = stand_in
+                        else:
+                            buffers[buffer_names.get(id(value), key)] = stand_in
+                        made[id(value)] = stand_in
+                    originals.append((table, key, value))
+                    table[key] = made[id(value)]
+        yield params, buffers
+    finally:
+        for table, key, value in originals:
+            table[key] = value
 
 
 def _unique_bytes(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> int:
@@ -296,9 +323,11 @@ def _modes(model: nn.Module, training: bool | None) -> Iterator[None]:
             m.training = flag
 
 
-def _run_model(model: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor, label: str) -> Any:
+def _run_model(model: nn.Module, x: torch.Tensor, label: str) -> Any:
     try:
-        return torch.func.functional_call(model, state, (x,))
+        return model(x)
+    except TilegradError:
+        raise  # already says what is wrong (e.g. a StreamingModule refusing a layer)
     except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as err:
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "meta" in text.lower() and ("item()" in text or "data-dependent" in text or "Meta' backend" in text):
@@ -308,8 +337,8 @@ def _run_model(model: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor
                 "tilegrad.measure_peak_memory instead"
             ) from err
         raise ShapeError(
-            f"{label} failed on an input of shape {tuple(x.shape)} ({x.dtype}): {text}. "
-            f"{_expected_input(model)}"
+            f"{label} failed on an input of shape {tuple(x.shape)} ({str(x.dtype).removeprefix('torch.')}): "
+            f"{text.rstrip('.')}. {_expected_input(model)}"
         ) from err
 
 
@@ -337,7 +366,12 @@ def estimate_memory(
     convolution kernel PyTorch would pick in this process (NOTE [ CPU convolution workspaces ]; the choice depends on
     ``torch.get_num_threads()``); ``"cuda"`` leaves out cuDNN workspaces, which are chosen at run time. ``name``
     labels the report. The model itself is not touched: it runs with meta copies of its parameters
-    (``torch.func.functional_call``), so it may live on any device, or on ``meta`` already.
+    swapped in for the duration of the call (NOTE [ Meta stand-ins ]), so it may live on any device, or on ``meta``
+    already; do not use it from another thread meanwhile.
+
+    A :class:`tilegrad.StreamingModule` inside the model is simulated like any other module, tile by tile, forward
+    and the recomputing backward, so the report predicts the streamed peak for its tile size; its plan is listed in
+    ``report.notes``.
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
@@ -362,17 +396,17 @@ def estimate_memory(
     train = mode == "train"
     loss_fn = loss_fn or default_loss
 
-    params, buffers = _meta_state(model, dtype)
-    state = {**params, **buffers}
-    trainable = [p for p in params.values() if p.requires_grad] if train else []
-
-    with _modes(model, None if train else False):
-        layers, activation_bytes = _layer_pass(model, state, params, buffers, shape, dtype, train, label)
+    with _modes(model, None if train else False), _on_meta(model, dtype) as (params, buffers):
+        trainable = [p for p in params.values() if p.requires_grad] if train else []
+        state = {**params, **buffers}
+        _plan_streaming_modules(model, shape, dtype, train, label)
+        layers, activation_bytes = _layer_pass(model, params, buffers, shape, dtype, train, label)
         timeline, extra = _timeline_pass(
             model, state, shape, dtype, train, label, make_optimizer, loss_fn, trainable, device
         )
+        streaming_notes = _streaming_notes(model)
 
-    notes: list[str] = []
+    notes: list[str] = list(streaming_notes)
     if device == "cuda":
         notes.append("cuDNN workspaces (chosen at run time) are not included")
     return MemoryReport(
@@ -397,9 +431,40 @@ def estimate_memory(
     )
 
 
+def _streaming_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from ..stream import StreamingModule
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, StreamingModule)]
+
+
+def _plan_streaming_modules(
+    model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, train: bool, label: str
+) -> None:
+    """Let every StreamingModule make (and cache) its plan before anything is recorded.
+
+    The planner profiles the whole trunk on meta tensors; run inside the simulation, that profile would count as
+    memory of the step. A forward under no_grad computes the same plan (its cache key does not depend on grad
+    mode) and leaves it cached for the recorded passes.
+    """
+    if not _streaming_modules(model):
+        return
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    with torch.no_grad():
+        _run_model(model, x, label)
+
+
+def _streaming_notes(model: nn.Module) -> list[str]:
+    notes = []
+    for name, module in _streaming_modules(model):
+        plan = getattr(module, "last_plan", None)
+        if plan is not None:
+            summary = str(plan).replace("\n", ";")
+            notes.append(f"streamed {name or 'model'}: {summary}")
+    return notes
+
+
 def _layer_pass(
     model: nn.Module,
-    state: dict[str, torch.Tensor],
     params: dict[str, torch.Tensor],
     buffers: dict[str, torch.Tensor],
     shape: tuple[int, ...],
@@ -424,7 +489,7 @@ def _layer_pass(
 
     grad_mode = torch.enable_grad() if train else torch.no_grad()
     with grad_mode, watch, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        output = _run_model(model, state, x, label)
+        output = _run_model(model, x, label)
 
     param_owner: set[int] = set()
     modules = dict(model.named_modules())
@@ -501,7 +566,7 @@ def _timeline_pass(
         timeline.phase = phase
 
     def forward(x: torch.Tensor) -> Any:
-        output = _run_model(model, state, x, label)
+        output = _run_model(model, x, label)
         extra["output_bytes"] = _unique_bytes(_tensors(output))
         return output
 
