@@ -93,13 +93,28 @@ def _streamed(model: nn.Module, tile: int) -> nn.Module:
     return nn.Sequential(tilegrad.StreamingModule(trunk, tile_size=tile), head)
 
 
-def resnet34_streamed_128() -> nn.Module:
-    """ResNet-34 with its trunk streamed in 128 px tiles (BatchNorm frozen), head conventional."""
-    return _streamed(resnet34(), 128)
+def resnet34_streamed_1024() -> nn.Module:
+    """ResNet-34 with its trunk streamed in 1024 px tiles (BatchNorm frozen), head conventional."""
+    return _streamed(resnet34(), 1024)
 
 
-def resnet34_streamed_256() -> nn.Module:
-    return _streamed(resnet34(), 256)
+def small_cnn() -> nn.Module:
+    """A small local trunk (halo 13 px, stride 4) and a global head: fast to stream on a CPU."""
+    trunk = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+    )  # fmt: skip
+    return nn.Sequential(trunk, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 2))
+
+
+def small_cnn_streamed_256() -> nn.Module:
+    """small_cnn with its trunk streamed in 256 px tiles, one segment ("lean")."""
+    import tilegrad
+
+    model = small_cnn()
+    return nn.Sequential(tilegrad.StreamingModule(model[0], tile_size=256, mode="lean"), *model[1:])
 
 
 def resnet34_frozen_bn() -> nn.Module:

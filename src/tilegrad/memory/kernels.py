@@ -15,9 +15,9 @@ Slow2d / Slow3d     N x C_in/g x prod(k) x prod(out) elements       same (the un
 (unfold, im2col)    (none for 1x1, stride 1, no padding)
 SlowDilated2d/3d    same as Slow
 SlowTranspose2d/3d  C_out x prod(k) x prod(in) (one sample at once)  same
-Mkldnn (oneDNN)     max(input*, output) bytes (layout reorders)     input + output bytes (output + input* without
-                    (channels padded to the 16- or 8-block;          grad_input); input* = 0 for < 16 channels,
-                    input* = 0 when C_in < block: read in place)     which oneDNN reads in place
+Mkldnn (oneDNN)     max(input*, output) bytes (layout reorders)     input + output (strided: max of that and
+                    (channels padded to the 16- or 8-block;         2 x input); without grad_input: input* + output
+                    input* = 0 when C_in < block: read in place)
 Mkldnn transposed   max(input, 2 x output) bytes                    input + output bytes
 ==================  ==============================================  ==============================================
 
@@ -128,8 +128,11 @@ def _scratch(name, backend_id, backward, args_need_grad_input, n, x, w, kernel, 
         src = padded_in if x.shape[1] >= block else 0
         if not backward:
             return max(src, padded_out)
-        grad_input = args_need_grad_input
-        return (padded_in if grad_input else src) + padded_out
+        if not args_need_grad_input:
+            return src + padded_out
+        if any(s > 1 for s in stride):  # strided: the blocked gradient of the input and its reorder
+            return max(padded_in + padded_out, 2 * padded_in)
+        return padded_in + padded_out
     if backend_id == 9:  # MkldnnTranspose: the enum member prints as '???' in some PyTorch builds
         return in_bytes + out_bytes if backward else max(in_bytes, 2 * out_bytes)
     return 0
