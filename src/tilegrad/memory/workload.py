@@ -164,6 +164,7 @@ def measure_workload_subprocess(
     steps: int = 2,
     threads: int | None = None,
     mmap_threshold: int | None = 65536,
+    warmup: bool = True,
     timeout: float | None = None,
 ) -> int:
     """Run :func:`measure_workload` in a fresh Python process and return its peak bytes.
@@ -171,7 +172,9 @@ def measure_workload_subprocess(
     ``model`` is a model spec as the ``tilegrad memory`` command takes it (see :func:`tilegrad.memory.resolve.
     resolve_model`). The child imports this same tilegrad (its ``src`` directory goes first on ``PYTHONPATH``), uses
     ``threads`` CPU threads (default: this process's ``torch.get_num_threads()``, which also steers the CPU
-    convolution kernel choice that ``estimate_memory`` follows) and the allocator policy of NOTE [ Allocator policy for CPU measurements ].
+    convolution kernel choice that ``estimate_memory`` follows) and the allocator policy of
+    NOTE [ Allocator policy for CPU measurements ]. ``warmup=False`` skips the warm-up run, for workloads so large
+    that the one-time tens of MB do not matter and a second run is costly.
     """
     import tilegrad
 
@@ -192,6 +195,7 @@ def measure_workload_subprocess(
         "optimizer": optimizer,
         "steps": steps,
         "threads": threads,
+        "warmup": warmup,
     }
     proc = subprocess.run(
         [sys.executable, "-m", "tilegrad.memory.workload", json.dumps(request)],
@@ -222,6 +226,7 @@ def _child(request: dict[str, Any]) -> dict[str, Any]:
         dtype=_check_dtype(request["dtype"]),
         optimizer=request["optimizer"],
         steps=int(request["steps"]),
+        warmup=bool(request.get("warmup", True)),
     )
     return {"peak_bytes": peak}
 
