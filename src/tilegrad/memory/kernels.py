@@ -22,7 +22,8 @@ Mkldnn transposed   max(input, 2 x output) bytes                    input + outp
 ==================  ==============================================  ==============================================
 
 Every kernel also copies a non-contiguous input or gradient (e.g. the expanded gradient of ``sum`` arriving
-through a view) into a contiguous buffer first. On CUDA the workspace depends on the cuDNN algorithm chosen at run time and is not modelled.
+through a view) into a contiguous buffer first. On CUDA the workspace depends on the cuDNN algorithm chosen at
+run time and is not modelled.
 """
 
 from __future__ import annotations
