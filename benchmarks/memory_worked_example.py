@@ -236,6 +236,9 @@ of 15, one training step:
 | predicted training peak, SGD with momentum | **{mb(sgd.peak_bytes)}** ({format_bytes(sgd.peak_bytes)}) |
 | measured training peak, SGD with momentum | **{mb(mri['measured'])}** ({format_bytes(mri['measured'])}); prediction {err:+.1f}% |
 
+(Measured in a fresh process without a warm-up run, so the figure includes the tens of MB that oneDNN and the
+thread pool set up once per process.)
+
 Why the seed is {sgd.peak_bytes / seed:.1f}x too low:
 
 1. **Bytes per value.** Activations are float32: 4 bytes, not 1 ({mri['per_slice_values']:,} values are
@@ -257,19 +260,20 @@ trunk streamed by `tilegrad.StreamingModule(trunk, tile_size=1024)` (head conven
 | | predicted peak | saved for backward | estimate took |
 |---|---:|---:|---:|
 | conventional | **{format_bytes(res['conventional'].peak_bytes)}** | {format_bytes(res['conventional'].activation_bytes)} | {res['t_conv']:.1f} s |
-| streamed, tile 1024 | **{format_bytes(res['streamed'].peak_bytes)}** | - | {res['t_stream']:.0f} s |
+| streamed, tile 1024 | **{format_bytes(res['streamed'].peak_bytes)}** | {format_bytes(res['streamed'].activation_bytes)} | {res['t_stream']:.0f} s |
 
 Streaming saves {format_bytes(res['conventional'].peak_bytes - res['streamed'].peak_bytes)} per image (the
-streaming paper's "about 50 GB"). The streamed figure comes from simulating every tile of the forward pass and of
+streaming paper reports "about 50 GB" for its setting). Streamed, autograd keeps almost nothing for backward:
+the tiles are recomputed; what stays are the feature maps between the plan's segments. The streamed figure comes from simulating every tile of the forward pass and of
 the recomputing backward on meta tensors (that is why it takes longer); the plan it simulated:
 
 ```
-{chr(10).join(n for n in res['streamed'].notes)}
+{chr(10).join(n.replace(';  ', chr(10) + '  ') for n in res['streamed'].notes)}
 ```
 
 Neither figure is measured here: the conventional step needs more memory than this machine has, and the streamed
-one takes hours on 2 CPU cores. Streamed predictions are checked against measurements at 2048x2048 in
-BENCHMARKS.md.
+one takes hours on 2 CPU cores. Streamed predictions are checked against measurements in BENCHMARKS.md (a small
+CNN whose trunk is streamed in 256 px tiles, at 2048x2048).
 
 ## What the estimate does not see
 

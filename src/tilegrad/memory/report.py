@@ -147,7 +147,7 @@ class MemoryReport:
         fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
         lines = [
             f"{self.model}: input {'x'.join(map(str, self.input_shape))} {self.dtype}, mode={self.mode}"
-            + (f", optimizer={self.optimizer}" if self.mode == "train" else ""),
+            + (f", optimizer={self.optimizer or 'none'}" if self.mode == "train" else ""),
             fmt.format(*head),
             fmt.format(*("-" * w for w in widths)),
         ]
