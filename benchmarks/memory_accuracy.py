@@ -136,6 +136,9 @@ def table(rows: list[dict], command: str) -> str:
             else "torchinfo not installed."
         ),
         "",
+        "The two U-Net 2D rows hold the same number of values (4 x 512^2 = 1024^2) and run the same oneDNN "
+        "kernels, so their figures coincide.",
+        "",
         "Where the peaks are: " + "; ".join(f"{r['model']} {r['input']}: {r['peak_at']}" for r in rows[:4]) + ".",
         "",
     ]
