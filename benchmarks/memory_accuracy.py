@@ -45,8 +45,9 @@ CONFIGS = [
     ("unet2d", "U-Net 2D (MONAI)", (1, 1, 1024, 1024)),
     ("unet3d", "U-Net 3D (MONAI)", (1, 1, 96, 96, 96)),
     ("unet3d", "U-Net 3D (MONAI)", (2, 1, 64, 64, 64)),
-    ("espcn3d", "ESPCN-style 3D (local)", (1, 6, 48, 48, 48)),
-    ("espcn3d", "ESPCN-style 3D (local)", (4, 6, 32, 32, 32)),
+    ("tilegrad_espcn3d", "ESPCN3d (tilegrad.models)", (1, 6, 48, 48, 48)),
+    ("tilegrad_espcn3d", "ESPCN3d (tilegrad.models)", (4, 6, 32, 32, 32)),
+    ("tilegrad_espcn3d_rev4", "ESPCN3d, 4 reversible blocks per layer", (2, 6, 32, 32, 32)),
     ("small_cnn", "small CNN", (1, 3, 2048, 2048)),
     ("small_cnn_streamed_256", "small CNN, trunk streamed (tile 256)", (1, 3, 2048, 2048)),
 ]

@@ -124,3 +124,17 @@ def resnet34_frozen_bn() -> nn.Module:
         if isinstance(m, nn.BatchNorm2d):
             m.eval()
     return model
+
+
+def tilegrad_espcn3d() -> nn.Module:
+    """tilegrad.models.ESPCN3d (issue 5), 6 DTI channels, upscale 2, baseline."""
+    from tilegrad.models import ESPCN3d
+
+    return ESPCN3d(in_channels=6, upscale=2)
+
+
+def tilegrad_espcn3d_rev4() -> nn.Module:
+    """tilegrad.models.ESPCN3d with 4 reversible blocks per hidden layer (recomputes activations in backward)."""
+    from tilegrad.models import ESPCN3d
+
+    return ESPCN3d(in_channels=6, upscale=2, rev_blocks=4)

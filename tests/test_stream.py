@@ -99,7 +99,9 @@ class TinyUNet(nn.Module):
         self.down = pool(2)
         self.enc2 = conv(4, 8, 3, padding=1)
         self.down2 = conv(8, 8, 3, stride=2, padding=1)
-        self.up2 = nn.Upsample(scale_factor=2, mode="bilinear" if dims == 2 else "trilinear", align_corners=False)
+        self.up2 = nn.Upsample(
+            scale_factor=2, mode="bilinear" if dims == 2 else "trilinear", align_corners=False
+        )
         self.dec2 = conv(16, 8, 3, padding=1)
         self.up = convt(8, 4, 2, stride=2)
         self.dec1 = conv(8, 2, 3, padding=1)
@@ -291,7 +293,10 @@ def test_receptive_field_upsampling_has_fractional_stride():
     ("layer", "names"),
     [
         # (module to stream, words the error must contain)
-        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2).train()), ["'1'", "BatchNorm2d", "training mode"]),
+        (
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2).train()),
+            ["'1'", "BatchNorm2d", "training mode"],
+        ),
         (nn.Sequential(nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2)), ["InstanceNorm2d", "per-image statistics"]),
         (nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2)), ["GroupNorm", "per-image"]),
         (nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1)), ["AdaptiveAvgPool2d", "head"]),

@@ -5,18 +5,24 @@ The public API is the list in ``__all__``; everything else is internal and may c
 
 from __future__ import annotations
 
+from .checkpointing import checkpoint_sequential
 from .errors import (
     CheckpointError,
+    ConfigError,
     DataError,
     GeometryError,
     MemoryBudgetError,
+    MissingDependencyError,
     NotStreamableError,
     ShapeError,
     TilegradError,
+    WriterStateError,
 )
 from .geometry import ReceptiveField, receptive_field, register_geometry_rule
+from .infer import infer
 from .memory import MemoryReport, PeakMemoryMeter, estimate_memory, measure_peak_memory
 from .plan import Plan, plan_streaming
+from .reversible import AdditiveCoupling, ReversibleSequential
 from .split import split_model
 from .stream import StreamingModule
 from .units import format_bytes, parse_bytes
@@ -24,21 +30,28 @@ from .units import format_bytes, parse_bytes
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdditiveCoupling",
     "CheckpointError",
+    "ConfigError",
     "DataError",
     "GeometryError",
     "MemoryBudgetError",
     "MemoryReport",
+    "MissingDependencyError",
     "NotStreamableError",
     "PeakMemoryMeter",
     "Plan",
     "ReceptiveField",
+    "ReversibleSequential",
     "ShapeError",
     "StreamingModule",
     "TilegradError",
+    "WriterStateError",
     "__version__",
+    "checkpoint_sequential",
     "estimate_memory",
     "format_bytes",
+    "infer",
     "measure_peak_memory",
     "parse_bytes",
     "plan_streaming",

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "ConfigError",
     "DataError",
     "GeometryError",
     "MemoryBudgetError",
+    "MissingDependencyError",
     "NotStreamableError",
     "ShapeError",
     "TilegradError",
+    "WriterStateError",
 ]
 
 
@@ -44,3 +47,15 @@ class DataError(TilegradError, ValueError):
 
 class CheckpointError(TilegradError, RuntimeError):
     """A checkpoint is missing, corrupt or from an incompatible run."""
+
+
+class ConfigError(TilegradError, ValueError):
+    """An option or a combination of options cannot be used (unknown model name, unsupported precision, ...)."""
+
+
+class MissingDependencyError(TilegradError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+class WriterStateError(TilegradError, RuntimeError):
+    """A writer was used outside its lifecycle (open -> write tiles -> close), e.g. written to after close."""

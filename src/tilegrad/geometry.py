@@ -246,7 +246,9 @@ def _conv_transpose(ctx: _Context, m: nn.Module, node: torch.fx.Node, inputs: li
     (g,) = inputs
     if m.weight.dim() - 2 != ctx.ndim:
         ctx.refuse(f"it is a {m.weight.dim() - 2}D convolution but the input has {ctx.ndim} spatial dims")
-    k, s, p, d = (ctx.tup(v, n) for v, n in ((m.kernel_size, "k"), (m.stride, "s"), (m.padding, "p"), (m.dilation, "d")))
+    k, s, p, d = (
+        ctx.tup(v, n) for v, n in ((m.kernel_size, "k"), (m.stride, "s"), (m.padding, "p"), (m.dilation, "d"))
+    )
     # output o receives input i when o = i*s - p + d*m, 0 <= m < k: i in [(o + p - d(k-1))/s, (o + p)/s]
     return ctx.op(
         g,
@@ -266,10 +268,14 @@ def _upsample_geometry(ctx: _Context, g: Geometry, scale: Any, mode: str, align_
         ctx.refuse("it resizes to a fixed size; use scale_factor so tiles and the whole image agree")
     scales = ctx.tup(scale if not isinstance(scale, float) else (scale,), "scale_factor")
     if any(float(sc) != int(sc) or sc < 1 for sc in scales):
-        ctx.refuse(f"scale_factor {scale} is not a positive integer, so tiles would not map onto whole pixels")
+        ctx.refuse(
+            f"scale_factor {scale} is not a positive integer, so tiles would not map onto whole pixels"
+        )
     scales = tuple(int(sc) for sc in scales)
     if align_corners:
-        ctx.refuse("align_corners=True samples positions that depend on the image size; use align_corners=False")
+        ctx.refuse(
+            "align_corners=True samples positions that depend on the image size; use align_corners=False"
+        )
     if mode in ("nearest", "nearest-exact"):
         # nearest: o <- floor(o/s); nearest-exact: o <- floor((o+0.5)/s)
         lo = [Fraction(-(sc - 1), sc) if mode == "nearest" else Fraction(-sc, sc) for sc in scales]
@@ -314,7 +320,10 @@ def _pad_geometry(ctx: _Context, g: Geometry, pad: Sequence[int], mode: str) -> 
     # padded index o reads input o - left; reflect/replicate near the border read up to max(pad) px further in.
     reach = [max(a, b) if mode != "constant" else 0 for a, b in zip(lefts, rights)]
     return ctx.op(
-        g, [1] * ctx.ndim, [-left - r for left, r in zip(lefts, reach)], [-left + r for left, r in zip(lefts, reach)]
+        g,
+        [1] * ctx.ndim,
+        [-left - r for left, r in zip(lefts, reach)],
+        [-left + r for left, r in zip(lefts, reach)],
     )
 
 
@@ -394,11 +403,20 @@ for _t in (
 register_geometry_rule(nn.Upsample, _upsample)
 register_geometry_rule(nn.PixelShuffle, _pixel_shuffle)
 register_geometry_rule(nn.PixelUnshuffle, _pixel_unshuffle)
-for _t in (nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd, nn.modules.padding._ReplicationPadNd):
+for _t in (
+    nn.modules.padding._ConstantPadNd,
+    nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ReplicationPadNd,
+):
     register_geometry_rule(_t, _pad_module)
 if hasattr(nn.modules.padding, "_CircularPadNd"):
     register_geometry_rule(nn.modules.padding._CircularPadNd, _pad_module)
-for _t in (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm):
+for _t in (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+):
     register_geometry_rule(_t, _norm)
 if hasattr(nn, "RMSNorm"):
     register_geometry_rule(nn.RMSNorm, _norm)
@@ -435,8 +453,13 @@ for _t in (
     register_geometry_rule(_t, _elementwise)
 for _t in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
            nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d):  # fmt: skip
-    register_geometry_rule(_t, _refuse_module("adaptive/global pooling mixes the whole image; it belongs in the head"))
-register_geometry_rule(nn.Linear, _refuse_module("Linear acts on the last (spatial) axis, mixing positions; it belongs in the head"))
+    register_geometry_rule(
+        _t, _refuse_module("adaptive/global pooling mixes the whole image; it belongs in the head")
+    )
+register_geometry_rule(
+    nn.Linear,
+    _refuse_module("Linear acts on the last (spatial) axis, mixing positions; it belongs in the head"),
+)
 register_geometry_rule(nn.Bilinear, _refuse_module("Bilinear mixes positions; it belongs in the head"))
 register_geometry_rule(nn.Flatten, _refuse_module("Flatten merges spatial positions; it belongs in the head"))
 register_geometry_rule(nn.Unflatten, _refuse_module("Unflatten reshapes spatial positions"))
@@ -486,7 +509,11 @@ def _f_interpolate(ctx: _Context, m: Any, node: torch.fx.Node, inputs: list[Geom
     if _arg(node, 1, "size") is not None:
         ctx.refuse("interpolate(size=...) resizes to a fixed size; use scale_factor")
     return _upsample_geometry(
-        ctx, g, _arg(node, 2, "scale_factor"), _arg(node, 3, "mode", "nearest"), _arg(node, 4, "align_corners")
+        ctx,
+        g,
+        _arg(node, 2, "scale_factor"),
+        _arg(node, 3, "mode", "nearest"),
+        _arg(node, 4, "align_corners"),
     )
 
 
@@ -589,7 +616,10 @@ for _fn, _why in (
     (F.adaptive_max_pool2d, "adaptive pooling mixes the whole image; it belongs in the head"),
     (F.linear, "linear acts on the last (spatial) axis"),
     (F.scaled_dot_product_attention, "attention mixes all positions"),
-    (F.batch_norm, "functional batch_norm cannot be checked for fixed statistics; use nn.BatchNorm in eval mode"),
+    (
+        F.batch_norm,
+        "functional batch_norm cannot be checked for fixed statistics; use nn.BatchNorm in eval mode",
+    ),
     (F.group_norm, "group_norm normalises over space with per-image statistics"),
     (F.instance_norm, "instance_norm normalises over space with per-image statistics"),
     (F.layer_norm, "layer_norm normalises over space with per-image statistics"),
@@ -653,7 +683,9 @@ def module_geometry(module: nn.Module, ndim: int, name: str = "") -> Geometry:
     rule = _module_rule(module)
     if rule is not None:  # the whole module is a single known layer (or has a registered rule)
         placeholder = torch.fx.Graph().placeholder("x")
-        return rule(_Context(ndim, _node_where_module(module, name)), module, placeholder, [Geometry.identity(ndim)])
+        return rule(
+            _Context(ndim, _node_where_module(module, name)), module, placeholder, [Geometry.identity(ndim)]
+        )
     cached = _GRAPH_CACHE.get(id(module))
     if cached is None or cached[0]() is not module:
         import weakref

@@ -56,9 +56,7 @@ class _Reader:
         return torch.from_numpy(np.ascontiguousarray(block)).to(device=self.device, dtype=self.dtype)
 
 
-def _run_forward(
-    seg: SegmentPlan, reader: _Reader, out: torch.Tensor | None, progress: Any
-) -> torch.Tensor:
+def _run_forward(seg: SegmentPlan, reader: _Reader, out: torch.Tensor | None, progress: Any) -> torch.Tensor:
     chain = seg.chain
     for tile in seg.grid:
         y = chain(reader.read(tile.inputs))
@@ -79,7 +77,9 @@ class _StreamFunction(torch.autograd.Function):
     """Streams the plan's segments; parameters are inputs so autograd routes their gradients normally."""
 
     @staticmethod
-    def forward(ctx: Any, owner: StreamingModule, plan: Plan, x: torch.Tensor | None, reader: _Reader, *params: Any):
+    def forward(
+        ctx: Any, owner: StreamingModule, plan: Plan, x: torch.Tensor | None, reader: _Reader, *params: Any
+    ):
         device_type = reader.device.type
         ctx.autocast = _autocast_state(device_type)
         ctx.device_type = device_type
@@ -172,7 +172,7 @@ class StreamingModule(nn.Module):
         tile_size: tile extent in input pixels, halo included: an int, a tuple per spatial dim, or ``"auto"``
             (needs ``memory_budget``) to pick the fastest plan whose predicted peak fits.
         memory_budget: bytes or a string such as ``"2GiB"``; the planner keeps the predicted peak of a training
-            step under it (with 10% slack) and raises :class:`tilegrad.MemoryBudgetError` if nothing fits.
+            step under it (with 20% slack) and raises :class:`tilegrad.MemoryBudgetError` if nothing fits.
         mode: ``"lean"`` streams the trunk as one segment (memory flat in the image size, the whole halo recomputed
             per tile); ``"stages"`` cuts it after every layer that changes the scale and keeps those feature maps
             (much less recomputation); ``"auto"`` (default) decides: with a budget the fastest plan that fits
@@ -352,4 +352,3 @@ class _NullBar:
 
     def __exit__(self, *exc: object) -> None:
         return None
-

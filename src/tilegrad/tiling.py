@@ -11,6 +11,7 @@ its core only) counts every output position exactly once, and overlapping input 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -46,40 +47,64 @@ class Span:
         return slice(self.out_start - self.offset, self.out_stop - self.offset)
 
 
-def _span(dim: DimGeometry, align: int, in_len: int, j0: int, j1: int) -> Span:
-    need_lo = math.floor(j0 * dim.stride + dim.lo)
-    need_hi = math.ceil((j1 - 1) * dim.stride + dim.hi)
-    start = max(0, (need_lo // align) * align)
-    # tile extents are multiples of the alignment too, so that every inner map of the tile has whole pixels
-    # (a U-Net's skip concatenations need the encoder and decoder maps of a tile to agree in size)
-    stop = min(in_len, -(-(need_hi + 1) // align) * align)
-    offset = Fraction(start) / dim.stride
-    if offset.denominator != 1:  # pragma: no cover - guaranteed by align (see geometry.py)
-        raise GeometryError(f"tile origin {start} is not on the output grid of stride {dim.stride}")
-    return Span(start, stop, j0, j1, int(offset))
+class _IntDim:
+    """A DimGeometry in integer arithmetic (all terms over one common denominator), for fast tile planning."""
+
+    def __init__(self, dim: DimGeometry, align: int, in_len: int):
+        den = math.lcm(dim.stride.denominator, dim.lo.denominator, dim.hi.denominator)
+        self.den = den
+        self.s = int(dim.stride * den)
+        self.lo = int(dim.lo * den)
+        self.hi = int(dim.hi * den)
+        self.stride = dim.stride
+        self.align = align
+        self.in_len = in_len
+
+    def bounds(self, j0: int, j1: int) -> tuple[int, int]:
+        need_lo = (j0 * self.s + self.lo) // self.den  # floor
+        need_hi = -((-((j1 - 1) * self.s + self.hi)) // self.den)  # ceil
+        start = max(0, (need_lo // self.align) * self.align)
+        # tile extents are multiples of the alignment too, so that every inner map of the tile has whole pixels
+        # (a U-Net's skip concatenations need the encoder and decoder maps of a tile to agree in size)
+        stop = min(self.in_len, -(-(need_hi + 1) // self.align) * self.align)
+        return start, stop
+
+    def span(self, j0: int, j1: int) -> Span:
+        start, stop = self.bounds(j0, j1)
+        offset = Fraction(start) / self.stride
+        if offset.denominator != 1:  # pragma: no cover - guaranteed by align (see geometry.py)
+            raise GeometryError(f"tile origin {start} is not on the output grid of stride {self.stride}")
+        return Span(start, stop, j0, j1, int(offset))
+
+    def max_length(self, out_len: int, core: int) -> int:
+        return max(b - a for a, b in (self.bounds(j0, min(out_len, j0 + core)) for j0 in range(0, out_len, core)))
 
 
 def _spans(dim: DimGeometry, align: int, in_len: int, out_len: int, core: int) -> list[Span]:
-    return [_span(dim, align, in_len, j0, min(out_len, j0 + core)) for j0 in range(0, out_len, core)]
+    d = _IntDim(dim, align, in_len)
+    return [d.span(j0, min(out_len, j0 + core)) for j0 in range(0, out_len, core)]
 
 
-def plan_dim(dim: DimGeometry, align: int, in_len: int, out_len: int, tile: int, axis: int = 0) -> list[Span]:
+@functools.lru_cache(maxsize=4096)
+def plan_dim(dim: DimGeometry, align: int, in_len: int, out_len: int, tile: int, axis: int = 0) -> tuple[Span, ...]:
     """Split one dim into tiles whose input extent is at most ``tile``, with the largest possible cores.
 
     >>> from fractions import Fraction
     >>> from tilegrad.geometry import DimGeometry
     >>> g = DimGeometry(Fraction(1), Fraction(-2), Fraction(2))   # two 3x3 convs, padding 1
-    >>> [(s.in_start, s.in_stop, s.out_start, s.out_stop) for s in plan_dim(g, 1, 20, 20, tile=10)]
+    >>> [(s.in_start, s.in_stop, s.out_start, s.out_stop) for s in plan_dim(g, 1, 20, 20, 10)]
     [(0, 8, 0, 6), (4, 14, 6, 12), (10, 20, 12, 18), (16, 20, 18, 20)]
     """
     if tile >= in_len:
-        return [Span(0, in_len, 0, out_len, 0)]
+        return (Span(0, in_len, 0, out_len, 0),)
+
+    fast = _IntDim(dim, align, in_len)
 
     def fits(core: int) -> bool:
-        return max(s.in_length for s in _spans(dim, align, in_len, out_len, core)) <= tile
+        return fast.max_length(out_len, core) <= tile
 
     if not fits(1):
-        need = max(s.in_length for s in _spans(dim, align, in_len, out_len, 1))
+        need = fast.max_length(out_len, 1)
         left = max(0, math.ceil(-dim.lo))
         right = max(0, math.ceil(dim.hi - (max(dim.stride, 1) - 1)))
         err = GeometryError(
@@ -97,7 +122,7 @@ def plan_dim(dim: DimGeometry, align: int, in_len: int, out_len: int, tile: int,
             lo_core = mid
         else:
             hi_core = mid - 1
-    return _spans(dim, align, in_len, out_len, lo_core)
+    return tuple(_spans(dim, align, in_len, out_len, lo_core))
 
 
 @dataclass(frozen=True)
@@ -155,6 +180,8 @@ def tile_grid(
     return TileGrid(
         tuple(
             tuple(plan_dim(d, a, i, o, t, axis))
-            for axis, (d, a, i, o, t) in enumerate(zip(geometry.dims, geometry.align, in_shape, out_shape, tile_size))
+            for axis, (d, a, i, o, t) in enumerate(
+                zip(geometry.dims, geometry.align, in_shape, out_shape, tile_size)
+            )
         )
     )

@@ -180,10 +180,14 @@ def test_streamed_trunk_is_simulated_tile_by_tile():
 # One fresh Python process per configuration (tilegrad.memory.workload.measure_workload_subprocess): the process
 # builds the model and runs two SGD training steps once to warm up, then again inside measure_peak_memory.
 ACCURACY = [
-    pytest.param("espcn3d", (1, 6, 24, 24, 24), id="espcn3d-24"),  # local ESPCN-style net until ESPCN3d lands
+    pytest.param("tilegrad_espcn3d", (1, 6, 24, 24, 24), id="espcn3d-24"),  # tilegrad.models.ESPCN3d
+    # reversible blocks recompute activations inside backward: the simulation must follow that recomputation
+    pytest.param("tilegrad_espcn3d_rev4", (1, 6, 24, 24, 24), id="espcn3d-rev4-24"),
     pytest.param("unet3d", (1, 1, 48, 48, 48), id="unet3d-48"),  # batch 1: unfold-based Slow3d kernels
     pytest.param("resnet34", (2, 3, 128, 128), id="resnet34-128"),
-    pytest.param("espcn3d", (2, 6, 24, 24, 24), id="espcn3d-24-b2", marks=pytest.mark.slow),
+    pytest.param("tilegrad_espcn3d", (2, 6, 24, 24, 24), id="espcn3d-24-b2", marks=pytest.mark.slow),
+    pytest.param("espcn3d", (1, 6, 24, 24, 24), id="local-espcn3d-24", marks=pytest.mark.slow),
+    pytest.param("small_cnn_streamed_256", (1, 3, 1024, 1024), id="streamed-1024", marks=pytest.mark.slow),
     pytest.param("unet3d", (2, 1, 32, 32, 32), id="unet3d-32-b2", marks=pytest.mark.slow),  # batch 2: oneDNN
     pytest.param("resnet34", (1, 3, 224, 224), id="resnet34-224", marks=pytest.mark.slow),
     pytest.param("unet2d", (2, 1, 256, 256), id="unet2d-256", marks=pytest.mark.slow),

@@ -209,6 +209,10 @@ class _ModuleWatch:
         self.calls: dict[str, int] = {}
         self.record_outputs = record_outputs  # keeps outputs alive: only in the layer pass, never in the timeline
         self.label_nodes = label_nodes
+        # Label only the step's own forward graph. Modules re-run inside backward (streamed tiles, reversible
+        # blocks, checkpoints) build graphs that autograd.grad may not fully release; holding their nodes here
+        # would keep their saved tensors alive and inflate the simulated peak.
+        self.labeling = False
         self.node_labels: dict[Any, str] = {}
         self._boundaries: list[set[Any]] = []
         self._handles: list[Any] = []
@@ -236,7 +240,8 @@ class _ModuleWatch:
             self.calls[name] = 0
         self.calls[name] += 1
         if self.label_nodes:
-            self._boundaries.append({t.grad_fn for t in _tensors(args) if t.grad_fn is not None})
+            live = self.labeling
+            self._boundaries.append({t.grad_fn for t in _tensors(args) if t.grad_fn is not None} if live else set())
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         name = self.names[module]
@@ -247,6 +252,8 @@ class _ModuleWatch:
             self.outputs.setdefault(name, []).append(outs)
         if self.label_nodes:
             boundary = self._boundaries.pop() if self._boundaries else set()
+            if not self.labeling:
+                return
             todo = [t.grad_fn for t in outs if t.grad_fn is not None]
             while todo:
                 node = todo.pop()
@@ -560,6 +567,7 @@ def _timeline_pass(
             timeline.reset_peak()
         if phase == "after forward" and step == steps - 1:
             extra["forward_peak"] = timeline.phase_peaks.get("forward", timeline.current)
+        watch.labeling = phase == "forward"
         if phase == "end of step":
             watch.node_labels.clear()
         phase_now["phase"] = phase

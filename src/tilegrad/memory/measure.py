@@ -36,7 +36,9 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 def _status_kib(field: str) -> int:
     match = re.search(rf"^{field}:\s+(\d+)\s+kB", _STATUS.read_text(), re.MULTILINE)
     if match is None:  # pragma: no cover - every Linux kernel since 2.6 reports these
-        raise TilegradError(f"/proc/self/status has no {field} line; cannot measure CPU memory on this system")
+        raise TilegradError(
+            f"/proc/self/status has no {field} line; cannot measure CPU memory on this system"
+        )
     return int(match.group(1))
 
 

@@ -1,0 +1,129 @@
+"""Training checkpoints: written atomically, loadable with ``torch.load(weights_only=True)``.
+
+A checkpoint is a dict of tensors and plain containers (dict, list, str, int, float, bool, None) -- nothing that
+needs unpickling of arbitrary classes -- so it loads with ``weights_only=True``. It holds the model, optimizer,
+scheduler and grad-scaler states, the position in the run (epoch, optimizer steps done in that epoch), the history
+of finished epochs, the run's configuration and the random number generator states of torch (CPU and every CUDA
+device), numpy and Python.
+
+NOTE [ Atomic checkpoints ]: the file is written to a temporary name in the same directory, flushed to disk, then
+renamed over the old one with ``os.replace`` (atomic on POSIX). A process killed at any moment therefore leaves
+either the previous complete checkpoint or the new complete one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+
+__all__ = ["FORMAT", "get_rng_state", "load_checkpoint", "save_checkpoint", "set_rng_state"]
+
+FORMAT = "tilegrad.train/1"
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` (plus a format tag) to ``path`` atomically; see NOTE [ Atomic checkpoints ].
+
+    >>> import tempfile
+    >>> p = save_checkpoint(Path(tempfile.mkdtemp()) / "c.pt", {"epoch": 3, "w": torch.ones(2)})
+    >>> load_checkpoint(p)["epoch"]
+    3
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - directories cannot be opened on some platforms
+        return path
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    Raises :class:`~tilegrad.CheckpointError` when the file is missing, truncated, corrupt or not a tilegrad
+    training checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or truncated and cannot be loaded ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); resume from an intact copy or start a new run"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{str(path)!r} is not a tilegrad training checkpoint (expected format {FORMAT!r}, found {found!r})"
+        )
+    return state
+
+
+def get_rng_state() -> dict[str, Any]:
+    """The states of torch (CPU and all CUDA devices), numpy's global and Python's ``random`` generators."""
+    np_state = np.random.get_state(legacy=False)
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": {"version": int(version), "internal": list(internal), "gauss": gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore generator states saved by :func:`get_rng_state`.
+
+    >>> saved = get_rng_state(); a = (torch.rand(1), np.random.rand(), random.random())
+    >>> set_rng_state(saved); a == (torch.rand(1), np.random.rand(), random.random())
+    True
+    """
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": n["bit_generator"],
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))

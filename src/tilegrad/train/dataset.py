@@ -1,0 +1,325 @@
+"""Slides with slide-level labels: the CSV format, lazy opening, random orientation and the model's input view.
+
+A dataset is a CSV file with a header naming the columns ``image`` and ``label`` and optionally ``split``::
+
+    image,label,split
+    slides/a.tif,1,train
+    slides/b.tif,0,val
+
+Paths are relative to the CSV file. Labels are class indices 0, 1, ... . ``split`` is ``train``, ``val`` or ``test``
+(rows without a split column are training rows). Every problem is reported as a :class:`~tilegrad.DataError` that
+names the file, the line and the problem, e.g. ``slides.csv line 3: image 'slides/b.tif' does not exist``.
+
+Images are opened lazily (:func:`open_slide`): nothing is read until a region is sliced, so a slide larger than
+memory can be streamed tile by tile. :func:`random_orientation` flips and rotates the lazy image by 90-degree steps
+without reading it, and :class:`SlideInput` adds the batch axis and the float conversion the model expects, still
+lazily: slicing it reads only the requested region.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+__all__ = [
+    "SPLITS",
+    "SlideInput",
+    "SlideRecord",
+    "crop",
+    "open_slide",
+    "random_orientation",
+    "read_slide_csv",
+    "tissue_box",
+]
+
+SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+"""Accepted values of the ``split`` column and the split each one means."""
+
+
+@dataclass(frozen=True)
+class SlideRecord:
+    """One row of a dataset CSV: an image path (absolute), a class index (None when unlabelled) and a split."""
+
+    image: Path
+    label: int | None
+    split: str
+    line: int
+    source: str
+
+    def where(self) -> str:
+        """``"slides.csv line 3"``: where this row came from, for error messages."""
+        return f"{self.source} line {self.line}"
+
+
+def read_slide_csv(
+    path: str | Path,
+    *,
+    require_labels: bool = True,
+    check_images: bool = True,
+    level: int | None = None,
+    mpp: float | None = None,
+) -> list[SlideRecord]:
+    """Read and validate a dataset CSV (columns ``image,label[,split]``; paths relative to the CSV).
+
+    With ``check_images`` every image is opened (headers only, plus one pixel) so that a missing or corrupt file is
+    reported before training starts rather than hours into it.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "slides.csv").write_text("image,label\\nmissing.png,1\\n")
+    >>> read_slide_csv(d / "slides.csv")
+    Traceback (most recent call last):
+    ...
+    tilegrad.errors.DataError: slides.csv line 2: image 'missing.png' does not exist (looked for .../missing.png)
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"dataset CSV {str(path)!r} does not exist: expected a CSV file with columns image,label"
+        )
+    name = path.name
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{name}: not a UTF-8 text file ({err}); expected a CSV with columns image,label"
+        ) from None
+    rows = list(csv.reader(text.splitlines()))
+    if not rows:
+        raise DataError(
+            f"{name}: the file is empty; expected a header line 'image,label[,split]' and one row per slide"
+        )
+    header = [h.strip().lower() for h in rows[0]]
+    needed = ["image", "label"] if require_labels else ["image"]
+    unknown = [h for h in header if h not in ("image", "label", "split")]
+    if any(h not in header for h in needed) or unknown or len(set(header)) != len(header):
+        raise DataError(
+            f"{name} line 1: bad header {rows[0]!r}; expected the column names image,label and optionally split "
+            f"(e.g. 'image,label,split'){'; unknown: ' + ', '.join(map(repr, unknown)) if unknown else ''}"
+        )
+    col = {h: i for i, h in enumerate(header)}
+    records: list[SlideRecord] = []
+    for number, row in enumerate(rows[1:], start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        where = f"{name} line {number}"
+        if len(row) != len(header):
+            raise DataError(
+                f"{where}: expected {len(header)} fields ({','.join(header)}), found {len(row)}: {row!r}"
+            )
+        image_text = row[col["image"]].strip()
+        if not image_text:
+            raise DataError(f"{where}: the image field is empty; expected a path relative to the CSV")
+        image = (path.parent / image_text).resolve()
+        label = _parse_label(row[col["label"]], where) if "label" in col else None
+        split = "train"
+        if "split" in col:
+            split_text = row[col["split"]].strip().lower()
+            if split_text not in SPLITS:
+                raise DataError(f"{where}: split {row[col['split']]!r} is not one of train, val, test")
+            split = SPLITS[split_text]
+        if not image.is_file():
+            raise DataError(f"{where}: image {image_text!r} does not exist (looked for {image})")
+        record = SlideRecord(image=image, label=label, split=split, line=number, source=name)
+        if check_images:
+            array = open_slide(record.image, level=level, mpp=mpp, where=where)
+            _check_readable(array, where, image_text)
+        records.append(record)
+    if not records:
+        raise DataError(f"{name}: no slides listed; expected one row per slide after the header")
+    return records
+
+
+def _parse_label(text: str, where: str) -> int:
+    stripped = text.strip()
+    try:
+        value = float(stripped)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value != int(value) or value < 0:
+        raise DataError(
+            f"{where}: label {text!r} is not a class index; expected a whole number 0, 1, 2, ... "
+            f"(0/1 for negative/positive)"
+        )
+    return int(value)
+
+
+def _check_readable(array: Any, where: str, image_text: str) -> None:
+    shape = tuple(array.shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise DataError(
+            f"{where}: image {image_text!r} has shape {shape}; expected a 2D image read as (channels, height, width)"
+        )
+    try:
+        np.asarray(array[:, shape[1] - 1 : shape[1], shape[2] - 1 : shape[2]])
+    except DataError as err:
+        raise DataError(f"{where}: image {image_text!r} cannot be decoded: {err}") from None
+
+
+def open_slide(
+    path: str | Path, *, level: int | None = None, mpp: float | None = None, where: str = ""
+) -> Any:
+    """Open an image lazily as a (C, H, W) :class:`tilegrad.io.LazyImage`, at a pyramid ``level`` or ``mpp``.
+
+    ``where`` prefixes error messages (e.g. ``"slides.csv line 3"``).
+    """
+    from ..io import open_image
+
+    try:
+        image = open_image(path, level=level, mpp=mpp)
+    except DataError as err:
+        raise DataError(f"{where}: {err}" if where else str(err)) from None
+    if image.ndim != 3:
+        raise DataError(
+            f"{where + ': ' if where else ''}{Path(path).name} has shape {image.shape}; expected a 2D slide "
+            f"(channels, height, width)"
+        )
+    return image
+
+
+def random_orientation(array: Any, rng: np.random.Generator) -> Any:
+    """One of the 8 flips/90-degree rotations of a (C, H, W) image, chosen by ``rng``, as a lazy view.
+
+    Nothing is read: slicing the view reads the matching region of ``array`` (see :mod:`tilegrad.io.transforms`).
+
+    >>> a = np.arange(6).reshape(1, 2, 3)
+    >>> sorted({random_orientation(a, np.random.default_rng(s)).shape for s in range(20)})
+    [(1, 2, 3), (1, 3, 2)]
+    """
+    from ..io import open_image, random_flip_rotate
+
+    return random_flip_rotate(open_image(array), rng)
+
+
+def tissue_box(image: Any, margin: int = 2) -> tuple[slice, ...] | None:
+    """Bounding box (spatial slices) of the tissue in a slide, from a thresholded thumbnail; None if no tissue.
+
+    ``margin`` is in thumbnail pixels.
+    """
+    from ..io import tissue_mask
+
+    return tissue_mask(image, max_size=512).bbox(margin=margin)
+
+
+def _crop_view() -> type:
+    from ..io import LazyImage
+
+    class CropView(LazyImage):
+        """A lazy rectangular region of a (C, *spatial) image: reads only what is sliced."""
+
+        def __init__(self, image: Any, box: tuple[slice, ...]) -> None:
+            self.base = image
+            self._offsets = (0, *(int(b.start) for b in box))
+            self._shape = (image.shape[0], *(int(b.stop) - int(b.start) for b in box))
+            self._dtype = image.dtype
+            self._spacing = image.spacing
+            self.path = image.path
+
+        def _read(self, bounds: Any) -> np.ndarray:
+            return self.base._checked_read(
+                tuple((lo + o, hi + o, step) for (lo, hi, step), o in zip(bounds, self._offsets))
+            )
+
+        def close(self) -> None:
+            self.base.close()
+
+    return CropView
+
+
+def crop(image: Any, box: tuple[slice, ...]) -> Any:
+    """The region ``box`` (one slice per spatial axis) of a lazy image, as a lazy image.
+
+    >>> crop(np.arange(24).reshape(1, 4, 6), (slice(1, 3), slice(2, 5)))[0].tolist()
+    [[8, 9, 10], [14, 15, 16]]
+    """
+    from ..io import open_image
+
+    return _crop_view()(open_image(image), box)
+
+
+class SlideInput:
+    """A lazy (1, C, H, W) float view of a (C, H, W) image: ``(pixel * scale - mean) / std``, read on slicing.
+
+    This is what the streamed model consumes: slicing a tile reads only that tile from disk.
+
+    >>> img = np.full((3, 4, 5), 255, dtype=np.uint8)
+    >>> x = SlideInput(img, scale=1 / 255)
+    >>> x.shape, x[:, :, :2, :2].dtype, float(x[0, 0, 0, 0])
+    ((1, 3, 4, 5), dtype('float32'), 1.0)
+    """
+
+    def __init__(
+        self,
+        array: Any,
+        *,
+        scale: float = 1 / 255,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        dtype: torch.dtype | np.dtype | str = np.float32,
+    ) -> None:
+        if isinstance(dtype, torch.dtype):
+            dtype = torch.empty((), dtype=dtype).numpy().dtype
+        self.array = array
+        self.dtype = np.dtype(dtype)
+        channels = int(array.shape[0])
+        self.scale = float(scale)
+        self.mean = np.zeros(channels) if mean is None else np.asarray(mean, dtype=np.float64)
+        self.std = np.ones(channels) if std is None else np.asarray(std, dtype=np.float64)
+        if self.mean.shape != (channels,) or self.std.shape != (channels,):
+            raise DataError(
+                f"normalisation needs one mean and one std per channel ({channels}), "
+                f"received {self.mean.shape[0]} means and {self.std.shape[0]} stds"
+            )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (1, *(int(s) for s in self.array.shape))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = _expand_key(key, self.ndim)
+        batch, channel, spatial = key[0], key[1], key[2:]
+        if isinstance(batch, slice):
+            if range(1)[batch] != range(1):
+                raise IndexError(f"SlideInput has a batch of 1; index {batch} selects no image")
+        elif batch not in (0, -1):
+            raise IndexError(f"batch index {batch} out of range for a batch of 1")
+        data = np.asarray(self.array[(channel, *spatial)])
+        out = data.astype(self.dtype) * self.dtype.type(self.scale)
+        mean, std = self.mean[channel], self.std[channel]
+        if np.ndim(mean):
+            shape = (-1,) + (1,) * (out.ndim - 1)
+            mean, std = mean.reshape(shape), std.reshape(shape)
+        if np.any(self.mean != 0) or np.any(self.std != 1):
+            out = (out - mean.astype(self.dtype)) / std.astype(self.dtype)
+        return out[None] if isinstance(batch, slice) else out
+
+    def materialize(self) -> torch.Tensor:
+        """The whole (1, C, H, W) input as a tensor (for conventional, unstreamed training)."""
+        return torch.from_numpy(np.ascontiguousarray(self[:]))
+
+
+def _expand_key(key: Any, ndim: int) -> tuple:
+    if not isinstance(key, tuple):
+        key = (key,)
+    if any(k is Ellipsis for k in key):
+        i = next(i for i, k in enumerate(key) if k is Ellipsis)
+        key = key[:i] + (slice(None),) * (ndim - len(key) + 1) + key[i + 1 :]
+    if len(key) > ndim:
+        raise IndexError(f"too many indices ({len(key)}) for a {ndim}-dimensional input")
+    return key + (slice(None),) * (ndim - len(key))

@@ -1,0 +1,372 @@
+"""The end-to-end demo: synthetic whole slides whose lesions only exist at full resolution.
+
+Tissue texture comes from a real histology image that ships with scikit-image
+(``skimage.data.immunohistochemistry()``, a 512x512 IHC-stained colon section), mirrored and re-oriented to fill
+each slide, cut into blob-shaped tissue on a bright background. Positive slides carry one to three tiny lesions:
+clusters of 2x2-pixel dark "nuclei" on a 4-pixel lattice, about 24-40 pixels across.
+
+NOTE [ Lesions vanish at 8x ]: a lesion is the texture plus a pattern whose mean over every aligned 8x8 block is
+exactly zero (dots of -3a/4 on a +a/4 surround, covering whole 8x8 blocks), and the texture is compressed so that no
+pixel clips. Averaging 8x8 blocks -- downsampling the slide 8x -- therefore removes the lesion completely, up to the
+rounding to 8-bit pixels (< 0.5 grey levels). A model that sees the 8x-downsampled slide cannot do better than
+chance; one that sees full resolution can find the lesions.
+
+The demo trains the same small CNN (:func:`tilegrad.train.model.small_cnn` + global max pooling) twice: streamed
+on the full-resolution slides and conventionally on the 8x-downsampled ones, then reports both validation AUCs,
+memory, saliency maps and learning curves.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DemoSettings",
+    "make_demo_slides",
+    "plot_histories",
+    "quick_settings",
+    "run_demo",
+    "synthetic_slide",
+]
+
+
+@dataclass
+class DemoSettings:
+    size: int = 512
+    n_train: int = 40
+    n_val: int = 24
+    epochs: int = 4
+    lr: float = 1e-3
+    width: int = 16
+    tile: int = 256
+    accumulate: int = 2
+    seed: int = 0
+    factor: int = 8
+
+
+# Lesion appearance (see NOTE [ Lesions vanish at 8x ]): texture range after compression, dot amplitude per channel,
+# lesion radius range in pixels and number of lesions per positive slide.
+TEXTURE_RANGE = (75.0, 210.0)
+LESION_AMPLITUDE = (90.0, 96.0, 60.0)
+LESION_RADIUS = (12, 21)
+LESIONS_PER_SLIDE = (10, 21)
+
+
+def quick_settings() -> DemoSettings:
+    """A tiny configuration for smoke tests: small slides, few of them, two epochs."""
+    return DemoSettings(size=192, n_train=6, n_val=4, epochs=1, width=4, tile=64, accumulate=2)
+
+
+_MARKER = ".tilegrad-demo"
+_OWNED = ("slides", "run_full", "run_down", "figures")
+
+
+def _prepare_out(out: Path, factor: int) -> None:
+    """Create ``out``; replace what a previous demo wrote there; refuse a non-empty directory the demo did not make."""
+    import shutil
+
+    from ..errors import ConfigError
+
+    if out.exists() and any(out.iterdir()) and not (out / _MARKER).exists():
+        raise ConfigError(f"{out} exists and was not written by tilegrad demo; choose another --out")
+    for name in _OWNED:
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / _MARKER).write_text(
+        "written by tilegrad demo; its contents are replaced when the demo runs again\n"
+    )
+
+
+def _texture_source() -> np.ndarray:
+    from skimage import data
+
+    ihc = data.immunohistochemistry().astype(np.float64)  # (512, 512, 3), shipped inside scikit-image
+    return ihc
+
+
+def synthetic_slide(
+    rng: np.random.Generator, size: int, positive: bool, source: np.ndarray | None = None
+) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """One (size, size, 3) uint8 slide and its lesions as (row, col, radius) in pixels.
+
+    >>> img, lesions = synthetic_slide(np.random.default_rng(0), 128, positive=True)
+    >>> img.shape, img.dtype, len(lesions) >= 1
+    ((128, 128, 3), dtype('uint8'), True)
+    """
+    from scipy import ndimage
+
+    src = _texture_source() if source is None else source
+    # Texture: the IHC image mirrored (seamless) to cover the slide, shifted and re-oriented at random.
+    extra = (size + src.shape[0], size + src.shape[1])
+    tiled = np.pad(
+        src, ((0, extra[0] - src.shape[0] + 1), (0, extra[1] - src.shape[1] + 1), (0, 0)), mode="symmetric"
+    )
+    tiled = np.rot90(tiled, int(rng.integers(4)))
+    if rng.integers(2):
+        tiled = tiled[:, ::-1]
+    oy, ox = rng.integers(0, tiled.shape[0] - size), rng.integers(0, tiled.shape[1] - size)
+    texture = tiled[oy : oy + size, ox : ox + size]
+    lo, hi = TEXTURE_RANGE
+    texture = lo + texture * ((hi - lo) / 255.0)  # NOTE [ Lesions vanish at 8x ]: room for the lesion pattern
+    # Tissue: a smooth random field, thresholded into blobs, soft-edged.
+    field = ndimage.gaussian_filter(rng.standard_normal((size // 8, size // 8)), sigma=size / 128)
+    field = ndimage.zoom(field, 8, order=1)[:size, :size]
+    tissue = field > np.quantile(field, 0.35)
+    soft = ndimage.gaussian_filter(tissue.astype(np.float64), sigma=2)[..., None]
+    background = np.array([236.0, 234.0, 238.0]) + rng.normal(0, 2.0, (size, size, 1))
+    slide = soft * texture + (1 - soft) * background
+    lesions: list[tuple[int, int, int]] = []
+    if positive:
+        coarse = tissue[4::8, 4::8].copy()  # one value per 8x8 block
+        margin = -(-LESION_RADIUS[1] // 8) + 1  # whole lesions stay inside the slide
+        coarse[:margin] = coarse[-margin:] = False
+        coarse[:, :margin] = coarse[:, -margin:] = False
+        inner = ndimage.binary_erosion(coarse, iterations=3, border_value=0)
+        candidates = np.argwhere(inner if inner.any() else coarse) * 8 + 4
+        wanted = int(rng.integers(*LESIONS_PER_SLIDE))
+        for _ in range(20 * wanted):  # lesions that would overlap another or clip a pixel are redrawn
+            if len(lesions) == wanted or len(candidates) == 0:
+                break
+            cy, cx = (int(v) for v in candidates[rng.integers(len(candidates))])
+            radius = int(rng.integers(*LESION_RADIUS))
+            if any((cy - y) ** 2 + (cx - x) ** 2 < (radius + r + 16) ** 2 for y, x, r in lesions):
+                continue
+            if _add_lesion(slide, cy, cx, radius):
+                lesions.append((cy, cx, radius))
+    return np.clip(np.rint(slide), 0, 255).astype(np.uint8), lesions
+
+
+def _add_lesion(slide: np.ndarray, cy: int, cx: int, radius: int) -> bool:
+    """Add a block-aligned cluster of dark 2x2 dots whose every 8x8 block has zero mean (NOTE above).
+
+    Returns False (and leaves the slide unchanged) if any pixel would leave the 0..255 range, which would break
+    the zero mean.
+    """
+    amplitude = np.array(LESION_AMPLITUDE)  # darker in red/green than blue: purple "nuclei"
+    y0, x0 = (cy - radius) // 8 * 8, (cx - radius) // 8 * 8
+    y1, x1 = -(-(cy + radius) // 8) * 8, -(-(cx + radius) // 8) * 8
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    dots = ((yy % 4 < 2) & (xx % 4 < 2)).astype(np.float64) - 0.25  # zero mean over every aligned 4x4 block
+    by, bx = (yy // 8) * 8 + 4, (xx // 8) * 8 + 4  # centres of the 8x8 blocks
+    inside = (by - cy) ** 2 + (bx - cx) ** 2 <= radius**2  # whole blocks only
+    patched = slide[y0:y1, x0:x1] - (dots * inside)[..., None] * amplitude
+    if patched.min() < 0 or patched.max() > 255:
+        return False
+    slide[y0:y1, x0:x1] = patched
+    return True
+
+
+def _downsample(img: np.ndarray, factor: int) -> np.ndarray:
+    """Box-average (H, W, C) ``img`` over ``factor x factor`` blocks (what a slide pyramid level holds)."""
+    h, w, c = img.shape
+    blocks = img[: h // factor * factor, : w // factor * factor].astype(np.float64)
+    return blocks.reshape(h // factor, factor, w // factor, factor, c).mean(axis=(1, 3))
+
+
+MPP = 0.25
+"""Microns per pixel written into the demo slides (level 0, as a 40x scan)."""
+
+
+def make_demo_slides(out: str | Path, settings: DemoSettings | None = None) -> dict[str, Any]:
+    """Write the demo dataset as pyramidal TIFFs (levels 1x, 2x, 4x, 8x, ...) and ``slides.csv``.
+
+    The downsampled run reads pyramid level log2(factor) of the same files.
+    """
+    from ..io import create_writer
+
+    s = settings or DemoSettings()
+    out = Path(out)
+    slide_dir = out / "slides"
+    slide_dir.mkdir(parents=True, exist_ok=True)
+    levels = int(np.log2(s.factor)) + 1
+    if 2 ** (levels - 1) != s.factor:
+        raise ValueError(f"the downsampling factor must be a power of 2, received {s.factor}")
+    source = _texture_source()
+    rng = np.random.default_rng(s.seed)
+    rows, lesions = ["image,label,split"], {}
+    n = s.n_train + s.n_val
+    for i in range(n):
+        label = i % 2
+        split = "train" if i < s.n_train else "val"
+        img, found = synthetic_slide(rng, s.size, bool(label), source)
+        path = slide_dir / f"slide_{i:03d}_{'pos' if label else 'neg'}.tif"
+        with create_writer(
+            path, (3, s.size, s.size), np.uint8, tile=128, levels=levels, mpp=MPP, overwrite=True
+        ) as writer:
+            writer[...] = np.moveaxis(img, -1, 0)
+        rows.append(f"{path.relative_to(out).as_posix()},{label},{split}")
+        lesions[path.name] = found
+    (out / "slides.csv").write_text("\n".join(rows) + "\n")
+    (out / "lesions.json").write_text(json.dumps(lesions, indent=1))
+    return {"csv": out / "slides.csv", "level": levels - 1, "lesions": lesions}
+
+
+def run_demo(
+    out: str | Path = "tilegrad-demo", settings: DemoSettings | None = None, progress: bool = True
+) -> dict:
+    """Generate the data, train streamed (full resolution) and conventional (8x down), report; see module doc."""
+    import torch
+
+    from .loop import TrainConfig, train
+
+    s = settings or DemoSettings()
+    out = Path(out)
+    started = time.perf_counter()
+    print(
+        f"[1/4] writing {s.n_train + s.n_val} synthetic {s.size}x{s.size} slides (texture: scikit-image IHC "
+        f"sample) to {out}",
+        flush=True,
+    )
+    _prepare_out(out, s.factor)
+    data = make_demo_slides(out, s)
+    common: dict[str, Any] = dict(
+        model="small_cnn",
+        model_kwargs={"width": s.width},
+        epochs=s.epochs,
+        lr=s.lr,
+        accumulate=s.accumulate,
+        seed=s.seed,
+        device="cpu",
+        progress=progress,
+        schedule="cosine",
+        optimizer="adam",
+    )
+    runs = {}
+    print(f"[2/4] training streamed at full resolution ({s.size}x{s.size}, tile {s.tile})", flush=True)
+    runs["full"] = train(
+        TrainConfig(csv=str(data["csv"]), out=str(out / "run_full"), tile_size=s.tile, **common),
+    )
+    low = s.size // s.factor
+    print(
+        f"[3/4] training conventionally on {s.factor}x-downsampled slides ({low}x{low}, pyramid level "
+        f"{data['level']})",
+        flush=True,
+    )
+    runs["down"] = train(
+        TrainConfig(
+            csv=str(data["csv"]), out=str(out / "run_down"), tile_size=None, level=data["level"], **common
+        )
+    )
+    print("[4/4] measuring memory, writing saliency maps and plots", flush=True)
+    torch.set_grad_enabled(True)
+    summary = _report(out, s, runs, data)
+    summary["seconds"] = time.perf_counter() - started
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _report(out: Path, s: DemoSettings, runs: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    from ..units import format_bytes
+    from .saliency import saliency
+
+    memory = _memory(runs["full"].model, data, s)
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    curves = plot_histories(
+        {
+            "streamed, full resolution": runs["full"].history,
+            f"conventional, {s.factor}x downsampled": runs["down"].history,
+        },
+        figures / "learning_curves.png",
+    )
+    val_pos = [
+        line.split(",")[0] for line in data["csv"].read_text().splitlines()[1:] if line.endswith(",1,val")
+    ][:3]
+    pngs = []
+    for rel in val_pos:
+        png = figures / f"saliency_{Path(rel).stem}.png"
+        saliency(runs["full"].checkpoint, out / rel, png, target=1, max_side=512, device="cpu")
+        pngs.append(png)
+    auc_full, auc_down = runs["full"].history[-1]["val_auc"], runs["down"].history[-1]["val_auc"]
+    print()
+    print(f"validation AUC, streamed at full resolution ({s.size}x{s.size}):      {auc_full:.3f}")
+    print(
+        f"validation AUC, conventional on {s.factor}x-downsampled ({s.size // s.factor}x{s.size // s.factor}):   "
+        f"{auc_down:.3f}"
+    )
+    print(
+        f"peak memory of one streamed training step (tile {s.tile}), measured: "
+        f"{format_bytes(memory['streamed_peak'])}"
+    )
+    print(
+        f"peak memory of one conventional step at full resolution, {memory['conventional_how']}: "
+        f"{format_bytes(memory['conventional_peak'])}"
+    )
+    print(
+        f"outputs: {out}/  (learning curves {curves.relative_to(out)}, saliency {figures.relative_to(out)}/"
+        f"saliency_*.png, logs run_full/log.csv and run_down/log.csv, checkpoints run_*/checkpoint.pt)"
+    )
+    return {
+        "auc_full": auc_full,
+        "auc_down": auc_down,
+        **memory,
+        "figures": [str(p) for p in [curves, *pngs]],
+    }
+
+
+def _memory(model: Any, data: dict[str, Any], s: DemoSettings) -> dict[str, Any]:
+    """Peak memory of one training step on one full-resolution slide: streamed (measured) vs conventional."""
+    import torch
+
+    from .. import measure_peak_memory
+    from .dataset import SlideInput, open_slide
+    from .model import SlideClassifier
+
+    first = data["csv"].parent / data["csv"].read_text().splitlines()[1].split(",")[0]
+    x = SlideInput(open_slide(first))
+
+    def step(m: SlideClassifier, inp: Any) -> None:
+        m.zero_grad(set_to_none=True)
+        m(inp).sum().backward()
+
+    streamed_peak = measure_peak_memory(step, model, x)
+    plain = SlideClassifier(model.trunk, model.head, freeze_norm=model.freeze_norm)
+    try:
+        from .. import estimate_memory  # type: ignore[attr-defined]
+    except ImportError:
+        dense = x.materialize()
+        conventional = measure_peak_memory(step, plain, dense)
+        how = "measured (tilegrad.estimate_memory not available)"
+    else:
+        full = torch.nn.Sequential(model.trunk, model.head)
+        conventional = int(estimate_memory(full, tuple(x.shape), mode="train").peak_bytes)
+        how = "predicted by tilegrad.estimate_memory"
+    model.zero_grad(set_to_none=True)
+    return {
+        "streamed_peak": int(streamed_peak),
+        "conventional_peak": int(conventional),
+        "conventional_how": how,
+    }
+
+
+def plot_histories(histories: dict[str, list[dict[str, float]]], path: Path) -> Path:
+    """Training/validation loss and validation AUC per epoch for each run, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for (name, history), color in zip(histories.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+        epochs = [h["epoch"] for h in history]
+        ax_loss.plot(epochs, [h["train_loss"] for h in history], "--", color=color, label=f"{name} (train)")
+        ax_loss.plot(epochs, [h["val_loss"] for h in history], "-", color=color, label=f"{name} (val)")
+        ax_auc.plot(epochs, [h["val_auc"] for h in history], "-o", color=color, label=name)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("cross-entropy")
+    ax_loss.legend(fontsize=8)
+    ax_auc.set_xlabel("epoch")
+    ax_auc.set_ylabel("validation AUC")
+    ax_auc.set_ylim(0.0, 1.02)
+    ax_auc.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax_auc.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,737 @@
+"""The training loop: slides one at a time through a streamed trunk, gradient accumulation, validation, checkpoints.
+
+Usage (see docs/training.md)::
+
+    from tilegrad.train import TrainConfig, train
+    result = train(TrainConfig(csv="slides.csv", model="resnet18", tile_size=512, epochs=10, out="runs/a"))
+    result.history[-1]["val_auc"]
+
+What happens per optimizer step: ``accumulate`` slides (times the number of processes, see
+NOTE [ One all-reduce per optimizer step ] in distributed.py) go forward and backward one by one, each slide's loss
+divided by the number of slides in the step, so the step uses the mean gradient. The order of slides and each
+slide's random flip/rotation are drawn from generators seeded with ``(seed, epoch)`` and ``(seed, epoch, slide)``, and
+every other random state is saved in the checkpoint, so a resumed run repeats exactly what the uninterrupted run
+would have done (NOTE [ Exact resume ]).
+
+NOTE [ Exact resume ]: checkpoints are written at optimizer-step boundaries only (every epoch, and every
+``save_every`` steps), when no gradient is pending. They record the epoch, the steps done in it, the model,
+optimizer, scheduler and grad-scaler states and all random generator states. Resuming restores all of them and
+skips the steps already done; the slide order of the interrupted epoch is recomputed from ``(seed, epoch)``. Work
+done after the last checkpoint is simply repeated, with identical inputs, so a run killed at any moment and resumed
+ends with the same parameters, bit for bit, as one that was never interrupted (same machine, same thread count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError, DataError
+from .checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from .dataset import (
+    SlideInput,
+    SlideRecord,
+    crop,
+    open_slide,
+    random_orientation,
+    read_slide_csv,
+    tissue_box,
+)
+from .distributed import DistContext, init_distributed, step_shard
+from .model import IMAGENET_MEAN, IMAGENET_STD, SlideClassifier, build_model
+
+__all__ = [
+    "StepInfo",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate",
+    "load_trained_model",
+    "predict",
+    "train",
+]
+
+LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "lr", "seconds", "steps")
+
+_OPTIMIZERS = ("adamw", "adam", "sgd")
+_SCHEDULES = ("constant", "cosine", "step")
+_AMP = ("none", "bf16", "fp16")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in every checkpoint).
+
+    ``tile_size`` or ``budget`` streams the trunk (``budget`` picks the tile size automatically); with both None
+    the trunk runs on the whole image. ``accumulate`` is the number of slides per optimizer step (per process).
+    """
+
+    csv: str
+    out: str = "tilegrad-run"
+    val_csv: str | None = None
+    model: str = "resnet18"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False
+    imagenet_norm: bool = False
+    pool: str = "max"
+    tile_size: int | None = 512
+    budget: str | None = None
+    level: int | None = None
+    mpp: float | None = None
+    tissue_crop: bool = False
+    augment: bool = True
+    freeze_norm: bool = True
+    epochs: int = 10
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    accumulate: int = 1
+    amp: str = "none"
+    dtype: str = "float32"
+    seed: int = 0
+    device: str = "auto"
+    save_every: int = 0
+    progress: bool = True
+
+    # Fields that may change when resuming; any other difference is refused.
+    RESUMABLE = ("epochs", "device", "save_every", "progress", "out")
+
+    def validate(self) -> None:
+        def bad(name: str, expected: str) -> ConfigError:
+            return ConfigError(f"{name} must be {expected}, received {getattr(self, name)!r}")
+
+        if self.optimizer not in _OPTIMIZERS:
+            raise bad("optimizer", " or ".join(_OPTIMIZERS))
+        if self.schedule not in _SCHEDULES:
+            raise bad("schedule", " or ".join(_SCHEDULES))
+        if self.amp not in _AMP:
+            raise bad("amp", " or ".join(_AMP))
+        if self.dtype not in _DTYPES:
+            raise bad("dtype", " or ".join(_DTYPES))
+        if self.amp != "none" and self.dtype != "float32":
+            raise ConfigError(f"--amp {self.amp} needs float32 parameters, received dtype {self.dtype!r}")
+        if self.epochs < 1:
+            raise bad("epochs", "at least 1")
+        if self.accumulate < 1:
+            raise bad("accumulate", "at least 1")
+        if not self.lr > 0:
+            raise bad("lr", "positive")
+        if self.tile_size is not None and self.tile_size < 1:
+            raise bad("tile_size", "a positive number of pixels")
+        if self.save_every < 0:
+            raise bad("save_every", "0 (only at the end of each epoch) or a positive number of steps")
+        if self.pool not in ("max", "avg"):
+            raise bad("pool", "'max' or 'avg'")
+
+
+@dataclass
+class StepInfo:
+    """Passed to ``on_step`` callbacks after every optimizer step (and after its checkpoint, if one was due)."""
+
+    epoch: int
+    step_in_epoch: int
+    global_step: int
+    loss: float
+    checkpointed: bool
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    checkpoint: Path
+    history: list[dict[str, float]]
+    model: SlideClassifier
+    allreduce_calls: int
+    global_step: int
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> TrainResult:
+    """Train a slide classifier; see the module docstring. Returns the history and the trained model.
+
+    ``resume=True`` continues from ``config.out/checkpoint.pt`` if it exists (and starts fresh otherwise).
+    """
+    config.validate()
+    device = _resolve_device(config.device)
+    ctx = init_distributed(device)
+    if ctx.distributed and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+    try:
+        return _Run(config, device, ctx, resume, on_step).run()
+    finally:
+        ctx.close()
+
+
+class _Run:
+    def __init__(
+        self,
+        config: TrainConfig,
+        device: torch.device,
+        ctx: DistContext,
+        resume: bool,
+        on_step: Callable[[StepInfo], None] | None,
+    ) -> None:
+        self.config, self.device, self.ctx, self.on_step = config, device, ctx, on_step
+        self.out = Path(config.out)
+        self.checkpoint_path = self.out / "checkpoint.pt"
+        self.dtype = _DTYPES[config.dtype]
+        _check_amp(config.amp, device)
+
+        saved = None
+        if self.checkpoint_path.exists():
+            if not resume:
+                raise ConfigError(
+                    f"{self.out} already holds a checkpoint: pass --resume to continue that run, "
+                    f"or choose another --out"
+                )
+            saved = load_checkpoint(self.checkpoint_path)
+            _check_resumable(saved["config"], config)
+
+        train_records, val_records = _load_records(config)
+        self.train_records, self.val_records = train_records, val_records
+        labels = [r.label for r in train_records]
+        self.num_classes = max(2, max(labels) + 1)
+        for r in val_records:
+            if r.label >= self.num_classes:
+                raise DataError(
+                    f"{r.where()}: validation label {r.label} does not occur among the training labels "
+                    f"(0..{self.num_classes - 1})"
+                )
+        if saved is not None and saved["num_classes"] != self.num_classes:
+            raise CheckpointError(
+                f"the checkpoint was trained with {saved['num_classes']} classes, the CSV now has "
+                f"{self.num_classes}; resume with the same data or start a new run"
+            )
+        self.norm = _normalisation(config)
+        self.boxes: dict[Path, Any] = {}
+
+        self.in_channels = _channels(train_records[0], config)
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed % 2**32)
+        import random
+
+        random.seed(config.seed)
+        self.model = build_model(
+            config.model,
+            self.num_classes,
+            in_channels=self.in_channels,
+            pool=config.pool,
+            pretrained=config.pretrained,
+            model_kwargs=config.model_kwargs,
+            tile_size=config.tile_size if config.budget is None else None,
+            memory_budget=config.budget,
+            freeze_norm=config.freeze_norm,
+        ).to(device=device, dtype=self.dtype)
+        if self.model.streamed is not None:
+            self.model.streamed.progress = config.progress and ctx.is_main  # a bar over tiles
+        ctx.broadcast_parameters(self.model)
+        self.optimizer = _make_optimizer(self.model, config)
+        self.scheduler = _make_scheduler(self.optimizer, config)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.epoch_loss_sum, self.epoch_slides = 0.0, 0
+        self.history: list[dict[str, float]] = []
+        self.best_val_loss = math.inf
+        self.allreduce_before = 0
+        if saved is not None:
+            self._restore(saved)
+
+    # -- checkpoint state -------------------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "config": _config_dict(self.config),
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "epoch_loss_sum": self.epoch_loss_sum,
+            "epoch_slides": self.epoch_slides,
+            "best_val_loss": self.best_val_loss,
+            "allreduce_calls": self.allreduce_before + self.ctx.allreduce_calls,
+            "history": self.history,
+            "rng": get_rng_state(),
+        }
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            if saved["scaler"]:
+                self.scaler.load_state_dict(saved["scaler"])
+            self.epoch, self.step_in_epoch = int(saved["epoch"]), int(saved["step_in_epoch"])
+            self.global_step = int(saved["global_step"])
+            self.epoch_loss_sum, self.epoch_slides = (
+                float(saved["epoch_loss_sum"]),
+                int(saved["epoch_slides"]),
+            )
+            self.best_val_loss = float(saved["best_val_loss"])
+            self.allreduce_before = int(saved["allreduce_calls"])
+            self.history = [dict(h) for h in saved["history"]]
+            set_rng_state(saved["rng"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(
+                f"{self.checkpoint_path} does not match this run ({type(err).__name__}: {err}); "
+                f"resume with the command that created it or start a new run"
+            ) from None
+        if self.ctx.is_main:
+            print(
+                f"resuming {self.checkpoint_path}: epoch {self.epoch + 1}, step {self.step_in_epoch} of it "
+                f"({self.global_step} optimizer steps done)",
+                flush=True,
+            )
+
+    def _save(self) -> None:
+        if self.ctx.is_main:
+            save_checkpoint(self.checkpoint_path, self._state())
+        self.ctx.barrier()
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.ctx.is_main and not self.val_records:
+            print("note: no validation slides (split 'val' or --val-csv); validation loss and AUC are NaN")
+        while self.epoch < cfg.epochs:
+            started = time.perf_counter()
+            self._train_epoch()
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            val = evaluate(
+                self.model,
+                self.val_records,
+                config=cfg,
+                device=self.device,
+                ctx=self.ctx,
+                progress=cfg.progress,
+                desc=f"validate {self.epoch + 1}/{cfg.epochs}",
+            )
+            row = {
+                "epoch": self.epoch + 1,
+                "train_loss": self.epoch_loss_sum / max(self.epoch_slides, 1),
+                "val_loss": val["loss"],
+                "val_auc": val["auc"],
+                "lr": lr,
+                "seconds": time.perf_counter() - started,
+                "steps": self.global_step,
+            }
+            self.history.append(row)
+            self.epoch += 1
+            self.step_in_epoch, self.epoch_loss_sum, self.epoch_slides = 0, 0.0, 0
+            improved = val["loss"] < self.best_val_loss
+            if improved:
+                self.best_val_loss = val["loss"]
+            self._save()
+            if self.ctx.is_main:
+                _write_log(self.out / "log.csv", self.history)
+                if improved:
+                    save_checkpoint(
+                        self.out / "best.pt", {k: v for k, v in self._state().items() if k != "rng"}
+                    )
+                print(
+                    f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f}  "
+                    f"val loss {row['val_loss']:.4f}  val AUC {row['val_auc']:.3f}  ({row['seconds']:.0f} s)",
+                    flush=True,
+                )
+        return TrainResult(
+            out=self.out,
+            checkpoint=self.checkpoint_path,
+            history=self.history,
+            model=self.model,
+            allreduce_calls=self.ctx.allreduce_calls,
+            global_step=self.global_step,
+        )
+
+    def _train_epoch(self) -> None:
+        cfg, ctx = self.config, self.ctx
+        order = epoch_order(cfg.seed, self.epoch, len(self.train_records))
+        per_step = cfg.accumulate * ctx.world_size
+        n_steps = math.ceil(len(order) / per_step)
+        self.model.train()
+        criterion = nn.CrossEntropyLoss(reduction="sum")
+        bar = _progress(
+            total=sum(
+                len(step_shard(order[s * per_step : (s + 1) * per_step], ctx.rank, ctx.world_size))
+                for s in range(n_steps)
+            ),
+            desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+            unit="slide",
+            enabled=cfg.progress and ctx.is_main,
+        )
+        done_before = sum(
+            len(step_shard(order[s * per_step : (s + 1) * per_step], ctx.rank, ctx.world_size))
+            for s in range(self.step_in_epoch)
+        )
+        bar.update(done_before)
+        with bar:
+            for step in range(self.step_in_epoch, n_steps):
+                global_slides = order[step * per_step : (step + 1) * per_step]
+                mine = step_shard(global_slides, ctx.rank, ctx.world_size)
+                loss_sum = 0.0
+                for index in mine:
+                    record = self.train_records[index]
+                    x = self._input(record, index)
+                    target = torch.tensor([record.label], device=self.device)
+                    with _autocast(cfg.amp, self.device):
+                        logits = self.model(x)
+                    loss = criterion(logits.float(), target)
+                    self.scaler.scale(loss / len(global_slides)).backward()
+                    loss_sum += float(loss.detach())
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum / max(len(mine), 1):.4f}")
+                # NOTE [ One all-reduce per optimizer step ]
+                loss_sum = self._all_reduce(loss_sum)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.global_step += 1
+                self.step_in_epoch = step + 1
+                self.epoch_loss_sum += loss_sum
+                self.epoch_slides += len(global_slides)
+                due = cfg.save_every > 0 and self.global_step % cfg.save_every == 0 and step + 1 < n_steps
+                if due:
+                    self._save()
+                if self.on_step is not None:
+                    self.on_step(
+                        StepInfo(
+                            self.epoch,
+                            self.step_in_epoch,
+                            self.global_step,
+                            loss_sum / len(global_slides),
+                            due,
+                        )
+                    )
+
+    def _all_reduce(self, loss_sum: float) -> float:
+        """All-reduce gradients (and this step's loss sum, in the same message) across processes."""
+        if not self.ctx.distributed:
+            return loss_sum
+        carrier = nn.Parameter(torch.zeros(1, dtype=self.dtype, device=self.device))
+        carrier.grad = torch.tensor([loss_sum], dtype=self.dtype, device=self.device)
+        self.ctx.all_reduce_gradients([*self.model.parameters(), carrier])
+        return float(carrier.grad[0])
+
+    def _input(self, record: SlideRecord, index: int) -> Any:
+        rng = np.random.default_rng([self.config.seed, self.epoch, index])
+        return slide_input(
+            record,
+            self.config,
+            self.norm,
+            self.dtype,
+            rng=rng if self.config.augment else None,
+            boxes=self.boxes,
+        )
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    """The order of the n training slides in an epoch: a permutation seeded by (seed, epoch) only.
+
+    >>> epoch_order(0, 3, 5) == epoch_order(0, 3, 5) != epoch_order(0, 4, 5)
+    True
+    """
+    return [int(i) for i in np.random.default_rng([seed, epoch, 2**31]).permutation(n)]
+
+
+def slide_input(
+    record: SlideRecord,
+    config: TrainConfig,
+    norm: tuple[Sequence[float] | None, Sequence[float] | None],
+    dtype: torch.dtype,
+    rng: np.random.Generator | None = None,
+    boxes: dict[Path, Any] | None = None,
+) -> SlideInput:
+    """The lazy (1, C, H, W) model input for one slide: cropped to its tissue (``config.tissue_crop``; boxes are
+    cached in ``boxes``), randomly flipped/rotated by ``rng`` when given, converted to float on reading."""
+    array = open_slide(record.image, level=config.level, mpp=config.mpp, where=record.where())
+    if config.tissue_crop:
+        if boxes is not None and record.image in boxes:
+            box = boxes[record.image]
+        else:
+            box = tissue_box(array)  # None when the threshold finds no tissue: the whole slide is used
+            if boxes is not None:
+                boxes[record.image] = box
+        if box is not None:
+            array = crop(array, box)
+    if rng is not None:
+        array = random_orientation(array, rng)
+    mean, std = norm
+    return SlideInput(array, mean=mean, std=std, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(
+    model: SlideClassifier,
+    records: Sequence[SlideRecord],
+    *,
+    config: TrainConfig,
+    device: torch.device,
+    ctx: DistContext | None = None,
+    progress: bool = False,
+    desc: str = "predict",
+) -> dict[str, Any]:
+    """Class probabilities of every slide, and (when labelled) the mean cross-entropy loss and the AUC.
+
+    With several processes each evaluates every world_size-th slide and the results are gathered on all.
+    """
+    ctx = ctx or DistContext()
+    was_training = model.training
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    norm = _normalisation(config)
+    mine = list(range(ctx.rank, len(records), ctx.world_size))
+    results = []
+    boxes: dict[Path, Any] = {}
+    with _progress(total=len(mine), desc=desc, unit="slide", enabled=progress and ctx.is_main) as bar:
+        for i in mine:
+            x = slide_input(records[i], config, norm, dtype, boxes=boxes)
+            with _autocast(config.amp, device):
+                logits = model(x)
+            probs = torch.softmax(logits.float(), dim=1)[0].cpu().tolist()
+            results.append((i, probs))
+            bar.update(1)
+    model.train(was_training)
+    gathered = sorted(ctx.gather(results))
+    probs = np.array([p for _, p in gathered], dtype=np.float64).reshape(len(records), -1)
+    labels = [r.label for r in records]
+    out: dict[str, Any] = {"probs": probs, "loss": math.nan, "auc": math.nan}
+    if records and all(label is not None for label in labels):
+        y = np.asarray(labels)
+        picked = probs[np.arange(len(y)), y]
+        out["loss"] = float(-np.mean(np.log(np.clip(picked, 1e-12, None))))
+        out["auc"] = _auc(y, probs)
+    return out
+
+
+def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    present = np.unique(labels)
+    if len(present) < 2:
+        return math.nan
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(labels, probs[:, 1]))
+    if len(present) < probs.shape[1]:
+        return math.nan
+    return float(roc_auc_score(labels, probs, multi_class="ovr"))
+
+
+def load_trained_model(
+    checkpoint: str | Path | dict[str, Any],
+    *,
+    device: str | torch.device = "auto",
+    tile_size: int | None = None,
+    budget: str | None = None,
+) -> tuple[SlideClassifier, TrainConfig]:
+    """Rebuild the model of a training checkpoint (``tile_size``/``budget`` override the training tiling)."""
+    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    config = _config_from_dict(state["config"])
+    if tile_size is not None or budget is not None:
+        config.tile_size, config.budget = tile_size, budget
+    dev = _resolve_device(device) if isinstance(device, str) else device
+    model = build_model(
+        config.model,
+        int(state["num_classes"]),
+        in_channels=int(state["in_channels"]),
+        pool=config.pool,
+        pretrained=False,
+        model_kwargs=config.model_kwargs,
+        tile_size=config.tile_size if config.budget is None else None,
+        memory_budget=config.budget,
+        freeze_norm=config.freeze_norm,
+    ).to(device=dev, dtype=_DTYPES[config.dtype])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"the checkpoint's weights do not fit its model {config.model!r}: {err}"
+        ) from None
+    model.eval()
+    return model, config
+
+
+def predict(
+    checkpoint: str | Path,
+    csv_path: str | Path,
+    out_csv: str | Path,
+    *,
+    device: str = "auto",
+    tile_size: int | None = None,
+    budget: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write per-slide class probabilities of every slide in ``csv_path`` to ``out_csv``.
+
+    The CSV needs an ``image`` column; ``label`` is optional (when present, the AUC is returned too). Columns written:
+    ``image`` (as in the input CSV), ``label`` (if known) and ``probability`` (of class 1) for two classes, or
+    ``prob_0``, ``prob_1``, ... for more.
+    """
+    model, config = load_trained_model(checkpoint, device=device, tile_size=tile_size, budget=budget)
+    records = read_slide_csv(csv_path, require_labels=False, level=config.level, mpp=config.mpp)
+    dev = next(model.parameters()).device
+    result = evaluate(model, records, config=config, device=dev, progress=progress)
+    probs = result["probs"]
+    k = probs.shape[1]
+    has_labels = all(r.label is not None for r in records)
+    columns = [
+        "image",
+        *(["label"] if has_labels else []),
+        *(["probability"] if k == 2 else [f"prob_{c}" for c in range(k)]),
+    ]
+    base = Path(csv_path).resolve().parent
+    rows = []
+    for record, p in zip(records, probs):
+        name = os.path.relpath(record.image, base)
+        values = [p[1]] if k == 2 else list(p)
+        rows.append([name, *([record.label] if has_labels else []), *(f"{v:.6g}" for v in values)])
+    _atomic_csv(Path(out_csv), columns, rows)
+    return result
+
+
+# -- helpers --------------------------------------------------------------------------------------------------------
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', received {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA device is available; use --device cpu")
+    return device
+
+
+def _check_amp(amp: str, device: torch.device) -> None:
+    if amp == "none":
+        return
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    if device.type == "cuda" and amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU does not support bfloat16; use --amp fp16 or --amp none")
+    if not torch.amp.is_autocast_available(device.type):
+        raise ConfigError(f"autocast is not available on {device.type}; use --amp none")
+    try:
+        with torch.autocast(device.type, dtype=dtype):
+            pass
+    except RuntimeError as err:
+        raise ConfigError(f"--amp {amp} is not supported on {device.type} ({err}); use --amp none") from None
+
+
+def _autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _normalisation(config: TrainConfig) -> tuple[Sequence[float] | None, Sequence[float] | None]:
+    return (IMAGENET_MEAN, IMAGENET_STD) if config.imagenet_norm else (None, None)
+
+
+def _channels(record: SlideRecord, config: TrainConfig) -> int:
+    return int(open_slide(record.image, level=config.level, mpp=config.mpp, where=record.where()).shape[0])
+
+
+def _load_records(config: TrainConfig) -> tuple[list[SlideRecord], list[SlideRecord]]:
+    records = read_slide_csv(config.csv, level=config.level, mpp=config.mpp)
+    train_records = [r for r in records if r.split == "train"]
+    val_records = [r for r in records if r.split == "val"]
+    if config.val_csv:
+        val_records += read_slide_csv(config.val_csv, level=config.level, mpp=config.mpp)
+    if not train_records:
+        raise DataError(
+            f"{Path(config.csv).name}: no training slides (rows with split 'train' or no split column)"
+        )
+    return train_records, val_records
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> Any:
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, config.epochs // 3), gamma=0.1)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def _config_dict(config: TrainConfig) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def _config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in data.items() if k in names})
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
+    now = _config_dict(config)
+    differ = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}"
+        for k in now
+        if k not in TrainConfig.RESUMABLE and saved.get(k) != now[k]
+    ]
+    if differ:
+        raise CheckpointError(
+            "cannot resume: the run's settings differ from the checkpoint's (" + "; ".join(differ) + "). "
+            "Resume with the same options (only --epochs, --device, --save-every and progress may change) "
+            "or start a new run in another --out directory"
+        )
+
+
+def _write_log(path: Path, history: list[dict[str, float]]) -> None:
+    rows = [[_fmt(h[c]) for c in LOG_COLUMNS] for h in history]
+    _atomic_csv(path, list(LOG_COLUMNS), rows)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def _atomic_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _progress(*, total: int, desc: str, unit: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False, dynamic_ncols=True)

@@ -1,0 +1,260 @@
+"""Slide classifiers: a streamed trunk (the local layers) and a head (global pooling + a linear classifier).
+
+:func:`build_model` accepts
+
+* a torchvision classification model name (``resnet18``, ``resnet34``, ``densenet121``, ``vgg16``, ...),
+* a built-in tilegrad model (``small_cnn``, the demo's network),
+* ``package.module:factory``: a callable returning either an ``nn.Module`` (split automatically into trunk and head)
+  or a ``(trunk, head)`` pair (used as given).
+
+The trunk is wrapped in :class:`tilegrad.StreamingModule` when a tile size or memory budget is given, so a slide of
+any size runs through it tile by tile with exact gradients; without one the trunk runs on the whole image
+(conventional training, e.g. on downsampled slides).
+
+NOTE [ Frozen normalisation ]: BatchNorm in training mode normalises with statistics over the whole image, which is
+not a local operation and cannot be streamed. With ``freeze_norm`` (the default) every BatchNorm/InstanceNorm layer
+stays in eval mode, using its running statistics, even while the rest of the model trains; their affine weights are
+still trained. :meth:`SlideClassifier.train` re-applies this every time the mode changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, TilegradError
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PoolingHead", "SlideClassifier", "build_model", "small_cnn"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+class PoolingHead(nn.Module):
+    """Global max or average pooling over all spatial axes, then a linear classifier.
+
+    >>> head = PoolingHead(8, 2, pool="max")
+    >>> head(torch.zeros(1, 8, 5, 7)).shape
+    torch.Size([1, 2])
+    """
+
+    def __init__(self, channels: int, num_classes: int, pool: str = "max") -> None:
+        super().__init__()
+        if pool not in ("max", "avg"):
+            raise ConfigError(f"pool must be 'max' or 'avg', received {pool!r}")
+        self.pool = pool
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        flat = features.flatten(2)
+        pooled = flat.amax(-1) if self.pool == "max" else flat.mean(-1)
+        return self.fc(pooled)
+
+
+class SlideClassifier(nn.Module):
+    """``head(trunk(x))`` with the trunk optionally streamed; see the module docstring.
+
+    ``tile_size`` (int or tuple) or ``memory_budget`` (``"2GiB"``: tile size chosen automatically) turns streaming
+    on; with neither, the trunk runs on the whole input.
+    """
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        head: nn.Module,
+        *,
+        tile_size: int | tuple[int, ...] | None = None,
+        memory_budget: int | str | None = None,
+        freeze_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+        self.freeze_norm = freeze_norm
+        self.tile_size = tile_size
+        self.memory_budget = memory_budget
+        # The streaming wrapper holds the same trunk object; kept out of the module registry so that parameters
+        # and state_dict keys appear once (under ``trunk.``).
+        self.__dict__["streamed"] = _make_streamed(trunk, tile_size, memory_budget)
+        self.train(self.training)
+
+    @property
+    def is_streamed(self) -> bool:
+        return self.streamed is not None
+
+    def features(self, x: Any) -> torch.Tensor:
+        """Trunk output for a (1, C, H, W) tensor or lazy array (lazy arrays need streaming)."""
+        if self.streamed is not None:
+            return self.streamed(x)
+        if not isinstance(x, torch.Tensor):
+            x = x.materialize() if hasattr(x, "materialize") else torch.as_tensor(x[:])
+        param = next(self.trunk.parameters(), None)
+        if param is not None:
+            x = x.to(param.device)
+        return self.trunk(x)
+
+    def forward(self, x: Any) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def train(self, mode: bool = True) -> SlideClassifier:
+        super().train(mode)
+        if self.streamed is not None:
+            self.streamed.training = (
+                mode  # not a registered child (see __init__); its plans are keyed by mode
+            )
+        if self.freeze_norm:  # NOTE [ Frozen normalisation ]
+            for module in self.trunk.modules():
+                if isinstance(module, _NORM_TYPES):
+                    module.eval()
+        return self
+
+
+def _make_streamed(trunk: nn.Module, tile_size: Any, memory_budget: Any) -> nn.Module | None:
+    if tile_size is None and memory_budget is None:
+        return None
+    from ..stream import StreamingModule
+
+    if memory_budget is not None:
+        return StreamingModule(trunk, tile_size="auto", memory_budget=memory_budget)
+    return StreamingModule(trunk, tile_size=tile_size)
+
+
+def small_cnn(in_channels: int = 3, width: int = 16) -> nn.Sequential:
+    """The demo's trunk: five 3x3 convolutions with ReLU, four of them with stride 2 (total stride 16).
+
+    >>> small_cnn()(torch.zeros(1, 3, 64, 64)).shape
+    torch.Size([1, 32, 4, 4])
+    """
+    w = width
+    return nn.Sequential(
+        nn.Conv2d(in_channels, w, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(w, w, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1),
+        nn.ReLU(),
+    )
+
+
+_BUILTIN = {"small_cnn": small_cnn}
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    *,
+    in_channels: int = 3,
+    pool: str = "max",
+    pretrained: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+    tile_size: int | tuple[int, ...] | None = None,
+    memory_budget: int | str | None = None,
+    freeze_norm: bool = True,
+) -> SlideClassifier:
+    """Build a :class:`SlideClassifier` from a model name (see the module docstring).
+
+    >>> m = build_model("small_cnn", 2, model_kwargs={"width": 4})
+    >>> m(torch.zeros(1, 3, 32, 32)).shape
+    torch.Size([1, 2])
+    """
+    trunk, head = _trunk_and_head(name, in_channels, pretrained, dict(model_kwargs or {}))
+    if head is None:
+        head = PoolingHead(_output_channels(trunk, in_channels, name), num_classes, pool=pool)
+    return SlideClassifier(
+        trunk, head, tile_size=tile_size, memory_budget=memory_budget, freeze_norm=freeze_norm
+    )
+
+
+def _trunk_and_head(
+    name: str, in_channels: int, pretrained: bool, kwargs: dict[str, Any]
+) -> tuple[nn.Module, nn.Module | None]:
+    if ":" in name:
+        made = _call_factory(name, kwargs)
+        if isinstance(made, tuple) and len(made) == 2 and all(isinstance(m, nn.Module) for m in made):
+            return made[0], made[1]
+        if not isinstance(made, nn.Module):
+            raise ConfigError(
+                f"factory {name!r} returned {type(made).__name__}; expected an nn.Module or a (trunk, head) pair"
+            )
+        return _split(made, name), None
+    if name in _BUILTIN:
+        if pretrained:
+            raise ConfigError(f"there are no pretrained weights for the built-in model {name!r}")
+        return _BUILTIN[name](in_channels=in_channels, **kwargs), None
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise ConfigError(
+            f"unknown model {name!r}: expected a torchvision classification model (e.g. resnet18, densenet121, "
+            f"vgg16), a built-in model ({', '.join(sorted(_BUILTIN))}) or 'package.module:factory'"
+        )
+    if in_channels != 3:
+        raise ConfigError(f"torchvision model {name!r} takes 3 input channels, the slides have {in_channels}")
+    weights = "DEFAULT" if pretrained else None
+    try:
+        model = torchvision.models.get_model(name, weights=weights, **kwargs)
+    except (OSError, RuntimeError) as err:  # urllib's URLError is an OSError
+        if not pretrained:
+            raise
+        raise ConfigError(
+            f"could not load pretrained weights for {name!r} ({err}); put them in the torch hub cache "
+            f"($TORCH_HOME/hub/checkpoints) or train without --pretrained"
+        ) from None
+    return _split(model, name), None
+
+
+def _call_factory(spec: str, kwargs: dict[str, Any]) -> Any:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"cannot import {module_name!r} for model {spec!r}: {err}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"{module_name!r} has no callable {attr!r} (model {spec!r})")
+    return factory(**kwargs)
+
+
+def _split(model: nn.Module, name: str) -> nn.Module:
+    """The local part of a classification network (everything before global pooling), via split_model."""
+    from ..split import split_model
+
+    try:
+        trunk, _ = split_model(model)
+    except TilegradError as err:
+        raise ConfigError(
+            f"cannot split model {name!r} into a streamed trunk and a head: {err}. Give a factory that returns "
+            f"a (trunk, head) pair instead"
+        ) from None
+    if type(model).__name__ == "DenseNet":
+        # torchvision's DenseNet applies a ReLU to the features before pooling (in forward, not as a module)
+        trunk = nn.Sequential(trunk, nn.ReLU())
+    return trunk
+
+
+def _output_channels(trunk: nn.Module, in_channels: int, name: str) -> int:
+    was_training = trunk.training
+    trunk.eval()
+    try:
+        param = next(trunk.parameters(), None)
+        dtype = param.dtype if param is not None else torch.float32
+        for size in (64, 256):
+            try:
+                with torch.no_grad():
+                    out = trunk(torch.zeros(1, in_channels, size, size, dtype=dtype))
+                return int(out.shape[1])
+            except RuntimeError:
+                continue
+    finally:
+        trunk.train(was_training)
+    raise TilegradError(f"could not run the trunk of {name!r} on a 256x256 input to find its output channels")

@@ -1,0 +1,174 @@
+"""Saliency: where on the slide the prediction comes from (as in the figures of Pinckaers et al., TPAMI 2020).
+
+The saliency of a pixel is the magnitude of the gradient of the predicted class score (the logit of the target
+class) with respect to that pixel of the model input, ``x.grad``. With a streamed model the gradient is computed by
+the StreamingModule tile by tile, so it equals the whole-image gradient while the activations never exist for the
+whole slide at once. The full-resolution map (maximum over channels of ``|x.grad|``) is reduced to a low-resolution
+map by averaging blocks of pixels; that map is saved as ``.npy`` and drawn over a thumbnail of the slide as a PNG.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from .dataset import SlideInput, open_slide
+from .model import SlideClassifier
+
+__all__ = ["SaliencyResult", "block_mean", "input_gradient", "render_saliency", "saliency"]
+
+
+def input_gradient(
+    model: SlideClassifier, x: torch.Tensor | SlideInput, target: int | None = None
+) -> tuple[torch.Tensor, np.ndarray, int]:
+    """Gradient of the target class's logit w.r.t. the (1, C, H, W) input; returns (x.grad, probabilities, target).
+
+    ``target`` defaults to the predicted class. The model's parameters receive no gradient.
+
+    >>> from tilegrad.train.model import build_model
+    >>> m = build_model("small_cnn", 2, model_kwargs={"width": 4})
+    >>> g, p, t = input_gradient(m, torch.rand(1, 3, 32, 32))
+    >>> g.shape, p.shape
+    (torch.Size([1, 3, 32, 32]), (2,))
+    """
+    if isinstance(x, SlideInput):
+        x = x.materialize()
+    param = next(model.parameters())
+    x = x.detach().to(device=param.device, dtype=param.dtype).requires_grad_(True)
+    was_training = model.training
+    model.eval()
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            probs = torch.softmax(logits.detach().double(), dim=1)[0].cpu().numpy()
+            if target is None:
+                target = int(np.argmax(probs))
+            if not 0 <= target < logits.shape[1]:
+                raise ConfigError(
+                    f"target class {target} out of range: the model has {logits.shape[1]} classes"
+                )
+            logits[0, target].backward()
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+        model.train(was_training)
+    assert x.grad is not None  # backward reached the leaf input
+    return x.grad, probs, target
+
+
+def block_mean(values: np.ndarray, factor: int) -> np.ndarray:
+    """Average (H, W) ``values`` over ``factor x factor`` blocks (edge blocks average what they contain).
+
+    >>> block_mean(np.arange(16.0).reshape(4, 4), 2)
+    array([[ 2.5,  4.5],
+           [10.5, 12.5]])
+    """
+    if factor <= 1:
+        return values.astype(np.float64)
+    h, w = values.shape
+    H, W = -(-h // factor), -(-w // factor)
+    padded = np.zeros((H * factor, W * factor), dtype=np.float64)
+    counts = np.zeros_like(padded)
+    padded[:h, :w] = values
+    counts[:h, :w] = 1
+    s = padded.reshape(H, factor, W, factor).sum(axis=(1, 3))
+    c = counts.reshape(H, factor, W, factor).sum(axis=(1, 3))
+    return s / c
+
+
+@dataclass
+class SaliencyResult:
+    png: Path
+    npy: Path
+    map: np.ndarray
+    probabilities: np.ndarray
+    target: int
+    factor: int
+
+
+def saliency(
+    checkpoint: str | Path,
+    image: str | Path,
+    out_png: str | Path,
+    *,
+    target: int | None = None,
+    level: int | None = None,
+    mpp: float | None = None,
+    max_side: int = 1024,
+    device: str = "auto",
+    tile_size: int | None = None,
+    budget: str | None = None,
+) -> SaliencyResult:
+    """Compute the saliency of ``image`` under a trained checkpoint; write OUT.png and OUT.npy (low resolution).
+
+    ``level``/``mpp`` default to the resolution the model was trained at; ``max_side`` bounds the longer side of
+    the low-resolution map and thumbnail.
+    """
+    from .loop import _normalisation, load_trained_model
+
+    model, config = load_trained_model(checkpoint, device=device, tile_size=tile_size, budget=budget)
+    level = config.level if level is None and mpp is None else level
+    mpp = config.mpp if mpp is None else mpp
+    array = open_slide(image, level=level, mpp=mpp)
+    mean, std = _normalisation(config)
+    dtype = next(model.parameters()).dtype
+    grad, probs, target = input_gradient(model, SlideInput(array, mean=mean, std=std, dtype=dtype), target)
+    full = grad[0].abs().amax(dim=0).cpu().numpy()
+    factor = max(1, -(-max(full.shape) // max_side))
+    low = block_mean(full, factor).astype(np.float32)
+    thumb = np.asarray(array[:, ::factor, ::factor])
+    out_png = Path(out_png)
+    npy = out_png.with_suffix(".npy")
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    np.save(npy, low)
+    title = f"{Path(image).name}: P(class {target}) = {probs[target]:.3f}"
+    render_saliency(thumb, low, out_png, title=title)
+    return SaliencyResult(out_png, npy, low, probs, target, factor)
+
+
+def render_saliency(thumbnail: np.ndarray, heat: np.ndarray, path: str | Path, *, title: str = "") -> Path:
+    """Draw a (C, h, w) thumbnail beside the same thumbnail overlaid with the heat map; save as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rgb = _as_rgb(thumbnail)
+    vmax = float(np.percentile(heat, 99.5)) or float(heat.max()) or 1.0
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.4), constrained_layout=True)
+    axes[0].imshow(rgb)
+    axes[0].set_title("slide")
+    axes[1].imshow(rgb)
+    extent = (-0.5, rgb.shape[1] - 0.5, rgb.shape[0] - 0.5, -0.5)
+    shown = axes[1].imshow(
+        heat[: rgb.shape[0], : rgb.shape[1]], cmap="inferno", alpha=0.6, vmin=0, vmax=vmax, extent=extent
+    )
+    axes[1].set_title("saliency |d score / d pixel|")
+    fig.colorbar(shown, ax=axes[1], shrink=0.8)
+    for ax in axes:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def _as_rgb(thumbnail: np.ndarray) -> Any:
+    img = np.moveaxis(np.asarray(thumbnail), 0, -1)
+    if img.shape[-1] == 1:
+        img = img[..., 0]
+    elif img.shape[-1] > 3:
+        img = img[..., :3]
+    if img.dtype != np.uint8:
+        lo, hi = float(img.min()), float(img.max())
+        img = ((img - lo) / (hi - lo or 1.0) * 255).astype(np.uint8)
+    return img

@@ -1,0 +1,343 @@
+"""Reversible blocks: exact gradients, invertibility, BatchNorm statistics, RNG replay, memory flat in depth."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import tilegrad
+from tilegrad import AdditiveCoupling, ReversibleSequential, ShapeError
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def branch(c: int, ndim: int, kind: str = "conv") -> nn.Module:
+    conv = CONV[ndim]
+    if kind == "conv":  # conv-ReLU-conv, small weights so 16 blocks stay well conditioned
+        return nn.Sequential(conv(c, c, 3, padding=1), nn.ReLU(), conv(c, c, 3, padding=1))
+    if kind == "bn":
+        return nn.Sequential(conv(c, c, 3, padding=1, bias=False), BN[ndim](c), nn.ReLU())  # bias: zero grad
+    if kind == "dropout":
+        return nn.Sequential(conv(c, c, 3, padding=1), nn.Dropout(0.3), nn.LeakyReLU())
+    if kind == "pointwise":
+        return nn.Sequential(conv(c, c, 1), nn.Tanh())
+    raise ValueError(kind)
+
+
+def blocks(n: int, c: int, ndim: int, kind: str = "conv") -> list[AdditiveCoupling]:
+    return [AdditiveCoupling(branch(c, ndim, kind), branch(c, ndim, kind)) for _ in range(n)]
+
+
+def grads_of(module: nn.Module, x: torch.Tensor, loss_fn=lambda y: (y * y.detach().sin()).sum()):
+    """Forward + backward; return (output, [input grad, every parameter grad])."""
+    x = x.detach().clone().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    y = module(x)
+    loss_fn(y).backward()
+    return y.detach(), [x.grad] + [p.grad for p in module.parameters()]
+
+
+def assert_close(a: list, b: list, rel: float) -> None:
+    assert len(a) == len(b)
+    for i, (u, v) in enumerate(zip(a, b)):
+        assert u is not None and v is not None, f"gradient {i} missing"
+        err = ((u - v).norm() / v.norm().clamp_min(1e-300)).item()
+        assert err <= rel, f"tensor {i}: relative error {err:.3g} > {rel:g}"
+
+
+# ------------------------------------------------------------------------------------------- equivalence ----
+
+
+@pytest.mark.parametrize(
+    "ndim, shape",
+    [
+        (1, (3, 8, 40)),  # 1D, batch 3
+        (2, (2, 8, 12, 11)),  # 2D, odd width
+        (3, (1, 4, 6, 7, 5)),  # 3D, batch 1
+    ],
+)
+@pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_gradients_match_plain_backprop_at_16_blocks(ndim, shape, dtype, rel):
+    torch.manual_seed(0)
+    bl = blocks(16, shape[1] // 2, ndim)
+    plain = nn.Sequential(*bl).to(dtype)
+    rev = ReversibleSequential(*bl)  # same parameters
+    x = torch.randn(shape, dtype=dtype)
+    y_rev, g_rev = grads_of(rev, x)
+    y_plain, g_plain = grads_of(plain, x)
+    assert_close([y_rev], [y_plain], rel)
+    assert_close(g_rev, g_plain, rel)
+    assert len(g_rev) == 1 + 16 * 2 * 4
+
+
+def test_nested_and_called_twice_per_step():
+    """The same stack used twice in one graph, between ordinary layers: gradients accumulate as in plain backprop."""
+    torch.manual_seed(1)
+    bl = blocks(3, 3, 2)
+    stem, head = nn.Conv2d(2, 6, 3, padding=1), nn.Conv2d(6, 1, 1)
+
+    class Net(nn.Module):
+        def __init__(self, stack):
+            super().__init__()
+            self.stem, self.stack, self.head = stem, stack, head
+
+        def forward(self, x):
+            h = self.stack(self.stem(x))
+            return self.head(self.stack(torch.relu(h)))
+
+    rev, plain = Net(ReversibleSequential(*bl)).double(), Net(nn.Sequential(*bl)).double()
+    x = torch.randn(2, 2, 9, 9, dtype=torch.float64)
+    _, g_rev = grads_of(rev, x)
+    _, g_plain = grads_of(plain, x)
+    assert_close(g_rev, g_plain, 1e-10)
+
+
+def test_frozen_parameters_and_input_without_grad():
+    torch.manual_seed(2)
+    bl = blocks(4, 2, 1)
+    for p in bl[1].parameters():
+        p.requires_grad_(False)
+    rev, plain = ReversibleSequential(*bl).double(), nn.Sequential(*bl).double()
+    x = torch.randn(2, 4, 16, dtype=torch.float64)
+    for m in (rev, plain):
+        m.zero_grad(set_to_none=True)
+        m(x).square().sum().backward()  # x does not require grad
+    p_rev = [p.grad for p in rev.parameters() if p.requires_grad]
+    rev_copy = [g.clone() for g in p_rev]
+    assert all(p.grad is None for p in bl[1].parameters())
+    plain.zero_grad(set_to_none=True)
+    plain(x).square().sum().backward()
+    assert_close(rev_copy, [p.grad for p in plain.parameters() if p.requires_grad], 1e-10)
+
+
+def test_no_grad_forward_is_plain_and_matches():
+    torch.manual_seed(3)
+    rev = ReversibleSequential(*blocks(3, 2, 2))
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(rev(x), nn.Sequential(*rev.blocks)(x))
+
+
+def test_autocast_bfloat16_matches_plain_autocast():
+    torch.manual_seed(4)
+    bl = blocks(4, 4, 2, "bn")
+    plain = nn.Sequential(*copy.deepcopy(bl))
+    rev = ReversibleSequential(*bl)
+    x = torch.randn(2, 8, 10, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_rev, g_rev = grads_of(rev, x)
+        y_plain, g_plain = grads_of(plain, x)
+    assert y_rev.dtype == y_plain.dtype
+    assert_close([y_rev.float()], [y_plain.float()], 1e-6)  # same ops, same rounding in forward
+    assert_close(g_rev, g_plain, 5e-2)  # backward recomputes from a bfloat16-rounded reconstruction
+
+
+# ------------------------------------------------------------------------------------------ invertibility ----
+
+
+@pytest.mark.parametrize("kind", ["conv", "bn", "dropout", "pointwise"])
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_round_trip_of_every_block_type(kind, ndim):
+    torch.manual_seed(5)
+    stack = ReversibleSequential(*blocks(3, 2, ndim, kind)).double().eval()
+    x = torch.randn(2, 4, *(6,) * ndim, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(stack.inverse(stack(x)), x, atol=1e-12)
+        assert torch.allclose(stack.blocks[0].inverse(stack.blocks[0](x)), x, atol=1e-12)
+
+
+def test_round_trip_other_split_dim():
+    block = AdditiveCoupling(nn.Linear(3, 3), nn.Linear(3, 3), split_dim=-1).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    assert torch.allclose(block.inverse(block(x)), x, atol=1e-12)
+    rev, plain = ReversibleSequential(block), nn.Sequential(block)
+    assert_close(grads_of(rev, x)[1], grads_of(plain, x)[1], 1e-10)
+
+
+# ---------------------------------------------------------------------------------- statistics, randomness ----
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])  # None: cumulative average driven by num_batches_tracked
+def test_batchnorm_running_statistics_update_once_per_step(momentum):
+    torch.manual_seed(6)
+    bl = blocks(3, 3, 3, "bn")
+    for m in nn.Sequential(*bl).modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.momentum = momentum
+    plain = nn.Sequential(*copy.deepcopy(bl)).double()
+    rev = ReversibleSequential(*bl).double()
+    for _step in range(2):
+        x = torch.randn(2, 6, 5, 5, 5, dtype=torch.float64)
+        _, g_rev = grads_of(rev, x)
+        _, g_plain = grads_of(plain, x)
+        assert_close(g_rev, g_plain, 1e-10)
+    bns_rev = [m for m in rev.modules() if isinstance(m, nn.BatchNorm3d)]
+    bns_plain = [m for m in plain.modules() if isinstance(m, nn.BatchNorm3d)]
+    assert len(bns_rev) == 6
+    for a, b in zip(bns_rev, bns_plain):
+        assert a.num_batches_tracked.item() == b.num_batches_tracked.item() == 2
+        assert torch.allclose(a.running_mean, b.running_mean, rtol=0, atol=1e-14)
+        assert torch.allclose(a.running_var, b.running_var, rtol=0, atol=1e-14)
+
+
+def test_dropout_replays_the_same_masks_and_leaves_the_global_rng_alone():
+    torch.manual_seed(7)
+    bl = blocks(4, 3, 2, "dropout")
+    rev, plain = ReversibleSequential(*bl).double(), nn.Sequential(*bl).double()
+    x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+    torch.manual_seed(123)
+    y_rev, g_rev = grads_of(rev, x)
+    after_rev = torch.rand(3)
+    torch.manual_seed(123)
+    y_plain, g_plain = grads_of(plain, x)
+    after_plain = torch.rand(3)
+    assert torch.equal(y_rev, y_plain)
+    assert_close(g_rev, g_plain, 1e-10)
+    assert torch.equal(after_rev, after_plain)
+
+
+def test_without_rng_replay_dropout_gradients_are_wrong():
+    """The replay is what makes the dropout test pass (guards against a test that cannot fail)."""
+    torch.manual_seed(7)
+    bl = blocks(4, 3, 2, "dropout")
+    rev = ReversibleSequential(*bl, preserve_rng_state=False).double()
+    plain = nn.Sequential(*bl).double()
+    x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+    torch.manual_seed(123)
+    _, g_rev = grads_of(rev, x)
+    torch.manual_seed(123)
+    _, g_plain = grads_of(plain, x)
+    with pytest.raises(AssertionError):
+        assert_close(g_rev, g_plain, 1e-3)
+
+
+# ------------------------------------------------------------------------------------ reconstruction check ----
+
+
+class Scale(nn.Module):
+    def __init__(self, inner: nn.Module, factor: float):
+        super().__init__()
+        self.inner, self.factor = inner, factor
+
+    def forward(self, x):
+        return self.inner(x) * self.factor
+
+
+def test_reconstruction_check_warns_with_the_number_on_drift():
+    torch.manual_seed(8)
+    # large branch outputs without normalisation: activations grow ~1000x over 6 blocks, float32 rounding drifts
+    bl = [AdditiveCoupling(Scale(branch(2, 2), 10.0), Scale(branch(2, 2), 10.0)) for _ in range(6)]
+    rev = ReversibleSequential(*bl, check_reconstruction=1e-3)
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match=r"differs from the true input by [0-9.e+-]+"):
+        rev(x).sum().backward()
+    assert rev.last_reconstruction_error > 1e-3
+
+
+def test_reconstruction_check_quiet_on_a_healthy_stack():
+    torch.manual_seed(9)
+    rev = ReversibleSequential(*blocks(8, 2, 2, "bn"), check_reconstruction=1e-3)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rev(x).sum().backward()
+    assert 0 <= rev.last_reconstruction_error < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ errors ----
+
+
+def test_odd_channel_count_names_the_numbers():
+    rev = ReversibleSequential(*blocks(2, 2, 2))
+    with pytest.raises(ShapeError, match=r"splits dim 1 .* 5 entries .*\(1, 5, 4, 4\)"):
+        rev(torch.randn(1, 5, 4, 4, requires_grad=True))
+
+
+def test_branch_changing_the_shape_is_refused():
+    block = AdditiveCoupling(nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1))
+    with pytest.raises(ShapeError, match=r"AdditiveCoupling.f must return .*\(1, 2, 6, 6\).*\(1, 3, 6, 6\)"):
+        block(torch.randn(1, 4, 6, 6))
+
+
+def test_non_reversible_block_is_refused():
+    with pytest.raises(TypeError, match="block 1 is Conv2d"):
+        ReversibleSequential(*blocks(1, 2, 2), nn.Conv2d(4, 4, 1))
+
+
+# -------------------------------------------------------------------------------------------- streaming ----
+
+
+def test_receptive_field_of_a_reversible_stack():
+    stack = ReversibleSequential(*blocks(4, 2, 2, "pointwise"))  # 1x1 branches: halo 0
+    assert tilegrad.receptive_field(stack, ndim=2).halo == ((0, 0), (0, 0))
+    # f and g with a 3x3 conv each: y1 reaches 1 px, y2 = x2 + g(y1) reaches 2 px, per block
+    bl = [AdditiveCoupling(nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)) for _ in range(3)]
+    trunk = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), ReversibleSequential(*bl))
+    assert tilegrad.receptive_field(trunk, ndim=2).halo == ((7, 7), (7, 7))
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_streaming_module_over_a_reversible_trunk_is_exact(dtype, rel):
+    torch.manual_seed(10)
+    bl = blocks(3, 2, 2)
+    stem = nn.Conv2d(1, 4, 3, padding=1)
+    rev_trunk = nn.Sequential(stem, ReversibleSequential(*bl)).to(dtype)
+    plain_trunk = nn.Sequential(stem, nn.Sequential(*bl)).to(dtype)
+    streamed = tilegrad.StreamingModule(rev_trunk, tile_size=32, mode="lean")
+    x = torch.randn(2, 1, 50, 41, dtype=dtype)
+    y_s, g_s = grads_of(streamed, x)
+    y_p, g_p = grads_of(plain_trunk, x)
+    assert streamed.last_plan is not None and len(streamed.last_plan.segments[0].grid) > 1
+    assert_close([y_s], [y_p], rel)
+    assert_close(g_s, g_p, rel)
+
+
+# ------------------------------------------------------------------------------------------------ memory ----
+
+_PEAK_SCRIPT = """
+import sys, torch, tilegrad
+from torch import nn
+sys.path.insert(0, {tests!r})
+from test_reversible import blocks
+torch.manual_seed(0)
+kind, depth = sys.argv[1], int(sys.argv[2])
+bl = blocks(depth, 8, 2)
+module = tilegrad.ReversibleSequential(*bl) if kind == "rev" else nn.Sequential(*bl)
+x = torch.randn(1, 16, 160, 160, requires_grad=True)  # 1.6 MB per activation
+def step():
+    module(x).sum().backward()
+step()  # warm up allocator and autograd
+print(min(tilegrad.measure_peak_memory(step) for _ in range(2)))
+"""
+
+
+def _peak_in_subprocess(kind: str, depth: int) -> int:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    env = dict(os.environ, PYTHONPATH=str(Path(tilegrad.__file__).parents[1]), OMP_NUM_THREADS="1")
+    script = _PEAK_SCRIPT.format(tests=tests)
+    out = subprocess.run(
+        [sys.executable, "-c", script, kind, str(depth)], env=env, capture_output=True, text=True, check=True
+    )
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_memory_is_flat_in_depth():
+    """Peak of one training step, each configuration in a fresh process (no allocator history)."""
+    peaks = {
+        (kind, depth): _peak_in_subprocess(kind, depth) for kind in ("rev", "plain") for depth in (4, 16)
+    }
+    summary = {k: f"{v / 2**20:.1f} MiB" for k, v in peaks.items()}
+    assert peaks["rev", 16] <= 1.3 * peaks["rev", 4], summary
+    # the same measurement sees plain backprop grow with depth, so it can tell
+    assert peaks["plain", 16] >= 2.5 * peaks["plain", 4], summary
+    assert peaks["rev", 16] * 3 <= peaks["plain", 16], summary

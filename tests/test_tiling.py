@@ -1,0 +1,76 @@
+"""Tile grid properties: cores are disjoint and cover the output, inputs fit the tile, origins are aligned."""
+
+from __future__ import annotations
+
+import itertools
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from tilegrad.geometry import DimGeometry, Geometry
+from tilegrad.tiling import plan_dim, tile_grid
+
+GEOMETRIES = [
+    # (stride, lo, hi, align): input px of output i are i*stride+lo .. i*stride+hi
+    (Fraction(1), Fraction(-2), Fraction(2), 1),  # two 3x3 convs
+    (Fraction(4), Fraction(-9), Fraction(14), 4),  # strided net
+    (Fraction(32), Fraction(-449), Fraction(449), 32),  # ResNet-34 trunk
+    (Fraction(1, 2), Fraction(-3, 2), Fraction(1), 2),  # 2x upsampling net
+]
+
+
+@pytest.mark.parametrize(("stride", "lo", "hi", "align"), GEOMETRIES)
+@pytest.mark.parametrize("in_len", [1, 7, 64, 333, 1000])
+@pytest.mark.parametrize("tile", [40, 97, 256, 5000])
+def test_plan_dim_properties(stride, lo, hi, align, in_len, tile):
+    dim = DimGeometry(stride, lo, hi)
+    out_len = max(1, int(in_len / stride))
+    try:
+        spans = plan_dim(dim, align, in_len, out_len, tile)
+    except Exception as err:  # too small a tile must be refused with the size that works
+        assert "use at least" in str(err)
+        need = int(str(err).rsplit("use at least ", 1)[1])
+        assert need > tile
+        plan_dim(dim, align, in_len, out_len, need)
+        return
+    covered = np.zeros(out_len, int)
+    for s in spans:
+        covered[s.out_start : s.out_stop] += 1
+        assert s.in_length <= max(tile, 1) or len(spans) == 1
+        assert s.in_start % align == 0, "tile origins are aligned to the stride"
+        if len(spans) > 1:
+            # the core's receptive field lies inside the tile's input or reaches past the real image border
+            need_lo = s.out_start * stride + lo
+            need_hi = (s.out_stop - 1) * stride + hi
+            assert s.in_start <= max(0, need_lo) and (s.in_stop >= min(in_len, need_hi + 1))
+    assert (covered == 1).all(), "cores are disjoint and cover the output"
+
+
+def test_tile_grid_nd_counts_and_raster_order():
+    g = Geometry((DimGeometry(Fraction(1), Fraction(-1), Fraction(1)),) * 3, (1, 1, 1))
+    grid = tile_grid(g, (10, 11, 12), (10, 11, 12), (6, 6, 6))
+    tiles = list(grid)
+    counts = [len(s) for s in grid.spans]
+    assert counts == [2, 3, 3]  # cores of 5 fit a 6-px tile only at the borders of the 10-px axis
+    assert len(tiles) == len(grid) == 2 * 3 * 3
+    covered = np.zeros((10, 11, 12), int)
+    for t in tiles:
+        covered[t.outputs] += 1
+    assert (covered == 1).all()
+    assert [t.outputs[0].start for t in tiles[:9]] == [0] * 9  # raster order: last axis fastest
+    assert grid.input_area >= 10 * 11 * 12
+
+
+def test_tile_larger_than_image_is_one_tile():
+    g = Geometry((DimGeometry(Fraction(2), Fraction(-5), Fraction(6)),) * 2, (2, 2))
+    grid = tile_grid(g, (30, 31), (15, 16), (64, 64))
+    (tile,) = list(grid)
+    assert tile.inputs == (slice(0, 30), slice(0, 31)) and tile.outputs == (slice(0, 15), slice(0, 16))
+
+
+@pytest.mark.parametrize("tile", list(itertools.product([12, 20], [16, 30])))
+def test_tuple_tiles(tile):
+    g = Geometry((DimGeometry(Fraction(1), Fraction(-2), Fraction(2)),) * 2, (1, 1))
+    grid = tile_grid(g, (50, 40), (50, 40), tile)
+    assert all(a <= b for a, b in zip(grid.max_in_shape, tile))

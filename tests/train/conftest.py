@@ -1,0 +1,46 @@
+"""Tiny generated slides for the training tests (real PNG files; TIFF once tilegrad.io writes them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_slides(
+    root: Path,
+    n: int = 6,
+    size: tuple[int, int] = (48, 40),
+    n_val: int = 2,
+    seed: int = 0,
+    name: str = "slides.csv",
+) -> Path:
+    """n random RGB slides; positives (odd index) carry a dark 6x6 square. Returns the CSV path."""
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    lines = ["image,label,split"]
+    for i in range(n):
+        img = rng.integers(80, 230, (*size, 3), dtype=np.uint8)
+        label = i % 2
+        if label:
+            y, x = rng.integers(0, size[0] - 6), rng.integers(0, size[1] - 6)
+            img[y : y + 6, x : x + 6] = 20
+        Image.fromarray(img).save(root / "img" / f"s{i}.png")
+        split = "val" if i >= n - n_val else "train"
+        lines.append(f"img/s{i}.png,{label},{split}")
+    csv = root / name
+    csv.write_text("\n".join(lines) + "\n")
+    return csv
+
+
+@pytest.fixture
+def slides(tmp_path: Path) -> Path:
+    return write_slides(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def make_slides():
+    """The slide writer itself, for tests that need other sizes or module-scoped data."""
+    return write_slides

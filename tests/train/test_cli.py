@@ -1,0 +1,74 @@
+"""The command line: train, predict, saliency, demo, and errors printed with the offending row."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from tilegrad.cli import main
+
+SMALL = [
+    "--model",
+    "small_cnn",
+    "--model-kwargs",
+    '{"width": 4}',
+    "--tile",
+    "32",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
+
+
+def test_train_predict_saliency(slides, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(slides), "--out", str(out), "--epochs", "2", "--lr", "0.01", *SMALL]) == 0
+    assert "epoch 2/2" in capsys.readouterr().out
+    assert (
+        main(["train", str(slides), "--out", str(out), "--epochs", "3", "--lr", "0.01", "--resume", *SMALL])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "resuming" in printed and "epoch 3/3" in printed and "epoch 1/3" not in printed
+    pred = tmp_path / "pred.csv"
+    assert main(["predict", str(out / "checkpoint.pt"), str(slides), str(pred), "--no-progress"]) == 0
+    assert "wrote 6 predictions" in capsys.readouterr().out
+    with open(pred) as f:
+        assert len(list(csv.DictReader(f))) == 6
+    png = tmp_path / "sal.png"
+    assert (
+        main(["saliency", str(out / "checkpoint.pt"), str(slides.parent / "img" / "s1.png"), str(png)]) == 0
+    )
+    assert png.exists() and png.with_suffix(".npy").exists()
+
+
+def test_bad_csv_row_is_reported_with_its_line(slides, tmp_path, capsys):
+    slides.write_text(slides.read_text().replace("img/s2.png,0", "img/s2.png,yes"))
+    assert main(["train", str(slides), "--out", str(tmp_path / "run"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "tilegrad train: error: slides.csv line 4: label 'yes'" in err
+
+
+def test_bad_model_kwargs(slides, tmp_path, capsys):
+    assert (
+        main(["train", str(slides), "--out", str(tmp_path / "r"), "--model-kwargs", "[1]", "--no-progress"])
+        == 2
+    )
+    assert "--model-kwargs must be a JSON object" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "validation AUC, streamed at full resolution" in printed and str(out) in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["streamed_peak"] > 0 and summary["conventional_peak"] > 0
+    assert len(summary["figures"]) == 3  # learning curves + a saliency map per positive validation slide (2)
+    assert all(Path(fig).exists() for fig in summary["figures"])
+    # running it again replaces its own outputs
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--epochs", "1"]) == 0

@@ -1,0 +1,196 @@
+"""The training loop: a 2-epoch run, exact resume after an interruption, checkpoints, precision, prediction."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from tilegrad import CheckpointError, ConfigError
+from tilegrad.train import TrainConfig, build_model, load_checkpoint, predict, train
+from tilegrad.train.checkpoint import save_checkpoint
+
+
+def config(csv_path, out, **overrides):
+    settings = dict(
+        csv=str(csv_path),
+        out=str(out),
+        model="small_cnn",
+        model_kwargs={"width": 4},
+        tile_size=32,
+        epochs=2,
+        lr=1e-2,
+        optimizer="adam",
+        schedule="cosine",
+        seed=3,
+        progress=False,
+        device="cpu",
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def test_two_epoch_run_trains_logs_and_checkpoints(slides, tmp_path):
+    before = build_model("small_cnn", 2, model_kwargs={"width": 4}).state_dict()
+    result = train(config(slides, tmp_path / "run"))
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert result.global_step == 8  # 4 training slides, 1 per step, 2 epochs
+    for h in result.history:
+        assert math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"])
+        assert 0.0 <= h["val_auc"] <= 1.0
+    # every parameter moved, trunk included
+    after = result.model.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+    with open(tmp_path / "run" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert set(rows[0]) == {"epoch", "train_loss", "val_loss", "val_auc", "lr", "seconds", "steps"}
+    # the checkpoint holds only tensors and plain containers: it loads with weights_only=True
+    raw = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert raw["epoch"] == 2 and raw["step_in_epoch"] == 0
+    assert {"model", "optimizer", "scheduler", "rng", "config", "history"} <= raw.keys()
+    assert {"torch", "cuda", "numpy", "python"} == raw["rng"].keys()
+    assert_same_state(raw["model"], after)
+    assert (tmp_path / "run" / "best.pt").exists()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(step):
+    def on_step(info):
+        if info.global_step == step:
+            raise Interrupt
+
+    return on_step
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, make_slides):
+    """One uninterrupted 3-epoch run, shared by the resume cases."""
+    root = tmp_path_factory.mktemp("reference")
+    csv_path = make_slides(root)
+    return csv_path, train(config(csv_path, root / "ref", accumulate=2, epochs=3))
+
+
+@pytest.mark.parametrize(
+    "save_every, stop_at",
+    [
+        (1, 3),  # killed right after a mid-epoch checkpoint
+        (3, 5),  # killed two steps after a mid-epoch checkpoint (in the third epoch): steps 4-5 are redone
+        (0, 6),  # only end-of-epoch checkpoints: the third epoch is redone from its start
+        (0, 1),  # killed before any checkpoint: the run starts over
+    ],
+)
+def test_resume_after_interruption_equals_uninterrupted_run_bit_for_bit(
+    uninterrupted, tmp_path, save_every, stop_at
+):
+    slides, reference = uninterrupted
+    with pytest.raises(Interrupt):
+        train(
+            config(slides, tmp_path / "cut", accumulate=2, epochs=3, save_every=save_every),
+            on_step=interrupt_at(stop_at),
+        )
+    resumed = train(
+        config(slides, tmp_path / "cut", accumulate=2, epochs=3, save_every=save_every), resume=True
+    )
+    assert resumed.global_step == reference.global_step == 6
+    assert_same_state(reference.model.state_dict(), resumed.model.state_dict())
+    ref_ckpt = load_checkpoint(reference.checkpoint)
+    cut_ckpt = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    for a, b in zip(ref_ckpt["optimizer"]["state"].values(), cut_ckpt["optimizer"]["state"].values()):
+        assert_same_state(a, b)
+    assert ref_ckpt["scheduler"] == cut_ckpt["scheduler"]
+    assert [h["val_loss"] for h in ref_ckpt["history"]] == [h["val_loss"] for h in cut_ckpt["history"]]
+    assert [h["train_loss"] for h in ref_ckpt["history"]] == [h["train_loss"] for h in cut_ckpt["history"]]
+
+
+def test_resume_can_extend_epochs_but_not_change_settings(slides, tmp_path):
+    train(config(slides, tmp_path / "run", epochs=1))
+    with pytest.raises(ConfigError, match="already holds a checkpoint"):
+        train(config(slides, tmp_path / "run", epochs=1))
+    with pytest.raises(CheckpointError, match=r"lr: checkpoint 0.01, now 0.02"):
+        train(config(slides, tmp_path / "run", epochs=2, lr=2e-2), resume=True)
+    longer = train(config(slides, tmp_path / "run", epochs=2), resume=True)
+    assert [h["epoch"] for h in longer.history] == [1, 2]
+
+
+def test_resume_without_checkpoint_starts_fresh(slides, tmp_path):
+    result = train(config(slides, tmp_path / "new", epochs=1), resume=True)
+    assert result.global_step == 4
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not a checkpoint"])
+def test_corrupt_checkpoint_raises_checkpoint_error(slides, tmp_path, damage):
+    train(config(slides, tmp_path / "run", epochs=1))
+    path = tmp_path / "run" / "checkpoint.pt"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00garbage" * 100)
+    else:
+        torch.save({"weights": torch.ones(2)}, path)
+    with pytest.raises(CheckpointError, match="checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError):
+        train(config(slides, tmp_path / "run", epochs=2), resume=True)
+
+
+def test_atomic_write_leaves_previous_checkpoint_when_writing_fails(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "c.pt", {"epoch": 1})
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("tilegrad.train.checkpoint.os.replace", broken_replace)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+
+
+def test_bf16_autocast_still_trains_the_streamed_layers(slides, tmp_path):
+    model = build_model("small_cnn", 2, model_kwargs={"width": 4}, tile_size=32)
+    x = torch.rand(1, 3, 48, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    torch.nn.functional.cross_entropy(logits.float(), torch.tensor([1])).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    result = train(config(slides, tmp_path / "amp", epochs=1, amp="bf16"))
+    assert math.isfinite(result.history[0]["train_loss"])
+
+
+def test_unsupported_precision_combination_is_refused(slides, tmp_path):
+    with pytest.raises(ConfigError, match="needs float32"):
+        train(config(slides, tmp_path / "x", amp="bf16", dtype="float64"))
+
+
+def test_predict_writes_probabilities_per_slide(slides, tmp_path):
+    result = train(config(slides, tmp_path / "run", epochs=1))
+    out = tmp_path / "pred.csv"
+    pred = predict(tmp_path / "run" / "checkpoint.pt", slides, out, progress=False)
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["image"] for r in rows] == [f"img/s{i}.png" for i in range(6)]
+    assert [int(r["label"]) for r in rows] == [0, 1, 0, 1, 0, 1]
+    probs = [float(r["probability"]) for r in rows]
+    assert all(0 <= p <= 1 for p in probs)
+    # the same numbers as the model in memory
+    with torch.no_grad():
+        from tilegrad.train.dataset import SlideInput, open_slide
+
+        x = SlideInput(open_slide(slides.parent / "img" / "s1.png"))
+        direct = torch.softmax(result.model.eval()(x), 1)[0, 1].item()
+    assert probs[1] == pytest.approx(direct, rel=1e-5)
+    assert pred["probs"].shape == (6, 2)

@@ -1,0 +1,56 @@
+"""Slide classifiers: model sources, the split into trunk and head, frozen normalisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tilegrad import ConfigError
+from tilegrad.train import PoolingHead, build_model
+
+
+def test_torchvision_resnet_splits_into_trunk_and_pooling_head():
+    model = build_model("resnet18", 3)
+    assert isinstance(model.head, PoolingHead) and model.head.fc.out_features == 3
+    assert model.head.fc.in_features == 512
+    assert not any(isinstance(m, (nn.Linear, nn.AdaptiveAvgPool2d)) for m in model.trunk.modules())
+    assert model(torch.rand(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_freeze_norm_keeps_batchnorm_in_eval_mode_with_frozen_statistics():
+    model = build_model("resnet18", 2).train()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and not any(bn.training for bn in bns)
+    before = bns[0].running_mean.clone()
+    model(torch.rand(1, 3, 64, 64)).sum().backward()
+    assert torch.equal(bns[0].running_mean, before)
+    assert bns[0].weight.grad is not None  # affine parameters still train
+    unfrozen = build_model("resnet18", 2, freeze_norm=False).train()
+    assert all(m.training for m in unfrozen.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_factory_spec_module_or_pair(tmp_path, monkeypatch):
+    (tmp_path / "mynets.py").write_text(
+        "from torch import nn\n"
+        "def pair(channels=4):\n"
+        "    return nn.Sequential(nn.Conv2d(3, channels, 3), nn.ReLU()), nn.Sequential(nn.Flatten(2),"
+        " nn.AdaptiveMaxPool1d(1), nn.Flatten(), nn.Linear(channels, 2))\n"
+        "def not_a_model():\n"
+        "    return 42\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = build_model("mynets:pair", 2, model_kwargs={"channels": 6})
+    assert model.trunk[0].out_channels == 6
+    assert model(torch.rand(1, 3, 20, 20)).shape == (1, 2)
+    with pytest.raises(ConfigError, match="returned int"):
+        build_model("mynets:not_a_model", 2)
+    with pytest.raises(ConfigError, match="has no callable 'missing'"):
+        build_model("mynets:missing", 2)
+    with pytest.raises(ConfigError, match="cannot import"):
+        build_model("no_such_module_xyz:f", 2)
+
+
+def test_unknown_model_name_lists_the_choices():
+    with pytest.raises(ConfigError, match=r"unknown model 'resnet7'.*small_cnn"):
+        build_model("resnet7", 2)
