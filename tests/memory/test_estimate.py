@@ -182,7 +182,7 @@ def test_streamed_trunk_is_simulated_tile_by_tile():
 ACCURACY = [
     pytest.param("tilegrad_espcn3d", (1, 6, 24, 24, 24), id="espcn3d-24"),  # tilegrad.models.ESPCN3d
     # reversible blocks recompute activations inside backward: the simulation must follow that recomputation
-    pytest.param("tilegrad_espcn3d_rev4", (1, 6, 24, 24, 24), id="espcn3d-rev4-24"),
+    pytest.param("tilegrad_espcn3d_rev4", (1, 6, 16, 16, 16), id="espcn3d-rev4-16"),
     pytest.param("unet3d", (1, 1, 48, 48, 48), id="unet3d-48"),  # batch 1: unfold-based Slow3d kernels
     pytest.param("resnet34", (2, 3, 128, 128), id="resnet34-128"),
     pytest.param("tilegrad_espcn3d", (2, 6, 24, 24, 24), id="espcn3d-24-b2", marks=pytest.mark.slow),
