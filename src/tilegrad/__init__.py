@@ -20,7 +20,7 @@ from .errors import (
 )
 from .geometry import ReceptiveField, receptive_field, register_geometry_rule
 from .infer import infer
-from .memory import PeakMemoryMeter, measure_peak_memory
+from .memory import MemoryReport, PeakMemoryMeter, estimate_memory, measure_peak_memory
 from .plan import Plan, plan_streaming
 from .reversible import AdditiveCoupling, ReversibleSequential
 from .split import split_model
@@ -36,6 +36,7 @@ __all__ = [
     "DataError",
     "GeometryError",
     "MemoryBudgetError",
+    "MemoryReport",
     "MissingDependencyError",
     "NotStreamableError",
     "PeakMemoryMeter",
@@ -48,6 +49,7 @@ __all__ = [
     "WriterStateError",
     "__version__",
     "checkpoint_sequential",
+    "estimate_memory",
     "format_bytes",
     "infer",
     "measure_peak_memory",

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -213,7 +213,9 @@ class _ReversibleFunction(torch.autograd.Function):
                 block = blocks[k]
                 # running statistics are restored only after autograd.grad: the recomputed graph saved them
                 with _frozen_running_stats(block):
-                    with torch.autocast(device.type, dtype=dtype, enabled=enabled):
+                    # nullcontext when autocast is off: torch.autocast("meta") raises, and estimate_memory runs
+                    # this backward on meta tensors.
+                    with torch.autocast(device.type, dtype=dtype) if enabled else nullcontext():
                         with torch.no_grad():
                             x = block._inverse(y, ctx.rng, k).to(ctx.dtypes[k])
                         x = x.detach().requires_grad_(True)

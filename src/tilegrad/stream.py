@@ -11,6 +11,7 @@ when the input requires grad, of the input (a saliency map).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -133,7 +134,10 @@ class _StreamFunction(torch.autograd.Function):
                     xin = reader.read(tile.inputs).detach()
                     if need_input_grad:
                         xin.requires_grad_(True)
-                    with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
+                    # nullcontext when autocast is off: torch.autocast("meta") raises, and estimate_memory runs
+                    # this backward on meta tensors.
+                    cast = torch.autocast(ctx.device_type, dtype=dtype) if enabled else contextlib.nullcontext()
+                    with torch.enable_grad(), cast:
                         y = chain(xin)
                         core = y[(slice(None), slice(None), *tile.crop)]
                     g = upstream[(slice(None), slice(None), *tile.outputs)]

@@ -1,0 +1,599 @@
+"""Predict the memory of a model at any input size without allocating it: run it on meta tensors and watch.
+
+NOTE [ Simulated allocator ]
+The model runs on ``device="meta"`` tensors: every op computes shapes, dtypes and strides, but no data is stored,
+so ResNet-34 at 8192 x 8192 or a 3D U-Net at 512^3 runs in seconds in a few MB. A ``TorchDispatchMode`` sees every
+ATen op below autograd, in forward, in the autograd engine's backward and in the optimizer step, and records each
+new tensor storage with its byte size. A ``weakref.finalize`` on each storage's Python object (PyTorch keeps one
+Python object per live storage) fires when the last reference from Python or C++ goes away: when Python drops a
+local variable, when autograd releases a saved tensor after its backward node ran, when a gradient buffer is
+accumulated and dropped. Adding sizes on allocation and subtracting them on free gives the same timeline of live
+tensor bytes that a device allocator sees, op by op; its maximum is the predicted peak. Transient peaks (e.g. inside
+backward, where an op's saved inputs, the gradient of its output and the gradients of its inputs are alive at once)
+come out of the simulation; nothing is modelled by hand.
+
+What it does not see: memory that kernels allocate internally outside ATen tensors (cuDNN / oneDNN workspaces,
+im2col buffers of non-oneDNN CPU convolutions), allocator rounding and fragmentation, and device-specific kernel
+choices (meta follows the CPU composite paths, e.g. dropout keeps a float mask).
+
+NOTE [ Saved for backward ]
+Per-layer "saved for backward" bytes come from ``torch.autograd.graph.saved_tensors_hooks`` in a separate forward
+pass: every tensor autograd packs is attributed to the innermost module running at that moment. Each storage is
+counted once for the whole model (an in-place ReLU saving its result shares the storage of the BatchNorm output that
+the next convolution saves), and parameters, buffers and the model input are never counted as activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ..errors import ShapeError, TilegradError
+from .kernels import conv_workspace_bytes
+from .report import LayerMemory, MemoryReport
+from .workload import default_loss, run_steps
+
+__all__ = ["estimate_memory"]
+
+OptimizerSpec = str | Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None
+
+_OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
+    # foreach=False: the per-parameter loop PyTorch uses on CPU. On CUDA it defaults to foreach, whose temporaries
+    # span all parameters at once; pass a callable such as lambda p: torch.optim.Adam(p, foreach=True) for that.
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, foreach=False),
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-3, foreach=False),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=False),
+}
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float64": torch.float64,
+    "double": torch.float64,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------------
+def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in input_shape)
+        ok = len(shape) >= 2 and all(s > 0 and s == v for s, v in zip(shape, input_shape))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ShapeError(
+            f"expected input_shape as positive integers (N, C, *spatial), e.g. (1, 3, 224, 224) or "
+            f"(1, 1, 64, 64, 64); received {input_shape!r}"
+        )
+    return shape
+
+
+def _check_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise TilegradError(f"unknown dtype {dtype!r}: expected one of {', '.join(sorted(_DTYPES))}")
+        return _DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TilegradError(f"expected a floating-point torch dtype such as torch.float32, received {dtype!r}")
+    return dtype
+
+
+def _make_optimizer(spec: OptimizerSpec) -> tuple[Callable[[list[torch.Tensor]], Any] | None, str | None]:
+    if spec is None:
+        return None, None
+    if isinstance(spec, str):
+        key = spec.lower()
+        if key not in _OPTIMIZERS:
+            raise TilegradError(
+                f"unknown optimizer {spec!r}: expected None, one of {', '.join(sorted(_OPTIMIZERS))}, or a "
+                "callable taking a list of parameters and returning a torch.optim.Optimizer"
+            )
+        return _OPTIMIZERS[key], key
+    if callable(spec):
+        return spec, getattr(spec, "__name__", type(spec).__name__)
+    raise TilegradError(f"expected optimizer None, a name or a callable, received {spec!r}")
+
+
+def _expected_input(model: nn.Module) -> str:
+    """Describe what the first layer wants, for error messages."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            ndim = len(module.kernel_size)
+            spatial = ("H, W", "D, H, W")[ndim - 2] if ndim in (2, 3) else "L"
+            return (
+                f"Its first layer {name or '(model)'} ({type(module).__name__}) expects input "
+                f"(N, {module.in_channels}, {spatial})"
+            )
+        if isinstance(module, nn.Linear):
+            return f"Its first layer {name or '(model)'} (Linear) expects input (N, ..., {module.in_features})"
+    return "Check the number of channels and spatial dimensions the model expects"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The simulated allocator (NOTE [ Simulated allocator ])
+# ----------------------------------------------------------------------------------------------------------------
+def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
+    if not isinstance(t, torch.Tensor) or t.device.type != "meta" or t.layout != torch.strided:
+        return None
+    storage = t.untyped_storage()
+    return storage._cdata, storage.nbytes()
+
+
+class _Timeline(TorchDispatchMode):
+    """Live bytes of meta tensor storages, op by op; ``peak`` is the maximum and ``peak_at`` where it happened."""
+
+    def __init__(self, where: Callable[[], str], workspace: Callable[[Any, tuple, dict], int] | None) -> None:
+        super().__init__()
+        self._workspace = workspace
+        self._sizes: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+        self.peak_at = ""
+        self.phase_peaks: dict[str, int] = {}
+        self.phase = "setup"
+        self._where = where
+
+    def track(self, t: torch.Tensor) -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type != "meta" or t.layout != torch.strided:
+            return
+        storage = t.untyped_storage()
+        key, size = storage._cdata, storage.nbytes()
+        old = self._sizes.get(key)
+        if old is None:
+            finalizer = weakref.finalize(storage, self._free, key)
+            finalizer.atexit = False
+            old = 0
+        self._sizes[key] = size  # a resize_ of a known storage changes its size
+        self.current += size - old
+
+    def _free(self, key: int) -> None:
+        self.current -= self._sizes.pop(key, 0)
+
+    def _note(self, scratch: int = 0) -> None:
+        level = self.current + scratch
+        if level > self.phase_peaks.get(self.phase, -1):
+            self.phase_peaks[self.phase] = level
+        if level > self.peak:
+            self.peak = level
+            self.peak_at = self._where() + (" (kernel scratch)" if scratch else "")
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+        self.peak_at = self._where()
+        self.phase_peaks = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        for leaf in tree_flatten(out)[0]:
+            if isinstance(leaf, torch.Tensor):
+                self.track(leaf)
+        # Kernel scratch lives while the op runs, with its inputs and outputs (NOTE [ CPU convolution workspaces ]).
+        self._note(self._workspace(func, args, kwargs) if self._workspace is not None else 0)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Module bookkeeping: a stack of running modules, per-leaf rows, autograd nodes labelled with their module
+# ----------------------------------------------------------------------------------------------------------------
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
+
+
+class _ModuleWatch:
+    """Forward hooks on every module: which module is running, what leaf modules output, who made which node."""
+
+    def __init__(self, model: nn.Module, root_name: str, *, record_outputs: bool, label_nodes: bool) -> None:
+        self.names: dict[nn.Module, str] = {}
+        self.leaf: dict[str, bool] = {}
+        self.types: dict[str, str] = {}
+        for name, module in model.named_modules():
+            self.names[module] = name
+            self.leaf[name] = next(iter(module.children()), None) is None
+            self.types[name] = type(module).__name__
+        self.root_name = root_name
+        self.stack: list[str] = []
+        self.order: list[str] = []
+        self.outputs: dict[str, list[list[torch.Tensor]]] = {}
+        self.calls: dict[str, int] = {}
+        self.record_outputs = record_outputs  # keeps outputs alive: only in the layer pass, never in the timeline
+        self.label_nodes = label_nodes
+        # Label only the step's own forward graph. Modules re-run inside backward (streamed tiles, reversible
+        # blocks, checkpoints) build graphs that autograd.grad may not fully release; holding their nodes here
+        # would keep their saved tensors alive and inflate the simulated peak.
+        self.labeling = False
+        self.node_labels: dict[Any, str] = {}
+        self._boundaries: list[set[Any]] = []
+        self._handles: list[Any] = []
+        self._model = model
+
+    def display(self, name: str) -> str:
+        return name or self.root_name
+
+    def __enter__(self) -> _ModuleWatch:
+        for module in self.names:
+            self._handles.append(module.register_forward_pre_hook(self._pre))
+            self._handles.append(module.register_forward_hook(self._post, always_call=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        name = self.names[module]
+        self.stack.append(name)
+        if name not in self.calls:
+            self.order.append(name)
+            self.calls[name] = 0
+        self.calls[name] += 1
+        if self.label_nodes:
+            live = self.labeling
+            self._boundaries.append({t.grad_fn for t in _tensors(args) if t.grad_fn is not None} if live else set())
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        name = self.names[module]
+        if self.stack and self.stack[-1] == name:
+            self.stack.pop()
+        outs = _tensors(output)
+        if self.record_outputs and self.leaf[name]:
+            self.outputs.setdefault(name, []).append(outs)
+        if self.label_nodes:
+            boundary = self._boundaries.pop() if self._boundaries else set()
+            if not self.labeling:
+                return
+            todo = [t.grad_fn for t in outs if t.grad_fn is not None]
+            while todo:
+                node = todo.pop()
+                if node is None or node in boundary or node in self.node_labels:
+                    continue
+                self.node_labels[node] = name
+                todo.extend(next_node for next_node, _ in node.next_functions)
+
+    def where(self) -> str:
+        return self.display(self.stack[-1]) if self.stack else self.root_name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The estimate
+# ----------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _on_meta(
+    model: nn.Module, dtype: torch.dtype
+) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """Swap every parameter and buffer of ``model`` for a meta stand-in (``dtype`` for floating ones); restore after.
+
+    NOTE [ Meta stand-ins ]: the swap lasts for the whole simulation, not one call, because some modules run their
+    layers again inside backward (a StreamingModule recomputes each tile, checkpointing and reversible blocks
+    recompute activations): those recomputations must also see meta parameters. Shared parameters get one stand-in.
+    """
+    originals: list[tuple[dict[str, Any], str, Any]] = []
+    made: dict[int, torch.Tensor] = {}
+    params: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    buffer_names = {id(b): n for n, b in model.named_buffers()}
+    try:
+        for module in model.modules():
+            for table, is_param in ((module._parameters, True), (module._buffers, False)):
+                for key, value in list(table.items()):
+                    if value is None:
+                        continue
+                    if id(value) not in made:
+                        new_dtype = dtype if value.is_floating_point() else value.dtype
+                        stand_in = torch.empty(value.shape, dtype=new_dtype, device="meta")
+                        if is_param:
+                            stand_in = nn.Parameter(stand_in, requires_grad=value.requires_grad)
+                            params[names.get(id(value), key)] = stand_in
+                        else:
+                            buffers[buffer_names.get(id(value), key)] = stand_in
+                        made[id(value)] = stand_in
+                    originals.append((table, key, value))
+                    table[key] = made[id(value)]
+        yield params, buffers
+    finally:
+        for table, key, value in originals:
+            table[key] = value
+
+
+def _unique_bytes(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        key = _storage_key(t)
+        if key is not None:
+            seen[key[0]] = key[1]
+    return sum(seen.values())
+
+
+@contextlib.contextmanager
+def _modes(model: nn.Module, training: bool | None) -> Iterator[None]:
+    """Temporarily set train/eval flags (None leaves them as they are), restoring every module afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        if training is not None:
+            model.train(training)
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def _run_model(model: nn.Module, x: torch.Tensor, label: str) -> Any:
+    try:
+        return model(x)
+    except TilegradError:
+        raise  # already says what is wrong (e.g. a StreamingModule refusing a layer)
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "meta" in text.lower() and ("item()" in text or "data-dependent" in text or "Meta' backend" in text):
+            raise TilegradError(
+                f"{label} cannot be estimated on meta tensors: {text}. The model reads tensor values (or uses an "
+                "op without a meta kernel), so its memory depends on data; measure it with "
+                "tilegrad.measure_peak_memory instead"
+            ) from err
+        raise ShapeError(
+            f"{label} failed on an input of shape {tuple(x.shape)} ({str(x.dtype).removeprefix('torch.')}): "
+            f"{text.rstrip('.')}. {_expected_input(model)}"
+        ) from err
+
+
+def estimate_memory(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    mode: str = "train",
+    dtype: torch.dtype | str = torch.float32,
+    optimizer: OptimizerSpec = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    device: str = "cpu",
+    name: str | None = None,
+) -> MemoryReport:
+    """Predict per-layer and peak memory of ``model`` on an input of ``input_shape`` without allocating it.
+
+    ``input_shape`` is the whole batch, ``(N, C, H, W)`` or ``(N, C, D, H, W)``. ``mode="train"`` simulates a
+    steady-state training step: parameters, buffers and optimizer state live throughout, then the forward pass, the
+    loss, ``loss.backward()``, ``optimizer.step()`` and ``zero_grad(set_to_none=True)``; the model's train/eval
+    flags are used as they are. ``mode="infer"`` simulates one forward pass under ``torch.no_grad()`` with the model
+    temporarily in eval mode. Parameters and buffers are taken in ``dtype`` (like ``model.to(dtype)``).
+    ``optimizer`` is None (gradients only), ``"sgd"`` (momentum: one buffer per parameter), ``"adam"`` /
+    ``"adamw"`` (two), or a callable ``params -> torch.optim.Optimizer``. ``loss_fn(output) -> scalar`` defaults to
+    the sum of the output. ``device`` is where the model will run: ``"cpu"`` adds the scratch buffers of the CPU
+    convolution kernel PyTorch would pick in this process (NOTE [ CPU convolution workspaces ]; the choice depends on
+    ``torch.get_num_threads()``); ``"cuda"`` leaves out cuDNN workspaces, which are chosen at run time. ``name``
+    labels the report. The model itself is not touched: it runs with meta copies of its parameters
+    swapped in for the duration of the call (NOTE [ Meta stand-ins ]), so it may live on any device, or on ``meta``
+    already; do not use it from another thread meanwhile.
+
+    A :class:`tilegrad.StreamingModule` inside the model is simulated like any other module, tile by tile, forward
+    and the recomputing backward, so the report predicts the streamed peak for its tile size; its plan is listed in
+    ``report.notes``.
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+    >>> report = estimate_memory(net, (1, 3, 32, 32))
+    >>> report.layers[0].output_shape, report.layers[0].output_elements
+    ((1, 8, 32, 32), 8192)
+    >>> report.parameter_count
+    224
+    >>> report.activation_bytes   # the ReLU saves its 8x32x32 float32 result; the conv saves only the input
+    32768
+    """
+    shape = _check_shape(input_shape)
+    dtype = _check_dtype(dtype)
+    if device not in ("cpu", "cuda"):
+        raise TilegradError(f"expected device 'cpu' or 'cuda', received {device!r}")
+    if mode not in ("train", "infer"):
+        raise TilegradError(f"expected mode 'train' or 'infer', received {mode!r}")
+    make_optimizer, optimizer_name = _make_optimizer(optimizer)
+    if not isinstance(model, nn.Module):
+        raise TilegradError(f"expected a torch.nn.Module, received {type(model).__name__}")
+    label = name or type(model).__name__
+    train = mode == "train"
+    loss_fn = loss_fn or default_loss
+
+    with _modes(model, None if train else False), _on_meta(model, dtype) as (params, buffers):
+        trainable = [p for p in params.values() if p.requires_grad] if train else []
+        state = {**params, **buffers}
+        _plan_streaming_modules(model, shape, dtype, train, label)
+        layers, activation_bytes = _layer_pass(model, params, buffers, shape, dtype, train, label)
+        timeline, extra = _timeline_pass(
+            model, state, shape, dtype, train, label, make_optimizer, loss_fn, trainable, device
+        )
+        streaming_notes = _streaming_notes(model)
+
+    notes: list[str] = list(streaming_notes)
+    if device == "cuda":
+        notes.append("cuDNN workspaces (chosen at run time) are not included")
+    return MemoryReport(
+        model=label,
+        input_shape=shape,
+        mode=mode,
+        dtype=str(dtype).removeprefix("torch."),
+        optimizer=optimizer_name if train else None,
+        layers=tuple(layers),
+        parameter_count=sum(p.numel() for p in params.values()),
+        parameter_bytes=_unique_bytes(list(params.values())),
+        buffer_bytes=_unique_bytes(list(buffers.values())),
+        gradient_bytes=_unique_bytes(trainable),
+        optimizer_bytes=extra["optimizer_bytes"],
+        input_bytes=extra["input_bytes"],
+        activation_bytes=activation_bytes,
+        output_bytes=extra["output_bytes"],
+        forward_peak_bytes=extra["forward_peak"],
+        peak_bytes=timeline.peak,
+        peak_at=timeline.peak_at,
+        notes=tuple(notes),
+    )
+
+
+def _streaming_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from ..stream import StreamingModule
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, StreamingModule)]
+
+
+def _plan_streaming_modules(
+    model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, train: bool, label: str
+) -> None:
+    """Let every StreamingModule make (and cache) its plan before anything is recorded.
+
+    The planner profiles the whole trunk on meta tensors; run inside the simulation, that profile would count as
+    memory of the step. A forward under no_grad computes the same plan (its cache key does not depend on grad
+    mode) and leaves it cached for the recorded passes.
+    """
+    if not _streaming_modules(model):
+        return
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    with torch.no_grad():
+        _run_model(model, x, label)
+
+
+def _streaming_notes(model: nn.Module) -> list[str]:
+    notes = []
+    for name, module in _streaming_modules(model):
+        plan = getattr(module, "last_plan", None)
+        if plan is not None:
+            summary = str(plan).replace("\n", ";")
+            notes.append(f"streamed {name or 'model'}: {summary}")
+    return notes
+
+
+def _layer_pass(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    train: bool,
+    label: str,
+) -> tuple[list[LayerMemory], int]:
+    """One forward pass with saved-tensor hooks: per-layer rows (NOTE [ Saved for backward ])."""
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    excluded = {key[0] for t in (*params.values(), *buffers.values(), x) if (key := _storage_key(t))}
+    seen: set[int] = set()
+    saved: dict[str, int] = {}
+    watch = _ModuleWatch(model, label, record_outputs=True, label_nodes=False)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key is not None and key[0] not in excluded and key[0] not in seen:
+            seen.add(key[0])
+            owner = watch.stack[-1] if watch.stack else ""
+            saved[owner] = saved.get(owner, 0) + key[1]
+        return t
+
+    grad_mode = torch.enable_grad() if train else torch.no_grad()
+    with grad_mode, watch, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        output = _run_model(model, x, label)
+
+    param_owner: set[int] = set()
+    modules = dict(model.named_modules())
+    rows = []
+    for name in watch.order:
+        is_leaf = watch.leaf[name]
+        if not is_leaf and not saved.get(name):
+            continue
+        count = 0
+        for p in modules[name].parameters(recurse=False):
+            if id(p) not in param_owner:
+                param_owner.add(id(p))
+                count += p.numel()
+        calls = watch.outputs.get(name, [])
+        outs = [t for call in calls for t in call]
+        first = calls[0] if calls else []
+        rows.append(
+            LayerMemory(
+                name=name,
+                type=watch.types[name],
+                output_shape=tuple(first[0].shape) if first else None,
+                output_elements=sum(t.numel() for t in outs) if is_leaf else 0,
+                output_bytes=sum(t.numel() * t.element_size() for t in outs) if is_leaf else 0,
+                params=count,
+                saved_bytes=saved.get(name, 0),
+                calls=watch.calls[name],
+                leaf=is_leaf,
+            )
+        )
+    del output
+    return rows, sum(saved.values())
+
+
+def _timeline_pass(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    train: bool,
+    label: str,
+    make_optimizer: Callable[[list[torch.Tensor]], Any] | None,
+    loss_fn: Callable[[Any], torch.Tensor],
+    trainable: list[torch.Tensor],
+    device: str,
+) -> tuple[_Timeline, dict[str, int]]:
+    """Simulate the workload under the allocator timeline (NOTE [ Simulated allocator ])."""
+    watch = _ModuleWatch(model, label, record_outputs=False, label_nodes=train)
+    phase_now = {"phase": "setup"}
+
+    def where() -> str:
+        phase = phase_now["phase"]
+        if phase == "forward":
+            return f"forward, in {watch.where()}"
+        if phase == "backward":
+            node = torch._C._current_autograd_node()
+            owner = watch.node_labels.get(node) if node is not None else None
+            op = node.name() if node is not None else "autograd"
+            return f"backward, {op} of {watch.display(owner) if owner is not None else label}"
+        return phase
+
+    timeline = _Timeline(where, conv_workspace_bytes if device == "cpu" else None)
+    extra = {"optimizer_bytes": 0, "input_bytes": 0, "output_bytes": 0, "forward_peak": 0}
+    opt = make_optimizer(trainable) if (train and make_optimizer is not None and trainable) else None
+    steps = 2 if train else 1  # the second training step is the steady state: optimizer state already alive
+
+    def on_phase(phase: str, step: int) -> None:
+        if phase == "input" and step == steps - 1:
+            timeline.reset_peak()
+        if phase == "after forward" and step == steps - 1:
+            extra["forward_peak"] = timeline.phase_peaks.get("forward", timeline.current)
+        watch.labeling = phase == "forward"
+        if phase == "end of step":
+            watch.node_labels.clear()
+        phase_now["phase"] = phase
+        timeline.phase = phase
+
+    def forward(x: torch.Tensor) -> Any:
+        output = _run_model(model, x, label)
+        extra["output_bytes"] = _unique_bytes(_tensors(output))
+        return output
+
+    with timeline, watch:
+        for t in state.values():
+            timeline.track(t)
+        seen = run_steps(
+            forward,
+            lambda: torch.empty(shape, dtype=dtype, device="meta"),
+            train=train,
+            optimizer=opt,
+            params=trainable,
+            loss_fn=loss_fn,
+            steps=steps,
+            on_phase=on_phase,
+        )
+    extra["input_bytes"] = seen["input_bytes"]
+    if opt is not None:
+        extra["optimizer_bytes"] = _unique_bytes(
+            [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        )
+    return timeline, extra

@@ -1,0 +1,235 @@
+"""The workload that :func:`tilegrad.estimate_memory` simulates and that the accuracy checks measure: one code path.
+
+A *training step* is: make the input batch, forward, ``loss_fn(output)``, ``loss.backward()``, ``optimizer.step()``,
+``optimizer.zero_grad(set_to_none=True)``, drop the batch and the output. :func:`run_steps` runs it ``steps`` times
+(the second step is the steady state: optimizer state from the first is alive). An *inference pass* is one forward
+under ``torch.no_grad()``. The estimator calls :func:`run_steps` on meta tensors; :func:`measure_workload` calls it
+on real tensors and measures the peak; :func:`measure_workload_subprocess` does so in a fresh Python process.
+
+Measurement protocol (``measure_workload``): the whole workload (build the model, ``steps`` steps) runs once to warm
+up lazy one-time state (oneDNN kernels and primitive caches, thread pools: tens of MB that a training loop pays
+once, not per step), then runs again from scratch inside :func:`tilegrad.measure_peak_memory`. The measured peak
+therefore includes parameters, buffers, input, gradients and optimizer state, like ``MemoryReport.peak_bytes``.
+
+NOTE [ Allocator policy for CPU measurements ]
+On CPU the measurement reads the process's resident high-water mark. With glibc's default *dynamic* mmap threshold,
+big blocks freed during forward stay resident in the heap and are reused imperfectly, so the high-water mark adds
+fragmentation on top of live tensors (typically +10-25% here). ``measure_workload_subprocess`` therefore sets
+``MALLOC_MMAP_THRESHOLD_`` (64 KiB by default), which fixes the threshold: every block above it is its own mapping and
+is returned to the kernel when freed, so the resident set follows live tensor bytes, the CPU analogue of CUDA's
+``max_memory_allocated``. Pass ``mmap_threshold=None`` to measure under the default policy instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import TilegradError
+
+__all__ = ["measure_workload", "measure_workload_subprocess", "run_steps"]
+
+
+def run_steps(
+    forward: Callable[[torch.Tensor], Any],
+    make_input: Callable[[], torch.Tensor],
+    *,
+    train: bool,
+    optimizer: torch.optim.Optimizer | None,
+    params: Sequence[torch.Tensor],
+    loss_fn: Callable[[Any], torch.Tensor],
+    steps: int,
+    on_phase: Callable[[str, int], None] = lambda phase, step: None,
+) -> dict[str, Any]:
+    """Run the workload ``steps`` times; ``on_phase(name, step)`` is called as each phase starts.
+
+    Returns shapes and sizes seen on the last step: ``input_bytes`` and ``output`` (a list of output tensors' byte
+    sizes).
+    """
+    seen: dict[str, Any] = {}
+    for step in range(steps):
+        on_phase("input", step)
+        x = make_input()
+        on_phase("forward", step)
+        with torch.enable_grad() if train else torch.no_grad():
+            output = forward(x)
+        on_phase("after forward", step)
+        seen["input_bytes"] = x.numel() * x.element_size()
+        seen["output"] = output
+        if train:
+            on_phase("loss", step)
+            loss = loss_fn(output)
+            on_phase("backward", step)
+            loss.backward()
+            del loss
+            if optimizer is not None:
+                on_phase("optimizer step", step)
+                optimizer.step()
+                on_phase("zero_grad", step)
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                for p in params:
+                    p.grad = None
+        on_phase("end of step", step)
+        del output, x
+        seen.pop("output")
+    return seen
+
+
+def default_loss(output: Any) -> torch.Tensor:
+    """Sum of every floating output that requires grad (what ``estimate_memory`` uses unless told otherwise)."""
+    from torch.utils._pytree import tree_flatten
+
+    parts = [
+        t.sum() for t in tree_flatten(output)[0]
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
+    ]
+    if not parts:
+        raise TilegradError(
+            "mode='train' needs a model output that requires grad; the model's floating outputs do not "
+            "(are all parameters frozen?). Use mode='infer' for a forward pass only."
+        )
+    loss = parts[0]
+    for part in parts[1:]:
+        loss = loss + part
+    return loss
+
+
+def _workload_once(
+    factory: Callable[[], nn.Module],
+    input_shape: tuple[int, ...],
+    mode: str,
+    dtype: torch.dtype,
+    optimizer: str | None,
+    steps: int,
+) -> None:
+    from .estimate import _make_optimizer
+
+    make_optimizer, _ = _make_optimizer(optimizer)
+    model = factory().to(dtype)
+    train = mode == "train"
+    if not train:
+        model.eval()
+    params = [p for p in model.parameters() if p.requires_grad] if train else []
+    opt = make_optimizer(params) if (train and make_optimizer is not None and params) else None
+    run_steps(
+        model,
+        lambda: torch.randn(input_shape, dtype=dtype),
+        train=train,
+        optimizer=opt,
+        params=params,
+        loss_fn=default_loss,
+        steps=steps if train else 1,
+    )
+
+
+def measure_workload(
+    factory: Callable[[], nn.Module],
+    input_shape: Sequence[int],
+    *,
+    mode: str = "train",
+    dtype: torch.dtype = torch.float32,
+    optimizer: str | None = None,
+    steps: int = 2,
+    warmup: bool = True,
+) -> int:
+    """Measure the real peak bytes of the workload in this process (see the module docstring for the protocol).
+
+    The model comes from ``factory()`` inside the measurement, so parameters count towards the peak. ``mode="infer"``
+    puts it in eval mode; in ``"train"`` its flags stay as the factory made them (like ``estimate_memory``).
+    """
+    from .measure import measure_peak_memory
+
+    shape = tuple(int(s) for s in input_shape)
+    if warmup:
+        _workload_once(factory, shape, mode, dtype, optimizer, steps)
+    return measure_peak_memory(_workload_once, factory, shape, mode, dtype, optimizer, steps)
+
+
+def measure_workload_subprocess(
+    model: str,
+    input_shape: Sequence[int],
+    *,
+    mode: str = "train",
+    dtype: str = "float32",
+    optimizer: str | None = None,
+    steps: int = 2,
+    threads: int | None = None,
+    mmap_threshold: int | None = 65536,
+    warmup: bool = True,
+    timeout: float | None = None,
+) -> int:
+    """Run :func:`measure_workload` in a fresh Python process and return its peak bytes.
+
+    ``model`` is a model spec as the ``tilegrad memory`` command takes it (see :func:`tilegrad.memory.resolve.
+    resolve_model`). The child imports this same tilegrad (its ``src`` directory goes first on ``PYTHONPATH``), uses
+    ``threads`` CPU threads (default: this process's ``torch.get_num_threads()``, which also steers the CPU
+    convolution kernel choice that ``estimate_memory`` follows) and the allocator policy of
+    NOTE [ Allocator policy for CPU measurements ]. ``warmup=False`` skips the warm-up run, for workloads so large
+    that the one-time tens of MB do not matter and a second run is costly.
+    """
+    import tilegrad
+
+    threads = torch.get_num_threads() if threads is None else int(threads)
+    env = dict(os.environ)
+    src = str(Path(tilegrad.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["OMP_NUM_THREADS"] = str(threads)
+    if mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(int(mmap_threshold))
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    request = {
+        "model": model,
+        "input_shape": list(input_shape),
+        "mode": mode,
+        "dtype": dtype,
+        "optimizer": optimizer,
+        "steps": steps,
+        "threads": threads,
+        "warmup": warmup,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "tilegrad.memory.workload", json.dumps(request)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise TilegradError(
+            f"measuring {model} at {tuple(input_shape)} in a subprocess failed (exit {proc.returncode}): "
+            f"{proc.stderr.strip()[-2000:]}"
+        )
+    return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+def _child(request: dict[str, Any]) -> dict[str, Any]:
+    from .estimate import _check_dtype
+    from .resolve import resolve_model
+
+    torch.set_num_threads(int(request.get("threads", 1)))
+    factory, _ = resolve_model(request["model"])
+    peak = measure_workload(
+        factory,
+        request["input_shape"],
+        mode=request["mode"],
+        dtype=_check_dtype(request["dtype"]),
+        optimizer=request["optimizer"],
+        steps=int(request["steps"]),
+        warmup=bool(request.get("warmup", True)),
+    )
+    return {"peak_bytes": peak}
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through measure_workload_subprocess
+    print(json.dumps(_child(json.loads(sys.argv[1]))))
