@@ -292,17 +292,20 @@ class _ReversibleFunction(torch.autograd.Function):
         devices = [device] if device.type == "cuda" and torch.cuda.is_initialized() else []
         grad = grad_out
         blocks = list(owner.blocks)
-        with torch.random.fork_rng(devices=devices, enabled=ctx.rng is not None), torch.enable_grad():
-            with torch.autocast(device.type, dtype=dtype, enabled=enabled):
-                for k in range(len(blocks) - 1, -1, -1):
-                    y, grad, pairs = blocks[k]._reverse(y, grad, ctx.rng, k, ctx.dtypes[k])
-                    for p, gp in pairs:
-                        i = index.get(id(p))
-                        if i is None:  # became trainable after the forward pass: a constant there
-                            continue
-                        param_grads[i].add_(gp)
-                        touched[i] = True
-                    del pairs
+        with (
+            torch.random.fork_rng(devices=devices, enabled=ctx.rng is not None),
+            torch.enable_grad(),
+            torch.autocast(device.type, dtype=dtype, enabled=enabled),
+        ):
+            for k in range(len(blocks) - 1, -1, -1):
+                y, grad, pairs = blocks[k]._reverse(y, grad, ctx.rng, k, ctx.dtypes[k])
+                for p, gp in pairs:
+                    i = index.get(id(p))
+                    if i is None:  # became trainable after the forward pass: a constant there
+                        continue
+                    param_grads[i].add_(gp)
+                    touched[i] = True
+                del pairs
         if owner.check_reconstruction is not None:
             owner._report_reconstruction(y, saved[1])
         if grad is not None:
