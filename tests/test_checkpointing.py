@@ -59,7 +59,10 @@ def test_keeps_fewer_activations():
 
 def bn_body(n: int = 6) -> nn.Sequential:
     return nn.Sequential(
-        *[nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()) for _ in range(n)]
+        *[
+            nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+            for _ in range(n)
+        ]
     )
 
 

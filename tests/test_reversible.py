@@ -305,7 +305,9 @@ def test_instance_norm_with_running_stats_updates_once():
     torch.manual_seed(12)
 
     def inorm_branch():
-        return nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.InstanceNorm2d(3, track_running_stats=True))
+        return nn.Sequential(
+            nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.InstanceNorm2d(3, track_running_stats=True)
+        )
 
     bl = [AdditiveCoupling(inorm_branch(), inorm_branch()) for _ in range(3)]
     plain = nn.Sequential(*copy.deepcopy(bl)).double()

@@ -47,7 +47,9 @@ def test_reversible_and_naive_give_the_same_gradients():
     naive = ESPCN3d(features=(6, 8), rev_blocks=3, naive=True).double()
     with torch.no_grad():
         for b in rev.parameters():
-            b.add_(0.1 * torch.randn_like(b))  # the branch convs start at zero: make every gradient non-trivial
+            b.add_(
+                0.1 * torch.randn_like(b)
+            )  # the branch convs start at zero: make every gradient non-trivial
     naive.load_state_dict(rev.state_dict())
     x = torch.randn(2, 1, 9, 9, 9, dtype=torch.float64)
     target = torch.randn(2, 1, 10, 10, 10, dtype=torch.float64)

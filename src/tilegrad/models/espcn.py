@@ -73,7 +73,9 @@ def _rev_stack(channels: int, blocks: int, naive: bool) -> nn.Module:
         )
     half = channels // 2
     coupled = [AdditiveCoupling(_rev_branch(half), _rev_branch(half)) for _ in range(blocks)]
-    return ReversibleSequential(*coupled, memory_saving=not naive)  # naive: plain backprop, same state_dict keys
+    return ReversibleSequential(
+        *coupled, memory_saving=not naive
+    )  # naive: plain backprop, same state_dict keys
 
 
 class ESPCN3d(nn.Module):
