@@ -43,7 +43,7 @@ _BACKWARD_TRANSIENT = 6.5
 # Live memory of a no-grad forward, in units of the largest activation (measured 1.6 on a 3D U-Net at 192^3).
 _FORWARD_TRANSIENT = 2.0
 # Extra room kept below a user budget for allocator slack and Python objects.
-_BUDGET_SAFETY = 0.9
+_BUDGET_SAFETY = 0.8
 
 
 @dataclass

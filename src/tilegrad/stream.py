@@ -168,7 +168,7 @@ class StreamingModule(nn.Module):
         tile_size: tile extent in input pixels, halo included: an int, a tuple per spatial dim, or ``"auto"``
             (needs ``memory_budget``) to pick the fastest plan whose predicted peak fits.
         memory_budget: bytes or a string such as ``"2GiB"``; the planner keeps the predicted peak of a training
-            step under it (with 10% slack) and raises :class:`tilegrad.MemoryBudgetError` if nothing fits.
+            step under it (with 20% slack) and raises :class:`tilegrad.MemoryBudgetError` if nothing fits.
         mode: ``"lean"`` streams the trunk as one segment (memory flat in the image size, the whole halo recomputed
             per tile); ``"stages"`` cuts it after every layer that changes the scale and keeps those feature maps
             (much less recomputation); ``"auto"`` (default) decides: with a budget the fastest plan that fits
