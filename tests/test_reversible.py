@@ -446,3 +446,20 @@ def test_memory_is_flat_in_depth():
     # the same measurement sees plain backprop grow with depth, so it can tell
     assert peaks["plain", 16] >= 2.5 * peaks["plain", 4], summary
     assert peaks["rev", 16] * 3 <= peaks["plain", 16], summary
+
+
+def test_guide_examples_run():
+    """The python blocks of docs/reversible.md run as written (ESPCN-sized shapes are small enough)."""
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "reversible.md"
+    examples = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.DOTALL)
+    assert len(examples) == 3
+    spaces = []
+    for code in examples:
+        spaces.append({})
+        exec(compile(code, str(doc), "exec"), spaces[-1])
+    assert spaces[1]["stack"].last_reconstruction_error > 1e-3
+    assert [w.category for w in spaces[1]["caught"]] == [tilegrad.ReconstructionWarning]
+    assert spaces[2]["body"][0][1].num_batches_tracked.item() == 1
