@@ -70,6 +70,35 @@ def child(name: str, size: int, batch: int, steps: int, threads: int) -> None:
     print(json.dumps({"peak": peak, "times": times, "params": params}))
 
 
+def interleaved(size: int, batch: int, steps: int, threads: int) -> dict[str, float]:
+    """Median time per training step of ESPCN-RN4 and RN4 naive, alternating in one process (same weights).
+
+    Separate processes on a shared machine see different contention; alternating the two step by step gives each
+    the same conditions, so their ratio is the reliable figure.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from tilegrad.models import ESPCN3d
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    rev = ESPCN3d(upscale=2, rev_blocks=4)
+    naive = ESPCN3d(upscale=2, rev_blocks=4, naive=True)
+    naive.load_state_dict(rev.state_dict())
+    x = torch.randn(batch, 1, size, size, size)
+    target = torch.randn_like(rev(x).detach())
+    times: dict[str, list[float]] = {"ESPCN-RN4": [], "ESPCN-RN4 naive": []}
+    for i in range(steps + 1):
+        for name, net in (("ESPCN-RN4", rev), ("ESPCN-RN4 naive", naive)):
+            net.zero_grad(set_to_none=False)
+            t0 = time.perf_counter()
+            F.mse_loss(net(x), target).backward()
+            if i:  # the first round warms up
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _run_child(name: str, args: argparse.Namespace, env: dict, steps: int) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--child", name, "--size", str(args.size), "--batch", str(args.batch),
@@ -93,10 +122,16 @@ def main() -> None:
         help="torch threads per configuration (default 1: on a shared, oversubscribed machine OpenMP barriers "
         "spin and a 2-thread 3D convolution measured 20-50x slower than a 1-thread one)",
     )
+    parser.add_argument(
+        "--interleaved-only", action="store_true", help="only the alternating RN4 / RN4 naive timing"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.size, args.batch, args.steps, args.threads)
+        return
+    if args.interleaved_only:
+        _print_interleaved(args)
         return
     import tilegrad
 
@@ -129,6 +164,16 @@ def main() -> None:
             f"| {name} | {r['params']:,} | {r['peak'] / 2**20:.0f} MiB | {r['peak'] / base['peak']:.2f}x "
             f"| {f['peak'] / 2**20:.0f} MiB | {f['peak'] / base_fixed['peak']:.2f}x | {t} | {tr} |"
         )
+    _print_interleaved(args)
+
+
+def _print_interleaved(args: argparse.Namespace) -> None:
+    t = interleaved(args.size, args.batch, max(args.steps, 7), args.threads)
+    rev, naive = t["ESPCN-RN4"], t["ESPCN-RN4 naive"]
+    print(
+        f"\nalternating in one process (forward + backward, median of {max(args.steps, 7)}): ESPCN-RN4 "
+        f"{rev:.2f} s, ESPCN-RN4 naive {naive:.2f} s: reversible / naive = {rev / naive:.2f}x"
+    )
 
 
 def _torch_version() -> str:
