@@ -1,6 +1,8 @@
-"""checkpoint_sequential: exact gradients, fewer saved activations, errors."""
+"""checkpoint_sequential: exact gradients, BatchNorm statistics once, fewer saved activations, errors."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -55,8 +57,50 @@ def test_keeps_fewer_activations():
     assert saved_bytes(checkpoint_sequential(plain, 4), x) * 2 < full
 
 
+def bn_body(n: int = 6) -> nn.Sequential:
+    return nn.Sequential(
+        *[
+            nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+            for _ in range(n)
+        ]
+    )
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])  # None: cumulative average driven by num_batches_tracked
+def test_batchnorm_running_statistics_update_once_per_step(momentum):
+    torch.manual_seed(2)
+    plain = bn_body().double()
+    for m in plain.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    ckpt = checkpoint_sequential(copy.deepcopy(plain), segments=3)
+    for _step in range(2):
+        x = torch.randn(2, 4, 10, 10, dtype=torch.float64)
+        grads = []
+        for m in (ckpt, plain):
+            m.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_(True)
+            m(xi).sin().sum().backward()
+            grads.append([xi.grad] + [p.grad for p in m.parameters()])
+        for a, b in zip(*grads):
+            assert ((a - b).norm() / b.norm()).item() <= 1e-10
+    bns = [[m for m in net.modules() if isinstance(m, nn.BatchNorm2d)] for net in (ckpt, plain)]
+    for a, b in zip(*bns):
+        assert a.num_batches_tracked.item() == b.num_batches_tracked.item() == 2
+        assert torch.allclose(a.running_mean, b.running_mean, rtol=0, atol=1e-14)
+        assert torch.allclose(a.running_var, b.running_var, rtol=0, atol=1e-14)
+
+
+def test_plain_torch_checkpoint_updates_batchnorm_twice():
+    """Why the test above matters: torch.utils.checkpoint alone counts every checkpointed BatchNorm twice."""
+    net = bn_body(2)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(net, x, use_reentrant=False).sum().backward()
+    assert net[0][1].num_batches_tracked.item() == 2
+
+
 def test_errors():
-    with pytest.raises(tilegrad.TilegradError, match=r"between 1 and the number of layers \(8\), received 9"):
+    with pytest.raises(tilegrad.ConfigError, match=r"between 1 and the number of layers \(8\), received 9"):
         checkpoint_sequential(body(8), 9)
-    with pytest.raises(TypeError, match=r"takes an nn\.Sequential, received Conv2d"):
+    with pytest.raises(tilegrad.ConfigError, match=r"takes an nn\.Sequential, received Conv2d"):
         checkpoint_sequential(nn.Conv2d(1, 1, 1), 1)

@@ -234,7 +234,7 @@ def test_reconstruction_check_warns_with_the_number_on_drift():
     bl = [AdditiveCoupling(Scale(branch(2, 2), 10.0), Scale(branch(2, 2), 10.0)) for _ in range(6)]
     rev = ReversibleSequential(*bl, check_reconstruction=1e-3)
     x = torch.randn(1, 4, 8, 8, requires_grad=True)
-    with pytest.warns(RuntimeWarning, match=r"differs from the true input by [0-9.e+-]+"):
+    with pytest.warns(tilegrad.ReconstructionWarning, match=r"differs from the true input by [0-9.e+-]+"):
         rev(x).sum().backward()
     assert rev.last_reconstruction_error > 1e-3
 
@@ -265,8 +265,113 @@ def test_branch_changing_the_shape_is_refused():
 
 
 def test_non_reversible_block_is_refused():
-    with pytest.raises(TypeError, match="block 1 is Conv2d"):
+    with pytest.raises(tilegrad.NotInvertibleError, match="block 1 is Conv2d"):
         ReversibleSequential(*blocks(1, 2, 2), nn.Conv2d(4, 4, 1))
+
+
+@pytest.mark.parametrize("threshold", [0, -1e-3])
+def test_reconstruction_threshold_must_be_positive(threshold):
+    with pytest.raises(tilegrad.ConfigError, match=rf"threshold > 0 .* received {threshold}"):
+        ReversibleSequential(*blocks(1, 2, 2), check_reconstruction=threshold)
+
+
+# ------------------------------------------------------------------------------ cost, safety, variants ----
+
+
+class Counted(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+def test_each_branch_runs_once_in_forward_and_once_in_backward():
+    """Reconstruction and recomputation share one evaluation per branch (NOTE [ One Function over the whole stack ])."""
+    torch.manual_seed(11)
+    bl = [AdditiveCoupling(Counted(branch(2, 2)), Counted(branch(2, 2))) for _ in range(5)]
+    rev = ReversibleSequential(*bl)
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    y = rev(x)
+    assert all(b.f.calls == b.g.calls == 1 for b in bl)
+    y.sum().backward()
+    assert all(b.f.calls == b.g.calls == 2 for b in bl)
+
+
+def test_instance_norm_with_running_stats_updates_once():
+    """Every buffer a training-mode layer updates is restored after the recomputation, not only BatchNorm's."""
+    torch.manual_seed(12)
+
+    def inorm_branch():
+        return nn.Sequential(
+            nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.InstanceNorm2d(3, track_running_stats=True)
+        )
+
+    bl = [AdditiveCoupling(inorm_branch(), inorm_branch()) for _ in range(3)]
+    plain = nn.Sequential(*copy.deepcopy(bl)).double()
+    rev = ReversibleSequential(*bl).double()
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    assert_close(grads_of(rev, x)[1], grads_of(plain, x)[1], 1e-10)
+    norms = [m for m in rev.modules() if isinstance(m, nn.InstanceNorm2d)]
+    assert len(norms) == 6 and all(m.running_mean.abs().sum() > 0 for m in norms)  # updated...
+    for a, b in zip(rev.buffers(), plain.buffers()):  # ...once: a second update would move them further
+        assert torch.allclose(a, b, rtol=0, atol=1e-14)
+
+
+def test_input_and_output_shared_with_other_layers():
+    """Regression for memcnn's keep_input=False crash: neighbours that saved the stack's input or output still
+    backpropagate correctly, because nothing is freed or modified in place."""
+    torch.manual_seed(13)
+    bl = blocks(3, 2, 2)
+
+    def net(stack, x):
+        h = torch.relu(x)  # relu saves h, the stack's input
+        y = stack(h)
+        return (y * h).sum() + (y * y).sum()  # both factors saved by mul: stack input and stack output
+
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    results = []
+    for stack in (ReversibleSequential(*bl).double(), nn.Sequential(*bl).double()):
+        xi = x.clone().requires_grad_(True)
+        stack.zero_grad(set_to_none=True)
+        net(stack, xi).backward()
+        results.append([xi.grad] + [p.grad for p in stack.parameters()])
+    assert_close(*results, 1e-10)
+
+
+def test_output_modified_in_place_is_an_error_not_a_wrong_gradient():
+    rev = ReversibleSequential(*blocks(2, 2, 2))
+    y = rev(torch.randn(1, 4, 5, 5, requires_grad=True))
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_autograd_grad_returns_gradients_without_touching_dot_grad():
+    torch.manual_seed(14)
+    bl = blocks(4, 2, 1)
+    rev, plain = ReversibleSequential(*bl).double(), nn.Sequential(*bl).double()
+    x = torch.randn(2, 4, 10, dtype=torch.float64, requires_grad=True)
+    params = list(rev.parameters())
+    g_rev = torch.autograd.grad(rev(x).square().sum(), [x, *params])
+    g_plain = torch.autograd.grad(plain(x).square().sum(), [x, *params])
+    assert all(p.grad is None for p in params)
+    assert_close(list(g_rev), list(g_plain), 1e-10)
+
+
+def test_memory_saving_false_is_plain_backprop_with_the_same_state_dict():
+    torch.manual_seed(15)
+    bl = blocks(3, 2, 2, "bn")
+    rev = ReversibleSequential(*bl).double()
+    naive = ReversibleSequential(*copy.deepcopy(bl), memory_saving=False).double()
+    assert naive.state_dict().keys() == rev.state_dict().keys()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    assert_close(grads_of(rev, x)[1], grads_of(naive, x)[1], 1e-10)
+    y = naive(x.requires_grad_(True))
+    assert y.grad_fn is not None and "Reversible" not in type(y.grad_fn).__name__  # a plain autograd graph
+    assert "memory_saving=False" in repr(naive)
 
 
 # -------------------------------------------------------------------------------------------- streaming ----
@@ -341,3 +446,20 @@ def test_memory_is_flat_in_depth():
     # the same measurement sees plain backprop grow with depth, so it can tell
     assert peaks["plain", 16] >= 2.5 * peaks["plain", 4], summary
     assert peaks["rev", 16] * 3 <= peaks["plain", 16], summary
+
+
+def test_guide_examples_run():
+    """The python blocks of docs/reversible.md run as written (ESPCN-sized shapes are small enough)."""
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "reversible.md"
+    examples = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.DOTALL)
+    assert len(examples) == 3
+    spaces = []
+    for code in examples:
+        spaces.append({})
+        exec(compile(code, str(doc), "exec"), spaces[-1])
+    assert spaces[1]["stack"].last_reconstruction_error > 1e-3
+    assert [w.category for w in spaces[1]["caught"]] == [tilegrad.ReconstructionWarning]
+    assert spaces[2]["body"][0][1].num_batches_tracked.item() == 1

@@ -13,6 +13,7 @@ from .errors import (
     GeometryError,
     MemoryBudgetError,
     MissingDependencyError,
+    NotInvertibleError,
     NotStreamableError,
     ShapeError,
     TilegradError,
@@ -22,7 +23,7 @@ from .geometry import ReceptiveField, receptive_field, register_geometry_rule
 from .infer import infer
 from .memory import MemoryReport, PeakMemoryMeter, estimate_memory, measure_peak_memory
 from .plan import Plan, plan_streaming
-from .reversible import AdditiveCoupling, ReversibleSequential
+from .reversible import AdditiveCoupling, ReconstructionWarning, ReversibleSequential
 from .split import split_model
 from .stream import StreamingModule
 from .units import format_bytes, parse_bytes
@@ -38,10 +39,12 @@ __all__ = [
     "MemoryBudgetError",
     "MemoryReport",
     "MissingDependencyError",
+    "NotInvertibleError",
     "NotStreamableError",
     "PeakMemoryMeter",
     "Plan",
     "ReceptiveField",
+    "ReconstructionWarning",
     "ReversibleSequential",
     "ShapeError",
     "StreamingModule",

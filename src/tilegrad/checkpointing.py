@@ -5,13 +5,16 @@ See docs/reversible.md for when to pick checkpointing and when reversible blocks
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .errors import TilegradError
+from .errors import ConfigError
+from .reversible import _frozen_buffers
 
 __all__ = ["CheckpointedSequential", "checkpoint_sequential"]
 
@@ -25,13 +28,13 @@ class CheckpointedSequential(nn.Module):
     def __init__(self, module: nn.Sequential, segments: int) -> None:
         super().__init__()
         if not isinstance(module, nn.Sequential):
-            raise TypeError(
+            raise ConfigError(
                 f"checkpoint_sequential takes an nn.Sequential, received {type(module).__name__}; wrap the layers "
                 "you want to checkpoint in nn.Sequential(...)"
             )
         n = len(module)
         if not isinstance(segments, int) or not 1 <= segments <= max(n, 1):
-            raise TilegradError(
+            raise ConfigError(
                 f"segments must be an integer between 1 and the number of layers ({n}), received {segments!r}"
             )
         for name, child in module.named_children():
@@ -50,12 +53,26 @@ class CheckpointedSequential(nn.Module):
         if not torch.is_grad_enabled():
             return self._run(0, self._bounds[-1], x)
         bounds = self._bounds
+        layers = list(self.children())
         for start, stop in itertools.pairwise(bounds[:-1]):  # every segment but the last is recomputed
-            x = checkpoint(self._run, start, stop, x, use_reentrant=False)
+            context = functools.partial(_recompute_context, nn.ModuleList(layers[start:stop]))
+            x = checkpoint(self._run, start, stop, x, use_reentrant=False, context_fn=context)
         return self._run(bounds[-2], bounds[-1], x)  # the last segment's activations are needed right away
 
     def extra_repr(self) -> str:
         return f"segments={self.segments}"
+
+
+def _recompute_context(
+    layers: nn.Module,
+) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """Forward as usual; the recomputation in backward leaves the layers' buffers as it found them.
+
+    NOTE [ Running statistics are updated once ]: a training-mode BatchNorm updates its running statistics (and
+    ``num_batches_tracked``) whenever it runs, so plain ``torch.utils.checkpoint`` updates them twice per step. The
+    recomputation uses batch statistics, so restoring the buffers after it changes no value.
+    """
+    return contextlib.nullcontext(), _frozen_buffers(layers)
 
 
 def checkpoint_sequential(module: nn.Sequential, segments: int) -> CheckpointedSequential:
@@ -63,9 +80,8 @@ def checkpoint_sequential(module: nn.Sequential, segments: int) -> CheckpointedS
 
     Uses ``torch.utils.checkpoint`` with ``use_reentrant=False`` (gradients for parameters and inputs as with plain
     backprop, works with ``torch.autograd.grad``, nesting and autocast; dropout masks are replayed). BatchNorm in
-    training mode still updates its running statistics twice per step (forward and recomputation) -- as with
-    ``torch.utils.checkpoint`` itself; use :class:`tilegrad.ReversibleSequential` or freeze BatchNorm when that
-    matters. Activation memory: about the segment inputs plus the activations of the largest segment
+    training mode updates its running statistics once per step, as without checkpointing (plain
+    ``torch.utils.checkpoint`` updates them twice: forward and recomputation). Activation memory: about the segment inputs plus the activations of the largest segment
     (``segments ~ sqrt(len(module))`` minimises it). The layers are shared, not copied.
 
     >>> import torch

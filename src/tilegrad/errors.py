@@ -14,6 +14,7 @@ __all__ = [
     "GeometryError",
     "MemoryBudgetError",
     "MissingDependencyError",
+    "NotInvertibleError",
     "NotStreamableError",
     "ShapeError",
     "TilegradError",
@@ -31,6 +32,10 @@ class ShapeError(TilegradError, ValueError):
 
 class GeometryError(TilegradError, ValueError):
     """A tile is too small for the receptive field, or a geometry cannot be derived."""
+
+
+class NotInvertibleError(TilegradError, TypeError):
+    """A module placed in a reversible stack has no exact inverse."""
 
 
 class NotStreamableError(TilegradError, TypeError):

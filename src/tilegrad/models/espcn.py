@@ -73,7 +73,9 @@ def _rev_stack(channels: int, blocks: int, naive: bool) -> nn.Module:
         )
     half = channels // 2
     coupled = [AdditiveCoupling(_rev_branch(half), _rev_branch(half)) for _ in range(blocks)]
-    return nn.Sequential(*coupled) if naive else ReversibleSequential(*coupled)
+    return ReversibleSequential(
+        *coupled, memory_saving=not naive
+    )  # naive: plain backprop, same state_dict keys
 
 
 class ESPCN3d(nn.Module):
@@ -88,8 +90,9 @@ class ESPCN3d(nn.Module):
     ``rev_blocks=k`` inserts a stack of k reversible blocks (:class:`tilegrad.AdditiveCoupling` with
     BN-ReLU-conv3x3x3 branches, same padding, the conv zero-initialised so each
     block starts as the identity) after every hidden layer: ESPCN-RN-k. They run as a
-    :class:`tilegrad.ReversibleSequential` (memory about flat in k) unless ``naive=True``, which builds the same
-    architecture with plain backprop ("ESPCN-RN-k naive" in Blumberg et al. 2018).
+    :class:`tilegrad.ReversibleSequential` (memory about flat in k) unless ``naive=True``, which trains the same
+    architecture with plain backprop ("ESPCN-RN-k naive" in Blumberg et al. 2018; ``memory_saving=False``, same
+    parameters and ``state_dict`` keys, so weights move freely between the two).
 
     >>> import torch
     >>> net = ESPCN3d(upscale=2)
