@@ -202,7 +202,7 @@ class Plan:
                 if self.conventional
                 else f"{len(self.segments)} streamed segment(s)"
             )
-            + f", predicted training peak {format_bytes(self.peak_bytes)}"
+            + f", predicted peak {format_bytes(self.peak_bytes)}"
             + (f" (budget {format_bytes(self.budget)})" if self.budget else "")
             + f", predicted time x{self.time_ratio:.2f} of conventional"
         )
@@ -380,13 +380,29 @@ def plan_streaming(
             best = Plan(input_shape, [seg], True, peak, peak, 1.0, memory_budget)
     cache: dict[tuple[int, int, tuple[int, ...]], SegmentPlan | None] = {}
 
+    forward_rate: dict[tuple[int, int], float] = {}
+
+    def forward_bytes_per_px(first: int, stop: int) -> float:
+        """Inference peak per input pixel of a segment, from estimate_memory's allocator simulation (which
+        includes CPU convolution scratch, so it errs on the safe side)."""
+        if (first, stop) not in forward_rate:
+            from .memory.estimate import estimate_memory
+
+            shape = units[first].in_shape
+            chain = nn.Sequential(*(u.module for u in units[first:stop]))
+            report = estimate_memory(chain, shape, mode="infer", dtype=dtype)
+            forward_rate[(first, stop)] = report.peak_bytes / math.prod(shape[2:])
+        return forward_rate[(first, stop)]
+
     def segment(first: int, stop: int, tile: tuple[int, ...]) -> SegmentPlan | None:
         key = (first, stop, tile)
         if key not in cache:
             try:
-                cache[key] = _segment(
-                    units[first:stop], tile, ndim, dtype, _scale(units, first, ndim, input_shape)
-                )
+                seg = _segment(units[first:stop], tile, ndim, dtype, _scale(units, first, ndim, input_shape))
+                if not training:  # inference plans: simulate the forward peak instead of the rule of thumb
+                    area = math.prod(seg.grid.max_in_shape)
+                    seg.tile_forward_bytes = int(forward_bytes_per_px(first, stop) * area)
+                cache[key] = seg
             except GeometryError as err:
                 errors.append(str(err))
                 cache[key] = None
@@ -444,6 +460,8 @@ def plan_streaming(
         peak, fwd_peak, ratio = _evaluate(
             chosen, input_shape, param_bytes, dtype, input_in_memory, input_grad
         )
+        if not training:  # inference: no gradients, the forward peak is the peak
+            fwd_peak = peak = fixed + max(s.tile_forward_bytes for s in chosen)
         plan = Plan(input_shape, chosen, False, peak, fwd_peak, ratio, memory_budget)
         if smallest is None or peak < smallest.peak_bytes:
             smallest = plan
