@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ._autocast import autocast_state, replay_autocast
 from .errors import ConfigError, NotInvertibleError, ShapeError
 
 __all__ = ["AdditiveCoupling", "ReconstructionWarning", "ReversibleSequential"]
@@ -227,13 +228,6 @@ def _frozen_buffers(module: nn.Module) -> Iterator[None]:
                 buf.copy_(copy)
 
 
-def _autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
-    if device_type not in ("cpu", "cuda"):
-        return False, None
-    enabled = torch.is_autocast_enabled(device_type)
-    return enabled, torch.get_autocast_dtype(device_type) if enabled else None
-
-
 def _grad_buffers(params: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     """Zero gradient tensors shaped like ``params``: views into one buffer per (dtype, device)."""
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
@@ -260,7 +254,7 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.owner = owner
         ctx.params = params
         ctx.device = x.device
-        ctx.autocast = _autocast_state(x.device.type)
+        ctx.autocast = autocast_state(x.device.type)
         ctx.rng = _RngTape(2 * len(owner.blocks), x.device) if owner.preserve_rng_state else None
         ctx.dtypes = []
         ctx.x_dtype = x.dtype
@@ -287,7 +281,6 @@ class _ReversibleFunction(torch.autograd.Function):
         # raise the peak resident memory (measured: +20-40 MiB for ESPCN-RN8 on glibc).
         param_grads = _grad_buffers(params)
         touched = [False] * len(params)
-        enabled, dtype = ctx.autocast
         device = ctx.device
         devices = [device] if device.type == "cuda" and torch.cuda.is_initialized() else []
         grad = grad_out
@@ -295,9 +288,7 @@ class _ReversibleFunction(torch.autograd.Function):
         with (
             torch.random.fork_rng(devices=devices, enabled=ctx.rng is not None),
             torch.enable_grad(),
-            # nullcontext when autocast is off: torch.autocast("meta") raises, and estimate_memory runs this
-            # backward on meta tensors
-            torch.autocast(device.type, dtype=dtype) if enabled else nullcontext(),
+            replay_autocast(device.type, ctx.autocast),
         ):
             for k in range(len(blocks) - 1, -1, -1):
                 y, grad, pairs = blocks[k]._reverse(y, grad, ctx.rng, k, ctx.dtypes[k])

@@ -11,7 +11,6 @@ when the input requires grad, of the input (a saliency map).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._autocast import autocast_state, replay_autocast
 from .errors import GeometryError, ShapeError, TilegradError
 from .plan import Plan, SegmentPlan, plan_streaming
 from .typing import ArrayLike, Bytes, TileSize
@@ -28,13 +28,6 @@ from .units import parse_bytes
 __all__ = ["StreamingModule"]
 
 log = logging.getLogger(__name__)
-
-
-def _autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
-    if device_type not in ("cpu", "cuda"):
-        return False, None
-    enabled = torch.is_autocast_enabled(device_type)
-    return enabled, torch.get_autocast_dtype(device_type) if enabled else None
 
 
 class _Reader:
@@ -81,7 +74,7 @@ class _StreamFunction(torch.autograd.Function):
         ctx: Any, owner: StreamingModule, plan: Plan, x: torch.Tensor | None, reader: _Reader, *params: Any
     ):
         device_type = reader.device.type
-        ctx.autocast = _autocast_state(device_type)
+        ctx.autocast = autocast_state(device_type)
         ctx.device_type = device_type
         ctx.owner, ctx.plan, ctx.reader = owner, plan, reader
         ctx.params = params
@@ -114,7 +107,6 @@ class _StreamFunction(torch.autograd.Function):
         x_grad = None
         upstream = grad_out  # gradient of the current segment's output
         del grad_out
-        enabled, dtype = ctx.autocast
         with ctx.owner._progress(plan, "backward") as bar:
             for k in range(len(plan.segments) - 1, -1, -1):
                 seg = plan.segments[k]
@@ -128,16 +120,13 @@ class _StreamFunction(torch.autograd.Function):
                         reader = _Reader(x.detach(), reader.device, reader.dtype)
                     need_input_grad = ctx.x_needs_grad
                 grad_in = torch.zeros_like(reader.source) if need_input_grad else None
-                seg_params = [p for p in seg.chain.parameters_of() if id(p) in param_index]
                 chain = seg.chain
+                seg_params = [p for p in chain.parameters_of() if id(p) in param_index]
                 for tile in seg.grid:
                     xin = reader.read(tile.inputs).detach()
                     if need_input_grad:
                         xin.requires_grad_(True)
-                    # nullcontext when autocast is off: torch.autocast("meta") raises, and estimate_memory runs
-                    # this backward on meta tensors.
-                    cast = torch.autocast(ctx.device_type, dtype=dtype) if enabled else contextlib.nullcontext()
-                    with torch.enable_grad(), cast:
+                    with torch.enable_grad(), replay_autocast(ctx.device_type, ctx.autocast):
                         y = chain(xin)
                         core = y[(slice(None), slice(None), *tile.crop)]
                     g = upstream[(slice(None), slice(None), *tile.outputs)]
