@@ -30,7 +30,7 @@ def test_plan_prints_segments_and_json(capsys):
 
 def test_plan_bad_shape_is_a_clear_error(capsys):
     assert main(["plan", "resnet18", "--input", "3by512", "--tile", "256"]) == 2
-    assert "must look like 3x224x224" in capsys.readouterr().err
+    assert "cannot read --input '3by512'" in capsys.readouterr().err
 
 
 def test_infer_npy_to_nifti_equals_whole_volume(tmp_path, capsys):

@@ -27,24 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    from ..errors import ShapeError
-
-    try:
-        shape = tuple(int(v) for v in text.lower().replace("*", "x").split("x"))
-    except ValueError:
-        shape = ()
-    if len(shape) not in (3, 4) or any(v < 1 for v in shape):
-        raise ShapeError(f"--input must look like 3x224x224 or 1x64x256x256 (C x spatial), received {text!r}")
-    return shape
-
-
 def run(args: argparse.Namespace) -> int:
     from ..errors import TilegradError
     from ..memory.resolve import resolve_model
     from ..plan import plan_streaming
     from ..split import split_model
     from ..units import parse_bytes
+    from .memory import parse_input
 
     factory, label = resolve_model(args.model)
     model = factory().eval()
@@ -52,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         trunk, _ = split_model(model)
     except TilegradError:  # not a classifier split_model knows: plan the whole model (e.g. a U-Net)
         trunk = model
-    shape = (args.batch, *parse_shape(args.input))
+    shape = (args.batch, *parse_input(args.input))
     plan = plan_streaming(
         trunk,
         shape,
