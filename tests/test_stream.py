@@ -144,10 +144,27 @@ def test_equivalence(name, factory, shape, tile, kwargs, dtype):
     assert_equivalent(factory().eval(), shape, tile, dtype=dtype, **kwargs)
 
 
+def _smooth(module: nn.Module) -> nn.Module:
+    """Replace every ReLU by SiLU (same geometry, no kink)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.ReLU):
+            setattr(module, name, nn.SiLU())
+        else:
+            _smooth(child)
+    return module
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_resnet18_trunk_with_eval_batchnorm(dtype):
-    # stages mode: per-segment halos, several boundary maps
-    assert_equivalent(resnet18_trunk(), (1, 3, 224, 192), 160, dtype=dtype, mode="stages")
+    # stages mode: per-segment halos, several boundary maps.
+    # NOTE float32 and kinks: tile and whole-image convolutions round differently (1e-7 relative). In a ReLU net a
+    # pre-activation within that distance of zero then lands on the other side of the kink, and the gradient
+    # behind it moves by O(1): measured on this trunk at this size, 3 of 20 random weight draws give a 4e-2
+    # input-gradient difference (float64: 4e-16 for the same draws). The float32 case therefore uses SiLU, which
+    # keeps the architecture and geometry, so it measures rounding; float64 keeps ReLU and is the exactness proof.
+    torch.manual_seed(0)
+    trunk = resnet18_trunk() if dtype == torch.float64 else _smooth(resnet18_trunk())
+    assert_equivalent(trunk, (1, 3, 224, 192), 160, dtype=dtype, mode="stages")
 
 
 def test_resnet18_trunk_lean_single_segment():
