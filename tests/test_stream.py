@@ -176,6 +176,25 @@ def test_channels_last_input():
     assert_equivalent(conv_net_2d(), (2, 3, 40, 36), 24, channels_last=True)
 
 
+def test_kept_segments_are_exact_and_not_recomputed():
+    # with this budget the planner streams the first layers in tiles and keeps the graphs of the deeper,
+    # one-tile segments (NOTE [ Kept segments ] in stream.py): same gradients, and those layers run once per step
+    torch.manual_seed(0)
+    trunk = resnet18_trunk()
+    calls = {"conv1": 0, "layer4": 0}
+    trunk.conv1.register_forward_hook(lambda *a: calls.__setitem__("conv1", calls["conv1"] + 1))
+    trunk.layer4[1].register_forward_hook(lambda *a: calls.__setitem__("layer4", calls["layer4"] + 1))
+    streamed = assert_equivalent(trunk, (1, 3, 320, 288), "auto", memory_budget="300MiB")  # float64
+    segments = streamed.last_plan.segments
+    kept = [s for s in segments if s.keep]
+    tiled = [s for s in segments if len(s.grid) > 1]
+    assert kept and tiled, str(streamed.last_plan)
+    assert "graph kept" in str(streamed.last_plan)
+    tiles = len(tiled[0].grid)
+    # plain reference run (1 each) + streamed step: conv1 in every tile forward and again in backward
+    assert calls == {"conv1": 1 + 2 * tiles, "layer4": 1 + 1}, calls
+
+
 def test_tile_larger_than_image_runs_the_module_directly():
     net = conv_net_2d().double()
     x = torch.randn(1, 3, 20, 20, dtype=torch.float64)
@@ -387,10 +406,24 @@ def test_budget_too_small_raises_with_numbers():
         StreamingModule(net, "auto", memory_budget=1000)(torch.randn(1, 3, 64, 64))
 
 
-def test_second_backward_is_refused_clearly():
+def test_second_backward_with_retain_graph_accumulates_like_the_plain_module():
+    # segments are ordinary autograd nodes: retain_graph=True keeps their saved boundary maps, so a second
+    # backward works and adds the same gradients again, as it does on the unwrapped module
     net = conv_net_2d().double()
-    y = StreamingModule(net, 24)(torch.randn(1, 3, 40, 40, dtype=torch.float64))
-    loss = y.sum()
+    x = torch.randn(1, 3, 40, 40, dtype=torch.float64)
+    loss = net(x).sum()
     loss.backward(retain_graph=True)
-    with pytest.raises(tilegrad.TilegradError, match="already been backpropagated"):
-        loss.backward()
+    loss.backward()
+    ref = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    streamed = StreamingModule(net, 24)
+    loss = streamed(x).sum()
+    assert len(streamed.last_plan.segments[0].grid) > 1
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for p, r in zip(net.parameters(), ref):
+        assert rel_err(p.grad, r) <= 1e-10
+    loss = streamed(x).sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()  # without retain_graph the boundary maps are freed, as torch frees saved tensors

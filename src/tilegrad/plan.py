@@ -16,10 +16,11 @@ forward FLOPs, scaled linearly with the tile area.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -93,9 +94,17 @@ class Chain(nn.Module):
         return list(seen.values())
 
 
+def _without_hooks(module: nn.Module) -> nn.Module:
+    """Drop the user's forward hooks from a meta copy: planning must not call them (on meta tensors, at that)."""
+    for m in module.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    return module
+
+
 def _meta_profile(units: list[Unit], input_shape: Sequence[int], dtype: torch.dtype) -> None:
     """Fill shapes, saved bytes and FLOPs of each unit from one forward over meta tensors."""
-    metas = [copy.deepcopy(u.module).to("meta") for u in units]
+    metas = [_without_hooks(copy.deepcopy(u.module)).to("meta") for u in units]
     param_storages = {
         p.untyped_storage()._cdata for m in metas for p in itertools.chain(m.parameters(), m.buffers())
     }
@@ -157,7 +166,11 @@ class SegmentPlan:
     out_shape: tuple[int, ...]
     tile_train_bytes: int = 0
     tile_forward_bytes: int = 0
+    tile_saved_bytes: int = 0  # saved for backward by one tile
     flops: float = 0.0
+    keep: bool = (
+        False  # NOTE [ Kept segments ] in stream.py: one tile, run as plain autograd, no recomputation
+    )
 
     @property
     def name(self) -> str:
@@ -209,6 +222,12 @@ class Plan:
         lines = [head]
         if not self.conventional:
             for seg in self.segments:
+                if seg.keep:
+                    lines.append(
+                        f"  {seg.name}: whole {'x'.join(map(str, seg.in_shape[2:]))} map, graph kept "
+                        f"(no recomputation), {format_bytes(seg.tile_saved_bytes)} saved for backward"
+                    )
+                    continue
                 lines.append(
                     f"  {seg.name}: tile {'x'.join(map(str, seg.tile))} px of a "
                     f"{'x'.join(map(str, seg.in_shape[2:]))} map, {len(seg.grid)} tiles, "
@@ -252,6 +271,7 @@ def _segment(
         out_shape=out_shape,
         tile_train_bytes=int(tile_in + saved + _BACKWARD_TRANSIENT * largest),
         tile_forward_bytes=int(tile_in + _FORWARD_TRANSIENT * largest),
+        tile_saved_bytes=int(saved),
         flops=sum(u.flops for u in units),
     )
 
@@ -275,19 +295,52 @@ def _evaluate(
     input_in_memory: bool,
     input_grad: bool,
 ) -> tuple[int, int, float]:
-    """Predicted (training peak, forward peak, time ratio) of a streamed plan."""
+    """Predicted (training peak, forward peak, time ratio) of a streamed plan.
+
+    A kept segment's saved tensors live from its forward to its own backward: during the forward they add up, and
+    in the backward (which runs the segments in reverse) those of the segments before the current one are still
+    alive.
+    """
     inp = _nbytes(input_shape, dtype) if input_in_memory else 0
     boundaries = [_nbytes(s.out_shape, dtype) for s in segments]
     fixed = 2 * param_bytes + inp + sum(boundaries)
-    forward_peak = fixed + max(s.tile_forward_bytes for s in segments)
+    kept = [s.tile_saved_bytes if s.keep else 0 for s in segments]
+    forward = 0
     backward = 0
     for k, seg in enumerate(segments):
+        before = sum(kept[:k])
+        work = seg.tile_saved_bytes + seg.tile_forward_bytes if seg.keep else seg.tile_forward_bytes
+        forward = max(forward, before + work)
         grad_out = boundaries[k]
         grad_in = boundaries[k - 1] if k > 0 else (inp if input_grad else 0)
-        backward = max(backward, grad_out + grad_in + seg.tile_train_bytes)
+        backward = max(backward, before + grad_out + grad_in + seg.tile_train_bytes)
+    forward = max(forward, sum(kept))
     conventional = sum(3 * s.flops for s in segments) or 1.0
-    streamed = sum(4 * s.flops * s.overlap + len(s.grid) * _TILE_OVERHEAD_FLOPS * 2 for s in segments)
-    return fixed + backward, forward_peak, streamed / conventional
+    return fixed + max(forward, backward), fixed + forward, sum(_cost(s) for s in segments) / conventional
+
+
+def _cost(seg: SegmentPlan) -> float:
+    """Predicted time of a segment's training step, in FLOPs (a conventional step is 3x its forward)."""
+    if seg.keep:
+        return 3 * seg.flops
+    return 4 * seg.flops * seg.overlap + len(seg.grid) * _TILE_OVERHEAD_FLOPS * 2
+
+
+def _choose_keeps(
+    segments: list[SegmentPlan], fits: Callable[[list[SegmentPlan]], bool]
+) -> list[SegmentPlan]:
+    """Keep the graphs of one-tile segments (no recomputation) while the plan still fits, the segments that save
+    the most recomputation per byte first."""
+    out = list(segments)
+    order = sorted(
+        (k for k, s in enumerate(out) if len(s.grid) == 1),
+        key=lambda k: -out[k].flops / max(1, out[k].tile_saved_bytes),
+    )
+    for k in order:
+        trial = [dataclasses.replace(s, keep=True) if j == k else s for j, s in enumerate(out)]
+        if fits(trial):
+            out = trial
+    return out
 
 
 def _conventional_peak(
@@ -430,7 +483,9 @@ def plan_streaming(
             if not options:
                 break
             if requested is not None:
-                if segment(a, b, requested) is None:  # the requested tile itself must work: never swap it silently
+                if (
+                    segment(a, b, requested) is None
+                ):  # the requested tile itself must work: never swap it silently
                     raise GeometryError(errors[-1])
                 cap = options[0].tile_train_bytes if training else options[0].tile_forward_bytes
                 cap = max(cap, tile_cap(requested))
@@ -457,6 +512,22 @@ def plan_streaming(
             )
         if len(chosen) != len(ranges):
             continue
+        if training:
+            if budget is not None:
+
+                def fits(trial: list[SegmentPlan]) -> bool:
+                    return (
+                        _evaluate(trial, input_shape, param_bytes, dtype, input_in_memory, input_grad)[0]
+                        <= budget
+                    )
+
+            else:  # a fixed tile sets the memory (NOTE [ Tile memory ]): kept graphs may hold one tile's worth
+                allowance = tile_cap(requested) if requested is not None else 0
+
+                def fits(trial: list[SegmentPlan], allowance: int = allowance) -> bool:
+                    return sum(s.tile_saved_bytes for s in trial if s.keep) <= allowance
+
+            chosen = _choose_keeps(chosen, fits)
         peak, fwd_peak, ratio = _evaluate(
             chosen, input_shape, param_bytes, dtype, input_in_memory, input_grad
         )
@@ -475,8 +546,10 @@ def plan_streaming(
         raise GeometryError(errors[0] if errors else "no tile size fits this trunk")
     raise MemoryBudgetError(
         f"no streaming plan fits the memory budget of {format_bytes(memory_budget or 0)} for input "
-        f"{'x'.join(map(str, input_shape))}: the leanest plan found needs about {format_bytes(smallest.peak_bytes)} "
-        f"({smallest}). Raise the budget, use a smaller tile, or keep the input on disk as a lazy array"
+        f"{'x'.join(map(str, input_shape))}: the leanest plan found needs about {format_bytes(smallest.peak_bytes)}, "
+        f"more than the {format_bytes(budget or 0)} the planner allows itself ({_BUDGET_SAFETY:.0%} of the budget; "
+        f"the rest is slack for the allocator) ({smallest}). Raise the budget, use a smaller tile, or keep the "
+        "input on disk as a lazy array"
     )
 
 
@@ -487,6 +560,6 @@ def _tile_candidates(spatial: Sequence[int], units: list[Unit]) -> list[tuple[in
     t = 48.0
     while t < top:
         sizes.add(round(t / 8) * 8)
-        t *= 2 ** 0.25
+        t *= 2**0.25
     sizes.add(top)
     return [tuple(min(s, d) for d in spatial) for s in sorted(sizes)]

@@ -12,6 +12,7 @@ when the input requires grad, of the input (a saliency map).
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from ._autocast import autocast_state, replay_autocast
-from .errors import GeometryError, ShapeError, TilegradError
+from .errors import GeometryError, ShapeError
 from .plan import Plan, SegmentPlan, plan_streaming
 from .typing import ArrayLike, Bytes, TileSize
 from .units import parse_bytes
@@ -66,91 +67,91 @@ def _run_forward(seg: SegmentPlan, reader: _Reader, out: torch.Tensor | None, pr
     return out
 
 
-class _StreamFunction(torch.autograd.Function):
-    """Streams the plan's segments; parameters are inputs so autograd routes their gradients normally."""
+class _Step:
+    """What the segments of one streamed forward share: the progress bars (one for the forward over every tile,
+    one for the backward, opened by the first segment whose backward runs and closed after the last tile)."""
+
+    def __init__(self, owner: StreamingModule, plan: Plan):
+        self.owner = owner
+        self.total = sum(len(s.grid) for s in plan.segments if not s.keep)
+        self.remaining = self.total
+        self.forward_bar: Any = None
+        self._backward: Any = None
+
+    def tick_backward(self) -> None:
+        if self._backward is None:
+            self._backward = self.owner._open_bar(self.total, "backward")
+        if self._backward is not None:
+            self._backward.update(1)
+        self.remaining -= 1
+        if self.remaining <= 0 and self._backward is not None:
+            self._backward.close()
+
+
+class _SegmentFunction(torch.autograd.Function):
+    """One streamed segment. Forward: its tiles without a graph. Backward: each tile again with a graph, the
+    gradient of its core pushed through it (NOTE [ Disjoint cores ] in tiling.py). The segment's parameters are
+    inputs of the Function, so autograd routes their gradients (and sums them with other uses) as usual; segments
+    compose through ordinary autograd, so kept segments and other layers can sit between them."""
 
     @staticmethod
     def forward(
-        ctx: Any, owner: StreamingModule, plan: Plan, x: torch.Tensor | None, reader: _Reader, *params: Any
+        ctx: Any, seg: SegmentPlan, step: _Step, reader: _Reader, x: torch.Tensor | None, *params: Any
     ):
-        device_type = reader.device.type
-        ctx.autocast = autocast_state(device_type)
-        ctx.device_type = device_type
-        ctx.owner, ctx.plan, ctx.reader = owner, plan, reader
-        ctx.params = params
-        ctx.x_needs_grad = x is not None and x.requires_grad
-        boundaries: list[torch.Tensor] = []
-        source = reader
-        with owner._progress(plan, "forward") as bar:
-            for seg in plan.segments:
-                y = _run_forward(seg, source, None, bar)
-                boundaries.append(y)
-                source = _Reader(y, y.device, y.dtype)
-        ctx.boundaries = boundaries[:-1]
+        ctx.device_type = reader.device.type
+        ctx.autocast = autocast_state(ctx.device_type)
+        ctx.seg, ctx.step = seg, step
+        ctx.seg_params = params  # parameters live as long as the module; no activation is held here
+        # NOTE [ Boundary lifetime ]: a tensor input is kept only through save_for_backward, never as a ctx
+        # attribute, so autograd frees it as soon as this segment's backward has run (ctx itself lives as long as
+        # the graph). A lazy input is kept as its reader: it costs no memory.
+        ctx.lazy_reader = None if x is not None else reader
         if x is not None:
             ctx.save_for_backward(x)
-        return boundaries[-1]
+        ctx.reader_device, ctx.reader_dtype = reader.device, reader.dtype
+        return _run_forward(seg, reader, None, step.forward_bar)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        if ctx.boundaries is None:
-            raise TilegradError(
-                "this streamed forward has already been backpropagated once (its boundary maps are freed); "
-                "run the StreamingModule forward again before another backward"
-            )
-        plan: Plan = ctx.plan
-        params = ctx.params
-        param_index = {id(p): i for i, p in enumerate(params)}
-        param_grads: list[torch.Tensor | None] = [None] * len(params)
-        boundaries = ctx.boundaries
-        ctx.boundaries = None
-        x_grad = None
-        upstream = grad_out  # gradient of the current segment's output
-        del grad_out
-        with ctx.owner._progress(plan, "backward") as bar:
-            for k in range(len(plan.segments) - 1, -1, -1):
-                seg = plan.segments[k]
-                if k > 0:
-                    reader = _Reader(boundaries[k - 1], boundaries[k - 1].device, boundaries[k - 1].dtype)
-                    need_input_grad = True
-                else:
-                    reader = ctx.reader
-                    if reader.is_tensor:
-                        (x,) = ctx.saved_tensors
-                        reader = _Reader(x.detach(), reader.device, reader.dtype)
-                    need_input_grad = ctx.x_needs_grad
-                grad_in = torch.zeros_like(reader.source) if need_input_grad else None
-                chain = seg.chain
-                seg_params = [p for p in chain.parameters_of() if id(p) in param_index]
-                for tile in seg.grid:
-                    xin = reader.read(tile.inputs).detach()
-                    if need_input_grad:
-                        xin.requires_grad_(True)
-                    with torch.enable_grad(), replay_autocast(ctx.device_type, ctx.autocast):
-                        y = chain(xin)
-                        core = y[(slice(None), slice(None), *tile.crop)]
-                    g = upstream[(slice(None), slice(None), *tile.outputs)]
-                    inputs = ([xin] if need_input_grad else []) + seg_params
-                    if not inputs:
-                        continue
-                    grads = torch.autograd.grad(core, inputs, g.to(core.dtype), allow_unused=True)
-                    if need_input_grad:
-                        grad_in[(slice(None), slice(None), *tile.inputs)] += grads[0]
-                        grads = grads[1:]
-                    for p, gp in zip(seg_params, grads):
-                        if gp is None:
-                            continue
-                        i = param_index[id(p)]
-                        param_grads[i] = gp if param_grads[i] is None else param_grads[i] + gp
-                    del y, core, grads
-                    if bar is not None:
-                        bar.update(1)
-                if k > 0:
-                    boundaries[k - 1] = None  # free the map as soon as its gradient exists
-                    upstream = grad_in
-                else:
-                    x_grad = grad_in
-        return (None, None, x_grad, None, *param_grads)
+        seg: SegmentPlan = ctx.seg
+        if ctx.lazy_reader is not None:
+            reader = ctx.lazy_reader
+        else:
+            (x,) = ctx.saved_tensors
+            reader = _Reader(x.detach(), ctx.reader_device, ctx.reader_dtype)
+        need_input_grad = ctx.needs_input_grad[3]
+        params = ctx.seg_params
+        wanted = [p for p, need in zip(params, ctx.needs_input_grad[4:]) if need]
+        param_grads: dict[int, torch.Tensor] = {}
+        grad_in = torch.zeros_like(reader.source) if need_input_grad else None
+        chain = seg.chain
+        for tile in seg.grid:
+            ctx.step.tick_backward()
+            inputs = wanted
+            xin = reader.read(tile.inputs).detach()
+            if need_input_grad:
+                xin.requires_grad_(True)
+                inputs = [xin, *wanted]
+            if not inputs:
+                continue
+            with torch.enable_grad(), replay_autocast(ctx.device_type, ctx.autocast):
+                y = chain(xin)
+                core = y[(slice(None), slice(None), *tile.crop)]
+            g = grad_out[(slice(None), slice(None), *tile.outputs)]
+            grads = torch.autograd.grad(core, inputs, g.to(core.dtype), allow_unused=True)
+            if need_input_grad:
+                grad_in[(slice(None), slice(None), *tile.inputs)] += grads[0]
+                grads = grads[1:]
+            for p, gp in zip(wanted, grads):
+                if gp is not None:
+                    param_grads[id(p)] = gp if id(p) not in param_grads else param_grads[id(p)] + gp
+            del y, core, grads, xin
+        return (None, None, None, grad_in, *(param_grads.get(id(p)) for p in params))
+
+    @classmethod
+    def run(cls, seg: SegmentPlan, step: _Step, reader: _Reader, x: torch.Tensor | None) -> torch.Tensor:
+        params = [p for p in seg.chain.parameters_of() if p.requires_grad]
+        return cls.apply(seg, step, reader, x, *params)
 
 
 class StreamingModule(nn.Module):
@@ -287,11 +288,11 @@ class StreamingModule(nn.Module):
             return b.device
         return torch.device("cpu")
 
-    def _progress(self, plan: Plan, what: str) -> Any:
-        total = sum(len(s.grid) for s in plan.segments)
-        show = self.progress if self.progress is not None else False
+    def _open_bar(self, total: int, what: str) -> Any:
+        """A tqdm bar over ``total`` tiles, or None (default: only with more than 16 tiles and a terminal)."""
+        show = self.progress if self.progress is not None else (total > 16 and sys.stderr.isatty())
         if not show or total <= 1:
-            return _NullBar()
+            return None
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=f"tilegrad {what}", unit="tile", leave=False)
@@ -318,26 +319,32 @@ class StreamingModule(nn.Module):
         training = torch.is_grad_enabled() and (bool(grad_params) or input_grad)
         plan = self.plan(shape, dtype=dtype, lazy=lazy, input_grad=input_grad)
         reader = _Reader(x, device, dtype)
+        whole = tuple(slice(None) for _ in shape[2:])
         if plan.conventional or (len(plan.segments) == 1 and len(plan.segments[0].grid) == 1):
             # one tile covers everything: streaming would only add a recomputation
-            return self.module(x if not lazy else reader.read(tuple(slice(None) for _ in shape[2:])))
-        if not training:
-            with self._progress(plan, "forward") as bar:
-                source = reader
-                for seg in plan.segments:
-                    y = _run_forward(seg, source, None, bar)
-                    source = _Reader(y, y.device, y.dtype)
-            return y
-        return _StreamFunction.apply(self, plan, x if not lazy else None, reader, *grad_params)
+            return self.module(x if not lazy else reader.read(whole))
+        step = _Step(self, plan)
+        step.forward_bar = self._open_bar(sum(len(s.grid) for s in plan.segments), "forward")
+        try:
+            h: torch.Tensor | None = None if lazy else x
+            for seg in plan.segments:
+                if training and seg.keep:
+                    # NOTE [ Kept segments ]: a segment the plan keeps runs as plain autograd (one tile, the whole
+                    # map): its graph lives from here to its own backward, and nothing is recomputed.
+                    h = seg.chain(h if h is not None else reader.read(whole))
+                    if step.forward_bar is not None:
+                        step.forward_bar.update(1)
+                elif training:
+                    h = _SegmentFunction.run(seg, step, reader, h)
+                else:
+                    h = _run_forward(seg, reader, None, step.forward_bar)
+                reader = _Reader(h, h.device, h.dtype)
+        finally:
+            if step.forward_bar is not None:
+                step.forward_bar.close()
+        assert h is not None
+        return h
 
     def extra_repr(self) -> str:
         budget = f", memory_budget={self.memory_budget}" if self.memory_budget else ""
         return f"tile_size={self._tile_request!r}{budget}, mode={self.mode!r}"
-
-
-class _NullBar:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
