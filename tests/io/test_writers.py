@@ -49,17 +49,68 @@ def test_output_appears_only_on_successful_close(tmp_path, name, shape, dtype, c
 
 
 @pytest.mark.parametrize("name, shape, dtype, cls", WRITERS, ids=IDS)
-@pytest.mark.parametrize("interruption", [RuntimeError, KeyboardInterrupt])
-def test_an_interrupted_write_leaves_nothing_that_looks_complete(
-    tmp_path, name, shape, dtype, cls, interruption
-):
+def test_an_error_while_writing_leaves_nothing(tmp_path, name, shape, dtype, cls):
     path = tmp_path / name
-    with pytest.raises(interruption), create_writer(path, shape, dtype) as out:
+    with pytest.raises(RuntimeError), create_writer(path, shape, dtype) as out:
         out[:, :4] = _data(shape, dtype)[:, :4]
-        raise interruption
+        raise RuntimeError
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(WriterStateError, match="aborted"):
         out[:, 0] = 0
+
+
+@pytest.mark.parametrize("name, shape, dtype, cls", WRITERS, ids=IDS)
+def test_ctrl_c_keeps_the_written_tiles_as_partial_and_resume_continues_them(
+    tmp_path, name, shape, dtype, cls
+):
+    path = tmp_path / name
+    data = _data(shape, dtype)
+    with pytest.raises(KeyboardInterrupt), create_writer(path, shape, dtype) as out:
+        out[:, :8] = data[:, :8]
+        raise KeyboardInterrupt
+    names = [p.name for p in tmp_path.iterdir()]
+    assert names and all(
+        n.startswith(name + ".partial") for n in names
+    )  # kept, and never under the final name
+    assert out.partial_files and not path.exists()
+    with pytest.raises(DataError, match=r"earlier, unfinished run.*resume=True.*overwrite=True"):
+        create_writer(path, shape, dtype)
+    resumed = create_writer(path, shape, dtype, resume=True)
+    resumed.mark_written((slice(None), slice(0, 8)))  # written by the interrupted run, not again
+    resumed[:, 8:] = data[:, 8:]
+    resumed.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    np.testing.assert_array_equal(open_image(path).read(), data)
+
+
+@pytest.mark.parametrize("name, shape, dtype, cls", WRITERS, ids=IDS)
+def test_overwrite_discards_the_partial_files_of_an_interrupted_run(tmp_path, name, shape, dtype, cls):
+    path = tmp_path / name
+    with pytest.raises(KeyboardInterrupt), create_writer(path, shape, dtype) as out:
+        out[:, :8] = 1
+        raise KeyboardInterrupt
+    fresh = create_writer(path, shape, dtype, overwrite=True)
+    fresh[:, 8:] = 2
+    with pytest.raises(DataError, match="never written"):  # the old tiles do not count for the new run
+        fresh.close()
+    fresh.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(DataError, match="no partial files"):
+        NpyWriter(tmp_path / "x.npy", (1, 10, 10), resume=True)
+    out = NpyWriter(tmp_path / "x.npy", (1, 10, 10))
+    with pytest.raises(WriterStateError, match=r"mark_written\(\) is for resumed writers"):
+        out.mark_written((slice(None), slice(0, 5)))
+    out.abort(keep_partial=True)
+    with pytest.raises(DataError, match=r"cannot resume .*x.npy.partial: it has 528 bytes.*needs 608"):
+        NpyWriter(tmp_path / "x.npy", (1, 10, 12), resume=True)
+    with pytest.raises(DataError, match=r"cannot resume .*x.npy.partial: its header differs"):
+        NpyWriter(tmp_path / "x.npy", (1, 20, 5), resume=True)  # same size, another shape
+    with pytest.raises(DataError, match=r"cannot resume .*chunks"):
+        ZarrWriter(tmp_path / "y.zarr", (1, 10, 10), np.uint8, chunks=(1, 5, 5), keep_partial=True).abort()
+        ZarrWriter(tmp_path / "y.zarr", (1, 10, 10), np.uint8, chunks=(1, 10, 10), resume=True)
 
 
 @pytest.mark.parametrize("name, shape, dtype, cls", WRITERS, ids=IDS)

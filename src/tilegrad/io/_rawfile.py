@@ -62,6 +62,31 @@ class RawArrayFile:
             f.truncate(size)
         return raw
 
+    @classmethod
+    def reopen(
+        cls, path: str | os.PathLike, shape: Sequence[int], dtype: Any, *, offset: int = 0, order: str = "C",
+        header: bytes | None = None,
+    ) -> RawArrayFile:  # fmt: skip
+        """Open the file of an interrupted writer for more writes, after checking that it holds this array: its
+        size, and the ``header`` bytes it starts with when given."""
+        raw = cls(path, shape, dtype, offset=offset, order=order, writable=True)
+        size = raw.offset + math.prod(raw.shape) * raw.dtype.itemsize
+        have = os.path.getsize(path) if os.path.isfile(path) else None
+        if have != size:
+            found = "does not exist" if have is None else f"has {have} bytes"
+            raise DataError(
+                f"cannot resume {raw.path}: it {found}, but a {raw.shape} {raw.dtype} array needs {size}. It was "
+                "not written by an interrupted writer with this shape and dtype: start over (overwrite=True)"
+            )
+        if header is not None:
+            with open(path, "rb") as f:
+                if f.read(len(header)) != header:
+                    raise DataError(
+                        f"cannot resume {raw.path}: its header differs from the one this writer writes (another "
+                        "shape, dtype or affine): start over (overwrite=True)"
+                    )
+        return raw
+
     @property
     def fd(self) -> int:
         if self._fd is None or self._pid != os.getpid():

@@ -194,6 +194,7 @@ class ZarrWriter(ImageWriter):
         affine_space: str | None = None,
         overwrite: bool = False,
         keep_partial: bool = False,
+        resume: bool = False,
     ) -> None:
         zarr = _zarr()
         shape = tuple(int(s) for s in shape)
@@ -203,17 +204,20 @@ class ZarrWriter(ImageWriter):
         chunks = tuple(int(c) for c in chunks)
         if len(chunks) != len(shape) or any(c < 1 for c in chunks):
             raise ShapeError(f"chunks must give a positive size per axis of {shape}; received {chunks}")
-        super().__init__(path, shape, dtype, chunks=chunks, overwrite=overwrite, keep_partial=keep_partial)
-        if self.partial_path.exists():
-            self._remove([self.partial_path])  # a stale partial store of an interrupted run
-        self._array = zarr.open_array(
-            store=str(self.partial_path),
-            mode="w",
-            shape=self.shape,
-            chunks=chunks,
-            dtype=self.dtype,
-            fill_value=0,
+        super().__init__(
+            path, shape, dtype, chunks=chunks, overwrite=overwrite, keep_partial=keep_partial, resume=resume
         )
+        if resume:  # the chunks written so far
+            self._array = self._reopen(zarr, chunks)
+        else:
+            self._array = zarr.open_array(
+                store=str(self.partial_path),
+                mode="w",
+                shape=self.shape,
+                chunks=chunks,
+                dtype=self.dtype,
+                fill_value=0,
+            )
         meta: dict[str, Any] = {}
         if spacing is not None:
             if len(spacing) != len(shape) - 1:
@@ -225,6 +229,21 @@ class ZarrWriter(ImageWriter):
                 meta["affine_space"] = affine_space
         if meta:
             self._array.attrs.update({"tilegrad": meta})
+
+    def _reopen(self, zarr: Any, chunks: tuple[int, ...]) -> Any:
+        try:
+            array = zarr.open_array(store=str(self.partial_path), mode="r+")
+        except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
+            raise DataError(
+                f"cannot resume {self.partial_path}: it is not a readable zarr array ({exc})"
+            ) from None
+        found = (tuple(array.shape), np.dtype(array.dtype), tuple(array.chunks))
+        if found != (self.shape, self.dtype, chunks):
+            raise DataError(
+                f"cannot resume {self.partial_path}: it holds shape {found[0]}, {found[1]}, chunks {found[2]}; this "
+                f"writer writes {self.shape}, {self.dtype}, chunks {chunks}. Start over (overwrite=True)"
+            )
+        return array
 
     def _write(self, bounds: Any, value: np.ndarray) -> None:
         self._array[tuple(slice(*b) for b in bounds)] = value

@@ -161,6 +161,7 @@ class NiftiWriter(ImageWriter):
         chunks: Sequence[int] | None = None,
         overwrite: bool = False,
         keep_partial: bool = False,
+        resume: bool = False,
     ) -> None:
         nib = _nibabel()
         name = Path(path).name
@@ -178,6 +179,7 @@ class NiftiWriter(ImageWriter):
             chunks=chunks or (32,) * n_spatial,
             overwrite=overwrite,
             keep_partial=keep_partial,
+            resume=resume,
         )
         self.compressed = name.endswith(".gz")
         self.dtype = self.dtype.newbyteorder("<") if self.dtype.itemsize > 1 else self.dtype
@@ -208,10 +210,15 @@ class NiftiWriter(ImageWriter):
             self.partial_path.with_name(self.partial_path.name + ".nii") if self.compressed else None
         )
         target = self._scratch or self.partial_path
+        block = header.binaryblock + b"\x00" * (_HEADER_BYTES - len(header.binaryblock))
+        if resume:  # the voxels written so far, under the same header (shape, dtype, affine)
+            self._file: RawArrayFile | None = RawArrayFile.reopen(
+                target, self._file_shape, self.dtype, offset=_HEADER_BYTES, order="F", header=block
+            )
+            return
         with open(target, "wb") as f:
-            f.write(header.binaryblock)
-            f.write(b"\x00" * (_HEADER_BYTES - len(header.binaryblock)))
-        self._file: RawArrayFile | None = RawArrayFile.create(
+            f.write(block)
+        self._file = RawArrayFile.create(
             target, self._file_shape, self.dtype, offset=_HEADER_BYTES, order="F"
         )
 
@@ -226,9 +233,6 @@ class NiftiWriter(ImageWriter):
         if self.compressed:
             with open(self._scratch, "rb") as src, gzip.open(self.partial_path, "wb", compresslevel=1) as dst:
                 shutil.copyfileobj(src, dst, length=16 * 2**20)
-
-    def _partial_files(self) -> list[Path]:
-        return [self.partial_path] + ([self._scratch] if self._scratch is not None else [])
 
     def _release(self) -> None:
         if self._file is not None:

@@ -318,6 +318,7 @@ class TiffWriter(ImageWriter):
         mpp: float | None = None,
         overwrite: bool = False,
         keep_partial: bool = False,
+        resume: bool = False,
     ) -> None:
         _tifffile()
         if len(shape) != 3:
@@ -336,7 +337,13 @@ class TiffWriter(ImageWriter):
         if mpp is not None and not mpp > 0:
             raise DataError(f"mpp must be a positive number of microns per pixel; received {mpp}")
         super().__init__(
-            path, shape, dtype, chunks=(tile, tile), overwrite=overwrite, keep_partial=keep_partial
+            path,
+            shape,
+            dtype,
+            chunks=(tile, tile),
+            overwrite=overwrite,
+            keep_partial=keep_partial,
+            resume=resume,
         )
         self.tile = tile
         self.compression = compression
@@ -352,16 +359,14 @@ class TiffWriter(ImageWriter):
         self._scratch_paths = [
             self.partial_path.with_name(f"{self.partial_path.name}.level{k}") for k in range(levels)
         ]
-        self._base: RawArrayFile | None = RawArrayFile.create(
-            self._scratch_paths[0], (h, w, self.shape[0]), self.dtype
-        )
+        make = (
+            RawArrayFile.reopen if resume else RawArrayFile.create
+        )  # resume: the level-0 tiles written so far
+        self._base: RawArrayFile | None = make(self._scratch_paths[0], (h, w, self.shape[0]), self.dtype)
 
     def _write(self, bounds: Bounds, value: np.ndarray) -> None:
         channel, rows, cols = bounds
         self._base.write((rows, cols, channel), value.transpose(1, 2, 0))
-
-    def _partial_files(self) -> list[Path]:
-        return [self.partial_path, *self._scratch_paths]
 
     def _release(self) -> None:
         if self._base is not None:

@@ -7,11 +7,15 @@ Lifecycle (as MONAI's mergers: aggregate -> finalize, with a guard against misus
     writer.close()                            # finalize: build pyramid / compress, then rename to <path>
 
 NOTE [ Nothing half-written looks complete ]
-Until ``close()`` succeeds, everything is written under names that end in ``.partial`` (plus suffixes for
-scratch files), never under the final name. ``close()`` renames the finished file onto ``path`` with
-``os.replace``, which is atomic on one filesystem, so ``path`` either does not exist or is complete. If the
-``with`` block raises (including KeyboardInterrupt) or ``abort()`` is called, the partial files are deleted (kept,
-still named ``.partial``, with ``keep_partial=True``). A process killed outright leaves only ``.partial`` names.
+Until ``close()`` succeeds, everything is written under names that start with ``<path>.partial`` (the partial
+output itself, scratch files, an inference journal), never under the final name. ``close()`` renames the finished
+file onto ``path`` with ``os.replace``, which is atomic on one filesystem, so ``path`` either does not exist or is
+complete. If the ``with`` block raises or ``abort()`` is called, the partial files are deleted (kept, still named
+``.partial``, with ``keep_partial=True``). Ctrl-C (KeyboardInterrupt) keeps them: the tiles written so far stay on
+disk, and a writer opened with ``resume=True`` continues them (``mark_written`` tells it which regions the earlier
+run wrote; tilegrad.infer's journal does that, NOTE [ Resumable inference ] in infer.py). A process killed outright
+also leaves only ``.partial`` names. A new writer refuses to start over partial files of an earlier run unless told
+to continue them (``resume=True``) or to discard them (``overwrite=True``).
 
 ``close()`` also refuses an output with regions that were never written (``require_complete=True``, the default):
 the writer counts written elements per chunk, so a chunk that received fewer elements than it holds is reported.
@@ -37,6 +41,8 @@ tilegrad.errors.WriterStateError: ...out.npy was closed; writes after close() ar
 
 from __future__ import annotations
 
+import glob
+import io
 import math
 import os
 from collections.abc import Sequence
@@ -123,6 +129,7 @@ class ImageWriter:
         chunks: Sequence[int],
         overwrite: bool = False,
         keep_partial: bool = False,
+        resume: bool = False,
     ) -> None:
         self.path = Path(path)
         try:
@@ -146,6 +153,21 @@ class ImageWriter:
             raise DataError(f"cannot write {self.path}: directory {self.path.parent} does not exist")
         self.partial_path = self.path.with_name(self.path.name + ".partial")
         self.keep_partial = keep_partial
+        self.resumed = bool(resume)
+        stale = self._partial_files()
+        if resume and not stale:
+            raise DataError(
+                f"cannot resume {self.path}: there are no partial files ({self.partial_path}*) of an interrupted "
+                "run. Start without resume"
+            )
+        if stale and not resume:
+            if not overwrite:
+                raise DataError(
+                    f"{self.path}: partial files of an earlier, unfinished run exist "
+                    f"({', '.join(p.name for p in stale)}). Pass resume=True to continue that run, or "
+                    "overwrite=True to discard them and start over"
+                )
+            self._remove(stale)
         self._coverage = _Coverage(self.shape, tuple(chunks)[-(len(self.shape) - 1) :])
         self._status = _OPEN
 
@@ -208,6 +230,17 @@ class ImageWriter:
         self._write(tuple(a.increasing() for a in plan), full)
         self._coverage.add(plan)
 
+    def mark_written(self, key: Any) -> None:
+        """Count the region ``key`` as written without writing it, for a writer opened with ``resume=True`` whose
+        partial files already hold that region from the interrupted run."""
+        self._check_open("mark_written() calls")
+        if not self.resumed:
+            raise WriterStateError(
+                f"mark_written() is for resumed writers: {self.path} was not opened with resume=True, so nothing "
+                "was written before. Write the region instead"
+            )
+        self._coverage.add(normalize_key(key, self.shape))
+
     def _scalar(self, value: bool | int | float) -> np.ndarray:
         """A Python number is taken in the writer's dtype when it is representable there (out[...] = 0)."""
         with np.errstate(all="ignore"):
@@ -242,19 +275,23 @@ class ImageWriter:
             self._finalize()
             self._release()
             self._install()
+        except KeyboardInterrupt:
+            self.abort(keep_partial=True)  # the written tiles are intact: a resumed writer can close again
+            raise
         except BaseException:
             self.abort()
             raise
         self._status = _CLOSED
         self._remove([p for p in self._partial_files() if p != self.partial_path])
 
-    def abort(self) -> None:
-        """Discard the output: delete the partial files (or keep them, still named .partial, with keep_partial)."""
+    def abort(self, *, keep_partial: bool | None = None) -> None:
+        """Stop without finishing: delete the partial files, or keep them, still named .partial, with
+        ``keep_partial`` (default: as given to the writer) for a later writer with ``resume=True``."""
         if self._status == _CLOSED:
             raise WriterStateError(f"{self.path} was already closed successfully; there is nothing to abort")
         self._status = _ABORTED
         self._release()
-        if not self.keep_partial:
+        if not (self.keep_partial if keep_partial is None else keep_partial):
             self._remove(self._partial_files())
 
     @staticmethod
@@ -275,6 +312,8 @@ class ImageWriter:
             return
         if exc_type is None:
             self.close()
+        elif issubclass(exc_type, KeyboardInterrupt):  # NOTE [ Nothing half-written looks complete ]
+            self.abort(keep_partial=True)
         else:
             self.abort()
 
@@ -289,7 +328,14 @@ class ImageWriter:
         raise NotImplementedError
 
     def _partial_files(self) -> list[Path]:
-        return [self.partial_path]
+        """Every existing file or directory named ``<path>.partial*``: the writer's namespace."""
+        pattern = glob.escape(str(self.path.with_name(self.path.name + ".partial"))) + "*"
+        return sorted(Path(p) for p in glob.glob(pattern))
+
+    @property
+    def partial_files(self) -> list[Path]:
+        """The partial files that exist now (after an interruption: what a resumed writer continues)."""
+        return self._partial_files()
 
     def _install(self) -> None:
         """Move the finished ``partial_path`` onto ``path`` (atomic for files on one filesystem)."""
@@ -325,6 +371,7 @@ class NpyWriter(ImageWriter):
         chunks: Sequence[int] | None = None,
         overwrite: bool = False,
         keep_partial: bool = False,
+        resume: bool = False,
     ) -> None:
         ndim = len(tuple(shape))
         super().__init__(
@@ -334,18 +381,24 @@ class NpyWriter(ImageWriter):
             chunks=chunks or (64,) * (ndim - 1),
             overwrite=overwrite,
             keep_partial=keep_partial,
+            resume=resume,
         )
         header = {
             "descr": np.lib.format.dtype_to_descr(self.dtype),
             "fortran_order": False,
             "shape": self.shape,
         }
+        block = io.BytesIO()
+        np.lib.format.write_array_header_2_0(block, header)
+        offset = len(block.getvalue())
+        if resume:
+            self._file: RawArrayFile | None = RawArrayFile.reopen(
+                self.partial_path, self.shape, self.dtype, offset=offset, header=block.getvalue()
+            )
+            return
         with open(self.partial_path, "wb") as f:
-            np.lib.format.write_array_header_2_0(f, header)
-            offset = f.tell()
-        self._file: RawArrayFile | None = RawArrayFile.create(
-            self.partial_path, self.shape, self.dtype, offset=offset
-        )
+            f.write(block.getvalue())
+        self._file = RawArrayFile.create(self.partial_path, self.shape, self.dtype, offset=offset)
 
     def _write(self, bounds: Bounds, value: np.ndarray) -> None:
         self._file.write(bounds, value)
