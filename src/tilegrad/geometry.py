@@ -385,6 +385,14 @@ def _softmax(ctx: _Context, m: Any, node: torch.fx.Node, inputs: list[Geometry])
     return _merge(ctx, inputs)
 
 
+def _argmax(ctx: _Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    """Labels from class scores: an argmax over the channel dim is local (keepdim=True keeps the layout)."""
+    dim = _arg(node, 1, "dim")
+    if dim not in (1, -(ctx.ndim + 1)):
+        ctx.refuse(f"it takes the argmax over dim {dim}, not over the channel dim 1")
+    return _merge(ctx, inputs)
+
+
 for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_geometry_rule(_t, _conv)
 for _t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
@@ -563,7 +571,7 @@ def _refuse_function(why: str) -> Rule:
 _ELEMENTWISE_FUNCTIONS: list[Any] = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.imul,
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
-    torch.exp, torch.abs, torch.sqrt, torch.clamp, torch.maximum, torch.minimum, torch.where, torch.pow,
+    torch.exp, torch.abs, torch.sqrt, torch.clamp, torch.maximum, torch.minimum, torch.where, torch.pow, torch.round,
     F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh, F.hardsigmoid,
     F.sigmoid, F.tanh, F.softplus, F.prelu, F.glu, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
 ]  # fmt: skip
@@ -572,7 +580,7 @@ for _fn in _ELEMENTWISE_FUNCTIONS:
 for _name in (
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "relu", "relu_", "sigmoid", "sigmoid_",
     "tanh", "tanh_", "exp", "abs", "sqrt", "clamp", "clamp_", "pow", "contiguous", "clone", "float", "double",
-    "half", "bfloat16", "to", "type_as", "detach",
+    "half", "bfloat16", "to", "type_as", "detach", "round",
 ):  # fmt: skip
     register_geometry_rule(_name, _elementwise)
 for _fn in (F.conv1d, F.conv2d, F.conv3d):
@@ -590,6 +598,8 @@ register_geometry_rule(torch.split, _channel_dim_op(2, "dim", 0))
 register_geometry_rule("chunk", _channel_dim_op(2, "dim", 0))
 register_geometry_rule("split", _channel_dim_op(2, "dim", 0))
 register_geometry_rule(F.softmax, _softmax)
+register_geometry_rule(torch.argmax, _argmax)
+register_geometry_rule("argmax", _argmax)
 register_geometry_rule(F.log_softmax, _softmax)
 register_geometry_rule("softmax", _softmax)
 register_geometry_rule(operator.getitem, _getitem)

@@ -4,19 +4,56 @@ Tiles are read from the source on demand, run through the model with the halo it
 aligned to its stride, see NOTE [ Translation equivariance ] in geometry.py), cropped to their cores and written into
 the sink. Cores are disjoint and cover the output (NOTE [ Disjoint cores ] in tiling.py), so there is no blending:
 ``out`` equals ``model(source)`` up to float rounding, which sliding-window inference with overlap blending does not.
+
+NOTE [ Tile batches ]
+``batch_tiles=K`` runs up to K tiles of the same input shape in one forward call, stacked along the batch axis.
+Tiles of one shape are collected in grid order and a group is run as soon as it holds K tiles; the few groups of
+edge tiles left at the end run as they are. Each sample of a batch is computed independently (the model is in
+eval mode; train-mode BatchNorm is refused), so the output does not change, only the speed, and the planner counts
+K tiles' activations at once.
+
+NOTE [ Resumable inference ]
+With ``journal=path`` infer records, after each group of tiles has been written to ``out``, which tiles are done:
+a small JSON file, replaced atomically (``os.replace``), at most once a second and when the run ends for any
+reason (including Ctrl-C). Tiles listed there are skipped by the next call with the same journal, so an
+interrupted run continues where it stopped; a tile written but not yet recorded is simply computed again. The
+journal also records what the run was (model weights, source and output shapes, output dtype, the tile grid), and a
+journal of a different run is refused. It survives an interrupted or killed process, not a power failure (nothing
+is fsynced). A tilegrad writer opened with ``resume=True`` continues the partial files of the interrupted run and
+is told (``mark_written``) which regions they already hold.
+
+NOTE [ Heap growth under a budget ]
+glibc's malloc serves a block above its mmap threshold with a fresh mapping that goes back to the kernel on free,
+and a smaller one from the heap, where freed space is reused but fragments. The threshold starts at 128 KiB and is
+raised to the size of every mapped block that is freed (up to 32 MiB), so from the first tile on most activation
+buffers come from the heap, and fragmentation grows the resident set to 1.5-2x the bytes ever live at once
+(measured: MONAI UNet 16-32-64 on 96^3 in 64^3 tiles, 34 MiB resident for 18.6 MiB predicted; UNet 8-16-32 in one
+96^3 tile, 50 MiB for 32.3 MiB, over a 48 MiB budget). With ``memory_budget`` infer therefore fixes the threshold
+at 128 KiB (``mallopt(M_MMAP_THRESHOLD)``) for the rest of the process: tile buffers are mapped and unmapped per
+use, and the measured peaks become 18 and 32 MiB, as predicted. On other C libraries nothing is changed.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import ShapeError
+from .errors import ConfigError, DataError, ShapeError
 from .plan import plan_streaming
 from .stream import _Reader
+from .tiling import Tile
 from .typing import ArrayLike, Bytes
 from .units import parse_bytes
 
@@ -45,6 +82,23 @@ class _Batched:
         return np.asarray(self.source[key[1:]])[None]
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_MMAP_THRESHOLD = 128 * 1024
+_pinned = False
+
+
+def _pin_mmap_threshold() -> None:
+    """NOTE [ Heap growth under a budget ]: a fixed mmap threshold, once per process, on glibc only."""
+    global _pinned
+    if _pinned or not sys.platform.startswith("linux"):
+        return
+    name = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    _pinned = True
+
+
 def infer(
     model: nn.Module,
     source: ArrayLike,
@@ -54,6 +108,9 @@ def infer(
     out: Any = None,
     progress: bool = True,
     ndim: int | None = None,
+    batch_tiles: int = 1,
+    rounding: bool = False,
+    journal: str | os.PathLike | None = None,
 ) -> Any:
     """Run ``model`` over ``source`` tile by tile and return (or fill) the exact whole-image output.
 
@@ -62,10 +119,15 @@ def infer(
         source: a tensor, numpy array or memmap, zarr array, or a :mod:`tilegrad.io` image, shaped
             (N, C, *spatial) or (C, *spatial).
         tile_size: input tile extent in pixels (halo included), an int or a tuple; or None with ``memory_budget``
-            to take the largest tile whose predicted forward peak fits.
+            to take the largest tile whose predicted peak fits (NOTE [ Heap growth under a budget ]).
         out: None to return a tensor, or any writable array of the output's shape (numpy memmap, zarr array, a
             :func:`tilegrad.io.create_writer` sink), filled tile by tile; the same layout as ``source``.
         progress: show a progress bar over tiles.
+        batch_tiles: run up to this many tiles of equal shape in one forward call (NOTE [ Tile batches ]).
+        rounding: for an integer ``out``, round floating-point outputs to the nearest integer and clip them (and
+            integer outputs) to the dtype's range. Without it such values are refused, never wrapped.
+        journal: a file recording which tiles have been written, to resume an interrupted run
+            (NOTE [ Resumable inference ]).
 
     Returns ``out`` (or the new tensor). If interrupted, tiles already written stay written.
 
@@ -78,6 +140,10 @@ def infer(
     """
     if tile_size is None and memory_budget is None:
         raise ShapeError("infer needs tile_size= or memory_budget= (e.g. memory_budget='2GiB')")
+    if isinstance(batch_tiles, bool) or not isinstance(batch_tiles, int) or batch_tiles < 1:
+        raise ConfigError(
+            f"batch_tiles must be a positive int (tiles per forward call); received {batch_tiles!r}"
+        )
     ndim = ndim or _spatial_ndim(model)
     shape = tuple(int(s) for s in source.shape)
     if len(shape) == ndim + 1:
@@ -97,6 +163,8 @@ def infer(
     device = params[0].device if params else torch.device("cpu")
     dtype = params[0].dtype if params else torch.float32
     budget = None if memory_budget is None else parse_bytes(memory_budget)
+    if budget is not None:
+        _pin_mmap_threshold()
     plan = plan_streaming(
         model,
         full_shape,
@@ -107,42 +175,230 @@ def infer(
         input_in_memory=isinstance(source, torch.Tensor),
         training=False,
         output_in_memory=out is None,
+        batch_tiles=batch_tiles,
     )
     (segment,) = plan.segments
+    if len(segment.out_shape) != ndim + 2:
+        raise ShapeError(
+            f"the model returns shape {segment.out_shape} for an input of shape {full_shape}; infer needs an output "
+            f"(N, C, *spatial) with {ndim} spatial dims. Keep the channel dim (e.g. x.argmax(1, keepdim=True))"
+        )
     out_shape = segment.out_shape if batched else segment.out_shape[1:]
     if out is not None and tuple(out.shape) != tuple(out_shape):
         raise ShapeError(
             f"out has shape {tuple(out.shape)} but the model's output for a source of shape {shape} is "
             f"{tuple(out_shape)}: create the sink with that shape"
         )
-    result = out
+    tiles = list(segment.grid)
+    sink = _Sink(out, out_shape, batched, rounding)
+    done: _Journal | None = None
+    if journal is not None:
+        fingerprint = _fingerprint(model, source, out_shape, out, segment)
+        done = _Journal.open(Path(journal), fingerprint, len(tiles))
+        if done.count and getattr(out, "mark_written", None) is not None:
+            for i in done.indices():
+                out.mark_written(sink.key(tiles[i]))
+    skip = done.done if done is not None else None
     reader = _Reader(reader_source, device, dtype)
     chain = segment.chain
     bar = None
-    if progress and len(segment.grid) > 1:
+    if progress and len(tiles) > 1:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(segment.grid), desc="tilegrad infer", unit="tile")
+        bar = tqdm(total=len(tiles), initial=done.count if done else 0, desc="tilegrad infer", unit="tile")
     try:
         with torch.no_grad():
-            for tile in segment.grid:
-                y = chain(reader.read(tile.inputs))
-                core = y[(slice(None), slice(None), *tile.crop)]
-                if result is None:
-                    result = torch.empty(out_shape, dtype=y.dtype, device=y.device)
-                if batched:
-                    key = (slice(None), slice(None), *tile.outputs)
-                else:
-                    key, core = (slice(None), *tile.outputs), core[0]
-                if isinstance(result, torch.Tensor):
-                    result[key] = core.to(result.device)
-                else:
-                    block = core.detach().cpu().numpy()
-                    dtype_out = getattr(result, "dtype", None)
-                    result[key] = block.astype(dtype_out, copy=False) if dtype_out is not None else block
+            for group in _groups(tiles, batch_tiles, skip):
+                reads = [reader.read(tiles[i].inputs) for i in group]
+                x = reads[0] if len(reads) == 1 else torch.cat(reads)
+                del reads
+                y = chain(x)
+                del x
+                n = y.shape[0] // len(group)
+                for j, i in enumerate(group):
+                    sink.write(tiles[i], y[j * n : (j + 1) * n])
+                del y  # before the next forward: NOTE [ Tile batches ] counts one group's tiles at a time
+                if done is not None:
+                    done.mark(group)
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(len(group))
     finally:
         if bar is not None:
             bar.close()
-    return result
+        if done is not None:
+            done.save()
+    return sink.result
+
+
+def _groups(tiles: Sequence[Tile], k: int, skip: np.ndarray | None) -> Iterator[list[int]]:
+    """Indices of tiles to run together: up to ``k`` of one input shape (NOTE [ Tile batches ])."""
+    pending: dict[tuple[int, ...], list[int]] = {}
+    for i, tile in enumerate(tiles):
+        if skip is not None and skip[i]:
+            continue
+        group = pending.setdefault(tile.in_shape, [])
+        group.append(i)
+        if len(group) == k:
+            yield pending.pop(tile.in_shape)
+    yield from pending.values()
+
+
+class _Sink:
+    """Writes tile cores into ``out`` (or a new tensor), converting values to the sink's dtype without wrapping."""
+
+    def __init__(self, out: Any, out_shape: Sequence[int], batched: bool, rounding: bool):
+        self.result = out
+        self.out_shape = tuple(out_shape)
+        self.batched = batched
+        self.rounding = rounding
+        self.target: np.dtype | None = None
+        if isinstance(out, torch.Tensor):
+            if not out.dtype.is_floating_point and not out.dtype.is_complex:
+                self.target = torch.empty((), dtype=out.dtype).numpy().dtype
+        elif out is not None and getattr(out, "dtype", None) is not None:
+            self.target = np.dtype(out.dtype)
+        self.where = str(getattr(out, "path", None) or "out")
+
+    def key(self, tile: Tile) -> tuple[slice, ...]:
+        return (slice(None), slice(None), *tile.outputs) if self.batched else (slice(None), *tile.outputs)
+
+    def write(self, tile: Tile, y: torch.Tensor) -> None:
+        core = y[(slice(None), slice(None), *tile.crop)]
+        if not self.batched:
+            core = core[0]
+        if self.result is None:
+            self.result = torch.empty(self.out_shape, dtype=y.dtype, device=y.device)
+        core = self._fit(core)
+        if isinstance(self.result, torch.Tensor):
+            self.result[self.key(tile)] = core.to(self.result.device)
+            return
+        block = core.detach().cpu()
+        if block.dtype == torch.bfloat16:  # numpy has no bfloat16
+            block = block.float()
+        block = block.numpy()
+        if self.target is not None:
+            block = block.astype(self.target, copy=False)  # safe: _fit rounded/clipped integers
+        self.result[self.key(tile)] = block
+
+    def _fit(self, core: torch.Tensor) -> torch.Tensor:
+        """Values for an integer (or bool) sink: never silently wrapped or truncated."""
+        target = self.target
+        if target is None or target.kind not in "biu" or core.dtype == torch.bool:
+            return core
+        lo, hi = (0, 1) if target.kind == "b" else (int(np.iinfo(target).min), int(np.iinfo(target).max))
+        if core.dtype.is_floating_point:
+            if not self.rounding:
+                raise DataError(
+                    f"{self.where} stores {target}; the model's output is {core.dtype} and casting would wrap or "
+                    f"truncate values (-7.84 becomes 249 in uint8). Pass rounding=True (command line: --round) "
+                    f"to round to the nearest integer and clip to [{lo}, {hi}], write a floating-point output "
+                    "(--dtype float32), or end the model with the post-processing that makes integers (e.g. "
+                    "labels with x.argmax(1, keepdim=True))"
+                )
+            return core.round().clamp(lo, hi)
+        if self.rounding:
+            return core.clamp(lo, hi)
+        if core.numel() and (int(core.min()) < lo or int(core.max()) > hi):
+            raise DataError(
+                f"{self.where} stores {target} ([{lo}, {hi}]); the model returned integers from {int(core.min())} "
+                f"to {int(core.max())}, which would wrap. Pass rounding=True (command line: --round) to clip "
+                "them, or write a wider dtype"
+            )
+        return core
+
+
+_JOURNAL_FORMAT = "tilegrad.infer-journal/1"
+
+
+def _fingerprint(model: nn.Module, source: Any, out_shape: Sequence[int], out: Any, segment: Any) -> dict:
+    """What must not change between an interrupted run and its resumption (NOTE [ Resumable inference ])."""
+    weights = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        weights.update(name.encode())
+        weights.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    grid = hashlib.sha256(repr(segment.grid.spans).encode()).hexdigest()[:16]
+    out_dtype = getattr(out, "dtype", None)
+    return {
+        "weights": weights.hexdigest()[:16],
+        "source_shape": [int(s) for s in source.shape],
+        "source": str(getattr(source, "path", "") or ""),
+        "out_shape": [int(s) for s in out_shape],
+        "out_dtype": None if out_dtype is None else str(out_dtype),
+        "tile": [int(t) for t in segment.tile],
+        "grid": grid,
+    }
+
+
+class _Journal:
+    """Which tiles have been written (NOTE [ Resumable inference ])."""
+
+    def __init__(self, path: Path, fingerprint: dict, n: int):
+        self.path = path
+        self.fingerprint = fingerprint
+        self.done = np.zeros(n, dtype=bool)
+        self._saved = 0.0
+
+    @classmethod
+    def open(cls, path: Path, fingerprint: dict, n: int) -> _Journal:
+        journal = cls(path, fingerprint, n)
+        if not path.exists():
+            return journal
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != _JOURNAL_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}")
+            done = np.unpackbits(np.frombuffer(bytes.fromhex(data["done"]), np.uint8))[:n].astype(bool)
+            theirs = data["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataError(
+                f"{path} is not a readable tilegrad infer journal ({type(err).__name__}: {err}); delete it (and "
+                "the partial output it belongs to) to start over"
+            ) from None
+        differ = [k for k in fingerprint if theirs.get(k) != fingerprint[k]]
+        if differ or len(done) != n:
+            hint = (
+                f" (the journal's tiles are {theirs.get('tile')} px: pass that tile size)"
+                if "grid" in differ
+                else ""
+            )
+            raise ConfigError(
+                f"{path} records a different run: it differs in {', '.join(differ) or 'tile count'}{hint}. Resume "
+                "with the same model, weights, input, tile size and output, or delete the journal and the partial "
+                "output to start over"
+            )
+        journal.done = done
+        return journal
+
+    @property
+    def count(self) -> int:
+        return int(self.done.sum())
+
+    def indices(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(self.done)]
+
+    def mark(self, indices: Sequence[int]) -> None:
+        self.done[list(indices)] = True
+        if time.monotonic() - self._saved >= 1.0:
+            self.save()
+
+    def save(self) -> None:
+        data = {
+            "format": _JOURNAL_FORMAT,
+            "fingerprint": self.fingerprint,
+            "tiles": int(self.done.size),
+            "written": self.count,
+            "done": np.packbits(self.done).tobytes().hex(),
+        }
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.path)
+        self._saved = time.monotonic()
+
+
+def journal_progress(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(tiles written, tiles in the run) recorded in an infer journal, or None if there is none."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return int(data["written"]), int(data["tiles"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

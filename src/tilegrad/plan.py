@@ -378,12 +378,14 @@ def plan_streaming(
     input_grad: bool = False,
     training: bool = True,
     output_in_memory: bool = True,
+    batch_tiles: int = 1,
 ) -> Plan:
     """Choose segments and tile sizes for ``module`` on an input of ``input_shape`` (N, C, *spatial).
 
     ``mode``: "lean" (one segment, memory flat in the image size), "stages" (cut at every change of scale),
     or "auto" (with a budget: the fastest plan that fits, including unstreamed execution; without: "lean" plus
-    cuts at boundaries no larger than the input).
+    cuts at boundaries no larger than the input). ``batch_tiles`` (inference only): tiles run together in one
+    forward call, as ``tilegrad.infer(batch_tiles=)`` does (NOTE [ Tile batches ] in infer.py).
     """
     input_shape = tuple(int(s) for s in input_shape)
     ndim = len(input_shape) - 2
@@ -442,7 +444,10 @@ def plan_streaming(
             from .memory.estimate import estimate_memory
 
             shape = units[first].in_shape
-            chain = nn.Sequential(*(u.module for u in units[first:stop]))
+            # a meta copy: planning must not call the user's forward hooks (as in _meta_profile)
+            chain = _without_hooks(copy.deepcopy(nn.Sequential(*(u.module for u in units[first:stop])))).to(
+                "meta"
+            )
             report = estimate_memory(chain, shape, mode="infer", dtype=dtype)
             forward_rate[(first, stop)] = report.peak_bytes / math.prod(shape[2:])
         return forward_rate[(first, stop)]
@@ -454,7 +459,13 @@ def plan_streaming(
                 seg = _segment(units[first:stop], tile, ndim, dtype, _scale(units, first, ndim, input_shape))
                 if not training:  # inference plans: simulate the forward peak instead of the rule of thumb
                     area = math.prod(seg.grid.max_in_shape)
-                    seg.tile_forward_bytes = int(forward_bytes_per_px(first, stop) * area)
+                    # After the forward a tile's output core is copied (dtype conversion, a contiguous block for
+                    # the sink) while the output is alive: three output tiles, which can exceed the forward's own
+                    # peak when the output is the largest map (super-resolution).
+                    out_px = area * math.prod(o / i for o, i in zip(seg.out_shape[2:], seg.in_shape[2:]))
+                    sink = 3 * _nbytes(seg.out_shape[:2], dtype) * out_px
+                    per_tile = max(forward_bytes_per_px(first, stop) * area, sink)
+                    seg.tile_forward_bytes = int(per_tile * batch_tiles)
                 cache[key] = seg
             except GeometryError as err:
                 errors.append(str(err))
