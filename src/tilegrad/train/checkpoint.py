@@ -26,7 +26,14 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["FORMAT", "get_rng_state", "load_checkpoint", "save_checkpoint", "set_rng_state"]
+__all__ = [
+    "FORMAT",
+    "get_rng_state",
+    "load_checkpoint",
+    "load_torch_file",
+    "save_checkpoint",
+    "set_rng_state",
+]
 
 FORMAT = "tilegrad.train/1"
 
@@ -64,22 +71,42 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
+def load_torch_file(
+    path: str | Path, map_location: str | torch.device = "cpu", *, what: str = "checkpoint"
+) -> Any:
+    """``torch.load(path, weights_only=True)``; a missing, truncated, corrupt or unsafe file raises
+    :class:`~tilegrad.CheckpointError` naming ``what`` it was meant to be (a checkpoint, a weights file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
+        if not refused:  # not a pickle of tensors at all: junk or a torn file
+            raise CheckpointError(
+                f"{what} {str(path)!r} is corrupt or not a torch file and cannot be loaded (UnpicklingError); "
+                "use an intact copy"
+            ) from None
+        # weights_only refuses pickled classes, e.g. a whole torch.save(model)
+        raise CheckpointError(
+            f"{what} {str(path)!r} holds Python objects that torch.load(weights_only=True) refuses to unpickle "
+            f"({refused[0]}). Save tensors only: torch.save(model.state_dict(), path)"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise CheckpointError(
+            f"{what} {str(path)!r} is corrupt or truncated and cannot be loaded ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); use an intact copy"
+        ) from None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
 
     Raises :class:`~tilegrad.CheckpointError` when the file is missing, truncated, corrupt or not a tilegrad
     training checkpoint.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt or truncated and cannot be loaded ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); resume from an intact copy or start a new run"
-        ) from None
+    state = load_torch_file(path, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
