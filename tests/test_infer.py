@@ -16,13 +16,18 @@ from .test_stream import TinyUNet, rel_err
 
 
 class StridedEncoderDecoder(nn.Module):
+    """A full-resolution 5x5 conv (its halo of 2 px is not a multiple of the stride-4 alignment, so halo errors
+    are not absorbed by rounding tile origins), two stride-2 convs, two stride-2 transposed convs; LeakyReLU so
+    that no pixel's dependence on its receptive field vanishes in a dead unit."""
+
     def __init__(self, dims=2):
         super().__init__()
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
         convt = nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d
         self.body = nn.Sequential(
-            conv(1, 6, 3, stride=2, padding=1), nn.ReLU(), conv(6, 8, 3, stride=2, padding=1), nn.ReLU(),
-            convt(8, 6, 4, stride=2, padding=1), nn.ReLU(), convt(6, 2, 4, stride=2, padding=1),
+            conv(1, 4, 5, padding=2), nn.LeakyReLU(0.1),
+            conv(4, 6, 3, stride=2, padding=1), nn.LeakyReLU(0.1), conv(6, 8, 3, stride=2, padding=1), nn.LeakyReLU(0.1),
+            convt(8, 6, 4, stride=2, padding=1), nn.LeakyReLU(0.1), convt(6, 2, 4, stride=2, padding=1),
         )  # fmt: skip
 
     def forward(self, x):
@@ -43,8 +48,10 @@ CASES = [
         2, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1, norm="batch"), (1, 96, 80), 56),
     ("monai-unet-3d-no-norm", lambda: monai.networks.nets.UNet(
         3, 1, 2, channels=(4, 8, 8), strides=(2, 2), norm=None), (1, 40, 32, 36), 32),
-    ("strided-encoder-decoder-2d", lambda: StridedEncoderDecoder(2), (1, 70, 90), 32),
-    ("strided-encoder-decoder-3d", lambda: StridedEncoderDecoder(3), (1, 28, 36, 20), 20),
+    # odd sizes and a tile whose cores start on every phase of the stride-4 grid: the halo is tight, so
+    # moving the tiles' input bounds in (by 2 px on one side, or 3 px on both) changes the result
+    ("strided-encoder-decoder-2d", lambda: StridedEncoderDecoder(2), (1, 71, 93), 40),
+    ("strided-encoder-decoder-3d", lambda: StridedEncoderDecoder(3), (1, 29, 37, 21), 24),
     ("pixel-shuffle-x2", pixel_shuffle_upsampler, (1, 53, 47), 20),
 ]  # fmt: skip
 
