@@ -128,3 +128,17 @@ def test_npy_files_are_read_by_region_in_either_order(tmp_path, order):
     (tmp_path / "cut.npy").write_bytes(raw[:-8])
     with pytest.raises(DataError, match=r"cut\.npy is truncated"):
         open_image(tmp_path / "cut.npy")
+
+
+def test_corrupt_zarr_chunk_is_a_data_error_naming_the_store(tmp_path):
+    path = tmp_path / "pred.zarr"
+    with ZarrWriter(path, (1, 64, 64), np.float32, chunks=(1, 32, 32)) as out:
+        out[...] = np.random.default_rng(0).random((1, 64, 64))
+    chunk = next(p for p in sorted(path.rglob("*")) if p.is_file() and p.name[0].isdigit())
+    chunk.write_bytes(chunk.read_bytes()[:10])  # a torn chunk file
+    image = open_image(path)
+    assert image[:, 32:, 32:].shape == (1, 32, 32)  # other chunks still read
+    with pytest.raises(
+        DataError, match=r"pred\.zarr: cannot decode the zarr chunks of region \[0:1, 0:64, 0:64\].*corrupt"
+    ):
+        image[...]

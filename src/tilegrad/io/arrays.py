@@ -138,6 +138,16 @@ class ZarrImage(ArrayImage):
     def _native_array(self) -> Any:
         return self._handle
 
+    def _checked_read(self, bounds: Bounds) -> np.ndarray:
+        try:
+            return self._read(bounds)
+        except (ValueError, RuntimeError, OSError) as exc:  # codec errors (numcodecs, zstd) are RuntimeErrors
+            region = ", ".join(f"{lo}:{hi}" for lo, hi, _ in bounds)
+            raise DataError(
+                f"{self.path}: cannot decode the zarr chunks of region [{region}] ({type(exc).__name__}: {exc}). "
+                "The store is corrupt or truncated: re-copy or re-export it"
+            ) from exc
+
     def _open_level(self, k: int) -> ZarrImage:
         return ZarrImage(self.path, level=k)
 

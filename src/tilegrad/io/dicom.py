@@ -63,9 +63,21 @@ def _get(ds: Any, *path: str) -> Any:
     return node
 
 
+def _int(ds: Any, name: str, where: Path, default: int | None = None) -> int:
+    """An integer header element; a truncated header leaves an empty value, which is reported as such."""
+    value = getattr(ds, name, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DataError(
+            f"{where}: header element {name} holds {value!r}, not a number: the file is truncated or corrupt. "
+            "Re-copy or re-export it"
+        ) from None
+
+
 def _pixel_dtype(ds: Any, where: Path) -> np.dtype:
-    bits = int(getattr(ds, "BitsAllocated", 0))
-    signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
+    bits = _int(ds, "BitsAllocated", where, 0)
+    signed = _int(ds, "PixelRepresentation", where, 0) == 1
     if bits not in (8, 16, 32):
         raise DataError(f"{where}: BitsAllocated {bits} is not supported (expected 8, 16 or 32)")
     return np.dtype(f"{'i' if signed else 'u'}{bits // 8}")
@@ -84,7 +96,7 @@ class DicomImage(LazyImage):
         else:
             headers = [(self.path, self._read_header(pydicom, self.path))]
         first = headers[0][1]
-        frames = int(getattr(first, "NumberOfFrames", 1) or 1)
+        frames = _int(first, "NumberOfFrames", headers[0][0], 1) if getattr(first, "NumberOfFrames", 1) else 1
         if len(headers) == 1 and frames > 1:
             slices, spacing_z, normal = self._multiframe(first, frames)
         elif len(headers) == 1:
@@ -92,8 +104,9 @@ class DicomImage(LazyImage):
         else:
             slices, spacing_z, normal = self._series(headers)
         self._slices = slices
-        self._rows, self._cols = int(first.Rows), int(first.Columns)
-        samples = int(getattr(first, "SamplesPerPixel", 1))
+        where = headers[0][0]
+        self._rows, self._cols = _int(first, "Rows", where), _int(first, "Columns", where)
+        samples = _int(first, "SamplesPerPixel", where, 1)
         self._volume = spacing_z is not None or len(slices) > 1
         spatial = (len(slices), self._rows, self._cols) if self._volume else (self._rows, self._cols)
         self._shape = (samples, *spatial)
@@ -282,10 +295,7 @@ class DicomImage(LazyImage):
             else:
                 array = pydicom.pixels.pixel_array(s.path, index=s.frame)
         except (ValueError, RuntimeError, NotImplementedError, OSError, EOFError, AttributeError) as exc:
-            raise DataError(
-                f"{s.path}: pixel data cannot be decoded ({type(exc).__name__}: {exc}). Compressed transfer "
-                "syntaxes need a pydicom decoder plugin (pylibjpeg, gdcm)"
-            ) from exc
+            raise DataError(f"{s.path}: {self._why_undecodable(s, exc)}") from exc
         if array.ndim == 2:
             array = array[..., np.newaxis]
         if array.shape[:2] != (self._rows, self._cols):
@@ -295,6 +305,31 @@ class DicomImage(LazyImage):
         if self._dtype == np.float32:
             array = array.astype(np.float32) * np.float32(s.slope) + np.float32(s.intercept)
         return array
+
+    def _why_undecodable(self, s: _Slice, exc: BaseException) -> str:
+        """Tell a truncated file from a compressed one that needs a decoder plugin."""
+        pydicom = _pydicom()
+        cause = f"{type(exc).__name__}: {exc}"
+        try:
+            ds = pydicom.dcmread(s.path)
+            syntax = ds.file_meta.TransferSyntaxUID
+            have = len(ds.PixelData) if "PixelData" in ds else 0
+        except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError, AttributeError):
+            return f"pixel data cannot be read ({cause}): the file is truncated or corrupt. Re-copy or re-export it"
+        if syntax.is_compressed:
+            return (
+                f"pixel data in the compressed transfer syntax {syntax.name} cannot be decoded ({cause}). Install "
+                "a pydicom decoder plugin (pylibjpeg, gdcm), or the file is corrupt"
+            )
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        samples = int(getattr(ds, "SamplesPerPixel", 1))
+        need = frames * self._rows * self._cols * samples * int(getattr(ds, "BitsAllocated", 8)) // 8
+        if have < need:
+            return (
+                f"the file is truncated: its pixel data has {have} bytes, but {frames} frame(s) of {self._rows}x{self._cols}x"
+                f"{samples} at {ds.BitsAllocated} bits need {need}. Re-copy or re-export the file"
+            )
+        return f"pixel data cannot be decoded ({cause})"
 
     def _decoded(self, k: int) -> np.ndarray:
         """Slice k, decoded; the most recent slices (up to _CACHE_BYTES) are kept, because tile-by-tile reads of a
