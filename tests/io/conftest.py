@@ -15,18 +15,21 @@ def rgb_slide():
 
 
 @pytest.fixture
-def box_downsample():
-    return _box_downsample
+def box_mean():
+    return _box_mean
 
 
-def _box_downsample(array):
-    """Reference 2x2 box filter of a (C, H, W) array, odd edges replicated (what TiffWriter documents)."""
-    a = array.astype(np.float64)
-    if a.shape[1] % 2:
-        a = np.concatenate([a, a[:, -1:]], axis=1)
-    if a.shape[2] % 2:
-        a = np.concatenate([a, a[:, :, -1:]], axis=2)
-    out = a.reshape(a.shape[0], a.shape[1] // 2, 2, a.shape[2] // 2, 2).mean(axis=(2, 4))
+def _box_mean(array, factor):
+    """Reference pyramid level: the mean of each factor x factor box of a (C, H, W) array over the pixels that
+    exist (boxes at odd edges are smaller), rounded once (half to even) for integers (what TiffWriter documents)."""
+    c, h, w = array.shape
+    hp, wp = -(-h // factor) * factor, -(-w // factor) * factor
+    sums = np.zeros((c, hp, wp))
+    sums[:, :h, :w] = array
+    counts = np.zeros((hp, wp))
+    counts[:h, :w] = 1
+    shape = (c, hp // factor, factor, wp // factor, factor)
+    out = sums.reshape(shape).sum(axis=(2, 4)) / counts.reshape(shape[1:]).sum(axis=(1, 3))
     if np.issubdtype(array.dtype, np.integer):
         out = np.rint(out)
     return out.astype(array.dtype)

@@ -5,7 +5,7 @@ tiles the region touches. Pixel size comes from OME-XML (``PhysicalSizeX/Y/Z`` w
 ImageJ's ``unit=micron`` or the baseline ``X/YResolution`` tags in inch or centimetre units.
 
 The writer (:class:`TiffWriter`) produces a tiled pyramid that tifffile, OpenSlide ("generic tiled TIFF") and most
-viewers read: level 0 first, then each 2x box-filtered reduced level as its own top-level directory
+viewers read: level 0 first, then each reduced level (the 2^k x 2^k box mean of level 0) as its own top-level directory
 (``SubFileType = 1``), pixel size in ``X/YResolution`` (centimetre units).
 
 >>> import numpy as np, tempfile, pathlib
@@ -267,28 +267,29 @@ class TiffImage(ArrayImage):
 # ---------------------------------------------------------------------------------------------------------- writer
 
 
-def _work_dtype(dtype: np.dtype) -> np.dtype:
-    """float32 sums of four <=16-bit integers are exact; anything wider is averaged in float64."""
-    small = (np.issubdtype(dtype, np.integer) and dtype.itemsize <= 2) or dtype == np.bool_
-    return np.dtype(np.float32 if small else np.float64)
+def _sum_dtype(dtype: np.dtype, levels: int) -> np.dtype:
+    """Exact sums over a level's 2^k x 2^k box of level-0 values: int32 or int64 for integers, float64 otherwise."""
+    if dtype == np.bool_ or np.issubdtype(dtype, np.integer):
+        info = np.iinfo(np.uint8 if dtype == np.bool_ else dtype)
+        bound = max(abs(int(info.min)), int(info.max)) * 4 ** max(levels - 1, 0)
+        return np.dtype(np.int32 if bound < 2**31 else np.int64)
+    return np.dtype(np.float64)
 
 
-def _downsample_2x(block: np.ndarray) -> np.ndarray:
-    """2x2 box filter of an (h, w, C) block; odd edges average the pixels that exist. Integers are rounded."""
+def _sum_2x(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """2x2 sums of an (h, w, C) block; a missing row/column at an odd edge counts as zero (the counts of
+    :func:`_box_counts` leave it out of the mean)."""
     h, w, c = block.shape
-    acc = np.empty((h + h % 2, w + w % 2, c), dtype=_work_dtype(block.dtype))
+    acc = np.zeros((h + h % 2, w + w % 2, c), dtype=dtype)
     acc[:h, :w] = block
-    if h % 2:
-        acc[h] = acc[h - 1]  # a replicated edge row averages the real row with itself
-    if w % 2:
-        acc[:, w] = acc[:, w - 1]
     rows = acc[0::2] + acc[1::2]  # pairwise sums: much faster than a strided reduction over a reshape
-    out = rows[:, 0::2] + rows[:, 1::2]
-    out *= 0.25
-    if np.issubdtype(block.dtype, np.integer):
-        info = np.iinfo(block.dtype)
-        out = np.clip(np.rint(out), info.min, info.max)
-    return out.astype(block.dtype)
+    return rows[:, 0::2] + rows[:, 1::2]
+
+
+def _box_counts(start: int, stop: int, k: int, size: int) -> np.ndarray:
+    """Level-0 pixels in each level-k box from ``start`` to ``stop`` along an axis of ``size`` level-0 pixels."""
+    first = np.arange(start, stop) * 2**k
+    return np.minimum(first + 2**k, size) - first
 
 
 class TiffWriter(ImageWriter):
@@ -300,9 +301,16 @@ class TiffWriter(ImageWriter):
 
     Tiles written with ``writer[...] = tile`` go to an uncompressed level-0 scratch file ``<path>.partial.level0``
     (raw, next to the output, written with positional writes: NOTE [ No memory maps for big images ]). ``close()``
-    then builds each reduced level band by band from the previous one (2x2 box filter), writes the TIFF to
-    ``<path>.partial`` and renames it to ``path``. Memory stays at a band of tiles (a few MiB); disk needs the
-    uncompressed image plus a third for the scratch files, which are deleted at close.
+    then builds the reduced levels band by band, writes the TIFF to ``<path>.partial`` and renames it to ``path``.
+
+    NOTE [ Pyramid levels are rounded once ]
+    Level k holds the mean of each 2^k x 2^k box of level 0 (over the pixels that exist at the image's edges),
+    rounded once (half to even) for integer images. Building level k from the *rounded* level k-1 would round
+    k times and drift by a grey level; so the scratch file of level k holds the exact box *sums* (int32/int64,
+    or float64 for float images), each built from the sums of level k-1 by 2x2 addition, and a level's pixels
+    are the sums divided by the box sizes when its tiles are written. Memory stays at a band of tiles (a few MiB);
+    disk needs the uncompressed image plus the sum scratch files (4/3 of the image's pixels at 4 or 8 bytes
+    each), deleted at close.
     OpenSlide reads uint8 images with 1 (grey) or 3 (RGB) channels.
     """
 
@@ -386,14 +394,17 @@ class TiffWriter(ImageWriter):
         h, w, c = f.shape
         return f.read(((rows[0], min(rows[1], h), 1), (cols[0], min(cols[1], w), 1), (0, c, 1)))
 
-    def _tiles(self, f: RawArrayFile) -> Iterator[np.ndarray]:
-        """TIFF tiles in row-major order, zero-padded at the edges, read a band of tiles at a time."""
+    def _tiles(self, f: RawArrayFile, k: int) -> Iterator[np.ndarray]:
+        """TIFF tiles of level k in row-major order, zero-padded at the edges, read a band of tiles at a time;
+        ``f`` holds level 0's pixels (k = 0) or level k's box sums (NOTE [ Pyramid levels are rounded once ])."""
         t = self.tile
-        band = self._band_width(t, self.dtype.itemsize)
+        band = self._band_width(t, f.dtype.itemsize)
         h, w, c = f.shape
         for y in range(0, h, t):
             for x0 in range(0, w, band):
                 block = self._read(f, (y, y + t), (x0, x0 + band))
+                if k:
+                    block = self._mean(block, k, y, x0)
                 for x in range(0, block.shape[1], t):
                     tile = block[:, x : x + t]
                     if tile.shape[:2] != (t, t):
@@ -402,17 +413,29 @@ class TiffWriter(ImageWriter):
                         tile = padded
                     yield tile if c > 1 else tile[..., 0]
 
+    def _mean(self, sums: np.ndarray, k: int, y: int, x: int) -> np.ndarray:
+        """Level-k pixels from the box sums of a block whose first pixel is (y, x): rounded once."""
+        h0, w0 = self.shape[1:]
+        rows = _box_counts(y, y + sums.shape[0], k, h0)
+        cols = _box_counts(x, x + sums.shape[1], k, w0)
+        mean = sums / (rows[:, None, None] * cols[None, :, None]).astype(np.float64)
+        if self.dtype == np.bool_:
+            return mean > 0  # a box with any set pixel stays set
+        if np.issubdtype(self.dtype, np.integer):
+            info = np.iinfo(self.dtype)
+            mean = np.clip(np.rint(mean), info.min, info.max)
+        return mean.astype(self.dtype)
+
     def _build_level(self, src: RawArrayFile, k: int, shape: tuple[int, int]) -> RawArrayFile:
-        """Level k from level k-1 by the 2x2 box filter, a band of output tiles at a time."""
-        dst = RawArrayFile.create(self._scratch_paths[k], (*shape, self.shape[0]), self.dtype)
+        """Box sums of level k from those of level k-1 (level 0's pixels for k = 1), a band of tiles at a time."""
+        sums = _sum_dtype(self.dtype, self.n_levels)
+        dst = RawArrayFile.create(self._scratch_paths[k], (*shape, self.shape[0]), sums)
         t = self.tile
-        band = (
-            self._band_width(4 * t, _work_dtype(self.dtype).itemsize) // 2 * 2
-        )  # 2x2 source px per output px
+        band = self._band_width(4 * t, sums.itemsize) // 2 * 2  # 2x2 source px per output px
         for y in range(0, shape[0], t):
             for x in range(0, shape[1], band):
                 block = self._read(src, (2 * y, 2 * (y + t)), (2 * x, 2 * (x + band)))
-                small = _downsample_2x(block)
+                small = _sum_2x(block, sums)
                 dst.write(
                     ((y, y + small.shape[0], 1), (x, x + small.shape[1], 1), (0, self.shape[0], 1)), small
                 )
@@ -437,7 +460,7 @@ class TiffWriter(ImageWriter):
                     px_per_cm = 1e4 / (self.mpp * 2**k)
                     options.update(resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
                 tw.write(
-                    self._tiles(array),
+                    self._tiles(array, k),
                     shape=(*shape, channels) if channels > 1 else shape,
                     dtype=self.dtype,
                     tile=(self.tile, self.tile),
