@@ -203,6 +203,61 @@ def test_tile_larger_than_image_runs_the_module_directly():
     assert all(len(s.grid) == 1 for s in streamed.last_plan.segments)
 
 
+class _SumSink:
+    """Adds every tile's input gradient into a full array (what x.grad would hold); records the boxes."""
+
+    def __init__(self, shape):
+        self.grad = torch.zeros(shape, dtype=torch.float64)
+        self.boxes = []
+
+    def add(self, box, grad):
+        self.boxes.append(box)
+        self.grad[(slice(None), slice(None), *box)] += grad
+
+
+@pytest.mark.parametrize(
+    ("tile", "kwargs"),
+    [
+        (24, {}),  # two tiled segments, then two kept ones
+        (512, {}),  # one tile covers the image: the module runs directly, the whole box in one piece
+        ("auto", {"memory_budget": "2MiB"}),  # every segment kept: the first reads the whole lazy input
+    ],
+)
+def test_grad_sink_receives_the_input_gradient_of_a_lazy_input(tile, kwargs):
+    torch.manual_seed(0)
+    net = conv_net_2d().double()
+    data = np.random.default_rng(2).standard_normal((1, 3, 61, 47))
+    x = torch.from_numpy(data).requires_grad_(True)
+    weight = torch.randn_like(net(x))
+    (net(x) * weight).sum().backward()
+    ref_x, ref_p = x.grad.clone(), [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    sink = _SumSink(data.shape)
+    streamed = StreamingModule(net, tile, **kwargs)
+    (streamed(data, grad_sink=sink) * weight).sum().backward()
+    assert rel_err(sink.grad, ref_x) <= 1e-10
+    for p, r in zip(net.parameters(), ref_p):
+        assert rel_err(p.grad, r) <= 1e-10
+    starts = [b[0].start for b in sink.boxes]
+    assert starts == sorted(starts), "boxes arrive in raster order"
+    first = streamed.last_plan.segments[0]
+    assert len(sink.boxes) == (1 if first.keep or streamed.last_plan.conventional else len(first.grid))
+
+
+def test_grad_sink_works_with_frozen_parameters_and_refuses_tensors():
+    net = conv_net_2d().double().requires_grad_(False)
+    data = np.random.default_rng(3).standard_normal((1, 3, 40, 44))
+    x = torch.from_numpy(data).requires_grad_(True)
+    net(x).sum().backward()
+    sink = _SumSink(data.shape)
+    StreamingModule(net, 24)(data, grad_sink=sink).sum().backward()
+    assert len(sink.boxes) > 1 and rel_err(sink.grad, x.grad) <= 1e-10
+    with pytest.raises(ShapeError, match="x.grad"):
+        StreamingModule(net, 24)(x, grad_sink=sink)
+    with torch.no_grad(), pytest.raises(tilegrad.TilegradError, match="no_grad"):
+        StreamingModule(net, 24)(data, grad_sink=sink)
+
+
 def test_no_grad_inference_and_lazy_numpy_memmap(tmp_path):
     net = conv_net_2d().eval()
     data = np.random.default_rng(0).standard_normal((1, 3, 61, 47)).astype(np.float32)

@@ -213,7 +213,7 @@ class Plan:
             + (
                 "conventional (unstreamed)"
                 if self.conventional
-                else f"{len(self.segments)} streamed segment(s)"
+                else f"{len(self.segments)} segment(s), {sum(not s.keep for s in self.segments)} streamed"
             )
             + f", predicted peak {format_bytes(self.peak_bytes)}"
             + (f" (budget {format_bytes(self.budget)})" if self.budget else "")
@@ -327,13 +327,14 @@ def _cost(seg: SegmentPlan) -> float:
 
 
 def _choose_keeps(
-    segments: list[SegmentPlan], fits: Callable[[list[SegmentPlan]], bool]
+    segments: list[SegmentPlan], fits: Callable[[list[SegmentPlan]], bool], lazy_input: bool
 ) -> list[SegmentPlan]:
     """Keep the graphs of one-tile segments (no recomputation) while the plan still fits, the segments that save
-    the most recomputation per byte first."""
+    the most recomputation per byte first. With a lazy input the first segment is never kept: keeping it would
+    read the whole image into memory."""
     out = list(segments)
     order = sorted(
-        (k for k, s in enumerate(out) if len(s.grid) == 1),
+        (k for k, s in enumerate(out) if len(s.grid) == 1 and not (k == 0 and lazy_input)),
         key=lambda k: -out[k].flops / max(1, out[k].tile_saved_bytes),
     )
     for k in order:
@@ -527,7 +528,7 @@ def plan_streaming(
                 def fits(trial: list[SegmentPlan], allowance: int = allowance) -> bool:
                     return sum(s.tile_saved_bytes for s in trial if s.keep) <= allowance
 
-            chosen = _choose_keeps(chosen, fits)
+            chosen = _choose_keeps(chosen, fits, lazy_input=not input_in_memory)
         peak, fwd_peak, ratio = _evaluate(
             chosen, input_shape, param_bytes, dtype, input_in_memory, input_grad
         )
