@@ -364,7 +364,9 @@ class StreamingModule(nn.Module):
 
         def read_whole() -> torch.Tensor:
             t = reader.read(whole)
-            if grad_sink is not None:  # the whole image is one box: hand its gradient to the sink in one piece
+            if (
+                grad_sink is not None
+            ):  # the whole image is one box: hand its gradient to the sink in one piece
                 t.requires_grad_(True)
                 t.register_hook(lambda g: grad_sink.add(whole_box, g))
             return t

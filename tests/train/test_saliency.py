@@ -61,7 +61,7 @@ def test_lazy_saliency_map_equals_the_reduced_whole_image_gradient(factor):
     model = build_model("small_cnn", 2, model_kwargs={"width": 4}, tile_size=48).double()
     pixels = np.random.default_rng(0).integers(0, 256, (3, 150, 131), dtype=np.uint8)
     slide = SlideInput(pixels, dtype=torch.float64)
-    low, probs, target = saliency_map(model, slide, factor, target=1)
+    low, _, target = saliency_map(model, slide, factor, target=1)
     assert target == 1 and all(p.grad is None for p in model.parameters())
     # the plain computation: the whole image as one tensor, its gradient reduced afterwards
     x = torch.from_numpy(slide[:]).requires_grad_(True)

@@ -136,7 +136,9 @@ class SaliencyAccumulator:
 
     def add(self, box: tuple[slice, ...], grad: torch.Tensor) -> None:
         if grad.shape[0] != 1:
-            raise ConfigError(f"saliency needs a batch of one image, received a gradient of shape {tuple(grad.shape)}")
+            raise ConfigError(
+                f"saliency needs a batch of one image, received a gradient of shape {tuple(grad.shape)}"
+            )
         rows, cols = box
         g = grad.detach()[0]
         if self._band is None:
