@@ -195,6 +195,33 @@ def test_kept_segments_are_exact_and_not_recomputed():
     assert calls == {"conv1": 1 + 2 * tiles, "layer4": 1 + 1}, calls
 
 
+def test_plan_made_under_no_grad_counts_what_training_saves():
+    # regression: planning profiled the trunk in the caller's grad mode; under no_grad nothing was "saved", so
+    # kept graphs looked free and the predicted peak was too low
+    trunk = resnet18_trunk()
+    with torch.no_grad():
+        quiet = tilegrad.plan_streaming(trunk, (1, 3, 320, 288), tile_size=160)
+    normal = tilegrad.plan_streaming(trunk, (1, 3, 320, 288), tile_size=160)
+    assert quiet.peak_bytes == normal.peak_bytes
+    assert all(s.tile_saved_bytes > 0 for s in quiet.segments)
+
+
+def test_fixed_tile_limit_keeps_the_plan_flat_apart_from_input_and_output():
+    # NOTE [ Tile memory ]: without a budget the fixed tile sets the limit (lean plan + one tile), so the predicted
+    # peak minus input and output stays flat as the image grows 16x in area, while cuts keep it fast
+    trunk = resnet18_trunk()
+    rest = []
+    for side in (1024, 4096):
+        plan = tilegrad.plan_streaming(trunk, (1, 3, side, side), tile_size=512)
+        io = 4 * (3 * side * side + 512 * (side // 32) ** 2)
+        rest.append(plan.peak_bytes - io)
+        assert any("tile sets the limit" in n for n in plan.notes)
+        assert plan.segments[0].tile == (512, 512)  # the segment reading the image takes the requested tile
+    assert rest[1] < 1.5 * rest[0], rest
+    lean = tilegrad.plan_streaming(trunk, (1, 3, 4096, 4096), tile_size=512, mode="lean")
+    assert plan.time_ratio < lean.time_ratio / 5
+
+
 def test_tile_larger_than_image_runs_the_module_directly():
     net = conv_net_2d().double()
     x = torch.randn(1, 3, 20, 20, dtype=torch.float64)
