@@ -125,7 +125,9 @@ def mri_section() -> dict:
 def resnet_section() -> dict:
     shape = (1, 3, 8192, 8192)
     t0 = time.perf_counter()
-    conventional = estimate_memory(meta(memory_models.resnet34_frozen_bn), shape, optimizer="sgd", name="ResNet-34")
+    conventional = estimate_memory(
+        meta(memory_models.resnet34_frozen_bn), shape, optimizer="sgd", name="ResNet-34"
+    )
     t1 = time.perf_counter()
     streamed = estimate_memory(
         meta(memory_models.resnet34_streamed_1024), shape, optimizer="sgd", name="ResNet-34 streamed"
@@ -202,24 +204,24 @@ process keeps freed heap memory and the high-water mark adds fragmentation (the 
 
 ## 1. VGG-16 at 224x224x3, against the CS231n table
 
-All {vgg['rows']} rows of CS231n's per-layer table match ({vgg['matches']} of {vgg['rows']}): 3,211,264 values
-("3.2M") after each 64-channel convolution, down to 1,000 class scores. Parameters: **{vgg['params']:,}** (CS231n's
+All {vgg["rows"]} rows of CS231n's per-layer table match ({vgg["matches"]} of {vgg["rows"]}): 3,211,264 values
+("3.2M") after each 64-channel convolution, down to 1,000 class scores. Parameters: **{vgg["params"]:,}** (CS231n's
 "138M"; its weight column leaves out the 13,416 biases).
 
 {chr(10).join(vgg_lines)}
 
 The sums:
 
-- CS231n's rows add up to **{vgg['true_sum']:,} values** (input included), i.e.
-  {format_bytes(4 * vgg['true_sum'])} in float32 per image. The table's "TOTAL memory: 24M * 4 bytes ~= 93MB / image"
-  overstates its own rows by {100 * (24e6 / vgg['true_sum'] - 1):.0f}%.
+- CS231n's rows add up to **{vgg["true_sum"]:,} values** (input included), i.e.
+  {format_bytes(4 * vgg["true_sum"])} in float32 per image. The table's "TOTAL memory: 24M * 4 bytes ~= 93MB / image"
+  overstates its own rows by {100 * (24e6 / vgg["true_sum"] - 1):.0f}%.
 - torchvision's VGG-16 has separate ReLU modules, so the outputs of all leaf modules add up to
-  {vgg['leaf_sum']:,} values ({format_bytes(4 * vgg['leaf_sum'])}).
-- What a training step really keeps for backward at batch 1: **{format_bytes(vgg['saved'])}** (each convolution
+  {vgg["leaf_sum"]:,} values ({format_bytes(4 * vgg["leaf_sum"])}).
+- What a training step really keeps for backward at batch 1: **{format_bytes(vgg["saved"])}** (each convolution
   saves its input, each ReLU its output, each max-pool its input and int64 indices). "x2 for backward" is not how
-  backward works either: the training peak is {format_bytes(vgg['train_peak'])} without an optimizer,
-  {format_bytes(vgg['train_sgd_peak'])} with SGD momentum, dominated by the {format_bytes(vgg['param_bytes'])} of
-  parameters counted three times (weights, gradients, momentum). One forward pass in eval mode peaks at {format_bytes(vgg['infer_peak'])}.
+  backward works either: the training peak is {format_bytes(vgg["train_peak"])} without an optimizer,
+  {format_bytes(vgg["train_sgd_peak"])} with SGD momentum, dominated by the {format_bytes(vgg["param_bytes"])} of
+  parameters counted three times (weights, gradients, momentum). One forward pass in eval mode peaks at {format_bytes(vgg["infer_peak"])}.
 
 ## 2. The seed post: VGG-16 on a brain MRI
 
@@ -231,18 +233,18 @@ of 15, one training step:
 | | bytes |
 |---|---:|
 | seed post's estimate | {mb(seed)} |
-| per-slice sum of layer outputs, values (the post's "30.5MB" at 1 byte each) | {mri['per_slice_values']:,} |
+| per-slice sum of layer outputs, values (the post's "30.5MB" at 1 byte each) | {mri["per_slice_values"]:,} |
 | predicted training peak, gradients only (no optimizer) | {mb(plain.peak_bytes)} ({format_bytes(plain.peak_bytes)}) |
 | predicted training peak, SGD with momentum | **{mb(sgd.peak_bytes)}** ({format_bytes(sgd.peak_bytes)}) |
-| measured training peak, SGD with momentum | **{mb(mri['measured'])}** ({format_bytes(mri['measured'])}); prediction {err:+.1f}% |
+| measured training peak, SGD with momentum | **{mb(mri["measured"])}** ({format_bytes(mri["measured"])}); prediction {err:+.1f}% |
 
 (Measured in a fresh process without a warm-up run, so the figure includes the tens of MB that oneDNN and the
 thread pool set up once per process.)
 
 Why the seed is {sgd.peak_bytes / seed:.1f}x too low:
 
-1. **Bytes per value.** Activations are float32: 4 bytes, not 1 ({mri['per_slice_values']:,} values are
-   {mb(4 * mri['per_slice_values'])} per slice, not 30.5 MB).
+1. **Bytes per value.** Activations are float32: 4 bytes, not 1 ({mri["per_slice_values"]:,} values are
+   {mb(4 * mri["per_slice_values"])} per slice, not 30.5 MB).
 2. **What is kept is not "each output, twice".** Autograd saves {mb(sgd.activation_bytes)} for the batch
    ({mb(sgd.activation_bytes / 15)} per slice): convolution inputs, ReLU outputs, max-pool indices. Gradients of
    activations exist only transiently during backward; the peak adds the few that are alive at once, not a copy of
@@ -259,16 +261,16 @@ trunk streamed by `tilegrad.StreamingModule(trunk, tile_size=1024)` (head conven
 
 | | predicted peak | saved for backward | estimate took |
 |---|---:|---:|---:|
-| conventional | **{format_bytes(res['conventional'].peak_bytes)}** | {format_bytes(res['conventional'].activation_bytes)} | {res['t_conv']:.1f} s |
-| streamed, tile 1024 | **{format_bytes(res['streamed'].peak_bytes)}** | {format_bytes(res['streamed'].activation_bytes)} | {res['t_stream']:.0f} s |
+| conventional | **{format_bytes(res["conventional"].peak_bytes)}** | {format_bytes(res["conventional"].activation_bytes)} | {res["t_conv"]:.1f} s |
+| streamed, tile 1024 | **{format_bytes(res["streamed"].peak_bytes)}** | {format_bytes(res["streamed"].activation_bytes)} | {res["t_stream"]:.0f} s |
 
-Streaming saves {format_bytes(res['conventional'].peak_bytes - res['streamed'].peak_bytes)} per image (the
+Streaming saves {format_bytes(res["conventional"].peak_bytes - res["streamed"].peak_bytes)} per image (the
 streaming paper reports "about 50 GB" for its setting). Streamed, autograd keeps almost nothing for backward:
 the tiles are recomputed; what stays are the feature maps between the plan's segments. The streamed figure comes from simulating every tile of the forward pass and of
 the recomputing backward on meta tensors (that is why it takes longer); the plan it simulated:
 
 ```
-{chr(10).join(n.replace(';  ', chr(10) + '  ') for n in res['streamed'].notes)}
+{chr(10).join(n.replace(";  ", chr(10) + "  ") for n in res["streamed"].notes)}
 ```
 
 Neither figure is measured here: the conventional step needs more memory than this machine has, and the streamed

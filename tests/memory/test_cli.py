@@ -20,7 +20,9 @@ def run(capsys, *argv):
 
 def test_table_and_totals_for_a_torchvision_model(capsys):
     pytest.importorskip("torchvision")
-    code, out, _ = run(capsys, "resnet18", "--input", "3x64x64", "--batch", "2", "--optimizer", "sgd", "--rows", "5")
+    code, out, _ = run(
+        capsys, "resnet18", "--input", "3x64x64", "--batch", "2", "--optimizer", "sgd", "--rows", "5"
+    )
     assert code == 0
     assert "conv1" in out and "2x64x32x32" in out  # first row: name and output shape
     assert "PEAK (train step)" in out and "optimizer state" in out and "MiB" in out
@@ -29,7 +31,9 @@ def test_table_and_totals_for_a_torchvision_model(capsys):
 
 def test_json_report_with_budget(capsys):
     pytest.importorskip("torchvision")
-    code, out, _ = run(capsys, "resnet18", "--input", "3x64x64", "--mode", "infer", "--budget", "1GiB", "--json")
+    code, out, _ = run(
+        capsys, "resnet18", "--input", "3x64x64", "--mode", "infer", "--budget", "1GiB", "--json"
+    )
     assert code == 0
     data = json.loads(out)
     assert data["mode"] == "infer" and data["fits"] is True and data["budget_bytes"] == 2**30

@@ -42,7 +42,9 @@ def test_training_totals_by_hand():
         assert report.optimizer_bytes == copies * n_params * F32
         # ReLU saves its 2x8x16x16 result, which the second conv saves too (one storage); conv1 saves the input.
         assert report.activation_bytes == 2 * 8 * 16 * 16 * F32
-        floor = report.parameter_bytes + report.gradient_bytes + report.optimizer_bytes + report.activation_bytes
+        floor = (
+            report.parameter_bytes + report.gradient_bytes + report.optimizer_bytes + report.activation_bytes
+        )
         assert report.peak_bytes > floor
         assert report.peak_bytes < floor + 4 * report.activation_bytes
 

@@ -58,7 +58,9 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--input", required=True, help="channels x spatial size of one sample: 3x224x224")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    parser.add_argument("--mode", choices=("train", "infer"), default="train", help="training step or forward")
+    parser.add_argument(
+        "--mode", choices=("train", "infer"), default="train", help="training step or forward"
+    )
     parser.add_argument("--dtype", choices=_DTYPES, default="float32")
     parser.add_argument(
         "--optimizer", choices=("none", "sgd", "adam", "adamw"), default="none",
@@ -69,7 +71,9 @@ def register(subparsers: Any) -> None:
         help="cpu adds the scratch buffers of the CPU convolution kernels; cuda leaves out cuDNN workspaces",
     )  # fmt: skip
     parser.add_argument("--tile", help="stream the model's trunk in tiles of this size: 1024 or 512x512")
-    parser.add_argument("--budget", help="memory budget, e.g. 8GiB: say whether the peak fits, suggest a tile")
+    parser.add_argument(
+        "--budget", help="memory budget, e.g. 8GiB: say whether the peak fits, suggest a tile"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--plot", metavar="PNG", help="write a per-layer bar chart (matplotlib)")
     parser.add_argument("--rows", type=int, default=None, help="show at most this many layer rows")
@@ -96,7 +100,9 @@ def _streamed(model: Any, tile: Any, budget: int | None) -> tuple[Any, list[str]
     try:
         trunk, head = split_model(model)
     except TilegradError as err:
-        raise NotStreamableError(f"cannot split {type(model).__name__} into a streamable trunk and a head: {err}") from err
+        raise NotStreamableError(
+            f"cannot split {type(model).__name__} into a streamable trunk and a head: {err}"
+        ) from err
     notes = []
     norms = [m for m in trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     if norms:
@@ -166,7 +172,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     if budget is not None:
         verdict = "fits" if report.peak_bytes <= budget else "does NOT fit"
-        print(f"budget {format_bytes(budget)}: the predicted peak {format_bytes(report.peak_bytes)} {verdict}")
+        print(
+            f"budget {format_bytes(budget)}: the predicted peak {format_bytes(report.peak_bytes)} {verdict}"
+        )
         if suggestion is not None:
             print(suggestion["message"])
     if args.plot:
@@ -174,7 +182,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _suggest_tile(factory: Any, shape: tuple[int, ...], budget: int, common: dict, label: str) -> dict[str, Any]:
+def _suggest_tile(
+    factory: Any, shape: tuple[int, ...], budget: int, common: dict, label: str
+) -> dict[str, Any]:
     """Ask the streaming planner for a tile that fits the budget, then check it with a full simulation."""
     import torch
 

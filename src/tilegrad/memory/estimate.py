@@ -85,7 +85,9 @@ def _check_dtype(dtype: torch.dtype | str) -> torch.dtype:
             raise TilegradError(f"unknown dtype {dtype!r}: expected one of {', '.join(sorted(_DTYPES))}")
         return _DTYPES[dtype]
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TilegradError(f"expected a floating-point torch dtype such as torch.float32, received {dtype!r}")
+        raise TilegradError(
+            f"expected a floating-point torch dtype such as torch.float32, received {dtype!r}"
+        )
     return dtype
 
 
@@ -116,7 +118,9 @@ def _expected_input(model: nn.Module) -> str:
                 f"(N, {module.in_channels}, {spatial})"
             )
         if isinstance(module, nn.Linear):
-            return f"Its first layer {name or '(model)'} (Linear) expects input (N, ..., {module.in_features})"
+            return (
+                f"Its first layer {name or '(model)'} (Linear) expects input (N, ..., {module.in_features})"
+            )
     return "Check the number of channels and spatial dimensions the model expects"
 
 
@@ -207,7 +211,9 @@ class _ModuleWatch:
         self.order: list[str] = []
         self.outputs: dict[str, list[list[torch.Tensor]]] = {}
         self.calls: dict[str, int] = {}
-        self.record_outputs = record_outputs  # keeps outputs alive: only in the layer pass, never in the timeline
+        self.record_outputs = (
+            record_outputs  # keeps outputs alive: only in the layer pass, never in the timeline
+        )
         self.label_nodes = label_nodes
         # Label only the step's own forward graph. Modules re-run inside backward (streamed tiles, reversible
         # blocks, checkpoints) build graphs that autograd.grad may not fully release; holding their nodes here
@@ -241,7 +247,9 @@ class _ModuleWatch:
         self.calls[name] += 1
         if self.label_nodes:
             live = self.labeling
-            self._boundaries.append({t.grad_fn for t in _tensors(args) if t.grad_fn is not None} if live else set())
+            self._boundaries.append(
+                {t.grad_fn for t in _tensors(args) if t.grad_fn is not None} if live else set()
+            )
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         name = self.names[module]
@@ -337,7 +345,9 @@ def _run_model(model: nn.Module, x: torch.Tensor, label: str) -> Any:
         raise  # already says what is wrong (e.g. a StreamingModule refusing a layer)
     except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as err:
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "meta" in text.lower() and ("item()" in text or "data-dependent" in text or "Meta' backend" in text):
+        if "meta" in text.lower() and (
+            "item()" in text or "data-dependent" in text or "Meta' backend" in text
+        ):
             raise TilegradError(
                 f"{label} cannot be estimated on meta tensors: {text}. The model reads tensor values (or uses an "
                 "op without a meta kernel), so its memory depends on data; measure it with "
