@@ -164,6 +164,93 @@ def test_a_model_failing_on_the_input_names_what_it_expects():
     assert "(1, 5, 16, 16)" in message and "expects input (N, 3, H, W)" in message
 
 
+class _Block(nn.Module):
+    """A container whose own forward indexes with a boolean mask: a data-dependent output shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y[y > 0]
+
+
+def _two_stage_cnn() -> nn.Module:
+    # A BatchNorm on a 1x1 map deep inside, after two poolings: at 4x4 with batch 1 only it can fail.
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.MaxPool2d(2),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.MaxPool2d(2), nn.BatchNorm2d(8)),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
+
+
+# Regression (review of issue 3): every failure used to be blamed on the first layer ("Its first layer conv1 expects
+# input (N, 3, H, W)"), even where that layer was fine.
+@pytest.mark.parametrize(
+    ("model", "shape", "kwargs", "needles"),
+    [
+        # train-mode BatchNorm on a 1x1 map at batch 1: name it, suggest batch >= 2 or inference
+        (_two_stage_cnn, (1, 3, 4, 4), {}, ["layer '2.2' (BatchNorm2d, input (1, 8, 1, 1))", "batch of 2", "infer"]),
+        # the same model in eval mode is fine at 4x4, but at 2x2 the second pooling gets a 1x1 map
+        (_two_stage_cnn, (1, 3, 2, 2), {"mode": "infer"}, ["layer '2.1' (MaxPool2d, input (1, 8, 1, 1))",
+                                                           "input is too small"]),
+        # wrong channels: the first layer, and only then, is named with what it expects
+        (_two_stage_cnn, (1, 5, 8, 8), {}, ["layer '0' (Conv2d, input (1, 5, 8, 8))", "expects input (N, 3, H, W)"]),
+        # the classifier receives more features than it was built for
+        (_two_stage_cnn, (2, 3, 8, 8), {}, ["layer '4' (Linear, input (2, 32))", "expects input (N, ..., 8)"]),
+    ],
+)  # fmt: skip
+def test_a_failing_model_names_the_innermost_failing_layer(model, shape, kwargs, needles):
+    with pytest.raises(ShapeError) as info:
+        estimate_memory(model(), shape, **kwargs)
+    message = str(info.value)
+    for needle in needles:
+        assert needle in message, message
+    if "expects input (N, 3, H, W)" not in needles:
+        assert "expects input (N, 3, H, W)" not in message, message
+
+
+def test_a_torchvision_model_too_small_for_its_batchnorm_names_it():
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):
+        model = torchvision.models.resnet18()
+    with pytest.raises(ShapeError) as info:
+        estimate_memory(model, (1, 3, 32, 32))
+    message = str(info.value)
+    assert "layer 'layer4.0.bn1' (BatchNorm2d, input (1, 512, 1, 1))" in message and "batch of 2" in message
+    assert "conv1" not in message
+
+
+@pytest.mark.parametrize(
+    ("model", "where"),
+    [
+        (_Block, "in the forward of _Block itself"),  # the op is in the model's own forward
+        (lambda: nn.Sequential(nn.ReLU(), _Block()), "in layer '1' (_Block, input (1, 3, 8, 8))"),
+    ],
+)
+def test_data_dependent_shapes_are_recognised(model, where):
+    with pytest.raises(TilegradError) as info:
+        estimate_memory(model(), (1, 3, 8, 8))
+    message = str(info.value)
+    assert not isinstance(info.value, ShapeError)
+    assert "data-dependent shapes" in message and where in message, message
+    assert "measure_peak_memory" in message
+
+
+def test_data_dependent_exception_types_are_recognised():
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException
+
+    class Raises(nn.Module):
+        def forward(self, x):
+            raise DynamicOutputShapeException(torch.ops.aten.nonzero.default)
+
+    with pytest.raises(TilegradError, match="data-dependent shapes"):
+        estimate_memory(nn.Sequential(nn.Conv2d(3, 3, 1), Raises()), (1, 3, 8, 8))
+
+
 # ---- streaming ---------------------------------------------------------------------------------------------------
 def test_streamed_trunk_is_simulated_tile_by_tile():
     trunk = nn.Sequential(
