@@ -261,8 +261,22 @@ def test_streamed_trunk_is_simulated_tile_by_tile():
     streamed_model = nn.Sequential(tilegrad.StreamingModule(trunk, tile_size=64, mode="lean"), head)
     streamed = estimate_memory(streamed_model, (1, 1, 512, 512))
     assert streamed.peak_bytes < plain.peak_bytes / 3
-    assert any("streamed" in note for note in streamed.notes)
+    assert any("streamed" in note and "planner's quick estimate" in note for note in streamed.notes)
     assert next(p for p in trunk.parameters()).device.type == "cpu"  # stand-ins swapped back after backward
+
+
+def test_streamed_backward_peak_names_the_layer():
+    # Regression: nodes of the tiles recomputed inside backward carried no label, so the streamed peak was said to be
+    # in "ConvolutionBackward0 of <the whole model>".
+    trunk = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1)
+    )
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    model = nn.Sequential(tilegrad.StreamingModule(trunk, tile_size=64, mode="lean"), head)
+    plain = estimate_memory(nn.Sequential(trunk, head), (1, 1, 512, 512), name="net")
+    streamed = estimate_memory(model, (1, 1, 512, 512), name="net")
+    assert plain.peak_at.startswith("backward, ConvolutionBackward0 of 0.")
+    assert streamed.peak_at.startswith("backward, ConvolutionBackward0 of 0.module."), streamed.peak_at
 
 
 # ---- predicted versus measured ---------------------------------------------------------------------------------

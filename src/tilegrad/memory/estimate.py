@@ -325,6 +325,9 @@ class _Timeline(TorchDispatchMode):
 # ----------------------------------------------------------------------------------------------------------------
 # Module bookkeeping: a stack of running modules, per-leaf rows, autograd nodes labelled with their module
 # ----------------------------------------------------------------------------------------------------------------
+_NODE_LABEL = "tilegrad.memory.module"
+
+
 def _tensors(obj: Any) -> list[torch.Tensor]:
     return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
 
@@ -349,11 +352,6 @@ class _ModuleWatch:
             record_outputs  # keeps outputs alive: only in the layer pass, never in the timeline
         )
         self.label_nodes = label_nodes
-        # Label only the step's own forward graph. Modules re-run inside backward (streamed tiles, reversible
-        # blocks, checkpoints) build graphs that autograd.grad may not fully release; holding their nodes here
-        # would keep their saved tensors alive and inflate the simulated peak.
-        self.labeling = False
-        self.node_labels: dict[Any, str] = {}
         self._boundaries: list[set[Any]] = []
         self._handles: list[Any] = []
         self._model = model
@@ -381,10 +379,7 @@ class _ModuleWatch:
             self.calls[name] = 0
         self.calls[name] += 1
         if self.label_nodes:
-            live = self.labeling
-            self._boundaries.append(
-                {t.grad_fn for t in _tensors(args) if t.grad_fn is not None} if live else set()
-            )
+            self._boundaries.append({t.grad_fn for t in _tensors(args) if t.grad_fn is not None})
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         name = self.names[module]
@@ -400,19 +395,27 @@ class _ModuleWatch:
         if self.record_outputs and self.leaf[name]:
             self.outputs.setdefault(name, []).append(outs)
         if self.label_nodes:
+            # NOTE [ Autograd node labels ]: the module that made an autograd node is written into the node's own
+            # ``metadata`` dict, which lives and dies with the node. Nothing here holds a node, so graphs that
+            # modules build again inside backward (streamed tiles, reversible blocks, checkpoints) get labelled
+            # too without being kept alive (a dict of nodes would keep their saved tensors and inflate the peak).
             boundary = self._boundaries.pop() if self._boundaries else set()
-            if not self.labeling:
-                return
             todo = [t.grad_fn for t in outs if t.grad_fn is not None]
             while todo:
                 node = todo.pop()
-                if node is None or node in boundary or node in self.node_labels:
+                if node is None or node in boundary or _NODE_LABEL in node.metadata:
                     continue
-                self.node_labels[node] = name
+                node.metadata[_NODE_LABEL] = name
                 todo.extend(next_node for next_node, _ in node.next_functions)
+            del todo, boundary
 
     def where(self) -> str:
         return self.display(self.stack[-1]) if self.stack else self.root_name
+
+    @staticmethod
+    def node_label(node: Any) -> str | None:
+        """The module that made autograd ``node`` (NOTE [ Autograd node labels ]), if it was watched."""
+        return node.metadata.get(_NODE_LABEL)
 
     def failure_of(self, error: BaseException) -> _Failure | None:
         """The innermost module that ``error`` (or an error it was raised from) left, if one did."""
@@ -614,8 +617,13 @@ def _streaming_notes(model: nn.Module) -> list[str]:
     for name, module in _streaming_modules(model):
         plan = getattr(module, "last_plan", None)
         if plan is not None:
-            summary = str(plan).replace("\n", ";")
-            notes.append(f"streamed {name or 'model'}: {summary}")
+            # The plan's own "predicted peak" is the planner's rule of thumb it chooses plans by; the report's
+            # PEAK is this simulation. Say which is which next to each other.
+            summary = str(plan).replace("\n", ";").replace("predicted peak", "planner's quick estimate", 1)
+            notes.append(
+                f"streamed {name or 'model'}: {summary}; (the planner's quick estimate is the rule of thumb it "
+                "chooses plans by; the PEAK above is this report's full simulation)"
+            )
     return notes
 
 
@@ -701,7 +709,7 @@ def _timeline_pass(
             return f"forward, in {watch.where()}"
         if phase == "backward":
             node = torch._C._current_autograd_node()
-            owner = watch.node_labels.get(node) if node is not None else None
+            owner = watch.node_label(node) if node is not None else None
             op = node.name() if node is not None else "autograd"
             return f"backward, {op} of {watch.display(owner) if owner is not None else label}"
         return phase
@@ -716,9 +724,6 @@ def _timeline_pass(
             timeline.reset_peak()
         if phase == "after forward" and step == steps - 1:
             extra["forward_peak"] = timeline.phase_peaks.get("forward", timeline.current)
-        watch.labeling = phase == "forward"
-        if phase == "end of step":
-            watch.node_labels.clear()
         phase_now["phase"] = phase
         timeline.phase = phase
 
