@@ -145,6 +145,15 @@ def test_over_budget_because_of_parameters_says_no_tile_helps(capsys):
         (["nosuchpkg.mod:build", "--input", "3x64x64"], "cannot import module 'nosuchpkg.mod'"),
         (["resnet18", "--input", "3x64x64", "--budget", "lots"], "cannot read 'lots' as a byte count"),
         (["resnet18", "--input", "3x64x64", "--batch", "0"], "--batch must be a positive integer"),
+        (["resnet18", "--input", "3x64x64", "--rows", "-3"], "--rows must be 0 or more"),
+        (
+            ["resnet18", "--input", "3x64x64", "--mode", "infer", "--optimizer", "adam"],
+            "has no effect with --mode infer",
+        ),
+        (
+            ["resnet18", "--input", "3x64x64", "--plot", "/nonexistent/dir/x.png"],
+            "the directory /nonexistent/dir does not",
+        ),
         # a model too small for its BatchNorm: the failing layer is named, not the first one
         (["resnet18", "--input", "3x32x32"], "layer 'layer4.0.bn1' (BatchNorm2d"),
     ],
@@ -155,3 +164,34 @@ def test_errors_say_what_was_received_and_expected(capsys, argv, needle):
     assert code == 2
     assert needle in err, err
 
+
+def test_plot_without_matplotlib_names_the_extra(capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a)
+    )
+    code, _, err = run(capsys, f"{MODELS}:small_cnn", "--input", "3x64x64", "--plot", "x.png")
+    assert code == 2 and "pip install 'tilegrad[plot]'" in err
+
+
+def test_report_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    from torch import nn
+
+    from tilegrad import MissingDependencyError, estimate_memory
+
+    report = estimate_memory(nn.Sequential(nn.Conv2d(1, 2, 3)), (1, 1, 8, 8))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"tilegrad\[plot\]"):
+        report.plot(tmp_path / "x.png")
+
+
+def test_plot_that_cannot_be_written_says_why(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "layers.png"
+    target.mkdir()  # a directory where the chart should go
+    code, _, err = run(capsys, f"{MODELS}:small_cnn", "--input", "3x64x64", "--plot", str(target))
+    assert code == 2 and f"cannot write --plot {target}" in err, err

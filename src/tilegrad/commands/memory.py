@@ -152,9 +152,39 @@ def _tile_text(tile: tuple[int, ...]) -> str:
     return str(tile[0]) if len(set(tile)) == 1 else "x".join(map(str, tile))
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse options that would be ignored or fail only after a long estimate."""
+    import importlib.util
+    from pathlib import Path
+
+    from ..errors import ConfigError, MissingDependencyError
+
+    if args.rows is not None and args.rows < 0:
+        raise ConfigError(
+            f"--rows must be 0 or more (how many layer rows to show; leave it out for all), received {args.rows}"
+        )
+    if args.mode == "infer" and args.optimizer != "none":
+        raise ConfigError(
+            f"--optimizer {args.optimizer} has no effect with --mode infer: a forward pass has no optimizer step "
+            "and no gradients. Drop --optimizer, or use --mode train"
+        )
+    if args.plot:
+        parent = Path(args.plot).expanduser().resolve().parent
+        if not parent.is_dir():
+            raise ConfigError(
+                f"cannot write --plot {args.plot}: the directory {parent} does not exist; create it or choose "
+                "another path"
+            )
+        if importlib.util.find_spec("matplotlib") is None:
+            raise MissingDependencyError(
+                "--plot needs matplotlib, which is not installed: pip install 'tilegrad[plot]' (or drop --plot)"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..errors import ConfigError
     from ..memory.estimate import estimate_memory
     from ..memory.resolve import resolve_model
     from ..units import format_bytes, parse_bytes
@@ -162,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     sample = parse_input(args.input)
     if args.batch < 1:
         raise ShapeError(f"--batch must be a positive integer, received {args.batch}")
+    _check_options(args)
     shape = (args.batch, *sample)
     budget = parse_bytes(args.budget) if args.budget else None
     optimizer = None if args.optimizer == "none" else args.optimizer
@@ -205,8 +236,12 @@ def run(args: argparse.Namespace) -> int:
             below = None if tile is None else max((tile,) if isinstance(tile, int) else tile)
             suggestion = _suggest_tile(factory, shape, budget, common, args.model, below)
 
+    written = None
     if args.plot:
-        report.plot(args.plot)
+        try:
+            written = report.plot(args.plot)
+        except OSError as err:
+            raise ConfigError(f"cannot write --plot {args.plot}: {err.strerror or err}") from err
     if args.json:
         out = report.to_dict()
         out["cli_notes"] = notes
@@ -227,8 +262,8 @@ def run(args: argparse.Namespace) -> int:
         )
         if suggestion is not None:
             print(suggestion["message"])
-    if args.plot:
-        print(f"per-layer chart written to {args.plot}")
+    if written is not None:
+        print(f"per-layer chart written to {written}")
     return 0
 
 
