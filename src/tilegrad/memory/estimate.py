@@ -602,14 +602,18 @@ def _plan_streaming_modules(
     """Let every StreamingModule make (and cache) its plan before anything is recorded.
 
     The planner profiles the whole trunk on meta tensors; run inside the simulation, that profile would count as
-    memory of the step. A forward under no_grad computes the same plan (its cache key does not depend on grad
-    mode) and leaves it cached for the recorded passes.
+    memory of the step. A forward before the recorded passes makes the plan and leaves it cached for them. It runs
+    in the grad mode of the step: the planner's profile counts what autograd saves, and under no_grad it would see
+    nothing saved, so a training plan would take kept graphs for free (and the cache key does not include grad
+    mode, so that plan would then be used for the training step).
     """
     if not _streaming_modules(model):
         return
     x = torch.empty(shape, dtype=dtype, device="meta")
-    with torch.no_grad(), _ModuleWatch(model, label, record_outputs=False, label_nodes=False) as watch:
-        _run_model(model, x, label, watch)
+    grad_mode = torch.enable_grad() if train else torch.no_grad()
+    with grad_mode, _ModuleWatch(model, label, record_outputs=False, label_nodes=False) as watch:
+        output = _run_model(model, x, label, watch)
+    del output
 
 
 def _streaming_notes(model: nn.Module) -> list[str]:
