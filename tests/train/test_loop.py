@@ -194,3 +194,32 @@ def test_predict_writes_probabilities_per_slide(slides, tmp_path):
         direct = torch.softmax(result.model.eval()(x), 1)[0, 1].item()
     assert probs[1] == pytest.approx(direct, rel=1e-5)
     assert pred["probs"].shape == (6, 2)
+
+
+# Regression (issue 6 review): the scheduler state saved T_max, so a 3-epoch cosine run resumed with --epochs 4 ran
+# its fourth epoch at lr 0 (0.01, 0.0075, 0.0025, 0).
+@pytest.mark.parametrize(
+    "schedule, epochs, longer, factors",
+    [
+        # cosine: the fourth epoch at the 4-epoch schedule's rate (1 + cos(3 pi / 4)) / 2
+        ("cosine", 3, 4, [1.0, 0.75, 0.25, (1 + math.cos(3 * math.pi / 4)) / 2]),
+        # step (x0.1 every epochs // 3 epochs): epochs 4-6 at the 6-epoch schedule's rates (step size 2)
+        ("step", 3, 6, [1.0, 0.1, 0.01, 0.1, 0.01, 0.01]),
+    ],
+)
+def test_resume_with_more_epochs_follows_the_schedule_of_the_new_length(
+    slides, tmp_path, schedule, epochs, longer, factors
+):
+    train(config(slides, tmp_path / "run", epochs=epochs, schedule=schedule))
+    train(config(slides, tmp_path / "run", epochs=longer, schedule=schedule), resume=True)
+    with open(tmp_path / "run" / "log.csv") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert lrs == pytest.approx([1e-2 * f for f in factors], rel=1e-5)
+
+
+def test_resume_with_the_same_epochs_keeps_the_learning_rate_bit_for_bit(slides, tmp_path):
+    with pytest.raises(Interrupt):
+        train(config(slides, tmp_path / "cut", epochs=3, save_every=1), on_step=interrupt_at(6))
+    resumed = train(config(slides, tmp_path / "cut", epochs=3, save_every=1), resume=True)
+    reference = train(config(slides, tmp_path / "ref", epochs=3))
+    assert [h["lr"] for h in resumed.history] == [h["lr"] for h in reference.history]

@@ -19,6 +19,12 @@ optimizer, scheduler and grad-scaler states and all random generator states. Res
 skips the steps already done; the slide order of the interrupted epoch is recomputed from ``(seed, epoch)``. Work
 done after the last checkpoint is simply repeated, with identical inputs, so a run killed at any moment and resumed
 ends with the same parameters, bit for bit, as one that was never interrupted (same machine, same thread count).
+
+NOTE [ Schedule length ]: the learning rate of epoch e is ``lr * _lr_factor(schedule, epochs)(e)``, a closed form of
+the epoch and the run's length. ``--epochs`` may change on resume (to train longer); from the resumed epoch on the
+rate is the one a run started with the new ``--epochs`` would use at that epoch (a 3-epoch cosine run resumed
+with ``--epochs 4`` trains its fourth epoch at ``lr * (1 + cos(3 pi / 4)) / 2``, not at 0). Epochs already done keep
+the rates they had.
 """
 
 from __future__ import annotations
@@ -281,6 +287,11 @@ class _Run:
             self.model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
+            # NOTE [ Schedule length ]: the optimizer holds the rate the checkpoint's schedule set for this epoch;
+            # recompute it with this run's schedule (the same number unless --epochs changed).
+            factor = _lr_factor(self.config.schedule, self.config.epochs)(self.scheduler.last_epoch)
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base * factor
             if saved["scaler"]:
                 self.scaler.load_state_dict(saved["scaler"])
             self.epoch, self.step_in_epoch = int(saved["epoch"]), int(saved["step_in_epoch"])
@@ -678,12 +689,26 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def _lr_factor(schedule: str, epochs: int) -> Callable[[int], float]:
+    """The learning rate of (0-based) ``epoch`` as a multiple of ``--lr``, in closed form; NOTE [ Schedule length ].
+
+    >>> [round(_lr_factor("cosine", 4)(e), 4) for e in range(4)]
+    [1.0, 0.8536, 0.5, 0.1464]
+    >>> [round(_lr_factor("step", 6)(e), 4) for e in range(6)]
+    [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    """
+    if schedule == "cosine":
+        return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    if schedule == "step":
+        step_size = max(1, epochs // 3)
+        return lambda epoch: 0.1 ** (epoch // step_size)
+    return lambda epoch: 1.0
+
+
 def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> Any:
-    if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    if config.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, config.epochs // 3), gamma=0.1)
-    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    # A LambdaLR over a plain function: its state (position, base rates) is saved, the function is not, so a run
+    # resumed with another --epochs gets the schedule of the new length (NOTE [ Schedule length ]).
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config.schedule, config.epochs))
 
 
 def _config_dict(config: TrainConfig) -> dict[str, Any]:
