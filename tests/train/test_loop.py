@@ -223,3 +223,66 @@ def test_resume_with_the_same_epochs_keeps_the_learning_rate_bit_for_bit(slides,
     resumed = train(config(slides, tmp_path / "cut", epochs=3, save_every=1), resume=True)
     reference = train(config(slides, tmp_path / "ref", epochs=3))
     assert [h["lr"] for h in resumed.history] == [h["lr"] for h in reference.history]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory, make_slides):
+    """An uninterrupted 2-epoch run whose second epoch lowers the validation loss (so it rewrites best.pt)."""
+    root = tmp_path_factory.mktemp("two_epochs")
+    csv_path = make_slides(root)
+    result = train(config(csv_path, root / "ref", epochs=2))
+    assert load_checkpoint(root / "ref" / "best.pt")["epoch"] == 2, "precondition: epoch 2 improves"
+    return csv_path, result
+
+
+def _log_rows(path):
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("killed_after", ["best.pt", "log.csv", "checkpoint.pt"])
+def test_killed_between_the_epoch_end_writes_resume_completes_log_and_best(
+    two_epochs, tmp_path, monkeypatch, killed_after
+):
+    """Each window between the files written at the end of epoch 2, simulated by raising right after one write."""
+    from tilegrad.train import loop
+
+    slides, reference = two_epochs
+    real_save, real_log = loop.save_checkpoint, loop._write_log
+
+    def save(path, state):
+        written = real_save(path, state)
+        if path.name == killed_after and state["epoch"] == 2:
+            raise Interrupt
+        return written
+
+    def write_log(path, history):
+        real_log(path, history)
+        if killed_after == "log.csv" and len(history) == 2:
+            raise Interrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    monkeypatch.setattr(loop, "_write_log", write_log)
+    with pytest.raises(Interrupt):
+        train(config(slides, tmp_path / "cut", epochs=2))
+    monkeypatch.undo()
+    train(config(slides, tmp_path / "cut", epochs=2), resume=True)
+
+    assert _log_rows(tmp_path / "cut" / "log.csv") == _log_rows(reference.out / "log.csv")
+    best, ref_best = load_checkpoint(tmp_path / "cut" / "best.pt"), load_checkpoint(reference.out / "best.pt")
+    assert best["epoch"] == ref_best["epoch"] == 2
+    assert_same_state(best["model"], ref_best["model"])
+    assert_same_state(
+        load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"], reference.model.state_dict()
+    )
+
+
+def test_without_validation_slides_best_pt_is_the_last_epoch(tmp_path, make_slides, capsys):
+    slides = make_slides(tmp_path, n_val=0)
+    result = train(config(slides, tmp_path / "run", epochs=2))
+    assert "best.pt holds the last epoch's model" in capsys.readouterr().out
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["epoch"] == 2
+    assert_same_state(best["model"], result.model.state_dict())
+    predict(tmp_path / "run" / "best.pt", slides, tmp_path / "pred.csv", progress=False)
+    assert (tmp_path / "pred.csv").exists()

@@ -326,21 +326,30 @@ class _Run:
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         if self.ctx.is_main and not self.val_records:
-            print("note: no validation slides (split 'val' or --val-csv); validation loss and AUC are NaN")
+            print(
+                "note: no validation slides (split 'val' or --val-csv); validation loss and AUC are NaN and "
+                "best.pt holds the last epoch's model",
+                flush=True,
+            )
+        if self.ctx.is_main:
+            # NOTE [ Epoch-end write order ]: the log holds exactly the epochs the checkpoint counts as done
+            _write_log(self.out / "log.csv", self.history)
         while self.epoch < cfg.epochs:
             started = time.perf_counter()
             self._train_epoch()
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
-            val = evaluate(
-                self.model,
-                self.val_records,
-                config=cfg,
-                device=self.device,
-                ctx=self.ctx,
-                progress=cfg.progress,
-                desc=f"validate {self.epoch + 1}/{cfg.epochs}",
-            )
+            val = {"loss": math.nan, "auc": math.nan}
+            if self.val_records:
+                val = evaluate(
+                    self.model,
+                    self.val_records,
+                    config=cfg,
+                    device=self.device,
+                    ctx=self.ctx,
+                    progress=cfg.progress,
+                    desc=f"validate {self.epoch + 1}/{cfg.epochs}",
+                )
             row = {
                 "epoch": self.epoch + 1,
                 "train_loss": self.epoch_loss_sum / max(self.epoch_slides, 1),
@@ -353,16 +362,21 @@ class _Run:
             self.history.append(row)
             self.epoch += 1
             self.step_in_epoch, self.epoch_loss_sum, self.epoch_slides = 0, 0.0, 0
-            improved = val["loss"] < self.best_val_loss
-            if improved:
-                self.best_val_loss = val["loss"]
-            self._save()
+            improved = True  # without validation slides best.pt follows the latest epoch
+            if self.val_records:
+                improved = val["loss"] < self.best_val_loss
+                self.best_val_loss = min(self.best_val_loss, val["loss"])
+            # NOTE [ Epoch-end write order ]: best.pt and log.csv first, checkpoint.pt last. A run killed in
+            # between resumes from the previous checkpoint and redoes this epoch, rewriting both identically; the
+            # reverse order would leave an epoch counted as done with its log row or best.pt missing for good.
             if self.ctx.is_main:
-                _write_log(self.out / "log.csv", self.history)
                 if improved:
                     save_checkpoint(
                         self.out / "best.pt", {k: v for k, v in self._state().items() if k != "rng"}
                     )
+                _write_log(self.out / "log.csv", self.history)
+            self._save()
+            if self.ctx.is_main:
                 print(
                     f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f}  "
                     f"val loss {row['val_loss']:.4f}  val AUC {row['val_auc']:.3f}  ({row['seconds']:.0f} s)",
@@ -526,7 +540,7 @@ def evaluate(
             bar.update(1)
     model.train(was_training)
     gathered = sorted(ctx.gather(results))
-    probs = np.array([p for _, p in gathered], dtype=np.float64).reshape(len(records), -1)
+    probs = np.array([p for _, p in gathered], dtype=np.float64).reshape(len(records), -1 if records else 0)
     labels = [r.label for r in records]
     out: dict[str, Any] = {"probs": probs, "loss": math.nan, "auc": math.nan}
     if records and all(label is not None for label in labels):
