@@ -72,3 +72,13 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert all(Path(fig).exists() for fig in summary["figures"])
     # running it again replaces its own outputs
     assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--epochs", "1"]) == 0
+
+
+# Regression (issue 6 review): the error came from the streaming planner and said "call .eval() on it".
+def test_no_freeze_norm_with_batchnorm_points_to_freeze_norm(slides, tmp_path, capsys):
+    args = ["train", str(slides), "--out", str(tmp_path / "run"), "--model", "resnet18", "--tile", "64"]
+    assert main([*args, "--no-freeze-norm", "--no-progress", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--no-freeze-norm" in err and "Use --freeze-norm" in err and ".eval()" not in err
+    assert "BatchNorm2d layers (bn1, layer1.0.bn1, layer1.0.bn2, ... (20 in all))" in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -56,7 +56,7 @@ from .dataset import (
     tissue_box,
 )
 from .distributed import DistContext, init_distributed, step_shard
-from .model import IMAGENET_MEAN, IMAGENET_STD, SlideClassifier, build_model
+from .model import IMAGENET_MEAN, IMAGENET_STD, SlideClassifier, build_model, check_streamable_norm
 
 __all__ = [
     "StepInfo",
@@ -246,6 +246,7 @@ class _Run:
             memory_budget=config.budget,
             freeze_norm=config.freeze_norm,
         ).to(device=device, dtype=self.dtype)
+        check_streamable_norm(self.model)
         if self.model.streamed is not None:
             self.model.streamed.progress = config.progress and ctx.is_main  # a bar over tiles
         ctx.broadcast_parameters(self.model)

@@ -27,7 +27,15 @@ from torch import nn
 
 from ..errors import ConfigError, TilegradError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PoolingHead", "SlideClassifier", "build_model", "small_cnn"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PoolingHead",
+    "SlideClassifier",
+    "build_model",
+    "check_streamable_norm",
+    "small_cnn",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -112,6 +120,27 @@ class SlideClassifier(nn.Module):
                 if isinstance(module, _NORM_TYPES):
                     module.eval()
         return self
+
+
+def check_streamable_norm(model: SlideClassifier) -> None:
+    """Refuse to train a streamed trunk whose normalisation layers would run in training mode.
+
+    Called by the training loop: such layers normalise with whole-slide statistics, which no tile sees, so the
+    streaming planner would refuse them at the first step (NOTE [ Frozen normalisation ]). Evaluation (predict,
+    saliency) is unaffected: in eval mode BatchNorm uses its running statistics and streams.
+    """
+    if model.freeze_norm or model.streamed is None:
+        return
+    names = [name for name, m in model.trunk.named_modules() if isinstance(m, _NORM_TYPES)]
+    if names:
+        kinds = sorted({type(m).__name__ for m in model.trunk.modules() if isinstance(m, _NORM_TYPES)})
+        shown = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+        raise ConfigError(
+            f"--no-freeze-norm (freeze_norm=False) with a streamed trunk: its {'/'.join(kinds)} layers ({shown}) "
+            f"would normalise with statistics of the whole slide in training mode, which a tile does not see, so "
+            f"they cannot be streamed. Use --freeze-norm (the default: running statistics, affine weights still "
+            f"train), or --no-stream to train them on whole (e.g. downsampled) images"
+        )
 
 
 def _make_streamed(trunk: nn.Module, tile_size: Any, memory_budget: Any) -> nn.Module | None:
