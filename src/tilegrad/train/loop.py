@@ -335,6 +335,8 @@ class _Run:
         if self.ctx.is_main:
             # NOTE [ Epoch-end write order ]: the log holds exactly the epochs the checkpoint counts as done
             _write_log(self.out / "log.csv", self.history)
+        if self.model.streamed is not None and self.epoch < cfg.epochs:
+            self._announce_plan()
         while self.epoch < cfg.epochs:
             started = time.perf_counter()
             self._train_epoch()
@@ -391,6 +393,30 @@ class _Run:
             allreduce_calls=self.ctx.allreduce_calls,
             global_step=self.global_step,
         )
+
+    def _announce_plan(self) -> None:
+        """Plan the largest training slide now (the plan is cached for training) and print it once.
+
+        With ``--budget`` this is where the chosen tile sizes and the predicted peak are shown, and a budget nothing
+        fits fails here rather than at the first large slide.
+        """
+        cfg = self.config
+        shapes = [
+            tuple(open_slide(r.image, level=cfg.level, mpp=cfg.mpp, where=r.where()).shape)
+            for r in self.train_records
+        ]
+        index = max(range(len(shapes)), key=lambda i: math.prod(shapes[i][1:]))
+        self.model.train()
+        plan = self.model.streamed.plan((1, *shapes[index]), lazy=True)
+        if self.ctx.is_main:
+            size = "x".join(map(str, shapes[index][1:]))
+            how = f"budget {cfg.budget}" if cfg.budget is not None else f"tile {cfg.tile_size}"
+            crop = ", before --tissue-crop" if cfg.tissue_crop else ""
+            print(
+                f"streaming plan ({how}) for the largest training slide, {self.train_records[index].where()} "
+                f"({size} px{crop}):\n{plan}",
+                flush=True,
+            )
 
     def _train_epoch(self) -> None:
         cfg, ctx = self.config, self.ctx
