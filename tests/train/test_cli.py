@@ -108,3 +108,16 @@ def test_budget_prints_the_chosen_plan_once_before_training(tmp_path, make_slide
         "slides.csv line 2 (96x80 px)" in plan and "predicted peak" in plan and "(budget 300.00 KiB)" in plan
     )
     assert re.search(r"tile \d+x\d+ px of a 96x80 map, [2-9] tiles", plan)
+
+
+def test_check_images_decodes_every_image_before_training(slides, tmp_path, capsys):
+    from .conftest import write_damaged_tiff
+
+    write_damaged_tiff(slides.parent / "img" / "damaged.tif")
+    slides.write_text(slides.read_text().replace("img/s3.png,1,train", "img/damaged.tif,1,train"))
+    assert main(["train", str(slides), "--out", str(tmp_path / "run"), "--check-images", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "tilegrad train: error: slides.csv line 5: image 'img/damaged.tif' cannot be decoded" in err
+    assert main(["train", str(slides), "--out", str(tmp_path / "run"), "--epochs", "1", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "tilegrad train: error: slides.csv line 5: " in err and "re-export it or remove its row" in err

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from tilegrad import CheckpointError, ConfigError
+from tilegrad import CheckpointError, ConfigError, DataError
 from tilegrad.train import TrainConfig, build_model, load_checkpoint, predict, train
 from tilegrad.train.checkpoint import save_checkpoint
+
+from .conftest import write_damaged_tiff
 
 
 def config(csv_path, out, **overrides):
@@ -286,3 +289,31 @@ def test_without_validation_slides_best_pt_is_the_last_epoch(tmp_path, make_slid
     assert_same_state(best["model"], result.model.state_dict())
     predict(tmp_path / "run" / "best.pt", slides, tmp_path / "pred.csv", progress=False)
     assert (tmp_path / "pred.csv").exists()
+
+
+# Regression (issue 6 review): a damaged tile surfaced mid-training as "<path>: cannot decode ..." without the row.
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "unstreamed"])
+def test_damaged_tile_found_during_training_names_the_csv_row(slides, tmp_path, stream):
+    write_damaged_tiff(slides.parent / "img" / "damaged.tif")
+    slides.write_text(slides.read_text().replace("img/s3.png,1,train", "img/damaged.tif,1,train"))  # line 5
+    run = config(slides, tmp_path / "run", epochs=1, tile_size=32 if stream else None)
+    with pytest.raises(
+        DataError, match=r"^slides\.csv line 5: .*damaged\.tif: cannot decode image data"
+    ) as info:
+        train(run)
+    assert "--check-images" in str(info.value)
+    run.check_images = True  # the full decode finds it before any training
+    with pytest.raises(DataError, match=r"^slides\.csv line 5: image 'img/damaged\.tif' cannot be decoded"):
+        train(dataclasses.replace(run, out=str(tmp_path / "checked")))
+    assert not (tmp_path / "checked").exists()
+
+
+def test_damaged_tile_found_during_prediction_names_the_csv_row(slides, tmp_path):
+    train(config(slides, tmp_path / "run", epochs=1))
+    write_damaged_tiff(tmp_path / "damaged.tif")
+    (tmp_path / "test.csv").write_text("image\nimg/s0.png\ndamaged.tif\n")
+    with pytest.raises(DataError, match=r"^test\.csv line 3: .*damaged\.tif: cannot decode image data"):
+        predict(
+            tmp_path / "run" / "checkpoint.pt", tmp_path / "test.csv", tmp_path / "pred.csv", progress=False
+        )
+    assert not (tmp_path / "pred.csv").exists()

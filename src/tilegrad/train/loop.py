@@ -112,9 +112,10 @@ class TrainConfig:
     device: str = "auto"
     save_every: int = 0
     progress: bool = True
+    check_images: bool = False
 
     # Fields that may change when resuming; any other difference is refused.
-    RESUMABLE = ("epochs", "device", "save_every", "progress", "out")
+    RESUMABLE = ("epochs", "device", "save_every", "progress", "out", "check_images")
 
     def validate(self) -> None:
         def bad(name: str, expected: str) -> ConfigError:
@@ -531,7 +532,7 @@ def slide_input(
     if rng is not None:
         array = random_orientation(array, rng)
     mean, std = norm
-    return SlideInput(array, mean=mean, std=std, dtype=dtype)
+    return SlideInput(array, mean=mean, std=std, dtype=dtype, where=record.where())
 
 
 @torch.no_grad()
@@ -634,15 +635,18 @@ def predict(
     tile_size: int | None = None,
     budget: str | None = None,
     progress: bool = True,
+    check_images: bool = False,
 ) -> dict[str, Any]:
     """Write per-slide class probabilities of every slide in ``csv_path`` to ``out_csv``.
 
     The CSV needs an ``image`` column; ``label`` is optional (when present, the AUC is returned too). Columns written:
     ``image`` (as in the input CSV), ``label`` (if known) and ``probability`` (of class 1) for two classes, or
-    ``prob_0``, ``prob_1``, ... for more.
+    ``prob_0``, ``prob_1``, ... for more. ``check_images`` decodes every image completely before predicting.
     """
     model, config = load_trained_model(checkpoint, device=device, tile_size=tile_size, budget=budget)
-    records = read_slide_csv(csv_path, require_labels=False, level=config.level, mpp=config.mpp)
+    records = read_slide_csv(
+        csv_path, require_labels=False, decode_all=check_images, level=config.level, mpp=config.mpp
+    )
     dev = next(model.parameters()).device
     result = evaluate(model, records, config=config, device=dev, progress=progress)
     probs = result["probs"]
@@ -708,11 +712,12 @@ def _channels(record: SlideRecord, config: TrainConfig) -> int:
 
 
 def _load_records(config: TrainConfig) -> tuple[list[SlideRecord], list[SlideRecord]]:
-    records = read_slide_csv(config.csv, level=config.level, mpp=config.mpp)
+    check = dict(decode_all=config.check_images, level=config.level, mpp=config.mpp)
+    records = read_slide_csv(config.csv, **check)
     train_records = [r for r in records if r.split == "train"]
     val_records = [r for r in records if r.split == "val"]
     if config.val_csv:
-        val_records += read_slide_csv(config.val_csv, level=config.level, mpp=config.mpp)
+        val_records += read_slide_csv(config.val_csv, **check)
     if not train_records:
         raise DataError(
             f"{Path(config.csv).name}: no training slides (rows with split 'train' or no split column)"
@@ -771,7 +776,7 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
     if differ:
         raise CheckpointError(
             "cannot resume: the run's settings differ from the checkpoint's (" + "; ".join(differ) + "). "
-            "Resume with the same options (only --epochs, --device, --save-every and progress may change) "
+            "Resume with the same options (only --epochs, --device, --save-every, --check-images and progress may change) "
             "or start a new run in another --out directory"
         )
 
