@@ -4,8 +4,10 @@
 
 * a torchvision classification model name (``resnet18``, ``resnet34``, ``densenet121``, ``vgg16``, ...),
 * a built-in tilegrad model (``small_cnn``, the demo's network),
-* ``package.module:factory``: a callable returning either an ``nn.Module`` (split automatically into trunk and head)
-  or a ``(trunk, head)`` pair (used as given).
+* ``package.module:factory``: a callable returning either an ``nn.Module`` (split automatically into trunk and head,
+  see :func:`tilegrad.split_model`) or a ``(trunk, head)`` pair (used as given). MONAI's classification networks
+  work this way, e.g. ``monai.networks.nets:DenseNet121`` with ``{"spatial_dims": 2, "in_channels": 3,
+  "out_channels": 2}`` or ``monai.networks.nets:resnet18`` with ``{"spatial_dims": 2, "n_input_channels": 3}``.
 
 The trunk is wrapped in :class:`tilegrad.StreamingModule` when a tile size or memory budget is given, so a slide of
 any size runs through it tile by tile with exact gradients; without one the trunk runs on the whole image
@@ -41,6 +43,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+_ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+)
 
 
 class PoolingHead(nn.Module):
@@ -259,16 +273,23 @@ def _split(model: nn.Module, name: str) -> nn.Module:
     from ..split import split_model
 
     try:
-        trunk, _ = split_model(model)
+        trunk, head = split_model(model)
     except TilegradError as err:
         raise ConfigError(
             f"cannot split model {name!r} into a streamed trunk and a head: {err}. Give a factory that returns "
             f"a (trunk, head) pair instead"
         ) from None
-    if type(model).__name__ == "DenseNet":
+    if type(model).__name__ == "DenseNet" and hasattr(model, "classifier"):
         # torchvision's DenseNet applies a ReLU to the features before pooling (in forward, not as a module)
-        trunk = nn.Sequential(trunk, nn.ReLU())
-    return trunk
+        return nn.Sequential(trunk, nn.ReLU())
+    # Activations the original head applies before pooling are local: they belong to the trunk, since build_model
+    # replaces the head with a PoolingHead (MONAI's DenseNet: class_layers = relu, pool, flatten, out).
+    leading = []
+    for child in head.children() if isinstance(head, nn.Sequential) else ():
+        if not isinstance(child, _ACTIVATIONS):
+            break
+        leading.append(child)
+    return nn.Sequential(trunk, *leading) if leading else trunk
 
 
 def _output_channels(trunk: nn.Module, in_channels: int, name: str) -> int:
