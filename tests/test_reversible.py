@@ -185,6 +185,60 @@ def test_round_trip_of_every_block_type(kind, ndim):
         assert torch.allclose(stack.blocks[0].inverse(stack.blocks[0](x)), x, atol=1e-12)
 
 
+def test_inverse_in_training_mode_is_exact_and_leaves_buffers_alone():
+    """Training-mode BatchNorm sees the forward's inputs again, so the inverse is exact, and it is not a training
+    step: running statistics and num_batches_tracked stay as the forward left them (NOTE [ Inverse in training
+    mode ])."""
+    torch.manual_seed(5)
+    stack = ReversibleSequential(*blocks(3, 2, 3, "bn")).double()
+    x = torch.randn(2, 4, 5, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        y = stack(x)
+        before = [b.clone() for b in stack.buffers()]
+        assert torch.allclose(stack.inverse(y), x, rtol=0, atol=1e-12)
+    after = list(stack.buffers())
+    assert len(after) == 6 * 3 and all(torch.equal(a, b) for a, b in zip(before, after))
+    assert {int(m.num_batches_tracked) for m in stack.modules() if isinstance(m, nn.BatchNorm3d)} == {1}
+
+
+def test_inverse_refuses_training_mode_dropout_and_names_it():
+    torch.manual_seed(5)
+    stack = ReversibleSequential(*blocks(2, 2, 2, "dropout"))
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        y = stack(x)
+        with pytest.raises(
+            tilegrad.NotInvertibleError, match=r"blocks\.0\.f\.1 \(Dropout\).*Call \.eval\(\)"
+        ):
+            stack.inverse(y)
+        with pytest.raises(
+            tilegrad.NotInvertibleError, match=r"AdditiveCoupling\.inverse: .*: f\.1 \(Dropout\)"
+        ):
+            stack.blocks[1].inverse(y)
+        stack.eval()
+        assert torch.allclose(stack.inverse(stack(x)), x, atol=1e-5)
+
+
+class Noise(nn.Module):
+    """A random layer tilegrad cannot know by its type."""
+
+    def forward(self, x):
+        return x + 0.1 * torch.randn_like(x) if self.training else x
+
+
+def test_inverse_refuses_a_branch_that_draws_random_numbers():
+    torch.manual_seed(5)
+    block = AdditiveCoupling(nn.Sequential(branch(2, 2, "bn"), Noise()), branch(2, 2))
+    y = torch.randn(2, 4, 6, 6)
+    before = [b.clone() for b in block.buffers()]
+    with torch.no_grad(), pytest.raises(tilegrad.NotInvertibleError, match="f or g drew random numbers"):
+        block.inverse(y)
+    assert all(torch.equal(a, b) for a, b in zip(before, block.buffers()))  # restored on the error path too
+    with torch.no_grad():
+        x = block.eval().inverse(y)
+        assert torch.allclose(block(x), y, atol=1e-5)
+
+
 def test_round_trip_other_split_dim():
     block = AdditiveCoupling(nn.Linear(3, 3), nn.Linear(3, 3), split_dim=-1).double()
     x = torch.randn(5, 6, dtype=torch.float64)

@@ -153,13 +153,22 @@ class AdditiveCoupling(nn.Module):
         return torch.cat((y1, y2), dim=self.split_dim)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """The input ``x`` with ``self(x) == y`` (up to rounding)."""
-        return self._inverse(y)
+        """The input ``x`` with ``self(x) == y`` (up to rounding), in eval and in training mode.
 
-    def _inverse(self, y: torch.Tensor, tape: _RngTape | None = None, slot: int = 0) -> torch.Tensor:
+        NOTE [ Inverse in training mode ]: ``g`` sees the same ``y1`` and ``f`` the same ``x2`` as in the forward
+        pass, so training-mode normalisation (BatchNorm with batch statistics) gives the same outputs and the
+        inverse is exact; the running statistics and every other buffer are left as they were (an inverse is not
+        a training step). A random layer would draw new numbers instead of the forward's: a training-mode
+        dropout (p > 0) or RReLU in ``f`` or ``g`` raises :class:`tilegrad.NotInvertibleError` before anything
+        runs; any other branch that draws from the global random generator raises it once it has run. Call
+        ``.eval()`` first; the backward pass of :class:`ReversibleSequential` needs no inverse call, it replays the
+        forward's random state itself.
+        """
+        _refuse_random_layers(self, "AdditiveCoupling")
         y1, y2 = self._split(y, "output")
-        x2 = y2 - self._run(self.g, "g", y1, tape, 2 * slot + 1, False)
-        x1 = y1 - self._run(self.f, "f", x2, tape, 2 * slot, False)
+        with _frozen_buffers(self), _no_random_draws():
+            x2 = y2 - self._run(self.g, "g", y1, None, 0, False)
+            x1 = y1 - self._run(self.f, "f", x2, None, 0, False)
         return torch.cat((x1, x2), dim=self.split_dim)
 
     def _reverse(
@@ -226,6 +235,37 @@ def _frozen_buffers(module: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for buf, copy in saved.values():
                 buf.copy_(copy)
+
+
+def _refuse_random_layers(module: nn.Module, what: str) -> None:
+    """Raise NotInvertibleError naming every training-mode dropout (p > 0) or RReLU inside ``module``."""
+    active = [
+        f"{name} ({type(m).__name__})"
+        for name, m in module.named_modules()
+        if m.training
+        and (isinstance(m, nn.RReLU) or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0))
+    ]
+    if active:
+        raise NotInvertibleError(
+            f"{what}.inverse: random layers in training mode would draw new random numbers, not the forward "
+            f"pass's, so the result would not be the input: {', '.join(active)}. Call .eval() on the model (or "
+            "on these layers) before inverse()"
+        )
+
+
+@contextmanager
+def _no_random_draws() -> Iterator[None]:
+    """Raise NotInvertibleError when the body draws from the global CPU or CUDA random generator
+    (NOTE [ Inverse in training mode ]): a random layer tilegrad does not know by type."""
+    cuda = torch.cuda.is_initialized()
+    before = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else [])
+    yield
+    after = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else [])
+    if not (torch.equal(before[0], after[0]) and all(map(torch.equal, before[1], after[1]))):
+        raise NotInvertibleError(
+            "AdditiveCoupling.inverse: f or g drew random numbers, so they do not repeat the forward pass and the "
+            "result is not the input; put the random layer in eval mode (or remove it) before inverse()"
+        )
 
 
 def _grad_buffers(params: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
@@ -377,7 +417,11 @@ class ReversibleSequential(nn.Module):
         return _ReversibleFunction.apply(self, x, *params)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """The input ``x`` with ``self(x) == y`` (up to rounding); runs the blocks' inverses in reverse order."""
+        """The input ``x`` with ``self(x) == y`` (up to rounding); runs the blocks' inverses in reverse order.
+
+        Training mode: as :meth:`AdditiveCoupling.inverse` (buffers untouched; random layers refused).
+        """
+        _refuse_random_layers(self, "ReversibleSequential")
         for block in reversed(self.blocks):
             y = block.inverse(y)
         return y
