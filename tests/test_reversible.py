@@ -408,6 +408,32 @@ def test_instance_norm_with_running_stats_updates_once():
         assert torch.allclose(a, b, rtol=0, atol=1e-14)
 
 
+class FullShift(nn.Module):
+    """x / 2 + p with p shaped like the whole half: autograd may hand back the incoming gradient itself as p's."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.p = nn.Parameter(torch.randn(shape, dtype=torch.float64))
+
+    def forward(self, x):
+        return x / 2 + self.p
+
+
+def test_branches_whose_outputs_or_gradients_alias_their_inputs():
+    """The backward pass overwrites its own buffers in place (NOTE [ Reconstruct in place ]); identity branches
+    and parameter gradients that are the incoming gradient itself must not be corrupted by it."""
+    torch.manual_seed(16)
+    half = (2, 2, 7)
+    bl = [AdditiveCoupling(nn.Identity(), FullShift(half)), AdditiveCoupling(FullShift(half), nn.Identity())]
+    bl += [AdditiveCoupling(branch(2, 1), branch(2, 1)).double() for _ in range(2)]
+    plain = nn.Sequential(*copy.deepcopy(bl))
+    rev = ReversibleSequential(*bl)
+    x = torch.randn(2, 4, 7, dtype=torch.float64)
+    assert_close(grads_of(rev, x)[1], grads_of(plain, x)[1], 1e-10)
+    # y.sum(): the incoming gradient is an expanded (stride 0) tensor
+    assert_close(grads_of(rev, x, lambda y: y.sum())[1], grads_of(plain, x, lambda y: y.sum())[1], 1e-10)
+
+
 def test_input_and_output_shared_with_other_layers():
     """Regression for memcnn's keep_input=False crash: neighbours that saved the stack's input or output still
     backpropagate correctly, because nothing is freed or modified in place."""
