@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, TilegradError
+from ..geometry import ACTIVATIONS
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -43,18 +44,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-_ACTIVATIONS = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-)
 
 
 class PoolingHead(nn.Module):
@@ -286,7 +275,7 @@ def _split(model: nn.Module, name: str) -> nn.Module:
     # replaces the head with a PoolingHead (MONAI's DenseNet: class_layers = relu, pool, flatten, out).
     leading = []
     for child in head.children() if isinstance(head, nn.Sequential) else ():
-        if not isinstance(child, _ACTIVATIONS):
+        if not isinstance(child, ACTIVATIONS):
             break
         leading.append(child)
     return nn.Sequential(trunk, *leading) if leading else trunk
