@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -75,10 +76,17 @@ def run_one(method: str, size: int) -> dict:
     }
 
 
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per configuration, interleaved (medians)")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="append raw results to this JSON-lines file")
@@ -86,43 +94,68 @@ def main() -> None:
     if args.run:
         print(json.dumps(run_one(args.run, args.size)))
         return
+    import torchvision
+
+    import tilegrad
     from tilegrad.units import format_bytes
 
-    results = []
+    results: dict[tuple[int, str], list[dict]] = {}
     for size in args.sizes:
-        for method in args.methods:
-            proc = subprocess.run(
-                [sys.executable, __file__, "--run", method, "--size", str(size)],
-                capture_output=True,
-                text=True,
-                env={**os.environ},
-            )
-            if proc.returncode != 0:
-                print(f"{method} @ {size}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            results.append(row)
-            if args.json:
-                with args.json.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+        for rep in range(args.repeat):  # interleaved: a slow spell of the shared machine hits every method
+            for method in args.methods:
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--run", method, "--size", str(size)],
+                    capture_output=True,
+                    text=True,
+                    env={**os.environ},
+                )
+                if proc.returncode != 0:
+                    print(f"{method} @ {size}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                results.setdefault((size, method), []).append(row)
+                if args.json:
+                    with args.json.open("a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                print(
+                    f"{size:>5} {method:<13} run {rep + 1}: {row['seconds']:8.1f} s  "
+                    f"peak {format_bytes(row['peak_bytes']):>11}"
+                    + (f"  predicted {format_bytes(row['predicted_peak'])}" if row["predicted_peak"] else ""),
+                    flush=True,
+                )
+                if row["plan"] and rep == 0:
+                    print("      " + row["plan"].replace("\n", "\n      "), flush=True)
+    trunk, _ = tilegrad.split_model(torchvision.models.resnet34(num_classes=2).eval(), at="avgpool")
+    print(
+        "\n| image | method | runs | time (s), median [min-max] | time / conventional | peak (median) "
+        "| peak / conventional | planner's predicted peak |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for size in args.sizes:
+        base = results.get((size, "conventional"))
+        base_t = _median([r["seconds"] for r in base]) if base else None
+        if base:
+            base_m = _median([r["peak_bytes"] for r in base])
+            base_note = ""
+        else:  # too large to run here: the conventional peak predicted by estimate_memory
+            report = tilegrad.estimate_memory(trunk, (1, 3, size, size), mode="train")
+            base_m = report.peak_bytes
+            base_note = " (vs predicted)"
             print(
-                f"{size:>5} {method:<13} {row['seconds']:8.1f} s  peak {format_bytes(row['peak_bytes']):>11}"
-                + (f"  predicted {format_bytes(row['predicted_peak'])}" if row["predicted_peak"] else ""),
-                flush=True,
+                f"| {size}x{size} | conventional | - (predicted) | - | - | {format_bytes(base_m)} | 1.00 | - |"
             )
-            if row["plan"]:
-                print("      " + row["plan"].replace("\n", "\n      "), flush=True)
-    print("\n| image | method | time (s) | time / conventional | peak | peak / conventional | predicted peak |")
-    print("|---|---|---|---|---|---|---|")
-    for row in results:
-        base = next((r for r in results if r["size"] == row["size"] and r["method"] == "conventional"), None)
-        t_ratio = f"{row['seconds'] / base['seconds']:.2f}" if base else "-"
-        m_ratio = f"{row['peak_bytes'] / base['peak_bytes']:.2f}" if base else "-"
-        pred = format_bytes(row["predicted_peak"]) if row["predicted_peak"] else "-"
-        print(
-            f"| {row['size']}x{row['size']} | {row['method']} | {row['seconds']:.1f} | {t_ratio} | "
-            f"{format_bytes(row['peak_bytes'])} | {m_ratio} | {pred} |"
-        )
+        for method in args.methods:
+            rows = results.get((size, method))
+            if not rows:
+                continue
+            t = [r["seconds"] for r in rows]
+            m = _median([r["peak_bytes"] for r in rows])
+            t_ratio = f"{_median(t) / base_t:.2f}" if base_t else "-"
+            pred = format_bytes(rows[0]["predicted_peak"]) if rows[0]["predicted_peak"] else "-"
+            print(
+                f"| {size}x{size} | {method} | {len(rows)} | {_median(t):.1f} [{min(t):.1f}-{max(t):.1f}] | "
+                f"{t_ratio} | {format_bytes(m)} | {m / base_m:.2f}{base_note} | {pred} |"
+            )
 
 
 if __name__ == "__main__":

@@ -33,11 +33,31 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("segments", [1, 3, 8])
-def test_gradients_match_plain_backprop_with_dropout(segments):
+def count_calls(module: nn.Sequential) -> list[int]:
+    """Per top-level layer, how often it starts running (forward and recomputation); updated in place.
+
+    A pre-hook: the non-reentrant recomputation stops as soon as it has every saved tensor backward needs, which
+    can be inside a segment's last layer, before a forward hook would fire.
+    """
+    calls = [0] * len(module)
+    for i, layer in enumerate(module):
+        layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "segments, recomputed",
+    [
+        (1, range(8)),  # one segment: the whole module is checkpointed
+        (3, range(5)),  # bounds 0, 3, 5, 8: the last segment (layers 5-7) runs plainly
+        (8, range(7)),  # one layer per segment: all but the last
+    ],
+)
+def test_gradients_match_plain_backprop_with_dropout(segments, recomputed):
     torch.manual_seed(0)
     plain = body().double()
     ckpt = checkpoint_sequential(plain, segments)
+    calls = count_calls(plain)  # the layers are shared: counts both runs below
     x = torch.randn(2, 4, 12, 12, dtype=torch.float64)
     grads = []
     for m in (ckpt, plain):
@@ -48,6 +68,7 @@ def test_gradients_match_plain_backprop_with_dropout(segments):
         grads.append([xi.grad] + [p.grad.clone() for p in plain.parameters()])
     for a, b in zip(*grads):
         assert ((a - b).norm() / b.norm()).item() <= 1e-10
+    assert calls == [3 if i in recomputed else 2 for i in range(8)]  # checkpointed: forward + recomputation
 
 
 def test_keeps_fewer_activations():
@@ -55,6 +76,9 @@ def test_keeps_fewer_activations():
     x = torch.randn(1, 4, 32, 32, requires_grad=True)
     full = saved_bytes(plain, x)
     assert saved_bytes(checkpoint_sequential(plain, 4), x) * 2 < full
+    assert (
+        saved_bytes(checkpoint_sequential(plain, 1), x) * 8 < full
+    )  # only the input (and dropout RNG state)
 
 
 def bn_body(n: int = 6) -> nn.Sequential:

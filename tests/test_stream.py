@@ -195,12 +195,94 @@ def test_kept_segments_are_exact_and_not_recomputed():
     assert calls == {"conv1": 1 + 2 * tiles, "layer4": 1 + 1}, calls
 
 
+def test_plan_made_under_no_grad_counts_what_training_saves():
+    # regression: planning profiled the trunk in the caller's grad mode; under no_grad nothing was "saved", so
+    # kept graphs looked free and the predicted peak was too low
+    trunk = resnet18_trunk()
+    with torch.no_grad():
+        quiet = tilegrad.plan_streaming(trunk, (1, 3, 320, 288), tile_size=160)
+    normal = tilegrad.plan_streaming(trunk, (1, 3, 320, 288), tile_size=160)
+    assert quiet.peak_bytes == normal.peak_bytes
+    assert all(s.tile_saved_bytes > 0 for s in quiet.segments)
+
+
+def test_fixed_tile_limit_keeps_the_plan_flat_apart_from_input_and_output():
+    # NOTE [ Tile memory ]: without a budget the fixed tile sets the limit (lean plan + one tile), so the predicted
+    # peak minus input and output stays flat as the image grows 16x in area, while cuts keep it fast
+    trunk = resnet18_trunk()
+    rest = []
+    for side in (1024, 4096):
+        plan = tilegrad.plan_streaming(trunk, (1, 3, side, side), tile_size=512)
+        io = 4 * (3 * side * side + 512 * (side // 32) ** 2)
+        rest.append(plan.peak_bytes - io)
+        assert any("tile sets the limit" in n for n in plan.notes)
+        assert plan.segments[0].tile == (512, 512)  # the segment reading the image takes the requested tile
+    assert rest[1] < 1.5 * rest[0], rest
+    lean = tilegrad.plan_streaming(trunk, (1, 3, 4096, 4096), tile_size=512, mode="lean")
+    assert plan.time_ratio < lean.time_ratio / 5
+
+
 def test_tile_larger_than_image_runs_the_module_directly():
     net = conv_net_2d().double()
     x = torch.randn(1, 3, 20, 20, dtype=torch.float64)
     streamed = StreamingModule(net, 512)
     assert torch.equal(streamed(x), net(x))
     assert all(len(s.grid) == 1 for s in streamed.last_plan.segments)
+
+
+class _SumSink:
+    """Adds every tile's input gradient into a full array (what x.grad would hold); records the boxes."""
+
+    def __init__(self, shape):
+        self.grad = torch.zeros(shape, dtype=torch.float64)
+        self.boxes = []
+
+    def add(self, box, grad):
+        self.boxes.append(box)
+        self.grad[(slice(None), slice(None), *box)] += grad
+
+
+@pytest.mark.parametrize(
+    ("tile", "kwargs"),
+    [
+        (24, {}),  # two tiled segments, then two kept ones
+        (512, {}),  # one tile covers the image: the module runs directly, the whole box in one piece
+        ("auto", {"memory_budget": "2MiB"}),  # every segment kept: the first reads the whole lazy input
+    ],
+)
+def test_grad_sink_receives_the_input_gradient_of_a_lazy_input(tile, kwargs):
+    torch.manual_seed(0)
+    net = conv_net_2d().double()
+    data = np.random.default_rng(2).standard_normal((1, 3, 61, 47))
+    x = torch.from_numpy(data).requires_grad_(True)
+    weight = torch.randn_like(net(x))
+    (net(x) * weight).sum().backward()
+    ref_x, ref_p = x.grad.clone(), [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    sink = _SumSink(data.shape)
+    streamed = StreamingModule(net, tile, **kwargs)
+    (streamed(data, grad_sink=sink) * weight).sum().backward()
+    assert rel_err(sink.grad, ref_x) <= 1e-10
+    for p, r in zip(net.parameters(), ref_p):
+        assert rel_err(p.grad, r) <= 1e-10
+    starts = [b[0].start for b in sink.boxes]
+    assert starts == sorted(starts), "boxes arrive in raster order"
+    first = streamed.last_plan.segments[0]
+    assert len(sink.boxes) == (1 if first.keep or streamed.last_plan.conventional else len(first.grid))
+
+
+def test_grad_sink_works_with_frozen_parameters_and_refuses_tensors():
+    net = conv_net_2d().double().requires_grad_(False)
+    data = np.random.default_rng(3).standard_normal((1, 3, 40, 44))
+    x = torch.from_numpy(data).requires_grad_(True)
+    net(x).sum().backward()
+    sink = _SumSink(data.shape)
+    StreamingModule(net, 24)(data, grad_sink=sink).sum().backward()
+    assert len(sink.boxes) > 1 and rel_err(sink.grad, x.grad) <= 1e-10
+    with pytest.raises(ShapeError, match=r"x\.grad"):
+        StreamingModule(net, 24)(x, grad_sink=sink)
+    with torch.no_grad(), pytest.raises(tilegrad.TilegradError, match="no_grad"):
+        StreamingModule(net, 24)(data, grad_sink=sink)
 
 
 def test_no_grad_inference_and_lazy_numpy_memmap(tmp_path):

@@ -15,12 +15,12 @@ import json, sys, torch
 from torch import nn
 import tilegrad
 torch.manual_seed(0)
-size, mode = int(sys.argv[1]), sys.argv[2]
+size, mode, plan = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 net = nn.Sequential(
     nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
     nn.MaxPool2d(2), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 3, stride=2, padding=1),
 )
-body = net if mode == "conventional" else tilegrad.StreamingModule(net, 96, mode="lean")
+body = net if mode == "conventional" else tilegrad.StreamingModule(net, 96, mode=plan)
 # warm-up on a small image: the first step loads kernels and grows thread pools (about 140 MiB of RSS on
 # this machine, more than everything measured below); that cost is paid once per process, not per image
 body(torch.randn(1, 1, 200, 200)).square().mean().backward()
@@ -31,11 +31,18 @@ print(json.dumps({"peak": meter.peak_bytes}))
 """
 
 
-def _peak(size: int, mode: str) -> int:
+def _peak(size: int, mode: str, plan: str = "lean") -> int:
     src = str(Path(tilegrad.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # glibc's mmap threshold fixed (as in benchmarks/): freed blocks go back to the kernel, so the peak is what the
+    # tensors need, not how the heap happened to fragment on a busy machine
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(size), mode], capture_output=True, text=True, env=env, check=True
+        [sys.executable, "-c", SCRIPT, str(size), mode, plan],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
 
@@ -45,3 +52,15 @@ def test_streamed_peak_grows_far_less_than_the_image():
     conventional = _peak(768, "conventional")
     assert large < 1.5 * small, (small, large)
     assert large < conventional / 3, (large, conventional)
+
+
+def _io_bytes(size: int) -> int:
+    """Input, output and the output's gradient and square (float32): what may grow with the image."""
+    return 4 * (size * size + 3 * 8 * (size // 4) ** 2)
+
+
+def test_default_plan_with_a_fixed_tile_is_flat_apart_from_input_and_output():
+    # mode="auto" without a budget: cuts and kept graphs allowed, within the lean plan + one tile (NOTE [ Tile
+    # memory ] in plan.py)
+    small, large = (_peak(s, "streamed", "auto") - _io_bytes(s) for s in (768, 1536))
+    assert large < 1.5 * max(small, 4 * 2**20), (small, large)

@@ -20,7 +20,8 @@ __all__ = ["CheckpointedSequential", "checkpoint_sequential"]
 
 
 class CheckpointedSequential(nn.Module):
-    """The layers of an ``nn.Sequential`` run in ``segments`` checkpointed segments (see :func:`checkpoint_sequential`).
+    """The layers of an ``nn.Sequential`` cut into ``segments`` segments, checkpointed as :func:`checkpoint_sequential`
+    describes (all but the last of several; a single one).
 
     The layers are registered under their original names, so ``state_dict`` keys are the Sequential's own.
     """
@@ -54,10 +55,14 @@ class CheckpointedSequential(nn.Module):
             return self._run(0, self._bounds[-1], x)
         bounds = self._bounds
         layers = list(self.children())
-        for start, stop in itertools.pairwise(bounds[:-1]):  # every segment but the last is recomputed
+        # NOTE [ Which segments are checkpointed ]: of several segments, all but the last; backward needs the
+        # last one's activations first, so recomputing it would cost a forward and save nothing. A single
+        # segment is checkpointed: the module's activations are then not held while the layers after it run.
+        plain_from = len(bounds) - 2 if self.segments > 1 else len(bounds) - 1
+        for start, stop in itertools.pairwise(bounds[: plain_from + 1]):
             context = functools.partial(_recompute_context, nn.ModuleList(layers[start:stop]))
             x = checkpoint(self._run, start, stop, x, use_reentrant=False, context_fn=context)
-        return self._run(bounds[-2], bounds[-1], x)  # the last segment's activations are needed right away
+        return self._run(bounds[plain_from], bounds[-1], x)
 
     def extra_repr(self) -> str:
         return f"segments={self.segments}"
@@ -76,13 +81,20 @@ def _recompute_context(
 
 
 def checkpoint_sequential(module: nn.Sequential, segments: int) -> CheckpointedSequential:
-    """Wrap ``module`` so training keeps only the inputs of ``segments`` segments and recomputes each in backward.
+    """Wrap ``module`` so training keeps only segment inputs and recomputes the segments in backward.
+
+    The layers are cut into ``segments`` contiguous segments of near-equal length. With ``segments >= 2`` every
+    segment but the last is checkpointed: backward needs the last one's activations first, so recomputing it would
+    cost a forward pass and save nothing (as in ``torch.utils.checkpoint.checkpoint_sequential``).
+    ``segments=1`` checkpoints the whole module, keeping only its input: this saves memory when other layers run
+    after it (e.g. a head), whose forward and backward then run without this module's activations.
 
     Uses ``torch.utils.checkpoint`` with ``use_reentrant=False`` (gradients for parameters and inputs as with plain
     backprop, works with ``torch.autograd.grad``, nesting and autocast; dropout masks are replayed). BatchNorm in
     training mode updates its running statistics once per step, as without checkpointing (plain
-    ``torch.utils.checkpoint`` updates them twice: forward and recomputation). Activation memory: about the segment inputs plus the activations of the largest segment
-    (``segments ~ sqrt(len(module))`` minimises it). The layers are shared, not copied.
+    ``torch.utils.checkpoint`` updates them twice: forward and recomputation). Activation memory: about the
+    segment inputs plus the activations of the largest segment (``segments ~ sqrt(len(module))`` minimises it).
+    The layers are shared, not copied.
 
     >>> import torch
     >>> from torch import nn

@@ -35,7 +35,7 @@ class GeometryError(TilegradError, ValueError):
 
 
 class NotInvertibleError(TilegradError, TypeError):
-    """A module placed in a reversible stack has no exact inverse."""
+    """A module placed in a reversible stack has no exact inverse (or, like training-mode dropout, no repeatable one)."""
 
 
 class NotStreamableError(TilegradError, TypeError):

@@ -432,8 +432,7 @@ for _t in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout
     register_geometry_rule(_t, _dropout)
 register_geometry_rule(nn.Softmax, _softmax)
 register_geometry_rule(nn.LogSoftmax, _softmax)
-for _t in (
-    nn.Identity,
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
@@ -444,6 +443,11 @@ for _t in (
     nn.GELU,
     nn.SiLU,
     nn.Mish,
+)
+"""Point-wise activation layers (one value in, one out; local by construction)."""
+for _t in (
+    nn.Identity,
+    *ACTIVATIONS,
     nn.Sigmoid,
     nn.Tanh,
     nn.Hardtanh,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import math
 from collections import OrderedDict
@@ -45,6 +46,11 @@ _BACKWARD_TRANSIENT = 6.5
 _FORWARD_TRANSIENT = 2.0
 # Extra room kept below a user budget for allocator slack and Python objects.
 _BUDGET_SAFETY = 0.8
+# With a fixed tile and no budget, how much memory beyond the lean plan faster plans may use, in units of the
+# requested tile's training memory (NOTE [ Tile memory ]). Larger is faster on big images and less flat: ResNet-34,
+# tile 1024, predicted at 4096 / 8192 px: 0.25 -> 1.71 / 2.31 GiB at x1.44 / x9.8 of conventional time,
+# 0.5 -> 1.95 / 2.72 GiB at x1.41 / x1.9, 1.0 -> 2.47 / 3.24 GiB at x1.37 / x1.6.
+_FIXED_TILE_EXTRA = 0.5
 
 
 @dataclass
@@ -129,6 +135,7 @@ def _meta_profile(units: list[Unit], input_shape: Sequence[int], dtype: torch.dt
         unit.in_shape = tuple(x.shape)
         try:
             with (
+                torch.enable_grad(),  # what a training step saves, even when planning happens under no_grad
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
                 FlopCounterMode(display=False) as fc,
             ):
@@ -179,7 +186,7 @@ class SegmentPlan:
             return names[0] or "trunk"
         return f"{names[0]} .. {names[-1]}"
 
-    @property
+    @functools.cached_property
     def overlap(self) -> float:
         """Input pixels read over all tiles / input pixels: 1.0 means no recomputation of halos."""
         return self.grid.input_area / math.prod(self.in_shape[2:])
@@ -213,7 +220,7 @@ class Plan:
             + (
                 "conventional (unstreamed)"
                 if self.conventional
-                else f"{len(self.segments)} streamed segment(s)"
+                else f"{len(self.segments)} segment(s), {sum(not s.keep for s in self.segments)} streamed"
             )
             + f", predicted peak {format_bytes(self.peak_bytes)}"
             + (f" (budget {format_bytes(self.budget)})" if self.budget else "")
@@ -237,13 +244,20 @@ class Plan:
         return "\n".join(lines)
 
 
+@functools.lru_cache(maxsize=1024)
+def _chain_geometry(geometries: tuple[Geometry | None, ...], ndim: int) -> Geometry:
+    """Composed geometry of consecutive units (cached: the planner asks for the same ranges many times)."""
+    geometry = Geometry.identity(ndim)
+    for g in geometries:
+        assert g is not None
+        geometry = compose(geometry, g)
+    return geometry
+
+
 def _segment(
     units: list[Unit], tile_image: Sequence[int], ndim: int, dtype: torch.dtype, scale: Sequence[Fraction]
 ) -> SegmentPlan:
-    geometry = Geometry.identity(ndim)
-    for unit in units:
-        assert unit.geometry is not None
-        geometry = compose(geometry, unit.geometry)
+    geometry = _chain_geometry(tuple(u.geometry for u in units), ndim)
     in_shape, out_shape = units[0].in_shape, units[-1].out_shape
     tile = tuple(max(1, math.floor(t / s)) for t, s in zip(tile_image, scale))
     try:
@@ -327,13 +341,14 @@ def _cost(seg: SegmentPlan) -> float:
 
 
 def _choose_keeps(
-    segments: list[SegmentPlan], fits: Callable[[list[SegmentPlan]], bool]
+    segments: list[SegmentPlan], fits: Callable[[list[SegmentPlan]], bool], lazy_input: bool
 ) -> list[SegmentPlan]:
     """Keep the graphs of one-tile segments (no recomputation) while the plan still fits, the segments that save
-    the most recomputation per byte first."""
+    the most recomputation per byte first. With a lazy input the first segment is never kept: keeping it would
+    read the whole image into memory."""
     out = list(segments)
     order = sorted(
-        (k for k, s in enumerate(out) if len(s.grid) == 1),
+        (k for k, s in enumerate(out) if len(s.grid) == 1 and not (k == 0 and lazy_input)),
         key=lambda k: -out[k].flops / max(1, out[k].tile_saved_bytes),
     )
     for k in order:
@@ -418,13 +433,11 @@ def plan_streaming(
         cut_sets: list[tuple[int, ...]] = [()]
     elif mode == "stages":
         cut_sets = [tuple(cut_points)]
-    elif memory_budget is None:
-        input_values = math.prod(input_shape)
-        cut_sets = [tuple(c for c in cut_points if math.prod(units[c - 1].out_shape) <= input_values)]
-    else:
+    else:  # every combination; the first is () (the lean plan), which the implied limit below relies on
         cut_sets = [c for r in range(len(cut_points) + 1) for c in itertools.combinations(cut_points, r)]
 
     budget = None if memory_budget is None else int(memory_budget * _BUDGET_SAFETY)
+    implied_note = ""
     best: Plan | None = None
     smallest: Plan | None = None
     errors: list[str] = []
@@ -479,7 +492,8 @@ def plan_streaming(
             return 0
         return first.tile_train_bytes if training else first.tile_forward_bytes
 
-    for cuts in cut_sets:
+    def plan_for(cuts: tuple[int, ...], budget: int | None) -> Plan | None:
+        """The fastest plan with these cuts (tile per segment, kept graphs) under ``budget``, or None."""
         bounds = [0, *cuts, len(units)]
         ranges = list(itertools.pairwise(bounds))
         inp = _nbytes(input_shape, dtype) if input_in_memory else 0
@@ -491,6 +505,8 @@ def plan_streaming(
         for k, (a, b) in enumerate(ranges):
             grads = outs[k] + (outs[k - 1] if k > 0 else (inp if input_grad else 0))
             options = [s for s in (segment(a, b, t) for t in tile_choices) if s is not None]
+            if requested is not None and a == 0:  # the segment that reads the image takes the requested tile
+                options = [s for s in (segment(a, b, requested),) if s is not None]
             if not options:
                 break
             if requested is not None:
@@ -522,7 +538,7 @@ def plan_streaming(
                 else min(pool, key=lambda s: s.tile_train_bytes)
             )
         if len(chosen) != len(ranges):
-            continue
+            return None
         if training:
             if budget is not None:
 
@@ -538,20 +554,41 @@ def plan_streaming(
                 def fits(trial: list[SegmentPlan], allowance: int = allowance) -> bool:
                     return sum(s.tile_saved_bytes for s in trial if s.keep) <= allowance
 
-            chosen = _choose_keeps(chosen, fits)
+            chosen = _choose_keeps(chosen, fits, lazy_input=not input_in_memory)
         peak, fwd_peak, ratio = _evaluate(
             chosen, input_shape, param_bytes, dtype, input_in_memory, input_grad
         )
         if not training:  # inference: no gradients, the forward peak is the peak
             fwd_peak = peak = fixed + max(s.tile_forward_bytes for s in chosen)
-        plan = Plan(input_shape, chosen, False, peak, fwd_peak, ratio, memory_budget)
-        if smallest is None or peak < smallest.peak_bytes:
-            smallest = plan
-        if budget is not None and peak > budget:
+        return Plan(input_shape, chosen, False, peak, fwd_peak, ratio, memory_budget)
+
+    # NOTE [ Tile memory ], continued: with a fixed tile and no budget, the tile sets the limit too. Any plan may
+    # be chosen whose predicted peak is at most the lean plan's (one segment: tile + input + output + parameters,
+    # flat in the image size) plus half the memory of one more tile (_FIXED_TILE_EXTRA); boundary maps and kept
+    # graphs must fit in that allowance, so the peak stays flat in the image size apart from the input and
+    # output, and the planner moves towards the lean plan as the image grows.
+    if budget is None and mode == "auto" and training and requested is not None:
+        lean = plan_for((), None)
+        if lean is not None:
+            budget = lean.peak_bytes + int(_FIXED_TILE_EXTRA * tile_cap(requested))
+            implied_note = (
+                f"no budget given: the {'x'.join(map(str, requested))} tile sets the limit, "
+                f"{format_bytes(budget)} (the lean plan's {format_bytes(lean.peak_bytes)} plus "
+                f"{_FIXED_TILE_EXTRA:g} tile); pass memory_budget= to let it use more memory for speed"
+            )
+    for cuts in cut_sets:
+        plan = plan_for(cuts, budget)
+        if plan is None:
             continue
-        if best is None or ratio < best.time_ratio - 1e-9:
+        if smallest is None or plan.peak_bytes < smallest.peak_bytes:
+            smallest = plan
+        if budget is not None and plan.peak_bytes > budget:
+            continue
+        if best is None or plan.time_ratio < best.time_ratio - 1e-9:
             best = plan
     if best is not None:
+        if implied_note:
+            best.notes.append(implied_note)
         return best
     if smallest is None:
         raise GeometryError(errors[0] if errors else "no tile size fits this trunk")

@@ -18,9 +18,19 @@ Only one branch's graph exists at a time. Parameters are inputs of the Function,
 ordinary way (hooks, optimisers, DDP, ``torch.autograd.grad``) and the Function can run inside another Function's
 backward (a ``StreamingModule`` trunk) under ``torch.enable_grad()``, several times per step.
 
+NOTE [ Reconstruct in place ]
+The first block walked in backward writes its input and input gradient into two new buffers (the stack's output and
+incoming gradient belong to the caller); every later block overwrites those buffers with its own input and input
+gradient, half by half, instead of concatenating fresh tensors while the old ones are alive. A half is overwritten
+only after the ``autograd.grad`` call whose graph saved a view of the buffer has run, and parameter gradients are
+accumulated before any write, because autograd may return the incoming gradient itself as one (``x + p``).
+Measured (peak of a step): ESPCN-RN4 57 -> 52 MiB (glibc mmap threshold fixed), the test stack of 16 blocks 15.1 ->
+12.6 MiB.
+
 NOTE [ Never free a tensor someone else may hold ]
 memcnn's ``keep_input=False`` frees the storage of a block's input; when a neighbouring layer saved the same tensor
-for its own backward, that layer later reads freed memory and crashes. Here nothing is freed or written in place:
+for its own backward, that layer later reads freed memory and crashes. Here nothing the caller can see is freed or
+written in place (the only in-place writes go to the backward pass's own buffers, NOTE [ Reconstruct in place ]):
 the saving comes from never keeping references to intermediate activations. The returned output is a fresh tensor
 saved with ``save_for_backward``; if the caller modifies it in place afterwards, autograd raises its usual
 "modified by an inplace operation" error instead of computing wrong gradients.
@@ -39,7 +49,7 @@ state (and the CUDA one of the input's device when CUDA is initialised) is recor
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -153,56 +163,81 @@ class AdditiveCoupling(nn.Module):
         return torch.cat((y1, y2), dim=self.split_dim)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """The input ``x`` with ``self(x) == y`` (up to rounding)."""
-        return self._inverse(y)
+        """The input ``x`` with ``self(x) == y`` (up to rounding), in eval and in training mode.
 
-    def _inverse(self, y: torch.Tensor, tape: _RngTape | None = None, slot: int = 0) -> torch.Tensor:
+        NOTE [ Inverse in training mode ]: ``g`` sees the same ``y1`` and ``f`` the same ``x2`` as in the forward
+        pass, so training-mode normalisation (BatchNorm with batch statistics) gives the same outputs and the
+        inverse is exact; the running statistics and every other buffer are left as they were (an inverse is not
+        a training step). A random layer would draw new numbers instead of the forward's: a training-mode
+        dropout (p > 0) or RReLU in ``f`` or ``g`` raises :class:`tilegrad.NotInvertibleError` before anything
+        runs; any other branch that draws from the global random generator raises it once it has run. Call
+        ``.eval()`` first; the backward pass of :class:`ReversibleSequential` needs no inverse call, it replays the
+        forward's random state itself.
+        """
+        _refuse_random_layers(self, "AdditiveCoupling")
         y1, y2 = self._split(y, "output")
-        x2 = y2 - self._run(self.g, "g", y1, tape, 2 * slot + 1, False)
-        x1 = y1 - self._run(self.f, "f", x2, tape, 2 * slot, False)
+        with _frozen_buffers(self), _no_random_draws():
+            x2 = y2 - self._run(self.g, "g", y1, None, 0, False)
+            x1 = y1 - self._run(self.f, "f", x2, None, 0, False)
         return torch.cat((x1, x2), dim=self.split_dim)
 
     def _reverse(
-        self, y: torch.Tensor, dy: torch.Tensor, tape: _RngTape | None, slot: int, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """From output ``y`` and its gradient: the input, its gradient and (parameter, gradient) pairs.
+        self,
+        y: torch.Tensor,
+        dy: torch.Tensor,
+        tape: _RngTape | None,
+        slot: int,
+        dtype: torch.dtype,
+        owned: bool,
+        accumulate: Callable[[list[torch.Tensor], tuple[torch.Tensor | None, ...]], None],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """From output ``y`` and its gradient: the input and its gradient; parameter gradients go to ``accumulate``.
 
-        See NOTE [ One Function over the whole stack ]: each branch is evaluated once, with grad.
+        See NOTE [ One Function over the whole stack ]: each branch is evaluated once, with grad. ``owned``: ``y``
+        and ``dy`` are this backward pass's own buffers, which may be overwritten (NOTE [ Reconstruct in place ]).
         """
+        dim = self.split_dim
         y1, y2 = self._split(y, "output")
-        dy1, dy2 = torch.chunk(dy, 2, dim=self.split_dim)
-        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        dy1, dy2 = torch.chunk(dy, 2, dim=dim)
+        if owned and y.dtype == dy.dtype == dtype:
+            x, dx = y, dy
+        else:
+            x, dx = torch.empty_like(y, dtype=dtype), torch.empty_like(dy, dtype=dtype)
+        x1, x2 = torch.chunk(x, 2, dim=dim)
+        dx1, dx2 = torch.chunk(dx, 2, dim=dim)
 
         z1 = y1.detach().requires_grad_(True)
         g_params = [p for p in self.g.parameters() if p.requires_grad]
         with _frozen_buffers(self.g):  # restored after autograd.grad: BatchNorm's backward saved them
             hg = self._run(self.g, "g", z1, tape, 2 * slot + 1, False)
-            with torch.no_grad():
-                x2 = (y2 - hg).to(dtype)
             grads = torch.autograd.grad(hg, (z1, *g_params), dy2.to(hg.dtype), allow_unused=True)
-            del hg
-        dz1 = dy1 if grads[0] is None else dy1 + grads[0]
-        pairs += [(p, gp) for p, gp in zip(g_params, grads[1:]) if gp is not None]
-        del grads, z1
+        accumulate(g_params, grads[1:])  # before any write: a parameter gradient may alias dy2
+        with torch.no_grad():  # writes after autograd.grad, whose graph saved z1, a view of y
+            torch.sub(y2, hg, out=x2)
+            _add_into(dx1, dy1, grads[0])
+        del hg, grads, z1
 
-        x2.requires_grad_(True)
+        x2_in = x2.detach().requires_grad_(True)
         f_params = [p for p in self.f.parameters() if p.requires_grad]
         with _frozen_buffers(self.f):
-            hf = self._run(self.f, "f", x2, tape, 2 * slot, False)
-            with torch.no_grad():
-                x1 = (y1 - hf).to(dtype)
-            grads = torch.autograd.grad(hf, (x2, *f_params), dz1.to(hf.dtype), allow_unused=True)
-            del hf
-        dx2 = dy2 if grads[0] is None else dy2 + grads[0]
-        pairs += [(p, gp) for p, gp in zip(f_params, grads[1:]) if gp is not None]
-        del grads
-
-        x = torch.cat((x1, x2.detach()), dim=self.split_dim)
-        dx = torch.cat((dz1, dx2), dim=self.split_dim)
-        return x, dx, pairs
+            hf = self._run(self.f, "f", x2_in, tape, 2 * slot, False)
+            grads = torch.autograd.grad(hf, (x2_in, *f_params), dx1.to(hf.dtype), allow_unused=True)
+        accumulate(f_params, grads[1:])
+        with torch.no_grad():
+            torch.sub(y1, hf, out=x1)
+            _add_into(dx2, dy2, grads[0])
+        return x, dx
 
     def extra_repr(self) -> str:
         return f"split_dim={self.split_dim}"
+
+
+def _add_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> None:
+    """``out = a + b`` (``b`` None: zero), where ``out`` may be ``a`` itself."""
+    if b is not None:
+        torch.add(a, b, out=out)
+    elif out is not a:
+        out.copy_(a)
 
 
 @contextmanager
@@ -226,6 +261,37 @@ def _frozen_buffers(module: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for buf, copy in saved.values():
                 buf.copy_(copy)
+
+
+def _refuse_random_layers(module: nn.Module, what: str) -> None:
+    """Raise NotInvertibleError naming every training-mode dropout (p > 0) or RReLU inside ``module``."""
+    active = [
+        f"{name} ({type(m).__name__})"
+        for name, m in module.named_modules()
+        if m.training
+        and (isinstance(m, nn.RReLU) or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0))
+    ]
+    if active:
+        raise NotInvertibleError(
+            f"{what}.inverse: random layers in training mode would draw new random numbers, not the forward "
+            f"pass's, so the result would not be the input: {', '.join(active)}. Call .eval() on the model (or "
+            "on these layers) before inverse()"
+        )
+
+
+@contextmanager
+def _no_random_draws() -> Iterator[None]:
+    """Raise NotInvertibleError when the body draws from the global CPU or CUDA random generator
+    (NOTE [ Inverse in training mode ]): a random layer tilegrad does not know by type."""
+    cuda = torch.cuda.is_initialized()
+    before = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else [])
+    yield
+    after = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else [])
+    if not (torch.equal(before[0], after[0]) and all(map(torch.equal, before[1], after[1]))):
+        raise NotInvertibleError(
+            "AdditiveCoupling.inverse: f or g drew random numbers, so they do not repeat the forward pass and the "
+            "result is not the input; put the random layer in eval mode (or remove it) before inverse()"
+        )
 
 
 def _grad_buffers(params: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
@@ -281,6 +347,15 @@ class _ReversibleFunction(torch.autograd.Function):
         # raise the peak resident memory (measured: +20-40 MiB for ESPCN-RN8 on glibc).
         param_grads = _grad_buffers(params)
         touched = [False] * len(params)
+
+        def accumulate(ps: list[torch.Tensor], grads: tuple[torch.Tensor | None, ...]) -> None:
+            for p, gp in zip(ps, grads):
+                i = index.get(id(p))
+                if gp is None or i is None:  # i None: trainable only since the forward pass, a constant there
+                    continue
+                param_grads[i].add_(gp)
+                touched[i] = True
+
         device = ctx.device
         devices = [device] if device.type == "cuda" and torch.cuda.is_initialized() else []
         grad = grad_out
@@ -291,14 +366,9 @@ class _ReversibleFunction(torch.autograd.Function):
             replay_autocast(device.type, ctx.autocast),
         ):
             for k in range(len(blocks) - 1, -1, -1):
-                y, grad, pairs = blocks[k]._reverse(y, grad, ctx.rng, k, ctx.dtypes[k])
-                for p, gp in pairs:
-                    i = index.get(id(p))
-                    if i is None:  # became trainable after the forward pass: a constant there
-                        continue
-                    param_grads[i].add_(gp)
-                    touched[i] = True
-                del pairs
+                # the stack's output and incoming gradient belong to the caller; later blocks reuse our buffers
+                owned = k < len(blocks) - 1
+                y, grad = blocks[k]._reverse(y, grad, ctx.rng, k, ctx.dtypes[k], owned, accumulate)
         if owner.check_reconstruction is not None:
             owner._report_reconstruction(y, saved[1])
         if grad is not None:
@@ -377,7 +447,11 @@ class ReversibleSequential(nn.Module):
         return _ReversibleFunction.apply(self, x, *params)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """The input ``x`` with ``self(x) == y`` (up to rounding); runs the blocks' inverses in reverse order."""
+        """The input ``x`` with ``self(x) == y`` (up to rounding); runs the blocks' inverses in reverse order.
+
+        Training mode: as :meth:`AdditiveCoupling.inverse` (buffers untouched; random layers refused).
+        """
+        _refuse_random_layers(self, "ReversibleSequential")
         for block in reversed(self.blocks):
             y = block.inverse(y)
         return y

@@ -33,9 +33,11 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Sequential,
     """Split ``model`` before the child named ``at`` into ``(trunk, head)``.
 
     Supported: torchvision ResNet (default ``at="avgpool"``), VGG and DenseNet (default ``at="features"``'s end,
-    i.e. the trunk is ``features``), and any ``nn.Sequential`` (``at`` is a child name or index; default: the first
-    adaptive/global pooling or Flatten layer). The trunk is an ``nn.Sequential`` with the original child names, so
-    errors name layers as in the model (``layer3.1.conv2``).
+    i.e. the trunk is ``features``), MONAI's ResNet (``monai.networks.nets.resnet18`` ...: as torchvision's; with
+    ``no_max_pool=True`` the unused ``maxpool`` child is left out) and DenseNet (``DenseNet121`` ...: the trunk is
+    ``features``, the head ``class_layers``), and any ``nn.Sequential`` (``at`` is a child name or index; default: the
+    first adaptive/global pooling or Flatten layer). The trunk is an ``nn.Sequential`` with the original child names,
+    so errors name layers as in the model (``layer3.1.conv2``).
 
     >>> import torchvision
     >>> trunk, head = split_model(torchvision.models.resnet18(), at="avgpool")
@@ -43,12 +45,20 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Sequential,
     ('layer4', 'AdaptiveAvgPool2d')
     """
     tv_name = type(model).__name__
+    kinds = {cls.__name__ for cls in type(model).__mro__}  # MONAI's DenseNet121 is a subclass of its DenseNet
     children = _children(model)
     names = [n for n, _ in children]
     if tv_name == "DenseNet" and hasattr(model, "features") and hasattr(model, "classifier"):
         if at not in (None, "features", "classifier"):
             raise ShapeError(f"DenseNet is split after 'features'; received at={at!r}")
         return model.features, _DenseNetHead(model.classifier)
+    if "DenseNet" in kinds and names == ["features", "class_layers"]:
+        # MONAI: forward is class_layers(features(x)); class_layers = relu, global pool, flatten, linear
+        if at not in (None, "features", "class_layers"):
+            raise ShapeError(
+                f"{tv_name} is split after 'features' (before 'class_layers'); received at={at!r}"
+            )
+        return model.features, model.class_layers
     if tv_name in ("VGG", "AlexNet") and hasattr(model, "features"):
         if at not in (None, "avgpool", "features"):
             raise ShapeError(f"{tv_name} is split after 'features' (before 'avgpool'); received at={at!r}")
@@ -73,12 +83,16 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Sequential,
         )
     if not isinstance(model, nn.Sequential) and tv_name != "ResNet":
         raise NotStreamableError(
-            f"split_model knows torchvision ResNet, VGG, DenseNet and nn.Sequential; {tv_name}'s forward may not be "
+            f"split_model knows torchvision and MONAI ResNet and DenseNet, torchvision VGG and nn.Sequential; "
+            f"{tv_name}'s forward may not be "
             "a plain chain of its children. Build the trunk and head yourself (trunk = an nn.Sequential of the "
             "local layers)"
         )
     k = names.index(at)
-    trunk = nn.Sequential(OrderedDict(children[:k]))
+    local = children[:k]
+    if tv_name == "ResNet" and getattr(model, "no_max_pool", False):
+        local = [(n, m) for n, m in local if n != "maxpool"]  # MONAI's forward skips it
+    trunk = nn.Sequential(OrderedDict(local))
     rest = children[k:]
     if tv_name == "ResNet":
         # ResNet.forward flattens between avgpool and fc

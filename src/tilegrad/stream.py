@@ -14,19 +14,19 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from ._autocast import autocast_state, replay_autocast
-from .errors import GeometryError, ShapeError
+from .errors import GeometryError, ShapeError, TilegradError
 from .plan import Plan, SegmentPlan, plan_streaming
 from .typing import ArrayLike, Bytes, TileSize
 from .units import parse_bytes
 
-__all__ = ["StreamingModule"]
+__all__ = ["GradientSink", "StreamingModule"]
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,18 @@ class _SegmentFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, seg: SegmentPlan, step: _Step, reader: _Reader, x: torch.Tensor | None, *params: Any
+        ctx: Any,
+        seg: SegmentPlan,
+        step: _Step,
+        reader: _Reader,
+        sink: GradientSink | None,
+        x: torch.Tensor | None,
+        anchor: torch.Tensor | None,
+        *params: Any,
     ):
         ctx.device_type = reader.device.type
         ctx.autocast = autocast_state(ctx.device_type)
-        ctx.seg, ctx.step = seg, step
+        ctx.seg, ctx.step, ctx.sink = seg, step, sink
         ctx.seg_params = params  # parameters live as long as the module; no activation is held here
         # NOTE [ Boundary lifetime ]: a tensor input is kept only through save_for_backward, never as a ctx
         # attribute, so autograd frees it as soon as this segment's backward has run (ctx itself lives as long as
@@ -119,11 +126,12 @@ class _SegmentFunction(torch.autograd.Function):
         else:
             (x,) = ctx.saved_tensors
             reader = _Reader(x.detach(), ctx.reader_device, ctx.reader_dtype)
-        need_input_grad = ctx.needs_input_grad[3]
+        sink: GradientSink | None = ctx.sink
+        need_input_grad = ctx.needs_input_grad[4] or sink is not None
         params = ctx.seg_params
-        wanted = [p for p, need in zip(params, ctx.needs_input_grad[4:]) if need]
+        wanted = [p for p, need in zip(params, ctx.needs_input_grad[6:]) if need]
         param_grads: dict[int, torch.Tensor] = {}
-        grad_in = torch.zeros_like(reader.source) if need_input_grad else None
+        grad_in = torch.zeros_like(reader.source) if need_input_grad and sink is None else None
         chain = seg.chain
         for tile in seg.grid:
             ctx.step.tick_backward()
@@ -140,18 +148,38 @@ class _SegmentFunction(torch.autograd.Function):
             g = grad_out[(slice(None), slice(None), *tile.outputs)]
             grads = torch.autograd.grad(core, inputs, g.to(core.dtype), allow_unused=True)
             if need_input_grad:
-                grad_in[(slice(None), slice(None), *tile.inputs)] += grads[0]
+                if sink is not None:
+                    sink.add(tile.inputs, grads[0])
+                else:
+                    grad_in[(slice(None), slice(None), *tile.inputs)] += grads[0]
                 grads = grads[1:]
             for p, gp in zip(wanted, grads):
                 if gp is not None:
                     param_grads[id(p)] = gp if id(p) not in param_grads else param_grads[id(p)] + gp
             del y, core, grads, xin
-        return (None, None, None, grad_in, *(param_grads.get(id(p)) for p in params))
+        return (None, None, None, None, grad_in, None, *(param_grads.get(id(p)) for p in params))
 
     @classmethod
-    def run(cls, seg: SegmentPlan, step: _Step, reader: _Reader, x: torch.Tensor | None) -> torch.Tensor:
+    def run(
+        cls, seg: SegmentPlan, step: _Step, reader: _Reader, x: torch.Tensor | None, sink: GradientSink | None
+    ) -> torch.Tensor:
         params = [p for p in seg.chain.parameters_of() if p.requires_grad]
-        return cls.apply(seg, step, reader, x, *params)
+        # with a sink and frozen parameters nothing else would put this segment on the graph
+        anchor = torch.zeros((), requires_grad=True) if sink is not None else None
+        return cls.apply(seg, step, reader, sink, x, anchor, *params)
+
+
+class GradientSink(Protocol):
+    """Receives the input gradient of a lazy input, tile by tile (``StreamingModule(..)(x, grad_sink=sink)``).
+
+    ``add(box, grad)`` is called once per tile of the first streamed segment during backward, in raster order
+    (first spatial dim slowest), with the tile's input box (one slice per spatial dim, in input pixels) and the
+    gradient contribution of that tile, shaped (N, C, *box). Boxes overlap by the halo: the input gradient at a
+    pixel is the sum of the contributions of every box that contains it. Because boxes come in raster order and
+    their starts never decrease along the first dim, every pixel above the current box's start is final.
+    """
+
+    def add(self, box: tuple[slice, ...], grad: torch.Tensor) -> None: ...
 
 
 class StreamingModule(nn.Module):
@@ -298,12 +326,24 @@ class StreamingModule(nn.Module):
         return tqdm(total=total, desc=f"tilegrad {what}", unit="tile", leave=False)
 
     # -- forward ----------------------------------------------------------------------------------------------
-    def forward(self, x: ArrayLike) -> torch.Tensor:
+    def forward(self, x: ArrayLike, *, grad_sink: GradientSink | None = None) -> torch.Tensor:
+        """Run the trunk on ``x`` (a tensor, or a lazy array read tile by tile).
+
+        ``grad_sink``: for a lazy input, which has no ``.grad``, an object receiving the input gradient tile by
+        tile during backward (see :class:`tilegrad.stream.GradientSink`); with it the whole-image input gradient
+        never exists in memory at once (``tilegrad saliency`` reduces it on the fly).
+        """
         lazy = not isinstance(x, torch.Tensor)
         if lazy and not (hasattr(x, "shape") and hasattr(x, "__getitem__")):
             raise ShapeError(
                 f"expected a tensor or a lazy array with .shape and numpy-style slicing, received {type(x).__name__}"
             )
+        if grad_sink is not None and not lazy:
+            raise ShapeError(
+                "grad_sink is for lazy inputs; a tensor input gets its gradient in x.grad (call x.requires_grad_())"
+            )
+        if grad_sink is not None and not torch.is_grad_enabled():
+            raise TilegradError("grad_sink needs gradients: call the module outside torch.no_grad()")
         shape = tuple(int(s) for s in x.shape)
         device = self._device()
         dtype = self._param_dtype()
@@ -316,26 +356,38 @@ class StreamingModule(nn.Module):
             )
         grad_params = [p for p in self.module.parameters() if p.requires_grad]
         input_grad = not lazy and x.requires_grad
-        training = torch.is_grad_enabled() and (bool(grad_params) or input_grad)
+        training = torch.is_grad_enabled() and (bool(grad_params) or input_grad or grad_sink is not None)
         plan = self.plan(shape, dtype=dtype, lazy=lazy, input_grad=input_grad)
         reader = _Reader(x, device, dtype)
         whole = tuple(slice(None) for _ in shape[2:])
+        whole_box = tuple(slice(0, n) for n in shape[2:])
+
+        def read_whole() -> torch.Tensor:
+            t = reader.read(whole)
+            if (
+                grad_sink is not None
+            ):  # the whole image is one box: hand its gradient to the sink in one piece
+                t.requires_grad_(True)
+                t.register_hook(lambda g: grad_sink.add(whole_box, g))
+            return t
+
         if plan.conventional or (len(plan.segments) == 1 and len(plan.segments[0].grid) == 1):
             # one tile covers everything: streaming would only add a recomputation
-            return self.module(x if not lazy else reader.read(whole))
+            return self.module(x if not lazy else read_whole())
         step = _Step(self, plan)
         step.forward_bar = self._open_bar(sum(len(s.grid) for s in plan.segments), "forward")
         try:
             h: torch.Tensor | None = None if lazy else x
-            for seg in plan.segments:
+            for k, seg in enumerate(plan.segments):
+                sink = grad_sink if k == 0 else None
                 if training and seg.keep:
                     # NOTE [ Kept segments ]: a segment the plan keeps runs as plain autograd (one tile, the whole
                     # map): its graph lives from here to its own backward, and nothing is recomputed.
-                    h = seg.chain(h if h is not None else reader.read(whole))
+                    h = seg.chain(h if h is not None else read_whole())
                     if step.forward_bar is not None:
                         step.forward_bar.update(1)
                 elif training:
-                    h = _SegmentFunction.run(seg, step, reader, h)
+                    h = _SegmentFunction.run(seg, step, reader, h, sink)
                 else:
                     h = _run_forward(seg, reader, None, step.forward_bar)
                 reader = _Reader(h, h.device, h.dtype)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from itertools import product
 
+import numpy as np
+
 from .errors import GeometryError, ShapeError
 from .geometry import DimGeometry, Geometry
 
@@ -77,7 +79,14 @@ class _IntDim:
         return Span(start, stop, j0, j1, int(offset))
 
     def max_length(self, out_len: int, core: int) -> int:
-        return max(b - a for a, b in (self.bounds(j0, min(out_len, j0 + core)) for j0 in range(0, out_len, core)))
+        """Largest input extent over the tiles of cores ``core`` (vectorised :meth:`bounds`)."""
+        j0 = np.arange(0, out_len, core, dtype=np.int64)
+        j1 = np.minimum(out_len, j0 + core)
+        need_lo = (j0 * self.s + self.lo) // self.den
+        need_hi = -((-((j1 - 1) * self.s + self.hi)) // self.den)
+        start = np.maximum(0, (need_lo // self.align) * self.align)
+        stop = np.minimum(self.in_len, -(-(need_hi + 1) // self.align) * self.align)
+        return int((stop - start).max())
 
 
 def _spans(dim: DimGeometry, align: int, in_len: int, out_len: int, core: int) -> list[Span]:
@@ -86,7 +95,9 @@ def _spans(dim: DimGeometry, align: int, in_len: int, out_len: int, core: int) -
 
 
 @functools.lru_cache(maxsize=4096)
-def plan_dim(dim: DimGeometry, align: int, in_len: int, out_len: int, tile: int, axis: int = 0) -> tuple[Span, ...]:
+def plan_dim(
+    dim: DimGeometry, align: int, in_len: int, out_len: int, tile: int, axis: int = 0
+) -> tuple[Span, ...]:
     """Split one dim into tiles whose input extent is at most ``tile``, with the largest possible cores.
 
     >>> from fractions import Fraction

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,9 @@ def run(capsys, *argv):
 
 def test_table_and_totals_for_a_torchvision_model(capsys):
     pytest.importorskip("torchvision")
-    code, out, _ = run(capsys, "resnet18", "--input", "3x64x64", "--batch", "2", "--optimizer", "sgd", "--rows", "5")
+    code, out, _ = run(
+        capsys, "resnet18", "--input", "3x64x64", "--batch", "2", "--optimizer", "sgd", "--rows", "5"
+    )
     assert code == 0
     assert "conv1" in out and "2x64x32x32" in out  # first row: name and output shape
     assert "PEAK (train step)" in out and "optimizer state" in out and "MiB" in out
@@ -29,7 +32,9 @@ def test_table_and_totals_for_a_torchvision_model(capsys):
 
 def test_json_report_with_budget(capsys):
     pytest.importorskip("torchvision")
-    code, out, _ = run(capsys, "resnet18", "--input", "3x64x64", "--mode", "infer", "--budget", "1GiB", "--json")
+    code, out, _ = run(
+        capsys, "resnet18", "--input", "3x64x64", "--mode", "infer", "--budget", "1GiB", "--json"
+    )
     assert code == 0
     data = json.loads(out)
     assert data["mode"] == "infer" and data["fits"] is True and data["budget_bytes"] == 2**30
@@ -51,11 +56,78 @@ def test_streamed_tile(capsys):
     assert "trunk streamed, tile 128" in out and "streamed 0:" in out
 
 
-def test_over_budget_suggests_a_tile(capsys):
+def _peak_line(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("PEAK"))
+
+
+def test_over_budget_suggests_a_tile_that_fits_when_rerun(capsys):
+    # Regression: the suggestion came from tile_size="auto", whose plan differs from a rerun with that --tile, and
+    # could say "still does NOT fit". It must fit, and rerunning with the printed --tile must show the same peak.
     code, out, _ = run(capsys, f"{MODELS}:small_cnn", "--input", "3x2048x2048", "--budget", "600MiB")
     assert code == 0
     assert "does NOT fit" in out
-    assert "--tile" in out  # the planner's tile and its simulated peak
+    match = re.search(r"streamed with --tile (\S+) the predicted peak is (.+?): it fits", out)
+    assert match, out
+    tile, peak = match.groups()
+    code, again, _ = run(
+        capsys, f"{MODELS}:small_cnn", "--input", "3x2048x2048", "--budget", "600MiB", "--tile", tile
+    )
+    assert code == 0
+    assert f"the predicted peak {peak} fits" in again, again
+
+
+def test_tile_as_one_number_or_one_per_dim_is_the_same_estimate(capsys):
+    # --tile 128 and --tile 128x128 are the same tile: the same plan, the same simulated peak.
+    _, square, _ = run(capsys, f"{MODELS}:small_cnn", "--input", "3x512x512", "--tile", "128", "--json")
+    _, explicit, _ = run(capsys, f"{MODELS}:small_cnn", "--input", "3x512x512", "--tile", "128x128", "--json")
+    a, b = json.loads(square), json.loads(explicit)
+    assert a["peak_bytes"] == b["peak_bytes"] and a["notes"] == b["notes"]
+
+
+FULLY_CONVOLUTIONAL = """
+from torch import nn
+
+
+def fcn():
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 2, 3, padding=1))
+
+
+def fcn_instance_norm():
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.InstanceNorm2d(16), nn.Conv2d(16, 2, 3, padding=1))
+"""
+
+
+@pytest.fixture
+def fcn_file(tmp_path):
+    path = tmp_path / "fcn_models.py"
+    path.write_text(FULLY_CONVOLUTIONAL)
+    return path
+
+
+def test_a_fully_convolutional_model_is_streamed_whole(capsys, fcn_file):
+    # Regression: "cannot split Sequential at None" for models without a head (U-Nets, ESPCN).
+    code, out, err = run(capsys, f"{fcn_file}:fcn", "--input", "1x512x512", "--tile", "128")
+    assert code == 0, err
+    assert "the whole model is streamed" in out and "(streamed, tile 128)" in out
+    assert "1 BatchNorm layers of the model were put in eval mode" in out  # the frozen-BatchNorm note is kept
+
+
+def test_a_fully_convolutional_model_that_cannot_be_streamed_says_what_to_do(capsys, fcn_file):
+    code, _, err = run(capsys, f"{fcn_file}:fcn_instance_norm", "--input", "1x256x256", "--tile", "64")
+    assert code == 2
+    assert "whole model was streamed" in err and "layer '1' (InstanceNorm2d)" in err and "drop --tile" in err
+
+
+def test_inference_over_budget_points_to_tiled_inference(capsys, fcn_file):
+    code, out, _ = run(
+        capsys, f"{fcn_file}:fcn", "--input", "1x2048x2048", "--mode", "infer", "--budget", "200MiB"
+    )
+    assert code == 0
+    assert "does NOT fit" in out and "streamed with --tile" in out and "it fits" in out
+    assert "tilegrad infer" in out and "tilegrad.infer(model, source, tile_size=" in out
+    _, out, _ = run(capsys, f"{fcn_file}:fcn_instance_norm", "--input", "1x2048x2048", "--mode", "infer",
+                    "--budget", "100MiB")  # fmt: skip
+    assert "tiled inference (tilegrad infer, tilegrad.infer)" in out and "streaming cannot help" not in out
 
 
 def test_over_budget_because_of_parameters_says_no_tile_helps(capsys):
@@ -73,6 +145,17 @@ def test_over_budget_because_of_parameters_says_no_tile_helps(capsys):
         (["nosuchpkg.mod:build", "--input", "3x64x64"], "cannot import module 'nosuchpkg.mod'"),
         (["resnet18", "--input", "3x64x64", "--budget", "lots"], "cannot read 'lots' as a byte count"),
         (["resnet18", "--input", "3x64x64", "--batch", "0"], "--batch must be a positive integer"),
+        (["resnet18", "--input", "3x64x64", "--rows", "-3"], "--rows must be 0 or more"),
+        (
+            ["resnet18", "--input", "3x64x64", "--mode", "infer", "--optimizer", "adam"],
+            "has no effect with --mode infer",
+        ),
+        (
+            ["resnet18", "--input", "3x64x64", "--plot", "/nonexistent/dir/x.png"],
+            "the directory /nonexistent/dir does not",
+        ),
+        # a model too small for its BatchNorm: the failing layer is named, not the first one
+        (["resnet18", "--input", "3x32x32"], "layer 'layer4.0.bn1' (BatchNorm2d"),
     ],
 )
 def test_errors_say_what_was_received_and_expected(capsys, argv, needle):
@@ -80,3 +163,35 @@ def test_errors_say_what_was_received_and_expected(capsys, argv, needle):
     code, _, err = run(capsys, *argv)
     assert code == 2
     assert needle in err, err
+
+
+def test_plot_without_matplotlib_names_the_extra(capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a)
+    )
+    code, _, err = run(capsys, f"{MODELS}:small_cnn", "--input", "3x64x64", "--plot", "x.png")
+    assert code == 2 and "pip install 'tilegrad[plot]'" in err
+
+
+def test_report_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    from torch import nn
+
+    from tilegrad import MissingDependencyError, estimate_memory
+
+    report = estimate_memory(nn.Sequential(nn.Conv2d(1, 2, 3)), (1, 1, 8, 8))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"tilegrad\[plot\]"):
+        report.plot(tmp_path / "x.png")
+
+
+def test_plot_that_cannot_be_written_says_why(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "layers.png"
+    target.mkdir()  # a directory where the chart should go
+    code, _, err = run(capsys, f"{MODELS}:small_cnn", "--input", "3x64x64", "--plot", str(target))
+    assert code == 2 and f"cannot write --plot {target}" in err, err

@@ -42,7 +42,9 @@ def test_training_totals_by_hand():
         assert report.optimizer_bytes == copies * n_params * F32
         # ReLU saves its 2x8x16x16 result, which the second conv saves too (one storage); conv1 saves the input.
         assert report.activation_bytes == 2 * 8 * 16 * 16 * F32
-        floor = report.parameter_bytes + report.gradient_bytes + report.optimizer_bytes + report.activation_bytes
+        floor = (
+            report.parameter_bytes + report.gradient_bytes + report.optimizer_bytes + report.activation_bytes
+        )
         assert report.peak_bytes > floor
         assert report.peak_bytes < floor + 4 * report.activation_bytes
 
@@ -162,6 +164,93 @@ def test_a_model_failing_on_the_input_names_what_it_expects():
     assert "(1, 5, 16, 16)" in message and "expects input (N, 3, H, W)" in message
 
 
+class _Block(nn.Module):
+    """A container whose own forward indexes with a boolean mask: a data-dependent output shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y[y > 0]
+
+
+def _two_stage_cnn() -> nn.Module:
+    # A BatchNorm on a 1x1 map deep inside, after two poolings: at 4x4 with batch 1 only it can fail.
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.MaxPool2d(2),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.MaxPool2d(2), nn.BatchNorm2d(8)),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
+
+
+# Regression (review of issue 3): every failure used to be blamed on the first layer ("Its first layer conv1 expects
+# input (N, 3, H, W)"), even where that layer was fine.
+@pytest.mark.parametrize(
+    ("model", "shape", "kwargs", "needles"),
+    [
+        # train-mode BatchNorm on a 1x1 map at batch 1: name it, suggest batch >= 2 or inference
+        (_two_stage_cnn, (1, 3, 4, 4), {}, ["layer '2.2' (BatchNorm2d, input (1, 8, 1, 1))", "batch of 2", "infer"]),
+        # the same model in eval mode is fine at 4x4, but at 2x2 the second pooling gets a 1x1 map
+        (_two_stage_cnn, (1, 3, 2, 2), {"mode": "infer"}, ["layer '2.1' (MaxPool2d, input (1, 8, 1, 1))",
+                                                           "input is too small"]),
+        # wrong channels: the first layer, and only then, is named with what it expects
+        (_two_stage_cnn, (1, 5, 8, 8), {}, ["layer '0' (Conv2d, input (1, 5, 8, 8))", "expects input (N, 3, H, W)"]),
+        # the classifier receives more features than it was built for
+        (_two_stage_cnn, (2, 3, 8, 8), {}, ["layer '4' (Linear, input (2, 32))", "expects input (N, ..., 8)"]),
+    ],
+)  # fmt: skip
+def test_a_failing_model_names_the_innermost_failing_layer(model, shape, kwargs, needles):
+    with pytest.raises(ShapeError) as info:
+        estimate_memory(model(), shape, **kwargs)
+    message = str(info.value)
+    for needle in needles:
+        assert needle in message, message
+    if "expects input (N, 3, H, W)" not in needles:
+        assert "expects input (N, 3, H, W)" not in message, message
+
+
+def test_a_torchvision_model_too_small_for_its_batchnorm_names_it():
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):
+        model = torchvision.models.resnet18()
+    with pytest.raises(ShapeError) as info:
+        estimate_memory(model, (1, 3, 32, 32))
+    message = str(info.value)
+    assert "layer 'layer4.0.bn1' (BatchNorm2d, input (1, 512, 1, 1))" in message and "batch of 2" in message
+    assert "conv1" not in message
+
+
+@pytest.mark.parametrize(
+    ("model", "where"),
+    [
+        (_Block, "in the forward of _Block itself"),  # the op is in the model's own forward
+        (lambda: nn.Sequential(nn.ReLU(), _Block()), "in layer '1' (_Block, input (1, 3, 8, 8))"),
+    ],
+)
+def test_data_dependent_shapes_are_recognised(model, where):
+    with pytest.raises(TilegradError) as info:
+        estimate_memory(model(), (1, 3, 8, 8))
+    message = str(info.value)
+    assert not isinstance(info.value, ShapeError)
+    assert "data-dependent shapes" in message and where in message, message
+    assert "measure_peak_memory" in message
+
+
+def test_data_dependent_exception_types_are_recognised():
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException
+
+    class Raises(nn.Module):
+        def forward(self, x):
+            raise DynamicOutputShapeException(torch.ops.aten.nonzero.default)
+
+    with pytest.raises(TilegradError, match="data-dependent shapes"):
+        estimate_memory(nn.Sequential(nn.Conv2d(3, 3, 1), Raises()), (1, 3, 8, 8))
+
+
 # ---- streaming ---------------------------------------------------------------------------------------------------
 def test_streamed_trunk_is_simulated_tile_by_tile():
     trunk = nn.Sequential(
@@ -172,8 +261,36 @@ def test_streamed_trunk_is_simulated_tile_by_tile():
     streamed_model = nn.Sequential(tilegrad.StreamingModule(trunk, tile_size=64, mode="lean"), head)
     streamed = estimate_memory(streamed_model, (1, 1, 512, 512))
     assert streamed.peak_bytes < plain.peak_bytes / 3
-    assert any("streamed" in note for note in streamed.notes)
+    assert any("streamed" in note and "planner's quick estimate" in note for note in streamed.notes)
     assert next(p for p in trunk.parameters()).device.type == "cpu"  # stand-ins swapped back after backward
+
+
+def test_the_plan_for_a_training_step_is_made_with_grad_enabled():
+    # Regression: estimate_memory made the StreamingModule's plan in a forward under no_grad, where the planner's
+    # profile sees nothing saved for backward; the cached plan then took kept graphs for free, and the simulated
+    # ResNet-34 peak at 2048 px with --tile 768 jumped from 670 MiB to 1.06 GiB.
+    trunk = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1)
+    )
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    streamed = tilegrad.StreamingModule(trunk, tile_size=64)
+    estimate_memory(nn.Sequential(streamed, head), (1, 1, 256, 256))
+    assert streamed.last_plan is not None
+    assert all(seg.tile_saved_bytes > 0 for seg in streamed.last_plan.segments), streamed.last_plan
+
+
+def test_streamed_backward_peak_names_the_layer():
+    # Regression: nodes of the tiles recomputed inside backward carried no label, so the streamed peak was said to be
+    # in "ConvolutionBackward0 of <the whole model>".
+    trunk = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1)
+    )
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    model = nn.Sequential(tilegrad.StreamingModule(trunk, tile_size=64, mode="lean"), head)
+    plain = estimate_memory(nn.Sequential(trunk, head), (1, 1, 512, 512), name="net")
+    streamed = estimate_memory(model, (1, 1, 512, 512), name="net")
+    assert plain.peak_at.startswith("backward, ConvolutionBackward0 of 0.")
+    assert streamed.peak_at.startswith("backward, ConvolutionBackward0 of 0.module."), streamed.peak_at
 
 
 # ---- predicted versus measured ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tiny generated slides for the training tests (real PNG files; TIFF once tilegrad.io writes them)."""
+"""Tiny generated slides for the training tests: real PNG files, and a tiled TIFF with one damaged tile."""
 
 from __future__ import annotations
 
@@ -33,6 +33,28 @@ def write_slides(
     csv = root / name
     csv.write_text("\n".join(lines) + "\n")
     return csv
+
+
+def write_damaged_tiff(path: Path, size: int = 96, tile: int = 32) -> Path:
+    """A zlib-compressed tiled RGB TIFF (3x3 tiles) whose middle tile's bytes are overwritten with garbage.
+
+    Its headers and its last tile are intact, so opening it and reading its last pixel work.
+    """
+    import tifffile
+
+    from tilegrad.io import create_writer
+
+    image = np.random.default_rng(1).integers(80, 230, (3, size, size), dtype=np.uint8)
+    with create_writer(path, image.shape, np.uint8, tile=tile, levels=1, overwrite=True) as writer:
+        writer[...] = image
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        middle = len(page.dataoffsets) // 2
+        offset, count = page.dataoffsets[middle], page.databytecounts[middle]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + count] = b"\xff" * count
+    path.write_bytes(bytes(data))
+    return path
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,51 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert all(Path(fig).exists() for fig in summary["figures"])
     # running it again replaces its own outputs
     assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--epochs", "1"]) == 0
+
+
+# Regression (issue 6 review): the error came from the streaming planner and said "call .eval() on it".
+def test_no_freeze_norm_with_batchnorm_points_to_freeze_norm(slides, tmp_path, capsys):
+    args = ["train", str(slides), "--out", str(tmp_path / "run"), "--model", "resnet18", "--tile", "64"]
+    assert main([*args, "--no-freeze-norm", "--no-progress", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--no-freeze-norm" in err and "Use --freeze-norm" in err and ".eval()" not in err
+    assert "BatchNorm2d layers (bn1, layer1.0.bn1, layer1.0.bn2, ... (20 in all))" in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# Regression (issue 6 review): --budget chose a tile silently.
+def test_budget_prints_the_chosen_plan_once_before_training(tmp_path, make_slides, capsys):
+    slides = make_slides(tmp_path, size=(96, 80))  # large enough that 300KiB needs several tiles
+    small = [a for a in SMALL if a not in ("--tile", "32")]
+    args = [
+        "train",
+        str(slides),
+        "--out",
+        str(tmp_path / "run"),
+        "--budget",
+        "300KiB",
+        "--epochs",
+        "2",
+        *small,
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("streaming plan (budget 300KiB) for the largest training slide") == 1
+    plan = printed.split("streaming plan", 1)[1].split("epoch 1/2", 1)[0]  # printed before the first epoch
+    assert (
+        "slides.csv line 2 (96x80 px)" in plan and "predicted peak" in plan and "(budget 300.00 KiB)" in plan
+    )
+    assert re.search(r"tile \d+x\d+ px of a 96x80 map, [2-9] tiles", plan)
+
+
+def test_check_images_decodes_every_image_before_training(slides, tmp_path, capsys):
+    from .conftest import write_damaged_tiff
+
+    write_damaged_tiff(slides.parent / "img" / "damaged.tif")
+    slides.write_text(slides.read_text().replace("img/s3.png,1,train", "img/damaged.tif,1,train"))
+    assert main(["train", str(slides), "--out", str(tmp_path / "run"), "--check-images", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "tilegrad train: error: slides.csv line 5: image 'img/damaged.tif' cannot be decoded" in err
+    assert main(["train", str(slides), "--out", str(tmp_path / "run"), "--epochs", "1", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "tilegrad train: error: slides.csv line 5: " in err and "re-export it or remove its row" in err

@@ -8,6 +8,8 @@ import pytest
 from tilegrad import DataError
 from tilegrad.train import SlideInput, random_orientation, read_slide_csv
 
+from .conftest import write_damaged_tiff
+
 
 def test_reads_rows_with_paths_relative_to_the_csv(slides):
     records = read_slide_csv(slides)
@@ -60,6 +62,19 @@ def test_corrupt_image_names_the_line(slides, damage):
         read_slide_csv(slides)
     assert "slides.csv line 5" in str(info.value)
     assert "img/s3.png" in str(info.value) or "s3.png" in str(info.value)
+
+
+def test_damaged_tile_inside_a_tiff_is_found_by_decode_all_and_names_the_line(slides):
+    write_damaged_tiff(slides.parent / "img" / "damaged.tif")
+    _rewrite(slides, 5, "img/damaged.tif,1,train")
+    assert (
+        len(read_slide_csv(slides)) == 6
+    )  # the quick check reads headers and one pixel: the tile looks fine
+    with pytest.raises(DataError) as info:
+        read_slide_csv(slides, decode_all=True)
+    message = str(info.value)
+    assert message.startswith("slides.csv line 5: image 'img/damaged.tif' cannot be decoded")
+    assert "cannot decode image data in region" in message
 
 
 def test_empty_csv_and_missing_csv(tmp_path):

@@ -35,3 +35,43 @@ def test_demo_slides_are_pyramidal_tiffs_with_an_8x_level(tmp_path):
     assert image.shape == (3, 128, 128) and len(image.levels) == 4
     assert open_image(first, level=data["level"]).shape == (3, 16, 16)
     assert image.mpp is not None and abs(image.mpp - 0.25) < 1e-6
+
+
+def test_demo_tile_makes_the_streamed_step_clearly_leaner_than_the_conventional_one():
+    """Regression (issue 6 review): at tile 256 the 512x512 demo slide is 2x2 tiles and the streamed step's
+    measured peak (~26 MiB) was no lower than the conventional prediction (25 MiB)."""
+    import torch
+
+    from tilegrad import estimate_memory
+    from tilegrad.train import build_model
+
+    s = DemoSettings()
+    model = build_model("small_cnn", 2, model_kwargs={"width": s.width}, tile_size=s.tile).train()
+    shape = (1, 3, s.size, s.size)
+    streamed = model.streamed.plan(shape, lazy=True).peak_bytes
+    conventional = estimate_memory(
+        torch.nn.Sequential(model.trunk, model.head), shape, mode="train"
+    ).peak_bytes
+    assert streamed < 0.6 * conventional
+
+
+def test_demo_memory_report_measures_the_demo_slide_and_predicts_a_whole_slide(tmp_path):
+    from tilegrad.train import build_model
+    from tilegrad.train.demo import _memory, _memory_lines
+
+    s = DemoSettings(size=128, n_train=2, n_val=0, width=4, tile=64, whole_slide=2048)
+    data = make_demo_slides(tmp_path, s)
+    model = build_model("small_cnn", 2, model_kwargs={"width": s.width}, tile_size=s.tile)
+    memory = _memory(model, data, s)
+    assert memory["streamed_peak"] > 0 and memory["conventional_peak"] > 0
+    assert memory["whole_slide_size"] == 2048
+    # 256x the pixels: the conventional step grows with the slide, the streamed one much less
+    assert memory["whole_slide_conventional_peak"] > 100 * memory["conventional_peak"]
+    assert memory["whole_slide_streamed_peak"] < memory["whole_slide_conventional_peak"] / 2
+    text = "\n".join(_memory_lines(memory, s))
+    assert "demo slide 128x128" in text and "whole slide 2048x2048" in text
+    assert (
+        "streamed, tile 64, measured" in text
+        and "streamed, tile 64, predicted by the streaming planner" in text
+    )
+    assert text.count("conventional, predicted by tilegrad.estimate_memory") == 2

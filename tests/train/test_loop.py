@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from tilegrad import CheckpointError, ConfigError
+from tilegrad import CheckpointError, ConfigError, DataError
 from tilegrad.train import TrainConfig, build_model, load_checkpoint, predict, train
 from tilegrad.train.checkpoint import save_checkpoint
+
+from .conftest import write_damaged_tiff
 
 
 def config(csv_path, out, **overrides):
@@ -194,3 +197,123 @@ def test_predict_writes_probabilities_per_slide(slides, tmp_path):
         direct = torch.softmax(result.model.eval()(x), 1)[0, 1].item()
     assert probs[1] == pytest.approx(direct, rel=1e-5)
     assert pred["probs"].shape == (6, 2)
+
+
+# Regression (issue 6 review): the scheduler state saved T_max, so a 3-epoch cosine run resumed with --epochs 4 ran
+# its fourth epoch at lr 0 (0.01, 0.0075, 0.0025, 0).
+@pytest.mark.parametrize(
+    "schedule, epochs, longer, factors",
+    [
+        # cosine: the fourth epoch at the 4-epoch schedule's rate (1 + cos(3 pi / 4)) / 2
+        ("cosine", 3, 4, [1.0, 0.75, 0.25, (1 + math.cos(3 * math.pi / 4)) / 2]),
+        # step (x0.1 every epochs // 3 epochs): epochs 4-6 at the 6-epoch schedule's rates (step size 2)
+        ("step", 3, 6, [1.0, 0.1, 0.01, 0.1, 0.01, 0.01]),
+    ],
+)
+def test_resume_with_more_epochs_follows_the_schedule_of_the_new_length(
+    slides, tmp_path, schedule, epochs, longer, factors
+):
+    train(config(slides, tmp_path / "run", epochs=epochs, schedule=schedule))
+    train(config(slides, tmp_path / "run", epochs=longer, schedule=schedule), resume=True)
+    with open(tmp_path / "run" / "log.csv") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert lrs == pytest.approx([1e-2 * f for f in factors], rel=1e-5)
+
+
+def test_resume_with_the_same_epochs_keeps_the_learning_rate_bit_for_bit(slides, tmp_path):
+    with pytest.raises(Interrupt):
+        train(config(slides, tmp_path / "cut", epochs=3, save_every=1), on_step=interrupt_at(6))
+    resumed = train(config(slides, tmp_path / "cut", epochs=3, save_every=1), resume=True)
+    reference = train(config(slides, tmp_path / "ref", epochs=3))
+    assert [h["lr"] for h in resumed.history] == [h["lr"] for h in reference.history]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory, make_slides):
+    """An uninterrupted 2-epoch run whose second epoch lowers the validation loss (so it rewrites best.pt)."""
+    root = tmp_path_factory.mktemp("two_epochs")
+    csv_path = make_slides(root)
+    result = train(config(csv_path, root / "ref", epochs=2))
+    assert load_checkpoint(root / "ref" / "best.pt")["epoch"] == 2, "precondition: epoch 2 improves"
+    return csv_path, result
+
+
+def _log_rows(path):
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("killed_after", ["best.pt", "log.csv", "checkpoint.pt"])
+def test_killed_between_the_epoch_end_writes_resume_completes_log_and_best(
+    two_epochs, tmp_path, monkeypatch, killed_after
+):
+    """Each window between the files written at the end of epoch 2, simulated by raising right after one write."""
+    from tilegrad.train import loop
+
+    slides, reference = two_epochs
+    real_save, real_log = loop.save_checkpoint, loop._write_log
+
+    def save(path, state):
+        written = real_save(path, state)
+        if path.name == killed_after and state["epoch"] == 2:
+            raise Interrupt
+        return written
+
+    def write_log(path, history):
+        real_log(path, history)
+        if killed_after == "log.csv" and len(history) == 2:
+            raise Interrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    monkeypatch.setattr(loop, "_write_log", write_log)
+    with pytest.raises(Interrupt):
+        train(config(slides, tmp_path / "cut", epochs=2))
+    monkeypatch.undo()
+    train(config(slides, tmp_path / "cut", epochs=2), resume=True)
+
+    assert _log_rows(tmp_path / "cut" / "log.csv") == _log_rows(reference.out / "log.csv")
+    best, ref_best = load_checkpoint(tmp_path / "cut" / "best.pt"), load_checkpoint(reference.out / "best.pt")
+    assert best["epoch"] == ref_best["epoch"] == 2
+    assert_same_state(best["model"], ref_best["model"])
+    assert_same_state(
+        load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"], reference.model.state_dict()
+    )
+
+
+def test_without_validation_slides_best_pt_is_the_last_epoch(tmp_path, make_slides, capsys):
+    slides = make_slides(tmp_path, n_val=0)
+    result = train(config(slides, tmp_path / "run", epochs=2))
+    assert "best.pt holds the last epoch's model" in capsys.readouterr().out
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["epoch"] == 2
+    assert_same_state(best["model"], result.model.state_dict())
+    predict(tmp_path / "run" / "best.pt", slides, tmp_path / "pred.csv", progress=False)
+    assert (tmp_path / "pred.csv").exists()
+
+
+# Regression (issue 6 review): a damaged tile surfaced mid-training as "<path>: cannot decode ..." without the row.
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "unstreamed"])
+def test_damaged_tile_found_during_training_names_the_csv_row(slides, tmp_path, stream):
+    write_damaged_tiff(slides.parent / "img" / "damaged.tif")
+    slides.write_text(slides.read_text().replace("img/s3.png,1,train", "img/damaged.tif,1,train"))  # line 5
+    run = config(slides, tmp_path / "run", epochs=1, tile_size=32 if stream else None)
+    with pytest.raises(
+        DataError, match=r"^slides\.csv line 5: .*damaged\.tif: cannot decode image data"
+    ) as info:
+        train(run)
+    assert "--check-images" in str(info.value)
+    run.check_images = True  # the full decode finds it before any training
+    with pytest.raises(DataError, match=r"^slides\.csv line 5: image 'img/damaged\.tif' cannot be decoded"):
+        train(dataclasses.replace(run, out=str(tmp_path / "checked")))
+    assert not (tmp_path / "checked").exists()
+
+
+def test_damaged_tile_found_during_prediction_names_the_csv_row(slides, tmp_path):
+    train(config(slides, tmp_path / "run", epochs=1))
+    write_damaged_tiff(tmp_path / "damaged.tif")
+    (tmp_path / "test.csv").write_text("image\nimg/s0.png\ndamaged.tif\n")
+    with pytest.raises(DataError, match=r"^test\.csv line 3: .*damaged\.tif: cannot decode image data"):
+        predict(
+            tmp_path / "run" / "checkpoint.pt", tmp_path / "test.csv", tmp_path / "pred.csv", progress=False
+        )
+    assert not (tmp_path / "pred.csv").exists()

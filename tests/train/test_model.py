@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import tilegrad
 from tilegrad import ConfigError
 from tilegrad.train import PoolingHead, build_model
 
@@ -54,3 +55,22 @@ def test_factory_spec_module_or_pair(tmp_path, monkeypatch):
 def test_unknown_model_name_lists_the_choices():
     with pytest.raises(ConfigError, match=r"unknown model 'resnet7'.*small_cnn"):
         build_model("resnet7", 2)
+
+
+# MONAI's networks through the factory spec (issue 6 review: DenseNet121 was not split automatically)
+MONAI_SPECS = [
+    ("monai.networks.nets:DenseNet121", {"spatial_dims": 2, "in_channels": 3, "out_channels": 2}, 1024),
+    ("monai.networks.nets:resnet18", {"spatial_dims": 2, "n_input_channels": 3, "no_max_pool": True}, 512),
+]
+
+
+@pytest.mark.parametrize("spec, kwargs, channels", MONAI_SPECS, ids=[s[0].split(":")[1] for s in MONAI_SPECS])
+def test_monai_models_build_with_a_pooling_head_and_a_streamable_trunk(spec, kwargs, channels):
+    model = build_model(spec, 2, model_kwargs=kwargs).train()
+    assert isinstance(model.head, PoolingHead) and model.head.fc.in_features == channels
+    if "DenseNet" in spec:  # class_layers' ReLU runs before pooling: it moved into the trunk
+        assert isinstance(model.trunk[-1], nn.ReLU)
+    else:  # no_max_pool: MONAI's forward skips the maxpool child
+        assert "maxpool" not in dict(model.trunk.named_children())
+    assert model(torch.rand(1, 3, 64, 64)).shape == (1, 2)
+    tilegrad.receptive_field(model.trunk, ndim=2)  # training mode, frozen BatchNorm: streamable

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tilegrad.train import TrainConfig, build_model, train
-from tilegrad.train.saliency import block_mean, input_gradient, saliency
+from tilegrad.train.dataset import SlideInput
+from tilegrad.train.saliency import block_mean, input_gradient, saliency, saliency_map
 
 
 def test_streamed_input_gradient_equals_unstreamed_float64():
@@ -52,3 +53,41 @@ def test_block_mean_handles_ragged_edges():
     assert out.shape == (2, 3)
     assert out[1, 2] == pytest.approx(14.0)  # a 1x1 corner block
     assert out[0, 0] == pytest.approx(np.mean([0, 1, 5, 6]))
+
+
+@pytest.mark.parametrize("factor", [1, 4, 7])  # 7: blocks straddle tile rows, ragged edge blocks
+def test_lazy_saliency_map_equals_the_reduced_whole_image_gradient(factor):
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 2, model_kwargs={"width": 4}, tile_size=48).double()
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 150, 131), dtype=np.uint8)
+    slide = SlideInput(pixels, dtype=torch.float64)
+    low, _, target = saliency_map(model, slide, factor, target=1)
+    assert target == 1 and all(p.grad is None for p in model.parameters())
+    # the plain computation: the whole image as one tensor, its gradient reduced afterwards
+    x = torch.from_numpy(slide[:]).requires_grad_(True)
+    model.head(model.trunk(x))[0, 1].backward()
+    expected = block_mean(x.grad[0].abs().amax(dim=0).numpy(), factor)
+    assert low.shape == expected.shape == (-(-150 // factor), -(-131 // factor))
+    np.testing.assert_allclose(low, expected, rtol=1e-10, atol=1e-15)
+    assert len(model.streamed.last_plan.segments[0].grid) > 4, "really streamed"
+
+
+def test_lazy_saliency_holds_one_band_not_the_slide():
+    from tilegrad.train.saliency import SaliencyAccumulator
+
+    model = build_model("small_cnn", 2, model_kwargs={"width": 4}, tile_size=64)
+    slide = SlideInput(np.zeros((3, 640, 320), dtype=np.uint8) + 128)
+    seen = []
+    original = SaliencyAccumulator.finish
+
+    def spy(self):
+        seen.append(self.max_band_rows)
+        return original(self)
+
+    SaliencyAccumulator.finish = spy
+    try:
+        saliency_map(model, slide, 8)
+    finally:
+        SaliencyAccumulator.finish = original
+    # one tile row (64 px) plus its halo and block alignment, far from the slide's 640 rows
+    assert seen and seen[0] <= 64 + 8, seen

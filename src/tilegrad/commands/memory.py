@@ -11,6 +11,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from typing import Any
@@ -58,7 +59,9 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--input", required=True, help="channels x spatial size of one sample: 3x224x224")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    parser.add_argument("--mode", choices=("train", "infer"), default="train", help="training step or forward")
+    parser.add_argument(
+        "--mode", choices=("train", "infer"), default="train", help="training step or forward"
+    )
     parser.add_argument("--dtype", choices=_DTYPES, default="float32")
     parser.add_argument(
         "--optimizer", choices=("none", "sgd", "adam", "adamw"), default="none",
@@ -68,8 +71,14 @@ def register(subparsers: Any) -> None:
         "--device", choices=("cpu", "cuda"), default="cpu",
         help="cpu adds the scratch buffers of the CPU convolution kernels; cuda leaves out cuDNN workspaces",
     )  # fmt: skip
-    parser.add_argument("--tile", help="stream the model's trunk in tiles of this size: 1024 or 512x512")
-    parser.add_argument("--budget", help="memory budget, e.g. 8GiB: say whether the peak fits, suggest a tile")
+    parser.add_argument(
+        "--tile",
+        help="stream the model's trunk (the whole model if it has no global pooling or classifier) in tiles of "
+        "this size: 1024 or 512x512",
+    )
+    parser.add_argument(
+        "--budget", help="memory budget, e.g. 8GiB: say whether the peak fits, suggest a tile"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--plot", metavar="PNG", help="write a per-layer bar chart (matplotlib)")
     parser.add_argument("--rows", type=int, default=None, help="show at most this many layer rows")
@@ -87,32 +96,95 @@ def _parse_tile(text: str, ndim: int) -> int | tuple[int, ...]:
     return values[0] if len(values) == 1 else values
 
 
-def _streamed(model: Any, tile: Any, budget: int | None) -> tuple[Any, list[str]]:
-    """(streamed trunk + head as one model, notes). BatchNorm in the trunk is frozen, which is said aloud."""
+_HEAD_LAYERS = (
+    "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d",
+    "AdaptiveMaxPool3d", "Flatten", "Linear",
+)  # fmt: skip
+
+
+@dataclasses.dataclass
+class _Streamed:
+    """A model with its trunk (or all of it) in a StreamingModule, ready for estimate_memory."""
+
+    model: Any  # what to estimate: Sequential(streamed trunk, head), or the StreamingModule alone
+    streaming: Any  # the StreamingModule, for its plan
+    notes: list[str]
+    whole: bool  # no head: the whole model is streamed
+
+
+def _streamed(model: Any, tile: Any, budget: int | None, *, train: bool) -> _Streamed:
+    """Stream the trunk of ``model`` (split_model), or the whole model when it has no head: no global pooling,
+    Flatten or Linear anywhere (a fully convolutional network such as a U-Net). BatchNorm of the streamed part is
+    frozen for training, which is said aloud."""
     from torch import nn
 
     from .. import StreamingModule, split_model
 
-    try:
-        trunk, head = split_model(model)
-    except TilegradError as err:
-        raise NotStreamableError(f"cannot split {type(model).__name__} into a streamable trunk and a head: {err}") from err
     notes = []
-    norms = [m for m in trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    if norms:
-        for m in norms:
-            m.eval()
+    whole = not any(type(m).__name__ in _HEAD_LAYERS for m in model.modules())
+    if whole:
+        trunk, head = model, None
         notes.append(
-            f"{len(norms)} BatchNorm layers of the trunk were put in eval mode (frozen statistics) for streaming: "
-            "a tile cannot see whole-image batch statistics"
+            f"{type(model).__name__} has no global pooling or classifier (fully convolutional): the whole model "
+            "is streamed"
+        )
+    else:
+        try:
+            trunk, head = split_model(model)
+        except TilegradError as err:
+            raise NotStreamableError(
+                f"cannot split {type(model).__name__} into a streamable trunk and a head: {err}"
+            ) from err
+    norms = [m for m in trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in norms:
+        m.eval()
+    if norms and train:
+        notes.append(
+            f"{len(norms)} BatchNorm layers of the {'model' if whole else 'trunk'} were put in eval mode (frozen "
+            "statistics) for streaming: a tile cannot see whole-image batch statistics"
         )
     streamed = StreamingModule(trunk, tile_size=tile, memory_budget=budget)
-    return nn.Sequential(streamed, head), notes
+    return _Streamed(streamed if whole else nn.Sequential(streamed, head), streamed, notes, whole)
+
+
+def _tile_text(tile: tuple[int, ...]) -> str:
+    """The --tile text that reproduces ``tile``: one number for a square/cubic tile."""
+    return str(tile[0]) if len(set(tile)) == 1 else "x".join(map(str, tile))
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse options that would be ignored or fail only after a long estimate."""
+    import importlib.util
+    from pathlib import Path
+
+    from ..errors import ConfigError, MissingDependencyError
+
+    if args.rows is not None and args.rows < 0:
+        raise ConfigError(
+            f"--rows must be 0 or more (how many layer rows to show; leave it out for all), received {args.rows}"
+        )
+    if args.mode == "infer" and args.optimizer != "none":
+        raise ConfigError(
+            f"--optimizer {args.optimizer} has no effect with --mode infer: a forward pass has no optimizer step "
+            "and no gradients. Drop --optimizer, or use --mode train"
+        )
+    if args.plot:
+        parent = Path(args.plot).expanduser().resolve().parent
+        if not parent.is_dir():
+            raise ConfigError(
+                f"cannot write --plot {args.plot}: the directory {parent} does not exist; create it or choose "
+                "another path"
+            )
+        if importlib.util.find_spec("matplotlib") is None:
+            raise MissingDependencyError(
+                "--plot needs matplotlib, which is not installed: pip install 'tilegrad[plot]' (or drop --plot)"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..errors import ConfigError
     from ..memory.estimate import estimate_memory
     from ..memory.resolve import resolve_model
     from ..units import format_bytes, parse_bytes
@@ -120,37 +192,56 @@ def run(args: argparse.Namespace) -> int:
     sample = parse_input(args.input)
     if args.batch < 1:
         raise ShapeError(f"--batch must be a positive integer, received {args.batch}")
+    _check_options(args)
     shape = (args.batch, *sample)
     budget = parse_bytes(args.budget) if args.budget else None
     optimizer = None if args.optimizer == "none" else args.optimizer
+    train = args.mode == "train"
     factory, label = resolve_model(args.model)
     with torch.device("meta"):
         model = factory()
 
     notes: list[str] = []
     target = model
+    tile = None
     if args.tile:
-        target, notes = _streamed(model, _parse_tile(args.tile, len(sample) - 1), None)
-        label = f"{label} (trunk streamed, tile {args.tile})"
+        tile = _parse_tile(args.tile, len(sample) - 1)
+        streamed = _streamed(model, tile, None, train=train)
+        target, notes = streamed.model, streamed.notes
+        label = f"{label} ({'streamed' if streamed.whole else 'trunk streamed'}, tile {args.tile})"
     common = {"mode": args.mode, "dtype": args.dtype, "optimizer": optimizer, "device": args.device}
-    report = estimate_memory(target, shape, name=label, **common)
+    try:
+        report = estimate_memory(target, shape, name=label, **common)
+    except NotStreamableError as err:
+        if not (args.tile and streamed.whole):
+            raise
+        raise NotStreamableError(
+            f"{type(model).__name__} has no global pooling or classifier, so the whole model was streamed, but {err}. "
+            "Streaming and tiled inference (tilegrad infer) need a model of local layers: replace that layer (e.g. "
+            "BatchNorm in eval mode instead of instance or group norm), or drop --tile for the unstreamed estimate"
+        ) from err
 
     suggestion: dict[str, Any] | None = None
-    if budget is not None and report.peak_bytes > budget and not args.tile:
+    if budget is not None and report.peak_bytes > budget:
         fixed = report.parameter_bytes + report.buffer_bytes + report.input_bytes
-        if args.mode == "train":
+        if train:
             fixed += report.gradient_bytes + report.optimizer_bytes
         if fixed > budget:
             suggestion = {
                 "tile": None,
-                "message": f"parameters, buffers, input{', gradients and optimizer state' if args.mode == 'train' else ''}"
+                "message": f"parameters, buffers, input{', gradients and optimizer state' if train else ''}"
                 f" alone need {format_bytes(fixed)}: no tile size can bring this under the budget",
             }
         else:
-            suggestion = _suggest_tile(factory, shape, budget, common, label)
+            below = None if tile is None else max((tile,) if isinstance(tile, int) else tile)
+            suggestion = _suggest_tile(factory, shape, budget, common, args.model, below)
 
+    written = None
     if args.plot:
-        report.plot(args.plot)
+        try:
+            written = report.plot(args.plot)
+        except OSError as err:
+            raise ConfigError(f"cannot write --plot {args.plot}: {err.strerror or err}") from err
     if args.json:
         out = report.to_dict()
         out["cli_notes"] = notes
@@ -166,38 +257,101 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     if budget is not None:
         verdict = "fits" if report.peak_bytes <= budget else "does NOT fit"
-        print(f"budget {format_bytes(budget)}: the predicted peak {format_bytes(report.peak_bytes)} {verdict}")
+        print(
+            f"budget {format_bytes(budget)}: the predicted peak {format_bytes(report.peak_bytes)} {verdict}"
+        )
         if suggestion is not None:
             print(suggestion["message"])
-    if args.plot:
-        print(f"per-layer chart written to {args.plot}")
+    if written is not None:
+        print(f"per-layer chart written to {written}")
     return 0
 
 
-def _suggest_tile(factory: Any, shape: tuple[int, ...], budget: int, common: dict, label: str) -> dict[str, Any]:
-    """Ask the streaming planner for a tile that fits the budget, then check it with a full simulation."""
+def _suggest_tile(
+    factory: Any,
+    shape: tuple[int, ...],
+    budget: int,
+    common: dict,
+    spec: str,
+    below: int | None,
+) -> dict[str, Any]:
+    """The largest of the planner's tile sizes whose full simulation fits ``budget``, as the --tile text that
+    reproduces it.
+
+    Every candidate is simulated exactly as ``--tile`` would run it (same fixed tile, no budget given to the
+    planner), largest first, so the printed tile and peak are what a rerun with that ``--tile`` shows. The planner's
+    own figure is not used to decide: it is a quick estimate and can be off both ways. ``below``: only tiles smaller
+    than this (the user's --tile did not fit).
+    """
     import torch
 
-    from ..errors import GeometryError, MemoryBudgetError
+    from ..errors import GeometryError
     from ..memory.estimate import estimate_memory
+    from ..plan import _tile_candidates
     from ..units import format_bytes
 
-    with torch.device("meta"):
-        model = factory()
-    try:
-        target, _ = _streamed(model, "auto", budget)
-        report = estimate_memory(target, shape, name=label, **common)
-    except NotStreamableError as err:
-        return {"tile": None, "message": f"streaming cannot help here: {err}"}
-    except (MemoryBudgetError, GeometryError) as err:
-        return {"tile": None, "message": f"no streaming plan fits either: {err}"}
-    plan = target[0].last_plan
-    if plan is None or plan.conventional:
-        return {"tile": None, "message": "the streaming planner found no streamed plan for this budget"}
-    tile = "x".join(map(str, plan.tile_size))
-    fits = report.peak_bytes <= budget
-    message = (
-        f"streamed with --tile {tile} (planner's choice for this budget) the predicted peak is "
-        f"{format_bytes(report.peak_bytes)}: it {'fits' if fits else 'still does NOT fit; try a smaller --tile'}"
+    spatial = tuple(shape[2:])
+    infer = common["mode"] == "infer"
+    candidates = sorted(
+        {t for t in _tile_candidates(spatial, []) if t != spatial and (below is None or max(t) < below)},
+        key=lambda t: (max(t), t),
+        reverse=True,
     )
-    return {"tile": list(plan.tile_size), "peak_bytes": report.peak_bytes, "fits": fits, "message": message}
+    tried: list[tuple[str, int]] = []
+    halo_error: str | None = None
+    whole = False
+    for tile in candidates:
+        text = _tile_text(tile)
+        with torch.device("meta"):
+            model = factory()
+        try:
+            streamed = _streamed(model, tile[0] if len(set(tile)) == 1 else tile, None, train=not infer)
+            whole = streamed.whole
+            report = estimate_memory(streamed.model, shape, name=f"{spec} (streamed, tile {text})", **common)
+        except NotStreamableError as err:
+            if infer:
+                message = (
+                    "tiled inference (tilegrad infer, tilegrad.infer) runs a fully convolutional model of local "
+                    f"layers tile by tile, but this one cannot be tiled: {err}"
+                )
+            else:
+                message = f"streaming cannot help here: {err}"
+            return {"tile": None, "message": message, "tried": tried}
+        except GeometryError as err:
+            halo_error = str(err)
+            break  # this tile cannot hold the halo; smaller ones cannot either
+        tried.append((text, report.peak_bytes))
+        if report.peak_bytes <= budget:
+            extra = "".join(f"; {note}" for note in streamed.notes)
+            message = (
+                f"streamed with --tile {text} the predicted peak is {format_bytes(report.peak_bytes)}: it fits "
+                f"(the largest of the planner's tile sizes that does, {len(tried)} simulated{extra})"
+            )
+            if infer and streamed.whole:
+                message += (
+                    f". To run it, `tilegrad infer` or tilegrad.infer(model, source, tile_size={text}, out=...) "
+                    "also writes the output tile by tile instead of holding it whole as counted here"
+                )
+            return {"tile": list(tile), "peak_bytes": report.peak_bytes, "fits": True, "message": message,
+                    "tried": tried}  # fmt: skip
+    if not tried:
+        why = (
+            halo_error or f"the input {'x'.join(map(str, spatial))} is already as small as the smallest tile"
+        )
+        return {"tile": None, "message": f"no streamed tile can be simulated: {why}", "tried": tried}
+    smallest, peak = tried[-1]
+    halo = f" (smaller tiles cannot hold the network's halo: {halo_error})" if halo_error else ""
+    if infer and whole:
+        halo += (
+            ". These estimates hold the whole output in memory; `tilegrad infer` / tilegrad.infer(model, source, "
+            "tile_size=..., out=...) writes it tile by tile to an array on disk instead"
+        )
+    return {
+        "tile": None,
+        "message": (
+            f"no streamed tile fits: the planner's tile sizes from {tried[0][0]} down to {smallest} were simulated "
+            f"and the smallest, --tile {smallest}, still needs {format_bytes(peak)}{halo}. Raise the budget, reduce "
+            "--batch or the input, or use a model with fewer channels in its first layers"
+        ),
+        "tried": tried,
+    }

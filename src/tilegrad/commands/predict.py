@@ -21,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tiling.add_argument("--budget", help="memory budget such as 2GiB (tile size chosen automatically)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--check-images", action="store_true", help="decode every image completely before predicting"
+    )
     p.set_defaults(func=run)
 
 
@@ -35,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         tile_size=args.tile,
         budget=args.budget,
         progress=not args.no_progress,
+        check_images=args.check_images,
     )
     summary = f"wrote {len(result['probs'])} predictions to {args.out}"
     if not math.isnan(result["auc"]):

@@ -55,6 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--tissue-crop", action="store_true", help="crop each slide to its tissue (threshold mask)"
     )
     s.add_argument("--no-augment", action="store_true", help="no random flips / 90-degree rotations")
+    s.add_argument(
+        "--check-images",
+        action="store_true",
+        help="decode every image completely before training (finds damaged tiles up front; reads the dataset once)",
+    )
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=10)
     o.add_argument("--lr", type=float, default=1e-4)
@@ -123,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         save_every=args.save_every,
         progress=not args.no_progress,
+        check_images=args.check_images,
     )
     result = train(config, resume=args.resume)
     import os

@@ -26,6 +26,9 @@ the next convolution saves), and parameters, buffers and the model input are nev
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -85,7 +88,9 @@ def _check_dtype(dtype: torch.dtype | str) -> torch.dtype:
             raise TilegradError(f"unknown dtype {dtype!r}: expected one of {', '.join(sorted(_DTYPES))}")
         return _DTYPES[dtype]
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TilegradError(f"expected a floating-point torch dtype such as torch.float32, received {dtype!r}")
+        raise TilegradError(
+            f"expected a floating-point torch dtype such as torch.float32, received {dtype!r}"
+        )
     return dtype
 
 
@@ -105,19 +110,152 @@ def _make_optimizer(spec: OptimizerSpec) -> tuple[Callable[[list[torch.Tensor]],
     raise TilegradError(f"expected optimizer None, a name or a callable, received {spec!r}")
 
 
-def _expected_input(model: nn.Module) -> str:
-    """Describe what the first layer wants, for error messages."""
+def _first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            ndim = len(module.kernel_size)
-            spatial = ("H, W", "D, H, W")[ndim - 2] if ndim in (2, 3) else "L"
-            return (
-                f"Its first layer {name or '(model)'} ({type(module).__name__}) expects input "
-                f"(N, {module.in_channels}, {spatial})"
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            return name, module
+    return None
+
+
+def _spatial_letters(ndim: int) -> str:
+    return {1: "L", 2: "H, W", 3: "D, H, W"}.get(ndim, "*spatial")
+
+
+def _expects(name: str, module: nn.Module) -> str:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return (
+            f"layer '{name}' ({type(module).__name__}) expects input "
+            f"(N, {module.in_channels}, {_spatial_letters(len(module.kernel_size))})"
+        )
+    return f"layer '{name}' (Linear) expects input (N, ..., {module.in_features})"
+
+
+def _shape_text(shapes: Sequence[tuple[int, ...]]) -> str:
+    return ", ".join(str(s) for s in shapes) if shapes else "no tensor"
+
+
+# NOTE [ Naming the failing layer ]: a model that fails on the estimate's input is reported with the innermost
+# module that was running when the error was raised (its type and what it received), and a hint only where the
+# error itself says what is wrong. Markers of data-dependent ops on meta tensors: boolean-mask indexing and nonzero
+# raise "The register_meta function for torch.nonzero() ... data-independent ...", .item() / bool() raise
+# "Tensor.item() cannot be called on meta tensors"; fake/symbolic tracing raises its own exception types.
+_DATA_DEPENDENT_TEXT = (
+    "register_meta",
+    "data-independent",
+    "data-dependent",
+    "data dependent",
+    "item() cannot be called on meta",
+    "cannot copy out of meta tensor",
+    "meta device type tensor to numpy",
+    "meta tensor without output_size",
+)
+_NO_META_KERNEL_TEXT = ("no fake impl or meta kernel", "meta' backend")
+
+
+def _data_dependent_types() -> tuple[type[BaseException], ...]:
+    found: list[type[BaseException]] = []
+    for module_name, attr in (
+        ("torch._subclasses.fake_tensor", "DataDependentOutputException"),
+        ("torch._subclasses.fake_tensor", "DynamicOutputShapeException"),
+        ("torch.fx.experimental.symbolic_shapes", "GuardOnDataDependentSymNode"),
+    ):
+        try:
+            value = getattr(importlib.import_module(module_name), attr, None)
+        except ImportError:  # pragma: no cover - private modules of other torch versions
+            continue
+        if isinstance(value, type) and issubclass(value, BaseException):
+            found.append(value)
+    return tuple(found)
+
+
+_DATA_DEPENDENT_TYPES = _data_dependent_types()
+
+
+@dataclasses.dataclass
+class _Failure:
+    """The innermost module running when ``error`` was raised (NOTE [ Naming the failing layer ])."""
+
+    error: BaseException
+    name: str
+    module: nn.Module
+    input_shapes: list[tuple[int, ...]]
+
+
+def _hint(failure: _Failure | None, text: str, model: nn.Module, x: torch.Tensor) -> str:
+    """What to do, where the error says what is wrong; empty otherwise."""
+    low = text.lower()
+    hints = []
+    if failure is not None:
+        module, name = failure.module, f"layer '{failure.name}'" if failure.name else "the model"
+        spatial = failure.input_shapes[0][2:] if failure.input_shapes else ()
+        where = "x".join(map(str, spatial)) if spatial else "?"
+        if "more than 1 value per channel when training" in low:
+            hints.append(
+                f"{type(module).__name__} in training mode needs more than one value per channel for its batch "
+                f"statistics and {name} receives {_shape_text(failure.input_shapes)}: use a batch of 2 or more "
+                "(input_shape[0], --batch), a larger input, or estimate inference (mode='infer', --mode infer)"
             )
-        if isinstance(module, nn.Linear):
-            return f"Its first layer {name or '(model)'} (Linear) expects input (N, ..., {module.in_features})"
-    return "Check the number of channels and spatial dimensions the model expects"
+        elif "more than 1 spatial element when training" in low:
+            hints.append(f"{name} receives a {where} map: use a larger input")
+        elif "too small" in low or "kernel size can't be greater" in low:
+            hints.append(
+                f"the input is too small for the model: after the strided layers and poolings before it, {name} "
+                f"receives a {where} map, too small for its window; use a larger input"
+            )
+        elif isinstance(module, nn.modules.conv._ConvNd) and failure.input_shapes:
+            shape = failure.input_shapes[0]
+            if len(shape) != len(module.kernel_size) + 2 or shape[1] != module.in_channels:
+                hints.append(_expects(failure.name, module))
+        elif (
+            isinstance(module, nn.Linear)
+            and failure.input_shapes
+            and failure.input_shapes[0][-1] != module.in_features
+        ):
+            hints.append(
+                f"{_expects(failure.name, module)}: the features reaching it depend on the input size unless "
+                "an adaptive pooling comes first; use the input size the model was built for"
+            )
+    first = _first_layer(model)
+    if first is not None and isinstance(first[1], nn.modules.conv._ConvNd):
+        conv, expects = first[1], _expects(*first)
+        wrong = x.dim() != len(conv.kernel_size) + 2 or x.shape[1] != conv.in_channels
+        if wrong and not any(expects in h for h in hints):
+            hints.append(f"its first layer {expects}")
+    return "; ".join(hints)
+
+
+def _model_failed(
+    model: nn.Module, x: torch.Tensor, label: str, err: BaseException, watch: Any
+) -> TilegradError:
+    """The error to raise for ``model`` failing on ``x`` (NOTE [ Naming the failing layer ])."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    failure = watch.failure_of(err) if watch is not None else None
+    if failure is None:
+        where = ""
+    elif failure.name:
+        kind = type(failure.module).__name__
+        where = f" in layer '{failure.name}' ({kind}, input {_shape_text(failure.input_shapes)})"
+    else:
+        where = f" in the forward of {label} itself (not in a submodule)"
+    low = text.lower()
+    if isinstance(err, _DATA_DEPENDENT_TYPES) or any(marker in low for marker in _DATA_DEPENDENT_TEXT):
+        return TilegradError(
+            f"{label} has data-dependent shapes: an op{where} needs tensor values (boolean-mask indexing, "
+            f"nonzero, .item(), a Python branch on a tensor), which meta tensors do not have "
+            f"({text.split('. ')[0].rstrip('.')}). "
+            "Its memory depends on the data: measure it with tilegrad.measure_peak_memory on real inputs, or make "
+            "the op data-independent (e.g. torch.where instead of a boolean mask)"
+        )
+    if any(marker in low for marker in _NO_META_KERNEL_TEXT):
+        return TilegradError(
+            f"{label} cannot be estimated on meta tensors: an op{where} has no meta implementation "
+            f"({text.rstrip('.')}). Measure it with tilegrad.measure_peak_memory instead"
+        )
+    hint = _hint(failure, text, model, x)
+    return ShapeError(
+        f"{label} failed on an input of shape {tuple(x.shape)} ({str(x.dtype).removeprefix('torch.')}){where}: "
+        f"{text.rstrip('.')}" + (f". Hint: {hint}" if hint else "")
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,6 +325,9 @@ class _Timeline(TorchDispatchMode):
 # ----------------------------------------------------------------------------------------------------------------
 # Module bookkeeping: a stack of running modules, per-leaf rows, autograd nodes labelled with their module
 # ----------------------------------------------------------------------------------------------------------------
+_NODE_LABEL = "tilegrad.memory.module"
+
+
 def _tensors(obj: Any) -> list[torch.Tensor]:
     return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
 
@@ -207,16 +348,14 @@ class _ModuleWatch:
         self.order: list[str] = []
         self.outputs: dict[str, list[list[torch.Tensor]]] = {}
         self.calls: dict[str, int] = {}
-        self.record_outputs = record_outputs  # keeps outputs alive: only in the layer pass, never in the timeline
+        self.record_outputs = (
+            record_outputs  # keeps outputs alive: only in the layer pass, never in the timeline
+        )
         self.label_nodes = label_nodes
-        # Label only the step's own forward graph. Modules re-run inside backward (streamed tiles, reversible
-        # blocks, checkpoints) build graphs that autograd.grad may not fully release; holding their nodes here
-        # would keep their saved tensors alive and inflate the simulated peak.
-        self.labeling = False
-        self.node_labels: dict[Any, str] = {}
         self._boundaries: list[set[Any]] = []
         self._handles: list[Any] = []
         self._model = model
+        self.failure: _Failure | None = None
 
     def display(self, name: str) -> str:
         return name or self.root_name
@@ -240,30 +379,53 @@ class _ModuleWatch:
             self.calls[name] = 0
         self.calls[name] += 1
         if self.label_nodes:
-            live = self.labeling
-            self._boundaries.append({t.grad_fn for t in _tensors(args) if t.grad_fn is not None} if live else set())
+            self._boundaries.append({t.grad_fn for t in _tensors(args) if t.grad_fn is not None})
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         name = self.names[module]
+        if output is None:
+            # Hooks with always_call=True also run while an error leaves the module, innermost module first, with
+            # output None: remember that module for the error message (NOTE [ Naming the failing layer ]).
+            error = sys.exc_info()[1]
+            if error is not None and (self.failure is None or self.failure.error is not error):
+                self.failure = _Failure(error, name, module, [tuple(t.shape) for t in _tensors(args)])
         if self.stack and self.stack[-1] == name:
             self.stack.pop()
         outs = _tensors(output)
         if self.record_outputs and self.leaf[name]:
             self.outputs.setdefault(name, []).append(outs)
         if self.label_nodes:
+            # NOTE [ Autograd node labels ]: the module that made an autograd node is written into the node's own
+            # ``metadata`` dict, which lives and dies with the node. Nothing here holds a node, so graphs that
+            # modules build again inside backward (streamed tiles, reversible blocks, checkpoints) get labelled
+            # too without being kept alive (a dict of nodes would keep their saved tensors and inflate the peak).
             boundary = self._boundaries.pop() if self._boundaries else set()
-            if not self.labeling:
-                return
             todo = [t.grad_fn for t in outs if t.grad_fn is not None]
             while todo:
                 node = todo.pop()
-                if node is None or node in boundary or node in self.node_labels:
+                if node is None or node in boundary or _NODE_LABEL in node.metadata:
                     continue
-                self.node_labels[node] = name
+                node.metadata[_NODE_LABEL] = name
                 todo.extend(next_node for next_node, _ in node.next_functions)
+            del todo, boundary
 
     def where(self) -> str:
         return self.display(self.stack[-1]) if self.stack else self.root_name
+
+    @staticmethod
+    def node_label(node: Any) -> str | None:
+        """The module that made autograd ``node`` (NOTE [ Autograd node labels ]), if it was watched."""
+        return node.metadata.get(_NODE_LABEL)
+
+    def failure_of(self, error: BaseException) -> _Failure | None:
+        """The innermost module that ``error`` (or an error it was raised from) left, if one did."""
+        seen = set()
+        while error is not None and id(error) not in seen:
+            seen.add(id(error))
+            if self.failure is not None and self.failure.error is error:
+                return self.failure
+            error = error.__cause__ or error.__context__
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -330,23 +492,13 @@ def _modes(model: nn.Module, training: bool | None) -> Iterator[None]:
             m.training = flag
 
 
-def _run_model(model: nn.Module, x: torch.Tensor, label: str) -> Any:
+def _run_model(model: nn.Module, x: torch.Tensor, label: str, watch: _ModuleWatch) -> Any:
     try:
         return model(x)
     except TilegradError:
         raise  # already says what is wrong (e.g. a StreamingModule refusing a layer)
     except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as err:
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "meta" in text.lower() and ("item()" in text or "data-dependent" in text or "Meta' backend" in text):
-            raise TilegradError(
-                f"{label} cannot be estimated on meta tensors: {text}. The model reads tensor values (or uses an "
-                "op without a meta kernel), so its memory depends on data; measure it with "
-                "tilegrad.measure_peak_memory instead"
-            ) from err
-        raise ShapeError(
-            f"{label} failed on an input of shape {tuple(x.shape)} ({str(x.dtype).removeprefix('torch.')}): "
-            f"{text.rstrip('.')}. {_expected_input(model)}"
-        ) from err
+        raise _model_failed(model, x, label, err, watch) from err
 
 
 def estimate_memory(
@@ -450,14 +602,18 @@ def _plan_streaming_modules(
     """Let every StreamingModule make (and cache) its plan before anything is recorded.
 
     The planner profiles the whole trunk on meta tensors; run inside the simulation, that profile would count as
-    memory of the step. A forward under no_grad computes the same plan (its cache key does not depend on grad
-    mode) and leaves it cached for the recorded passes.
+    memory of the step. A forward before the recorded passes makes the plan and leaves it cached for them. It runs
+    in the grad mode of the step: the planner's profile counts what autograd saves, and under no_grad it would see
+    nothing saved, so a training plan would take kept graphs for free (and the cache key does not include grad
+    mode, so that plan would then be used for the training step).
     """
     if not _streaming_modules(model):
         return
     x = torch.empty(shape, dtype=dtype, device="meta")
-    with torch.no_grad():
-        _run_model(model, x, label)
+    grad_mode = torch.enable_grad() if train else torch.no_grad()
+    with grad_mode, _ModuleWatch(model, label, record_outputs=False, label_nodes=False) as watch:
+        output = _run_model(model, x, label, watch)
+    del output
 
 
 def _streaming_notes(model: nn.Module) -> list[str]:
@@ -465,8 +621,13 @@ def _streaming_notes(model: nn.Module) -> list[str]:
     for name, module in _streaming_modules(model):
         plan = getattr(module, "last_plan", None)
         if plan is not None:
-            summary = str(plan).replace("\n", ";")
-            notes.append(f"streamed {name or 'model'}: {summary}")
+            # The plan's own "predicted peak" is the planner's rule of thumb it chooses plans by; the report's
+            # PEAK is this simulation. Say which is which next to each other.
+            summary = str(plan).replace("\n", ";").replace("predicted peak", "planner's quick estimate", 1)
+            notes.append(
+                f"streamed {name or 'model'}: {summary}; (the planner's quick estimate is the rule of thumb it "
+                "chooses plans by; the PEAK above is this report's full simulation)"
+            )
     return notes
 
 
@@ -496,7 +657,7 @@ def _layer_pass(
 
     grad_mode = torch.enable_grad() if train else torch.no_grad()
     with grad_mode, watch, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        output = _run_model(model, x, label)
+        output = _run_model(model, x, label, watch)
 
     param_owner: set[int] = set()
     modules = dict(model.named_modules())
@@ -552,7 +713,7 @@ def _timeline_pass(
             return f"forward, in {watch.where()}"
         if phase == "backward":
             node = torch._C._current_autograd_node()
-            owner = watch.node_labels.get(node) if node is not None else None
+            owner = watch.node_label(node) if node is not None else None
             op = node.name() if node is not None else "autograd"
             return f"backward, {op} of {watch.display(owner) if owner is not None else label}"
         return phase
@@ -567,14 +728,11 @@ def _timeline_pass(
             timeline.reset_peak()
         if phase == "after forward" and step == steps - 1:
             extra["forward_peak"] = timeline.phase_peaks.get("forward", timeline.current)
-        watch.labeling = phase == "forward"
-        if phase == "end of step":
-            watch.node_labels.clear()
         phase_now["phase"] = phase
         timeline.phase = phase
 
     def forward(x: torch.Tensor) -> Any:
-        output = _run_model(model, x, label)
+        output = _run_model(model, x, label, watch)
         extra["output_bytes"] = _unique_bytes(_tensors(output))
         return output
 

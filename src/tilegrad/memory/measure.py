@@ -10,20 +10,28 @@ Other processes are not counted.
 
 CUDA: ``torch.cuda.reset_peak_memory_stats`` and ``max_memory_allocated`` on the device, minus the allocation at the
 start: bytes held by live tensors at the peak, as PyTorch's caching allocator sees them (not cached-but-free blocks).
+
+NOTE [ Nested meters ]: both high-water marks are per process (CPU) or per device (CUDA), and a meter starts by
+resetting it, which would erase what an enclosing meter has seen so far. Open meters are kept on a stack; before a
+meter resets, the current high-water mark is folded into every open meter of the same device, so an outer meter
+reports the maximum over its whole span. Meters in different threads share the same marks and are not separated.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import re
 import sys
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 from ..errors import TilegradError
 
@@ -31,6 +39,7 @@ __all__ = ["PeakMemoryMeter", "measure_peak_memory"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+_OPEN_METERS: list[PeakMemoryMeter] = []  # NOTE [ Nested meters ]
 
 
 def _status_kib(field: str) -> int:
@@ -80,51 +89,147 @@ class PeakMemoryMeter:
             )
         self.peak_bytes: int | None = None
         self._start = 0
+        self._folded = 0  # high-water marks seen before a nested meter reset them (NOTE [ Nested meters ])
+
+    def _high_water(self) -> int:
+        """The process's (CPU) or device's (CUDA) high-water mark since its last reset, in bytes."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        return _status_kib("VmHWM") * 1024
 
     def __enter__(self) -> PeakMemoryMeter:
         gc.collect()
+        if self.device.type == "cpu":
+            _malloc_trim()
+        # NOTE [ Nested meters ]: fold the high-water mark into the open meters before resetting it.
+        outer = [m for m in _OPEN_METERS if m.device == self.device]
+        if outer:
+            high = self._high_water()
+            for meter in outer:
+                meter._folded = max(meter._folded, high)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
-            _malloc_trim()
             _CLEAR_REFS.write_text("5")
             self._start = _status_kib("VmRSS") * 1024
+        self._folded = 0
+        _OPEN_METERS.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = _status_kib("VmHWM") * 1024
+        peak = max(self._high_water(), self._folded)
+        if self in _OPEN_METERS:
+            _OPEN_METERS.remove(self)
         self.peak_bytes = max(0, peak - self._start)
 
 
-def _guess_device(fn: Callable[..., Any], args: tuple, kwargs: dict) -> torch.device:
-    candidates: list[torch.Tensor] = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-    if isinstance(fn, torch.nn.Module):
-        candidates.extend(fn.parameters())
-    for tensor in candidates:
-        if tensor.device.type == "cuda":
-            return tensor.device
+def _referenced(fn: Any) -> Iterator[Any]:
+    """Objects ``fn`` can reach without running: partial arguments, a bound method's object (and its attributes),
+    closure cells, and the globals its code names (nested functions are followed, modules are not)."""
+    todo, seen = [fn], set()
+    while todo:
+        f = todo.pop()
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        if isinstance(f, functools.partial):
+            yield from (*f.args, *f.keywords.values())
+            todo.append(f.func)
+            continue
+        if isinstance(f, types.MethodType):
+            owner = f.__self__
+            yield owner
+            if not isinstance(
+                owner, torch.nn.Module
+            ):  # e.g. a trainer object: its attributes, one level deep
+                yield from getattr(owner, "__dict__", {}).values()
+            todo.append(f.__func__)
+            continue
+        if not isinstance(f, types.FunctionType):
+            yield f  # a module, or any other callable object: inspected as it is
+            continue
+        values = []
+        for cell in f.__closure__ or ():
+            try:
+                values.append(cell.cell_contents)
+            except ValueError:  # a cell not filled yet
+                continue
+        values += [f.__globals__[n] for n in f.__code__.co_names if n in f.__globals__]
+        for value in values:
+            if isinstance(value, (types.FunctionType, types.MethodType, functools.partial)):
+                todo.append(value)
+            elif not isinstance(value, types.ModuleType):
+                yield value
+
+
+def _hinted_devices(fn: Callable[..., Any], args: tuple, kwargs: dict) -> list[torch.device]:
+    """CPU and CUDA devices of the tensors, module parameters/buffers and optimizer parameters that ``fn`` is given
+    or can reach (see :func:`_referenced`)."""
+    devices: list[torch.device] = []
+    for obj in (*args, *kwargs.values(), *_referenced(fn)):
+        for leaf in tree_flatten(obj)[0]:
+            if isinstance(leaf, torch.Tensor):
+                tensors = [leaf]
+            elif isinstance(leaf, torch.nn.Module):
+                tensors = [*leaf.parameters(), *leaf.buffers()]
+            elif isinstance(leaf, torch.optim.Optimizer):
+                tensors = [p for group in leaf.param_groups for p in group["params"]]
+            else:
+                continue
+            devices += [t.device for t in tensors if t.device.type in ("cpu", "cuda")]
+    return devices
+
+
+def _choose_device(hinted: list[torch.device], cuda_initialized: bool) -> torch.device:
+    """The device to measure (NOTE [ Device of measure_peak_memory ] in :func:`measure_peak_memory`)."""
+    cuda = sorted({d for d in hinted if d.type == "cuda"}, key=str)
+    if len(cuda) > 1:
+        raise TilegradError(
+            f"cannot tell which device to measure: the function uses {', '.join(map(str, cuda))}; measure one with "
+            "`with tilegrad.PeakMemoryMeter(device) as meter: ...` and read meter.peak_bytes"
+        )
+    if cuda:
+        return cuda[0]
+    if not hinted and cuda_initialized:
+        raise TilegradError(
+            "cannot tell whether to measure CPU or CUDA memory: CUDA is initialised in this process, and the "
+            "function's arguments, closure and globals hold no tensor, module or optimizer. Measure explicitly with "
+            "`with tilegrad.PeakMemoryMeter('cuda') as meter: fn()` (or 'cpu') and read meter.peak_bytes"
+        )
     return torch.device("cpu")
 
 
 def measure_peak_memory(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     """Run ``fn(*args, **kwargs)`` and return the peak bytes used above the level at the start.
 
-    The device is CUDA when any tensor argument (or a parameter of ``fn`` if it is a module) lives on CUDA, else CPU.
+    NOTE [ Device of measure_peak_memory ]: the device is guessed from the tensors, modules (parameters and
+    buffers) and optimizers that ``fn`` receives or can reach: its arguments, a ``functools.partial``'s arguments, a
+    bound method's object, closure variables and the globals its code names. Any of them on CUDA: that CUDA device.
+    Only CPU ones: CPU. None at all: CPU, unless CUDA is already initialised in this process, where the guess would
+    be a coin toss and a :class:`tilegrad.TilegradError` asks for an explicit :class:`PeakMemoryMeter`; and if
+    ``fn`` initialises CUDA itself while CPU memory was measured, the result is refused the same way. For anything
+    else (work inside other objects, several GPUs) use ``PeakMemoryMeter(device)``, which also keeps ``fn``'s result.
+
     See the module docstring for exactly what is counted. The result of ``fn`` is discarded inside the measurement,
-    so memory it returns is included in the peak. For an explicit device or to keep the result, use
-    :class:`PeakMemoryMeter`.
+    so memory it returns is included in the peak.
 
     >>> import torch
     >>> measure_peak_memory(lambda: torch.ones(2_000_000).sum()) > 7_000_000
     True
     """
-    with PeakMemoryMeter(_guess_device(fn, args, kwargs)) as meter:
+    hinted = _hinted_devices(fn, args, kwargs)
+    cuda_before = torch.cuda.is_initialized()
+    device = _choose_device(hinted, cuda_before)
+    with PeakMemoryMeter(device) as meter:
         fn(*args, **kwargs)
+    if device.type == "cpu" and not hinted and not cuda_before and torch.cuda.is_initialized():
+        raise TilegradError(
+            "the function initialised CUDA while its CPU memory was measured, so its GPU memory is not in the "
+            f"figure ({meter.peak_bytes} bytes of CPU memory). Measure it with "
+            "`with tilegrad.PeakMemoryMeter('cuda') as meter: fn()` and read meter.peak_bytes"
+        )
     assert meter.peak_bytes is not None
     return meter.peak_bytes

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import MissingDependencyError
 from ..units import format_bytes, parse_bytes
 
 __all__ = ["LayerMemory", "MemoryReport", "format_count"]
@@ -169,8 +170,14 @@ class MemoryReport:
         return self.table()
 
     def plot(self, path: str | Path) -> Path:
-        """Write a per-layer bar chart (bytes saved for backward and output bytes per layer) to ``path``."""
-        import matplotlib
+        """Write a per-layer bar chart (bytes saved for backward and output bytes per layer) to ``path`` (``.png``
+        is added when it has no suffix) and return the path written."""
+        try:
+            import matplotlib
+        except ImportError as err:
+            raise MissingDependencyError(
+                "MemoryReport.plot needs matplotlib, which is not installed: pip install 'tilegrad[plot]'"
+            ) from err
 
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
@@ -196,6 +203,8 @@ class MemoryReport:
         ax.legend(loc="lower right")
         fig.tight_layout()
         path = Path(path)
+        if not path.suffix:  # matplotlib would append .png itself; name the file that is really written
+            path = path.with_suffix(".png")
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path

@@ -65,13 +65,16 @@ def read_slide_csv(
     *,
     require_labels: bool = True,
     check_images: bool = True,
+    decode_all: bool = False,
     level: int | None = None,
     mpp: float | None = None,
 ) -> list[SlideRecord]:
     """Read and validate a dataset CSV (columns ``image,label[,split]``; paths relative to the CSV).
 
-    With ``check_images`` every image is opened (headers only, plus one pixel) so that a missing or corrupt file is
-    reported before training starts rather than hours into it.
+    With ``check_images`` every image is opened (headers only, plus one pixel) so that a missing or unreadable file
+    is reported before training starts rather than hours into it. A damaged tile inside a tiled TIFF shows only when
+    that tile is decoded: ``decode_all`` decodes every image completely (block by block, at ``level``/``mpp``), which
+    reads the whole dataset once. Without it such a tile is reported when training reaches it, naming the row too.
 
     >>> import tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -130,9 +133,9 @@ def read_slide_csv(
         if not image.is_file():
             raise DataError(f"{where}: image {image_text!r} does not exist (looked for {image})")
         record = SlideRecord(image=image, label=label, split=split, line=number, source=name)
-        if check_images:
+        if check_images or decode_all:
             array = open_slide(record.image, level=level, mpp=mpp, where=where)
-            _check_readable(array, where, image_text)
+            _check_readable(array, where, image_text, everything=decode_all)
         records.append(record)
     if not records:
         raise DataError(f"{name}: no slides listed; expected one row per slide after the header")
@@ -153,14 +156,28 @@ def _parse_label(text: str, where: str) -> int:
     return int(value)
 
 
-def _check_readable(array: Any, where: str, image_text: str) -> None:
+_DECODE_BLOCK = 2048
+"""Side of the blocks in which ``decode_all`` reads an image (3 x 2048 x 2048 uint8 is 12 MiB)."""
+
+
+def _check_readable(array: Any, where: str, image_text: str, everything: bool = False) -> None:
     shape = tuple(array.shape)
     if len(shape) != 3 or min(shape) < 1:
         raise DataError(
             f"{where}: image {image_text!r} has shape {shape}; expected a 2D image read as (channels, height, width)"
         )
+    h, w = shape[1:]
+    if everything:
+        blocks = [
+            (slice(y, min(y + _DECODE_BLOCK, h)), slice(x, min(x + _DECODE_BLOCK, w)))
+            for y in range(0, h, _DECODE_BLOCK)
+            for x in range(0, w, _DECODE_BLOCK)
+        ]
+    else:
+        blocks = [(slice(h - 1, h), slice(w - 1, w))]  # one pixel: the headers and the last tile
     try:
-        np.asarray(array[:, shape[1] - 1 : shape[1], shape[2] - 1 : shape[2]])
+        for rows, cols in blocks:
+            np.asarray(array[:, rows, cols])
     except DataError as err:
         raise DataError(f"{where}: image {image_text!r} cannot be decoded: {err}") from None
 
@@ -249,7 +266,8 @@ def crop(image: Any, box: tuple[slice, ...]) -> Any:
 class SlideInput:
     """A lazy (1, C, H, W) float view of a (C, H, W) image: ``(pixel * scale - mean) / std``, read on slicing.
 
-    This is what the streamed model consumes: slicing a tile reads only that tile from disk.
+    This is what the streamed model consumes: slicing a tile reads only that tile from disk. ``where`` (e.g.
+    ``"slides.csv line 3"``) prefixes the error raised when a region cannot be read, e.g. a damaged tile.
 
     >>> img = np.full((3, 4, 5), 255, dtype=np.uint8)
     >>> x = SlideInput(img, scale=1 / 255)
@@ -265,10 +283,12 @@ class SlideInput:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         dtype: torch.dtype | np.dtype | str = np.float32,
+        where: str = "",
     ) -> None:
         if isinstance(dtype, torch.dtype):
             dtype = torch.empty((), dtype=dtype).numpy().dtype
         self.array = array
+        self.where = where
         self.dtype = np.dtype(dtype)
         channels = int(array.shape[0])
         self.scale = float(scale)
@@ -299,7 +319,15 @@ class SlideInput:
                 raise IndexError(f"SlideInput has a batch of 1; index {batch} selects no image")
         elif batch not in (0, -1):
             raise IndexError(f"batch index {batch} out of range for a batch of 1")
-        data = np.asarray(self.array[(channel, *spatial)])
+        try:
+            data = np.asarray(self.array[(channel, *spatial)])
+        except DataError as err:
+            if not self.where:
+                raise
+            raise DataError(
+                f"{self.where}: {err}. The image is damaged: re-export it or remove its row "
+                f"(--check-images decodes every image before training starts)"
+            ) from None
         out = data.astype(self.dtype) * self.dtype.type(self.scale)
         mean, std = self.mean[channel], self.std[channel]
         if np.ndim(mean):

@@ -19,6 +19,12 @@ optimizer, scheduler and grad-scaler states and all random generator states. Res
 skips the steps already done; the slide order of the interrupted epoch is recomputed from ``(seed, epoch)``. Work
 done after the last checkpoint is simply repeated, with identical inputs, so a run killed at any moment and resumed
 ends with the same parameters, bit for bit, as one that was never interrupted (same machine, same thread count).
+
+NOTE [ Schedule length ]: the learning rate of epoch e is ``lr * _lr_factor(schedule, epochs)(e)``, a closed form of
+the epoch and the run's length. ``--epochs`` may change on resume (to train longer); from the resumed epoch on the
+rate is the one a run started with the new ``--epochs`` would use at that epoch (a 3-epoch cosine run resumed
+with ``--epochs 4`` trains its fourth epoch at ``lr * (1 + cos(3 pi / 4)) / 2``, not at 0). Epochs already done keep
+the rates they had.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from .dataset import (
     tissue_box,
 )
 from .distributed import DistContext, init_distributed, step_shard
-from .model import IMAGENET_MEAN, IMAGENET_STD, SlideClassifier, build_model
+from .model import IMAGENET_MEAN, IMAGENET_STD, SlideClassifier, build_model, check_streamable_norm
 
 __all__ = [
     "StepInfo",
@@ -106,9 +112,10 @@ class TrainConfig:
     device: str = "auto"
     save_every: int = 0
     progress: bool = True
+    check_images: bool = False
 
     # Fields that may change when resuming; any other difference is refused.
-    RESUMABLE = ("epochs", "device", "save_every", "progress", "out")
+    RESUMABLE = ("epochs", "device", "save_every", "progress", "out", "check_images")
 
     def validate(self) -> None:
         def bad(name: str, expected: str) -> ConfigError:
@@ -240,6 +247,7 @@ class _Run:
             memory_budget=config.budget,
             freeze_norm=config.freeze_norm,
         ).to(device=device, dtype=self.dtype)
+        check_streamable_norm(self.model)
         if self.model.streamed is not None:
             self.model.streamed.progress = config.progress and ctx.is_main  # a bar over tiles
         ctx.broadcast_parameters(self.model)
@@ -281,6 +289,11 @@ class _Run:
             self.model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
+            # NOTE [ Schedule length ]: the optimizer holds the rate the checkpoint's schedule set for this epoch;
+            # recompute it with this run's schedule (the same number unless --epochs changed).
+            factor = _lr_factor(self.config.schedule, self.config.epochs)(self.scheduler.last_epoch)
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base * factor
             if saved["scaler"]:
                 self.scaler.load_state_dict(saved["scaler"])
             self.epoch, self.step_in_epoch = int(saved["epoch"]), int(saved["step_in_epoch"])
@@ -315,21 +328,32 @@ class _Run:
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         if self.ctx.is_main and not self.val_records:
-            print("note: no validation slides (split 'val' or --val-csv); validation loss and AUC are NaN")
+            print(
+                "note: no validation slides (split 'val' or --val-csv); validation loss and AUC are NaN and "
+                "best.pt holds the last epoch's model",
+                flush=True,
+            )
+        if self.ctx.is_main:
+            # NOTE [ Epoch-end write order ]: the log holds exactly the epochs the checkpoint counts as done
+            _write_log(self.out / "log.csv", self.history)
+        if self.model.streamed is not None and self.epoch < cfg.epochs:
+            self._announce_plan()
         while self.epoch < cfg.epochs:
             started = time.perf_counter()
             self._train_epoch()
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
-            val = evaluate(
-                self.model,
-                self.val_records,
-                config=cfg,
-                device=self.device,
-                ctx=self.ctx,
-                progress=cfg.progress,
-                desc=f"validate {self.epoch + 1}/{cfg.epochs}",
-            )
+            val = {"loss": math.nan, "auc": math.nan}
+            if self.val_records:
+                val = evaluate(
+                    self.model,
+                    self.val_records,
+                    config=cfg,
+                    device=self.device,
+                    ctx=self.ctx,
+                    progress=cfg.progress,
+                    desc=f"validate {self.epoch + 1}/{cfg.epochs}",
+                )
             row = {
                 "epoch": self.epoch + 1,
                 "train_loss": self.epoch_loss_sum / max(self.epoch_slides, 1),
@@ -342,16 +366,21 @@ class _Run:
             self.history.append(row)
             self.epoch += 1
             self.step_in_epoch, self.epoch_loss_sum, self.epoch_slides = 0, 0.0, 0
-            improved = val["loss"] < self.best_val_loss
-            if improved:
-                self.best_val_loss = val["loss"]
-            self._save()
+            improved = True  # without validation slides best.pt follows the latest epoch
+            if self.val_records:
+                improved = val["loss"] < self.best_val_loss
+                self.best_val_loss = min(self.best_val_loss, val["loss"])
+            # NOTE [ Epoch-end write order ]: best.pt and log.csv first, checkpoint.pt last. A run killed in
+            # between resumes from the previous checkpoint and redoes this epoch, rewriting both identically; the
+            # reverse order would leave an epoch counted as done with its log row or best.pt missing for good.
             if self.ctx.is_main:
-                _write_log(self.out / "log.csv", self.history)
                 if improved:
                     save_checkpoint(
                         self.out / "best.pt", {k: v for k, v in self._state().items() if k != "rng"}
                     )
+                _write_log(self.out / "log.csv", self.history)
+            self._save()
+            if self.ctx.is_main:
                 print(
                     f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f}  "
                     f"val loss {row['val_loss']:.4f}  val AUC {row['val_auc']:.3f}  ({row['seconds']:.0f} s)",
@@ -365,6 +394,30 @@ class _Run:
             allreduce_calls=self.ctx.allreduce_calls,
             global_step=self.global_step,
         )
+
+    def _announce_plan(self) -> None:
+        """Plan the largest training slide now (the plan is cached for training) and print it once.
+
+        With ``--budget`` this is where the chosen tile sizes and the predicted peak are shown, and a budget nothing
+        fits fails here rather than at the first large slide.
+        """
+        cfg = self.config
+        shapes = [
+            tuple(open_slide(r.image, level=cfg.level, mpp=cfg.mpp, where=r.where()).shape)
+            for r in self.train_records
+        ]
+        index = max(range(len(shapes)), key=lambda i: math.prod(shapes[i][1:]))
+        self.model.train()
+        plan = self.model.streamed.plan((1, *shapes[index]), lazy=True)
+        if self.ctx.is_main:
+            size = "x".join(map(str, shapes[index][1:]))
+            how = f"budget {cfg.budget}" if cfg.budget is not None else f"tile {cfg.tile_size}"
+            crop = ", before --tissue-crop" if cfg.tissue_crop else ""
+            print(
+                f"streaming plan ({how}) for the largest training slide, {self.train_records[index].where()} "
+                f"({size} px{crop}):\n{plan}",
+                flush=True,
+            )
 
     def _train_epoch(self) -> None:
         cfg, ctx = self.config, self.ctx
@@ -479,7 +532,7 @@ def slide_input(
     if rng is not None:
         array = random_orientation(array, rng)
     mean, std = norm
-    return SlideInput(array, mean=mean, std=std, dtype=dtype)
+    return SlideInput(array, mean=mean, std=std, dtype=dtype, where=record.where())
 
 
 @torch.no_grad()
@@ -515,7 +568,7 @@ def evaluate(
             bar.update(1)
     model.train(was_training)
     gathered = sorted(ctx.gather(results))
-    probs = np.array([p for _, p in gathered], dtype=np.float64).reshape(len(records), -1)
+    probs = np.array([p for _, p in gathered], dtype=np.float64).reshape(len(records), -1 if records else 0)
     labels = [r.label for r in records]
     out: dict[str, Any] = {"probs": probs, "loss": math.nan, "auc": math.nan}
     if records and all(label is not None for label in labels):
@@ -582,15 +635,18 @@ def predict(
     tile_size: int | None = None,
     budget: str | None = None,
     progress: bool = True,
+    check_images: bool = False,
 ) -> dict[str, Any]:
     """Write per-slide class probabilities of every slide in ``csv_path`` to ``out_csv``.
 
     The CSV needs an ``image`` column; ``label`` is optional (when present, the AUC is returned too). Columns written:
     ``image`` (as in the input CSV), ``label`` (if known) and ``probability`` (of class 1) for two classes, or
-    ``prob_0``, ``prob_1``, ... for more.
+    ``prob_0``, ``prob_1``, ... for more. ``check_images`` decodes every image completely before predicting.
     """
     model, config = load_trained_model(checkpoint, device=device, tile_size=tile_size, budget=budget)
-    records = read_slide_csv(csv_path, require_labels=False, level=config.level, mpp=config.mpp)
+    records = read_slide_csv(
+        csv_path, require_labels=False, decode_all=check_images, level=config.level, mpp=config.mpp
+    )
     dev = next(model.parameters()).device
     result = evaluate(model, records, config=config, device=dev, progress=progress)
     probs = result["probs"]
@@ -656,11 +712,12 @@ def _channels(record: SlideRecord, config: TrainConfig) -> int:
 
 
 def _load_records(config: TrainConfig) -> tuple[list[SlideRecord], list[SlideRecord]]:
-    records = read_slide_csv(config.csv, level=config.level, mpp=config.mpp)
+    check = dict(decode_all=config.check_images, level=config.level, mpp=config.mpp)
+    records = read_slide_csv(config.csv, **check)
     train_records = [r for r in records if r.split == "train"]
     val_records = [r for r in records if r.split == "val"]
     if config.val_csv:
-        val_records += read_slide_csv(config.val_csv, level=config.level, mpp=config.mpp)
+        val_records += read_slide_csv(config.val_csv, **check)
     if not train_records:
         raise DataError(
             f"{Path(config.csv).name}: no training slides (rows with split 'train' or no split column)"
@@ -678,12 +735,26 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def _lr_factor(schedule: str, epochs: int) -> Callable[[int], float]:
+    """The learning rate of (0-based) ``epoch`` as a multiple of ``--lr``, in closed form; NOTE [ Schedule length ].
+
+    >>> [round(_lr_factor("cosine", 4)(e), 4) for e in range(4)]
+    [1.0, 0.8536, 0.5, 0.1464]
+    >>> [round(_lr_factor("step", 6)(e), 4) for e in range(6)]
+    [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    """
+    if schedule == "cosine":
+        return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    if schedule == "step":
+        step_size = max(1, epochs // 3)
+        return lambda epoch: 0.1 ** (epoch // step_size)
+    return lambda epoch: 1.0
+
+
 def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> Any:
-    if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    if config.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, config.epochs // 3), gamma=0.1)
-    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    # A LambdaLR over a plain function: its state (position, base rates) is saved, the function is not, so a run
+    # resumed with another --epochs gets the schedule of the new length (NOTE [ Schedule length ]).
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config.schedule, config.epochs))
 
 
 def _config_dict(config: TrainConfig) -> dict[str, Any]:
@@ -705,7 +776,7 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
     if differ:
         raise CheckpointError(
             "cannot resume: the run's settings differ from the checkpoint's (" + "; ".join(differ) + "). "
-            "Resume with the same options (only --epochs, --device, --save-every and progress may change) "
+            "Resume with the same options (only --epochs, --device, --save-every, --check-images and progress may change) "
             "or start a new run in another --out directory"
         )
 

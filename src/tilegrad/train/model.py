@@ -4,8 +4,10 @@
 
 * a torchvision classification model name (``resnet18``, ``resnet34``, ``densenet121``, ``vgg16``, ...),
 * a built-in tilegrad model (``small_cnn``, the demo's network),
-* ``package.module:factory``: a callable returning either an ``nn.Module`` (split automatically into trunk and head)
-  or a ``(trunk, head)`` pair (used as given).
+* ``package.module:factory``: a callable returning either an ``nn.Module`` (split automatically into trunk and head,
+  see :func:`tilegrad.split_model`) or a ``(trunk, head)`` pair (used as given). MONAI's classification networks
+  work this way, e.g. ``monai.networks.nets:DenseNet121`` with ``{"spatial_dims": 2, "in_channels": 3,
+  "out_channels": 2}`` or ``monai.networks.nets:resnet18`` with ``{"spatial_dims": 2, "n_input_channels": 3}``.
 
 The trunk is wrapped in :class:`tilegrad.StreamingModule` when a tile size or memory budget is given, so a slide of
 any size runs through it tile by tile with exact gradients; without one the trunk runs on the whole image
@@ -26,8 +28,17 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, TilegradError
+from ..geometry import ACTIVATIONS
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PoolingHead", "SlideClassifier", "build_model", "small_cnn"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PoolingHead",
+    "SlideClassifier",
+    "build_model",
+    "check_streamable_norm",
+    "small_cnn",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -112,6 +123,27 @@ class SlideClassifier(nn.Module):
                 if isinstance(module, _NORM_TYPES):
                     module.eval()
         return self
+
+
+def check_streamable_norm(model: SlideClassifier) -> None:
+    """Refuse to train a streamed trunk whose normalisation layers would run in training mode.
+
+    Called by the training loop: such layers normalise with whole-slide statistics, which no tile sees, so the
+    streaming planner would refuse them at the first step (NOTE [ Frozen normalisation ]). Evaluation (predict,
+    saliency) is unaffected: in eval mode BatchNorm uses its running statistics and streams.
+    """
+    if model.freeze_norm or model.streamed is None:
+        return
+    names = [name for name, m in model.trunk.named_modules() if isinstance(m, _NORM_TYPES)]
+    if names:
+        kinds = sorted({type(m).__name__ for m in model.trunk.modules() if isinstance(m, _NORM_TYPES)})
+        shown = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+        raise ConfigError(
+            f"--no-freeze-norm (freeze_norm=False) with a streamed trunk: its {'/'.join(kinds)} layers ({shown}) "
+            f"would normalise with statistics of the whole slide in training mode, which a tile does not see, so "
+            f"they cannot be streamed. Use --freeze-norm (the default: running statistics, affine weights still "
+            f"train), or --no-stream to train them on whole (e.g. downsampled) images"
+        )
 
 
 def _make_streamed(trunk: nn.Module, tile_size: Any, memory_budget: Any) -> nn.Module | None:
@@ -230,16 +262,23 @@ def _split(model: nn.Module, name: str) -> nn.Module:
     from ..split import split_model
 
     try:
-        trunk, _ = split_model(model)
+        trunk, head = split_model(model)
     except TilegradError as err:
         raise ConfigError(
             f"cannot split model {name!r} into a streamed trunk and a head: {err}. Give a factory that returns "
             f"a (trunk, head) pair instead"
         ) from None
-    if type(model).__name__ == "DenseNet":
+    if type(model).__name__ == "DenseNet" and hasattr(model, "classifier"):
         # torchvision's DenseNet applies a ReLU to the features before pooling (in forward, not as a module)
-        trunk = nn.Sequential(trunk, nn.ReLU())
-    return trunk
+        return nn.Sequential(trunk, nn.ReLU())
+    # Activations the original head applies before pooling are local: they belong to the trunk, since build_model
+    # replaces the head with a PoolingHead (MONAI's DenseNet: class_layers = relu, pool, flatten, out).
+    leading = []
+    for child in head.children() if isinstance(head, nn.Sequential) else ():
+        if not isinstance(child, ACTIVATIONS):
+            break
+        leading.append(child)
+    return nn.Sequential(trunk, *leading) if leading else trunk
 
 
 def _output_channels(trunk: nn.Module, in_channels: int, name: str) -> int:

@@ -5,6 +5,11 @@ class) with respect to that pixel of the model input, ``x.grad``. With a streame
 the StreamingModule tile by tile, so it equals the whole-image gradient while the activations never exist for the
 whole slide at once. The full-resolution map (maximum over channels of ``|x.grad|``) is reduced to a low-resolution
 map by averaging blocks of pixels; that map is saved as ``.npy`` and drawn over a thumbnail of the slide as a PNG.
+
+On a lazy slide the full-resolution gradient is never held either: the StreamingModule hands each tile's input
+gradient to a :class:`SaliencyAccumulator` (a ``grad_sink``), which sums the overlapping tiles of one band of rows,
+reduces every finished band to the low-resolution map and drops it. Memory: one band (about one tile high, the
+slide's width, all channels) instead of the whole slide's gradient.
 """
 
 from __future__ import annotations
@@ -15,12 +20,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 from .dataset import SlideInput, open_slide
 from .model import SlideClassifier
 
-__all__ = ["SaliencyResult", "block_mean", "input_gradient", "render_saliency", "saliency"]
+__all__ = [
+    "SaliencyAccumulator",
+    "SaliencyResult",
+    "block_mean",
+    "input_gradient",
+    "render_saliency",
+    "saliency",
+    "saliency_map",
+]
 
 
 def input_gradient(
@@ -28,7 +42,8 @@ def input_gradient(
 ) -> tuple[torch.Tensor, np.ndarray, int]:
     """Gradient of the target class's logit w.r.t. the (1, C, H, W) input; returns (x.grad, probabilities, target).
 
-    ``target`` defaults to the predicted class. The model's parameters receive no gradient.
+    ``target`` defaults to the predicted class. The model's parameters receive no gradient. This holds the whole
+    input and its gradient in memory; :func:`saliency_map` does not.
 
     >>> from tilegrad.train.model import build_model
     >>> m = build_model("small_cnn", 2, model_kwargs={"width": 4})
@@ -40,6 +55,32 @@ def input_gradient(
         x = x.materialize()
     param = next(model.parameters())
     x = x.detach().to(device=param.device, dtype=param.dtype).requires_grad_(True)
+    probs, target = _backward_from_score(model, lambda: model(x), target)
+    assert x.grad is not None  # backward reached the leaf input
+    return x.grad, probs, target
+
+
+def saliency_map(
+    model: SlideClassifier, x: torch.Tensor | SlideInput, factor: int, target: int | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Low-resolution saliency: ``block_mean(max over channels |d score / d x|, factor)``; (map, probs, target).
+
+    With a streamed model and a lazy slide the gradient goes tile by tile into a :class:`SaliencyAccumulator`, so
+    neither the slide nor its gradient is ever whole in memory; otherwise it is :func:`input_gradient` reduced.
+    """
+    streamed = getattr(model, "streamed", None)
+    if isinstance(x, SlideInput) and streamed is not None:
+        accumulator = SaliencyAccumulator(tuple(x.shape[2:]), factor)
+        probs, target = _backward_from_score(
+            model, lambda: model.head(streamed(x, grad_sink=accumulator)), target
+        )
+        return accumulator.finish(), probs, target
+    grad, probs, target = input_gradient(model, x, target)
+    return block_mean(grad[0].abs().amax(dim=0).cpu().numpy(), factor), probs, target
+
+
+def _backward_from_score(model: nn.Module, run: Any, target: int | None) -> tuple[np.ndarray, int]:
+    """Run ``run()`` (the logits) in eval mode with frozen parameters and backpropagate the target's logit."""
     was_training = model.training
     model.eval()
     requires = [p.requires_grad for p in model.parameters()]
@@ -47,7 +88,7 @@ def input_gradient(
         p.requires_grad_(False)
     try:
         with torch.enable_grad():
-            logits = model(x)
+            logits = run()
             probs = torch.softmax(logits.detach().double(), dim=1)[0].cpu().numpy()
             if target is None:
                 target = int(np.argmax(probs))
@@ -60,8 +101,88 @@ def input_gradient(
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
         model.train(was_training)
-    assert x.grad is not None  # backward reached the leaf input
-    return x.grad, probs, target
+    return probs, target
+
+
+class SaliencyAccumulator:
+    """A ``grad_sink`` (:class:`tilegrad.stream.GradientSink`) that builds the low-resolution saliency map band
+    by band: ``block_mean(max over channels |grad|, factor)`` of a (1, C, H, W) input, without the full gradient.
+
+    Tiles arrive in raster order and their row starts never decrease, so when a tile starting at row r arrives,
+    every row above r has received all of its contributions: those rows (in whole blocks of ``factor``) are
+    reduced and dropped.
+
+    >>> acc = SaliencyAccumulator((4, 4), 2)
+    >>> g = torch.arange(16.0).reshape(1, 1, 4, 4)
+    >>> top, bottom = g[:, :, :3].clone(), g[:, :, 2:].clone()
+    >>> top[:, :, 2] /= 2; bottom[:, :, 0] /= 2                 # the boxes overlap on row 2: halves add up
+    >>> acc.add((slice(0, 3), slice(0, 4)), top)
+    >>> acc.add((slice(2, 4), slice(0, 4)), bottom)
+    >>> acc.finish()
+    array([[ 2.5,  4.5],
+           [10.5, 12.5]])
+    """
+
+    def __init__(self, spatial: tuple[int, ...], factor: int) -> None:
+        if len(spatial) != 2:
+            raise ConfigError(f"saliency maps are 2D: expected (H, W), received spatial shape {spatial}")
+        self.height, self.width = (int(n) for n in spatial)
+        self.factor = max(1, int(factor))
+        f = self.factor
+        self.sums = np.zeros((-(-self.height // f), -(-self.width // f)), dtype=np.float64)
+        self._band: torch.Tensor | None = None  # (C, rows, W): gradient of image rows [start, start + rows)
+        self._start = 0
+        self.max_band_rows = 0  # the memory actually used, in rows of the slide
+
+    def add(self, box: tuple[slice, ...], grad: torch.Tensor) -> None:
+        if grad.shape[0] != 1:
+            raise ConfigError(
+                f"saliency needs a batch of one image, received a gradient of shape {tuple(grad.shape)}"
+            )
+        rows, cols = box
+        g = grad.detach()[0]
+        if self._band is None:
+            self._band = g.new_zeros((g.shape[0], 0, self.width))
+            self._start = 0
+        if rows.start < self._start:
+            raise ConfigError(
+                f"gradient tiles must arrive in raster order: a tile starts at row {rows.start}, above row "
+                f"{self._start} which is already final"
+            )
+        self._flush(rows.start)
+        need = rows.stop - self._start
+        if need > self._band.shape[1]:
+            grow = self._band.new_zeros((self._band.shape[0], need - self._band.shape[1], self.width))
+            self._band = torch.cat([self._band, grow], dim=1)
+        self.max_band_rows = max(self.max_band_rows, self._band.shape[1])
+        self._band[:, rows.start - self._start : rows.stop - self._start, cols] += g
+
+    def _flush(self, upto: int) -> None:
+        """Reduce the final rows [start, upto) in whole blocks (all remaining rows at the bottom edge)."""
+        assert self._band is not None
+        f = self.factor
+        if upto < self.height:
+            upto = (upto // f) * f
+        n = min(upto, self._start + self._band.shape[1]) - self._start
+        if n <= 0:
+            return
+        values = self._band[:, :n].abs().amax(dim=0).double().cpu().numpy()  # (n, W)
+        blocks = -(-n // f)
+        padded = np.zeros((blocks * f, self.sums.shape[1] * f))
+        padded[:n, : self.width] = values
+        first = self._start // f
+        self.sums[first : first + blocks] += padded.reshape(blocks, f, self.sums.shape[1], f).sum(axis=(1, 3))
+        self._band = self._band[:, n:].clone()
+        self._start += n
+
+    def finish(self) -> np.ndarray:
+        """The (ceil(H / f), ceil(W / f)) map: block means (edge blocks average the pixels they contain)."""
+        if self._band is not None:
+            self._flush(self.height)
+        f = self.factor
+        rows = np.minimum(f, self.height - np.arange(self.sums.shape[0]) * f)
+        cols = np.minimum(f, self.width - np.arange(self.sums.shape[1]) * f)
+        return self.sums / np.outer(rows, cols)
 
 
 def block_mean(values: np.ndarray, factor: int) -> np.ndarray:
@@ -120,10 +241,10 @@ def saliency(
     array = open_slide(image, level=level, mpp=mpp)
     mean, std = _normalisation(config)
     dtype = next(model.parameters()).dtype
-    grad, probs, target = input_gradient(model, SlideInput(array, mean=mean, std=std, dtype=dtype), target)
-    full = grad[0].abs().amax(dim=0).cpu().numpy()
-    factor = max(1, -(-max(full.shape) // max_side))
-    low = block_mean(full, factor).astype(np.float32)
+    slide = SlideInput(array, mean=mean, std=std, dtype=dtype)
+    factor = max(1, -(-max(slide.shape[2:]) // max_side))
+    low, probs, target = saliency_map(model, slide, factor, target)
+    low = low.astype(np.float32)
     thumb = np.asarray(array[:, ::factor, ::factor])
     out_png = Path(out_png)
     npy = out_png.with_suffix(".npy")
