@@ -22,25 +22,14 @@ journal of a different run is refused. It survives an interrupted or killed proc
 is fsynced). A tilegrad writer opened with ``resume=True`` continues the partial files of the interrupted run and
 is told (``mark_written``) which regions they already hold.
 
-NOTE [ Heap growth under a budget ]
-glibc's malloc serves a block above its mmap threshold with a fresh mapping that goes back to the kernel on free,
-and a smaller one from the heap, where freed space is reused but fragments. The threshold starts at 128 KiB and is
-raised to the size of every mapped block that is freed (up to 32 MiB), so from the first tile on most activation
-buffers come from the heap, and fragmentation grows the resident set to 1.5-2x the bytes ever live at once
-(measured: MONAI UNet 16-32-64 on 96^3 in 64^3 tiles, 34 MiB resident for 18.6 MiB predicted; UNet 8-16-32 in one
-96^3 tile, 50 MiB for 32.3 MiB, over a 48 MiB budget). With ``memory_budget`` infer therefore fixes the threshold
-at 128 KiB (``mallopt(M_MMAP_THRESHOLD)``) for the rest of the process: tile buffers are mapped and unmapped per
-use, and the measured peaks become 18 and 32 MiB, as predicted. On other C libraries nothing is changed.
+With a memory budget the CPU allocator is set as in NOTE [ Heap growth under a budget ] (tilegrad/_allocator.py).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -50,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._allocator import pin_mmap_threshold
 from .errors import ConfigError, DataError, ShapeError
 from .plan import plan_streaming
 from .stream import _Reader
@@ -80,23 +70,6 @@ class _Batched:
 
     def __getitem__(self, key: tuple) -> Any:
         return np.asarray(self.source[key[1:]])[None]
-
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-_MMAP_THRESHOLD = 128 * 1024
-_pinned = False
-
-
-def _pin_mmap_threshold() -> None:
-    """NOTE [ Heap growth under a budget ]: a fixed mmap threshold, once per process, on glibc only."""
-    global _pinned
-    if _pinned or not sys.platform.startswith("linux"):
-        return
-    name = ctypes.util.find_library("c")
-    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
-    if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-    _pinned = True
 
 
 def infer(
@@ -164,7 +137,7 @@ def infer(
     dtype = params[0].dtype if params else torch.float32
     budget = None if memory_budget is None else parse_bytes(memory_budget)
     if budget is not None:
-        _pin_mmap_threshold()
+        pin_mmap_threshold(device)
     plan = plan_streaming(
         model,
         full_shape,

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._allocator import pin_mmap_threshold
 from ._autocast import autocast_state, replay_autocast
 from .errors import GeometryError, ShapeError, TilegradError
 from .plan import Plan, SegmentPlan, plan_streaming
@@ -374,6 +375,7 @@ class StreamingModule(nn.Module):
         if plan.conventional or (len(plan.segments) == 1 and len(plan.segments[0].grid) == 1):
             # one tile covers everything: streaming would only add a recomputation
             return self.module(x if not lazy else read_whole())
+        pin_mmap_threshold(device)  # NOTE [ Heap growth under a budget ] in _allocator.py
         step = _Step(self, plan)
         step.forward_bar = self._open_bar(sum(len(s.grid) for s in plan.segments), "forward")
         try:
