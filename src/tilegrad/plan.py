@@ -485,12 +485,17 @@ def plan_streaming(
                 cache[key] = None
         return cache[key]
 
+    first_stops = sorted({c[0] if c else len(units) for c in cut_sets})
+
     def tile_cap(tile: tuple[int, ...]) -> int:
-        """Memory of the requested tile in the segment where it is largest (the first one, normally)."""
-        first = segment(0, cut_sets[0][0] if cut_sets and cut_sets[0] else len(units), tile)
-        if first is None:
-            return 0
-        return first.tile_train_bytes if training else first.tile_forward_bytes
+        """Memory of the requested tile in the image-reading segment where it is largest (the lean one, when the
+        tile holds the whole trunk's halo)."""
+        sizes = [
+            seg.tile_train_bytes if training else seg.tile_forward_bytes
+            for stop in first_stops
+            if (seg := segment(0, stop, tile)) is not None
+        ]
+        return max(sizes, default=0)
 
     def plan_for(cuts: tuple[int, ...], budget: int | None) -> Plan | None:
         """The fastest plan with these cuts (tile per segment, kept graphs) under ``budget``, or None."""
@@ -510,10 +515,10 @@ def plan_streaming(
             if not options:
                 break
             if requested is not None:
-                if (
-                    segment(a, b, requested) is None
-                ):  # the requested tile itself must work: never swap it silently
-                    raise GeometryError(errors[-1])
+                if segment(a, b, requested) is None:
+                    # the requested tile must work in every segment of a plan: never swap it silently. Other cuts
+                    # (shorter segments, smaller halos) may still take it; if none does, the error says why.
+                    return None
                 cap = options[0].tile_train_bytes if training else options[0].tile_forward_bytes
                 cap = max(cap, tile_cap(requested))
                 options = [
@@ -569,11 +574,17 @@ def plan_streaming(
     # output, and the planner moves towards the lean plan as the image grows.
     if budget is None and mode == "auto" and training and requested is not None:
         lean = plan_for((), None)
+        if lean is None:  # the tile cannot hold the whole trunk's halo: the leanest plan that takes it instead
+            lean = min(
+                (p for p in (plan_for(c, None) for c in cut_sets) if p is not None),
+                key=lambda p: p.peak_bytes,
+                default=None,
+            )
         if lean is not None:
             budget = lean.peak_bytes + int(_FIXED_TILE_EXTRA * tile_cap(requested))
             implied_note = (
                 f"no budget given: the {'x'.join(map(str, requested))} tile sets the limit, "
-                f"{format_bytes(budget)} (the lean plan's {format_bytes(lean.peak_bytes)} plus "
+                f"{format_bytes(budget)} (the leanest plan's {format_bytes(lean.peak_bytes)} plus "
                 f"{_FIXED_TILE_EXTRA:g} tile); pass memory_budget= to let it use more memory for speed"
             )
     for cuts in cut_sets:
