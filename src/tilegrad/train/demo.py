@@ -48,7 +48,7 @@ class DemoSettings:
     size: int = 512
     n_train: int = 40
     n_val: int = 24
-    epochs: int = 4
+    epochs: int = 10
     lr: float = 1e-3
     width: int = 16
     # 128 rather than 256: at 256 a 512x512 slide is only 2x2 tiles and the streamed step's measured peak was no
