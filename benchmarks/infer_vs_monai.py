@@ -55,7 +55,9 @@ def run(config: str, size: int, tile: int, budget: str, workdir: Path) -> dict:
             out = sliding_window_inference(
                 volume, (tile,) * 3, 1, model, overlap=0.25, mode=config.split("-")[1]
             )
-        elif config == "tilegrad":  # same memory as MONAI: the largest tile whose predicted peak fits the budget
+        elif (
+            config == "tilegrad"
+        ):  # same memory as MONAI: the largest tile whose predicted peak fits the budget
             out = tilegrad.infer(model, volume, memory_budget=budget, progress=False)
         else:  # whole volume never in memory: .npy in and out with positional reads/writes, under a budget
             import tilegrad.io as tio
@@ -80,7 +82,9 @@ def run(config: str, size: int, tile: int, budget: str, workdir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", type=int, default=192)
     parser.add_argument("--tile", type=int, default=128)
     parser.add_argument("--budget", default="512MiB", help="memory budget of the tilegrad runs")

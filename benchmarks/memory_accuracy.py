@@ -118,7 +118,7 @@ def table(rows: list[dict], command: str) -> str:
         "`tilegrad.estimate_memory` on meta tensors and measured in a fresh process per row "
         "(`tilegrad.memory.workload.measure_workload_subprocess`: resident high-water mark, warm process, "
         "`MALLOC_MMAP_THRESHOLD_=65536` so freed blocks return to the kernel as on a GPU allocator). "
-        "torchinfo's figure is its \"Estimated Total Size\" (input + 2 x layer outputs + parameters). The last "
+        'torchinfo\'s figure is its "Estimated Total Size" (input + 2 x layer outputs + parameters). The last '
         "column measures again under glibc's default malloc policy: the difference is allocator fragmentation, "
         "which no tensor-level model predicts. MiB throughout; CPU, float32, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}.",
@@ -140,7 +140,9 @@ def table(rows: list[dict], command: str) -> str:
         "The two U-Net 2D rows hold the same number of values (4 x 512^2 = 1024^2) and run the same oneDNN "
         "kernels, so their figures coincide.",
         "",
-        "Where the peaks are: " + "; ".join(f"{r['model']} {r['input']}: {r['peak_at']}" for r in rows[:4]) + ".",
+        "Where the peaks are: "
+        + "; ".join(f"{r['model']} {r['input']}: {r['peak_at']}" for r in rows[:4])
+        + ".",
         "",
     ]
     return "\n".join(lines)
@@ -151,7 +153,7 @@ def write_section(text: str, path: Path) -> None:
     old = path.read_text() if path.exists() else "# Benchmarks\n"
     if heading in old:
         start = old.index(heading)
-        rest = old[start + len(heading):]
+        rest = old[start + len(heading) :]
         nxt = rest.find("\n## ")
         end = start + len(heading) + (nxt + 1 if nxt >= 0 else len(rest))
         new = old[:start] + text + ("\n" + old[end:] if nxt >= 0 else "")
@@ -162,7 +164,9 @@ def write_section(text: str, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="two configurations only; BENCHMARKS.md untouched")
+    parser.add_argument(
+        "--quick", action="store_true", help="two configurations only; BENCHMARKS.md untouched"
+    )
     args = parser.parse_args()
     rows = run(QUICK if args.quick else CONFIGS)
     text = table(rows, "python benchmarks/memory_accuracy.py")

@@ -30,7 +30,15 @@ MIB = 2**20
 CASES = [
     ((1, 2, 48, 48, 48), (2, 2, 3, 3, 3), 1, 1, False, 0, torch.float32),  # Slow3d, few channels
     ((1, 16, 32, 32, 32), (16, 16, 3, 3, 3), 1, 1, False, 0, torch.float32),  # Slow3d
-    ((2, 8, 32, 32, 32), (8, 8, 3, 3, 3), 1, 1, False, 0, torch.float64),  # Slow3d, batch 2 (no oneDNN in f64)
+    (
+        (2, 8, 32, 32, 32),
+        (8, 8, 3, 3, 3),
+        1,
+        1,
+        False,
+        0,
+        torch.float64,
+    ),  # Slow3d, batch 2 (no oneDNN in f64)
     ((2, 8, 64, 64), (8, 8, 3, 3), 1, 1, False, 0, torch.float64),  # Slow2d
     ((1, 32, 16, 16, 16), (32, 16, 3, 3, 3), 2, 1, True, 1, torch.float32),  # SlowTranspose3d
     ((2, 16, 32, 32, 32), (32, 16, 3, 3, 3), 1, 1, False, 0, torch.float32),  # oneDNN 3D
@@ -61,7 +69,9 @@ def measure(case) -> tuple[str, float, float, float, float]:
     bwd -= x.numel() * x.element_size() + w.numel() * w.element_size()
     mx, mw, mg = (torch.empty(t.shape, dtype=dtype, device="meta") for t in (x, w, grad))
     model_fwd = conv_workspace_bytes(aten.convolution.default, (mx, mw, None, *args))
-    model_bwd = conv_workspace_bytes(aten.convolution_backward.default, (mg, mx, mw, [b.shape[0]], *args, mask))
+    model_bwd = conv_workspace_bytes(
+        aten.convolution_backward.default, (mg, mx, mw, [b.shape[0]], *args, mask)
+    )
     name = backend.name if backend.name != "???" else "MkldnnTranspose"
     return name, fwd / MIB, model_fwd / MIB, bwd / MIB, model_bwd / MIB
 
@@ -74,7 +84,9 @@ def main() -> None:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
         os.execv(sys.executable, [sys.executable, *sys.argv])
     torch.set_num_threads(args.threads)
-    print(f"{'backend':16s} {'input':22s} {'weight':20s} | fwd scratch MiB: measured model | bwd: measured model")
+    print(
+        f"{'backend':16s} {'input':22s} {'weight':20s} | fwd scratch MiB: measured model | bwd: measured model"
+    )
     for case in CASES:
         name, fwd, mfwd, bwd, mbwd = measure(case)
         print(f"{name:16s} {case[0]!s:22s} {case[1]!s:20s} | {fwd:8.2f} {mfwd:8.2f} | {bwd:8.2f} {mbwd:8.2f}")

@@ -37,15 +37,27 @@ def densenet121() -> nn.Module:
 def unet2d() -> nn.Module:
     from monai.networks.nets import UNet
 
-    return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(16, 32, 64, 128, 256),
-                strides=(2, 2, 2, 2), num_res_units=2)
+    return UNet(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=2,
+        channels=(16, 32, 64, 128, 256),
+        strides=(2, 2, 2, 2),
+        num_res_units=2,
+    )
 
 
 def unet3d() -> nn.Module:
     from monai.networks.nets import UNet
 
-    return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64, 128),
-                strides=(2, 2, 2), num_res_units=2)
+    return UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=2,
+        channels=(16, 32, 64, 128),
+        strides=(2, 2, 2),
+        num_res_units=2,
+    )
 
 
 class PixelShuffle3d(nn.Module):

@@ -574,7 +574,9 @@ def plan_streaming(
     # output, and the planner moves towards the lean plan as the image grows.
     if budget is None and mode == "auto" and training and requested is not None:
         lean = plan_for((), None)
-        if lean is None:  # the tile cannot hold the whole trunk's halo: the leanest plan that takes it instead
+        if (
+            lean is None
+        ):  # the tile cannot hold the whole trunk's halo: the leanest plan that takes it instead
             lean = min(
                 (p for p in (plan_for(c, None) for c in cut_sets) if p is not None),
                 key=lambda p: p.peak_bytes,

@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 TARGETS = {
-    "streaming": ("streaming_resnet34.py", "ResNet-34 training step: conventional vs streamed vs checkpointing"),
+    "streaming": (
+        "streaming_resnet34.py",
+        "ResNet-34 training step: conventional vs streamed vs checkpointing",
+    ),
     "infer": ("infer_vs_monai.py", "exact tiled inference vs MONAI sliding_window_inference"),
     "reversible": ("reversible.py", "ESPCN / ESPCN-RN4 / naive: peak memory and time per step"),
     "mri": ("espcn_mri_demo.py", "ESPCN super-resolution demo on nibabel's anatomical MRI"),

@@ -47,8 +47,16 @@ def _probe(t: torch.Tensor) -> torch.Tensor:
 
 def _backend(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, transposed, output_padding, groups):
     return torch._C._select_conv_backend(
-        _probe(x), _probe(w), None, list(stride), list(padding), list(dilation), bool(transposed),
-        list(output_padding), int(groups), None,
+        _probe(x),
+        _probe(w),
+        None,
+        list(stride),
+        list(padding),
+        list(dilation),
+        bool(transposed),
+        list(output_padding),
+        int(groups),
+        None,
     )
 
 
@@ -84,13 +92,18 @@ def conv_workspace_bytes(func: Any, args: tuple, kwargs: dict | None = None) -> 
     nd = len(kernel)
     if transposed:
         out_sp = tuple(
-            (spatial_in[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + output_padding[i] + 1
+            (spatial_in[i] - 1) * stride[i]
+            - 2 * padding[i]
+            + dilation[i] * (kernel[i] - 1)
+            + output_padding[i]
+            + 1
             for i in range(nd)
         )
         c_out = w.shape[1] * groups
     else:
         out_sp = tuple(
-            (spatial_in[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(nd)
+            (spatial_in[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+            for i in range(nd)
         )
         c_out = w.shape[0]
     n = x.shape[0]
@@ -99,8 +112,24 @@ def conv_workspace_bytes(func: Any, args: tuple, kwargs: dict | None = None) -> 
     # Every kernel first makes strided inputs contiguous, e.g. the expanded gradient of a sum through a view.
     copies = sum(t.numel() * itemsize for t in (x, grad_out) if t is not None and not t.is_contiguous())
     need_grad_input = bool(args[10][0]) if backward and len(args) > 10 else True
-    return copies + _scratch(name, int(backend), backward, need_grad_input, n, x, w, kernel, stride, padding,
-                             spatial_in, out_sp, c_out, in_bytes, out_bytes, itemsize)
+    return copies + _scratch(
+        name,
+        int(backend),
+        backward,
+        need_grad_input,
+        n,
+        x,
+        w,
+        kernel,
+        stride,
+        padding,
+        spatial_in,
+        out_sp,
+        c_out,
+        in_bytes,
+        out_bytes,
+        itemsize,
+    )
 
 
 def _channel_block() -> int:
@@ -111,8 +140,24 @@ def _padded(channels: int, block: int) -> int:
     return -(-channels // block) * block
 
 
-def _scratch(name, backend_id, backward, args_need_grad_input, n, x, w, kernel, stride, padding, spatial_in,
-             out_sp, c_out, in_bytes, out_bytes, itemsize) -> int:
+def _scratch(
+    name,
+    backend_id,
+    backward,
+    args_need_grad_input,
+    n,
+    x,
+    w,
+    kernel,
+    stride,
+    padding,
+    spatial_in,
+    out_sp,
+    c_out,
+    in_bytes,
+    out_bytes,
+    itemsize,
+) -> int:
     if name in ("Slow2d", "Slow3d", "SlowDilated2d", "SlowDilated3d"):
         pointwise = all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(padding)
         if pointwise:

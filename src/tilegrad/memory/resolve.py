@@ -43,7 +43,9 @@ def _checked(factory: Callable[[], Any], label: str) -> Factory:
 def _from_colon_spec(spec: str) -> Factory:
     where, _, attr = spec.rpartition(":")
     if not where or not attr:
-        raise TilegradError(f"cannot read model spec {spec!r}: expected package.module:factory or file.py:factory")
+        raise TilegradError(
+            f"cannot read model spec {spec!r}: expected package.module:factory or file.py:factory"
+        )
     if where.endswith(".py") or "/" in where:
         path = Path(where)
         if not path.is_file():
@@ -76,7 +78,9 @@ def _tilegrad_models() -> dict[str, Callable[[], Any]]:
     found = {}
     for n in names:
         obj = getattr(models, n, None)
-        if (isinstance(obj, type) and issubclass(obj, nn.Module)) or (callable(obj) and not isinstance(obj, type)):
+        if (isinstance(obj, type) and issubclass(obj, nn.Module)) or (
+            callable(obj) and not isinstance(obj, type)
+        ):
             found[n] = obj
     return found
 

@@ -89,7 +89,8 @@ def default_loss(output: Any) -> torch.Tensor:
     from torch.utils._pytree import tree_flatten
 
     parts = [
-        t.sum() for t in tree_flatten(output)[0]
+        t.sum()
+        for t in tree_flatten(output)[0]
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
     ]
     if not parts:
