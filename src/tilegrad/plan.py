@@ -208,6 +208,7 @@ class Plan:
     time_ratio: float
     budget: int | None = None
     notes: list[str] = field(default_factory=list)
+    training: bool = True  # False: an inference plan, whose peak is the forward peak
 
     @property
     def tile_size(self) -> tuple[int, ...]:
@@ -238,7 +239,12 @@ class Plan:
                 lines.append(
                     f"  {seg.name}: tile {'x'.join(map(str, seg.tile))} px of a "
                     f"{'x'.join(map(str, seg.in_shape[2:]))} map, {len(seg.grid)} tiles, "
-                    f"overlap x{seg.overlap:.2f}, tile training peak {format_bytes(seg.tile_train_bytes)}"
+                    f"overlap x{seg.overlap:.2f}, "
+                    + (
+                        f"tile training peak {format_bytes(seg.tile_train_bytes)}"
+                        if self.training
+                        else f"tile forward peak {format_bytes(seg.tile_forward_bytes)}"
+                    )
                 )
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
@@ -565,7 +571,7 @@ def plan_streaming(
         )
         if not training:  # inference: no gradients, the forward peak is the peak
             fwd_peak = peak = fixed + max(s.tile_forward_bytes for s in chosen)
-        return Plan(input_shape, chosen, False, peak, fwd_peak, ratio, memory_budget)
+        return Plan(input_shape, chosen, False, peak, fwd_peak, ratio, memory_budget, training=training)
 
     # NOTE [ Tile memory ], continued: with a fixed tile and no budget, the tile sets the limit too. Any plan may
     # be chosen whose predicted peak is at most the lean plan's (one segment: tile + input + output + parameters,
@@ -609,8 +615,10 @@ def plan_streaming(
         f"no streaming plan fits the memory budget of {format_bytes(memory_budget or 0)} for input "
         f"{'x'.join(map(str, input_shape))}: the leanest plan found needs about {format_bytes(smallest.peak_bytes)}, "
         f"more than the {format_bytes(budget or 0)} the planner allows itself ({_BUDGET_SAFETY:.0%} of the budget; "
-        f"the rest is slack for the allocator) ({smallest}). Raise the budget, use a smaller tile, or keep the "
-        "input on disk as a lazy array"
+        f"the rest is slack for the allocator) ({smallest}). Raise the budget"
+        + (", or request a smaller tile_size" if requested is not None else "")
+        + (", or keep the input on disk as a lazy array" if input_in_memory else "")
+        + (", or write the output to a sink on disk (out=)" if not training and output_in_memory else "")
     )
 
 
