@@ -74,3 +74,35 @@ def test_tuple_tiles(tile):
     g = Geometry((DimGeometry(Fraction(1), Fraction(-2), Fraction(2)),) * 2, (1, 1))
     grid = tile_grid(g, (50, 40), (50, 40), tile)
     assert all(a <= b for a, b in zip(grid.max_in_shape, tile))
+
+
+@pytest.mark.parametrize(("stride", "lo", "hi", "align"), GEOMETRIES)
+@pytest.mark.parametrize(("in_len", "tile"), [(64, 40), (333, 97), (333, 256)])
+def test_greedy_cores_use_the_fewest_tiles(stride, lo, hi, align, in_len, tile):
+    """NOTE [ Greedy cores ]: no split of the output into cores whose inputs fit the tile has fewer tiles."""
+    from tilegrad.tiling import _IntDim
+
+    dim = DimGeometry(stride, lo, hi)
+    out_len = max(1, int(in_len / stride))
+    try:
+        spans = plan_dim(dim, align, in_len, out_len, tile)
+    except Exception:
+        return  # tile below the halo: covered above
+    fast = _IntDim(dim, align, in_len)
+
+    def fits(a: int, b: int) -> bool:
+        start, stop = fast.bounds(a, b)
+        return stop - start <= tile or tile >= in_len
+
+    fewest = [0] + [out_len + 1] * out_len  # fewest[b]: fewest cores covering [0, b)
+    for b in range(1, out_len + 1):
+        fewest[b] = min(fewest[a] + 1 for a in range(b) if fits(a, b))
+    assert len(spans) == fewest[out_len]
+
+
+def test_border_tiles_take_longer_cores():
+    """A 3D U-Net's 23 px halo in 64 px tiles: 40 px cores at the borders, 16 inside (6 equal cores before)."""
+    dim = DimGeometry(Fraction(1), Fraction(-23), Fraction(23))
+    spans = plan_dim(dim, 4, 96, 96, 64)
+    assert [(s.out_start, s.out_stop) for s in spans] == [(0, 41), (41, 57), (57, 96)]
+    assert all(s.in_length <= 64 for s in spans)

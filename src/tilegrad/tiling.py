@@ -89,22 +89,23 @@ class _IntDim:
         return int((stop - start).max())
 
 
-def _spans(dim: DimGeometry, align: int, in_len: int, out_len: int, core: int) -> list[Span]:
-    d = _IntDim(dim, align, in_len)
-    return [d.span(j0, min(out_len, j0 + core)) for j0 in range(0, out_len, core)]
-
-
 @functools.lru_cache(maxsize=4096)
 def plan_dim(
     dim: DimGeometry, align: int, in_len: int, out_len: int, tile: int, axis: int = 0
 ) -> tuple[Span, ...]:
-    """Split one dim into tiles whose input extent is at most ``tile``, with the largest possible cores.
+    """Split one dim into tiles whose input extent is at most ``tile``, each with the largest core that fits.
+
+    NOTE [ Greedy cores ]: cores are chosen left to right, each as long as the tile allows. A tile at the image
+    border needs no halo on that side, so its core is longer than an interior one: with a 3D U-Net's 23 px halo a
+    64 px tile covers 40 output px at a border and 16 inside, and a 96 px axis takes 3 tiles instead of the 6 of
+    equal cores (27 tiles in 3D instead of 216). Greedy is optimal here: a sub-range of a core that fits fits too,
+    so no split has fewer tiles.
 
     >>> from fractions import Fraction
     >>> from tilegrad.geometry import DimGeometry
     >>> g = DimGeometry(Fraction(1), Fraction(-2), Fraction(2))   # two 3x3 convs, padding 1
     >>> [(s.in_start, s.in_stop, s.out_start, s.out_stop) for s in plan_dim(g, 1, 20, 20, 10)]
-    [(0, 8, 0, 6), (4, 14, 6, 12), (10, 20, 12, 18), (16, 20, 18, 20)]
+    [(0, 10, 0, 8), (6, 16, 8, 14), (12, 20, 14, 20)]
     """
     if tile >= in_len:
         return (Span(0, in_len, 0, out_len, 0),)
@@ -126,14 +127,20 @@ def plan_dim(
         err.minimum = need  # type: ignore[attr-defined]
         err.halo = (left, right)  # type: ignore[attr-defined]
         raise err
-    lo_core, hi_core = 1, out_len  # largest core that fits, by bisection (input extent grows with the core)
-    while lo_core < hi_core:
-        mid = (lo_core + hi_core + 1) // 2
-        if fits(mid):
-            lo_core = mid
-        else:
-            hi_core = mid - 1
-    return tuple(_spans(dim, align, in_len, out_len, lo_core))
+    spans = []
+    j0 = 0
+    while j0 < out_len:  # NOTE [ Greedy cores ]: the longest core from j0 that fits, by bisection
+        lo_end, hi_end = j0 + 1, out_len  # j0 + 1 fits: fits(1) checked every position
+        while lo_end < hi_end:
+            mid = (lo_end + hi_end + 1) // 2
+            start, stop = fast.bounds(j0, mid)
+            if stop - start <= tile:
+                lo_end = mid
+            else:
+                hi_end = mid - 1
+        spans.append(fast.span(j0, lo_end))
+        j0 = lo_end
+    return tuple(spans)
 
 
 @dataclass(frozen=True)
