@@ -52,7 +52,9 @@ from .units import parse_bytes
 
 __all__ = ["infer"]
 
-_HEAP_GROWTH = 2.0  # resident / live bytes seen under glibc's default policy (NOTE [ Heap growth under a budget ])
+_HEAP_GROWTH = (
+    2.0  # resident / live bytes seen under glibc's default policy (NOTE [ Heap growth under a budget ])
+)
 
 
 def _spatial_ndim(model: nn.Module) -> int:
