@@ -112,24 +112,10 @@ def conv_workspace_bytes(func: Any, args: tuple, kwargs: dict | None = None) -> 
     # Every kernel first makes strided inputs contiguous, e.g. the expanded gradient of a sum through a view.
     copies = sum(t.numel() * itemsize for t in (x, grad_out) if t is not None and not t.is_contiguous())
     need_grad_input = bool(args[10][0]) if backward and len(args) > 10 else True
-    return copies + _scratch(
-        name,
-        int(backend),
-        backward,
-        need_grad_input,
-        n,
-        x,
-        w,
-        kernel,
-        stride,
-        padding,
-        spatial_in,
-        out_sp,
-        c_out,
-        in_bytes,
-        out_bytes,
-        itemsize,
-    )
+    # fmt: off
+    return copies + _scratch(name, int(backend), backward, need_grad_input, n, x, w, kernel, stride, padding,
+                             spatial_in, out_sp, c_out, in_bytes, out_bytes, itemsize)
+    # fmt: on
 
 
 def _channel_block() -> int:
@@ -140,24 +126,10 @@ def _padded(channels: int, block: int) -> int:
     return -(-channels // block) * block
 
 
-def _scratch(
-    name,
-    backend_id,
-    backward,
-    args_need_grad_input,
-    n,
-    x,
-    w,
-    kernel,
-    stride,
-    padding,
-    spatial_in,
-    out_sp,
-    c_out,
-    in_bytes,
-    out_bytes,
-    itemsize,
-) -> int:
+# fmt: off
+def _scratch(name, backend_id, backward, args_need_grad_input, n, x, w, kernel, stride, padding, spatial_in, out_sp,
+             c_out, in_bytes, out_bytes, itemsize) -> int:
+    # fmt: on
     if name in ("Slow2d", "Slow3d", "SlowDilated2d", "SlowDilated3d"):
         pointwise = all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(padding)
         if pointwise:
