@@ -292,9 +292,10 @@ the recomputing backward on meta tensors (that is why it takes longer); the plan
 {chr(10).join(n.replace(";  ", chr(10) + "  ") for n in res["streamed"].notes)}
 ```
 
-Neither figure is measured here: the conventional step needs more memory than this machine has, and the streamed
-one takes hours on 2 CPU cores. Streamed predictions are checked against measurements in BENCHMARKS.md (a small
-CNN whose trunk is streamed in 256 px tiles, at 2048x2048).
+Neither figure is measured by this script: the conventional step needs more memory than this machine has, and the
+streamed one takes about 8 minutes on 2 CPU cores. `benchmarks/streaming_resnet34.py --sizes 8192 --methods
+stream1024` measures the streamed step (BENCHMARKS.md, issue 2: 2.36 GiB resident with tilegrad's allocator
+policy); the memory-accuracy table there checks a streamed small CNN at 2048x2048 against its prediction.
 
 ## What the estimate does not see
 
