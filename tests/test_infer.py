@@ -272,3 +272,29 @@ def test_budget_error_states_the_budget_the_planner_uses():
         tilegrad.MemoryBudgetError, match=r"more than the 80.00 KiB the planner allows itself"
     ):
         tilegrad.infer(model, torch.randn(1, 512, 512), memory_budget=100 * 1024)
+
+
+def test_a_journal_of_another_tilegrad_version_is_refused_clearly(tmp_path):
+    import json
+
+    model = TinyUNet(2).eval()
+    source = torch.randn(1, 92, 68)
+    journal = tmp_path / "j.json"
+    out = np.zeros((2, 92, 68), np.float32)
+    _, handle = _interrupting(model, after=2)
+    with pytest.raises(KeyboardInterrupt):
+        tilegrad.infer(model, source, tile_size=44, out=out, progress=False, journal=journal)
+    handle.remove()
+    data = json.loads(journal.read_text())
+    data["format"] = "tilegrad.infer-journal/1"  # equal cores: same tile size, another grid
+    journal.write_text(json.dumps(data))
+    with pytest.raises(
+        tilegrad.ConfigError, match=r"another tilegrad version \(format 'tilegrad.infer-journal/1'"
+    ):
+        tilegrad.infer(model, source, tile_size=44, out=out, progress=False, journal=journal)
+    data = json.loads(journal.read_text())
+    data["format"], data["fingerprint"]["grid"] = "tilegrad.infer-journal/2", "0" * 16
+    journal.write_text(json.dumps(data))
+    with pytest.raises(tilegrad.ConfigError, match=r"differs in grid\. Resume") as err:
+        tilegrad.infer(model, source, tile_size=44, out=out, progress=False, journal=journal)
+    assert "pass that tile size" not in str(err.value)  # the tile size was the same

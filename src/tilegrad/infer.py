@@ -157,7 +157,9 @@ def infer(
         batch_tiles=batch_tiles,
     )
     if budget is not None:
-        pin_mmap_threshold(device)  # NOTE [ Heap growth under a budget ]: a budget is a promise; it costs time
+        pin_mmap_threshold(
+            device
+        )  # NOTE [ Heap growth under a budget ]: a budget is a promise; it costs time
     (segment,) = plan.segments
     if len(segment.out_shape) != ndim + 2:
         raise ShapeError(
@@ -288,7 +290,11 @@ class _Sink:
         return core
 
 
-_JOURNAL_FORMAT = "tilegrad.infer-journal/1"
+class _OtherVersion(Exception):
+    """A journal in another version's format (internal: becomes a ConfigError)."""
+
+
+_JOURNAL_FORMAT = "tilegrad.infer-journal/2"  # /2: greedy cores (NOTE [ Greedy cores ]) changed the grid
 
 
 def _fingerprint(model: nn.Module, source: Any, out_shape: Sequence[int], out: Any, segment: Any) -> dict:
@@ -327,9 +333,17 @@ class _Journal:
         try:
             data = json.loads(path.read_text())
             if data.get("format") != _JOURNAL_FORMAT:
+                if str(data.get("format", "")).startswith("tilegrad.infer-journal/"):
+                    raise _OtherVersion(repr(data["format"]))
                 raise ValueError(f"format {data.get('format')!r}")
             done = np.unpackbits(np.frombuffer(bytes.fromhex(data["done"]), np.uint8))[:n].astype(bool)
             theirs = data["fingerprint"]
+        except _OtherVersion as err:
+            raise ConfigError(
+                f"{path} was written by another tilegrad version (format {err}, this one writes "
+                f"{_JOURNAL_FORMAT!r}), whose tile grid differs; its tiles cannot be matched. Delete it and the "
+                "partial output it belongs to and run again"
+            ) from None
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise DataError(
                 f"{path} is not a readable tilegrad infer journal ({type(err).__name__}: {err}); delete it (and "
@@ -339,7 +353,7 @@ class _Journal:
         if differ or len(done) != n:
             hint = (
                 f" (the journal's tiles are {theirs.get('tile')} px: pass that tile size)"
-                if "grid" in differ
+                if "tile" in differ
                 else ""
             )
             raise ConfigError(
