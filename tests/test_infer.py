@@ -208,7 +208,8 @@ def test_ctrl_c_keeps_written_tiles_and_the_journal_resumes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.npy"]  # partial and journal are gone
 
 
-def test_a_journal_of_another_run_is_refused(tmp_path):
+def _interrupted_run(tmp_path):
+    """A TinyUNet infer run into ``out`` stopped by Ctrl-C after 2 tiles of 44 px, leaving its journal."""
     model = TinyUNet(2).eval()
     source = torch.randn(1, 92, 68)
     journal = tmp_path / "j.json"
@@ -217,6 +218,11 @@ def test_a_journal_of_another_run_is_refused(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         tilegrad.infer(model, source, tile_size=44, out=out, progress=False, journal=journal)
     handle.remove()
+    return model, source, journal, out
+
+
+def test_a_journal_of_another_run_is_refused(tmp_path):
+    model, source, journal, out = _interrupted_run(tmp_path)
     with pytest.raises(
         tilegrad.ConfigError, match=r"records a different run: it differs in tile, grid.*pass that"
     ):
@@ -277,14 +283,7 @@ def test_budget_error_states_the_budget_the_planner_uses():
 def test_a_journal_of_another_tilegrad_version_is_refused_clearly(tmp_path):
     import json
 
-    model = TinyUNet(2).eval()
-    source = torch.randn(1, 92, 68)
-    journal = tmp_path / "j.json"
-    out = np.zeros((2, 92, 68), np.float32)
-    _, handle = _interrupting(model, after=2)
-    with pytest.raises(KeyboardInterrupt):
-        tilegrad.infer(model, source, tile_size=44, out=out, progress=False, journal=journal)
-    handle.remove()
+    model, source, journal, out = _interrupted_run(tmp_path)
     data = json.loads(journal.read_text())
     data["format"] = "tilegrad.infer-journal/1"  # equal cores: same tile size, another grid
     journal.write_text(json.dumps(data))
