@@ -127,19 +127,33 @@ def plan_dim(
         err.minimum = need  # type: ignore[attr-defined]
         err.halo = (left, right)  # type: ignore[attr-defined]
         raise err
+
+    def fits_span(j0: int, j1: int) -> bool:
+        start, stop = fast.bounds(j0, j1)
+        return stop - start <= tile
+
     spans = []
-    j0 = 0
+    j0, core = 0, 0
     while j0 < out_len:  # NOTE [ Greedy cores ]: the longest core from j0 that fits, by bisection
         lo_end, hi_end = j0 + 1, out_len  # j0 + 1 fits: fits(1) checked every position
+        guess = (
+            j0 + core
+        )  # interior cores repeat: try the previous length first (two bounds, not a bisection)
+        if core and guess <= out_len:
+            if not fits_span(j0, guess):
+                hi_end = guess - 1
+            elif guess == out_len or not fits_span(j0, guess + 1):
+                lo_end = hi_end = guess
+            else:
+                lo_end = guess + 1
         while lo_end < hi_end:
             mid = (lo_end + hi_end + 1) // 2
-            start, stop = fast.bounds(j0, mid)
-            if stop - start <= tile:
+            if fits_span(j0, mid):
                 lo_end = mid
             else:
                 hi_end = mid - 1
         spans.append(fast.span(j0, lo_end))
-        j0 = lo_end
+        j0, core = lo_end, lo_end - j0
     return tuple(spans)
 
 
