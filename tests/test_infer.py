@@ -297,3 +297,11 @@ def test_a_journal_of_another_tilegrad_version_is_refused_clearly(tmp_path):
     with pytest.raises(tilegrad.ConfigError, match=r"differs in grid\. Resume") as err:
         tilegrad.infer(model, source, tile_size=44, out=out, progress=False, journal=journal)
     assert "pass that tile size" not in str(err.value)  # the tile size was the same
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"format": "something else"}'])
+def test_an_unreadable_journal_is_a_data_error(tmp_path, text):
+    model, source, journal, out = _interrupted_run(tmp_path)
+    journal.write_text(text)
+    with pytest.raises(tilegrad.DataError, match="is not a readable tilegrad infer journal"):
+        tilegrad.infer(model, source, tile_size=44, out=out, progress=False, journal=journal)

@@ -24,8 +24,8 @@ is told (``mark_written``) which regions they already hold.
 
 With a memory budget the CPU allocator is set as in NOTE [ Heap growth under a budget ] (tilegrad/_allocator.py).
 It costs time on allocation-heavy models (MONAI UNet 16-32-64, 192^3 in 136^3 tiles: about 2.5 s -> 4.0 s), but
-glibc's default policy makes the peak unpredictable: 310 to 444 MiB resident for 241 MiB predicted in repeated
-runs of that case, over a 512 MiB budget on a cold start. Pinning only when the budget left room was tried and
+glibc's default policy makes the peak unpredictable: 310 to 448 MiB resident for 241 MiB predicted in repeated
+runs of that case, and 541 to 572 MiB on a cold start, over a 512 MiB budget. Pinning only when the budget left room was tried and
 broke the budget.
 """
 
@@ -52,10 +52,6 @@ from .typing import ArrayLike, Bytes
 from .units import parse_bytes
 
 __all__ = ["infer"]
-
-_HEAP_GROWTH = (
-    2.0  # resident / live bytes seen under glibc's default policy (NOTE [ Heap growth under a budget ])
-)
 
 
 def _spatial_ndim(model: nn.Module) -> int:
@@ -156,10 +152,8 @@ def infer(
         output_in_memory=out is None,
         batch_tiles=batch_tiles,
     )
-    if budget is not None:
-        pin_mmap_threshold(
-            device
-        )  # NOTE [ Heap growth under a budget ]: a budget is a promise; it costs time
+    if budget is not None:  # NOTE [ Heap growth under a budget ]: a budget is a promise; it costs time
+        pin_mmap_threshold(device)
     (segment,) = plan.segments
     if len(segment.out_shape) != ndim + 2:
         raise ShapeError(
@@ -290,11 +284,8 @@ class _Sink:
         return core
 
 
-class _OtherVersion(Exception):
-    """A journal in another version's format (internal: becomes a ConfigError)."""
-
-
-_JOURNAL_FORMAT = "tilegrad.infer-journal/2"  # /2: greedy cores (NOTE [ Greedy cores ]) changed the grid
+_JOURNAL_FAMILY = "tilegrad.infer-journal/"
+_JOURNAL_FORMAT = _JOURNAL_FAMILY + "2"  # /2: greedy cores (NOTE [ Greedy cores ]) changed the grid
 
 
 def _fingerprint(model: nn.Module, source: Any, out_shape: Sequence[int], out: Any, segment: Any) -> dict:
@@ -332,23 +323,23 @@ class _Journal:
             return journal
         try:
             data = json.loads(path.read_text())
-            if data.get("format") != _JOURNAL_FORMAT:
-                if str(data.get("format", "")).startswith("tilegrad.infer-journal/"):
-                    raise _OtherVersion(repr(data["format"]))
-                raise ValueError(f"format {data.get('format')!r}")
-            done = np.unpackbits(np.frombuffer(bytes.fromhex(data["done"]), np.uint8))[:n].astype(bool)
-            theirs = data["fingerprint"]
-        except _OtherVersion as err:
-            raise ConfigError(
-                f"{path} was written by another tilegrad version (format {err}, this one writes "
-                f"{_JOURNAL_FORMAT!r}), whose tile grid differs; its tiles cannot be matched. Delete it and the "
-                "partial output it belongs to and run again"
-            ) from None
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            fmt = data.get("format")
+            if not str(fmt).startswith(_JOURNAL_FAMILY):
+                raise ValueError(f"format {fmt!r}")
+            if fmt == _JOURNAL_FORMAT:
+                done = np.unpackbits(np.frombuffer(bytes.fromhex(data["done"]), np.uint8))[:n].astype(bool)
+                theirs = data["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise DataError(
                 f"{path} is not a readable tilegrad infer journal ({type(err).__name__}: {err}); delete it (and "
                 "the partial output it belongs to) to start over"
             ) from None
+        if fmt != _JOURNAL_FORMAT:
+            raise ConfigError(
+                f"{path} was written by another tilegrad version (format {fmt!r}, this one writes "
+                f"{_JOURNAL_FORMAT!r}), whose tile grid differs; its tiles cannot be matched. Delete it and the "
+                "partial output it belongs to and run again"
+            )
         differ = [k for k in fingerprint if theirs.get(k) != fingerprint[k]]
         if differ or len(done) != n:
             hint = (

@@ -136,9 +136,8 @@ def plan_dim(
     j0, core = 0, 0
     while j0 < out_len:  # NOTE [ Greedy cores ]: the longest core from j0 that fits, by bisection
         lo_end, hi_end = j0 + 1, out_len  # j0 + 1 fits: fits(1) checked every position
-        guess = (
-            j0 + core
-        )  # interior cores repeat: try the previous length first (two bounds, not a bisection)
+        # interior cores repeat: try the previous length first (two bounds, not a bisection)
+        guess = j0 + core
         if core and guess <= out_len:
             if not fits_span(j0, guess):
                 hi_end = guess - 1
