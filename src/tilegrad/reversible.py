@@ -59,6 +59,7 @@ from torch.autograd.function import once_differentiable
 
 from ._autocast import autocast_state, replay_autocast
 from .errors import ConfigError, NotInvertibleError, ShapeError
+from .geometry import Context, Geometry, compose, merge, module_geometry, register_geometry_rule
 
 __all__ = ["AdditiveCoupling", "ReconstructionWarning", "ReversibleSequential"]
 
@@ -479,11 +480,11 @@ class ReversibleSequential(nn.Module):
         return ", ".join(parts)
 
 
-def _reversible_geometry(ctx: Any, module: ReversibleSequential, node: Any, inputs: list) -> Any:
+def _reversible_geometry(
+    ctx: Context, module: ReversibleSequential, node: Any, inputs: list[Geometry]
+) -> Geometry:
     """Geometry of a reversible stack: y1 depends on x1 and f(x2); y2 on x2 and g(y1)."""
-    from .geometry import Geometry, _merge, compose, module_geometry
-
-    out = _merge(ctx, inputs)
+    out = merge(ctx, inputs)
     ndim = ctx.ndim
     identity = Geometry.identity(ndim)
     for i, block in enumerate(module.blocks):
@@ -492,17 +493,11 @@ def _reversible_geometry(ctx: Any, module: ReversibleSequential, node: Any, inpu
                 f"block {i} splits dim {block.split_dim}; only the channel dim (1) can be split when streaming"
             )
         gf = module_geometry(block.f, ndim, f"{ctx.where} block {i} f")
-        y1 = _merge(ctx, [identity, gf])
+        y1 = merge(ctx, [identity, gf])
         gg = module_geometry(block.g, ndim, f"{ctx.where} block {i} g")
-        y2 = _merge(ctx, [identity, compose(y1, gg)])
-        out = compose(out, _merge(ctx, [y1, y2]))
+        y2 = merge(ctx, [identity, compose(y1, gg)])
+        out = compose(out, merge(ctx, [y1, y2]))
     return out
 
 
-def _register() -> None:
-    from .geometry import register_geometry_rule
-
-    register_geometry_rule(ReversibleSequential, _reversible_geometry)
-
-
-_register()
+register_geometry_rule(ReversibleSequential, _reversible_geometry)

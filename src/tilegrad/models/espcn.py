@@ -5,11 +5,21 @@ while the activation memory of training stays about that of the baseline."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ShapeError
+from ..geometry import (
+    Context,
+    Geometry,
+    compose,
+    merge,
+    module_geometry,
+    pixel_shuffle,
+    register_geometry_rule,
+)
 from ..reversible import AdditiveCoupling, ReversibleSequential
 
 __all__ = ["ESPCN3d", "PixelShuffle3d"]
@@ -143,16 +153,10 @@ class ESPCN3d(nn.Module):
         return self.layers(x)
 
 
-def _register() -> None:
-    from ..geometry import _merge, _pixel_shuffle, compose, module_geometry, register_geometry_rule
-
-    def espcn_rule(
-        ctx, module, node, inputs
-    ):  # forward checks x.dim(), which fx cannot trace: use the layers
-        return compose(_merge(ctx, inputs), module_geometry(module.layers, ctx.ndim, ctx.where))
-
-    register_geometry_rule(PixelShuffle3d, _pixel_shuffle)
-    register_geometry_rule(ESPCN3d, espcn_rule)
+def _espcn_rule(ctx: Context, module: ESPCN3d, node: Any, inputs: list[Geometry]) -> Geometry:
+    """ESPCN3d.forward checks x.dim(), which fx cannot trace: the geometry is that of its layers."""
+    return compose(merge(ctx, inputs), module_geometry(module.layers, ctx.ndim, ctx.where))
 
 
-_register()
+register_geometry_rule(PixelShuffle3d, pixel_shuffle)
+register_geometry_rule(ESPCN3d, _espcn_rule)

@@ -1,0 +1,201 @@
+"""The toolkit for writing geometry rules: teach tilegrad the receptive field of a layer it does not know.
+
+A *rule* takes ``(ctx, module, node, inputs)``: a :class:`Context` (spatial rank, the layer's name for messages), the
+module (None for functions and tensor methods), the ``torch.fx`` node, and the geometries of the node's spatial
+inputs; it returns the geometry of the output (tilegrad/geometry/core.py) or refuses with ``ctx.refuse(why)``.
+:func:`register_geometry_rule` files it under a module type (subclasses inherit it), a function or a tensor method
+name. The building blocks here are the ones tilegrad's own rules (tilegrad/geometry/rules/) are written with:
+
+* ``ctx.op(g, stride, lo, hi)``: a local op whose output j reads its input j*stride + lo ... j*stride + hi;
+* ``ctx.tup(value, name)``: an int or a sequence as one entry per spatial dim;
+* :func:`merge`: element-wise combination of several tensors on the same grid (additions, concatenations);
+* :func:`window`: a sliding window (kernel, stride, padding, dilation), as convolutions and pooling have;
+* :func:`elementwise`, :func:`pixel_shuffle`, :func:`refusing`: ready-made rules.
+
+>>> import torch
+>>> from torch import nn
+>>> from tilegrad.geometry import receptive_field
+>>> class Blur(nn.Module):  # a 5-tap box filter along every spatial axis, written without a Conv module
+...     def forward(self, x):
+...         return torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2)
+>>> def blur_rule(ctx, module, node, inputs):
+...     return window(ctx, inputs, kernel=5, stride=1, padding=2)
+>>> register_geometry_rule(Blur, blur_rule)
+>>> print(receptive_field(nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), Blur()), ndim=2))
+stride 1 x 1, halo 3+3 x 3+3 px, receptive field 7 x 7 px
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+from typing import Any
+
+import torch.fx
+from torch import nn
+
+from ..errors import NotStreamableError
+from .core import Geometry
+
+__all__ = [
+    "Context",
+    "Rule",
+    "elementwise",
+    "function_rule",
+    "merge",
+    "module_rule",
+    "node_arg",
+    "pixel_shuffle",
+    "refusing",
+    "register_geometry_rule",
+    "shuffle",
+    "window",
+]
+
+Rule = Callable[["Context", Any, torch.fx.Node, list[Geometry]], Geometry]
+"""``rule(ctx, module_or_None, node, spatial_input_geometries) -> output geometry``."""
+
+_MODULE_RULES: dict[type, Rule] = {}
+_FUNCTION_RULES: dict[Any, Rule] = {}
+
+
+def register_geometry_rule(target: type | Callable[..., Any] | str, rule: Rule) -> None:
+    """Teach tilegrad the geometry of a custom module type, function or tensor method name.
+
+    ``rule(ctx, module, node, inputs)`` receives the geometries of the spatial inputs and returns the output's;
+    ``ctx.op(geometry, stride, lo, hi)`` applies a local op (units of its input), ``ctx.refuse(why)`` raises
+    NotStreamableError naming the layer. Subclasses of a registered module type use its rule. The building blocks
+    are in :mod:`tilegrad.geometry.toolkit`.
+    """
+    if isinstance(target, type):
+        _MODULE_RULES[target] = rule
+    else:
+        _FUNCTION_RULES[target] = rule
+
+
+def module_rule(module: nn.Module) -> Rule | None:
+    """The rule registered for ``module``'s type or its nearest base class, or None."""
+    for klass in type(module).__mro__:
+        rule = _MODULE_RULES.get(klass)
+        if rule is not None:
+            return rule
+    return None
+
+
+def function_rule(target: Any) -> Rule | None:
+    """The rule registered for a function or a tensor method name, or None."""
+    return _FUNCTION_RULES.get(target)
+
+
+class Context:
+    """What a rule knows besides its inputs: the spatial rank (``ndim``) and the layer's name (``where``)."""
+
+    def __init__(self, ndim: int, where: str):
+        self.ndim = ndim
+        self.where = where
+
+    def refuse(self, why: str) -> None:
+        """Raise NotStreamableError: '<where> cannot be streamed: <why>'."""
+        raise NotStreamableError(f"{self.where} cannot be streamed: {why}")
+
+    def op(
+        self,
+        geometry: Geometry,
+        stride: Sequence[Fraction | int],
+        lo: Sequence[Fraction | int],
+        hi: Sequence[Fraction | int],
+    ) -> Geometry:
+        """Apply a local op whose output j depends on its input j*stride + lo ... j*stride + hi (per dim, in units
+        of the op's input)."""
+        dims = tuple(
+            d.then(Fraction(s), Fraction(a), Fraction(b)) for d, s, a, b in zip(geometry.dims, stride, lo, hi)
+        )
+        align = tuple(math.lcm(a, d.stride.numerator) for a, d in zip(geometry.align, dims))
+        return Geometry(dims, align)
+
+    def tup(self, value: Any, name: str) -> tuple[int, ...]:
+        """``value`` (an int, or a sequence of one or ``ndim`` entries) as one entry per spatial dim."""
+        if isinstance(value, int):
+            return (value,) * self.ndim
+        value = tuple(value)
+        if len(value) == 1:
+            return value * self.ndim
+        if len(value) != self.ndim:
+            self.refuse(f"{name}={value} has {len(value)} entries but the input has {self.ndim} spatial dims")
+        return value
+
+
+def merge(ctx: Context, inputs: list[Geometry]) -> Geometry:
+    """Element-wise combination of several spatial tensors: same stride, union of dependencies."""
+    if not inputs:
+        ctx.refuse("it has no spatial input")
+    out = inputs[0]
+    for other in inputs[1:]:
+        if any(a.stride != b.stride for a, b in zip(out.dims, other.dims)):
+            strides = [tuple(str(d.stride) for d in g.dims) for g in (out, other)]
+            ctx.refuse(f"it combines tensors on different grids (strides {strides[0]} and {strides[1]})")
+        out = Geometry(
+            tuple(a.union(b) for a, b in zip(out.dims, other.dims)),
+            tuple(math.lcm(x, y) for x, y in zip(out.align, other.align)),
+        )
+    return out
+
+
+def elementwise(ctx: Context, module: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    """The rule of point-wise ops (activations, additions, dtype casts): :func:`merge` of the inputs."""
+    return merge(ctx, inputs)
+
+
+def window(
+    ctx: Context, inputs: list[Geometry], kernel: Any, stride: Any, padding: Any, dilation: Any = 1
+) -> Geometry:
+    """A sliding window over one input, with torch's conventions (``stride`` None or () means the kernel size;
+    ``padding`` may be "valid" or "same")."""
+    (g,) = inputs
+    k = ctx.tup(kernel, "kernel_size")
+    s = ctx.tup(stride if stride not in (None, ()) else kernel, "stride")
+    d = ctx.tup(dilation, "dilation")
+    if isinstance(padding, str):
+        if padding == "valid":
+            p = (0,) * ctx.ndim
+        else:  # "same": torch pads total d*(k-1), the smaller half on the left
+            p = tuple(di * (ki - 1) // 2 for ki, di in zip(k, d))
+    else:
+        p = ctx.tup(padding, "padding")
+    return ctx.op(
+        g,
+        s,
+        [-pi for pi in p],
+        [-pi + di * (ki - 1) for ki, di, pi in zip(k, d, p)],
+    )
+
+
+def shuffle(ctx: Context, g: Geometry, factor: int) -> Geometry:
+    """Pixel shuffle by ``factor``: output o reads input floor(o / factor) (channels to space)."""
+    r = factor
+    return ctx.op(g, [Fraction(1, r)] * ctx.ndim, [Fraction(-(r - 1), r)] * ctx.ndim, [0] * ctx.ndim)
+
+
+def pixel_shuffle(ctx: Context, m: nn.Module, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    """The rule of a pixel-shuffle module with an ``upscale_factor`` attribute (nn.PixelShuffle and its N-d
+    relatives such as tilegrad.models.PixelShuffle3d)."""
+    (g,) = inputs
+    return shuffle(ctx, g, m.upscale_factor)
+
+
+def refusing(why: str) -> Rule:
+    """A rule that refuses every use of its target, saying ``why`` (global pooling, attention, ...)."""
+
+    def rule(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+        ctx.refuse(why)
+        raise AssertionError("unreachable")
+
+    return rule
+
+
+def node_arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``index`` (positional) or ``name`` (keyword) of a traced call, or ``default``."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
