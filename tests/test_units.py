@@ -1,6 +1,6 @@
 import pytest
 
-from tilegrad import MemoryBudgetError, TilegradError, format_bytes, parse_bytes
+from tilegrad import ConfigError, TilegradError, format_bytes, parse_bytes
 
 
 @pytest.mark.parametrize(
@@ -19,7 +19,8 @@ def test_parse_bytes(text, expected):
 
 @pytest.mark.parametrize("bad", ["two gigs", "2 GiBs", "-1GB", 0, True, None])
 def test_parse_bytes_rejects_with_a_clear_message(bad):
-    with pytest.raises(MemoryBudgetError) as info:
+    # an unreadable budget is a configuration mistake; MemoryBudgetError means "no plan fits"
+    with pytest.raises(ConfigError) as info:
         parse_bytes(bad)
     assert isinstance(info.value, TilegradError)
     assert repr(bad) in str(info.value) or type(bad).__name__ in str(info.value)

@@ -3,6 +3,22 @@
 Every message says what was expected, what was received and what to do next, e.g.::
 
     tile_size 128 is smaller than the halo the network needs (2 x 93 px + stride 32): use at least 256
+
+One class per kind of mistake, whichever entry point (StreamingModule, plan_streaming, infer, estimate_memory, the
+io readers and writers, the training loop, the command line) meets it:
+
+* a value or a combination of options that cannot be used (``mode="fast"``, ``tile_size="auto"`` without a budget,
+  ``batch_tiles=0``, an unknown model, optimizer, dtype or device name, a budget string that is not a byte count):
+  :class:`ConfigError`;
+* an input, tile or output whose shape does not fit (wrong rank, a tile tuple with the wrong number of entries):
+  :class:`ShapeError`;
+* a tile that cannot hold the receptive field: :class:`GeometryError`; a layer that is not local:
+  :class:`NotStreamableError`;
+* no plan fits the memory budget: :class:`MemoryBudgetError` (only that: an unreadable budget is a ConfigError);
+* a file or a value read from one that is not what it should be: :class:`DataError`.
+
+Each class also derives from the builtin exception its kind used to raise (ValueError, TypeError, ...), so code that
+catches those keeps working.
 """
 
 from __future__ import annotations
@@ -43,7 +59,11 @@ class NotStreamableError(TilegradError, TypeError):
 
 
 class MemoryBudgetError(TilegradError, ValueError):
-    """No plan fits the memory budget, or a budget string cannot be parsed."""
+    """No plan fits the memory budget: the message gives the smallest peak found and what would help.
+
+    A budget that cannot be read as a byte count (``"lots"``, ``-1``) is a :class:`ConfigError` (earlier versions
+    raised MemoryBudgetError for it; both derive from ValueError).
+    """
 
 
 class DataError(TilegradError, ValueError):
@@ -55,7 +75,9 @@ class CheckpointError(TilegradError, RuntimeError):
 
 
 class ConfigError(TilegradError, ValueError):
-    """An option or a combination of options cannot be used (unknown model name, unsupported precision, ...)."""
+    """An option or a combination of options cannot be used: a value outside its choices (``mode="fast"``), a
+    missing partner (``tile_size="auto"`` without ``memory_budget``), an unknown model, optimizer, dtype or device
+    name, an unreadable byte count, an output that exists without ``overwrite``."""
 
 
 class MissingDependencyError(TilegradError, ImportError):

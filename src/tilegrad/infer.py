@@ -45,11 +45,11 @@ from torch import nn
 
 from ._allocator import pin_mmap_threshold
 from .errors import ConfigError, DataError, ShapeError
+from .options import batch_tiles_option, budget_option
 from .plan import plan_streaming
 from .stream import _Reader
 from .tiling import Tile
 from .typing import ArrayLike, Bytes
-from .units import parse_bytes
 
 __all__ = ["infer"]
 
@@ -116,11 +116,8 @@ def infer(
     True
     """
     if tile_size is None and memory_budget is None:
-        raise ShapeError("infer needs tile_size= or memory_budget= (e.g. memory_budget='2GiB')")
-    if isinstance(batch_tiles, bool) or not isinstance(batch_tiles, int) or batch_tiles < 1:
-        raise ConfigError(
-            f"batch_tiles must be a positive int (tiles per forward call); received {batch_tiles!r}"
-        )
+        raise ConfigError("infer needs tile_size= or memory_budget= (e.g. memory_budget='2GiB')")
+    batch_tiles = batch_tiles_option(batch_tiles)
     ndim = ndim or _spatial_ndim(model)
     shape = tuple(int(s) for s in source.shape)
     if len(shape) == ndim + 1:
@@ -139,7 +136,7 @@ def infer(
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
     dtype = params[0].dtype if params else torch.float32
-    budget = None if memory_budget is None else parse_bytes(memory_budget)
+    budget = budget_option(memory_budget)
     plan = plan_streaming(
         model,
         full_shape,
@@ -321,19 +318,20 @@ class _Journal:
         journal = cls(path, fingerprint, n)
         if not path.exists():
             return journal
+        unreadable = (
+            f"{path} is not a readable tilegrad infer journal ({{}}); delete it (and the partial output it belongs "
+            "to) to start over"
+        )
         try:
             data = json.loads(path.read_text())
             fmt = data.get("format")
-            if not str(fmt).startswith(_JOURNAL_FAMILY):
-                raise ValueError(f"format {fmt!r}")
             if fmt == _JOURNAL_FORMAT:
                 done = np.unpackbits(np.frombuffer(bytes.fromhex(data["done"]), np.uint8))[:n].astype(bool)
                 theirs = data["fingerprint"]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise DataError(
-                f"{path} is not a readable tilegrad infer journal ({type(err).__name__}: {err}); delete it (and "
-                "the partial output it belongs to) to start over"
-            ) from None
+            raise DataError(unreadable.format(f"{type(err).__name__}: {err}")) from None
+        if not str(fmt).startswith(_JOURNAL_FAMILY):
+            raise DataError(unreadable.format(f"format {fmt!r}"))
         if fmt != _JOURNAL_FORMAT:
             raise ConfigError(
                 f"{path} was written by another tilegrad version (format {fmt!r}, this one writes "

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import itertools
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -29,9 +28,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import GeometryError, MemoryBudgetError, NotStreamableError
+from .errors import GeometryError, MemoryBudgetError, NotStreamableError, ShapeError
 from .geometry import Geometry, compose, module_geometry
+from .options import batch_tiles_option, budget_option, mode_option, require_budget, tile_size_option
+from .segment import Chain, Unit, units_of
 from .tiling import TileGrid, tile_grid
+from .typing import Bytes
 from .units import format_bytes
 
 __all__ = ["Plan", "SegmentPlan", "Unit", "plan_streaming", "units_of"]
@@ -51,53 +53,6 @@ _BUDGET_SAFETY = 0.8
 # tile 1024, predicted at 4096 / 8192 px: 0.25 -> 1.71 / 2.31 GiB at x1.44 / x9.8 of conventional time,
 # 0.5 -> 1.95 / 2.72 GiB at x1.41 / x1.9, 1.0 -> 2.47 / 3.24 GiB at x1.37 / x1.6.
 _FIXED_TILE_EXTRA = 0.5
-
-
-@dataclass
-class Unit:
-    """One top-level layer of the trunk (nested nn.Sequential containers are flattened)."""
-
-    name: str
-    module: nn.Module
-    geometry: Geometry | None = None
-    in_shape: tuple[int, ...] = ()
-    out_shape: tuple[int, ...] = ()
-    saved_bytes: int = 0  # saved for backward on the whole image
-    flops: float = 0.0  # forward FLOPs on the whole image
-    peak_act_bytes: int = 0  # largest single tensor produced inside the unit
-
-
-def units_of(module: nn.Module) -> list[Unit]:
-    """Flatten nested ``nn.Sequential`` containers into named units; any other module is one unit."""
-    if not isinstance(module, nn.Sequential):
-        return [Unit("", module)]
-    out: list[Unit] = []
-    for name, child in module.named_children():
-        if isinstance(child, nn.Sequential) and len(child) > 0:
-            out.extend(Unit(f"{name}.{u.name}" if u.name else name, u.module) for u in units_of(child))
-        else:
-            out.append(Unit(name, child))
-    return out
-
-
-class Chain(nn.Module):
-    """Runs a list of units in order (a segment). Holds no parameters of its own in state_dict terms."""
-
-    def __init__(self, units: Sequence[Unit]):
-        super().__init__()
-        self._units = list(units)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for unit in self._units:
-            x = unit.module(x)
-        return x
-
-    def parameters_of(self) -> list[nn.Parameter]:
-        seen: dict[int, nn.Parameter] = OrderedDict()
-        for unit in self._units:
-            for p in unit.module.parameters():
-                seen.setdefault(id(p), p)
-        return list(seen.values())
 
 
 def _without_hooks(module: nn.Module) -> nn.Module:
@@ -392,7 +347,7 @@ def plan_streaming(
     input_shape: Sequence[int],
     *,
     tile_size: int | Sequence[int] | str = "auto",
-    memory_budget: int | None = None,
+    memory_budget: Bytes | None = None,
     dtype: torch.dtype = torch.float32,
     mode: str = "auto",
     input_in_memory: bool = True,
@@ -406,15 +361,21 @@ def plan_streaming(
     ``mode``: "lean" (one segment, memory flat in the image size), "stages" (cut at every change of scale),
     or "auto" (with a budget: the fastest plan that fits, including unstreamed execution; without: "lean" plus
     cuts at boundaries no larger than the input). ``batch_tiles`` (inference only): tiles run together in one
-    forward call, as ``tilegrad.infer(batch_tiles=)`` does (NOTE [ Tile batches ] in infer.py).
+    forward call, as ``tilegrad.infer(batch_tiles=)`` does (NOTE [ Tile batches ] in infer.py). ``memory_budget``
+    is bytes or a string such as ``"2GiB"``. Option mistakes raise :class:`tilegrad.ConfigError`; no plan under the
+    budget, :class:`tilegrad.MemoryBudgetError`.
     """
     input_shape = tuple(int(s) for s in input_shape)
     ndim = len(input_shape) - 2
-    if mode not in ("auto", "lean", "stages"):
-        raise GeometryError(f"mode must be 'auto', 'lean' or 'stages', received {mode!r}")
-    if tile_size == "auto" and memory_budget is None:
-        raise MemoryBudgetError(
-            "tile_size='auto' needs memory_budget= (bytes or a string such as '2GiB') to choose a tile"
+    tile_size = tile_size_option(tile_size)
+    memory_budget = budget_option(memory_budget)
+    mode = mode_option(mode)
+    batch_tiles = batch_tiles_option(batch_tiles)
+    require_budget(tile_size, memory_budget)
+    if isinstance(tile_size, tuple) and len(tile_size) != ndim:
+        raise ShapeError(
+            f"tile_size {tile_size} has {len(tile_size)} entries but the input has {ndim} spatial dims "
+            f"(shape {input_shape}): give one entry per spatial dim or a single int"
         )
     units = units_of(module)
     for unit in units:

@@ -22,10 +22,10 @@ from torch import nn
 
 from ._allocator import pin_mmap_threshold
 from ._autocast import autocast_state, replay_autocast
-from .errors import GeometryError, ShapeError, TilegradError
+from .errors import ConfigError, ShapeError, TilegradError
+from .options import budget_option, mode_option, require_budget, tile_size_option
 from .plan import Plan, SegmentPlan, plan_streaming
 from .typing import ArrayLike, Bytes, TileSize
-from .units import parse_bytes
 
 __all__ = ["GradientSink", "StreamingModule"]
 
@@ -192,6 +192,8 @@ class StreamingModule(nn.Module):
             (needs ``memory_budget``) to pick the fastest plan whose predicted peak fits.
         memory_budget: bytes or a string such as ``"2GiB"``; the planner keeps the predicted peak of a training
             step under it (with 20% slack) and raises :class:`tilegrad.MemoryBudgetError` if nothing fits.
+            Option mistakes (``tile_size=0``, ``"auto"`` without a budget, an unknown ``mode``) raise
+            :class:`tilegrad.ConfigError`.
         mode: ``"lean"`` streams the trunk as one segment (memory flat in the image size, the whole halo recomputed
             per tile); ``"stages"`` cuts it after every layer that changes the scale and keeps those feature maps
             (much less recomputation); ``"auto"`` (default) decides: with a budget the fastest plan that fits
@@ -224,16 +226,12 @@ class StreamingModule(nn.Module):
     ):
         super().__init__()
         if not isinstance(module, nn.Module):
-            raise TypeError(f"StreamingModule wraps an nn.Module, received {type(module).__name__}")
+            raise ConfigError(f"StreamingModule wraps an nn.Module, received {type(module).__name__}")
         self.module = module
-        self._tile_request = self._check_tile(tile_size)
-        self.memory_budget = None if memory_budget is None else parse_bytes(memory_budget)
-        if self._tile_request == "auto" and self.memory_budget is None:
-            raise GeometryError(
-                "tile_size='auto' needs memory_budget= (bytes or a string such as '2GiB') to choose a tile"
-            )
-        if mode not in ("auto", "lean", "stages"):
-            raise GeometryError(f"mode must be 'auto', 'lean' or 'stages', received {mode!r}")
+        self._tile_request = tile_size_option(tile_size)
+        self.memory_budget = budget_option(memory_budget)
+        require_budget(self._tile_request, self.memory_budget)
+        mode = mode_option(mode)
         self.mode = mode
         self.progress = progress
         self._plans: dict[tuple, Plan] = {}
@@ -250,17 +248,6 @@ class StreamingModule(nn.Module):
             state_dict[prefix + "module." + key[len(prefix) :]] = state_dict.pop(key)
 
     # -- configuration --------------------------------------------------------------------------------------
-    @staticmethod
-    def _check_tile(tile_size: TileSize) -> int | tuple[int, ...] | str:
-        if tile_size == "auto":
-            return "auto"
-        if isinstance(tile_size, bool) or not isinstance(tile_size, (int, tuple, list)):
-            raise ShapeError(f"tile_size must be an int, a tuple of ints or 'auto', received {tile_size!r}")
-        values = (tile_size,) if isinstance(tile_size, int) else tuple(tile_size)
-        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-            raise ShapeError(f"tile_size must hold positive ints, received {tile_size!r}")
-        return tile_size if isinstance(tile_size, int) else tuple(values)
-
     @property
     def tile_size(self) -> tuple[int, ...] | int | str:
         """The tile of the last plan (input pixels), or the requested value before the first forward."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import MemoryBudgetError
+from .errors import ConfigError
 
 __all__ = ["format_bytes", "parse_bytes"]
 
@@ -30,6 +30,8 @@ _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\
 def parse_bytes(value: int | float | str) -> int:
     """Return a byte count from an int, a float or a string such as ``"2GiB"``, ``"512 MB"`` or ``"1e9"``.
 
+    Anything else, or a count that is not positive, raises :class:`tilegrad.ConfigError`.
+
     >>> parse_bytes("2GiB")
     2147483648
     >>> parse_bytes("1.5 GB")
@@ -38,25 +40,25 @@ def parse_bytes(value: int | float | str) -> int:
     4096
     """
     if isinstance(value, bool):
-        raise MemoryBudgetError(f"expected a byte count such as 2147483648 or '2GiB', received {value!r}")
+        raise ConfigError(f"expected a byte count such as 2147483648 or '2GiB', received {value!r}")
     if isinstance(value, (int, float)):
         if value <= 0:
-            raise MemoryBudgetError(f"a memory budget must be positive, received {value!r}")
+            raise ConfigError(f"a memory budget must be positive, received {value!r}")
         return int(value)
     if not isinstance(value, str):
-        raise MemoryBudgetError(
+        raise ConfigError(
             f"expected a byte count such as 2147483648 or '2GiB', received {type(value).__name__} {value!r}"
         )
     match = _PATTERN.match(value)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
-        raise MemoryBudgetError(
+        raise ConfigError(
             f"cannot read {value!r} as a byte count: expected a number with an optional unit "
             f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. '2GiB' or '512MB'"
         )
     number = float(match.group(1)) * _UNITS[unit]
     if number <= 0:
-        raise MemoryBudgetError(f"a memory budget must be positive, received {value!r}")
+        raise ConfigError(f"a memory budget must be positive, received {value!r}")
     return int(number)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 __all__ = ["RawArrayFile"]
 
@@ -45,7 +45,7 @@ class RawArrayFile:
         self.dtype = np.dtype(dtype)
         self.offset = int(offset)
         if order not in ("C", "F"):
-            raise ValueError(f"order must be 'C' or 'F'; received {order!r}")
+            raise ConfigError(f"order must be 'C' or 'F'; received {order!r}")
         self.order = order
         self.writable = writable
         self._fd: int | None = None

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
+
 __all__ = [
     "DemoSettings",
     "make_demo_slides",
@@ -81,7 +83,6 @@ def _prepare_out(out: Path, factor: int) -> None:
     """Create ``out``; replace what a previous demo wrote there; refuse a non-empty directory the demo did not make."""
     import shutil
 
-    from ..errors import ConfigError
 
     if out.exists() and any(out.iterdir()) and not (out / _MARKER).exists():
         raise ConfigError(f"{out} exists and was not written by tilegrad demo; choose another --out")
@@ -197,7 +198,7 @@ def make_demo_slides(out: str | Path, settings: DemoSettings | None = None) -> d
     slide_dir.mkdir(parents=True, exist_ok=True)
     levels = int(np.log2(s.factor)) + 1
     if 2 ** (levels - 1) != s.factor:
-        raise ValueError(f"the downsampling factor must be a power of 2, received {s.factor}")
+        raise ConfigError(f"the downsampling factor must be a power of 2, received {s.factor}")
     source = _texture_source()
     rng = np.random.default_rng(s.seed)
     rows, lesions = ["image,label,split"], {}
@@ -323,7 +324,7 @@ def _memory(model: Any, data: dict[str, Any], s: DemoSettings) -> dict[str, Any]
     """
     import torch
 
-    from .. import estimate_memory, measure_peak_memory
+    from ..memory import estimate_memory, measure_peak_memory
     from .dataset import SlideInput, open_slide
     from .model import SlideClassifier
 

@@ -1,0 +1,74 @@
+"""The options every entry point shares, checked in one place: ``tile_size``, ``memory_budget``, ``mode`` and
+``batch_tiles``.
+
+StreamingModule, plan_streaming, infer and the commands pass their arguments through these functions, so the same
+mistake gets the same message and the same class, :class:`tilegrad.ConfigError`, wherever it is made. Budgets are
+accepted as bytes or as strings such as ``"2GiB"`` everywhere (:func:`tilegrad.parse_bytes`).
+
+>>> tile_size_option([256, 128])
+(256, 128)
+>>> budget_option("64MiB")
+67108864
+>>> mode_option("fast")
+Traceback (most recent call last):
+...
+tilegrad.errors.ConfigError: mode must be 'auto', 'lean' or 'stages', received 'fast'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ConfigError
+from .units import parse_bytes
+
+__all__ = [
+    "MODES",
+    "batch_tiles_option",
+    "budget_option",
+    "mode_option",
+    "require_budget",
+    "tile_size_option",
+]
+
+MODES = ("auto", "lean", "stages")
+"""Plan shapes: one segment ("lean"), a cut at every change of scale ("stages"), or the planner's choice ("auto")."""
+
+
+def tile_size_option(value: Any) -> int | tuple[int, ...] | str:
+    """``"auto"``, a positive int, or a non-empty sequence of positive ints (returned as a tuple)."""
+    if isinstance(value, str) and value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, (int, tuple, list)):
+        raise ConfigError(f"tile_size must be an int, a tuple of ints or 'auto', received {value!r}")
+    values = (value,) if isinstance(value, int) else tuple(value)
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ConfigError(f"tile_size must hold positive ints, received {value!r}")
+    return value if isinstance(value, int) else values
+
+
+def budget_option(value: Any) -> int | None:
+    """None, or a byte count from an int or a string such as ``"2GiB"`` (:func:`tilegrad.parse_bytes`)."""
+    return None if value is None else parse_bytes(value)
+
+
+def require_budget(tile_size: Any, budget: int | None) -> None:
+    """``tile_size="auto"`` chooses the tile from the budget, so it needs one."""
+    if tile_size == "auto" and budget is None:
+        raise ConfigError(
+            "tile_size='auto' needs memory_budget= (bytes or a string such as '2GiB') to choose a tile"
+        )
+
+
+def mode_option(value: Any) -> str:
+    """One of :data:`MODES`."""
+    if not isinstance(value, str) or value not in MODES:
+        raise ConfigError(f"mode must be 'auto', 'lean' or 'stages', received {value!r}")
+    return value
+
+
+def batch_tiles_option(value: Any) -> int:
+    """A positive int: tiles run together in one forward call (NOTE [ Tile batches ] in infer.py)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"batch_tiles must be a positive int (tiles per forward call); received {value!r}")
+    return value
