@@ -100,7 +100,7 @@ def test_output_written_into_an_array_sink(tmp_path, sink):
 
 def test_errors_name_shapes():
     model = TinyUNet(2).eval()
-    with pytest.raises(ShapeError, match="tile_size= or memory_budget="):
+    with pytest.raises(tilegrad.ConfigError, match="tile_size= or memory_budget="):  # an option mistake
         tilegrad.infer(model, torch.randn(1, 32, 32))
     with pytest.raises(ShapeError, match=r"received shape \(32, 32\)"):
         tilegrad.infer(model, torch.randn(32, 32), tile_size=16)

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 import tilegrad
-from tilegrad import GeometryError, NotStreamableError, ShapeError, StreamingModule
+from tilegrad import ConfigError, GeometryError, NotStreamableError, ShapeError, StreamingModule
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
@@ -465,9 +465,10 @@ def test_input_rank_and_tile_tuple_errors():
         StreamingModule(net, (16, 16, 16))(torch.randn(1, 3, 32, 32))
     with pytest.raises(NotStreamableError, match="2D convolution but the input has 3 spatial dims"):
         StreamingModule(net, 16)(torch.randn(1, 3, 8, 32, 32))
-    with pytest.raises(ShapeError, match="positive ints"):
+    # option mistakes are configuration errors (tests/test_errors.py walks every entry point with them)
+    with pytest.raises(ConfigError, match="positive ints"):
         StreamingModule(net, 0)
-    with pytest.raises(GeometryError, match="memory_budget"):
+    with pytest.raises(ConfigError, match="memory_budget"):
         StreamingModule(net, "auto")
 
 

@@ -7,13 +7,32 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .errors import NotStreamableError, ShapeError
+from .errors import NotStreamableError, ShapeError, TilegradError
+from .geometry import ACTIVATIONS
 
-__all__ = ["split_model"]
+__all__ = ["HEAD_LAYERS", "has_head", "local_trunk", "split_model", "streamable_part"]
+
+HEAD_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Flatten,
+    nn.Linear,
+)
+"""Layers that begin a classifier head: global (adaptive) pooling, Flatten, Linear. A model without any of them is
+fully convolutional (a U-Net, ESPCN) and is streamed whole."""
 
 
 class _DenseNetHead(nn.Module):
-    """torchvision DenseNet's forward after ``features``: relu, global average pool, flatten, classifier."""
+    """torchvision DenseNet's forward after ``features``: relu, global average pool, flatten, classifier.
+
+    The ReLU runs in ``forward``, not as a module; ``leading_local`` says so to :func:`local_trunk`.
+    """
+
+    leading_local: tuple[type[nn.Module], ...] = (nn.ReLU,)
 
     def __init__(self, classifier: nn.Module):
         super().__init__()
@@ -68,11 +87,7 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Sequential,
             at = "avgpool"
         else:
             for name, child in children:
-                if isinstance(
-                    child,
-                    (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d,
-                     nn.AdaptiveMaxPool3d, nn.Flatten, nn.Linear),
-                ):  # fmt: skip
+                if isinstance(child, HEAD_LAYERS):
                     at = name
                     break
     if isinstance(at, int):
@@ -101,3 +116,50 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Sequential,
         rest.insert(idx, ("flatten", nn.Flatten(1)))
     head = nn.Sequential(OrderedDict(rest))
     return trunk, head
+
+
+def has_head(model: nn.Module) -> bool:
+    """Whether ``model`` holds a layer of :data:`HEAD_LAYERS` (global pooling, Flatten, Linear) anywhere."""
+    return any(isinstance(m, HEAD_LAYERS) for m in model.modules())
+
+
+def streamable_part(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """``(trunk, head)`` to stream: ``(model, None)`` for a fully convolutional model (no :data:`HEAD_LAYERS`), else
+    :func:`split_model`. What ``tilegrad plan`` and ``tilegrad memory --tile/--budget`` stream.
+
+    >>> trunk, head = streamable_part(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()))
+    >>> head is None
+    True
+    """
+    if not has_head(model):
+        return model, None
+    try:
+        return split_model(model)
+    except TilegradError as err:
+        raise NotStreamableError(
+            f"cannot split {type(model).__name__} into a streamable trunk and a head: {err}"
+        ) from err
+
+
+def local_trunk(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """:func:`split_model`, with the point-wise layers the head applies before pooling moved into the trunk.
+
+    For a caller that replaces the head with its own pooling classifier (``tilegrad train``): torchvision's DenseNet
+    applies a ReLU to the features in ``forward``, MONAI's DenseNet starts ``class_layers`` with one; both belong to
+    the trunk, or the new head would pool features the original model never pooled.
+
+    >>> import torchvision
+    >>> trunk, head = local_trunk(torchvision.models.densenet121())
+    >>> type(trunk[-1]).__name__
+    'ReLU'
+    """
+    trunk, head = split_model(model)
+    if isinstance(head, _DenseNetHead):
+        leading: list[nn.Module] = [layer() for layer in head.leading_local]
+    else:
+        leading = []
+        for child in head.children() if isinstance(head, nn.Sequential) else ():
+            if not isinstance(child, ACTIVATIONS):
+                break
+            leading.append(child)
+    return (nn.Sequential(trunk, *leading) if leading else trunk), head

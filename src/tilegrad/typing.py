@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Union
+from collections.abc import Sequence
+from typing import Any, Protocol, Union, runtime_checkable
 
 import torch
 
@@ -26,3 +27,19 @@ class LazyArray(Protocol):
 
 
 ArrayLike = Union[torch.Tensor, LazyArray]
+
+
+@runtime_checkable
+class PlanningModule(Protocol):
+    """A module that chooses an execution plan per input shape and remembers the last one (tilegrad's
+    StreamingModule is one).
+
+    The memory estimator (tilegrad/memory/estimate.py) recognises such modules by this protocol, without importing
+    the module that defines them: it runs the model once before recording (the planner's own profiling must not
+    count as memory of the step) and reports ``str(last_plan)`` in the report's notes.
+    """
+
+    last_plan: Any
+    """The plan of the last forward (anything with a readable ``str``), or None before the first."""
+
+    def plan(self, input_shape: Sequence[int], **kwargs: Any) -> Any: ...

@@ -11,7 +11,7 @@ from torch import nn
 
 import tilegrad
 from tilegrad import MemoryReport, ShapeError, TilegradError, estimate_memory
-from tilegrad.memory.resolve import resolve_model
+from tilegrad.models.resolve import resolve_model
 from tilegrad.memory.workload import measure_workload_subprocess
 
 MODELS = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_models.py"

@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import infer, io
     from ..errors import ConfigError, ShapeError
     from ..infer import journal_progress
-    from ..memory.resolve import resolve_model
+    from ..models.resolve import resolve_model
 
     if args.batch_tiles < 1:
         raise ConfigError(f"--batch-tiles must be at least 1; received {args.batch_tiles}")

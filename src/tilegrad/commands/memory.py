@@ -16,11 +16,10 @@ import json
 import re
 from typing import Any
 
-from ..errors import NotStreamableError, ShapeError, TilegradError
+from ..dtypes import DTYPE_NAMES
+from ..errors import ConfigError, NotStreamableError
 
 __all__ = ["parse_input", "register"]
-
-_DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 def parse_input(text: str) -> tuple[int, ...]:
@@ -33,7 +32,7 @@ def parse_input(text: str) -> tuple[int, ...]:
     """
     parts = [p for p in re.split(r"[x,X* ]", text.strip()) if p]
     if len(parts) < 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ShapeError(
+        raise ConfigError(
             f"cannot read --input {text!r}: expected channels and spatial size of one sample as positive integers "
             "joined by 'x', e.g. 3x224x224 (2D) or 1x128x128x128 (3D); the batch goes in --batch"
         )
@@ -62,7 +61,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--mode", choices=("train", "infer"), default="train", help="training step or forward"
     )
-    parser.add_argument("--dtype", choices=_DTYPES, default="float32")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     parser.add_argument(
         "--optimizer", choices=("none", "sgd", "adam", "adamw"), default="none",
         help="optimizer state to include: sgd = momentum (1x parameters), adam/adamw = 2x (default none)",
@@ -88,18 +87,12 @@ def register(subparsers: Any) -> None:
 def _parse_tile(text: str, ndim: int) -> int | tuple[int, ...]:
     parts = [p for p in re.split(r"[x,X ]", text.strip()) if p]
     if not parts or not all(p.isdigit() and int(p) > 0 for p in parts) or len(parts) not in (1, ndim):
-        raise ShapeError(
+        raise ConfigError(
             f"cannot read --tile {text!r}: expected one positive integer (e.g. 1024) or one per spatial dim "
             f"({ndim} here, e.g. {'x'.join(['512'] * ndim)})"
         )
     values = tuple(int(p) for p in parts)
     return values[0] if len(values) == 1 else values
-
-
-_HEAD_LAYERS = (
-    "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d",
-    "AdaptiveMaxPool3d", "Flatten", "Linear",
-)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -113,28 +106,22 @@ class _Streamed:
 
 
 def _streamed(model: Any, tile: Any, budget: int | None, *, train: bool) -> _Streamed:
-    """Stream the trunk of ``model`` (split_model), or the whole model when it has no head: no global pooling,
-    Flatten or Linear anywhere (a fully convolutional network such as a U-Net). BatchNorm of the streamed part is
-    frozen for training, which is said aloud."""
+    """Stream the trunk of ``model`` (split.streamable_part: the whole model when it has no head, no global pooling,
+    Flatten or Linear anywhere, as a U-Net). BatchNorm of the streamed part is frozen for training, which is said
+    aloud."""
     from torch import nn
 
-    from .. import StreamingModule, split_model
+    from ..split import streamable_part
+    from ..stream import StreamingModule
 
     notes = []
-    whole = not any(type(m).__name__ in _HEAD_LAYERS for m in model.modules())
+    trunk, head = streamable_part(model)
+    whole = head is None
     if whole:
-        trunk, head = model, None
         notes.append(
             f"{type(model).__name__} has no global pooling or classifier (fully convolutional): the whole model "
             "is streamed"
         )
-    else:
-        try:
-            trunk, head = split_model(model)
-        except TilegradError as err:
-            raise NotStreamableError(
-                f"cannot split {type(model).__name__} into a streamable trunk and a head: {err}"
-            ) from err
     norms = [m for m in trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     for m in norms:
         m.eval()
@@ -157,7 +144,7 @@ def _check_options(args: argparse.Namespace) -> None:
     import importlib.util
     from pathlib import Path
 
-    from ..errors import ConfigError, MissingDependencyError
+    from ..errors import MissingDependencyError
 
     if args.rows is not None and args.rows < 0:
         raise ConfigError(
@@ -184,14 +171,13 @@ def _check_options(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..errors import ConfigError
     from ..memory.estimate import estimate_memory
-    from ..memory.resolve import resolve_model
+    from ..models.resolve import resolve_model
     from ..units import format_bytes, parse_bytes
 
     sample = parse_input(args.input)
     if args.batch < 1:
-        raise ShapeError(f"--batch must be a positive integer, received {args.batch}")
+        raise ConfigError(f"--batch must be a positive integer, received {args.batch}")
     _check_options(args)
     shape = (args.batch, *sample)
     budget = parse_bytes(args.budget) if args.budget else None
@@ -234,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
             }
         else:
             below = None if tile is None else max((tile,) if isinstance(tile, int) else tile)
-            suggestion = _suggest_tile(factory, shape, budget, common, args.model, below)
+            optimizer_bytes = report.optimizer_bytes if train else 0
+            suggestion = _suggest_tile(factory, shape, budget, common, args.model, below, optimizer_bytes)
 
     written = None
     if args.plot:
@@ -274,84 +261,100 @@ def _suggest_tile(
     common: dict,
     spec: str,
     below: int | None,
+    optimizer_bytes: int,
 ) -> dict[str, Any]:
-    """The largest of the planner's tile sizes whose full simulation fits ``budget``, as the --tile text that
-    reproduces it.
+    """The planner's tile for ``budget``, and the full simulation of that tile as ``--tile`` runs it.
 
-    Every candidate is simulated exactly as ``--tile`` would run it (same fixed tile, no budget given to the
-    planner), largest first, so the printed tile and peak are what a rerun with that ``--tile`` shows. The planner's
-    own figure is not used to decide: it is a quick estimate and can be off both ways. ``below``: only tiles smaller
-    than this (the user's --tile did not fit).
+    The tile comes from :func:`tilegrad.plan_streaming`, asked as ``tilegrad plan --budget`` asks it (tile_size
+    "auto"; the optimizer state, which the planner does not count, is taken off the budget first), so both commands
+    name the same tile. It is then simulated exactly as ``--tile`` would run it (that fixed tile, no budget given
+    to the planner), so the printed peak is what a rerun with that ``--tile`` shows; the planner's own figure is a
+    quick estimate and can be off both ways, which the message says when it is. ``below``: the user's --tile, which
+    did not fit.
     """
     import torch
 
-    from ..errors import GeometryError
+    from ..dtypes import parse_dtype
+    from ..errors import GeometryError, MemoryBudgetError
     from ..memory.estimate import estimate_memory
-    from ..plan import _tile_candidates
+    from ..plan import plan_streaming
     from ..units import format_bytes
 
-    spatial = tuple(shape[2:])
     infer = common["mode"] == "infer"
-    candidates = sorted(
-        {t for t in _tile_candidates(spatial, []) if t != spatial and (below is None or max(t) < below)},
-        key=lambda t: (max(t), t),
-        reverse=True,
-    )
-    tried: list[tuple[str, int]] = []
-    halo_error: str | None = None
-    whole = False
-    for tile in candidates:
-        text = _tile_text(tile)
-        with torch.device("meta"):
-            model = factory()
-        try:
-            streamed = _streamed(model, tile[0] if len(set(tile)) == 1 else tile, None, train=not infer)
-            whole = streamed.whole
-            report = estimate_memory(streamed.model, shape, name=f"{spec} (streamed, tile {text})", **common)
-        except NotStreamableError as err:
-            if infer:
-                message = (
-                    "tiled inference (tilegrad infer, tilegrad.infer) runs a fully convolutional model of local "
-                    f"layers tile by tile, but this one cannot be tiled: {err}"
-                )
-            else:
-                message = f"streaming cannot help here: {err}"
-            return {"tile": None, "message": message, "tried": tried}
-        except GeometryError as err:
-            halo_error = str(err)
-            break  # this tile cannot hold the halo; smaller ones cannot either
-        tried.append((text, report.peak_bytes))
-        if report.peak_bytes <= budget:
-            extra = "".join(f"; {note}" for note in streamed.notes)
+    with torch.device("meta"):
+        model = factory()
+    asked = f"the planner (`tilegrad plan --budget {format_bytes(budget)}`)"
+    try:
+        trunk = _streamed(model, "auto", budget, train=not infer).streaming.module
+        options: dict[str, Any] = {"training": False, "mode": "lean"} if infer else {}
+        plan = plan_streaming(
+            trunk,
+            shape,
+            tile_size="auto",
+            memory_budget=max(1, budget - optimizer_bytes),
+            dtype=parse_dtype(common["dtype"]),
+            **options,
+        )
+    except NotStreamableError as err:
+        if infer:
             message = (
-                f"streamed with --tile {text} the predicted peak is {format_bytes(report.peak_bytes)}: it fits "
-                f"(the largest of the planner's tile sizes that does, {len(tried)} simulated{extra})"
+                "tiled inference (tilegrad infer, tilegrad.infer) runs a fully convolutional model of local "
+                f"layers tile by tile, but this one cannot be tiled: {err}"
             )
-            if infer and streamed.whole:
-                message += (
-                    f". To run it, `tilegrad infer` or tilegrad.infer(model, source, tile_size={text}, out=...) "
-                    "also writes the output tile by tile instead of holding it whole as counted here"
-                )
-            return {"tile": list(tile), "peak_bytes": report.peak_bytes, "fits": True, "message": message,
-                    "tried": tried}  # fmt: skip
-    if not tried:
-        why = (
-            halo_error or f"the input {'x'.join(map(str, spatial))} is already as small as the smallest tile"
+        else:
+            message = f"streaming cannot help here: {err}"
+        return {"tile": None, "message": message}
+    except (MemoryBudgetError, GeometryError) as err:
+        return {"tile": None, "message": f"no streamed tile fits: {asked} finds none. {err}"}
+    tile = tuple(plan.tile_size)
+    if plan.conventional or all(t >= s for t, s in zip(tile, shape[2:])):
+        return {
+            "tile": None,
+            "message": (
+                f"{asked} would run it unstreamed: its quick estimate, {format_bytes(plan.peak_bytes)}, is within "
+                "the budget, but the full simulation above is not. Give a smaller --budget to the planner, or "
+                "try a --tile"
+            ),
+            "plan": str(plan),
+        }
+    text = _tile_text(tile)
+    if below is not None and max(tile) >= below:
+        return {
+            "tile": None,
+            "message": f"{asked} chooses tile {text}, not smaller than --tile {below}: raise the budget",
+            "plan": str(plan),
+        }
+    with torch.device("meta"):
+        model = factory()
+    streamed = _streamed(model, tile[0] if len(set(tile)) == 1 else tile, None, train=not infer)
+    report = estimate_memory(streamed.model, shape, name=f"{spec} (streamed, tile {text})", **common)
+    fits = report.peak_bytes <= budget
+    extra = "".join(f"; {note}" for note in streamed.notes)
+    if fits:
+        message = (
+            f"streamed with --tile {text} the predicted peak is {format_bytes(report.peak_bytes)}: it fits "
+            f"({asked} chooses this tile{extra})"
         )
-        return {"tile": None, "message": f"no streamed tile can be simulated: {why}", "tried": tried}
-    smallest, peak = tried[-1]
-    halo = f" (smaller tiles cannot hold the network's halo: {halo_error})" if halo_error else ""
-    if infer and whole:
-        halo += (
-            ". These estimates hold the whole output in memory; `tilegrad infer` / tilegrad.infer(model, source, "
-            "tile_size=..., out=...) writes it tile by tile to an array on disk instead"
+        if infer and streamed.whole:
+            message += (
+                f". To run it, `tilegrad infer` or tilegrad.infer(model, source, tile_size={text}, out=...) "
+                "also writes the output tile by tile instead of holding it whole as counted here"
+            )
+    else:
+        message = (
+            f"{asked} chooses tile {text} (its quick estimate {format_bytes(plan.peak_bytes)}), but streamed with "
+            f"--tile {text} the simulated peak is {format_bytes(report.peak_bytes)}: it does NOT fit. Raise the "
+            "budget, reduce --batch or the input, or try a smaller --tile"
         )
+        if infer and streamed.whole:
+            message += (
+                ". These estimates hold the whole output in memory; `tilegrad infer` / tilegrad.infer(model, "
+                "source, tile_size=..., out=...) writes it tile by tile to an array on disk instead"
+            )
     return {
-        "tile": None,
-        "message": (
-            f"no streamed tile fits: the planner's tile sizes from {tried[0][0]} down to {smallest} were simulated "
-            f"and the smallest, --tile {smallest}, still needs {format_bytes(peak)}{halo}. Raise the budget, reduce "
-            "--batch or the input, or use a model with fewer channels in its first layers"
-        ),
-        "tried": tried,
+        "tile": list(tile),
+        "peak_bytes": report.peak_bytes,
+        "fits": fits,
+        "message": message,
+        "plan": str(plan),
     }

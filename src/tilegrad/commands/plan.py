@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "plan",
         help="show the streaming plan (segments, tiles, predicted peak and time) for a model and input size",
         description=(
-            "Split MODEL into its streamable trunk (torchvision ResNet/VGG/DenseNet or an nn.Sequential) and show "
+            "Split MODEL into its streamable trunk (torchvision ResNet/VGG/DenseNet, an nn.Sequential, or the whole "
+            "model when it has no head) and show "
             "how tilegrad would stream it at the given input size: segments, tile per segment, number of tiles, "
             "predicted training peak and predicted time relative to conventional backprop. Nothing is allocated."
         ),
@@ -28,25 +29,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import TilegradError
-    from ..memory.resolve import resolve_model
+    from ..models.resolve import resolve_model
     from ..plan import plan_streaming
-    from ..split import split_model
-    from ..units import parse_bytes
+    from ..split import streamable_part
     from .memory import parse_input
 
     factory, label = resolve_model(args.model)
     model = factory().eval()
-    try:
-        trunk, _ = split_model(model)
-    except TilegradError:  # not a classifier split_model knows: plan the whole model (e.g. a U-Net)
-        trunk = model
+    trunk, _ = streamable_part(
+        model
+    )  # a model without a head (a U-Net) is planned whole, as `tilegrad memory` does
     shape = (args.batch, *parse_input(args.input))
     plan = plan_streaming(
         trunk,
         shape,
         tile_size=args.tile if args.tile else "auto",
-        memory_budget=parse_bytes(args.budget) if args.budget else None,
+        memory_budget=args.budget,  # bytes or a string such as 2GiB
         mode=args.mode,
     )
     if args.json:

@@ -33,9 +33,42 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import TilegradError
+from ..dtypes import parse_dtype
+from ..errors import ConfigError, TilegradError
+from ..optim import OPTIMIZERS, make_optimizer
 
-__all__ = ["measure_workload", "measure_workload_subprocess", "run_steps"]
+__all__ = [
+    "OptimizerSpec",
+    "measure_workload",
+    "measure_workload_subprocess",
+    "optimizer_factory",
+    "run_steps",
+]
+
+OptimizerSpec = str | Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None
+"""None (gradients only), a name from tilegrad.optim.OPTIMIZERS, or a callable ``params -> Optimizer``."""
+
+
+def optimizer_factory(spec: OptimizerSpec) -> tuple[Callable[[list[torch.Tensor]], Any] | None, str | None]:
+    """``(params -> optimizer, its name)`` for an optimizer spec; ``(None, None)`` for None.
+
+    Named optimizers loop over parameters (``foreach=False``), as PyTorch does on CPU. On CUDA it defaults to
+    foreach, whose temporaries span all parameters at once; pass a callable such as
+    ``lambda p: torch.optim.Adam(p, foreach=True)`` for that.
+    """
+    if spec is None:
+        return None, None
+    if isinstance(spec, str):
+        key = spec.lower()
+        if key not in OPTIMIZERS:
+            raise ConfigError(
+                f"unknown optimizer {spec!r}: expected None, one of {', '.join(sorted(OPTIMIZERS))}, or a "
+                "callable taking a list of parameters and returning a torch.optim.Optimizer"
+            )
+        return (lambda params: make_optimizer(key, params, foreach=False)), key
+    if callable(spec):
+        return spec, getattr(spec, "__name__", type(spec).__name__)
+    raise ConfigError(f"expected optimizer None, a name or a callable, received {spec!r}")
 
 
 def run_steps(
@@ -112,15 +145,13 @@ def _workload_once(
     optimizer: str | None,
     steps: int,
 ) -> None:
-    from .estimate import _make_optimizer
-
-    make_optimizer, _ = _make_optimizer(optimizer)
+    make, _ = optimizer_factory(optimizer)
     model = factory().to(dtype)
     train = mode == "train"
     if not train:
         model.eval()
     params = [p for p in model.parameters() if p.requires_grad] if train else []
-    opt = make_optimizer(params) if (train and make_optimizer is not None and params) else None
+    opt = make(params) if (train and make is not None and params) else None
     run_steps(
         model,
         lambda: torch.randn(input_shape, dtype=dtype),
@@ -170,18 +201,16 @@ def measure_workload_subprocess(
 ) -> int:
     """Run :func:`measure_workload` in a fresh Python process and return its peak bytes.
 
-    ``model`` is a model spec as the ``tilegrad memory`` command takes it (see :func:`tilegrad.memory.resolve.
+    ``model`` is a model spec as the ``tilegrad memory`` command takes it (see :func:`tilegrad.models.resolve.
     resolve_model`). The child imports this same tilegrad (its ``src`` directory goes first on ``PYTHONPATH``), uses
     ``threads`` CPU threads (default: this process's ``torch.get_num_threads()``, which also steers the CPU
     convolution kernel choice that ``estimate_memory`` follows) and the allocator policy of
     NOTE [ Allocator policy for CPU measurements ]. ``warmup=False`` skips the warm-up run, for workloads so large
     that the one-time tens of MB do not matter and a second run is costly.
     """
-    import tilegrad
-
     threads = torch.get_num_threads() if threads is None else int(threads)
     env = dict(os.environ)
-    src = str(Path(tilegrad.__file__).resolve().parent.parent)
+    src = str(Path(__file__).resolve().parents[2])  # the directory holding this tilegrad package
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["OMP_NUM_THREADS"] = str(threads)
     if mmap_threshold is not None:
@@ -215,8 +244,7 @@ def measure_workload_subprocess(
 
 
 def _child(request: dict[str, Any]) -> dict[str, Any]:
-    from .estimate import _check_dtype
-    from .resolve import resolve_model
+    from ..models.resolve import resolve_model
 
     torch.set_num_threads(int(request.get("threads", 1)))
     factory, _ = resolve_model(request["model"])
@@ -224,7 +252,7 @@ def _child(request: dict[str, Any]) -> dict[str, Any]:
         factory,
         request["input_shape"],
         mode=request["mode"],
-        dtype=_check_dtype(request["dtype"]),
+        dtype=parse_dtype(request["dtype"]),
         optimizer=request["optimizer"],
         steps=int(request["steps"]),
         warmup=bool(request.get("warmup", True)),

@@ -83,7 +83,6 @@ def _prepare_out(out: Path, factor: int) -> None:
     """Create ``out``; replace what a previous demo wrote there; refuse a non-empty directory the demo did not make."""
     import shutil
 
-
     if out.exists() and any(out.iterdir()) and not (out / _MARKER).exists():
         raise ConfigError(f"{out} exists and was not written by tilegrad demo; choose another --out")
     for name in _OWNED:

@@ -21,14 +21,15 @@ still trained. :meth:`SlideClassifier.train` re-applies this every time the mode
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, TilegradError
-from ..geometry import ACTIVATIONS
+from ..models import small_cnn
+from ..models.resolve import find_model
+from ..split import has_head, local_trunk
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -156,30 +157,6 @@ def _make_streamed(trunk: nn.Module, tile_size: Any, memory_budget: Any) -> nn.M
     return StreamingModule(trunk, tile_size=tile_size)
 
 
-def small_cnn(in_channels: int = 3, width: int = 16) -> nn.Sequential:
-    """The demo's trunk: five 3x3 convolutions with ReLU, four of them with stride 2 (total stride 16).
-
-    >>> small_cnn()(torch.zeros(1, 3, 64, 64)).shape
-    torch.Size([1, 32, 4, 4])
-    """
-    w = width
-    return nn.Sequential(
-        nn.Conv2d(in_channels, w, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(w, w, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1),
-        nn.ReLU(),
-    )
-
-
-_BUILTIN = {"small_cnn": small_cnn}
-
-
 def build_model(
     name: str,
     num_classes: int,
@@ -209,8 +186,9 @@ def build_model(
 def _trunk_and_head(
     name: str, in_channels: int, pretrained: bool, kwargs: dict[str, Any]
 ) -> tuple[nn.Module, nn.Module | None]:
-    if ":" in name:
-        made = _call_factory(name, kwargs)
+    spec = find_model(name)  # the resolver every command uses (tilegrad/models/resolve.py)
+    if spec.source == "factory":
+        made = spec.build(**kwargs)
         if isinstance(made, tuple) and len(made) == 2 and all(isinstance(m, nn.Module) for m in made):
             return made[0], made[1]
         if not isinstance(made, nn.Module):
@@ -218,23 +196,14 @@ def _trunk_and_head(
                 f"factory {name!r} returned {type(made).__name__}; expected an nn.Module or a (trunk, head) pair"
             )
         return _split(made, name), None
-    if name in _BUILTIN:
+    if spec.source == "tilegrad":
         if pretrained:
             raise ConfigError(f"there are no pretrained weights for the built-in model {name!r}")
-        return _BUILTIN[name](in_channels=in_channels, **kwargs), None
-    import torchvision
-
-    available = torchvision.models.list_models(module=torchvision.models)
-    if name not in available:
-        raise ConfigError(
-            f"unknown model {name!r}: expected a torchvision classification model (e.g. resnet18, densenet121, "
-            f"vgg16), a built-in model ({', '.join(sorted(_BUILTIN))}) or 'package.module:factory'"
-        )
+        return _split_if_needed(spec.module(in_channels=in_channels, **kwargs), name), None
     if in_channels != 3:
         raise ConfigError(f"torchvision model {name!r} takes 3 input channels, the slides have {in_channels}")
-    weights = "DEFAULT" if pretrained else None
     try:
-        model = torchvision.models.get_model(name, weights=weights, **kwargs)
+        model = spec.module(weights="DEFAULT" if pretrained else None, **kwargs)
     except (OSError, RuntimeError) as err:  # urllib's URLError is an OSError
         if not pretrained:
             raise
@@ -245,40 +214,22 @@ def _trunk_and_head(
     return _split(model, name), None
 
 
-def _call_factory(spec: str, kwargs: dict[str, Any]) -> Any:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(f"cannot import {module_name!r} for model {spec!r}: {err}") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(f"{module_name!r} has no callable {attr!r} (model {spec!r})")
-    return factory(**kwargs)
+def _split_if_needed(model: nn.Module, name: str) -> nn.Module:
+    """A built-in trunk (small_cnn) is used as it is; a built-in classifier is split like any other."""
+    return _split(model, name) if has_head(model) else model
 
 
 def _split(model: nn.Module, name: str) -> nn.Module:
-    """The local part of a classification network (everything before global pooling), via split_model."""
-    from ..split import split_model
-
+    """The local part of a classification network (everything before global pooling), via split_model: the head is
+    replaced by a PoolingHead, so the point-wise layers it applied first join the trunk (split.local_trunk)."""
     try:
-        trunk, head = split_model(model)
+        trunk, _ = local_trunk(model)
     except TilegradError as err:
         raise ConfigError(
             f"cannot split model {name!r} into a streamed trunk and a head: {err}. Give a factory that returns "
             f"a (trunk, head) pair instead"
         ) from None
-    if type(model).__name__ == "DenseNet" and hasattr(model, "classifier"):
-        # torchvision's DenseNet applies a ReLU to the features before pooling (in forward, not as a module)
-        return nn.Sequential(trunk, nn.ReLU())
-    # Activations the original head applies before pooling are local: they belong to the trunk, since build_model
-    # replaces the head with a PoolingHead (MONAI's DenseNet: class_layers = relu, pool, flatten, out).
-    leading = []
-    for child in head.children() if isinstance(head, nn.Sequential) else ():
-        if not isinstance(child, ACTIVATIONS):
-            break
-        leading.append(child)
-    return nn.Sequential(trunk, *leading) if leading else trunk
+    return trunk
 
 
 def _output_channels(trunk: nn.Module, in_channels: int, name: str) -> int:
