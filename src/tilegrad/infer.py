@@ -14,7 +14,7 @@ K tiles' activations at once.
 
 NOTE [ Resumable inference ]
 With ``journal=path`` infer records, after each group of tiles has been written to ``out``, which tiles are done:
-a small JSON file, replaced atomically (``os.replace``), at most once a second and when the run ends for any
+a small JSON file, replaced atomically (tilegrad/_atomic.py), at most once a second and when the run ends for any
 reason (including Ctrl-C). Tiles listed there are skipped by the next call with the same journal, so an
 interrupted run continues where it stopped; a tile written but not yet recorded is simply computed again. The
 journal also records what the run was (model weights, source and output shapes, output dtype, the tile grid), and a
@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ._allocator import pin_mmap_threshold
+from ._atomic import atomic_write
 from .errors import ConfigError, DataError, ShapeError
 from .options import batch_tiles_option, budget_option
 from .plan import plan_streaming
@@ -373,9 +374,7 @@ class _Journal:
             "written": self.count,
             "done": np.packbits(self.done).tobytes().hex(),
         }
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(data))
         self._saved = time.monotonic()
 
 

@@ -154,7 +154,7 @@ def test_atomic_write_leaves_previous_checkpoint_when_writing_fails(tmp_path, mo
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr("tilegrad.train.checkpoint.os.replace", broken_replace)
+    monkeypatch.setattr("tilegrad._atomic.os.replace", broken_replace)  # the one atomic-replace helper
     with pytest.raises(OSError):
         save_checkpoint(path, {"epoch": 2})
     monkeypatch.undo()

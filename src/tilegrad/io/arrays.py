@@ -263,13 +263,3 @@ class ZarrWriter(ImageWriter):
 
     def _release(self) -> None:
         self._array = None
-
-    def _install(self) -> None:
-        if self.path.exists():  # overwrite=True: swap the old store out first, then delete it
-            old = self.path.with_name(self.path.name + ".old")
-            self._remove([old])
-            os.replace(self.path, old)
-            os.replace(self.partial_path, self.path)
-            self._remove([old])
-        else:
-            os.replace(self.partial_path, self.path)

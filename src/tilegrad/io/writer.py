@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from .._atomic import install, remove_paths
 from ..errors import DataError, ShapeError, WriterStateError
 from ._indexing import AxisIndex, Bounds, normalize_key
 from ._rawfile import RawArrayFile
@@ -296,13 +297,7 @@ class ImageWriter:
 
     @staticmethod
     def _remove(paths: Sequence[Path]) -> None:
-        import shutil
-
-        for p in paths:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.exists() or p.is_symlink():
-                p.unlink()
+        remove_paths(paths)
 
     def __enter__(self) -> ImageWriter:
         return self
@@ -339,7 +334,7 @@ class ImageWriter:
 
     def _install(self) -> None:
         """Move the finished ``partial_path`` onto ``path`` (atomic for files on one filesystem)."""
-        os.replace(self.partial_path, self.path)
+        install(self.partial_path, self.path)
 
     def _release(self) -> None:
         """Drop memory maps / handles before renaming or deleting files."""

@@ -14,7 +14,6 @@ either the previous complete checkpoint or the new complete one, never a torn fi
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import random
 import zipfile
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._atomic import atomic_write
 from ..errors import CheckpointError
 
 __all__ = [
@@ -46,29 +46,9 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     >>> load_checkpoint(p)["epoch"]
     3
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buffer)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - directories cannot be opened on some platforms
-        return path
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
+    return atomic_write(path, buffer.getvalue(), durable=True)
 
 
 def load_torch_file(

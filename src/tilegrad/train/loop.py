@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import io
 import math
 import os
 import time
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._atomic import atomic_write
 from ..errors import CheckpointError, ConfigError, DataError
 from .checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from .dataset import (
@@ -793,13 +795,11 @@ def _fmt(value: Any) -> str:
 
 
 def _atomic_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
 
 
 def _progress(*, total: int, desc: str, unit: str, enabled: bool) -> Any:
