@@ -7,12 +7,15 @@ file: the one helper every writer of checkpoints, logs, journals and finished im
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write", "install", "remove_paths"]
+__all__ = ["atomic_write", "atomic_write_csv", "install", "remove_paths"]
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, durable: bool = False) -> Path:
@@ -77,3 +80,12 @@ def remove_paths(paths: Iterable[Path]) -> None:
             shutil.rmtree(p, ignore_errors=True)
         elif p.exists() or p.is_symlink():
             p.unlink()
+
+
+def atomic_write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """:func:`atomic_write` of a CSV file: one ``header`` row, then ``rows``."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(list(header))
+    writer.writerows(rows)
+    return atomic_write(path, text.getvalue())

@@ -102,7 +102,7 @@ def _from_checkpoint(path: Path, args: argparse.Namespace) -> tuple[Any, Any, st
         )
     state = load_torch_file(path)
     if isinstance(state, dict) and state.get("format") == FORMAT:
-        from ..train.loop import load_trained_model
+        from ..train.evaluate import load_trained_model
 
         model, config = load_trained_model(state, device="cpu")
         return model.trunk.eval(), config, f"{path} (trunk of {config.model})"
@@ -124,10 +124,10 @@ class _Preprocessed:
     """A (C, *spatial) view of a training checkpoint's input: pixels scaled and normalised as in training."""
 
     def __init__(self, image: Any, config: Any, dtype: Any):
+        from ..train.config import normalisation
         from ..train.dataset import SlideInput
-        from ..train.loop import _normalisation
 
-        mean, std = _normalisation(config)
+        mean, std = normalisation(config)
         self._input = SlideInput(image, mean=mean, std=std, dtype=dtype)
         self.shape = tuple(image.shape)
         self.path = getattr(image, "path", None)

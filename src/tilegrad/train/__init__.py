@@ -1,5 +1,8 @@
 """Training on whole slides with slide-level labels: data, models, the loop, checkpoints, saliency, scale-out.
 
+config.py (TrainConfig), dataset.py (slides CSV, lazy inputs), model.py (trunk + pooling head), loop.py (train),
+evaluate.py (evaluate, predict, load_trained_model), checkpoint.py, distributed.py, saliency.py, demo.py.
+
 See docs/training.md. The command line (``tilegrad train``, ``predict``, ``saliency``, ``demo``) is a thin layer over
 :func:`train`, :func:`predict` and :func:`saliency`.
 """
@@ -7,8 +10,10 @@ See docs/training.md. The command line (``tilegrad train``, ``predict``, ``salie
 from __future__ import annotations
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
 from .dataset import SlideInput, SlideRecord, open_slide, random_orientation, read_slide_csv
-from .loop import StepInfo, TrainConfig, TrainResult, evaluate, load_trained_model, predict, train
+from .evaluate import evaluate, load_trained_model, predict
+from .loop import StepInfo, TrainResult, train
 from .model import PoolingHead, SlideClassifier, build_model, small_cnn
 
 __all__ = [

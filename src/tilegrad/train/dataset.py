@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .config import TrainConfig
 
 __all__ = [
     "SPLITS",
@@ -38,6 +39,7 @@ __all__ = [
     "open_slide",
     "random_orientation",
     "read_slide_csv",
+    "slide_input",
     "tissue_box",
 ]
 
@@ -351,3 +353,29 @@ def _expand_key(key: Any, ndim: int) -> tuple:
     if len(key) > ndim:
         raise IndexError(f"too many indices ({len(key)}) for a {ndim}-dimensional input")
     return key + (slice(None),) * (ndim - len(key))
+
+
+def slide_input(
+    record: SlideRecord,
+    config: TrainConfig,
+    norm: tuple[Sequence[float] | None, Sequence[float] | None],
+    dtype: torch.dtype,
+    rng: np.random.Generator | None = None,
+    boxes: dict[Path, Any] | None = None,
+) -> SlideInput:
+    """The lazy (1, C, H, W) model input for one slide: cropped to its tissue (``config.tissue_crop``; boxes are
+    cached in ``boxes``), randomly flipped/rotated by ``rng`` when given, converted to float on reading."""
+    array = open_slide(record.image, level=config.level, mpp=config.mpp, where=record.where())
+    if config.tissue_crop:
+        if boxes is not None and record.image in boxes:
+            box = boxes[record.image]
+        else:
+            box = tissue_box(array)  # None when the threshold finds no tissue: the whole slide is used
+            if boxes is not None:
+                boxes[record.image] = box
+        if box is not None:
+            array = crop(array, box)
+    if rng is not None:
+        array = random_orientation(array, rng)
+    mean, std = norm
+    return SlideInput(array, mean=mean, std=std, dtype=dtype, where=record.where())

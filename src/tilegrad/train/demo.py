@@ -224,7 +224,8 @@ def run_demo(
     """Generate the data, train streamed (full resolution) and conventional (8x down), report; see module doc."""
     import torch
 
-    from .loop import TrainConfig, train
+    from .config import TrainConfig
+    from .loop import train
 
     s = settings or DemoSettings()
     out = Path(out)

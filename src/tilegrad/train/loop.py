@@ -29,15 +29,11 @@ the rates they had.
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import dataclasses
-import io
 import math
-import os
+import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,25 +41,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._atomic import atomic_write
+from .._atomic import atomic_write_csv
 from ..errors import CheckpointError, ConfigError, DataError
+from ..optim import make_optimizer
 from .checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
-from .dataset import (
-    SlideInput,
-    SlideRecord,
-    crop,
-    open_slide,
-    random_orientation,
-    read_slide_csv,
-    tissue_box,
+from .config import (
+    TrainConfig,
+    autocast,
+    check_amp,
+    check_resumable,
+    config_dict,
+    normalisation,
+    resolve_device,
 )
+from .dataset import SlideRecord, open_slide, read_slide_csv, slide_input
 from .distributed import DistContext, init_distributed, step_shard
-from .model import IMAGENET_MEAN, IMAGENET_STD, SlideClassifier, build_model, check_streamable_norm
+from .evaluate import evaluate, load_trained_model, predict, progress_bar
+from .model import SlideClassifier, build_model, check_streamable_norm
 
 __all__ = [
     "StepInfo",
     "TrainConfig",
     "TrainResult",
+    "epoch_order",
     "evaluate",
     "load_trained_model",
     "predict",
@@ -71,80 +71,6 @@ __all__ = [
 ]
 
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "lr", "seconds", "steps")
-
-_OPTIMIZERS = ("adamw", "adam", "sgd")
-_SCHEDULES = ("constant", "cosine", "step")
-_AMP = ("none", "bf16", "fp16")
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (stored in every checkpoint).
-
-    ``tile_size`` or ``budget`` streams the trunk (``budget`` picks the tile size automatically); with both None
-    the trunk runs on the whole image. ``accumulate`` is the number of slides per optimizer step (per process).
-    """
-
-    csv: str
-    out: str = "tilegrad-run"
-    val_csv: str | None = None
-    model: str = "resnet18"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    pretrained: bool = False
-    imagenet_norm: bool = False
-    pool: str = "max"
-    tile_size: int | None = 512
-    budget: str | None = None
-    level: int | None = None
-    mpp: float | None = None
-    tissue_crop: bool = False
-    augment: bool = True
-    freeze_norm: bool = True
-    epochs: int = 10
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    accumulate: int = 1
-    amp: str = "none"
-    dtype: str = "float32"
-    seed: int = 0
-    device: str = "auto"
-    save_every: int = 0
-    progress: bool = True
-    check_images: bool = False
-
-    # Fields that may change when resuming; any other difference is refused.
-    RESUMABLE = ("epochs", "device", "save_every", "progress", "out", "check_images")
-
-    def validate(self) -> None:
-        def bad(name: str, expected: str) -> ConfigError:
-            return ConfigError(f"{name} must be {expected}, received {getattr(self, name)!r}")
-
-        if self.optimizer not in _OPTIMIZERS:
-            raise bad("optimizer", " or ".join(_OPTIMIZERS))
-        if self.schedule not in _SCHEDULES:
-            raise bad("schedule", " or ".join(_SCHEDULES))
-        if self.amp not in _AMP:
-            raise bad("amp", " or ".join(_AMP))
-        if self.dtype not in _DTYPES:
-            raise bad("dtype", " or ".join(_DTYPES))
-        if self.amp != "none" and self.dtype != "float32":
-            raise ConfigError(f"--amp {self.amp} needs float32 parameters, received dtype {self.dtype!r}")
-        if self.epochs < 1:
-            raise bad("epochs", "at least 1")
-        if self.accumulate < 1:
-            raise bad("accumulate", "at least 1")
-        if not self.lr > 0:
-            raise bad("lr", "positive")
-        if self.tile_size is not None and self.tile_size < 1:
-            raise bad("tile_size", "a positive number of pixels")
-        if self.save_every < 0:
-            raise bad("save_every", "0 (only at the end of each epoch) or a positive number of steps")
-        if self.pool not in ("max", "avg"):
-            raise bad("pool", "'max' or 'avg'")
 
 
 @dataclass
@@ -179,7 +105,7 @@ def train(
     ``resume=True`` continues from ``config.out/checkpoint.pt`` if it exists (and starts fresh otherwise).
     """
     config.validate()
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     ctx = init_distributed(device)
     if ctx.distributed and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
@@ -201,8 +127,8 @@ class _Run:
         self.config, self.device, self.ctx, self.on_step = config, device, ctx, on_step
         self.out = Path(config.out)
         self.checkpoint_path = self.out / "checkpoint.pt"
-        self.dtype = _DTYPES[config.dtype]
-        _check_amp(config.amp, device)
+        self.dtype = config.parameter_dtype
+        check_amp(config.amp, device)
 
         saved = None
         if self.checkpoint_path.exists():
@@ -212,7 +138,7 @@ class _Run:
                     f"or choose another --out"
                 )
             saved = load_checkpoint(self.checkpoint_path)
-            _check_resumable(saved["config"], config)
+            check_resumable(saved["config"], config)
 
         train_records, val_records = _load_records(config)
         self.train_records, self.val_records = train_records, val_records
@@ -229,14 +155,12 @@ class _Run:
                 f"the checkpoint was trained with {saved['num_classes']} classes, the CSV now has "
                 f"{self.num_classes}; resume with the same data or start a new run"
             )
-        self.norm = _normalisation(config)
+        self.norm = normalisation(config)
         self.boxes: dict[Path, Any] = {}
 
         self.in_channels = _channels(train_records[0], config)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed % 2**32)
-        import random
-
         random.seed(config.seed)
         self.model = build_model(
             config.model,
@@ -253,7 +177,13 @@ class _Run:
         if self.model.streamed is not None:
             self.model.streamed.progress = config.progress and ctx.is_main  # a bar over tiles
         ctx.broadcast_parameters(self.model)
-        self.optimizer = _make_optimizer(self.model, config)
+        self.optimizer = make_optimizer(
+            config.optimizer,
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
         self.scheduler = _make_scheduler(self.optimizer, config)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
 
@@ -268,7 +198,7 @@ class _Run:
     # -- checkpoint state -------------------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
         return {
-            "config": _config_dict(self.config),
+            "config": config_dict(self.config),
             "num_classes": self.num_classes,
             "in_channels": self.in_channels,
             "model": self.model.state_dict(),
@@ -428,7 +358,7 @@ class _Run:
         n_steps = math.ceil(len(order) / per_step)
         self.model.train()
         criterion = nn.CrossEntropyLoss(reduction="sum")
-        bar = _progress(
+        bar = progress_bar(
             total=sum(
                 len(step_shard(order[s * per_step : (s + 1) * per_step], ctx.rank, ctx.world_size))
                 for s in range(n_steps)
@@ -451,7 +381,7 @@ class _Run:
                     record = self.train_records[index]
                     x = self._input(record, index)
                     target = torch.tensor([record.label], device=self.device)
-                    with _autocast(cfg.amp, self.device):
+                    with autocast(cfg.amp, self.device):
                         logits = self.model(x)
                     loss = criterion(logits.float(), target)
                     self.scaler.scale(loss / len(global_slides)).backward()
@@ -511,204 +441,6 @@ def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
     return [int(i) for i in np.random.default_rng([seed, epoch, 2**31]).permutation(n)]
 
 
-def slide_input(
-    record: SlideRecord,
-    config: TrainConfig,
-    norm: tuple[Sequence[float] | None, Sequence[float] | None],
-    dtype: torch.dtype,
-    rng: np.random.Generator | None = None,
-    boxes: dict[Path, Any] | None = None,
-) -> SlideInput:
-    """The lazy (1, C, H, W) model input for one slide: cropped to its tissue (``config.tissue_crop``; boxes are
-    cached in ``boxes``), randomly flipped/rotated by ``rng`` when given, converted to float on reading."""
-    array = open_slide(record.image, level=config.level, mpp=config.mpp, where=record.where())
-    if config.tissue_crop:
-        if boxes is not None and record.image in boxes:
-            box = boxes[record.image]
-        else:
-            box = tissue_box(array)  # None when the threshold finds no tissue: the whole slide is used
-            if boxes is not None:
-                boxes[record.image] = box
-        if box is not None:
-            array = crop(array, box)
-    if rng is not None:
-        array = random_orientation(array, rng)
-    mean, std = norm
-    return SlideInput(array, mean=mean, std=std, dtype=dtype, where=record.where())
-
-
-@torch.no_grad()
-def evaluate(
-    model: SlideClassifier,
-    records: Sequence[SlideRecord],
-    *,
-    config: TrainConfig,
-    device: torch.device,
-    ctx: DistContext | None = None,
-    progress: bool = False,
-    desc: str = "predict",
-) -> dict[str, Any]:
-    """Class probabilities of every slide, and (when labelled) the mean cross-entropy loss and the AUC.
-
-    With several processes each evaluates every world_size-th slide and the results are gathered on all.
-    """
-    ctx = ctx or DistContext()
-    was_training = model.training
-    model.eval()
-    dtype = next(model.parameters()).dtype
-    norm = _normalisation(config)
-    mine = list(range(ctx.rank, len(records), ctx.world_size))
-    results = []
-    boxes: dict[Path, Any] = {}
-    with _progress(total=len(mine), desc=desc, unit="slide", enabled=progress and ctx.is_main) as bar:
-        for i in mine:
-            x = slide_input(records[i], config, norm, dtype, boxes=boxes)
-            with _autocast(config.amp, device):
-                logits = model(x)
-            probs = torch.softmax(logits.float(), dim=1)[0].cpu().tolist()
-            results.append((i, probs))
-            bar.update(1)
-    model.train(was_training)
-    gathered = sorted(ctx.gather(results))
-    probs = np.array([p for _, p in gathered], dtype=np.float64).reshape(len(records), -1 if records else 0)
-    labels = [r.label for r in records]
-    out: dict[str, Any] = {"probs": probs, "loss": math.nan, "auc": math.nan}
-    if records and all(label is not None for label in labels):
-        y = np.asarray(labels)
-        picked = probs[np.arange(len(y)), y]
-        out["loss"] = float(-np.mean(np.log(np.clip(picked, 1e-12, None))))
-        out["auc"] = _auc(y, probs)
-    return out
-
-
-def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    present = np.unique(labels)
-    if len(present) < 2:
-        return math.nan
-    if probs.shape[1] == 2:
-        return float(roc_auc_score(labels, probs[:, 1]))
-    if len(present) < probs.shape[1]:
-        return math.nan
-    return float(roc_auc_score(labels, probs, multi_class="ovr"))
-
-
-def load_trained_model(
-    checkpoint: str | Path | dict[str, Any],
-    *,
-    device: str | torch.device = "auto",
-    tile_size: int | None = None,
-    budget: str | None = None,
-) -> tuple[SlideClassifier, TrainConfig]:
-    """Rebuild the model of a training checkpoint (``tile_size``/``budget`` override the training tiling)."""
-    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-    config = _config_from_dict(state["config"])
-    if tile_size is not None or budget is not None:
-        config.tile_size, config.budget = tile_size, budget
-    dev = _resolve_device(device) if isinstance(device, str) else device
-    model = build_model(
-        config.model,
-        int(state["num_classes"]),
-        in_channels=int(state["in_channels"]),
-        pool=config.pool,
-        pretrained=False,
-        model_kwargs=config.model_kwargs,
-        tile_size=config.tile_size if config.budget is None else None,
-        memory_budget=config.budget,
-        freeze_norm=config.freeze_norm,
-    ).to(device=dev, dtype=_DTYPES[config.dtype])
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"the checkpoint's weights do not fit its model {config.model!r}: {err}"
-        ) from None
-    model.eval()
-    return model, config
-
-
-def predict(
-    checkpoint: str | Path,
-    csv_path: str | Path,
-    out_csv: str | Path,
-    *,
-    device: str = "auto",
-    tile_size: int | None = None,
-    budget: str | None = None,
-    progress: bool = True,
-    check_images: bool = False,
-) -> dict[str, Any]:
-    """Write per-slide class probabilities of every slide in ``csv_path`` to ``out_csv``.
-
-    The CSV needs an ``image`` column; ``label`` is optional (when present, the AUC is returned too). Columns written:
-    ``image`` (as in the input CSV), ``label`` (if known) and ``probability`` (of class 1) for two classes, or
-    ``prob_0``, ``prob_1``, ... for more. ``check_images`` decodes every image completely before predicting.
-    """
-    model, config = load_trained_model(checkpoint, device=device, tile_size=tile_size, budget=budget)
-    records = read_slide_csv(
-        csv_path, require_labels=False, decode_all=check_images, level=config.level, mpp=config.mpp
-    )
-    dev = next(model.parameters()).device
-    result = evaluate(model, records, config=config, device=dev, progress=progress)
-    probs = result["probs"]
-    k = probs.shape[1]
-    has_labels = all(r.label is not None for r in records)
-    columns = [
-        "image",
-        *(["label"] if has_labels else []),
-        *(["probability"] if k == 2 else [f"prob_{c}" for c in range(k)]),
-    ]
-    base = Path(csv_path).resolve().parent
-    rows = []
-    for record, p in zip(records, probs):
-        name = os.path.relpath(record.image, base)
-        values = [p[1]] if k == 2 else list(p)
-        rows.append([name, *([record.label] if has_labels else []), *(f"{v:.6g}" for v in values)])
-    _atomic_csv(Path(out_csv), columns, rows)
-    return result
-
-
-# -- helpers --------------------------------------------------------------------------------------------------------
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', received {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but no CUDA device is available; use --device cpu")
-    return device
-
-
-def _check_amp(amp: str, device: torch.device) -> None:
-    if amp == "none":
-        return
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    if device.type == "cuda" and amp == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("this GPU does not support bfloat16; use --amp fp16 or --amp none")
-    if not torch.amp.is_autocast_available(device.type):
-        raise ConfigError(f"autocast is not available on {device.type}; use --amp none")
-    try:
-        with torch.autocast(device.type, dtype=dtype):
-            pass
-    except RuntimeError as err:
-        raise ConfigError(f"--amp {amp} is not supported on {device.type} ({err}); use --amp none") from None
-
-
-def _autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def _normalisation(config: TrainConfig) -> tuple[Sequence[float] | None, Sequence[float] | None]:
-    return (IMAGENET_MEAN, IMAGENET_STD) if config.imagenet_norm else (None, None)
-
-
 def _channels(record: SlideRecord, config: TrainConfig) -> int:
     return int(open_slide(record.image, level=config.level, mpp=config.mpp, where=record.where()).shape[0])
 
@@ -725,16 +457,6 @@ def _load_records(config: TrainConfig) -> tuple[list[SlideRecord], list[SlideRec
             f"{Path(config.csv).name}: no training slides (rows with split 'train' or no split column)"
         )
     return train_records, val_records
-
-
-def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _lr_factor(schedule: str, epochs: int) -> Callable[[int], float]:
@@ -759,50 +481,12 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> An
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config.schedule, config.epochs))
 
 
-def _config_dict(config: TrainConfig) -> dict[str, Any]:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-
-
-def _config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in data.items() if k in names})
-
-
-def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
-    now = _config_dict(config)
-    differ = [
-        f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}"
-        for k in now
-        if k not in TrainConfig.RESUMABLE and saved.get(k) != now[k]
-    ]
-    if differ:
-        raise CheckpointError(
-            "cannot resume: the run's settings differ from the checkpoint's (" + "; ".join(differ) + "). "
-            "Resume with the same options (only --epochs, --device, --save-every, --check-images and progress may change) "
-            "or start a new run in another --out directory"
-        )
-
-
 def _write_log(path: Path, history: list[dict[str, float]]) -> None:
     rows = [[_fmt(h[c]) for c in LOG_COLUMNS] for h in history]
-    _atomic_csv(path, list(LOG_COLUMNS), rows)
+    atomic_write_csv(path, list(LOG_COLUMNS), rows)
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.6g}"
     return str(value)
-
-
-def _atomic_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    text = io.StringIO(newline="")
-    writer = csv.writer(text)
-    writer.writerow(header)
-    writer.writerows(rows)
-    atomic_write(path, text.getvalue())
-
-
-def _progress(*, total: int, desc: str, unit: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False, dynamic_ncols=True)

@@ -233,13 +233,14 @@ def saliency(
     ``level``/``mpp`` default to the resolution the model was trained at; ``max_side`` bounds the longer side of
     the low-resolution map and thumbnail.
     """
-    from .loop import _normalisation, load_trained_model
+    from .config import normalisation
+    from .evaluate import load_trained_model
 
     model, config = load_trained_model(checkpoint, device=device, tile_size=tile_size, budget=budget)
     level = config.level if level is None and mpp is None else level
     mpp = config.mpp if mpp is None else mpp
     array = open_slide(image, level=level, mpp=mpp)
-    mean, std = _normalisation(config)
+    mean, std = normalisation(config)
     dtype = next(model.parameters()).dtype
     slide = SlideInput(array, mean=mean, std=std, dtype=dtype)
     factor = max(1, -(-max(slide.shape[2:]) // max_side))
