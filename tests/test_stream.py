@@ -300,6 +300,42 @@ def test_no_grad_inference_and_lazy_numpy_memmap(tmp_path):
     assert rel_err(got, expected) <= 1e-5
 
 
+class _CountingReads:
+    """A lazy (N, C, H, W) array that records the spatial extent of every read."""
+
+    def __init__(self, data: np.ndarray):
+        self.data, self.shape, self.reads = data, data.shape, []
+
+    def __getitem__(self, key):
+        block = self.data[key]
+        self.reads.append(block.shape[2:])
+        return block
+
+
+@pytest.mark.parametrize(
+    ("tile", "kwargs", "whole"),
+    [
+        (24, {}, False),  # a tile smaller than the image: only tiles are read
+        ("auto", {"memory_budget": "64MiB"}, True),  # the budget fits unstreamed execution: conventional plan
+        (512, {}, True),  # the first segment's one tile covers the image
+    ],
+    ids=["tiled", "conventional", "one-tile"],
+)
+def test_a_lazy_input_is_read_whole_only_when_the_plan_says_so(tile, kwargs, whole):
+    # docs/streaming.md, "Inputs that do not fit in memory": the whole image is read in one piece exactly when the
+    # plan is conventional or its first segment has one tile; otherwise no read is larger than a tile
+    net = conv_net_2d().double()
+    lazy = _CountingReads(np.random.default_rng(0).standard_normal((1, 3, 64, 56)))
+    streamed = StreamingModule(net, tile, **kwargs)
+    streamed(lazy).sum().backward()
+    plan = streamed.last_plan
+    assert (plan.conventional or len(plan.segments[0].grid) == 1) == whole, str(plan)
+    assert ((64, 56) in lazy.reads) == whole, lazy.reads
+    if not whole:
+        biggest = max(plan.segments[0].grid.max_in_shape)
+        assert all(max(r) <= biggest < 56 for r in lazy.reads), (lazy.reads, str(plan))
+
+
 def test_lazy_input_training_gives_parameter_gradients():
     net = conv_net_2d().double()
     data = np.random.default_rng(1).standard_normal((1, 3, 50, 44))
