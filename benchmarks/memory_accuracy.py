@@ -27,8 +27,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from tilegrad import estimate_memory  # noqa: E402
-from tilegrad.models.resolve import resolve_model  # noqa: E402
 from tilegrad.memory.workload import measure_workload_subprocess  # noqa: E402
+from tilegrad.models.resolve import resolve_model  # noqa: E402
 
 MODELS = HERE / "memory_models.py"
 MIB = 2**20

@@ -112,9 +112,9 @@ def _layer(module: str) -> tuple[int, int]:
     for i, (_, groups) in enumerate(LAYERS):
         for g, prefixes in enumerate(groups):
             for prefix in prefixes:
-                if module == prefix or (prefix != "tilegrad" and module.startswith(prefix + ".")):
-                    if best is None or len(prefix) > best[0]:
-                        best = (len(prefix), i, g)
+                named = module == prefix or (prefix != "tilegrad" and module.startswith(prefix + "."))
+                if named and (best is None or len(prefix) > best[0]):
+                    best = (len(prefix), i, g)
     if best is None:
         raise KeyError(module)
     return best[1], best[2]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tilegrad import measure_peak_memory
-from tilegrad.errors import DataError
+from tilegrad.errors import ConfigError, DataError
 from tilegrad.io import NiftiImage, NiftiWriter, create_writer, open_image
 
 AFFINE = np.array(
@@ -125,7 +125,7 @@ def test_writer_like_source_scales_the_affine(tmp_path):
 
 
 def test_writer_refuses_bad_names_and_dtypes(tmp_path):
-    with pytest.raises(DataError, match=r"\.nii or \.nii\.gz"):
+    with pytest.raises(ConfigError, match=r"\.nii or \.nii\.gz"):
         NiftiWriter(tmp_path / "x.nifti", (1, 4, 4, 4))
-    with pytest.raises(DataError, match="cannot store dtype"):
+    with pytest.raises(ConfigError, match="cannot store dtype"):
         NiftiWriter(tmp_path / "x.nii", (1, 4, 4, 4), np.float16)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import tilegrad
-from tilegrad.errors import DataError, MissingDependencyError
+from tilegrad.errors import ConfigError, DataError, MissingDependencyError
 from tilegrad.io import NiftiImage, TiffImage, TiffWriter, open_image
 
 
@@ -49,7 +49,7 @@ def test_unsupported_files(tmp_path, content, message):
 def test_missing_file_and_bad_arguments(tmp_path):
     with pytest.raises(DataError, match=r"nope\.tif does not exist"):
         open_image(tmp_path / "nope.tif")
-    with pytest.raises(DataError, match="backend must be one of"):
+    with pytest.raises(ConfigError, match="backend must be one of"):
         open_image(_tiff(tmp_path / "a.tif", np.zeros((1, 8, 8), np.uint8)), backend="gdal")
     with pytest.raises(DataError, match="takes a path"):
         open_image(12)

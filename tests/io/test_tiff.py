@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from tilegrad.errors import DataError, ShapeError
+from tilegrad.errors import ConfigError, DataError, ShapeError
 from tilegrad.io import OpenSlideImage, TiffImage, TiffWriter, open_image
 
 
@@ -126,7 +126,7 @@ def test_mpp_level_choice_refuses_far_values(tmp_path, rgb_slide):
     assert open_image(path, mpp=1.0).level_index == 2
     with pytest.raises(DataError, match=r"no level within 10% of 0.7 .*level 1: 0\.5"):
         open_image(path, mpp=0.7)
-    with pytest.raises(DataError, match="either level"):
+    with pytest.raises(ConfigError, match="either level"):
         open_image(path, level=1, mpp=0.5)
     with pytest.raises(DataError, match=r"5 pyramid level\(s\)"):
         open_image(path, level=5)
@@ -156,9 +156,9 @@ def test_not_a_tiff(tmp_path):
 def test_writer_refuses_bad_arguments(tmp_path):
     with pytest.raises(ShapeError, match=r"\(C, H, W\)"):
         TiffWriter(tmp_path / "v.tif", (1, 8, 8, 8), np.uint8)
-    with pytest.raises(ShapeError, match="multiple of 16"):
+    with pytest.raises(ConfigError, match="multiple of 16"):
         TiffWriter(tmp_path / "v.tif", (3, 8, 8), np.uint8, tile=100)
-    with pytest.raises(DataError, match="JPEG"):
+    with pytest.raises(ConfigError, match="JPEG"):
         TiffWriter(tmp_path / "v.tif", (3, 8, 8), np.float32, compression="jpeg")
     assert not list(tmp_path.iterdir())
 

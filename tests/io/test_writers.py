@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tilegrad.errors import DataError, ShapeError, WriterStateError
+from tilegrad.errors import ConfigError, DataError, ShapeError, WriterStateError
 from tilegrad.io import NiftiWriter, NpyWriter, TiffWriter, ZarrWriter, create_writer, open_image
 
 # (file name, shape, dtype, writer class): each case must satisfy the whole contract below.
@@ -73,7 +73,7 @@ def test_ctrl_c_keeps_the_written_tiles_as_partial_and_resume_continues_them(
         n.startswith(name + ".partial") for n in names
     )  # kept, and never under the final name
     assert out.partial_files and not path.exists()
-    with pytest.raises(DataError, match=r"earlier, unfinished run.*resume=True.*overwrite=True"):
+    with pytest.raises(ConfigError, match=r"earlier, unfinished run.*resume=True.*overwrite=True"):
         create_writer(path, shape, dtype)
     resumed = create_writer(path, shape, dtype, resume=True)
     resumed.mark_written((slice(None), slice(0, 8)))  # written by the interrupted run, not again
@@ -98,7 +98,7 @@ def test_overwrite_discards_the_partial_files_of_an_interrupted_run(tmp_path, na
 
 
 def test_resume_errors(tmp_path):
-    with pytest.raises(DataError, match="no partial files"):
+    with pytest.raises(ConfigError, match="no partial files"):
         NpyWriter(tmp_path / "x.npy", (1, 10, 10), resume=True)
     out = NpyWriter(tmp_path / "x.npy", (1, 10, 10))
     with pytest.raises(WriterStateError, match=r"mark_written\(\) is for resumed writers"):
@@ -161,7 +161,7 @@ def test_existing_output_needs_overwrite(tmp_path):
     path = tmp_path / "x.zarr"
     with ZarrWriter(path, (1, 4, 4), np.uint8) as out:
         out[...] = 1
-    with pytest.raises(DataError, match="already exists; pass overwrite=True"):
+    with pytest.raises(ConfigError, match="already exists; pass overwrite=True"):
         ZarrWriter(path, (1, 4, 4), np.uint8)
     with ZarrWriter(path, (1, 4, 4), np.uint8, overwrite=True) as out:
         out[...] = 2
@@ -172,7 +172,7 @@ def test_existing_output_needs_overwrite(tmp_path):
 def test_bad_shapes_and_names(tmp_path):
     with pytest.raises(ShapeError, match=r"\(C, \*spatial\)"):
         NpyWriter(tmp_path / "x.npy", (10,))
-    with pytest.raises(DataError, match="cannot tell the output format"):
+    with pytest.raises(ConfigError, match="cannot tell the output format"):
         create_writer(tmp_path / "x.png", (3, 4, 4))
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         NpyWriter(tmp_path / "no" / "x.npy", (1, 4))

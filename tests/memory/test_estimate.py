@@ -11,8 +11,8 @@ from torch import nn
 
 import tilegrad
 from tilegrad import MemoryReport, ShapeError, TilegradError, estimate_memory
-from tilegrad.models.resolve import resolve_model
 from tilegrad.memory.workload import measure_workload_subprocess
+from tilegrad.models.resolve import resolve_model
 
 MODELS = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_models.py"
 F32 = 4

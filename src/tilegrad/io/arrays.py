@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError, ShapeError
+from ..errors import ConfigError, DataError, ShapeError
 from ._deps import require
 from ._indexing import Bounds
 from ._rawfile import RawArrayFile
@@ -213,7 +213,7 @@ class ZarrWriter(ImageWriter):
             chunks = (shape[0], *(min(edge, s) for s in shape[1:]))
         chunks = tuple(int(c) for c in chunks)
         if len(chunks) != len(shape) or any(c < 1 for c in chunks):
-            raise ShapeError(f"chunks must give a positive size per axis of {shape}; received {chunks}")
+            raise ConfigError(f"chunks must give a positive size per axis of {shape}; received {chunks}")
         super().__init__(
             path, shape, dtype, chunks=chunks, overwrite=overwrite, keep_partial=keep_partial, resume=resume
         )

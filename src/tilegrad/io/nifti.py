@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError, ShapeError
+from ..errors import ConfigError, DataError, ShapeError
 from ._deps import require
 from ._indexing import Bounds
 from ._rawfile import RawArrayFile
@@ -166,7 +166,7 @@ class NiftiWriter(ImageWriter):
         nib = _nibabel()
         name = Path(path).name
         if not (name.endswith(".nii") or name.endswith(".nii.gz")):
-            raise DataError(f"NIfTI output must end in .nii or .nii.gz; received {name!r}")
+            raise ConfigError(f"NIfTI output must end in .nii or .nii.gz; received {name!r}")
         n_spatial = len(tuple(shape)) - 1
         if n_spatial not in (2, 3):
             raise ShapeError(
@@ -200,7 +200,7 @@ class NiftiWriter(ImageWriter):
         try:
             header.set_data_dtype(self.dtype)
         except nib.spatialimages.HeaderDataError as exc:
-            raise DataError(f"NIfTI cannot store dtype {self.dtype}: {exc}") from None
+            raise ConfigError(f"NIfTI cannot store dtype {self.dtype}: {exc}") from None
         header.set_data_shape(self._file_shape)
         header.set_qform(affine, code="scanner")
         header.set_sform(affine, code="scanner")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError, ShapeError
+from ..errors import ConfigError, DataError, ShapeError
 from .arrays import NpyImage, ZarrImage, ZarrWriter
 from .base import ArrayImage, LazyImage
 from .dicom import DicomImage
@@ -95,7 +95,7 @@ def select_level(image: LazyImage, mpp: float, *, tolerance: float = 0.1) -> int
     No resampling happens: if no level is close enough, a DataError lists the levels that exist.
     """
     if not mpp > 0:
-        raise DataError(f"mpp must be a positive number of microns per pixel; received {mpp}")
+        raise ConfigError(f"mpp must be a positive number of microns per pixel; received {mpp}")
     if image.mpp is None:
         raise DataError(
             f"{image._name()} has no pixel size metadata, so mpp={mpp} cannot choose a level; pass level=... "
@@ -133,7 +133,7 @@ def open_image(
     file and what is wrong) and :class:`tilegrad.errors.MissingDependencyError` naming the extra to install.
     """
     if level is not None and mpp is not None:
-        raise DataError(f"pass either level ({level}) or mpp ({mpp}), not both")
+        raise ConfigError(f"pass either level ({level}) or mpp ({mpp}), not both")
     image = _open(source, backend)
     if mpp is not None:
         level = select_level(image, mpp)
@@ -156,7 +156,7 @@ def _open(source: Any, backend: str | None) -> LazyImage:
     if not path.exists():
         raise DataError(f"{path} does not exist")
     if backend is not None and backend not in BACKENDS:
-        raise DataError(f"backend must be one of {', '.join(BACKENDS)}; received {backend!r}")
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; received {backend!r}")
     kind = backend or _detect(path)
     if kind == "tiff":
         return TiffImage(path)
@@ -231,6 +231,6 @@ def create_writer(
         return ZarrWriter(path, shape, dtype, **options)
     if name.endswith(".npy"):
         return NpyWriter(path, shape, dtype, **options)
-    raise DataError(
+    raise ConfigError(
         f"cannot tell the output format of {path}: use a .tif, .tiff, .nii, .nii.gz, .zarr or .npy name"
     )

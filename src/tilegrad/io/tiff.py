@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError, ShapeError
+from ..errors import ConfigError, DataError, ShapeError
 from ._deps import require
 from ._indexing import Bounds
 from ._rawfile import RawArrayFile
@@ -335,15 +335,15 @@ class TiffWriter(ImageWriter):
                 "Write volumes with NiftiWriter or ZarrWriter"
             )
         if tile <= 0 or tile % 16:
-            raise ShapeError(f"TIFF tiles must be a positive multiple of 16 pixels; received tile={tile}")
+            raise ConfigError(f"TIFF tiles must be a positive multiple of 16 pixels; received tile={tile}")
         if compression not in (None, "zlib", "jpeg"):
-            raise DataError(f"compression must be 'zlib', 'jpeg' or None; received {compression!r}")
+            raise ConfigError(f"compression must be 'zlib', 'jpeg' or None; received {compression!r}")
         if compression == "jpeg" and (np.dtype(dtype) != np.uint8 or shape[0] not in (1, 3)):
-            raise DataError(
+            raise ConfigError(
                 "JPEG compression needs uint8 images with 1 or 3 channels; use compression='zlib'"
             )
         if mpp is not None and not mpp > 0:
-            raise DataError(f"mpp must be a positive number of microns per pixel; received {mpp}")
+            raise ConfigError(f"mpp must be a positive number of microns per pixel; received {mpp}")
         super().__init__(
             path,
             shape,
@@ -362,7 +362,7 @@ class TiffWriter(ImageWriter):
             while max(math.ceil(h / 2 ** (levels - 1)), math.ceil(w / 2 ** (levels - 1))) > tile:
                 levels += 1
         if levels < 1:
-            raise DataError(f"levels must be >= 1; received {levels}")
+            raise ConfigError(f"levels must be >= 1; received {levels}")
         self.n_levels = levels
         self._scratch_paths = [
             self.partial_path.with_name(f"{self.partial_path.name}.level{k}") for k in range(levels)

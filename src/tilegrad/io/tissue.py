@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError, ShapeError
+from ..errors import ConfigError, DataError
 from .base import LazyImage
 
 __all__ = ["Thumbnail", "otsu_threshold", "thumbnail", "tissue_mask"]
@@ -79,7 +79,7 @@ def thumbnail(image: LazyImage, max_size: int = 1024) -> Thumbnail:
     Memory: one strip of the chosen level (about 2 M elements) plus the thumbnail.
     """
     if max_size < 1:
-        raise ShapeError(f"max_size must be >= 1; received {max_size}")
+        raise ConfigError(f"max_size must be >= 1; received {max_size}")
     if not isinstance(image, LazyImage):
         from .open import open_image
 

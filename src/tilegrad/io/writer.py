@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from .._atomic import install, remove_paths
-from ..errors import DataError, ShapeError, WriterStateError
+from ..errors import ConfigError, DataError, ShapeError, WriterStateError
 from ._indexing import AxisIndex, Bounds, normalize_key
 from ._rawfile import RawArrayFile
 
@@ -145,25 +145,25 @@ class ImageWriter:
         try:
             self.dtype = np.dtype(dtype)
         except TypeError:
-            raise DataError(f"dtype must be a numpy dtype; received {dtype!r}") from None
+            raise ConfigError(f"dtype must be a numpy dtype; received {dtype!r}") from None
         if self.path.exists() and not overwrite:
-            raise DataError(
+            raise ConfigError(
                 f"{self.path} already exists; pass overwrite=True to replace it (on successful close)"
             )
         if not self.path.parent.is_dir():
-            raise DataError(f"cannot write {self.path}: directory {self.path.parent} does not exist")
+            raise ConfigError(f"cannot write {self.path}: directory {self.path.parent} does not exist")
         self.partial_path = self.path.with_name(self.path.name + ".partial")
         self.keep_partial = keep_partial
         self.resumed = bool(resume)
         stale = self._partial_files()
         if resume and not stale:
-            raise DataError(
+            raise ConfigError(
                 f"cannot resume {self.path}: there are no partial files ({self.partial_path}*) of an interrupted "
                 "run. Start without resume"
             )
         if stale and not resume:
             if not overwrite:
-                raise DataError(
+                raise ConfigError(
                     f"{self.path}: partial files of an earlier, unfinished run exist "
                     f"({', '.join(p.name for p in stale)}). Pass resume=True to continue that run, or "
                     "overwrite=True to discard them and start over"
