@@ -32,7 +32,15 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
     ("models", [["tilegrad.models"]]),
     (
         "blocks",
-        [["tilegrad.tiling", "tilegrad.segment", "tilegrad.split", "tilegrad.reversible", "tilegrad.checkpointing"]],
+        [
+            [
+                "tilegrad.tiling",
+                "tilegrad.segment",
+                "tilegrad.split",
+                "tilegrad.reversible",
+                "tilegrad.checkpointing",
+            ]
+        ],
     ),
     ("leaves", [["tilegrad.geometry"], ["tilegrad.io"]]),
     (
@@ -206,7 +214,9 @@ def test_imports_only_go_down_the_layers(graph):
         for other in sorted(imported):
             other_layer, other_group = _layer(other)
             if other_layer < layer:
-                wrong.append(f"{module} ({LAYERS[layer][0]}) imports {other} ({LAYERS[other_layer][0]}, above)")
+                wrong.append(
+                    f"{module} ({LAYERS[layer][0]}) imports {other} ({LAYERS[other_layer][0]}, above)"
+                )
             elif other_layer == layer and other_group != group:
                 wrong.append(f"{module} imports {other}: independent groups of layer {LAYERS[layer][0]}")
     assert not wrong, "\n".join(wrong)

@@ -44,7 +44,7 @@ def test_monai_classifiers_split_exactly(case, factory, shape):
 
 
 def test_monai_densenet_rejects_other_split_points():
-    with pytest.raises(tilegrad.ShapeError, match="split after 'features'"):
+    with pytest.raises(tilegrad.ConfigError, match="split after 'features'"):
         tilegrad.split_model(
             nets.DenseNet121(spatial_dims=2, in_channels=3, out_channels=2), at="features.norm5"
         )

@@ -419,7 +419,7 @@ def test_split_model_resnet_vgg_densenet_sequential():
     seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     trunk, head = tilegrad.split_model(seq)
     assert len(trunk) == 1 and torch.allclose(head(trunk(x)), seq(x))
-    with pytest.raises(ShapeError, match="expected the name of one of its children"):
+    with pytest.raises(ConfigError, match="expected the name of one of its children"):
         tilegrad.split_model(seq, at="nope")
 
 

@@ -7,7 +7,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .errors import NotStreamableError, ShapeError, TilegradError
+from .errors import ConfigError, NotStreamableError, TilegradError
 from .geometry import ACTIVATIONS
 
 __all__ = ["HEAD_LAYERS", "has_head", "local_trunk", "split_model", "streamable_part"]
@@ -69,18 +69,18 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Sequential,
     names = [n for n, _ in children]
     if tv_name == "DenseNet" and hasattr(model, "features") and hasattr(model, "classifier"):
         if at not in (None, "features", "classifier"):
-            raise ShapeError(f"DenseNet is split after 'features'; received at={at!r}")
+            raise ConfigError(f"DenseNet is split after 'features'; received at={at!r}")
         return model.features, _DenseNetHead(model.classifier)
     if "DenseNet" in kinds and names == ["features", "class_layers"]:
         # MONAI: forward is class_layers(features(x)); class_layers = relu, global pool, flatten, linear
         if at not in (None, "features", "class_layers"):
-            raise ShapeError(
+            raise ConfigError(
                 f"{tv_name} is split after 'features' (before 'class_layers'); received at={at!r}"
             )
         return model.features, model.class_layers
     if tv_name in ("VGG", "AlexNet") and hasattr(model, "features"):
         if at not in (None, "avgpool", "features"):
-            raise ShapeError(f"{tv_name} is split after 'features' (before 'avgpool'); received at={at!r}")
+            raise ConfigError(f"{tv_name} is split after 'features' (before 'avgpool'); received at={at!r}")
         return model.features, nn.Sequential(model.avgpool, nn.Flatten(1), model.classifier)
     if at is None:
         if tv_name == "ResNet" or "avgpool" in names:
@@ -93,7 +93,7 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Sequential,
     if isinstance(at, int):
         at = names[at] if -len(names) <= at < len(names) else str(at)
     if at not in names:
-        raise ShapeError(
+        raise ConfigError(
             f"cannot split {tv_name} at {at!r}: expected the name of one of its children {names}"
         )
     if not isinstance(model, nn.Sequential) and tv_name != "ResNet":

@@ -35,7 +35,7 @@ from typing import Any
 import torch.fx
 from torch import nn
 
-from ..errors import NotStreamableError
+from ..errors import ConfigError, NotStreamableError
 from .core import Geometry
 
 __all__ = [
@@ -68,6 +68,14 @@ def register_geometry_rule(target: type | Callable[..., Any] | str, rule: Rule) 
     NotStreamableError naming the layer. Subclasses of a registered module type use its rule. The building blocks
     are in :mod:`tilegrad.geometry.toolkit`.
     """
+    if not callable(rule):
+        raise ConfigError(
+            f"a geometry rule is a callable (ctx, module, node, inputs) -> Geometry, received {type(rule).__name__}"
+        )
+    if not (isinstance(target, (type, str)) or callable(target)):
+        raise ConfigError(
+            f"register_geometry_rule takes a module type, a function or a tensor method name, received {target!r}"
+        )
     if isinstance(target, type):
         _MODULE_RULES[target] = rule
     else:

@@ -10,7 +10,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..errors import GeometryError, NotStreamableError
+from ..errors import ConfigError, NotStreamableError
 from .core import Geometry, ReceptiveField
 from .toolkit import Context, function_rule, module_rule
 
@@ -58,7 +58,7 @@ def module_geometry(module: nn.Module, ndim: int, name: str = "") -> Geometry:
     ``name`` is the module's qualified name in a bigger model, used in those messages.
     """
     if ndim not in (1, 2, 3):
-        raise GeometryError(f"expected 1, 2 or 3 spatial dims, received ndim={ndim}")
+        raise ConfigError(f"expected 1, 2 or 3 spatial dims, received ndim={ndim}")
     rule = module_rule(module)
     if rule is not None:  # the whole module is a single known layer (or has a registered rule)
         placeholder = torch.fx.Graph().placeholder("x")

@@ -130,7 +130,8 @@ def open_image(
     of ``tiff, openslide, nifti, dicom, pillow, zarr, npy`` instead of detecting the format.
 
     Raises :class:`tilegrad.errors.DataError` for missing, unsupported, truncated or corrupt files (naming the
-    file and what is wrong) and :class:`tilegrad.errors.MissingDependencyError` naming the extra to install.
+    file and what is wrong), :class:`tilegrad.errors.ConfigError` for option mistakes (an unknown ``backend``,
+    ``level`` with ``mpp``) and :class:`tilegrad.errors.MissingDependencyError` naming the extra to install.
     """
     if level is not None and mpp is not None:
         raise ConfigError(f"pass either level ({level}) or mpp ({mpp}), not both")
@@ -143,6 +144,8 @@ def open_image(
 
 
 def _open(source: Any, backend: str | None) -> LazyImage:
+    if backend is not None and backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; received {backend!r}")
     if isinstance(source, LazyImage):
         return source
     if not isinstance(source, (str, os.PathLike)):
@@ -155,8 +158,6 @@ def _open(source: Any, backend: str | None) -> LazyImage:
     path = Path(source)
     if not path.exists():
         raise DataError(f"{path} does not exist")
-    if backend is not None and backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; received {backend!r}")
     kind = backend or _detect(path)
     if kind == "tiff":
         return TiffImage(path)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
-from ..errors import TilegradError
+from ..errors import ConfigError, TilegradError
 
 __all__ = ["PeakMemoryMeter", "measure_peak_memory"]
 
@@ -77,9 +77,14 @@ class PeakMemoryMeter:
     """
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ConfigError(
+                f"can measure peak memory on 'cpu' or 'cuda', received device {device!r}"
+            ) from None
         if self.device.type not in ("cpu", "cuda"):
-            raise TilegradError(
+            raise ConfigError(
                 f"can measure peak memory on 'cpu' or 'cuda', received device {str(self.device)!r}"
             )
         if self.device.type == "cpu" and not _cpu_supported():

@@ -15,6 +15,7 @@ import torch
 from ..dtypes import parse_dtype
 from ..errors import CheckpointError, ConfigError
 from ..optim import OPTIMIZERS
+from ..units import parse_bytes
 from .model import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -95,8 +96,12 @@ class TrainConfig:
             raise bad("accumulate", "at least 1")
         if not self.lr > 0:
             raise bad("lr", "positive")
-        if self.tile_size is not None and self.tile_size < 1:
+        if self.tile_size is not None and (
+            isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int) or self.tile_size < 1
+        ):
             raise bad("tile_size", "a positive number of pixels")
+        if self.budget is not None:
+            parse_bytes(self.budget)  # a budget that is not a byte count fails here, before any data is read
         if self.save_every < 0:
             raise bad("save_every", "0 (only at the end of each epoch) or a positive number of steps")
         if self.pool not in ("max", "avg"):

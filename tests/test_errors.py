@@ -1,0 +1,320 @@
+"""One exception class per kind of mistake, at every public entry point (the rule in tilegrad/errors.py).
+
+One table: each row calls an entry point with one misuse and names the class it must raise and a fragment of the
+message. A configuration mistake (a value outside its choices, a missing partner option, an unknown name, a budget
+that is not a byte count) is a ConfigError wherever it is made; the same misuse at two entry points gets the same
+class and the same words.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tilegrad
+import tilegrad.io
+from tilegrad import (
+    ConfigError,
+    GeometryError,
+    MemoryBudgetError,
+    NotInvertibleError,
+    NotStreamableError,
+    ShapeError,
+)
+from tilegrad.cli import build_parser
+
+
+def _net() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1)).eval()
+
+
+def _image() -> torch.Tensor:
+    return torch.zeros(1, 3, 32, 32)
+
+
+def _train_config(**overrides):
+    from tilegrad.train import TrainConfig
+
+    return TrainConfig(csv="slides.csv", model="small_cnn", **overrides)
+
+
+def _cli(*argv: str) -> None:
+    """Run a subcommand in-process and let its exception through (main() would turn it into exit code 2)."""
+    args = build_parser().parse_args(list(argv))
+    args.func(args)
+
+
+# (id, call, class, fragment of the message)
+CASES = [
+    # ---- StreamingModule --------------------------------------------------------------------------------------
+    ("stream-not-a-module", lambda: tilegrad.StreamingModule("trunk", 64), ConfigError, "wraps an nn.Module"),
+    ("stream-tile-zero", lambda: tilegrad.StreamingModule(_net(), 0), ConfigError, "tile_size must hold positive"),
+    ("stream-tile-word", lambda: tilegrad.StreamingModule(_net(), "big"), ConfigError, "tile_size must be an int"),
+    ("stream-auto-no-budget", lambda: tilegrad.StreamingModule(_net(), "auto"), ConfigError, "needs memory_budget="),
+    (
+        "stream-bad-budget",
+        lambda: tilegrad.StreamingModule(_net(), "auto", memory_budget="lots"),
+        ConfigError,
+        "cannot read 'lots' as a byte count",
+    ),
+    ("stream-mode", lambda: tilegrad.StreamingModule(_net(), 16, mode="fast"), ConfigError, "mode must be 'auto'"),
+    (  # a valid tile that does not match the input is a shape mistake
+        "stream-tile-rank",
+        lambda: tilegrad.StreamingModule(_net(), (16, 16, 16))(_image()),
+        ShapeError,
+        "has 3 entries but the input has 2 spatial dims",
+    ),
+    (  # a tile too small for the receptive field is a geometry mistake
+        "stream-tile-below-halo",
+        lambda: tilegrad.StreamingModule(_net(), 2, mode="lean")(_image()),
+        GeometryError,
+        "use at least",
+    ),
+    (
+        "stream-budget-too-small",
+        lambda: tilegrad.StreamingModule(_net(), "auto", memory_budget=1000)(_image()),
+        MemoryBudgetError,
+        "no streaming plan fits the memory budget",
+    ),
+    (
+        "stream-non-local",
+        lambda: tilegrad.StreamingModule(nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1)), 16)(_image()),
+        NotStreamableError,
+        "AdaptiveAvgPool2d",
+    ),
+    # ---- plan_streaming ---------------------------------------------------------------------------------------
+    (
+        "plan-mode",
+        lambda: tilegrad.plan_streaming(_net(), (1, 3, 32, 32), tile_size=16, mode="fast"),
+        ConfigError,
+        "mode must be 'auto'",
+    ),
+    (
+        "plan-auto-no-budget",
+        lambda: tilegrad.plan_streaming(_net(), (1, 3, 32, 32)),
+        ConfigError,
+        "needs memory_budget=",
+    ),
+    (
+        "plan-bad-budget",
+        lambda: tilegrad.plan_streaming(_net(), (1, 3, 32, 32), memory_budget="lots"),
+        ConfigError,
+        "cannot read 'lots' as a byte count",
+    ),
+    (
+        "plan-tile-zero",
+        lambda: tilegrad.plan_streaming(_net(), (1, 3, 32, 32), tile_size=0),
+        ConfigError,
+        "tile_size must hold positive",
+    ),
+    (
+        "plan-batch-tiles",
+        lambda: tilegrad.plan_streaming(_net(), (1, 3, 32, 32), tile_size=16, training=False, batch_tiles=0),
+        ConfigError,
+        "batch_tiles must be a positive int",
+    ),
+    (
+        "plan-budget-too-small",
+        lambda: tilegrad.plan_streaming(_net(), (1, 3, 64, 64), memory_budget="1KiB"),
+        MemoryBudgetError,
+        "no streaming plan fits the memory budget",
+    ),
+    # ---- infer ------------------------------------------------------------------------------------------------
+    ("infer-no-tile-no-budget", lambda: tilegrad.infer(_net(), _image()), ConfigError, "tile_size= or memory_budget="),
+    (
+        "infer-batch-tiles",
+        lambda: tilegrad.infer(_net(), _image(), tile_size=16, batch_tiles=0),
+        ConfigError,
+        "batch_tiles must be a positive int",
+    ),
+    (
+        "infer-bad-budget",
+        lambda: tilegrad.infer(_net(), _image(), memory_budget="lots"),
+        ConfigError,
+        "cannot read 'lots' as a byte count",
+    ),
+    ("infer-tile-zero", lambda: tilegrad.infer(_net(), _image(), tile_size=0), ConfigError, "tile_size must hold"),
+    ("infer-source-rank", lambda: tilegrad.infer(_net(), torch.zeros(32, 32), tile_size=16), ShapeError, "(32, 32)"),
+    # ---- estimate_memory, measure_peak_memory -----------------------------------------------------------------
+    (
+        "estimate-dtype",
+        lambda: tilegrad.estimate_memory(_net(), (1, 3, 8, 8), dtype="float8"),
+        ConfigError,
+        "unknown dtype 'float8'",
+    ),
+    ("estimate-mode", lambda: tilegrad.estimate_memory(_net(), (1, 3, 8, 8), mode="fit"), ConfigError, "'train'"),
+    ("estimate-device", lambda: tilegrad.estimate_memory(_net(), (1, 3, 8, 8), device="tpu"), ConfigError, "'cpu'"),
+    (
+        "estimate-optimizer",
+        lambda: tilegrad.estimate_memory(_net(), (1, 3, 8, 8), optimizer="rmsprop"),
+        ConfigError,
+        "unknown optimizer 'rmsprop'",
+    ),
+    ("estimate-not-a-model", lambda: tilegrad.estimate_memory("net", (1, 3, 8, 8)), ConfigError, "torch.nn.Module"),
+    ("estimate-shape", lambda: tilegrad.estimate_memory(_net(), (1, -3, 8)), ShapeError, "positive integers"),
+    ("meter-device", lambda: tilegrad.PeakMemoryMeter("tpu"), ConfigError, "'cpu' or 'cuda'"),
+    # ---- geometry, split, reversible, checkpointing, units ----------------------------------------------------
+    ("receptive-field-ndim", lambda: tilegrad.receptive_field(_net(), ndim=4), ConfigError, "1, 2 or 3 spatial"),
+    (
+        "register-rule-not-callable",
+        lambda: tilegrad.register_geometry_rule(nn.Conv2d, "same as conv"),
+        ConfigError,
+        "a geometry rule is a callable",
+    ),
+    (
+        "split-at-unknown",
+        lambda: tilegrad.split_model(nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten()), at="nope"),
+        ConfigError,
+        "expected the name of one of its children",
+    ),
+    (
+        "reversible-threshold",
+        lambda: tilegrad.ReversibleSequential(check_reconstruction=-1.0),
+        ConfigError,
+        "relative-error threshold",
+    ),
+    (
+        "reversible-block",
+        lambda: tilegrad.ReversibleSequential(nn.ReLU()),
+        NotInvertibleError,
+        "takes AdditiveCoupling blocks",
+    ),
+    (
+        "coupling-split-dim",
+        lambda: tilegrad.AdditiveCoupling(nn.Identity(), nn.Identity(), split_dim=7)(torch.zeros(1, 4, 2, 2)),
+        ShapeError,
+        "splits dim 7",
+    ),
+    ("checkpoint-not-sequential", lambda: tilegrad.checkpoint_sequential(nn.ReLU(), 1), ConfigError, "nn.Sequential"),
+    ("checkpoint-segments", lambda: tilegrad.checkpoint_sequential(_net(), 9), ConfigError, "segments must be"),
+    ("parse-bytes", lambda: tilegrad.parse_bytes("two gigs"), ConfigError, "cannot read 'two gigs' as a byte count"),
+    ("parse-bytes-negative", lambda: tilegrad.parse_bytes(-1), ConfigError, "must be positive"),
+    # ---- io ---------------------------------------------------------------------------------------------------
+    (
+        "io-backend",
+        lambda: tilegrad.io.open_image(np.zeros((1, 4, 4)), backend="magic"),
+        ConfigError,
+        "backend must be one of",
+    ),
+    ("io-writer-suffix", lambda: tilegrad.io.create_writer("out.png", (3, 4, 4)), ConfigError, "output format"),
+    (
+        "io-raw-order",
+        lambda: __import__("tilegrad.io._rawfile", fromlist=["RawArrayFile"]).RawArrayFile("x", (2,), "u1", order="K"),
+        ConfigError,
+        "order must be 'C' or 'F'",
+    ),
+    # ---- training ---------------------------------------------------------------------------------------------
+    ("train-optimizer", lambda: _train_config(optimizer="rmsprop").validate(), ConfigError, "optimizer must be"),
+    ("train-dtype", lambda: _train_config(dtype="float16").validate(), ConfigError, "dtype must be"),
+    ("train-tile", lambda: _train_config(tile_size=0).validate(), ConfigError, "tile_size must be"),
+    ("train-budget", lambda: _train_config(budget="lots").validate(), ConfigError, "cannot read 'lots'"),
+    (
+        "train-model",
+        lambda: __import__("tilegrad.train", fromlist=["build_model"]).build_model("resnet7", 2),
+        ConfigError,
+        "unknown model 'resnet7'",
+    ),
+    (
+        "demo-factor",
+        lambda: __import__("tilegrad.train.demo", fromlist=["x"]).make_demo_slides(
+            "/nonexistent-demo", __import__("tilegrad.train.demo", fromlist=["x"]).DemoSettings(factor=3)
+        ),
+        ConfigError,
+        "power of 2",
+    ),
+    # ---- command line (the same classes: main() prints them as "tilegrad CMD: error: ...", exit code 2) -------
+    ("cli-memory-budget", lambda: _cli("memory", "small_cnn", "--input", "3x64x64", "--budget", "lots"), ConfigError, "'lots'"),
+    ("cli-memory-input", lambda: _cli("memory", "small_cnn", "--input", "3x6xabc"), ConfigError, "cannot read --input"),
+    ("cli-memory-model", lambda: _cli("memory", "resnet81", "--input", "3x64x64"), ConfigError, "unknown model"),
+    ("cli-plan-budget", lambda: _cli("plan", "small_cnn", "--input", "3x64x64", "--budget", "lots"), ConfigError, "'lots'"),
+    ("cli-plan-model", lambda: _cli("plan", "nosuchpkg.mod:f", "--input", "3x64x64", "--tile", "32"), ConfigError, "cannot import"),
+    (
+        "cli-train-budget",
+        lambda: _cli("train", "slides.csv", "--out", "/nonexistent-run", "--model", "small_cnn", "--budget", "lots"),
+        ConfigError,
+        "cannot read 'lots'",
+    ),
+    (
+        "cli-train-kwargs",
+        lambda: _cli("train", "slides.csv", "--out", "/nonexistent-run", "--model-kwargs", "[1]"),
+        ConfigError,
+        "--model-kwargs must be a JSON object",
+    ),
+    ("cli-infer-batch-tiles", lambda: _cli("infer", "small_cnn", "in.npy", "/nonexistent/out.npy", "--tile", "32", "--batch-tiles", "0"), ConfigError, "--batch-tiles"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("call", "error", "fragment"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_each_misuse_raises_its_class_with_a_message(call, error, fragment):
+    with pytest.raises(tilegrad.TilegradError) as info:
+        call()
+    assert type(info.value) is error, f"{type(info.value).__name__}: {info.value}"
+    assert fragment in str(info.value)
+
+
+def test_the_command_line_says_the_same(capsys, tmp_path):
+    # main() turns the exception into one line on stderr and exit code 2
+    code = tilegrad.cli.main(["plan", "small_cnn", "--input", "3x64x64", "--budget", "lots"])
+    assert code == 2 and "tilegrad plan: error: cannot read 'lots' as a byte count" in capsys.readouterr().err
+
+
+def test_infer_command_with_an_unreadable_budget(tmp_path):
+    # the budget is read by tilegrad.infer itself, after the input is opened: one more row that needs a file
+    np.save(tmp_path / "in.npy", np.zeros((3, 32, 32), np.float32))
+    with pytest.raises(ConfigError, match="cannot read 'lots' as a byte count"):
+        _cli("infer", "small_cnn", str(tmp_path / "in.npy"), str(tmp_path / "out.npy"), "--budget", "lots")
+
+
+@pytest.mark.parametrize("budget", [64 * 2**20, "64MiB", "64 MiB", 64.0 * 2**20])
+def test_every_entry_point_takes_budgets_as_bytes_or_strings(budget):
+    plan = tilegrad.plan_streaming(_net(), (1, 3, 64, 64), memory_budget=budget)
+    assert plan.budget == 64 * 2**20
+    streamed = tilegrad.StreamingModule(_net(), "auto", memory_budget=budget)
+    assert streamed.memory_budget == 64 * 2**20 and streamed.plan((1, 3, 64, 64)).budget == 64 * 2**20
+    with torch.no_grad():
+        out = tilegrad.infer(_net(), torch.zeros(3, 64, 64), memory_budget=budget, progress=False)
+    assert out.shape == (2, 64, 64)
+
+
+# Public names that take no option a user could get wrong, or are data (results, exceptions, the version).
+NOT_IN_THE_TABLE = {
+    "MemoryReport": "a result",
+    "Plan": "a result",
+    "ReceptiveField": "a result",
+    "ReconstructionWarning": "a warning",
+    "format_bytes": "formats any number",
+    "measure_peak_memory": "runs a callable; its device errors are tests/memory/test_measure.py's",
+    "__version__": "a string",
+}
+COVERED = {
+    "StreamingModule": "stream-",
+    "plan_streaming": "plan-",
+    "infer": "infer-",
+    "estimate_memory": "estimate-",
+    "PeakMemoryMeter": "meter-",
+    "receptive_field": "receptive-field-",
+    "register_geometry_rule": "register-rule-",
+    "split_model": "split-",
+    "ReversibleSequential": "reversible-",
+    "AdditiveCoupling": "coupling-",
+    "checkpoint_sequential": "checkpoint-",
+    "parse_bytes": "parse-bytes",
+}
+
+
+def test_the_table_walks_every_public_entry_point():
+    ids = [c[0] for c in CASES]
+    for name in tilegrad.__all__:
+        obj = getattr(tilegrad, name)
+        if (inspect.isclass(obj) and issubclass(obj, BaseException)) or name in NOT_IN_THE_TABLE:
+            continue
+        assert name in COVERED, f"tilegrad.{name} has no row in CASES (or a reason in NOT_IN_THE_TABLE)"
+        assert any(i.startswith(COVERED[name]) for i in ids), name
+    subcommands = {"memory", "plan", "infer", "train"}
+    assert all(any(i.startswith(f"cli-{s}") for i in ids) for s in subcommands)
+    assert Path(tilegrad.__file__).exists()
