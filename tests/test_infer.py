@@ -255,20 +255,10 @@ print(json.dumps({"peak": meter.peak_bytes}))
 """
 
 
-def test_inference_peak_stays_within_the_memory_budget():
+def test_inference_peak_stays_within_the_memory_budget(subprocess_peak):
     """Regression: MONAI UNet on 96^3, .npy in and out, measured 34 MiB for a 24 MiB budget (18.6 MiB predicted)
     before the heap fix (NOTE [ Heap growth under a budget ] in infer.py)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    src = str(Path(tilegrad.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, "96", "24MiB"], capture_output=True, text=True,
-                          env=env, check=True)  # fmt: skip
-    peak = json.loads(done.stdout.strip().splitlines()[-1])["peak"]
+    peak = subprocess_peak(MEMORY_SCRIPT, "96", "24MiB")
     assert peak <= 24 * 2**20, f"{peak / 2**20:.1f} MiB measured for a 24 MiB budget"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -535,25 +536,13 @@ print(min(tilegrad.measure_peak_memory(step) for _ in range(2)))
 """
 
 
-def _peak_in_subprocess(kind: str, depth: int) -> int:
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tests = str(Path(__file__).parent)
-    env = dict(os.environ, PYTHONPATH=str(Path(tilegrad.__file__).parents[1]), OMP_NUM_THREADS="1")
-    script = _PEAK_SCRIPT.format(tests=tests)
-    out = subprocess.run(
-        [sys.executable, "-c", script, kind, str(depth)], env=env, capture_output=True, text=True, check=True
-    )
-    return int(out.stdout.strip().splitlines()[-1])
-
-
-def test_memory_is_flat_in_depth():
+def test_memory_is_flat_in_depth(subprocess_peak):
     """Peak of one training step, each configuration in a fresh process (no allocator history)."""
+    script = _PEAK_SCRIPT.format(tests=str(Path(__file__).parent))
     peaks = {
-        (kind, depth): _peak_in_subprocess(kind, depth) for kind in ("rev", "plain") for depth in (4, 16)
+        (kind, depth): subprocess_peak(script, kind, depth, threads=1)
+        for kind in ("rev", "plain")
+        for depth in (4, 16)
     }
     summary = {k: f"{v / 2**20:.1f} MiB" for k, v in peaks.items()}
     assert peaks["rev", 16] <= 1.3 * peaks["rev", 4], summary
@@ -562,18 +551,10 @@ def test_memory_is_flat_in_depth():
     assert peaks["rev", 16] * 3 <= peaks["plain", 16], summary
 
 
-def test_guide_examples_run():
+def test_guide_examples_run(doc_blocks, doc_examples):
     """The python blocks of docs/reversible.md run as written (ESPCN-sized shapes are small enough)."""
-    import re
-    from pathlib import Path
-
-    doc = Path(__file__).resolve().parents[1] / "docs" / "reversible.md"
-    examples = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.DOTALL)
-    assert len(examples) == 3
-    spaces = []
-    for code in examples:
-        spaces.append({})
-        exec(compile(code, str(doc), "exec"), spaces[-1])
+    assert len(doc_blocks("reversible.md")) == 3
+    spaces = doc_examples("reversible.md", shared=False)
     assert spaces[1]["stack"].last_reconstruction_error > 1e-3
     assert [w.category for w in spaces[1]["caught"]] == [tilegrad.ReconstructionWarning]
     assert spaces[2]["body"][0][1].num_batches_tracked.item() == 1

@@ -1,12 +1,16 @@
-"""split_model on MONAI's classification networks: head(trunk(x)) == model(x), and the trunk is streamable."""
+"""split_model on torchvision and MONAI classification networks and nn.Sequential: head(trunk(x)) == model(x),
+and the trunk is streamable."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 from monai.networks import nets
+from torch import nn
 
 import tilegrad
+from tilegrad import ConfigError
 
 # (case, factory, input shape)
 MONAI_CASES = [
@@ -48,3 +52,19 @@ def test_monai_densenet_rejects_other_split_points():
         tilegrad.split_model(
             nets.DenseNet121(spatial_dims=2, in_channels=3, out_channels=2), at="features.norm5"
         )
+
+
+def test_split_model_resnet_vgg_densenet_sequential():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    for factory in (torchvision.models.resnet18, torchvision.models.vgg11, torchvision.models.densenet121):
+        model = factory().eval()
+        trunk, head = tilegrad.split_model(model)
+        with torch.no_grad():
+            assert torch.allclose(head(trunk(x)), model(x), atol=1e-6), factory.__name__
+        tilegrad.receptive_field(trunk, ndim=2)  # the trunk is streamable
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    trunk, head = tilegrad.split_model(seq)
+    assert len(trunk) == 1 and torch.allclose(head(trunk(x)), seq(x))
+    with pytest.raises(ConfigError, match="expected the name of one of its children"):
+        tilegrad.split_model(seq, at="nope")

@@ -2,14 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import tilegrad
-
 SCRIPT = r"""
 import json, sys, torch
 from torch import nn
@@ -31,25 +23,18 @@ print(json.dumps({"peak": meter.peak_bytes}))
 """
 
 
-def _peak(size: int, mode: str, plan: str = "lean") -> int:
-    src = str(Path(tilegrad.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def _peak(measure, size: int, mode: str, plan: str = "lean") -> int:
     # glibc's mmap threshold fixed (as in benchmarks/): freed blocks go back to the kernel, so the peak is what the
     # tensors need, not how the heap happened to fragment on a busy machine
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(size), mode, plan],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+    return measure(SCRIPT, size, mode, plan, mmap_threshold=65536)
 
 
-def test_streamed_peak_grows_far_less_than_the_image():
-    small, large = _peak(384, "streamed"), _peak(768, "streamed")  # 4x more pixels
-    conventional = _peak(768, "conventional")
+def test_streamed_peak_grows_far_less_than_the_image(subprocess_peak):
+    small, large = (
+        _peak(subprocess_peak, 384, "streamed"),
+        _peak(subprocess_peak, 768, "streamed"),
+    )  # 4x pixels
+    conventional = _peak(subprocess_peak, 768, "conventional")
     assert large < 1.5 * small, (small, large)
     assert large < conventional / 3, (large, conventional)
 
@@ -59,8 +44,8 @@ def _io_bytes(size: int) -> int:
     return 4 * (size * size + 3 * 8 * (size // 4) ** 2)
 
 
-def test_default_plan_with_a_fixed_tile_is_flat_apart_from_input_and_output():
+def test_default_plan_with_a_fixed_tile_is_flat_apart_from_input_and_output(subprocess_peak):
     # mode="auto" without a budget: cuts and kept graphs allowed, within the lean plan + one tile (NOTE [ Tile
     # memory ] in plan.py)
-    small, large = (_peak(s, "streamed", "auto") - _io_bytes(s) for s in (768, 1536))
+    small, large = (_peak(subprocess_peak, s, "streamed", "auto") - _io_bytes(s) for s in (768, 1536))
     assert large < 1.5 * max(small, 4 * 2**20), (small, large)

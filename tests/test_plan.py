@@ -1,0 +1,65 @@
+"""The planner (tilegrad/plan.py): what it counts, how a fixed tile or a budget limits the plan, and its errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tilegrad
+from tilegrad import GeometryError, StreamingModule
+
+from .test_stream import conv_net_2d, rel_err, resnet18_trunk
+
+
+def test_plan_made_under_no_grad_counts_what_training_saves():
+    # regression: planning profiled the trunk in the caller's grad mode; under no_grad nothing was "saved", so
+    # kept graphs looked free and the predicted peak was too low
+    trunk = resnet18_trunk()
+    with torch.no_grad():
+        quiet = tilegrad.plan_streaming(trunk, (1, 3, 320, 288), tile_size=160)
+    normal = tilegrad.plan_streaming(trunk, (1, 3, 320, 288), tile_size=160)
+    assert quiet.peak_bytes == normal.peak_bytes
+    assert all(s.tile_saved_bytes > 0 for s in quiet.segments)
+
+
+def test_fixed_tile_limit_keeps_the_plan_flat_apart_from_input_and_output():
+    # NOTE [ Tile memory ]: without a budget the fixed tile sets the limit (lean plan + one tile), so the predicted
+    # peak minus input and output stays flat as the image grows 16x in area, while cuts keep it fast
+    trunk = resnet18_trunk()
+    rest = []
+    for side in (1024, 4096):
+        plan = tilegrad.plan_streaming(trunk, (1, 3, side, side), tile_size=512)
+        io = 4 * (3 * side * side + 512 * (side // 32) ** 2)
+        rest.append(plan.peak_bytes - io)
+        assert any("tile sets the limit" in n for n in plan.notes)
+        assert plan.segments[0].tile == (512, 512)  # the segment reading the image takes the requested tile
+    assert rest[1] < 1.5 * rest[0], rest
+    lean = tilegrad.plan_streaming(trunk, (1, 3, 4096, 4096), tile_size=512, mode="lean")
+    assert plan.time_ratio < lean.time_ratio / 5
+
+
+def test_tile_too_small_says_the_smallest_that_works():
+    net = nn.Sequential(*[nn.Conv2d(1, 1, 3, padding=1) for _ in range(10)])  # halo 10 px each side
+    with pytest.raises(GeometryError) as info:
+        StreamingModule(net, 12, mode="lean")(torch.randn(1, 1, 64, 64))
+    message = str(info.value)
+    assert "tile_size 12" in message and "10 + 10 px" in message and "use at least 21" in message
+    StreamingModule(net, 21, mode="lean")(torch.randn(1, 1, 64, 64))  # and that size does work
+
+
+def test_auto_tile_with_budget_reports_its_choice():
+    net = conv_net_2d().double()
+    streamed = StreamingModule(net, "auto", memory_budget="64MiB")
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64, requires_grad=True)
+    y = streamed(x)
+    assert streamed.last_plan.peak_bytes <= 64 * 2**20
+    assert isinstance(streamed.tile_size, tuple) or streamed.last_plan.conventional
+    assert "predicted peak" in str(streamed.last_plan)
+    assert rel_err(y, net(x)) <= 1e-10
+
+
+def test_budget_too_small_raises_with_numbers():
+    net = conv_net_2d()
+    with pytest.raises(tilegrad.MemoryBudgetError, match="no streaming plan fits the memory budget"):
+        StreamingModule(net, "auto", memory_budget=1000)(torch.randn(1, 3, 64, 64))
