@@ -179,7 +179,7 @@ From the shell (`MODEL` is a torchvision name, a tilegrad model name, or `packag
 
 ```
 tilegrad memory resnet34 --input 3x224x224 --batch 8 --optimizer sgd
-tilegrad memory resnet34 --input 3x8192x8192 --budget 8GiB      # does not fit: suggests a --tile that does
+tilegrad memory resnet34 --input 3x8192x8192 --budget 8GiB      # does not fit: the planner's tile, simulated
 tilegrad memory resnet34 --input 3x8192x8192 --tile 1024 --json # the streamed peak
 tilegrad memory benchmarks/memory_models.py:unet3d --input 1x128x128x128 --mode infer --plot unet.png
 ```

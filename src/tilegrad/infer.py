@@ -1,7 +1,7 @@
 """Exact tiled inference: run a fully convolutional model over an image or volume that does not fit in memory.
 
 Tiles are read from the source on demand, run through the model with the halo its receptive field needs (origins
-aligned to its stride, see NOTE [ Translation equivariance ] in geometry.py), cropped to their cores and written into
+aligned to its stride, see NOTE [ Translation equivariance ] in geometry/core.py), cropped to their cores and written into
 the sink. Cores are disjoint and cover the output (NOTE [ Disjoint cores ] in tiling.py), so there is no blending:
 ``out`` equals ``model(source)`` up to float rounding, which sliding-window inference with overlap blending does not.
 

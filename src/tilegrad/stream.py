@@ -1,7 +1,7 @@
 """StreamingModule: exact tile-by-tile forward and backward through the local part of a CNN.
 
 Forward runs each segment of the plan (see tilegrad/plan.py) tile by tile without recording a graph, crops each
-tile's output to its core (NOTE [ Valid region ] in geometry.py) and assembles the segment's output. Backward goes
+tile's output to its core (NOTE [ Valid region ] in geometry/core.py) and assembles the segment's output. Backward goes
 through the segments in reverse: each tile is recomputed with a graph, and the gradient of its core is pushed
 through it with ``torch.autograd.grad``; parameter gradients are summed over tiles (NOTE [ Disjoint cores ] in
 tiling.py), input gradients are added into the tile's input box. All of this happens inside one

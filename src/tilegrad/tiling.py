@@ -2,7 +2,7 @@
 
 A grid partitions the *output* of a trunk into disjoint boxes (the tiles' cores). For each core the grid gives the
 input box the tile must read (core's receptive field plus the halo, clipped to the image, origin aligned as in
-NOTE [ Translation equivariance ] of tilegrad/geometry.py) and where the core sits inside the tile's own output.
+NOTE [ Translation equivariance ] of tilegrad/geometry/core.py) and where the core sits inside the tile's own output.
 
 NOTE [ Disjoint cores ]
 Cores never overlap and together cover the whole output, so summing each tile's parameter gradients (computed from
@@ -74,7 +74,7 @@ class _IntDim:
     def span(self, j0: int, j1: int) -> Span:
         start, stop = self.bounds(j0, j1)
         offset = Fraction(start) / self.stride
-        if offset.denominator != 1:  # pragma: no cover - guaranteed by align (see geometry.py)
+        if offset.denominator != 1:  # pragma: no cover - guaranteed by align (see geometry/core.py)
             raise GeometryError(f"tile origin {start} is not on the output grid of stride {self.stride}")
         return Span(start, stop, j0, j1, int(offset))
 

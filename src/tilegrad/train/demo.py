@@ -12,7 +12,7 @@ pixel clips. Averaging 8x8 blocks -- downsampling the slide 8x -- therefore remo
 rounding to 8-bit pixels (< 0.5 grey levels). A model that sees the 8x-downsampled slide cannot do better than
 chance; one that sees full resolution can find the lesions.
 
-The demo trains the same small CNN (:func:`tilegrad.train.model.small_cnn` + global max pooling) twice: streamed
+The demo trains the same small CNN (:func:`tilegrad.models.small_cnn` + global max pooling) twice: streamed
 on the full-resolution slides and conventionally on the 8x-downsampled ones, then reports both validation AUCs,
 memory, saliency maps and learning curves.
 
