@@ -195,3 +195,16 @@ def test_plot_that_cannot_be_written_says_why(capsys, tmp_path):
     target.mkdir()  # a directory where the chart should go
     code, _, err = run(capsys, f"{MODELS}:small_cnn", "--input", "3x64x64", "--plot", str(target))
     assert code == 2 and f"cannot write --plot {target}" in err, err
+
+
+@pytest.mark.parametrize("budget", ["600MiB", "300MiB"])
+def test_memory_and_plan_suggest_the_same_tile_for_a_budget(capsys, budget):
+    # both commands ask the planner (plan_streaming with tile_size="auto" and the budget): one tile, not two searches
+    code, out, _ = run(capsys, f"{MODELS}:small_cnn", "--input", "3x2048x2048", "--budget", budget, "--json")
+    assert code == 0
+    suggestion = json.loads(out)["suggestion"]
+    assert main(["plan", f"{MODELS}:small_cnn", "--input", "3x2048x2048", "--budget", budget, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert not plan["conventional"]
+    assert suggestion["tile"] == plan["segments"][0]["tile"], (suggestion, plan)
+    assert suggestion["fits"] is True

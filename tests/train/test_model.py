@@ -52,6 +52,33 @@ def test_factory_spec_module_or_pair(tmp_path, monkeypatch):
         build_model("no_such_module_xyz:f", 2)
 
 
+def test_file_factory_spec_works_for_training_as_for_the_other_commands(tmp_path):
+    # one resolver (tilegrad/models/resolve.py): path/to/file.py:factory, as tilegrad memory/plan/infer take it
+    path = tmp_path / "nets_on_disk.py"
+    path.write_text(
+        "from torch import nn\n"
+        "def classifier(width=4):\n"
+        "    return nn.Sequential(nn.Conv2d(3, width, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                         nn.Linear(width, 5))\n"
+    )
+    model = build_model(f"{path}:classifier", 2, model_kwargs={"width": 6})
+    assert model.trunk[0].out_channels == 6 and isinstance(model.head, PoolingHead)
+    assert model(torch.rand(1, 3, 20, 20)).shape == (1, 2)
+    with pytest.raises(ConfigError, match="has no callable 'nothing'"):
+        build_model(f"{path}:nothing", 2)
+    with pytest.raises(ConfigError, match=r"calling .*classifier\(\*\*\{'depth': 3\}\) failed"):
+        build_model(f"{path}:classifier", 2, model_kwargs={"depth": 3})
+
+
+def test_built_in_models_are_the_tilegrad_models():
+    from tilegrad.models import small_cnn
+
+    model = build_model("small_cnn", 2, model_kwargs={"width": 4})
+    assert type(model.trunk) is type(small_cnn()) and model.trunk[0].out_channels == 4
+    with pytest.raises(ConfigError, match="no pretrained weights for the built-in model"):
+        build_model("small_cnn", 2, pretrained=True)
+
+
 def test_unknown_model_name_lists_the_choices():
     with pytest.raises(ConfigError, match=r"unknown model 'resnet7'.*small_cnn"):
         build_model("resnet7", 2)
