@@ -11,7 +11,9 @@ import tilegrad
 MODULES = sorted(
     m.name
     for m in pkgutil.walk_packages(tilegrad.__path__, prefix="tilegrad.")
-    if not m.name.startswith("tilegrad.commands") and m.name != "tilegrad.__main__"
+    if not m.name.startswith("tilegrad.commands")
+    and m.name
+    not in ("tilegrad.__main__", "tilegrad.memory.resolve")  # the last: an alias that warns on import
 )
 
 

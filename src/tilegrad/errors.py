@@ -17,8 +17,10 @@ io readers and writers, the training loop, the command line) meets it:
 * no plan fits the memory budget: :class:`MemoryBudgetError` (only that: an unreadable budget is a ConfigError);
 * a file or a value read from one that is not what it should be: :class:`DataError`.
 
-Each class also derives from the builtin exception its kind used to raise (ValueError, TypeError, ...), so code that
-catches those keeps working.
+Each class also derives from a builtin exception, so ``except ValueError`` still catches ConfigError, ShapeError,
+GeometryError, MemoryBudgetError and DataError, and ``except TypeError`` NotStreamableError and NotInvertibleError.
+Option mistakes that used to raise ShapeError, GeometryError, MemoryBudgetError or DataError (all ValueErrors) are
+ConfigErrors now; ``StreamingModule(not_a_module)`` raised a bare TypeError and is a ConfigError too.
 """
 
 from __future__ import annotations
