@@ -264,13 +264,7 @@ class StreamingModule(nn.Module):
                 f"expected an input of shape (N, C, H, W) or (N, C, D, H, W), received {len(input_shape)}-d "
                 f"shape {input_shape}"
             )
-        ndim = len(input_shape) - 2
-        tile = self._tile_request
-        if isinstance(tile, tuple) and len(tile) != ndim:
-            raise ShapeError(
-                f"tile_size {tile} has {len(tile)} entries but the input has {ndim} spatial dims "
-                f"(shape {input_shape}): give one entry per spatial dim or a single int"
-            )
+        tile = self._tile_request  # plan_streaming checks it against the input's rank
         dtype = dtype or self._param_dtype()
         key = (input_shape, dtype, lazy, input_grad, self.training, self.mode)
         if key not in self._plans:
