@@ -17,7 +17,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["DTYPES", "DTYPE_NAMES", "parse_dtype"]
+__all__ = ["DTYPES", "DTYPE_NAMES", "PARAMETER_DTYPES", "parse_dtype"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -32,6 +32,9 @@ DTYPES: dict[str, torch.dtype] = {
 
 DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
 """The canonical names (what the command line offers)."""
+
+PARAMETER_DTYPES = ("float32", "float64")
+"""The precisions ``tilegrad train`` keeps parameters in (mixed precision is autocast's job, ``--amp``)."""
 
 
 def parse_dtype(value: Any, *, allowed: Sequence[str] | None = None) -> torch.dtype:

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..dtypes import DTYPE_NAMES
 from ..errors import ConfigError, NotStreamableError
+from ..optim import OPTIMIZERS
 
 __all__ = ["parse_input", "register"]
 
@@ -63,7 +64,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     parser.add_argument(
-        "--optimizer", choices=("none", "sgd", "adam", "adamw"), default="none",
+        "--optimizer", choices=("none", *sorted(OPTIMIZERS)), default="none",
         help="optimizer state to include: sgd = momentum (1x parameters), adam/adamw = 2x (default none)",
     )  # fmt: skip
     parser.add_argument(

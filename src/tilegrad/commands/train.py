@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..dtypes import PARAMETER_DTYPES
 from ..errors import ConfigError
+from ..optim import OPTIMIZERS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--epochs", type=int, default=10)
     o.add_argument("--lr", type=float, default=1e-4)
     o.add_argument("--weight-decay", type=float, default=0.0)
-    o.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), default="adamw")
+    o.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     o.add_argument(
         "--schedule",
@@ -74,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     o.add_argument("--accumulate", type=int, default=1, help="slides per optimizer step (per process)")
     o.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast precision")
-    o.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="parameter precision")
+    o.add_argument("--dtype", choices=PARAMETER_DTYPES, default="float32", help="parameter precision")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     o.add_argument(

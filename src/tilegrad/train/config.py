@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..dtypes import parse_dtype
+from ..dtypes import PARAMETER_DTYPES, parse_dtype
 from ..errors import CheckpointError, ConfigError
 from ..optim import OPTIMIZERS
 from ..units import parse_bytes
@@ -31,8 +31,6 @@ __all__ = [
 
 _SCHEDULES = ("constant", "cosine", "step")
 _AMP = ("none", "bf16", "fp16")
-PARAMETER_DTYPES = ("float32", "float64")
-"""Parameter precisions training offers (mixed precision is ``amp``)."""
 
 
 @dataclass
