@@ -284,7 +284,11 @@ def _suggest_tile(
     infer = common["mode"] == "infer"
     with torch.device("meta"):
         model = factory()
-    asked = f"the planner (`tilegrad plan --budget {format_bytes(budget)}`)"
+    asked = (
+        f"the planner (as `tilegrad infer --budget {format_bytes(budget)}` asks it)"
+        if infer
+        else f"the planner (`tilegrad plan --budget {format_bytes(budget)}`)"
+    )
     try:
         trunk = _streamed(model, "auto", budget, train=not infer).streaming.module
         options: dict[str, Any] = {"training": False, "mode": "lean"} if infer else {}
