@@ -42,7 +42,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
             ]
         ],
     ),
-    ("leaves", [["tilegrad.geometry"], ["tilegrad.io"]]),
+    ("leaves", [["tilegrad.geometry"], ["tilegrad.io"], ["tilegrad.boundary"]]),
     (
         "base",
         [

@@ -20,6 +20,7 @@ import tilegrad
 import tilegrad.io
 from tilegrad import (
     ConfigError,
+    DiskFullError,
     GeometryError,
     MemoryBudgetError,
     NotInvertibleError,
@@ -41,6 +42,13 @@ def _train_config(**overrides):
     from tilegrad.train import TrainConfig
 
     return TrainConfig(csv="slides.csv", model="small_cnn", **overrides)
+
+
+def _scratch(directory, needed_bytes: int) -> None:
+    from tilegrad.boundary import Scratch
+
+    with Scratch(directory, needed_bytes):
+        pass
 
 
 def _cli(*argv: str) -> None:
@@ -194,6 +202,11 @@ CASES = [
     ("checkpoint-segments", lambda: tilegrad.checkpoint_sequential(_net(), 9), ConfigError, "segments must be"),
     ("parse-bytes", lambda: tilegrad.parse_bytes("two gigs"), ConfigError, "cannot read 'two gigs' as a byte count"),
     ("parse-bytes-negative", lambda: tilegrad.parse_bytes(-1), ConfigError, "must be positive"),
+    # ---- scratch directory of disk-tier boundary tensors (tilegrad/boundary.py), checked when a run starts ----
+    ("scratch-missing", lambda: _scratch("/nonexistent-scratch", 2**30), ConfigError, "/nonexistent-scratch does not exist (this run needs 1.00 GiB"),
+    ("scratch-a-file", lambda: _scratch(__file__, 2**30), ConfigError, "is not a directory"),
+    ("scratch-too-small", lambda: _scratch(None, 2**62), DiskFullError, "4,611,686,018,427,387,904 bytes needed"),
+    ("scratch-needed-bytes", lambda: _scratch(None, -1), ConfigError, "needed_bytes is a byte count"),
     # ---- io ---------------------------------------------------------------------------------------------------
     (
         "io-backend",
