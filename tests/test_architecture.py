@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
                 "tilegrad.tiling",
                 "tilegrad.segment",
                 "tilegrad.split",
+                "tilegrad.heads",
                 "tilegrad.reversible",
                 "tilegrad.checkpointing",
             ]

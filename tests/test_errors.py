@@ -26,6 +26,7 @@ from tilegrad import (
     NotInvertibleError,
     NotStreamableError,
     ShapeError,
+    heads,
 )
 from tilegrad.cli import build_parser
 
@@ -179,6 +180,18 @@ CASES = [
         lambda: tilegrad.split_model(nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten()), at="nope"),
         ConfigError,
         "expected the name of one of its children",
+    ),
+    # ---- streamed heads (tilegrad.heads) ----------------------------------------------------------------------
+    ("heads-pool-mode", lambda: heads.GlobalPool("min"), ConfigError, "mode must be 'max' or 'avg'"),
+    ("heads-mil-features", lambda: heads.AttentionMIL(0), ConfigError, "in_features must be a positive int"),
+    ("heads-mil-dropout", lambda: heads.AttentionMIL(4, dropout=1.0), ConfigError, "dropout must be in [0, 1)"),
+    ("heads-pooled-input", lambda: heads.GlobalPool()(torch.zeros(2, 3)), ShapeError, "at least one spatial axis"),
+    ("heads-mil-channels", lambda: heads.AttentionMIL(4)(_image()), ShapeError, "expects 4 channels"),
+    (
+        "heads-not-streamed",
+        lambda: heads.streamed_head(nn.AdaptiveAvgPool2d(1)),
+        NotStreamableError,
+        "the head AdaptiveAvgPool2d is not one of the streamed reductions",
     ),
     (
         "reversible-threshold",
