@@ -37,12 +37,13 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
                 "tilegrad.tiling",
                 "tilegrad.segment",
                 "tilegrad.split",
+                "tilegrad.heads",
                 "tilegrad.reversible",
                 "tilegrad.checkpointing",
             ]
         ],
     ),
-    ("leaves", [["tilegrad.geometry"], ["tilegrad.io"]]),
+    ("leaves", [["tilegrad.geometry"], ["tilegrad.io"], ["tilegrad.boundary"]]),
     (
         "base",
         [

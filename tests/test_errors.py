@@ -20,11 +20,13 @@ import tilegrad
 import tilegrad.io
 from tilegrad import (
     ConfigError,
+    DiskFullError,
     GeometryError,
     MemoryBudgetError,
     NotInvertibleError,
     NotStreamableError,
     ShapeError,
+    heads,
 )
 from tilegrad.cli import build_parser
 
@@ -41,6 +43,13 @@ def _train_config(**overrides):
     from tilegrad.train import TrainConfig
 
     return TrainConfig(csv="slides.csv", model="small_cnn", **overrides)
+
+
+def _scratch(directory, needed_bytes: int) -> None:
+    from tilegrad.boundary import Scratch
+
+    with Scratch(directory, needed_bytes):
+        pass
 
 
 def _cli(*argv: str) -> None:
@@ -172,6 +181,18 @@ CASES = [
         ConfigError,
         "expected the name of one of its children",
     ),
+    # ---- streamed heads (tilegrad.heads) ----------------------------------------------------------------------
+    ("heads-pool-mode", lambda: heads.GlobalPool("min"), ConfigError, "mode must be 'max' or 'avg'"),
+    ("heads-mil-features", lambda: heads.AttentionMIL(0), ConfigError, "in_features must be a positive int"),
+    ("heads-mil-dropout", lambda: heads.AttentionMIL(4, dropout=1.0), ConfigError, "dropout must be in [0, 1)"),
+    ("heads-pooled-input", lambda: heads.GlobalPool()(torch.zeros(2, 3)), ShapeError, "at least one spatial axis"),
+    ("heads-mil-channels", lambda: heads.AttentionMIL(4)(_image()), ShapeError, "expects 4 channels"),
+    (
+        "heads-not-streamed",
+        lambda: heads.streamed_head(nn.AdaptiveAvgPool2d(1)),
+        NotStreamableError,
+        "the head AdaptiveAvgPool2d is not one of the streamed reductions",
+    ),
     (
         "reversible-threshold",
         lambda: tilegrad.ReversibleSequential(check_reconstruction=-1.0),
@@ -194,6 +215,11 @@ CASES = [
     ("checkpoint-segments", lambda: tilegrad.checkpoint_sequential(_net(), 9), ConfigError, "segments must be"),
     ("parse-bytes", lambda: tilegrad.parse_bytes("two gigs"), ConfigError, "cannot read 'two gigs' as a byte count"),
     ("parse-bytes-negative", lambda: tilegrad.parse_bytes(-1), ConfigError, "must be positive"),
+    # ---- scratch directory of disk-tier boundary tensors (tilegrad/boundary.py), checked when a run starts ----
+    ("scratch-missing", lambda: _scratch("/nonexistent-scratch", 2**30), ConfigError, "/nonexistent-scratch does not exist (this run needs 1.00 GiB"),
+    ("scratch-a-file", lambda: _scratch(__file__, 2**30), ConfigError, "is not a directory"),
+    ("scratch-too-small", lambda: _scratch(None, 2**62), DiskFullError, "4,611,686,018,427,387,904 bytes needed"),
+    ("scratch-needed-bytes", lambda: _scratch(None, -1), ConfigError, "needed_bytes is a byte count"),
     # ---- io ---------------------------------------------------------------------------------------------------
     (
         "io-backend",

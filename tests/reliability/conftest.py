@@ -14,12 +14,26 @@ from tilegrad.cli import main
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
-SMALL = ["--model", "small_cnn", "--model-kwargs", '{"width": 4}', "--tile", "32", "--no-progress", "--device", "cpu"]
+SMALL = [
+    "--model",
+    "small_cnn",
+    "--model-kwargs",
+    '{"width": 4}',
+    "--tile",
+    "32",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 
 
 def subprocess_env() -> dict[str, str]:
     """The environment of a `python -m tilegrad` child: this checkout first, one thread."""
-    return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 PYTHON = sys.executable

@@ -51,10 +51,18 @@ def test_a_factory_file_named_by_a_checkpoint_needs_consent_and_runs_with_it(tra
         f"def build(**kw):\n    return small_cnn(**kw), PoolingHead({channels}, 2)\n"
     )
     crafted = _crafted(trained, tmp_path, f"{factory}:build", {"width": 4})
-    code, err = run_cli(capsys, "predict", crafted, trained / "slides.csv", tmp_path / "p.csv", "--no-progress")
+    code, err = run_cli(
+        capsys, "predict", crafted, trained / "slides.csv", tmp_path / "p.csv", "--no-progress"
+    )
     assert code == 2 and "--trust-model-code" in one_error_line(err) and not marker.exists()
     code, err = run_cli(
-        capsys, "predict", crafted, trained / "slides.csv", tmp_path / "p.csv", "--no-progress", "--trust-model-code"
+        capsys,
+        "predict",
+        crafted,
+        trained / "slides.csv",
+        tmp_path / "p.csv",
+        "--no-progress",
+        "--trust-model-code",
     )
     assert code == 0 and marker.exists() and (tmp_path / "p.csv").exists(), err
 
@@ -92,12 +100,16 @@ def test_a_flipped_bit_is_found_by_the_checksum(trained, tmp_path, capsys):
         load_checkpoint(path)
     code, err = run_cli(capsys, "predict", path, trained / "slides.csv", tmp_path / "p.csv", "--no-progress")
     assert code == 2 and str(path) in one_error_line(err) and "checksum" in err
-    code, err = run_cli(capsys, "infer", path, _image(trained), tmp_path / "f.npy", "--tile", "32", "--no-progress")
+    code, err = run_cli(
+        capsys, "infer", path, _image(trained), tmp_path / "f.npy", "--tile", "32", "--no-progress"
+    )
     assert code == 2 and "checksum" in one_error_line(err)
 
 
 def test_an_intact_checkpoint_passes_its_checksum(trained, tmp_path):
     state = load_checkpoint(trained / "run" / "checkpoint.pt")
     assert len(state["checksum"]) == 64
-    result = predict(trained / "run" / "checkpoint.pt", trained / "slides.csv", tmp_path / "p.csv", progress=False)
+    result = predict(
+        trained / "run" / "checkpoint.pt", trained / "slides.csv", tmp_path / "p.csv", progress=False
+    )
     assert result["probs"].shape == (6, 2)
