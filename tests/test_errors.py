@@ -45,6 +45,12 @@ def _train_config(**overrides):
     return TrainConfig(csv="slides.csv", model="small_cnn", **overrides)
 
 
+def _exact_inferer(**options):
+    from tilegrad.monai import ExactInferer
+
+    return ExactInferer(**options)
+
+
 def _scratch(directory, needed_bytes: int) -> None:
     from tilegrad.boundary import Scratch
 
@@ -272,6 +278,16 @@ CASES = [
         "--model-kwargs must be a JSON object",
     ),
     ("cli-infer-batch-tiles", lambda: _cli("infer", "small_cnn", "in.npy", "/nonexistent/out.npy", "--tile", "32", "--batch-tiles", "0"), ConfigError, "--batch-tiles"),
+    # ---- tilegrad.monai.ExactInferer (MONAI's inferer interface over infer) -----------------------------------
+    ("monai-no-size", lambda: _exact_inferer(), ConfigError, "needs memory_budget= (e.g."),
+    ("monai-bad-budget", lambda: _exact_inferer(memory_budget="lots"), ConfigError, "cannot read 'lots' as a byte count"),
+    ("monai-tile-zero", lambda: _exact_inferer(tile_size=0), ConfigError, "tile_size must hold positive"),
+    ("monai-tile-auto", lambda: _exact_inferer(tile_size="auto", memory_budget="1GiB"), ConfigError, "'auto' is not needed"),
+    ("monai-batch-tiles", lambda: _exact_inferer(tile_size=32, batch_tiles=0), ConfigError, "batch_tiles must be a positive int"),
+    ("monai-lambda-network", lambda: _exact_inferer(tile_size=32)(_image(), lambda x: x), ConfigError, "needs the network as a torch.nn.Module"),
+    ("monai-train-mode", lambda: _exact_inferer(tile_size=32)(_image(), _net().train()), ConfigError, "needs Sequential in eval mode"),
+    ("monai-extra-args", lambda: _exact_inferer(tile_size=32)(_image(), _net(), None, flag=True), ConfigError, "received ['NoneType', 'flag']"),
+    ("monai-not-a-tensor", lambda: _exact_inferer(tile_size=32)(np.zeros((1, 3, 32, 32)), _net()), ConfigError, "takes a tensor batch"),
 ]  # fmt: skip
 
 

@@ -14,6 +14,7 @@ slide's width, all channels) instead of the whole slide's gradient.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .dataset import SlideInput, open_slide
 from .model import SlideClassifier
 
@@ -227,37 +228,61 @@ def saliency(
     device: str = "auto",
     tile_size: int | None = None,
     budget: str | None = None,
+    overwrite: bool = False,
+    trust_model_code: bool = False,
 ) -> SaliencyResult:
     """Compute the saliency of ``image`` under a trained checkpoint; write OUT.png and OUT.npy (low resolution).
 
     ``level``/``mpp`` default to the resolution the model was trained at; ``max_side`` bounds the longer side of
-    the low-resolution map and thumbnail.
+    the low-resolution map and thumbnail. Existing outputs are replaced only with ``overwrite``; each appears under
+    its final name only when complete (written to a temporary name first). ``trust_model_code``: NOTE [ A checkpoint
+    never runs code ] in models/resolve.py.
     """
+    from .._atomic import atomic_write
+    from .._lock import FileLock
     from .config import normalisation
-    from .evaluate import load_trained_model
+    from .dataset import SlideRecord, nonfinite_message
+    from .evaluate import check_channels, check_output, load_trained_model
 
-    model, config = load_trained_model(checkpoint, device=device, tile_size=tile_size, budget=budget)
-    level = config.level if level is None and mpp is None else level
-    mpp = config.mpp if mpp is None else mpp
-    array = open_slide(image, level=level, mpp=mpp)
-    mean, std = normalisation(config)
-    dtype = next(model.parameters()).dtype
-    slide = SlideInput(array, mean=mean, std=std, dtype=dtype)
-    factor = max(1, -(-max(slide.shape[2:]) // max_side))
-    low, probs, target = saliency_map(model, slide, factor, target)
-    low = low.astype(np.float32)
-    thumb = np.asarray(array[:, ::factor, ::factor])
+    if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1:
+        raise ConfigError(f"--max-side (max_side) must be a positive number of pixels, received {max_side!r}")
     out_png = Path(out_png)
     npy = out_png.with_suffix(".npy")
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    np.save(npy, low)
-    title = f"{Path(image).name}: P(class {target}) = {probs[target]:.3f}"
-    render_saliency(thumb, low, out_png, title=title)
+    for path in (out_png, npy):
+        check_output(path, overwrite, "--overwrite (overwrite=True)")
+    with FileLock(out_png, what="saliency map"):
+        model, config = load_trained_model(
+            checkpoint, device=device, tile_size=tile_size, budget=budget, trust_model_code=trust_model_code
+        )
+        level = config.level if level is None and mpp is None else level
+        mpp = config.mpp if mpp is None else mpp
+        array = open_slide(image, level=level, mpp=mpp)
+        record = SlideRecord(Path(image), None, "test", 0, "")
+        check_channels(record, int(model.in_channels), config)
+        mean, std = normalisation(config)
+        dtype = next(model.parameters()).dtype
+        slide = SlideInput(array, mean=mean, std=std, dtype=dtype)
+        factor = max(1, -(-max(slide.shape[2:]) // max_side))
+        low, probs, target = saliency_map(model, slide, factor, target)
+        if not (np.isfinite(probs).all() and np.isfinite(low).all()):
+            what = "class scores" if not np.isfinite(probs).all() else "input gradients"
+            raise DataError(nonfinite_message("", image, array, what))
+        low = low.astype(np.float32)
+        thumb = np.asarray(array[:, ::factor, ::factor])
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.save(buffer, low)
+        atomic_write(npy, buffer.getvalue())
+        title = f"{Path(image).name}: P(class {target}) = {probs[target]:.3f}"
+        buffer = io.BytesIO()
+        render_saliency(thumb, low, buffer, title=title)
+        atomic_write(out_png, buffer.getvalue())
     return SaliencyResult(out_png, npy, low, probs, target, factor)
 
 
-def render_saliency(thumbnail: np.ndarray, heat: np.ndarray, path: str | Path, *, title: str = "") -> Path:
-    """Draw a (C, h, w) thumbnail beside the same thumbnail overlaid with the heat map; save as PNG."""
+def render_saliency(thumbnail: np.ndarray, heat: np.ndarray, path: Any, *, title: str = "") -> Any:
+    """Draw a (C, h, w) thumbnail beside the same thumbnail overlaid with the heat map; save as PNG (``path`` is a
+    file name or a binary file object)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -279,9 +304,9 @@ def render_saliency(thumbnail: np.ndarray, heat: np.ndarray, path: str | Path, *
         ax.set_axis_off()
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
-    return Path(path)
+    return path if hasattr(path, "write") else Path(path)
 
 
 def _as_rgb(thumbnail: np.ndarray) -> Any:
