@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
     ("interface", [["tilegrad.cli", "tilegrad.__main__", "tilegrad.commands"]]),
     ("api", [["tilegrad"]]),
     ("training", [["tilegrad.train"]]),
-    ("execution", [["tilegrad.stream", "tilegrad.infer"]]),
+    ("execution", [["tilegrad.stream", "tilegrad.infer", "tilegrad.monai"]]),
     ("planning", [["tilegrad.plan"]]),
     ("memory", [["tilegrad.memory"]]),
     ("models", [["tilegrad.models"]]),
@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
             ]
         ],
     ),
-    ("leaves", [["tilegrad.geometry"], ["tilegrad.io"]]),
+    ("leaves", [["tilegrad.geometry"], ["tilegrad.io"], ["tilegrad.boundary"]]),
     (
         "base",
         [
@@ -55,6 +55,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
                 "tilegrad.dtypes",
                 "tilegrad.optim",
                 "tilegrad._atomic",
+                "tilegrad._lock",
                 "tilegrad._autocast",
                 "tilegrad._allocator",
             ]

@@ -20,6 +20,7 @@ import tilegrad
 import tilegrad.io
 from tilegrad import (
     ConfigError,
+    DiskFullError,
     GeometryError,
     MemoryBudgetError,
     NotInvertibleError,
@@ -42,6 +43,19 @@ def _train_config(**overrides):
     from tilegrad.train import TrainConfig
 
     return TrainConfig(csv="slides.csv", model="small_cnn", **overrides)
+
+
+def _exact_inferer(**options):
+    from tilegrad.monai import ExactInferer
+
+    return ExactInferer(**options)
+
+
+def _scratch(directory, needed_bytes: int) -> None:
+    from tilegrad.boundary import Scratch
+
+    with Scratch(directory, needed_bytes):
+        pass
 
 
 def _cli(*argv: str) -> None:
@@ -207,6 +221,11 @@ CASES = [
     ("checkpoint-segments", lambda: tilegrad.checkpoint_sequential(_net(), 9), ConfigError, "segments must be"),
     ("parse-bytes", lambda: tilegrad.parse_bytes("two gigs"), ConfigError, "cannot read 'two gigs' as a byte count"),
     ("parse-bytes-negative", lambda: tilegrad.parse_bytes(-1), ConfigError, "must be positive"),
+    # ---- scratch directory of disk-tier boundary tensors (tilegrad/boundary.py), checked when a run starts ----
+    ("scratch-missing", lambda: _scratch("/nonexistent-scratch", 2**30), ConfigError, "/nonexistent-scratch does not exist (this run needs 1.00 GiB"),
+    ("scratch-a-file", lambda: _scratch(__file__, 2**30), ConfigError, "is not a directory"),
+    ("scratch-too-small", lambda: _scratch(None, 2**62), DiskFullError, "4,611,686,018,427,387,904 bytes needed"),
+    ("scratch-needed-bytes", lambda: _scratch(None, -1), ConfigError, "needed_bytes is a byte count"),
     # ---- io ---------------------------------------------------------------------------------------------------
     (
         "io-backend",
@@ -278,6 +297,16 @@ CASES = [
         "Leave out --target with --attention",
     ),
     ("cli-infer-batch-tiles", lambda: _cli("infer", "small_cnn", "in.npy", "/nonexistent/out.npy", "--tile", "32", "--batch-tiles", "0"), ConfigError, "--batch-tiles"),
+    # ---- tilegrad.monai.ExactInferer (MONAI's inferer interface over infer) -----------------------------------
+    ("monai-no-size", lambda: _exact_inferer(), ConfigError, "needs memory_budget= (e.g."),
+    ("monai-bad-budget", lambda: _exact_inferer(memory_budget="lots"), ConfigError, "cannot read 'lots' as a byte count"),
+    ("monai-tile-zero", lambda: _exact_inferer(tile_size=0), ConfigError, "tile_size must hold positive"),
+    ("monai-tile-auto", lambda: _exact_inferer(tile_size="auto", memory_budget="1GiB"), ConfigError, "'auto' is not needed"),
+    ("monai-batch-tiles", lambda: _exact_inferer(tile_size=32, batch_tiles=0), ConfigError, "batch_tiles must be a positive int"),
+    ("monai-lambda-network", lambda: _exact_inferer(tile_size=32)(_image(), lambda x: x), ConfigError, "needs the network as a torch.nn.Module"),
+    ("monai-train-mode", lambda: _exact_inferer(tile_size=32)(_image(), _net().train()), ConfigError, "needs Sequential in eval mode"),
+    ("monai-extra-args", lambda: _exact_inferer(tile_size=32)(_image(), _net(), None, flag=True), ConfigError, "received ['NoneType', 'flag']"),
+    ("monai-not-a-tensor", lambda: _exact_inferer(tile_size=32)(np.zeros((1, 3, 32, 32)), _net()), ConfigError, "takes a tensor batch"),
 ]  # fmt: skip
 
 

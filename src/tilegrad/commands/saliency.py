@@ -31,6 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tiling.add_argument("--tile", type=int, help="tile size (default: as in training)")
     tiling.add_argument("--budget", help="memory budget such as 2GiB")
     p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT.png and OUT.npy (and OUT.tiff with --attention) if they exist")
+    p.add_argument(
+        "--trust-model-code",
+        action="store_true",
+        help="let the checkpoint's model spec import and call code outside the known model libraries (only for "
+        "checkpoints you trust; see docs/training.md)",
+    )
     p.set_defaults(func=run)
 
 
@@ -54,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             tile_size=args.tile,
             budget=args.budget,
+            overwrite=args.overwrite,
+            trust_model_code=args.trust_model_code,
         )
         k = int(found.probabilities.argmax())
         h, w = found.map.shape
@@ -74,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         tile_size=args.tile,
         budget=args.budget,
+        overwrite=args.overwrite,
+        trust_model_code=args.trust_model_code,
     )
     print(
         f"P(class {result.target}) = {result.probabilities[result.target]:.4f}; wrote {result.png} and "

@@ -72,9 +72,11 @@ class TrainConfig:
     save_every: int = 0
     progress: bool = True
     check_images: bool = False
+    skip_nonfinite: bool = False
 
-    # Fields that may change when resuming; any other difference is refused.
-    RESUMABLE = ("epochs", "device", "save_every", "progress", "out", "check_images")
+    # Fields that may change when resuming; any other difference is refused. skip_nonfinite may be added to resume
+    # a run stopped by a non-finite slide (NOTE [ Non-finite values ] in loop.py).
+    RESUMABLE = ("epochs", "device", "save_every", "progress", "out", "check_images", "skip_nonfinite")
 
     def validate(self) -> None:
         def bad(name: str, expected: str) -> ConfigError:
@@ -183,6 +185,6 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
     if differ:
         raise CheckpointError(
             "cannot resume: the run's settings differ from the checkpoint's (" + "; ".join(differ) + "). "
-            "Resume with the same options (only --epochs, --device, --save-every, --check-images and progress may change) "
+            "Resume with the same options (only --epochs, --device, --save-every, --check-images, --skip-nonfinite and progress may change) "
             "or start a new run in another --out directory"
         )

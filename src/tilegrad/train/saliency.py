@@ -20,6 +20,7 @@ output's resolution (one value per ``stride x stride`` slide pixels) as ``.npy``
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..heads import AttentionMIL
 from .dataset import SlideInput, open_slide
 from .model import SlideClassifier
@@ -237,46 +238,70 @@ def saliency(
     device: str = "auto",
     tile_size: int | None = None,
     budget: str | None = None,
+    overwrite: bool = False,
+    trust_model_code: bool = False,
 ) -> SaliencyResult:
     """Compute the saliency of ``image`` under a trained checkpoint; write OUT.png and OUT.npy (low resolution).
 
     ``level``/``mpp`` default to the resolution the model was trained at; ``max_side`` bounds the longer side of
-    the low-resolution map and thumbnail.
+    the low-resolution map and thumbnail. Existing outputs are replaced only with ``overwrite``; each appears under
+    its final name only when complete (written to a temporary name first). ``trust_model_code``: NOTE [ A checkpoint
+    never runs code ] in models/resolve.py.
     """
+    from .._atomic import atomic_write
+    from .._lock import FileLock
     from .config import normalisation
-    from .evaluate import load_trained_model
+    from .dataset import SlideRecord, nonfinite_message
+    from .evaluate import check_channels, check_output, load_trained_model
 
-    model, config = load_trained_model(checkpoint, device=device, tile_size=tile_size, budget=budget)
-    level = config.level if level is None and mpp is None else level
-    mpp = config.mpp if mpp is None else mpp
-    array = open_slide(image, level=level, mpp=mpp)
-    mean, std = normalisation(config)
-    dtype = next(model.parameters()).dtype
-    slide = SlideInput(array, mean=mean, std=std, dtype=dtype)
-    factor = max(1, -(-max(slide.shape[2:]) // max_side))
-    low, probs, target = saliency_map(model, slide, factor, target)
-    low = low.astype(np.float32)
-    thumb = np.asarray(array[:, ::factor, ::factor])
+    if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1:
+        raise ConfigError(f"--max-side (max_side) must be a positive number of pixels, received {max_side!r}")
     out_png = Path(out_png)
     npy = out_png.with_suffix(".npy")
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    np.save(npy, low)
-    title = f"{Path(image).name}: P(class {target}) = {probs[target]:.3f}"
-    render_saliency(thumb, low, out_png, title=title)
+    for path in (out_png, npy):
+        check_output(path, overwrite, "--overwrite (overwrite=True)")
+    with FileLock(out_png, what="saliency map"):
+        model, config = load_trained_model(
+            checkpoint, device=device, tile_size=tile_size, budget=budget, trust_model_code=trust_model_code
+        )
+        level = config.level if level is None and mpp is None else level
+        mpp = config.mpp if mpp is None else mpp
+        array = open_slide(image, level=level, mpp=mpp)
+        record = SlideRecord(Path(image), None, "test", 0, "")
+        check_channels(record, int(model.in_channels), config)
+        mean, std = normalisation(config)
+        dtype = next(model.parameters()).dtype
+        slide = SlideInput(array, mean=mean, std=std, dtype=dtype)
+        factor = max(1, -(-max(slide.shape[2:]) // max_side))
+        low, probs, target = saliency_map(model, slide, factor, target)
+        if not (np.isfinite(probs).all() and np.isfinite(low).all()):
+            what = "class scores" if not np.isfinite(probs).all() else "input gradients"
+            raise DataError(nonfinite_message("", image, array, what))
+        low = low.astype(np.float32)
+        thumb = np.asarray(array[:, ::factor, ::factor])
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.save(buffer, low)
+        atomic_write(npy, buffer.getvalue())
+        title = f"{Path(image).name}: P(class {target}) = {probs[target]:.3f}"
+        buffer = io.BytesIO()
+        render_saliency(thumb, low, buffer, title=title)
+        atomic_write(out_png, buffer.getvalue())
     return SaliencyResult(out_png, npy, low, probs, target, factor)
 
 
 def render_saliency(
     thumbnail: np.ndarray,
     heat: np.ndarray,
-    path: str | Path,
+    path: Any,
     *,
     title: str = "",
     label: str = "saliency |d score / d pixel|",
     cell: tuple[float, float] = (1.0, 1.0),
-) -> Path:
+) -> Any:
     """Draw a (C, h, w) thumbnail beside the same thumbnail overlaid with the heat map (and its colour bar); save
-    as PNG. One heat-map value covers ``cell`` (rows, columns) thumbnail pixels."""
+    as PNG (``path`` is a file name or a binary file object). One heat-map value covers ``cell`` (rows, columns)
+    thumbnail pixels."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -300,9 +325,9 @@ def render_saliency(
         ax.set_axis_off()
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
-    return Path(path)
+    return path if hasattr(path, "write") else Path(path)
 
 
 def attention_map(model: SlideClassifier, x: torch.Tensor | SlideInput) -> tuple[np.ndarray, np.ndarray]:
@@ -362,50 +387,71 @@ def attention_saliency(
     device: str = "auto",
     tile_size: int | None = None,
     budget: str | None = None,
+    overwrite: bool = False,
+    trust_model_code: bool = False,
 ) -> AttentionResult:
     """The attention map of an attention-MIL checkpoint over ``image``: OUT.npy and OUT.tiff (float32, one value
     per trunk-output position, summing to 1) and OUT.png (the map over a thumbnail whose longer side is at most
-    ``max_side``, with a colour bar). ``level``/``mpp`` default to the training resolution."""
+    ``max_side``, with a colour bar). ``level``/``mpp`` default to the training resolution; outputs as in
+    :func:`saliency` (``overwrite``, each complete under its final name, ``trust_model_code``)."""
+    from .._atomic import atomic_write
+    from .._lock import FileLock
     from ..io import create_writer
     from ..io.tissue import thumbnail
     from .config import normalisation
-    from .evaluate import load_trained_model
+    from .dataset import SlideRecord, nonfinite_message
+    from .evaluate import check_channels, check_output, load_trained_model
 
-    model, config = load_trained_model(checkpoint, device=device, tile_size=tile_size, budget=budget)
-    if not isinstance(model.head, AttentionMIL):
-        raise ConfigError(
-            f"{Path(checkpoint).name} was trained with --head {config.head}: --attention needs a model trained "
-            f"with --head attention (use tilegrad saliency without --attention for a gradient map)"
-        )
-    level = config.level if level is None and mpp is None else level
-    mpp = config.mpp if mpp is None else mpp
-    array = open_slide(image, level=level, mpp=mpp)
-    mean, std = normalisation(config)
-    dtype = next(model.parameters()).dtype
-    weights, probs = attention_map(model, SlideInput(array, mean=mean, std=std, dtype=dtype))
-    stride = (array.shape[1] / weights.shape[0], array.shape[2] / weights.shape[1])
+    if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1:
+        raise ConfigError(f"--max-side (max_side) must be a positive number of pixels, received {max_side!r}")
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
     npy, tiff = out_png.with_suffix(".npy"), out_png.with_suffix(".tiff")
-    values = weights.astype(np.float32)
-    np.save(npy, values)
-    slide_mpp = getattr(array, "mpp", None)
-    with create_writer(
-        tiff,
-        (1, *values.shape),
-        np.float32,
-        levels=1,
-        overwrite=True,
-        mpp=None if slide_mpp is None else float(slide_mpp) * float(np.mean(stride)),
-    ) as writer:
-        writer[...] = values[None]
-    thumb = thumbnail(array, max_side)
-    cell = (stride[0] / thumb.scale[0], stride[1] / thumb.scale[1])
-    predicted = int(np.argmax(probs))
-    title = f"{Path(image).name}: P(class {predicted}) = {probs[predicted]:.3f}"
-    render_saliency(
-        thumb.array, values, out_png, title=title, label="attention (softmax over the slide)", cell=cell
-    )
+    for path in (out_png, npy, tiff):
+        check_output(path, overwrite, "--overwrite (overwrite=True)")
+    with FileLock(out_png, what="attention map"):
+        model, config = load_trained_model(
+            checkpoint, device=device, tile_size=tile_size, budget=budget, trust_model_code=trust_model_code
+        )
+        if not isinstance(model.head, AttentionMIL):
+            raise ConfigError(
+                f"{Path(checkpoint).name} was trained with --head {config.head}: --attention needs a model trained "
+                f"with --head attention (use tilegrad saliency without --attention for a gradient map)"
+            )
+        level = config.level if level is None and mpp is None else level
+        mpp = config.mpp if mpp is None else mpp
+        array = open_slide(image, level=level, mpp=mpp)
+        check_channels(SlideRecord(Path(image), None, "test", 0, ""), int(model.in_channels), config)
+        mean, std = normalisation(config)
+        dtype = next(model.parameters()).dtype
+        weights, probs = attention_map(model, SlideInput(array, mean=mean, std=std, dtype=dtype))
+        if not (np.isfinite(probs).all() and np.isfinite(weights).all()):
+            what = "class scores" if not np.isfinite(probs).all() else "attention weights"
+            raise DataError(nonfinite_message("", image, array, what))
+        stride = (array.shape[1] / weights.shape[0], array.shape[2] / weights.shape[1])
+        values = weights.astype(np.float32)
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.save(buffer, values)
+        atomic_write(npy, buffer.getvalue())
+        slide_mpp = getattr(array, "mpp", None)
+        with create_writer(  # complete under its final name only at close (NOTE in io/writer.py)
+            tiff,
+            (1, *values.shape),
+            np.float32,
+            levels=1,
+            overwrite=True,
+            mpp=None if slide_mpp is None else float(slide_mpp) * float(np.mean(stride)),
+        ) as writer:
+            writer[...] = values[None]
+        thumb = thumbnail(array, max_side)
+        cell = (stride[0] / thumb.scale[0], stride[1] / thumb.scale[1])
+        predicted = int(np.argmax(probs))
+        title = f"{Path(image).name}: P(class {predicted}) = {probs[predicted]:.3f}"
+        buffer = io.BytesIO()
+        render_saliency(
+            thumb.array, values, buffer, title=title, label="attention (softmax over the slide)", cell=cell
+        )
+        atomic_write(out_png, buffer.getvalue())
     return AttentionResult(out_png, npy, tiff, values, probs, stride)
 
 
