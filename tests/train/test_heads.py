@@ -118,7 +118,8 @@ def test_train_attention_then_attention_saliency(tmp_path, make_slides, capsys):
     pooled = tmp_path / "pooled"
     assert main(["train", str(slides), "--out", str(pooled), "--epochs", "1", *SMALL]) == 0
     capsys.readouterr()
-    assert main(["saliency", str(pooled / "checkpoint.pt"), str(image), str(png), "--attention"]) == 2
+    other = tmp_path / "pooled.png"
+    assert main(["saliency", str(pooled / "checkpoint.pt"), str(image), str(other), "--attention"]) == 2
     assert (
         "trained with --head max: --attention needs a model trained with --head attention"
         in capsys.readouterr().err
