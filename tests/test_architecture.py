@@ -55,6 +55,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
                 "tilegrad.dtypes",
                 "tilegrad.optim",
                 "tilegrad._atomic",
+                "tilegrad._lock",
                 "tilegrad._autocast",
                 "tilegrad._allocator",
             ]

@@ -15,8 +15,14 @@ io readers and writers, the training loop, the command line) meets it:
 * a tile that cannot hold the receptive field: :class:`GeometryError`; a layer that is not local:
   :class:`NotStreamableError`;
 * no plan fits the memory budget: :class:`MemoryBudgetError` (only that: an unreadable budget is a ConfigError);
-* a file or a value read from one that is not what it should be: :class:`DataError`;
+* a file or a value read from one that is not what it should be: :class:`DataError` (non-finite values included:
+  a NaN pixel, a NaN loss or gradient in training);
+* a checkpoint that is missing, corrupt (its checksum disagrees) or that names code to run: :class:`CheckpointError`;
+* another tilegrad process is writing the same output, journal or checkpoint: :class:`LockedError`;
 * the disk (or quota) is full: :class:`DiskFullError`, naming the file and the bytes it needed.
+
+What is suspicious but may be intended (a CSV row listed twice) is a :class:`DataWarning`, a
+:class:`TilegradWarning`; the command line prints it as one line ``tilegrad CMD: warning: ...``.
 
 Each class also derives from a builtin exception, so ``except ValueError`` still catches ConfigError, ShapeError,
 GeometryError, MemoryBudgetError and DataError, and ``except TypeError`` NotStreamableError and NotInvertibleError.
@@ -30,14 +36,17 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DataWarning",
     "DiskFullError",
     "GeometryError",
+    "LockedError",
     "MemoryBudgetError",
     "MissingDependencyError",
     "NotInvertibleError",
     "NotStreamableError",
     "ShapeError",
     "TilegradError",
+    "TilegradWarning",
     "WriterStateError",
 ]
 
@@ -92,6 +101,10 @@ class WriterStateError(TilegradError, RuntimeError):
     """A writer was used outside its lifecycle (open -> write tiles -> close), e.g. written to after close."""
 
 
+class LockedError(TilegradError, RuntimeError):
+    """Another tilegrad process holds the lock of an output, journal or checkpoint (tilegrad/_lock.py)."""
+
+
 class DiskFullError(TilegradError, OSError):
     """The disk or the user's quota is full: ``path`` could not be written, ``needed`` bytes were asked for.
 
@@ -110,3 +123,11 @@ class DiskFullError(TilegradError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class TilegradWarning(UserWarning):
+    """Base class of the warnings tilegrad issues on purpose (documented where they are raised)."""
+
+
+class DataWarning(TilegradWarning):
+    """Data that is suspicious but may be intended, e.g. a dataset CSV row listed twice (docs/training.md)."""
