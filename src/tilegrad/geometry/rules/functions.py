@@ -335,6 +335,30 @@ def _f_dropout(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]
     )
 
 
+def _reduction(kind: str) -> Rule:
+    """mean/sum/amax/amin: local over batch or channel dims (``x.mean(1, keepdim=True)``), a statistic over the
+    whole image when a spatial dim is reduced."""
+
+    @layout_aware
+    def rule(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+        layout = ctx.input_layout()
+        dims = node_arg(node, 1, "dim")
+        dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
+        labels = [dim_label(layout, d) for d in dims] if dims != (None,) else [None]
+        if any(label is None or is_spatial(label) for label in labels):
+            ctx.refuse(
+                f"{kind} over positions is a statistic over the whole image: in a classifier it belongs in the "
+                "head (tilegrad.split_model cuts there); inside the trunk (squeeze-and-excitation, a global "
+                "context branch) stream the part before it"
+            )
+        if not node_arg(node, 2, "keepdim", False):
+            dropped = {d % len(layout) for d in dims}
+            ctx.layout = tuple(label for i, label in enumerate(layout) if i not in dropped)
+        return merge(ctx, inputs)
+
+    return rule
+
+
 @layout_aware
 def _stochastic_depth(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
     """torchvision.ops.stochastic_depth: the identity in eval mode (EfficientNetV2, ConvNeXt)."""
@@ -395,6 +419,11 @@ for _fn in ("unsqueeze", torch.unsqueeze):
 for _fn in ("squeeze", torch.squeeze):
     register_geometry_rule(_fn, _squeeze)
 register_geometry_rule("repeat", _repeat)
+for _fn, _kind in (
+    (torch.mean, "mean"), ("mean", "mean"), (torch.sum, "sum"), ("sum", "sum"),
+    (torch.amax, "max"), ("amax", "max"), (torch.amin, "min"), ("amin", "min"),
+):  # fmt: skip
+    register_geometry_rule(_fn, _reduction(_kind))
 register_geometry_rule(F.layer_norm, _f_layer_norm)
 if hasattr(F, "rms_norm"):
     register_geometry_rule(F.rms_norm, _f_layer_norm)
@@ -408,10 +437,6 @@ for _fn, _why in (
         getattr,
         "it reads a tensor attribute tilegrad does not follow (it follows .shape, .ndim, .dtype, .device)",
     ),
-    (torch.mean, "mean over positions is global; it belongs in the head"),
-    ("mean", "mean over positions is global; it belongs in the head"),
-    (torch.sum, "sum over positions is global; it belongs in the head"),
-    ("sum", "sum over positions is global; it belongs in the head"),
     ("max", "max over positions is global; it belongs in the head"),
     (torch.max, "max over positions is global; it belongs in the head"),
     (F.adaptive_avg_pool1d, "adaptive pooling mixes the whole image; it belongs in the head"),
