@@ -241,8 +241,8 @@ def saliency(
     from .._atomic import atomic_write
     from .._lock import FileLock
     from .config import normalisation
-    from .dataset import SlideRecord, nonfinite_message
-    from .evaluate import check_channels, check_output, load_trained_model
+    from .dataset import nonfinite_message
+    from .evaluate import check_channels, check_output, check_smallest, load_trained_model
 
     if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1:
         raise ConfigError(f"--max-side (max_side) must be a positive number of pixels, received {max_side!r}")
@@ -257,8 +257,8 @@ def saliency(
         level = config.level if level is None and mpp is None else level
         mpp = config.mpp if mpp is None else mpp
         array = open_slide(image, level=level, mpp=mpp)
-        record = SlideRecord(Path(image), None, "test", 0, "")
-        check_channels(record, int(model.in_channels), config)
+        check_channels(Path(image), int(model.in_channels), config)
+        check_smallest(model, [], config, image=image)
         mean, std = normalisation(config)
         dtype = next(model.parameters()).dtype
         slide = SlideInput(array, mean=mean, std=std, dtype=dtype)
