@@ -32,7 +32,10 @@ def _make(kind: str, shape: tuple[int, ...], dtype: torch.dtype, scratch: Scratc
         return TensorStore(shape, dtype, "cpu")
     if kind == "host":  # pinned host memory, reads copied to the GPU
         return TensorStore(shape, dtype, "cpu", compute_device="cuda")
-    return DiskStore(shape, dtype, scratch, "store", "cpu")
+    store = DiskStore(shape, dtype, scratch, "store", "cpu")
+    if kind == "disk-whole":  # the path an accelerator takes (whole box in file layout), run on the CPU
+        store._fused = False
+    return store
 
 
 def _random_box(rng: random.Random, spatial: tuple[int, ...]) -> tuple[slice, ...]:
@@ -54,7 +57,12 @@ def _value(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> 
     return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
 
 
-KINDS = ["device", pytest.param("host", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA")), "disk"]
+KINDS = [
+    "device",
+    pytest.param("host", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA")),
+    "disk",
+    "disk-whole",
+]
 SHAPES = [
     (2, 3, 37),  # 1D, N > 1
     (2, 3, 19, 23),  # 2D, odd sizes
@@ -132,17 +140,21 @@ def test_file_layout_runs():
     assert (chunk, list(offsets)) == (16, [48, 88])
 
 
-def test_unwritten_regions_read_as_zero_and_take_no_disk(tmp_path):
+@pytest.mark.parametrize("reserve", [True, False])
+def test_unwritten_regions_read_as_zero(tmp_path, reserve):
     shape = (1, 16, 1024, 1024)  # 64 MiB
     with Scratch(tmp_path, 0) as scratch:
-        store = DiskStore(shape, torch.float32, scratch, "act", "cpu")
+        store = DiskStore(shape, torch.float32, scratch, "act", "cpu", reserve=reserve)
         assert torch.equal(store.read((slice(0, 64), slice(0, 64))), torch.zeros(1, 16, 64, 64))
         store.write((slice(512, 576), slice(0, 64)), torch.ones(1, 16, 64, 64))
         around = store.read((slice(500, 600), slice(0, 80)))
         assert around.sum() == 16 * 64 * 64 and around[:, :, 12:76, :64].min() == 1
-        # sparse file: only the written box takes blocks (the file is 64 MiB long)
         assert os.stat(store.path).st_size == store.nbytes
-        assert os.stat(store.path).st_blocks * 512 < 2 * 2**20
+        taken = os.stat(store.path).st_blocks * 512
+        if reserve and store.reserved:  # fallocate: the blocks are the file's from the start
+            assert taken >= store.nbytes
+        else:  # sparse: only the written box takes blocks
+            assert not store.reserved and taken < 2 * 2**20
 
 
 def test_close_deletes_the_file_and_is_idempotent(tmp_path):
@@ -193,7 +205,7 @@ def test_the_scratch_is_removed_on_an_error_and_on_keyboard_interrupt(tmp_path):
         ((slice(0, 2), slice(0, 2)), [[0.0]], "from a torch.Tensor"),
     ],
 )
-@pytest.mark.parametrize("kind", ["device", "disk"])
+@pytest.mark.parametrize("kind", ["device", "disk", "disk-whole"])
 def test_bad_boxes_and_values_are_refused(tmp_path, kind, box, value, fragment):
     with Scratch(tmp_path, 0) as scratch:
         store = _make(kind, (1, 2, 8, 8), torch.float32, scratch)

@@ -245,6 +245,13 @@ CASES = [
     ("train-dtype", lambda: _train_config(dtype="float16").validate(), ConfigError, "dtype must be"),
     ("train-tile", lambda: _train_config(tile_size=0).validate(), ConfigError, "tile_size must be"),
     ("train-budget", lambda: _train_config(budget="lots").validate(), ConfigError, "cannot read 'lots'"),
+    ("train-head", lambda: _train_config(head="mean").validate(), ConfigError, "head must be 'max', 'avg' or 'attention'"),
+    (
+        "train-head-kwargs",
+        lambda: __import__("tilegrad.train", fromlist=["x"]).build_model("small_cnn", 2, head="max", head_kwargs={"hidden": 8}),
+        ConfigError,
+        "takes no --head-kwargs",
+    ),
     (
         "train-model",
         lambda: __import__("tilegrad.train", fromlist=["build_model"]).build_model("resnet7", 2),
@@ -277,6 +284,20 @@ CASES = [
         ConfigError,
         "--model-kwargs must be a JSON object",
     ),
+    (
+        "cli-train-head-kwargs",
+        lambda: _cli("train", "slides.csv", "--out", "/nonexistent-run", "--head", "attention", "--head-kwargs", "8"),
+        ConfigError,
+        "--head-kwargs must be a JSON object",
+    ),
+    (
+        "cli-saliency-attention-target",
+        lambda: _cli("saliency", "run.pt", "slide.tiff", "out.png", "--attention", "--target", "1"),
+        ConfigError,
+        "Leave out --target with --attention",
+    ),
+    ("cli-demo-size", lambda: _cli("demo", "--size", "4096"), ConfigError, "--size sets the slides of --gigapixel"),
+    ("cli-demo-gigapixel-size", lambda: _cli("demo", "--gigapixel", "--size", "1000"), ConfigError, "--size must be a positive multiple of 1024"),
     ("cli-infer-batch-tiles", lambda: _cli("infer", "small_cnn", "in.npy", "/nonexistent/out.npy", "--tile", "32", "--batch-tiles", "0"), ConfigError, "--batch-tiles"),
     # ---- tilegrad.monai.ExactInferer (MONAI's inferer interface over infer) -----------------------------------
     ("monai-no-size", lambda: _exact_inferer(), ConfigError, "needs memory_budget= (e.g."),

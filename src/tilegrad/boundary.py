@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import errno
 import fcntl
+import functools
 import itertools
 import math
 import os
@@ -33,6 +35,7 @@ import re
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import weakref
@@ -59,22 +62,31 @@ __all__ = ["Box", "DiskStore", "Scratch", "Store", "TensorStore", "remove_stale_
 #   buffer and copies it to the device with non_blocking=True, so the transfer overlaps whatever the device is still
 #   computing; a CUDA event of the last such copy is waited for before the host copy is changed (write/add), so an
 #   in-flight read never sees a later write. Bytes over PCIe per read: the box, once.
-# * "disk": a sparse file in the run directory of a Scratch (os.ftruncate: unwritten regions take no disk space and
-#   read as zeros, so a gradient map needs no zero-fill pass). It is read and written with os.preadv/os.pwritev into
-#   the buffers of CPU tensors, never through a memory map: pages of a map that a process touches count in its
-#   resident set (and against a cgroup limit) until the kernel chooses to drop them, so a mapped 8 GiB boundary map
-#   read once end to end looks like 8 GiB of process memory. With pread/pwrite the process holds only the box; the
-#   kernel's page cache keeps what it can and drops the rest without charging the process.
+# * "disk": a file in the run directory of a Scratch, sized with os.ftruncate (a sparse file: unwritten regions read
+#   as zeros, so a gradient map needs no zero-fill pass) and, where the filesystem has it, with its blocks reserved
+#   by fallocate(2) (unwritten extents, which still read as zeros). Reserving costs ~10 ms per GiB; it makes the
+#   first write of a block 16x faster on this machine's ext4 (2.4 against 0.15 GB/s: a sparse file allocates blocks
+#   as they are written), and a full disk shows when the store is made, not in the middle of a run. The file is
+#   read and written with os.preadv/os.pwritev into the buffers of CPU tensors, never through a memory map: pages of
+#   a map that a process touches count in its resident set (and against a cgroup limit) until the kernel chooses to
+#   drop them, so a mapped 8 GiB boundary map read once end to end looks like 8 GiB of process memory. With
+#   pread/pwrite the process holds only the box; the kernel's page cache keeps what it can and drops the rest
+#   without charging the process.
 #
 # Disk layout: spatial-major with N*C innermost, i.e. the file is the C-order array (*spatial, N, C). A box
 # (b_0, ..., b_{k-1}) is then prod(b_0 .. b_{k-2}) contiguous runs of b_{k-1}*N*C*itemsize bytes (fewer, longer runs
-# when trailing dims are whole: a box of full rows is one run), one preadv/pwritev each. The (N, C, *box) tensor a
-# read returns is the box permuted on the compute device (a CPU copy of the box when computing on the CPU).
+# when trailing dims are whole: a box of whole rows is one run), instead of N*C times as many short runs in an
+# (N, C, *spatial) layout. The (N, C, *box) tensor a read returns is a transpose of what the file holds. On the CPU
+# it is done piece by piece: each run is read in pieces of at most 256 KiB into one staging buffer that stays in
+# cache and transposed from there into the output (write and add go the same way back; add reads a piece, adds,
+# writes it), so the box crosses main memory once; transposing a whole 64 MiB box after reading it took twice as
+# long. On an accelerator the box moves whole in file layout (pinned) and is transposed there.
 #
-# Costs per tile (B = the box's bytes = N*C*prod(b)*itemsize): read moves B from the page cache or the disk plus one
-# permuting copy of B; write moves B the other way (one copy, then the write); add is a read plus a write (2B moved,
-# the sum taken on the CPU in the store's dtype, so it rounds exactly as `tensor[box] += value` does). Measured
-# throughput on this machine: BENCHMARKS.md, "Boundary storage (issue 11)" (benchmarks/boundary_io.py). add() is a
+# Costs per tile (B = the box's bytes = N*C*prod(b)*itemsize): a read moves B from the page cache or the disk and
+# writes B into a new tensor (page faults included: the engine maps each buffer fresh, NOTE [ Heap growth under a
+# budget ] in _allocator.py); a write moves B the other way; add moves 2B (the sum is taken on the CPU in the
+# store's dtype, so it rounds exactly as `tensor[box] += value` does). One preadv/pwritev per piece. Measured on
+# this machine: BENCHMARKS.md, "Boundary storage (issue 11)" (benchmarks/boundary_io.py). add() is a
 # read-modify-write: two threads adding into overlapping boxes of one DiskStore must be serialised by the caller.
 
 Box = tuple[slice, ...]
@@ -246,10 +258,47 @@ class TensorStore:
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+@functools.cache
+def _libc_fallocate() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate.restype = ctypes.c_int
+    return fallocate
+
+
+def _reserve(fd: int, nbytes: int) -> bool:
+    """Reserve the file's blocks with fallocate(2) (mode 0: unwritten extents, which read as zeros); False where the
+    system or the filesystem has no such call (the file stays sparse). A full disk raises OSError(ENOSPC) here, when
+    the store is made, instead of in the middle of a run (NOTE [ Storage tiers ])."""
+    fallocate = _libc_fallocate()
+    if fallocate is None or nbytes == 0:
+        return False
+    while fallocate(fd, 0, 0, nbytes) != 0:
+        err = ctypes.get_errno()
+        if err == errno.EINTR:
+            continue
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise OSError(err, os.strerror(err))
+    return True
+
+
+_PIECE_BYTES = 256 * 1024  # staging buffer of a CPU read or write (NOTE [ Storage tiers ])
+
+
 class DiskStore:
-    """A boundary tensor in a sparse file ``scratch.path(name)`` (tier ``"disk"``), read and written with
-    pread/pwrite (NOTE [ Storage tiers ]); unwritten regions read as zeros. Reads return tensors on
-    ``compute_device``. A write that meets a full disk raises :class:`~tilegrad.DiskFullError` naming the file."""
+    """A boundary tensor in the file ``scratch.path(name)`` (tier ``"disk"``), read and written with pread/pwrite
+    (NOTE [ Storage tiers ]); unwritten regions read as zeros. Reads return tensors on ``compute_device``.
+
+    ``reserve=True`` reserves the file's blocks when it is made (fallocate, where the filesystem has it: writes are
+    much faster and a full disk shows at once); ``reserve=False`` leaves it sparse (no disk used until written).
+    A full disk raises :class:`~tilegrad.DiskFullError` naming the file.
+    """
 
     tier = "disk"
 
@@ -260,6 +309,8 @@ class DiskStore:
         scratch: Scratch,
         name: str,
         compute_device: str | torch.device,
+        *,
+        reserve: bool = True,
     ) -> None:
         self.shape = _check_shape(shape)
         self.dtype = dtype
@@ -273,6 +324,12 @@ class DiskStore:
             strides.insert(0, strides[0] * size)
         self._strides = tuple(strides)
         self._pinned = self.compute_device.type == "cuda"
+        self._nc = self.shape[0] * self.shape[1]
+        self._position_bytes = self._nc * itemsize
+        self._piece = max(1, _PIECE_BYTES // max(self._position_bytes, 1))
+        # on the CPU, reads and writes transpose piece by piece through a small staging buffer that stays in cache;
+        # on an accelerator the box moves whole in file layout and is transposed there
+        self._fused = self.compute_device.type == "cpu"
         self.path = scratch.path(name)
         try:
             self._fd: int | None = os.open(
@@ -284,6 +341,7 @@ class DiskStore:
             ) from None
         try:
             os.ftruncate(self._fd, self.nbytes)
+            self.reserved = reserve and _reserve(self._fd, self.nbytes)
         except OSError as err:
             self.close()
             if err.errno in _FULL:
@@ -318,63 +376,104 @@ class DiskStore:
             base + sum(i * s for i, s in zip(index, strides)) for index in itertools.product(*outer)
         )
 
-    def _transfer(self, write: bool, raw: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
-        """Move ``raw`` (a contiguous CPU tensor (*box, N, C)) from or to the file."""
+    def _pieces(self, ranges: list[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
+        """(file offset, first position in the box in C order, number of positions) of each piece: the runs of the
+        box cut into pieces of at most ``self._piece`` positions (NOTE [ Storage tiers ])."""
+        chunk, offsets = self._runs(ranges)
+        run = chunk // self._position_bytes
+        position = 0
+        for offset in offsets:
+            for a in range(0, run, self._piece):
+                yield offset + a * self._position_bytes, position + a, min(self._piece, run - a)
+            position += run
+
+    def _io(self, write: bool, view: memoryview, offset: int) -> None:
+        """Move one contiguous byte range between ``view`` and the file at ``offset`` (short transfers resumed)."""
+        assert self._fd is not None
+        while view.nbytes:
+            try:
+                done = os.pwritev(self._fd, [view], offset) if write else os.preadv(self._fd, [view], offset)
+            except OSError as err:
+                if err.errno in _FULL:
+                    raise self._full(err, view.nbytes) from None
+                raise
+            if done == 0:
+                raise DataError(
+                    f"the boundary file {self.path} ends before byte {offset} (expected {self.nbytes} bytes): "
+                    f"something else truncated it; do not touch the scratch directory while a run is going"
+                )
+            view, offset = view[done:], offset + done
+
+    def _prepare(
+        self, box: Box, value: torch.Tensor | None = None
+    ) -> tuple[list[tuple[int, int]], tuple[int, ...]]:
         if self._fd is None:
             raise WriterStateError(f"the boundary file {self.path} was closed: it cannot be read or written")
-        if raw.numel() == 0:
-            return
-        buffer = memoryview(raw.view(-1).view(torch.uint8).numpy())
-        chunk, offsets = self._runs(ranges)
-        fd, position = self._fd, 0
-        for offset in offsets:
-            view = buffer[position : position + chunk]
-            position += chunk
-            while view.nbytes:
-                try:
-                    done = os.pwritev(fd, [view], offset) if write else os.preadv(fd, [view], offset)
-                except OSError as err:
-                    if err.errno in _FULL:
-                        raise self._full(err, view.nbytes) from None
-                    raise
-                if done == 0:
-                    raise DataError(
-                        f"the boundary file {self.path} ends before byte {offset} (expected {self.nbytes} bytes): "
-                        f"something else truncated it; do not touch the scratch directory while a run is going"
-                    )
-                view, offset = view[done:], offset + done
+        ranges = _ranges(box, self._spatial)
+        sizes = tuple(b - a for a, b in ranges)
+        if value is not None:
+            _check_value(value, (*self.shape[:2], *sizes), self.dtype, box)
+        return ranges, sizes
 
-    def _read_raw(self, ranges: list[tuple[int, int]]) -> torch.Tensor:
-        sizes = [b - a for a, b in ranges]
-        raw = torch.empty((*sizes, self.shape[0], self.shape[1]), dtype=self.dtype, pin_memory=self._pinned)
-        self._transfer(False, raw, ranges)
-        return raw
+    @staticmethod
+    def _bytes(t: torch.Tensor) -> memoryview:
+        return memoryview(t.view(-1).view(torch.uint8).numpy())
 
-    def _to_file_layout(self, value: torch.Tensor) -> torch.Tensor:
-        k = value.dim() - 2
-        return value.permute(*range(2, 2 + k), 0, 1).contiguous().cpu()
+    def _staging(self, positions: int) -> tuple[torch.Tensor, memoryview]:
+        staging = torch.empty((min(self._piece, positions), self._nc), dtype=self.dtype)
+        return staging, self._bytes(staging)
+
+    def _flat(self, value: torch.Tensor, positions: int) -> torch.Tensor:
+        """``value`` (N, C, *box) as a contiguous CPU (N*C, positions) tensor."""
+        return value.detach().cpu().contiguous().view(self._nc, positions)
 
     def read(self, box: Box) -> torch.Tensor:
-        ranges = _ranges(box, self._spatial)
-        raw = self._read_raw(ranges)
-        k = len(ranges)
-        return (
-            raw.to(self.compute_device, non_blocking=self._pinned).permute(k, k + 1, *range(k)).contiguous()
-        )
+        ranges, sizes = self._prepare(box)
+        positions, pb = math.prod(sizes), self._position_bytes
+        if not self._fused:  # the whole box in file layout, transposed on the compute device
+            raw = torch.empty((positions, self._nc), dtype=self.dtype, pin_memory=self._pinned)
+            if raw.numel():
+                view = self._bytes(raw)
+                for offset, p, k in self._pieces(ranges):
+                    self._io(False, view[p * pb : (p + k) * pb], offset)
+            raw = raw.to(self.compute_device, non_blocking=self._pinned)
+            return raw.t().contiguous().view(*self.shape[:2], *sizes)
+        out = torch.empty((self._nc, positions), dtype=self.dtype)
+        if out.numel():
+            staging, view = self._staging(positions)
+            for offset, p, k in self._pieces(ranges):
+                self._io(False, view[: k * pb], offset)
+                out[:, p : p + k].copy_(staging[:k].t())
+        return out.view(*self.shape[:2], *sizes)
 
     def write(self, box: Box, value: torch.Tensor) -> None:
-        ranges = _ranges(box, self._spatial)
-        expected = (*self.shape[:2], *(b - a for a, b in ranges))
-        value = _check_value(value, expected, self.dtype, box)
-        self._transfer(True, self._to_file_layout(value), ranges)
+        ranges, sizes = self._prepare(box, value)
+        positions, pb = math.prod(sizes), self._position_bytes
+        if positions * pb == 0:
+            return
+        if not self._fused:
+            raw = value.detach().reshape(self._nc, positions).t().contiguous().cpu()
+            view = self._bytes(raw)
+            for offset, p, k in self._pieces(ranges):
+                self._io(True, view[p * pb : (p + k) * pb], offset)
+            return
+        flat = self._flat(value, positions)
+        staging, view = self._staging(positions)
+        for offset, p, k in self._pieces(ranges):
+            staging[:k].copy_(flat[:, p : p + k].t())
+            self._io(True, view[: k * pb], offset)
 
     def add(self, box: Box, value: torch.Tensor) -> None:
-        ranges = _ranges(box, self._spatial)
-        expected = (*self.shape[:2], *(b - a for a, b in ranges))
-        value = _check_value(value, expected, self.dtype, box)
-        raw = self._read_raw(ranges)
-        raw += self._to_file_layout(value)
-        self._transfer(True, raw, ranges)
+        ranges, sizes = self._prepare(box, value)
+        positions, pb = math.prod(sizes), self._position_bytes
+        if positions * pb == 0:
+            return
+        flat = self._flat(value, positions)
+        staging, view = self._staging(positions)
+        for offset, p, k in self._pieces(ranges):  # read, add, write back, piece by piece
+            self._io(False, view[: k * pb], offset)
+            staging[:k] += flat[:, p : p + k].t()
+            self._io(True, view[: k * pb], offset)
 
     def close(self) -> None:
         fd, self._fd = getattr(self, "_fd", None), None
