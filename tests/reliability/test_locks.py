@@ -126,3 +126,26 @@ def test_two_infer_runs_on_one_zarr_one_refuses_the_other_finishes(tmp_path, cap
     stored = np.asarray(open_image(out)[...])
     np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npy", "out.zarr", "slow.py"]
+
+
+def test_the_python_infer_locks_its_journal(tmp_path):
+    import torch
+
+    import tilegrad
+    from tilegrad import LockedError
+
+    net = torch.nn.Conv2d(1, 1, 3, padding=1).eval()
+    journal = tmp_path / "run.tiles.json"
+    holder = _holder(journal)
+    try:
+        with pytest.raises(
+            LockedError, match=rf"another tilegrad run \(PID {holder.pid}\) is writing the inference journal"
+        ):
+            tilegrad.infer(net, torch.zeros(1, 32, 32), tile_size=16, progress=False, journal=journal)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    warns = pytest.warns(tilegrad.TilegradWarning, match=f"PID {holder.pid}, which is no longer running")
+    with warns, torch.no_grad():
+        tilegrad.infer(net, torch.zeros(1, 32, 32), tile_size=16, progress=False, journal=journal)
+    assert journal.exists() and not lock_path(journal).exists()

@@ -87,6 +87,49 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, make_slides)
     assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_train_killed_at_random_points_resumes_bit_for_bit(tmp_path, make_slides, seed):
+    """Three SIGKILLs at random moments (wherever they land: a tile, a backward, a checkpoint write, the log), each
+    followed by the same command with --resume (which also starts a run that never reached a checkpoint)."""
+    csv_path = make_slides(tmp_path, n=8, n_val=2)
+    env = {
+        **os.environ,
+        "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
+
+    def command(out: str) -> list[str]:
+        return [sys.executable, "-m", "tilegrad", "train", str(csv_path), "--out", str(tmp_path / out), "--model",
+                "small_cnn", "--model-kwargs", '{"width": 4}', "--tile", "32", "--epochs", "3", "--lr", "0.01",
+                "--seed", "7", "--save-every", "2", "--no-progress", "--device", "cpu", "--resume"]  # fmt: skip
+
+    reference = subprocess.run(command("ref"), env=env, capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr
+    rng = random.Random(seed)
+    kills = 0
+    for _ in range(3):
+        victim = subprocess.Popen(command("cut"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(3.0, 8.0))
+        if victim.poll() is not None:
+            assert victim.returncode == 0, victim.stderr.read()
+            break
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=60)
+        victim.stderr.close()
+        kills += 1
+    done = subprocess.run(command("cut"), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert kills >= 1
+    a = load_checkpoint(tmp_path / "ref" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert a["global_step"] == b["global_step"] == 18
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
+    assert not [p.name for p in (tmp_path / "cut").iterdir() if ".tmp-" in p.name or p.name.endswith(".lock")]
+
+
 SLOW_NET = """
 import time, torch
 from tilegrad.models import small_cnn

@@ -156,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
     from .._lock import FileLock
     from ..errors import ConfigError
 
+    if args.batch_tiles < 1:  # option checks first: nothing is created for a refused command
+        raise ConfigError(f"--batch-tiles must be at least 1; received {args.batch_tiles}")
     for parent in args.output.parents:
         if parent.exists():
             if not parent.is_dir():

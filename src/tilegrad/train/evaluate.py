@@ -139,7 +139,7 @@ def load_trained_model(
         raise CheckpointError(
             f"the checkpoint's weights do not fit its model {config.model!r}: {err}"
         ) from None
-    model.in_channels = in_channels  # checked against each image (predict, saliency)
+    model.in_channels, model.num_classes = in_channels, num_classes  # checked against each image and label
     model.eval()
     return model, config
 
@@ -167,6 +167,7 @@ def predict(
     """
     out_csv = Path(out_csv)
     check_output(out_csv, overwrite, "--overwrite (overwrite=True)")
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(out_csv, what="predictions"):
         model, config = load_trained_model(
             checkpoint, device=device, tile_size=tile_size, budget=budget, trust_model_code=trust_model_code
@@ -199,7 +200,7 @@ def _check_fits(
     records: Sequence[SlideRecord], model: SlideClassifier, config: TrainConfig, checkpoint: Any
 ) -> None:
     """Every slide has the channels the model was trained on and a label among its classes."""
-    num_classes = int(model.head.fc.out_features) if hasattr(model.head, "fc") else None
+    num_classes = getattr(model, "num_classes", None)
     in_channels = getattr(model, "in_channels", None)
     for r in records:
         if num_classes is not None and r.label is not None and r.label >= num_classes:

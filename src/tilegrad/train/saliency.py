@@ -260,6 +260,7 @@ def saliency(
     npy = out_png.with_suffix(".npy")
     for path in (out_png, npy):
         check_output(path, overwrite, "--overwrite (overwrite=True)")
+    out_png.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(out_png, what="saliency map"):
         model, config = load_trained_model(
             checkpoint, device=device, tile_size=tile_size, budget=budget, trust_model_code=trust_model_code
@@ -279,7 +280,6 @@ def saliency(
             raise DataError(nonfinite_message("", image, array, what))
         low = low.astype(np.float32)
         thumb = np.asarray(array[:, ::factor, ::factor])
-        out_png.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.save(buffer, low)
         atomic_write(npy, buffer.getvalue())
@@ -400,7 +400,7 @@ def attention_saliency(
     from ..io import create_writer
     from ..io.tissue import thumbnail
     from .config import normalisation
-    from .dataset import SlideRecord, nonfinite_message
+    from .dataset import nonfinite_message
     from .evaluate import check_channels, check_output, load_trained_model
 
     if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1:
@@ -409,6 +409,7 @@ def attention_saliency(
     npy, tiff = out_png.with_suffix(".npy"), out_png.with_suffix(".tiff")
     for path in (out_png, npy, tiff):
         check_output(path, overwrite, "--overwrite (overwrite=True)")
+    out_png.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(out_png, what="attention map"):
         model, config = load_trained_model(
             checkpoint, device=device, tile_size=tile_size, budget=budget, trust_model_code=trust_model_code
@@ -421,7 +422,7 @@ def attention_saliency(
         level = config.level if level is None and mpp is None else level
         mpp = config.mpp if mpp is None else mpp
         array = open_slide(image, level=level, mpp=mpp)
-        check_channels(SlideRecord(Path(image), None, "test", 0, ""), int(model.in_channels), config)
+        check_channels(Path(image), int(model.in_channels), config)
         mean, std = normalisation(config)
         dtype = next(model.parameters()).dtype
         weights, probs = attention_map(model, SlideInput(array, mean=mean, std=std, dtype=dtype))
