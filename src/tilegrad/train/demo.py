@@ -568,6 +568,8 @@ def run_gigapixel_demo(
             now = time.perf_counter()
             step_seconds.append(now - last[0])
             last[0] = now
+            print(f"  step {info.global_step}: {step_seconds[-1]:.1f} s, {step_seconds[-1] / megapixels:.3f} s/MP, "
+                  f"loss {info.loss:.4f}", flush=True)  # fmt: skip
 
         result = train(
             TrainConfig(
