@@ -344,8 +344,8 @@ def _explained(module: nn.Module, name: str, err: NotStreamableError) -> NotStre
         else "each position attends to every other one"
     )
     return NotStreamableError(
-        f"'{where}' ({kind}) in {type(module).__name__} is attention over all positions, which is global: "
-        f"{how}, so no tile can be computed from its neighbourhood. "
+        f"'{where}' ({kind}) in {type(module).__name__} cannot be streamed: attention over all positions is "
+        f"global ({how}), so no tile can be computed from its neighbourhood. "
         f"Stream the convolutional part before it (split the model there) or run the model whole. (The first step "
         f"tilegrad refused on the way: {err})"
     )

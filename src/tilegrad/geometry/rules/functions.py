@@ -86,7 +86,8 @@ def _f_interpolate(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geome
             + (" (here a size read from a tensor's .shape)" if read else "")
             + ", and a tile's output would be resized to that size as a whole image is. Use scale_factor=, or "
             "stream only the part before it and run the rest on its output (for a torchvision segmentation "
-            "model such as FCN or DeepLabV3: stream model.backbone)"
+            "model such as FCN or DeepLabV3: stream nn.Sequential(*model.backbone.values()), then apply "
+            "model.classifier and the resize to its output)"
         )
     if any(isinstance(ctx.value(a), (Extent, ExtentTuple)) for a in node.all_input_nodes[1:]):
         ctx.refuse(
