@@ -82,6 +82,17 @@ class _Tracer(torch.fx.Tracer):
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _MetaProxy(node, self)
 
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[no-untyped-def]
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if self._example is not None and kind == "get_attr":  # parameters, buffers and tensor constants
+            try:
+                value = operator.attrgetter(target)(self.root)
+            except AttributeError:
+                return node
+            if isinstance(value, torch.Tensor):
+                node.meta[_META] = value.detach().to("meta")
+        return node
+
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # type: ignore[no-untyped-def]
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if self._example is not None:
@@ -100,8 +111,8 @@ class _Tracer(torch.fx.Tracer):
 
         def unwrap(a: Any) -> Any:
             nonlocal missing
-            if isinstance(a, torch.fx.Proxy):
-                meta = _meta_of(a)
+            if isinstance(a, (torch.fx.Proxy, torch.fx.Node)):
+                meta = a.meta.get(_META, _UNKNOWN) if isinstance(a, torch.fx.Node) else _meta_of(a)
                 if meta is _UNKNOWN:
                     missing = True
                 return meta
