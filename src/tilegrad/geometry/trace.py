@@ -60,6 +60,18 @@ class _MetaAttribute(torch.fx.proxy.Attribute, _MetaProxy):
     pass
 
 
+def _attribute(root: nn.Module, target: str) -> Any:
+    """``root.<target>`` read from the modules' own stores: fx patches ``nn.Module.__getattr__`` while tracing."""
+    obj: Any = root
+    for part in target.split("."):
+        stores = [obj.__dict__.get(k, {}) for k in ("_parameters", "_buffers", "_modules")] + [obj.__dict__]
+        store = next((d for d in stores if part in d), None)
+        if store is None:
+            return None
+        obj = store[part]
+    return obj
+
+
 class _Tracer(torch.fx.Tracer):
     """fx tracer whose leaves are every module with a registered rule (torch.nn layers and custom ones), and which
     runs each node on the meta device beside the trace when given an example input."""
@@ -85,10 +97,7 @@ class _Tracer(torch.fx.Tracer):
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[no-untyped-def]
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if self._example is not None and kind == "get_attr":  # parameters, buffers and tensor constants
-            try:
-                value = operator.attrgetter(target)(self.root)
-            except AttributeError:
-                return node
+            value = _attribute(self.root, target)
             if isinstance(value, torch.Tensor):
                 node.meta[_META] = value.detach().to("meta")
         return node
