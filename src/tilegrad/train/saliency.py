@@ -255,8 +255,8 @@ def saliency(
     from .._atomic import atomic_write
     from .._lock import FileLock
     from .config import normalisation
-    from .dataset import SlideRecord, nonfinite_message
-    from .evaluate import check_channels, check_output, load_trained_model
+    from .dataset import nonfinite_message
+    from .evaluate import check_channels, check_output, check_smallest, load_trained_model
 
     if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1:
         raise ConfigError(f"--max-side (max_side) must be a positive number of pixels, received {max_side!r}")
@@ -264,6 +264,7 @@ def saliency(
     npy = out_png.with_suffix(".npy")
     for path in (out_png, npy):
         check_output(path, overwrite, "--overwrite (overwrite=True)")
+    out_png.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(out_png, what="saliency map"):
         model, config = load_trained_model(
             checkpoint, device=device, tile_size=tile_size, budget=budget, trust_model_code=trust_model_code
@@ -271,8 +272,8 @@ def saliency(
         level = config.level if level is None and mpp is None else level
         mpp = config.mpp if mpp is None else mpp
         array = open_slide(image, level=level, mpp=mpp)
-        record = SlideRecord(Path(image), None, "test", 0, "")
-        check_channels(record, int(model.in_channels), config)
+        check_channels(Path(image), int(model.in_channels), config)
+        check_smallest(model, [], config, image=image)
         mean, std = normalisation(config)
         dtype = next(model.parameters()).dtype
         slide = SlideInput(array, mean=mean, std=std, dtype=dtype)
@@ -283,7 +284,6 @@ def saliency(
             raise DataError(nonfinite_message("", image, array, what))
         low = low.astype(np.float32)
         thumb = np.asarray(array[:, ::factor, ::factor])
-        out_png.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.save(buffer, low)
         atomic_write(npy, buffer.getvalue())
@@ -457,7 +457,7 @@ def attention_saliency(
     from ..io import create_writer
     from ..io.tissue import thumbnail
     from .config import normalisation
-    from .dataset import SlideRecord, nonfinite_message
+    from .dataset import nonfinite_message
     from .evaluate import check_channels, check_output, load_trained_model
 
     if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1:
@@ -466,6 +466,7 @@ def attention_saliency(
     npy, tiff = out_png.with_suffix(".npy"), out_png.with_suffix(".tiff")
     for path in (out_png, npy, tiff):
         check_output(path, overwrite, "--overwrite (overwrite=True)")
+    out_png.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(out_png, what="attention map"):
         model, config = load_trained_model(
             checkpoint, device=device, tile_size=tile_size, budget=budget, trust_model_code=trust_model_code
@@ -478,7 +479,7 @@ def attention_saliency(
         level = config.level if level is None and mpp is None else level
         mpp = config.mpp if mpp is None else mpp
         array = open_slide(image, level=level, mpp=mpp)
-        check_channels(SlideRecord(Path(image), None, "test", 0, ""), int(model.in_channels), config)
+        check_channels(Path(image), int(model.in_channels), config)
         mean, std = normalisation(config)
         dtype = next(model.parameters()).dtype
         weights, probs = attention_map(model, SlideInput(array, mean=mean, std=std, dtype=dtype))
