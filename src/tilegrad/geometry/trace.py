@@ -60,6 +60,18 @@ class _MetaAttribute(torch.fx.proxy.Attribute, _MetaProxy):
     pass
 
 
+def _attribute(root: nn.Module, target: str) -> Any:
+    """``root.<target>`` read from the modules' own stores: fx patches ``nn.Module.__getattr__`` while tracing."""
+    obj: Any = root
+    for part in target.split("."):
+        stores = [obj.__dict__.get(k, {}) for k in ("_parameters", "_buffers", "_modules")] + [obj.__dict__]
+        store = next((d for d in stores if part in d), None)
+        if store is None:
+            return None
+        obj = store[part]
+    return obj
+
+
 class _Tracer(torch.fx.Tracer):
     """fx tracer whose leaves are every module with a registered rule (torch.nn layers and custom ones), and which
     runs each node on the meta device beside the trace when given an example input."""
@@ -82,6 +94,14 @@ class _Tracer(torch.fx.Tracer):
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _MetaProxy(node, self)
 
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[no-untyped-def]
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if self._example is not None and kind == "get_attr":  # parameters, buffers and tensor constants
+            value = _attribute(self.root, target)
+            if isinstance(value, torch.Tensor):
+                node.meta[_META] = value.detach().to("meta")
+        return node
+
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # type: ignore[no-untyped-def]
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if self._example is not None:
@@ -100,8 +120,8 @@ class _Tracer(torch.fx.Tracer):
 
         def unwrap(a: Any) -> Any:
             nonlocal missing
-            if isinstance(a, torch.fx.Proxy):
-                meta = _meta_of(a)
+            if isinstance(a, (torch.fx.Proxy, torch.fx.Node)):
+                meta = a.meta.get(_META, _UNKNOWN) if isinstance(a, torch.fx.Node) else _meta_of(a)
                 if meta is _UNKNOWN:
                     missing = True
                 return meta

@@ -374,6 +374,7 @@ def _stochastic_depth(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Ge
 
 _ELEMENTWISE_FUNCTIONS: list[Any] = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.imul,
+    operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne,
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
     torch.exp, torch.abs, torch.sqrt, torch.clamp, torch.maximum, torch.minimum, torch.where, torch.pow, torch.round,
     F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh, F.hardsigmoid,
@@ -384,7 +385,7 @@ for _fn in _ELEMENTWISE_FUNCTIONS:
 for _name in (
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "relu", "relu_", "sigmoid", "sigmoid_",
     "tanh", "tanh_", "exp", "abs", "sqrt", "clamp", "clamp_", "pow", "contiguous", "clone", "float", "double",
-    "half", "bfloat16", "to", "type_as", "detach", "round",
+    "half", "bfloat16", "to", "type_as", "detach", "round", "gt", "lt", "ge", "le", "eq", "ne",
 ):  # fmt: skip
     register_geometry_rule(_name, elementwise)
 for _fn in (F.conv1d, F.conv2d, F.conv3d):
