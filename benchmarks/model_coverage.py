@@ -647,6 +647,9 @@ def main(argv: list[str] | None = None) -> None:
     previous = (
         {r.key: r for r in parse_table(DOC.read_text())} if DOC.exists() and BEGIN in DOC.read_text() else {}
     )
+    for r in previous.values():  # the timm model standing for each family, as chosen before (choosing costs)
+        if r.source == "timm" and r.setup:
+            _TIMM_CHOICE.setdefault(r.name, r.setup)
     done = []
     start = time.perf_counter()
     for row in listed:
