@@ -46,9 +46,9 @@ from torch import nn
 from ._allocator import pin_mmap_threshold
 from ._atomic import atomic_write
 from .errors import ConfigError, DataError, ShapeError
+from .execute import Reader as _Reader
 from .options import batch_tiles_option, budget_option
 from .plan import plan_streaming
-from .stream import _Reader
 from .tiling import Tile
 from .typing import ArrayLike, Bytes
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from ..errors import ConfigError, NotStreamableError
 from .core import Geometry, ReceptiveField
 from .toolkit import Context, function_rule, module_rule
 
-__all__ = ["module_geometry", "receptive_field"]
+__all__ = ["module_geometry", "propagate", "receptive_field", "trunk_output"]
 
 
 class _Tracer(torch.fx.Tracer):
@@ -79,33 +80,48 @@ def _node_where_module(module: nn.Module, name: str) -> str:
 
 
 def _graph_geometry(root: nn.Module, graph: torch.fx.Graph, ndim: int, prefix: str = "") -> Geometry:
-    geoms: dict[torch.fx.Node, Geometry | None] = {}
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if not placeholders:
         raise NotStreamableError(f"{type(root).__name__}.forward takes no tensor input")
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            geoms[node] = Geometry.identity(ndim) if node is placeholders[0] else None
+    geoms = propagate(root, graph.nodes, ndim, {placeholders[0]: Geometry.identity(ndim)}, prefix)
+    return trunk_output(root, graph, geoms)
+
+
+def trunk_output(root: nn.Module, graph: torch.fx.Graph, geoms: dict[torch.fx.Node, Geometry | None]) -> Geometry:
+    """The geometry of the graph's single tensor output (refusing tuples and outputs that ignore the input)."""
+    (output,) = [n for n in graph.nodes if n.op == "output"]
+    out_arg = output.args[0]
+    if not isinstance(out_arg, torch.fx.Node):
+        raise NotStreamableError(
+            f"{type(root).__name__} returns {type(out_arg).__name__}; a streamed trunk must return one tensor"
+        )
+    result = geoms.get(out_arg)
+    if result is None:
+        raise NotStreamableError(f"the output of {type(root).__name__} does not depend on its input")
+    return result
+
+
+def propagate(
+    root: nn.Module,
+    nodes: Iterable[torch.fx.Node],
+    ndim: int,
+    seeds: dict[torch.fx.Node, Geometry],
+    prefix: str = "",
+) -> dict[torch.fx.Node, Geometry | None]:
+    """Apply the geometry rules to ``nodes`` (in topological order), starting from the geometries in ``seeds``.
+
+    A node none of whose inputs has a geometry (parameters, constants, nodes outside ``nodes`` that are not
+    seeds: global statistics) gets None: it is the same on every tile. Raises NotStreamableError naming the first
+    node that is not local.
+    """
+    geoms: dict[torch.fx.Node, Geometry | None] = dict(seeds)
+    for node in nodes:
+        if node in seeds or node.op == "output":
             continue
-        if node.op == "get_attr":
+        if node.op in ("placeholder", "get_attr"):
             geoms[node] = None
             continue
-        inputs: list[Geometry] = []
-        for arg in node.all_input_nodes:
-            g = geoms.get(arg)
-            if g is not None:
-                inputs.append(g)
-        if node.op == "output":
-            if not inputs:
-                raise NotStreamableError(f"the output of {type(root).__name__} does not depend on its input")
-            out_arg = node.args[0]
-            if not isinstance(out_arg, torch.fx.Node):
-                raise NotStreamableError(
-                    f"{type(root).__name__} returns {type(out_arg).__name__}; a streamed trunk must return one tensor"
-                )
-            result = geoms[out_arg]
-            assert result is not None
-            return result
+        inputs = [g for arg in node.all_input_nodes if (g := geoms.get(arg)) is not None]
         if not inputs:
             geoms[node] = None  # depends only on parameters/constants
             continue
@@ -128,7 +144,7 @@ def _graph_geometry(root: nn.Module, graph: torch.fx.Graph, ndim: int, prefix: s
         if node.target in (torch.chunk, torch.split, "chunk", "split"):
             node.meta["tilegrad_tuple"] = True
         geoms[node] = rule(ctx, module, node, inputs)
-    raise NotStreamableError(f"{type(root).__name__} has no output")  # pragma: no cover
+    return geoms
 
 
 def receptive_field(module: nn.Module, ndim: int = 2) -> ReceptiveField:
