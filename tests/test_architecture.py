@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
     ("interface", [["tilegrad.cli", "tilegrad.__main__", "tilegrad.commands"]]),
     ("api", [["tilegrad"]]),
     ("training", [["tilegrad.train"]]),
-    ("execution", [["tilegrad.stream", "tilegrad.infer"]]),
+    ("execution", [["tilegrad.stream", "tilegrad.infer", "tilegrad.execute"]]),
     ("planning", [["tilegrad.plan"]]),
     ("memory", [["tilegrad.memory"]]),
     ("models", [["tilegrad.models"]]),
@@ -36,6 +36,9 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
             [
                 "tilegrad.tiling",
                 "tilegrad.segment",
+                "tilegrad.graph",
+                "tilegrad.heads",
+                "tilegrad.boundary",
                 "tilegrad.split",
                 "tilegrad.reversible",
                 "tilegrad.checkpointing",

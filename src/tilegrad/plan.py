@@ -278,7 +278,7 @@ class _Planner:
             try:
                 grid = tile_grid(seg.geometry, self.image[2:], out_shape[2:], tile)
             except GeometryError as err:
-                if getattr(err, "minimum", None) is None:
+                if getattr(err, "minimum", None) is None or self.g.input in seg.sources:
                     raise
                 # NOTE [ Deep segments ]: deep in the trunk the same window may not even hold the halo (in image
                 # pixels a deep halo is large); such a segment takes the smallest window its halo allows.
