@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
     ("interface", [["tilegrad.cli", "tilegrad.__main__", "tilegrad.commands"]]),
     ("api", [["tilegrad"]]),
     ("training", [["tilegrad.train"]]),
-    ("execution", [["tilegrad.stream", "tilegrad.infer", "tilegrad.execute"]]),
+    ("execution", [["tilegrad.stream", "tilegrad.infer", "tilegrad.execute", "tilegrad.monai"]]),
     ("planning", [["tilegrad.plan"]]),
     ("memory", [["tilegrad.memory"]]),
     ("models", [["tilegrad.models"]]),
@@ -37,15 +37,14 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
                 "tilegrad.tiling",
                 "tilegrad.segment",
                 "tilegrad.graph",
-                "tilegrad.heads",
-                "tilegrad.boundary",
                 "tilegrad.split",
+                "tilegrad.heads",
                 "tilegrad.reversible",
                 "tilegrad.checkpointing",
             ]
         ],
     ),
-    ("leaves", [["tilegrad.geometry"], ["tilegrad.io"]]),
+    ("leaves", [["tilegrad.geometry"], ["tilegrad.io"], ["tilegrad.boundary"]]),
     (
         "base",
         [
@@ -57,6 +56,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
                 "tilegrad.dtypes",
                 "tilegrad.optim",
                 "tilegrad._atomic",
+                "tilegrad._lock",
                 "tilegrad._autocast",
                 "tilegrad._allocator",
             ]

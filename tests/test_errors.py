@@ -20,11 +20,13 @@ import tilegrad
 import tilegrad.io
 from tilegrad import (
     ConfigError,
+    DiskFullError,
     GeometryError,
     MemoryBudgetError,
     NotInvertibleError,
     NotStreamableError,
     ShapeError,
+    heads,
 )
 from tilegrad.cli import build_parser
 
@@ -41,6 +43,19 @@ def _train_config(**overrides):
     from tilegrad.train import TrainConfig
 
     return TrainConfig(csv="slides.csv", model="small_cnn", **overrides)
+
+
+def _exact_inferer(**options):
+    from tilegrad.monai import ExactInferer
+
+    return ExactInferer(**options)
+
+
+def _scratch(directory, needed_bytes: int) -> None:
+    from tilegrad.boundary import Scratch
+
+    with Scratch(directory, needed_bytes):
+        pass
 
 
 def _cli(*argv: str) -> None:
@@ -172,6 +187,18 @@ CASES = [
         ConfigError,
         "expected the name of one of its children",
     ),
+    # ---- streamed heads (tilegrad.heads) ----------------------------------------------------------------------
+    ("heads-pool-mode", lambda: heads.GlobalPool("min"), ConfigError, "mode must be 'max' or 'avg'"),
+    ("heads-mil-features", lambda: heads.AttentionMIL(0), ConfigError, "in_features must be a positive int"),
+    ("heads-mil-dropout", lambda: heads.AttentionMIL(4, dropout=1.0), ConfigError, "dropout must be in [0, 1)"),
+    ("heads-pooled-input", lambda: heads.GlobalPool()(torch.zeros(2, 3)), ShapeError, "at least one spatial axis"),
+    ("heads-mil-channels", lambda: heads.AttentionMIL(4)(_image()), ShapeError, "expects 4 channels"),
+    (
+        "heads-not-streamed",
+        lambda: heads.streamed_head(nn.AdaptiveAvgPool2d(1)),
+        NotStreamableError,
+        "the head AdaptiveAvgPool2d is not one of the streamed reductions",
+    ),
     (
         "reversible-threshold",
         lambda: tilegrad.ReversibleSequential(check_reconstruction=-1.0),
@@ -194,6 +221,11 @@ CASES = [
     ("checkpoint-segments", lambda: tilegrad.checkpoint_sequential(_net(), 9), ConfigError, "segments must be"),
     ("parse-bytes", lambda: tilegrad.parse_bytes("two gigs"), ConfigError, "cannot read 'two gigs' as a byte count"),
     ("parse-bytes-negative", lambda: tilegrad.parse_bytes(-1), ConfigError, "must be positive"),
+    # ---- scratch directory of disk-tier boundary tensors (tilegrad/boundary.py), checked when a run starts ----
+    ("scratch-missing", lambda: _scratch("/nonexistent-scratch", 2**30), ConfigError, "/nonexistent-scratch does not exist (this run needs 1.00 GiB"),
+    ("scratch-a-file", lambda: _scratch(__file__, 2**30), ConfigError, "is not a directory"),
+    ("scratch-too-small", lambda: _scratch(None, 2**62), DiskFullError, "4,611,686,018,427,387,904 bytes needed"),
+    ("scratch-needed-bytes", lambda: _scratch(None, -1), ConfigError, "needed_bytes is a byte count"),
     # ---- io ---------------------------------------------------------------------------------------------------
     (
         "io-backend",
@@ -213,6 +245,13 @@ CASES = [
     ("train-dtype", lambda: _train_config(dtype="float16").validate(), ConfigError, "dtype must be"),
     ("train-tile", lambda: _train_config(tile_size=0).validate(), ConfigError, "tile_size must be"),
     ("train-budget", lambda: _train_config(budget="lots").validate(), ConfigError, "cannot read 'lots'"),
+    ("train-head", lambda: _train_config(head="mean").validate(), ConfigError, "head must be 'max', 'avg' or 'attention'"),
+    (
+        "train-head-kwargs",
+        lambda: __import__("tilegrad.train", fromlist=["x"]).build_model("small_cnn", 2, head="max", head_kwargs={"hidden": 8}),
+        ConfigError,
+        "takes no --head-kwargs",
+    ),
     (
         "train-model",
         lambda: __import__("tilegrad.train", fromlist=["build_model"]).build_model("resnet7", 2),
@@ -245,7 +284,29 @@ CASES = [
         ConfigError,
         "--model-kwargs must be a JSON object",
     ),
+    (
+        "cli-train-head-kwargs",
+        lambda: _cli("train", "slides.csv", "--out", "/nonexistent-run", "--head", "attention", "--head-kwargs", "8"),
+        ConfigError,
+        "--head-kwargs must be a JSON object",
+    ),
+    (
+        "cli-saliency-attention-target",
+        lambda: _cli("saliency", "run.pt", "slide.tiff", "out.png", "--attention", "--target", "1"),
+        ConfigError,
+        "Leave out --target with --attention",
+    ),
     ("cli-infer-batch-tiles", lambda: _cli("infer", "small_cnn", "in.npy", "/nonexistent/out.npy", "--tile", "32", "--batch-tiles", "0"), ConfigError, "--batch-tiles"),
+    # ---- tilegrad.monai.ExactInferer (MONAI's inferer interface over infer) -----------------------------------
+    ("monai-no-size", lambda: _exact_inferer(), ConfigError, "needs memory_budget= (e.g."),
+    ("monai-bad-budget", lambda: _exact_inferer(memory_budget="lots"), ConfigError, "cannot read 'lots' as a byte count"),
+    ("monai-tile-zero", lambda: _exact_inferer(tile_size=0), ConfigError, "tile_size must hold positive"),
+    ("monai-tile-auto", lambda: _exact_inferer(tile_size="auto", memory_budget="1GiB"), ConfigError, "'auto' is not needed"),
+    ("monai-batch-tiles", lambda: _exact_inferer(tile_size=32, batch_tiles=0), ConfigError, "batch_tiles must be a positive int"),
+    ("monai-lambda-network", lambda: _exact_inferer(tile_size=32)(_image(), lambda x: x), ConfigError, "needs the network as a torch.nn.Module"),
+    ("monai-train-mode", lambda: _exact_inferer(tile_size=32)(_image(), _net().train()), ConfigError, "needs Sequential in eval mode"),
+    ("monai-extra-args", lambda: _exact_inferer(tile_size=32)(_image(), _net(), None, flag=True), ConfigError, "received ['NoneType', 'flag']"),
+    ("monai-not-a-tensor", lambda: _exact_inferer(tile_size=32)(np.zeros((1, 3, 32, 32)), _net()), ConfigError, "takes a tensor batch"),
 ]  # fmt: skip
 
 

@@ -3,11 +3,23 @@ file: the one helper every writer of checkpoints, logs, journals and finished im
 
 ``os.replace`` is atomic within one filesystem on POSIX, so everything is first written next to its destination
 (same directory) and then renamed over it.
+
+NOTE [ Stale temporary files ]
+A process killed while writing (SIGKILL, a power cut) leaves its temporary file ``.<name>.tmp-<pid>``; nothing
+else ever deletes it. So every :func:`atomic_write` first removes the temporary files of ``<name>`` whose PID is no
+longer running on this machine (a live PID's file may be a concurrent writer's and is left alone).
+
+NOTE [ A full disk ]
+A write that fails because the device or the quota is full (ENOSPC, EDQUOT; EFBIG when the file size limit is
+hit) raises :class:`~tilegrad.DiskFullError` naming the file and the bytes it needed, never a chained OSError;
+the destination keeps its previous version and the temporary file is removed. :func:`disk_full` converts such an
+OSError for the other writers (image writers, np.save).
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
 import shutil
@@ -15,7 +27,69 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_csv", "install", "remove_paths"]
+from .errors import DiskFullError
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_csv",
+    "disk_full",
+    "install",
+    "is_disk_full",
+    "remove_paths",
+    "remove_stale_temporaries",
+]
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True for an OSError that means the device, the quota or the file size limit is exhausted."""
+    return isinstance(err, DiskFullError) or (isinstance(err, OSError) and err.errno in _FULL)
+
+
+def disk_full(err: OSError, path: str | os.PathLike, needed: int | None, action: str = "") -> DiskFullError:
+    """The :class:`~tilegrad.DiskFullError` for ``err`` raised writing ``path`` (NOTE [ A full disk ])."""
+    if isinstance(err, DiskFullError):
+        return err
+    try:
+        usage = shutil.disk_usage(Path(path).parent)
+        free: int | None = usage.free
+    except OSError:
+        free = None
+    if err.errno == errno.EFBIG:
+        action = f" (the write hit the file size limit, ulimit -f){action}"
+    return DiskFullError(path, needed, free, action)
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete ``.<name>.tmp-<pid>`` files next to ``path`` left by processes that are gone (NOTE [ Stale temporary
+    files ]); returns what was removed."""
+    removed = []
+    prefix = f".{path.name}.tmp-"
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        pid = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        try:
+            entry.unlink()
+            removed.append(entry)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, durable: bool = False) -> Path:
@@ -31,14 +105,20 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, durable: bool = 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    payload = data.encode() if isinstance(data, str) else data
     try:
         with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            f.write(payload)
+            f.flush()
             if durable:
-                f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        raise disk_full(err, path, len(payload)) from None
     finally:
         if tmp.exists():
             tmp.unlink()

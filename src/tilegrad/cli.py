@@ -11,10 +11,13 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__, commands
-from .errors import TilegradError
+from ._atomic import disk_full, is_disk_full
+from .errors import TilegradError, TilegradWarning
 
 __all__ = ["build_parser", "main"]
 
@@ -40,10 +43,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    shown = warnings.showwarning
+
+    def one_line(message: Any, category: type, *rest: Any, **kw: Any) -> None:
+        if issubclass(category, TilegradWarning):  # a documented warning: one line, no source quote
+            print(f"tilegrad {args.command}: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, *rest, **kw)
+
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            return int(args.func(args) or 0)
     except TilegradError as err:
         print(f"tilegrad {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        # NOTE [ A full disk ] (tilegrad/_atomic.py): a writer that did not name its file still gets one line
+        print(f"tilegrad {args.command}: error: {disk_full(err, err.filename or '?', None)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tilegrad {args.command}: interrupted", file=sys.stderr)

@@ -15,7 +15,14 @@ io readers and writers, the training loop, the command line) meets it:
 * a tile that cannot hold the receptive field: :class:`GeometryError`; a layer that is not local:
   :class:`NotStreamableError`;
 * no plan fits the memory budget: :class:`MemoryBudgetError` (only that: an unreadable budget is a ConfigError);
-* a file or a value read from one that is not what it should be: :class:`DataError`.
+* a file or a value read from one that is not what it should be: :class:`DataError` (non-finite values included:
+  a NaN pixel, a NaN loss or gradient in training);
+* a checkpoint that is missing, corrupt (its checksum disagrees) or that names code to run: :class:`CheckpointError`;
+* another tilegrad process is writing the same output, journal or checkpoint: :class:`LockedError`;
+* the disk (or quota) is full: :class:`DiskFullError`, naming the file and the bytes it needed.
+
+What is suspicious but may be intended (a CSV row listed twice) is a :class:`DataWarning`, a
+:class:`TilegradWarning`; the command line prints it as one line ``tilegrad CMD: warning: ...``.
 
 Each class also derives from a builtin exception, so ``except ValueError`` still catches ConfigError, ShapeError,
 GeometryError, MemoryBudgetError and DataError, and ``except TypeError`` NotStreamableError and NotInvertibleError.
@@ -29,13 +36,17 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DataWarning",
+    "DiskFullError",
     "GeometryError",
+    "LockedError",
     "MemoryBudgetError",
     "MissingDependencyError",
     "NotInvertibleError",
     "NotStreamableError",
     "ShapeError",
     "TilegradError",
+    "TilegradWarning",
     "WriterStateError",
 ]
 
@@ -88,3 +99,35 @@ class MissingDependencyError(TilegradError, ImportError):
 
 class WriterStateError(TilegradError, RuntimeError):
     """A writer was used outside its lifecycle (open -> write tiles -> close), e.g. written to after close."""
+
+
+class LockedError(TilegradError, RuntimeError):
+    """Another tilegrad process holds the lock of an output, journal or checkpoint (tilegrad/_lock.py)."""
+
+
+class DiskFullError(TilegradError, OSError):
+    """The disk or the user's quota is full: ``path`` could not be written, ``needed`` bytes were asked for.
+
+    ``str()`` is the whole message (the OSError ``errno`` stays None so that it prints as one line).
+    """
+
+    def __init__(self, path: object, needed: int | None, free: int | None = None, action: str = "") -> None:
+        self.path, self.needed, self.free = path, needed, free
+        need = f" ({needed:,} bytes needed" if needed is not None else " ("
+        have = f", {free:,} free)" if free is not None else ")" if needed is not None else "size unknown)"
+        message = (
+            f"no space left on the device writing {path}{need}{have}. Free some space (or write elsewhere) and "
+            f"run the same command again{action}"
+        )
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class TilegradWarning(UserWarning):
+    """Base class of the warnings tilegrad issues on purpose (documented where they are raised)."""
+
+
+class DataWarning(TilegradWarning):
+    """Data that is suspicious but may be intended, e.g. a dataset CSV row listed twice (docs/training.md)."""

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ._autocast import autocast_state, replay_autocast
-from .boundary import TensorStore
+from .boundary import DiskStore, Scratch, TensorStore
 from .plan import Plan, SegmentPlan
 
 __all__ = ["Execution", "Reader", "run_plan"]
@@ -88,7 +88,7 @@ class Execution:
         self.tiers = {b.name: b for b in plan.boundaries}
         self.stores: dict[Any, Any] = {}
         self.grads: dict[Any, Any] = {}
-        self.kept: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}
+        self.kept: dict[int, tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
         self.partials: list[tuple[torch.Tensor, ...]] = []
         self.head_graph: tuple[list[torch.Tensor], torch.Tensor] | None = None
         self.autocast = autocast_state(self.device.type)
@@ -100,15 +100,16 @@ class Execution:
 
     # -- stores ---------------------------------------------------------------------------------------------
     def _store(self, node: Any, tier: str, zero: bool) -> Any:
+        """A store for ``node``'s map (or its gradient) in ``tier`` (NOTE [ Storage tiers ] in boundary.py)."""
         shape = self.graph.shape(node)
         if tier == "disk" and self.device.type != "meta":
-            from . import boundary
-
-            if hasattr(boundary, "DiskStore"):
-                if self.scratch is None:
-                    needed = self.plan.disk_bytes
-                    self.scratch = boundary.Scratch(self.scratch_dir, needed).__enter__()
-                return boundary.DiskStore(shape, self.dtype, self.scratch, node.name, self.device)
+            if self.scratch is None:  # free space is checked here, when the run starts, not when planning
+                self.scratch = Scratch(self.scratch_dir, self.plan.disk_bytes).__enter__()
+            return DiskStore(
+                shape, self.dtype, self.scratch, f"{node.name}{'' if not zero else '.grad'}", self.device
+            )
+        if tier == "host" and self.device.type == "cuda":
+            return TensorStore(shape, self.dtype, "cpu", zero=zero, compute_device=self.device)
         return TensorStore(shape, self.dtype, self.device, zero=zero)
 
     def read(self, node: Any, window: tuple[slice, ...], k: int) -> torch.Tensor:
@@ -163,8 +164,16 @@ class Execution:
                         srcs = self._sources(sp, window, k, [True] * len(seg.sources))
                         with torch.enable_grad():
                             y = module(*srcs)
-                        self.kept[k] = (srcs, y)
+                            if k == last and self.head is not None:  # the head's partial joins the kept graph
+                                kept_out: Any = tuple(self.head.partial(y))
+                            else:
+                                kept_out = (y,)
+                        self.kept[k] = (srcs, kept_out)
                         core, outputs = y.detach(), tuple(slice(0, n) for n in y.shape[2:])
+                        if k == last and self.head is not None:
+                            self.partials.append(tuple(p.detach() for p in kept_out))
+                            del srcs, y, core
+                            continue
                     else:
                         srcs = self._sources(sp, window, k, [False] * len(seg.sources))
                         y = module(*srcs)
@@ -238,20 +247,34 @@ class Execution:
                 seg = sp.segment
                 module = sp.chain
                 seg_params = [p for p in module.parameters() if id(p) in wanted]
+                if k == last and self.head is not None:  # the head's per-position layers act inside partial()
+                    seg_params += [p for p in self.head.parameters() if id(p) in wanted]
                 need = [(s is not g.input) or input_grad or self.sink is not None for s in seg.sources]
                 for j, s in enumerate(seg.sources):
                     if need[j] and s is not g.input and s not in self.grads:
                         b = self.tiers[s.name]
                         self.grads[s] = self._store(s, b.grad_tier, zero=True)
                 if k in self.kept:
-                    srcs, y = self.kept[k]
-                    gy = self.grads[seg.out].read(tuple(slice(0, n) for n in y.shape[2:]))
+                    srcs, kept_out = self.kept[k]
+                    if k == last and self.head is not None:
+                        pairs = [
+                            (p, gp)
+                            for p, gp in zip(kept_out, grad_partials[0])
+                            if gp is not None and p.requires_grad
+                        ]
+                        outs, grads = [p for p, _ in pairs], [gp for _, gp in pairs]
+                    else:
+                        (y,) = kept_out
+                        outs = [y]
+                        grads = [
+                            self.grads[seg.out].read(tuple(slice(0, n) for n in y.shape[2:])).to(y.dtype)
+                        ]
                     inputs = [t for t, n in zip(srcs, need) if n] + seg_params
-                    gs = torch.autograd.grad(y, inputs, gy.to(y.dtype), allow_unused=True, retain_graph=True)
+                    gs = torch.autograd.grad(outs, inputs, grads, allow_unused=True, retain_graph=True)
                     whole = tuple(slice(0, n) for n in g.input_shape[2:])
                     self._add_source_grads(seg, need, whole, gs, grad_in)
                     add_param_grads(seg_params, gs[sum(need) :])
-                    del srcs, y, gs
+                    del srcs, kept_out, outs, grads, gs
                 else:
                     for t, tile in enumerate(sp.grid):
                         srcs = self._sources(sp, tile.inputs, k, need)
@@ -263,7 +286,9 @@ class Execution:
                                 if k == last and self.head is not None:
                                     parts = self.head.partial(core)
                                     pairs = [
-                                        (p, gp) for p, gp in zip(parts, grad_partials[t]) if gp is not None
+                                        (p, gp)
+                                        for p, gp in zip(parts, grad_partials[t])
+                                        if gp is not None and p.requires_grad
                                     ]
                                     outs, grads = [p for p, _ in pairs], [gp for _, gp in pairs]
                                 else:

@@ -58,13 +58,13 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._autocast import autocast_state, replay_autocast
-from .errors import ConfigError, NotInvertibleError, ShapeError
+from .errors import ConfigError, NotInvertibleError, ShapeError, TilegradWarning
 from .geometry import Context, Geometry, compose, merge, module_geometry, register_geometry_rule
 
 __all__ = ["AdditiveCoupling", "ReconstructionWarning", "ReversibleSequential"]
 
 
-class ReconstructionWarning(RuntimeWarning):
+class ReconstructionWarning(TilegradWarning, RuntimeWarning):
     """A reversible stack reconstructed its input with a relative error above ``check_reconstruction``."""
 
 

@@ -55,7 +55,7 @@ def test_two_epoch_run_trains_logs_and_checkpoints(slides, tmp_path):
     with open(tmp_path / "run" / "log.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert set(rows[0]) == {"epoch", "train_loss", "val_loss", "val_auc", "lr", "seconds", "steps"}
+    assert set(rows[0]) == {"epoch", "train_loss", "val_loss", "val_auc", "lr", "seconds", "steps", "skipped"}
     # the checkpoint holds only tensors and plain containers: it loads with weights_only=True
     raw = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert raw["epoch"] == 2 and raw["step_in_epoch"] == 0
@@ -127,9 +127,10 @@ def test_resume_can_extend_epochs_but_not_change_settings(slides, tmp_path):
     assert [h["epoch"] for h in longer.history] == [1, 2]
 
 
-def test_resume_without_checkpoint_starts_fresh(slides, tmp_path):
-    result = train(config(slides, tmp_path / "new", epochs=1), resume=True)
-    assert result.global_step == 4
+def test_resume_without_checkpoint_is_refused_as_in_infer(slides, tmp_path):
+    # --resume means "continue an interrupted run" in train and infer alike: nothing to continue is a mistake
+    with pytest.raises(ConfigError, match="--resume: there is no interrupted run in"):
+        train(config(slides, tmp_path / "new", epochs=1), resume=True)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "not a checkpoint"])

@@ -61,6 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--resume", action="store_true", help="continue an interrupted run: skip the tiles it wrote"
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--trust-model-code",
+        action="store_true",
+        help="let the checkpoint's model spec import and call code outside the known model libraries (only for "
+        "checkpoints you trust; see docs/training.md)",
+    )
     p.set_defaults(func=run)
 
 
@@ -94,7 +100,7 @@ def _from_checkpoint(path: Path, args: argparse.Namespace) -> tuple[Any, Any, st
     import torch
 
     from ..errors import CheckpointError, ConfigError
-    from ..train.checkpoint import FORMAT, load_torch_file
+    from ..train.checkpoint import FORMAT, load_torch_file, verify_checksum
 
     if args.weights is not None:
         raise ConfigError(
@@ -102,9 +108,12 @@ def _from_checkpoint(path: Path, args: argparse.Namespace) -> tuple[Any, Any, st
         )
     state = load_torch_file(path)
     if isinstance(state, dict) and state.get("format") == FORMAT:
+        verify_checksum(state, path)
         from ..train.evaluate import load_trained_model
 
-        model, config = load_trained_model(state, device="cpu")
+        model, config = load_trained_model(
+            state, device="cpu", trust_model_code=args.trust_model_code, path=path
+        )
         return model.trunk.eval(), config, f"{path} (trunk of {config.model})"
     weights = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     if isinstance(weights, dict) and weights and all(isinstance(v, torch.Tensor) for v in weights.values()):

@@ -24,6 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--check-images", action="store_true", help="decode every image completely before predicting"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument(
+        "--trust-model-code",
+        action="store_true",
+        help="let the checkpoint's model spec import and call code outside the known model libraries (only for "
+        "checkpoints you trust; see docs/training.md)",
+    )
     p.set_defaults(func=run)
 
 
@@ -39,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         budget=args.budget,
         progress=not args.no_progress,
         check_images=args.check_images,
+        overwrite=args.overwrite,
+        trust_model_code=args.trust_model_code,
     )
     summary = f"wrote {len(result['probs'])} predictions to {args.out}"
     if not math.isnan(result["auc"]):

@@ -8,6 +8,7 @@ import json
 from ..dtypes import PARAMETER_DTYPES
 from ..errors import ConfigError
 from ..optim import OPTIMIZERS
+from ..train.model import HEADS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +35,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--pretrained", action="store_true", help="torchvision ImageNet weights (from the local cache)"
     )
     m.add_argument("--imagenet-norm", action="store_true", help="normalise input with ImageNet mean/std")
-    m.add_argument("--pool", choices=("max", "avg"), default="max", help="global pooling of the head")
+    m.add_argument(
+        "--head",
+        choices=HEADS,
+        default="max",
+        help="the head on the trunk's output map: global max or average pooling + a linear classifier, or gated "
+        "attention-MIL (tilegrad.heads.AttentionMIL; read its attention map with tilegrad saliency --attention)",
+    )
+    m.add_argument(
+        "--head-kwargs",
+        default="{}",
+        help='JSON keyword arguments for --head attention, e.g. \'{"hidden": 128, "dropout": 0.25}\'',
+    )
+    m.add_argument("--pool", dest="head", choices=("max", "avg"), help=argparse.SUPPRESS)  # the old name
     m.add_argument(
         "--freeze-norm",
         action=argparse.BooleanOptionalAction,
@@ -92,14 +105,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train import TrainConfig, train
 
-    try:
-        model_kwargs = json.loads(args.model_kwargs)
-    except json.JSONDecodeError as err:
-        raise ConfigError(
-            f"--model-kwargs must be a JSON object such as '{{\"width\": 16}}': {err}"
-        ) from None
-    if not isinstance(model_kwargs, dict):
-        raise ConfigError(f"--model-kwargs must be a JSON object, received {args.model_kwargs!r}")
+    model_kwargs = _json_object("--model-kwargs", args.model_kwargs, '{"width": 16}')
+    head_kwargs = _json_object("--head-kwargs", args.head_kwargs, '{"hidden": 64}')
     tile = None if args.no_stream or args.budget else (args.tile or 512)
     config = TrainConfig(
         csv=args.csv,
@@ -109,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
         model_kwargs=model_kwargs,
         pretrained=args.pretrained,
         imagenet_norm=args.imagenet_norm,
-        pool=args.pool,
+        head=args.head,
+        head_kwargs=head_kwargs,
         tile_size=tile,
         budget=args.budget,
         level=args.level,
@@ -141,3 +149,13 @@ def run(args: argparse.Namespace) -> int:
             f"log {result.out / 'log.csv'}"
         )
     return 0
+
+
+def _json_object(option: str, text: str, example: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{option} must be a JSON object such as '{example}': {err}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} must be a JSON object, received {text!r}")
+    return value

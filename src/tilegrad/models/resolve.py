@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["ModelSpec", "find_model", "resolve_model"]
+__all__ = ["KNOWN_MODULES", "ModelSpec", "find_model", "needs_trust", "resolve_model"]
 
 Factory = Callable[[], nn.Module]
 
@@ -154,3 +154,44 @@ def resolve_model(spec: str) -> tuple[Factory, str]:
     """``(factory, label)`` for a model spec; ``factory()`` builds a fresh model with random weights."""
     found = find_model(spec)
     return found.module, found.label
+
+
+KNOWN_MODULES = ("tilegrad.models", "torchvision.models", "monai.networks.nets", "timm", "timm.models")
+"""Modules whose public model classes and builders a checkpoint may name without ``--trust-model-code``."""
+
+_RISKY_KWARGS = ("pretrained", "weights", "checkpoint", "file", "path", "url", "hub")
+
+
+def needs_trust(spec: str, kwargs: dict[str, Any] | None = None) -> str | None:
+    """Why rebuilding ``spec(**kwargs)`` read from a checkpoint would run code tilegrad does not know by name, or
+    None when it would not (NOTE [ A checkpoint never runs code ]).
+
+    >>> needs_trust("resnet18"), needs_trust("torchvision.models:resnet18")
+    (None, None)
+    >>> needs_trust("subprocess:getoutput", {"cmd": "id"})
+    "it names the factory 'subprocess:getoutput', outside the known model libraries"
+    >>> needs_trust("resnet18", {"weights": "/tmp/w.pt"})
+    "its model keyword arguments ask to load files or weights ('weights')"
+    """
+    if not isinstance(spec, str):
+        return f"its model spec is a {type(spec).__name__}, not a name"
+    risky = [k for k in (kwargs or {}) if any(word in str(k).lower() for word in _RISKY_KWARGS)]
+    if risky:
+        return f"its model keyword arguments ask to load files or weights ({', '.join(map(repr, risky))})"
+    if ":" not in spec:  # find_model resolves a bare name only to tilegrad's models or torchvision's
+        return None
+    where, _, attr = spec.strip().rpartition(":")
+    if where not in KNOWN_MODULES or not attr.isidentifier() or attr.startswith("_"):
+        return f"it names the factory {spec!r}, outside the known model libraries"
+    return None
+
+
+# NOTE [ A checkpoint never runs code ]
+# A training checkpoint stores the model spec it was trained with (``config.model``, ``config.model_kwargs``) so
+# that predict, saliency and infer can rebuild the model. A spec ``package.module:factory`` or ``file.py:factory``
+# is imported and called: read from a file someone sent, that is running their code (``subprocess:getoutput`` with
+# ``{"cmd": ...}`` runs a shell command), although torch.load(weights_only=True) itself runs none. So a spec read
+# from a checkpoint is rebuilt only when tilegrad knows it by name: a bare name (tilegrad's models, torchvision's),
+# or ``module:Name`` with module one of KNOWN_MODULES, and no keyword argument that loads files or weights (the
+# checkpoint holds the weights). Anything else needs the user's consent: ``--trust-model-code`` on the command line,
+# ``trust_model_code=True`` in Python. Specs typed by the user (``tilegrad train --model``, ``infer MODEL``) are theirs.

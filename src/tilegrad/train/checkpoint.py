@@ -8,11 +8,20 @@ device), numpy and Python.
 
 NOTE [ Atomic checkpoints ]: the file is written to a temporary name in the same directory, flushed to disk, then
 renamed over the old one with ``os.replace`` (atomic on POSIX). A process killed at any moment therefore leaves
-either the previous complete checkpoint or the new complete one, never a torn file.
+either the previous complete checkpoint or the new complete one, never a torn file. A checkpoint's lock
+(tilegrad/_lock.py) is held by the training run that writes it, and temporary files of killed writers are removed
+by the next write (NOTE [ Stale temporary files ] in _atomic.py).
+
+NOTE [ Checkpoint checksum ]: every checkpoint carries ``checksum``, the sha256 of its contents (every tensor's
+dtype, shape and bytes, every other value's repr, in key order; :func:`state_checksum`), checked by
+:func:`load_checkpoint`. torch.load does not check the bytes of tensors, so a bit flipped on disk or in a copy
+would otherwise load silently as a slightly different model. Checkpoints written before the checksum existed
+load without the check.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import random
@@ -33,6 +42,8 @@ __all__ = [
     "load_torch_file",
     "save_checkpoint",
     "set_rng_state",
+    "state_checksum",
+    "verify_checksum",
 ]
 
 FORMAT = "tilegrad.train/1"
@@ -46,9 +57,57 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     >>> load_checkpoint(p)["epoch"]
     3
     """
+    state = {"format": FORMAT, **{k: v for k, v in state.items() if k != "checksum"}}
     buffer = io.BytesIO()
-    torch.save({"format": FORMAT, **state}, buffer)
+    torch.save({**state, "checksum": state_checksum(state)}, buffer)
     return atomic_write(path, buffer.getvalue(), durable=True)
+
+
+def state_checksum(state: Any) -> str:
+    """sha256 of a checkpoint's contents (NOTE [ Checkpoint checksum ]), independent of how torch lays out the file.
+
+    >>> a = {"w": torch.ones(2), "step": 3}
+    >>> state_checksum(a) == state_checksum({"step": 3, "w": torch.ones(2)}) != state_checksum({**a, "step": 4})
+    True
+    """
+    digest = hashlib.sha256()
+    _feed(digest, state)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(b"{")
+        for key in sorted(value, key=repr):
+            digest.update(repr(key).encode() + b":")
+            _feed(digest, value[key])
+        digest.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"[")
+        for item in value:
+            _feed(digest, item)
+            digest.update(b",")
+        digest.update(b"]")
+    else:
+        digest.update(repr(value).encode())
+
+
+def verify_checksum(state: dict[str, Any], path: str | Path) -> None:
+    """Raise :class:`~tilegrad.CheckpointError` when ``state`` (loaded from ``path``) disagrees with its checksum."""
+    stored = state.get("checksum")
+    if stored is None:  # written before NOTE [ Checkpoint checksum ]
+        return
+    found = state_checksum({k: v for k, v in state.items() if k != "checksum"})
+    if found != stored:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is damaged: its contents do not match the checksum stored in it (sha256 "
+            f"{found[:12]}..., stored {str(stored)[:12]}...), e.g. a bit flipped on disk or in a copy. Use an intact "
+            "copy (best.pt holds the best epoch's model)"
+        )
 
 
 def load_torch_file(
@@ -73,7 +132,17 @@ def load_torch_file(
             f"{what} {str(path)!r} holds Python objects that torch.load(weights_only=True) refuses to unpickle "
             f"({refused[0]}). Save tensors only: torch.save(model.state_dict(), path)"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+    except (
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        ValueError,
+        OSError,
+        KeyError,
+        IndexError,
+        TypeError,
+    ) as err:
+        # a junk file can trip the unpickler anywhere (KeyError: 101 for a text file)
         raise CheckpointError(
             f"{what} {str(path)!r} is corrupt or truncated and cannot be loaded ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}); use an intact copy"
@@ -92,6 +161,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"{str(path)!r} is not a tilegrad training checkpoint (expected format {FORMAT!r}, found {found!r})"
         )
+    verify_checksum(state, path)
     return state
 
 

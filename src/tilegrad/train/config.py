@@ -16,7 +16,7 @@ from ..dtypes import PARAMETER_DTYPES, parse_dtype
 from ..errors import CheckpointError, ConfigError
 from ..optim import OPTIMIZERS
 from ..units import parse_bytes
-from .model import IMAGENET_MEAN, IMAGENET_STD
+from .model import HEADS, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "TrainConfig",
@@ -38,7 +38,8 @@ class TrainConfig:
     """Everything that defines a training run (stored in every checkpoint).
 
     ``tile_size`` or ``budget`` streams the trunk (``budget`` picks the tile size automatically); with both None
-    the trunk runs on the whole image. ``accumulate`` is the number of slides per optimizer step (per process).
+    the trunk runs on the whole image. ``head`` is ``max``, ``avg`` (global pooling + a linear classifier) or
+    ``attention`` (gated attention-MIL, :class:`tilegrad.heads.AttentionMIL`, with ``head_kwargs``). ``accumulate`` is the number of slides per optimizer step (per process).
     """
 
     csv: str
@@ -48,7 +49,8 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False
     imagenet_norm: bool = False
-    pool: str = "max"
+    head: str = "max"
+    head_kwargs: dict[str, Any] = field(default_factory=dict)
     tile_size: int | None = 512
     budget: str | None = None
     level: int | None = None
@@ -70,9 +72,11 @@ class TrainConfig:
     save_every: int = 0
     progress: bool = True
     check_images: bool = False
+    skip_nonfinite: bool = False
 
-    # Fields that may change when resuming; any other difference is refused.
-    RESUMABLE = ("epochs", "device", "save_every", "progress", "out", "check_images")
+    # Fields that may change when resuming; any other difference is refused. skip_nonfinite may be added to resume
+    # a run stopped by a non-finite slide (NOTE [ Non-finite values ] in loop.py).
+    RESUMABLE = ("epochs", "device", "save_every", "progress", "out", "check_images", "skip_nonfinite")
 
     def validate(self) -> None:
         def bad(name: str, expected: str) -> ConfigError:
@@ -102,8 +106,12 @@ class TrainConfig:
             parse_bytes(self.budget)  # a budget that is not a byte count fails here, before any data is read
         if self.save_every < 0:
             raise bad("save_every", "0 (only at the end of each epoch) or a positive number of steps")
-        if self.pool not in ("max", "avg"):
-            raise bad("pool", "'max' or 'avg'")
+        if self.head not in HEADS:
+            raise bad("head", ", ".join(repr(h) for h in HEADS[:-1]) + f" or {HEADS[-1]!r}")
+        if not isinstance(self.head_kwargs, dict):
+            raise bad(
+                "head_kwargs", "a dict of keyword arguments for the head (JSON object on the command line)"
+            )
 
     @property
     def parameter_dtype(self) -> torch.dtype:
@@ -153,12 +161,22 @@ def config_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """The config stored in a checkpoint. Checkpoints written before ``head`` existed stored the pooling as
+    ``pool`` (``max``/``avg``): that becomes ``head``."""
+    return TrainConfig(**_upgraded(data))
+
+
+def _upgraded(data: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in data.items() if k in names})
+    values = {k: v for k, v in data.items() if k in names}
+    if "head" not in data and "pool" in data:
+        values["head"] = data["pool"]
+    return values
 
 
 def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
     now = config_dict(config)
+    saved = config_dict(config_from_dict(saved))  # an older checkpoint's settings, in today's fields
     differ = [
         f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}"
         for k in now
@@ -167,6 +185,6 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
     if differ:
         raise CheckpointError(
             "cannot resume: the run's settings differ from the checkpoint's (" + "; ".join(differ) + "). "
-            "Resume with the same options (only --epochs, --device, --save-every, --check-images and progress may change) "
+            "Resume with the same options (only --epochs, --device, --save-every, --check-images, --skip-nonfinite and progress may change) "
             "or start a new run in another --out directory"
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +29,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, DataWarning
 from .config import TrainConfig
 
 __all__ = [
     "SPLITS",
     "SlideInput",
     "SlideRecord",
+    "check_labels",
+    "check_rows",
+    "check_same_channels",
+    "count_nonfinite",
     "crop",
+    "nonfinite_message",
     "open_slide",
     "random_orientation",
     "read_slide_csv",
@@ -379,3 +385,126 @@ def slide_input(
         array = random_orientation(array, rng)
     mean, std = norm
     return SlideInput(array, mean=mean, std=std, dtype=dtype, where=record.where())
+
+
+def count_nonfinite(array: Any, block: int = _DECODE_BLOCK) -> tuple[int, int, tuple[int, ...] | None]:
+    """(NaN count, infinite count, index of the first) over a (C, H, W) lazy image, read block by block.
+
+    Integer images hold no such values and are not read.
+
+    >>> a = np.zeros((1, 3, 3), np.float32); a[0, 1, 2] = np.nan; a[0, 2, 0] = -np.inf
+    >>> count_nonfinite(a)
+    (1, 1, (0, 1, 2))
+    """
+    if np.dtype(array.dtype).kind not in "fc":
+        return 0, 0, None
+    h, w = (int(n) for n in array.shape[1:3])
+    nans = infs = 0
+    first = None
+    for y in range(0, h, block):
+        for x in range(0, w, block):
+            data = np.asarray(array[:, y : y + block, x : x + block])
+            bad = ~np.isfinite(data)
+            if bad.any():
+                nans += int(np.isnan(data).sum())
+                infs += int(np.isinf(data).sum())
+                if first is None:
+                    c, r, q = (int(i[0]) for i in np.nonzero(bad))
+                    first = (c, y + r, x + q)
+    return nans, infs, first
+
+
+def nonfinite_message(where: str, image: Any, x: Any, what: str) -> str:
+    """The message for non-finite ``what`` (class scores, a loss, gradients) computed from image ``image``: what the
+    image holds (read again to count NaN/Inf pixels) and what to do."""
+    array = getattr(x, "array", x)
+    nans, infs, first = count_nonfinite(array)
+    prefix = f"{where}: " if where else ""
+    name = Path(image).name if image is not None else "the image"
+    if nans or infs:
+        at = f" (the first at channel {first[0]}, row {first[1]}, column {first[2]})" if first else ""
+        return (
+            f"{prefix}image {name!r} holds {nans} NaN and {infs} infinite pixel values{at}, so its {what} are not "
+            f"finite. Replace them (e.g. np.nan_to_num) or remove the image"
+        )
+    return (
+        f"{prefix}the {what} of image {name!r} are not finite (NaN or Inf) although its pixels are finite: the "
+        "model's weights or its arithmetic overflowed (try --amp none, a lower --lr, or another checkpoint)"
+    )
+
+
+# NOTE [ Dataset checks ]
+# Before training, the rows of the dataset CSV (and --val-csv) are checked as a whole; each finding names the rows:
+#
+# * one image with two different labels: DataError (one of them is wrong);
+# * one image in the training split and in validation or test: DataError (leakage: validation would score slides
+#   the model was trained on);
+# * one image listed twice with the same label and split: DataWarning (it counts twice per epoch, which may be
+#   intended oversampling);
+# * training labels that skip a class ({0, 2}: a 3-class head with class 1 never trained): DataError (class indices
+#   must be 0..K-1, each with a training slide);
+# * a training split with one class: DataError (a classifier learns nothing from it);
+# * images with different numbers of channels (grayscale or RGBA among RGB): DataError.
+#
+# docs/training.md lists the same; tests/reliability replays each.
+
+
+def check_rows(records: Sequence[SlideRecord]) -> None:
+    """Duplicate rows, conflicting labels and train/validation leakage (NOTE [ Dataset checks ])."""
+    first: dict[Path, SlideRecord] = {}
+    for r in records:
+        seen = first.get(r.image)
+        if seen is None:
+            first[r.image] = r
+            continue
+        both = f"{seen.where()} and {r.where()}"
+        if seen.label != r.label:
+            raise DataError(
+                f"{both} give image {r.image.name!r} two labels ({seen.label} and {r.label}); keep the right one"
+            )
+        if seen.split != r.split and "train" in (seen.split, r.split):
+            raise DataError(
+                f"{both} put image {r.image.name!r} in both the {seen.split} and the {r.split} split: a slide "
+                "validated on must not be trained on (leakage). Keep it in one split"
+            )
+        if seen.split == r.split:
+            warnings.warn(
+                f"{both} list image {r.image.name!r} twice with the same label and split: it counts twice per "
+                "epoch. Remove one row unless the oversampling is intended",
+                DataWarning,
+                stacklevel=2,
+            )
+
+
+def check_labels(train: Sequence[SlideRecord], source: Any) -> None:
+    """Training labels must be 0..K-1 with every class present, and at least two classes (NOTE [ Dataset checks ])."""
+    labels = sorted({int(r.label) for r in train if r.label is not None})
+    name = Path(str(source)).name
+    if len(labels) < 2:
+        raise DataError(
+            f"{name}: all {len(train)} training slides have label {labels[0] if labels else None}; a classifier "
+            "needs training slides of at least two classes. Add slides of the other class(es)"
+        )
+    missing = sorted(set(range(labels[-1] + 1)) - set(labels))
+    if missing:
+        raise DataError(
+            f"{name}: the training labels are {labels}: class{'es' * (len(missing) > 1)} "
+            f"{', '.join(map(str, missing))} {'have' if len(missing) > 1 else 'has'} no training slide, yet the "
+            f"model would get {labels[-1] + 1} outputs. Number the classes 0..{len(labels) - 1} (e.g. labels "
+            "1, 2 become 0, 1)"
+        )
+
+
+def check_same_channels(records: Sequence[SlideRecord], level: int | None, mpp: float | None) -> None:
+    """Every image has the channels of the first one (a grayscale or RGBA image among RGB slides is a DataError)."""
+    first: tuple[SlideRecord, int] | None = None
+    for r in records:
+        channels = int(open_slide(r.image, level=level, mpp=mpp, where=r.where()).shape[0])
+        if first is None:
+            first = (r, channels)
+        elif channels != first[1]:
+            raise DataError(
+                f"{r.where()}: image {r.image.name!r} has {channels} channel{'s' * (channels != 1)}, the images "
+                f"before it {first[1]} (from {first[0].where()}): convert it to match, e.g. with PIL "
+                f"Image.open(path).convert({'RGB' if first[1] == 3 else 'L'!r})"
+            )

@@ -14,10 +14,12 @@ import numpy as np
 import torch
 
 from .._atomic import atomic_write_csv
-from ..errors import CheckpointError
+from .._lock import FileLock
+from ..errors import CheckpointError, ConfigError, DataError
+from ..models.resolve import needs_trust
 from .checkpoint import load_checkpoint
 from .config import TrainConfig, autocast, config_from_dict, normalisation, resolve_device
-from .dataset import SlideRecord, read_slide_csv, slide_input
+from .dataset import SlideRecord, nonfinite_message, read_slide_csv, slide_input
 from .distributed import DistContext
 from .model import SlideClassifier, build_model
 
@@ -52,6 +54,8 @@ def evaluate(
             x = slide_input(records[i], config, norm, dtype, boxes=boxes)
             with autocast(config.amp, device):
                 logits = model(x)
+            if not bool(torch.isfinite(logits).all()):
+                raise DataError(nonfinite_message(records[i].where(), records[i].image, x, "class scores"))
             probs = torch.softmax(logits.float(), dim=1)[0].cpu().tolist()
             results.append((i, probs))
             bar.update(1)
@@ -87,18 +91,42 @@ def load_trained_model(
     device: str | torch.device = "auto",
     tile_size: int | None = None,
     budget: str | None = None,
+    trust_model_code: bool = False,
+    path: str | Path | None = None,
 ) -> tuple[SlideClassifier, TrainConfig]:
-    """Rebuild the model of a training checkpoint (``tile_size``/``budget`` override the training tiling)."""
+    """Rebuild the model of a training checkpoint (``tile_size``/``budget`` override the training tiling).
+
+    Only a model tilegrad knows by name is rebuilt unless ``trust_model_code`` (NOTE [ A checkpoint never runs code ]
+    in models/resolve.py); ``path`` names a checkpoint given as a loaded dict in messages.
+    """
+    if not isinstance(checkpoint, dict):
+        path = checkpoint
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-    config = config_from_dict(state["config"])
+    where = f"checkpoint {str(path)!r}" if path is not None else "the checkpoint"
+    try:
+        config = config_from_dict(state["config"])
+        num_classes, in_channels = int(state["num_classes"]), int(state["in_channels"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{where} lacks the run's settings ({type(err).__name__}: {err}); expected a file saved by tilegrad train"
+        ) from None
+    reason = needs_trust(config.model, config.model_kwargs)
+    if reason is not None and not trust_model_code:
+        raise CheckpointError(
+            f"{where} was not rebuilt: {reason}, and rebuilding it would import and call that code "
+            f"({config.model}(**{config.model_kwargs})). tilegrad rebuilds from a checkpoint only models it knows by "
+            "name (tilegrad's, torchvision's, timm's, MONAI's). If you trust the file and its author, pass "
+            "--trust-model-code (trust_model_code=True in Python)"
+        )
     if tile_size is not None or budget is not None:
         config.tile_size, config.budget = tile_size, budget
     dev = resolve_device(device) if isinstance(device, str) else device
     model = build_model(
         config.model,
-        int(state["num_classes"]),
-        in_channels=int(state["in_channels"]),
-        pool=config.pool,
+        num_classes,
+        in_channels=in_channels,
+        head=config.head,
+        head_kwargs=config.head_kwargs,
         pretrained=False,
         model_kwargs=config.model_kwargs,
         tile_size=config.tile_size if config.budget is None else None,
@@ -111,6 +139,7 @@ def load_trained_model(
         raise CheckpointError(
             f"the checkpoint's weights do not fit its model {config.model!r}: {err}"
         ) from None
+    model.in_channels = in_channels  # checked against each image (predict, saliency)
     model.eval()
     return model, config
 
@@ -125,19 +154,83 @@ def predict(
     budget: str | None = None,
     progress: bool = True,
     check_images: bool = False,
+    overwrite: bool = False,
+    trust_model_code: bool = False,
 ) -> dict[str, Any]:
     """Write per-slide class probabilities of every slide in ``csv_path`` to ``out_csv``.
 
     The CSV needs an ``image`` column; ``label`` is optional (when present, the AUC is returned too). Columns written:
     ``image`` (as in the input CSV), ``label`` (if known) and ``probability`` (of class 1) for two classes, or
-    ``prob_0``, ``prob_1``, ... for more. ``check_images`` decodes every image completely before predicting.
+    ``prob_0``, ``prob_1``, ... for more. ``check_images`` decodes every image completely before predicting. An
+    existing ``out_csv`` is replaced only with ``overwrite``; ``trust_model_code``: NOTE [ A checkpoint never runs
+    code ] in models/resolve.py.
     """
-    model, config = load_trained_model(checkpoint, device=device, tile_size=tile_size, budget=budget)
-    records = read_slide_csv(
-        csv_path, require_labels=False, decode_all=check_images, level=config.level, mpp=config.mpp
-    )
-    dev = next(model.parameters()).device
-    result = evaluate(model, records, config=config, device=dev, progress=progress)
+    out_csv = Path(out_csv)
+    check_output(out_csv, overwrite, "--overwrite (overwrite=True)")
+    with FileLock(out_csv, what="predictions"):
+        model, config = load_trained_model(
+            checkpoint, device=device, tile_size=tile_size, budget=budget, trust_model_code=trust_model_code
+        )
+        records = read_slide_csv(
+            csv_path, require_labels=False, decode_all=check_images, level=config.level, mpp=config.mpp
+        )
+        _check_fits(records, model, config, checkpoint)
+        dev = next(model.parameters()).device
+        result = evaluate(model, records, config=config, device=dev, progress=progress)
+        _write_predictions(records, result, csv_path, out_csv)
+    return result
+
+
+def check_output(path: Path, overwrite: bool, option: str) -> None:
+    """Refuse an output that exists (without ``overwrite``) or whose directory is a file."""
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} already exists: pass {option} to replace it, or choose another name")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; expected a file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"cannot write {path}: {parent} is a file, not a directory")
+            break
+
+
+def _check_fits(
+    records: Sequence[SlideRecord], model: SlideClassifier, config: TrainConfig, checkpoint: Any
+) -> None:
+    """Every slide has the channels the model was trained on and a label among its classes."""
+    num_classes = int(model.head.fc.out_features) if hasattr(model.head, "fc") else None
+    in_channels = getattr(model, "in_channels", None)
+    for r in records:
+        if num_classes is not None and r.label is not None and r.label >= num_classes:
+            raise DataError(
+                f"{r.where()}: label {r.label} is not a class of the checkpoint {checkpoint}, which has "
+                f"{num_classes} classes (0..{num_classes - 1}); fix the label or use the checkpoint of that task"
+            )
+    if in_channels is not None:
+        for r in records:
+            check_channels(r, in_channels, config)
+
+
+def check_channels(record: SlideRecord, expected: int, config: TrainConfig) -> None:
+    """A slide with another number of channels than the model's input (grayscale or RGBA into RGB) is a DataError."""
+    from .dataset import open_slide
+
+    found = int(open_slide(record.image, level=config.level, mpp=config.mpp, where=record.where()).shape[0])
+    if found != expected:
+        raise DataError(
+            f"{record.where()}: image {record.image.name!r} has {found} channel{'s' * (found != 1)} "
+            f"({_channel_words(found)}); the model takes {expected} ({_channel_words(expected)}). Convert it, "
+            f"e.g. with PIL: Image.open(path).convert({'RGB' if expected == 3 else 'L'!r}).save(new_path)"
+        )
+
+
+def _channel_words(n: int) -> str:
+    return {1: "grayscale", 2: "grayscale + alpha", 3: "RGB", 4: "RGBA"}.get(n, f"{n} bands")
+
+
+def _write_predictions(
+    records: Sequence[SlideRecord], result: dict[str, Any], csv_path: str | Path, out_csv: Path
+) -> None:
     probs = result["probs"]
     k = probs.shape[1]
     has_labels = all(r.label is not None for r in records)
@@ -152,8 +245,7 @@ def predict(
         name = os.path.relpath(record.image, base)
         values = [p[1]] if k == 2 else list(p)
         rows.append([name, *([record.label] if has_labels else []), *(f"{v:.6g}" for v in values)])
-    atomic_write_csv(Path(out_csv), columns, rows)
-    return result
+    atomic_write_csv(out_csv, columns, rows)
 
 
 def progress_bar(*, total: int, desc: str, unit: str, enabled: bool) -> Any:

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_write_csv
+from .._lock import FileLock
 from ..errors import CheckpointError, ConfigError, DataError
 from ..optim import make_optimizer
 from .checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
@@ -54,7 +55,16 @@ from .config import (
     normalisation,
     resolve_device,
 )
-from .dataset import SlideRecord, open_slide, read_slide_csv, slide_input
+from .dataset import (
+    SlideRecord,
+    check_labels,
+    check_rows,
+    check_same_channels,
+    nonfinite_message,
+    open_slide,
+    read_slide_csv,
+    slide_input,
+)
 from .distributed import DistContext, init_distributed, step_shard
 from .evaluate import evaluate, load_trained_model, predict, progress_bar
 from .model import SlideClassifier, build_model, check_streamable_norm
@@ -70,7 +80,8 @@ __all__ = [
     "train",
 ]
 
-LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "lr", "seconds", "steps")
+LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "lr", "seconds", "steps", "skipped")
+"""Columns of log.csv; ``skipped`` counts the slides skipped for non-finite values (NOTE [ Non-finite values ])."""
 
 
 @dataclass
@@ -102,15 +113,31 @@ def train(
 ) -> TrainResult:
     """Train a slide classifier; see the module docstring. Returns the history and the trained model.
 
-    ``resume=True`` continues from ``config.out/checkpoint.pt`` if it exists (and starts fresh otherwise).
+    ``resume=True`` continues the interrupted run in ``config.out`` (from ``checkpoint.pt``, or from the start when
+    the run was interrupted before its first checkpoint) and is refused when no run was ever started there, as
+    ``tilegrad infer --resume`` is. The run holds the lock of ``checkpoint.pt`` (NOTE [ One writer per
+    output ] in tilegrad/_lock.py).
     """
     config.validate()
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; expected a run directory (it is created if missing)")
     device = resolve_device(config.device)
     ctx = init_distributed(device)
     if ctx.distributed and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     try:
-        return _Run(config, device, ctx, resume, on_step).run()
+        if not ctx.is_main:
+            return _Run(config, device, ctx, resume, on_step).run()
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            with FileLock(out / "checkpoint.pt", what="training run's checkpoint"):
+                return _Run(config, device, ctx, resume, on_step).run()
+        except BaseException:
+            if created and not any(out.iterdir()):  # refused before writing anything: leave no empty --out
+                out.rmdir()
+            raise
     finally:
         ctx.close()
 
@@ -139,11 +166,23 @@ class _Run:
                 )
             saved = load_checkpoint(self.checkpoint_path)
             check_resumable(saved["config"], config)
+        elif resume and not (self.out / "log.csv").exists():
+            # log.csv is written when a run starts: without it (and a checkpoint) no run was ever interrupted here
+            raise ConfigError(
+                f"--resume: there is no interrupted run in {self.out} (no {self.checkpoint_path.name}, no log.csv); "
+                "start without --resume"
+            )
+        elif resume and ctx.is_main:
+            print(
+                f"note: the run in {self.out} was interrupted before its first checkpoint: starting over",
+                flush=True,
+            )
 
         train_records, val_records = _load_records(config)
         self.train_records, self.val_records = train_records, val_records
         labels = [r.label for r in train_records]
         self.num_classes = max(2, max(labels) + 1)
+        check_labels(train_records, config.csv)
         for r in val_records:
             if r.label >= self.num_classes:
                 raise DataError(
@@ -166,7 +205,8 @@ class _Run:
             config.model,
             self.num_classes,
             in_channels=self.in_channels,
-            pool=config.pool,
+            head=config.head,
+            head_kwargs=config.head_kwargs,
             pretrained=config.pretrained,
             model_kwargs=config.model_kwargs,
             tile_size=config.tile_size if config.budget is None else None,
@@ -188,7 +228,8 @@ class _Run:
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.epoch_loss_sum, self.epoch_slides = 0.0, 0
+        self.epoch_loss_sum, self.epoch_slides, self.epoch_skipped = 0.0, 0, 0
+        self.saved_step = 0  # the optimizer steps checkpoint.pt holds, for messages
         self.history: list[dict[str, float]] = []
         self.best_val_loss = math.inf
         self.allreduce_before = 0
@@ -210,6 +251,7 @@ class _Run:
             "global_step": self.global_step,
             "epoch_loss_sum": self.epoch_loss_sum,
             "epoch_slides": self.epoch_slides,
+            "epoch_skipped": self.epoch_skipped,
             "best_val_loss": self.best_val_loss,
             "allreduce_calls": self.allreduce_before + self.ctx.allreduce_calls,
             "history": self.history,
@@ -234,6 +276,8 @@ class _Run:
                 float(saved["epoch_loss_sum"]),
                 int(saved["epoch_slides"]),
             )
+            self.epoch_skipped = int(saved.get("epoch_skipped", 0))
+            self.saved_step = self.global_step
             self.best_val_loss = float(saved["best_val_loss"])
             self.allreduce_before = int(saved["allreduce_calls"])
             self.history = [dict(h) for h in saved["history"]]
@@ -253,6 +297,7 @@ class _Run:
     def _save(self) -> None:
         if self.ctx.is_main:
             save_checkpoint(self.checkpoint_path, self._state())
+        self.saved_step = self.global_step
         self.ctx.barrier()
 
     # -- the loop ---------------------------------------------------------------------------------------------------
@@ -288,16 +333,17 @@ class _Run:
                 )
             row = {
                 "epoch": self.epoch + 1,
-                "train_loss": self.epoch_loss_sum / max(self.epoch_slides, 1),
+                "train_loss": self.epoch_loss_sum / max(self.epoch_slides - self.epoch_skipped, 1),
                 "val_loss": val["loss"],
                 "val_auc": val["auc"],
                 "lr": lr,
                 "seconds": time.perf_counter() - started,
                 "steps": self.global_step,
+                "skipped": self.epoch_skipped,
             }
             self.history.append(row)
             self.epoch += 1
-            self.step_in_epoch, self.epoch_loss_sum, self.epoch_slides = 0, 0.0, 0
+            self.step_in_epoch, self.epoch_loss_sum, self.epoch_slides, self.epoch_skipped = 0, 0.0, 0, 0
             improved = True  # without validation slides best.pt follows the latest epoch
             if self.val_records:
                 improved = val["loss"] < self.best_val_loss
@@ -313,9 +359,11 @@ class _Run:
                 _write_log(self.out / "log.csv", self.history)
             self._save()
             if self.ctx.is_main:
+                skipped = f"  skipped {row['skipped']} non-finite slides" if row["skipped"] else ""
                 print(
                     f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f}  "
-                    f"val loss {row['val_loss']:.4f}  val AUC {row['val_auc']:.3f}  ({row['seconds']:.0f} s)",
+                    f"val loss {row['val_loss']:.4f}  val AUC {row['val_auc']:.3f}  ({row['seconds']:.0f} s)"
+                    f"{skipped}",
                     flush=True,
                 )
         return TrainResult(
@@ -376,7 +424,7 @@ class _Run:
             for step in range(self.step_in_epoch, n_steps):
                 global_slides = order[step * per_step : (step + 1) * per_step]
                 mine = step_shard(global_slides, ctx.rank, ctx.world_size)
-                loss_sum = 0.0
+                loss_sum, skipped = 0.0, 0
                 for index in mine:
                     record = self.train_records[index]
                     x = self._input(record, index)
@@ -384,19 +432,23 @@ class _Run:
                     with autocast(cfg.amp, self.device):
                         logits = self.model(x)
                     loss = criterion(logits.float(), target)
-                    self.scaler.scale(loss / len(global_slides)).backward()
-                    loss_sum += float(loss.detach())
+                    if not self._slide_step(record, step, loss / len(global_slides)):
+                        skipped += 1
+                    else:
+                        loss_sum += float(loss.detach())
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss_sum / max(len(mine), 1):.4f}")
+                    bar.set_postfix(loss=f"{loss_sum / max(len(mine) - skipped, 1):.4f}")
                 # NOTE [ One all-reduce per optimizer step ]
-                loss_sum = self._all_reduce(loss_sum)
+                loss_sum, skipped = self._all_reduce(loss_sum, skipped)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
+                self._check_parameters(step, [self.train_records[i] for i in mine])
                 self.global_step += 1
                 self.step_in_epoch = step + 1
                 self.epoch_loss_sum += loss_sum
                 self.epoch_slides += len(global_slides)
+                self.epoch_skipped += skipped
                 due = cfg.save_every > 0 and self.global_step % cfg.save_every == 0 and step + 1 < n_steps
                 if due:
                     self._save()
@@ -411,14 +463,68 @@ class _Run:
                         )
                     )
 
-    def _all_reduce(self, loss_sum: float) -> float:
-        """All-reduce gradients (and this step's loss sum, in the same message) across processes."""
+    def _all_reduce(self, loss_sum: float, skipped: int) -> tuple[float, int]:
+        """All-reduce gradients (and this step's loss sum and skipped slides, in the same message) across processes."""
         if not self.ctx.distributed:
-            return loss_sum
-        carrier = nn.Parameter(torch.zeros(1, dtype=self.dtype, device=self.device))
-        carrier.grad = torch.tensor([loss_sum], dtype=self.dtype, device=self.device)
+            return loss_sum, skipped
+        carrier = nn.Parameter(torch.zeros(2, dtype=self.dtype, device=self.device))
+        carrier.grad = torch.tensor([loss_sum, skipped], dtype=self.dtype, device=self.device)
         self.ctx.all_reduce_gradients([*self.model.parameters(), carrier])
-        return float(carrier.grad[0])
+        return float(carrier.grad[0]), round(float(carrier.grad[1]))
+
+    # -- NOTE [ Non-finite values ] -----------------------------------------------------------------------------------
+    def _slide_step(self, record: SlideRecord, step: int, loss: torch.Tensor) -> bool:
+        """Backpropagate one slide's (scaled) loss; False when the slide was skipped for non-finite values."""
+        skip = self.config.skip_nonfinite
+        if not bool(torch.isfinite(loss)):
+            return self._nonfinite(record, step, "loss")
+        # fp16 autocast: the GradScaler itself skips steps whose gradients overflow, so they are not checked here
+        check = self.config.amp != "fp16"
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        stash = [p.grad for p in params] if skip and check else None
+        if stash is not None:  # this slide's gradient alone, so that it can be dropped
+            for p in params:
+                p.grad = None
+        self.scaler.scale(loss).backward()
+        finite = not check or all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+        if stash is not None:
+            for p, before in zip(params, stash):
+                if not finite or p.grad is None:
+                    p.grad = before
+                elif before is not None:
+                    p.grad = before + p.grad
+        if finite:
+            return True
+        return self._nonfinite(record, step, "gradients")
+
+    def _nonfinite(self, record: SlideRecord, step: int, what: str) -> bool:
+        where = (
+            f"{record.where()} (epoch {self.epoch + 1}, optimizer step {self.global_step + 1}, step {step + 1} of "
+            "the epoch)"
+        )
+        if self.config.skip_nonfinite:
+            if self.ctx.is_main or self.ctx.distributed:
+                print(f"skipped {where}: its {what} are not finite (--skip-nonfinite)", flush=True)
+            return False
+        image = open_slide(record.image, level=self.config.level, mpp=self.config.mpp, where=record.where())
+        raise DataError(
+            f"{nonfinite_message(where, record.image, image, what)}. Training stopped before this step changed "
+            f"the model: {self.checkpoint_path} holds step {self.saved_step}. Fix or remove the slide and run again "
+            "with --resume, or add --skip-nonfinite to skip such slides (counted in log.csv)"
+        )
+
+    def _check_parameters(self, step: int, slides: list[SlideRecord]) -> None:
+        """An optimizer step that made a parameter non-finite stops the run before anything is saved."""
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if not bad:
+            return
+        shown = ", ".join(bad[:3]) + (f" ({len(bad)} in all)" if len(bad) > 3 else "")
+        raise DataError(
+            f"optimizer step {self.global_step + 1} (epoch {self.epoch + 1}, step {step + 1} of the epoch; slides "
+            f"{', '.join(r.where() for r in slides)}) made parameters non-finite: {shown}. The learning rate is "
+            f"probably too high (--lr {self.config.lr:g}). Nothing was saved: {self.checkpoint_path} holds step "
+            f"{self.saved_step}"
+        )
 
     def _input(self, record: SlideRecord, index: int) -> Any:
         rng = np.random.default_rng([self.config.seed, self.epoch, index])
@@ -448,14 +554,19 @@ def _channels(record: SlideRecord, config: TrainConfig) -> int:
 def _load_records(config: TrainConfig) -> tuple[list[SlideRecord], list[SlideRecord]]:
     check = dict(decode_all=config.check_images, level=config.level, mpp=config.mpp)
     records = read_slide_csv(config.csv, **check)
+    if config.val_csv:
+        records += [
+            SlideRecord(r.image, r.label, "val", r.line, r.source)
+            for r in read_slide_csv(config.val_csv, **check)
+        ]
+    check_rows(records)  # NOTE [ Dataset checks ] in dataset.py
     train_records = [r for r in records if r.split == "train"]
     val_records = [r for r in records if r.split == "val"]
-    if config.val_csv:
-        val_records += read_slide_csv(config.val_csv, **check)
     if not train_records:
         raise DataError(
             f"{Path(config.csv).name}: no training slides (rows with split 'train' or no split column)"
         )
+    check_same_channels([*train_records, *val_records], config.level, config.mpp)
     return train_records, val_records
 
 

@@ -1,4 +1,5 @@
-"""Slide classifiers: a streamed trunk (the local layers) and a head (global pooling + a linear classifier).
+"""Slide classifiers: a streamed trunk (the local layers) and a head (global pooling + a linear classifier, or
+gated attention-MIL: tilegrad.heads).
 
 :func:`build_model` accepts
 
@@ -21,23 +22,27 @@ still trained. :meth:`SlideClassifier.train` re-applies this every time the mode
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, TilegradError
+from ..heads import AttentionMIL, GlobalPool, StreamedHead
 from ..models import small_cnn
 from ..models.resolve import find_model
 from ..split import has_head, local_trunk
 
 __all__ = [
+    "HEADS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PoolingHead",
     "SlideClassifier",
     "build_model",
     "check_streamable_norm",
+    "make_head",
     "small_cnn",
 ]
 
@@ -47,8 +52,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
-class PoolingHead(nn.Module):
-    """Global max or average pooling over all spatial axes, then a linear classifier.
+class PoolingHead(StreamedHead):
+    """Global max or average pooling over all spatial axes (:class:`tilegrad.heads.GlobalPool`), then a linear
+    classifier. A streamed head (NOTE [ Streamed heads ] in tilegrad/heads.py): its partials are the pooling's.
 
     >>> head = PoolingHead(8, 2, pool="max")
     >>> head(torch.zeros(1, 8, 5, 7)).shape
@@ -60,12 +66,48 @@ class PoolingHead(nn.Module):
         if pool not in ("max", "avg"):
             raise ConfigError(f"pool must be 'max' or 'avg', received {pool!r}")
         self.pool = pool
+        self.pooling = GlobalPool(pool)  # no parameters: the state_dict keys stay fc.weight, fc.bias
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        flat = features.flatten(2)
-        pooled = flat.amax(-1) if self.pool == "max" else flat.mean(-1)
-        return self.fc(pooled)
+        return self.fc(self.pooling(features))
+
+    def partial(self, core: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.pooling.partial(core)
+
+    def merge(self, partials: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        return self.pooling.merge(partials)
+
+    def finish(self, merged: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.fc(self.pooling.finish(merged))
+
+
+# ``--head``: the heads tilegrad train builds on a trunk (a factory's own (trunk, head) pair is used as given).
+HEADS = ("max", "avg", "attention")
+
+
+def make_head(kind: str, channels: int, num_classes: int, **kwargs: Any) -> StreamedHead:
+    """The head ``kind`` (one of :data:`HEADS`) on ``channels`` trunk channels; ``kwargs`` go to
+    :class:`tilegrad.heads.AttentionMIL` (``hidden``, ``gated``, ``dropout``); pooling heads take none.
+
+    >>> make_head("attention", 8, 2, hidden=4)(torch.zeros(1, 8, 3, 3)).shape
+    torch.Size([1, 2])
+    """
+    if kind not in HEADS:
+        raise ConfigError(f"head must be {', '.join(HEADS[:-1])} or {HEADS[-1]}, received {kind!r}")
+    if kind == "attention":
+        try:
+            return AttentionMIL(channels, classes=num_classes, **kwargs)
+        except TypeError as err:  # an unknown keyword
+            raise ConfigError(
+                f"--head-kwargs for the attention head take hidden, gated and dropout; {err}"
+            ) from None
+    if kwargs:
+        raise ConfigError(
+            f"the {kind} pooling head takes no --head-kwargs, received {sorted(kwargs)}; they are for --head "
+            f"attention (hidden, gated, dropout)"
+        )
+    return PoolingHead(channels, num_classes, pool=kind)
 
 
 class SlideClassifier(nn.Module):
@@ -162,7 +204,8 @@ def build_model(
     num_classes: int,
     *,
     in_channels: int = 3,
-    pool: str = "max",
+    head: str = "max",
+    head_kwargs: dict[str, Any] | None = None,
     pretrained: bool = False,
     model_kwargs: dict[str, Any] | None = None,
     tile_size: int | tuple[int, ...] | None = None,
@@ -171,15 +214,20 @@ def build_model(
 ) -> SlideClassifier:
     """Build a :class:`SlideClassifier` from a model name (see the module docstring).
 
+    ``head`` is one of :data:`HEADS` (``max``/``avg``: :class:`PoolingHead`; ``attention``:
+    :class:`tilegrad.heads.AttentionMIL` with ``head_kwargs``); a factory that returns a (trunk, head) pair keeps
+    its own head.
+
     >>> m = build_model("small_cnn", 2, model_kwargs={"width": 4})
     >>> m(torch.zeros(1, 3, 32, 32)).shape
     torch.Size([1, 2])
     """
-    trunk, head = _trunk_and_head(name, in_channels, pretrained, dict(model_kwargs or {}))
-    if head is None:
-        head = PoolingHead(_output_channels(trunk, in_channels, name), num_classes, pool=pool)
+    trunk, given = _trunk_and_head(name, in_channels, pretrained, dict(model_kwargs or {}))
+    if given is None:
+        channels = _output_channels(trunk, in_channels, name)
+        given = make_head(head, channels, num_classes, **dict(head_kwargs or {}))
     return SlideClassifier(
-        trunk, head, tile_size=tile_size, memory_budget=memory_budget, freeze_norm=freeze_norm
+        trunk, given, tile_size=tile_size, memory_budget=memory_budget, freeze_norm=freeze_norm
     )
 
 

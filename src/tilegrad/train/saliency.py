@@ -10,10 +10,17 @@ On a lazy slide the full-resolution gradient is never held either: the Streaming
 gradient to a :class:`SaliencyAccumulator` (a ``grad_sink``), which sums the overlapping tiles of one band of rows,
 reduces every finished band to the low-resolution map and drops it. Memory: one band (about one tile high, the
 slide's width, all channels) instead of the whole slide's gradient.
+
+Attention maps (``tilegrad saliency --attention``): a model trained with ``--head attention``
+(:class:`tilegrad.heads.AttentionMIL`) weighs every position of the trunk's output map; those weights (softmax over
+the slide, summing to 1) are how pathologists read such models. :func:`attention_saliency` writes them at the trunk
+output's resolution (one value per ``stride x stride`` slide pixels) as ``.npy`` and as a float32 ``.tiff``
+(QuPath, ImageJ, napari open it; its pixel size is the slide's times the stride), and draws them over a thumbnail.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +29,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
+from ..heads import AttentionMIL
 from .dataset import SlideInput, open_slide
 from .model import SlideClassifier
 
 __all__ = [
+    "AttentionResult",
     "SaliencyAccumulator",
     "SaliencyResult",
+    "attention_map",
+    "attention_saliency",
     "block_mean",
     "input_gradient",
     "render_saliency",
@@ -227,37 +238,70 @@ def saliency(
     device: str = "auto",
     tile_size: int | None = None,
     budget: str | None = None,
+    overwrite: bool = False,
+    trust_model_code: bool = False,
 ) -> SaliencyResult:
     """Compute the saliency of ``image`` under a trained checkpoint; write OUT.png and OUT.npy (low resolution).
 
     ``level``/``mpp`` default to the resolution the model was trained at; ``max_side`` bounds the longer side of
-    the low-resolution map and thumbnail.
+    the low-resolution map and thumbnail. Existing outputs are replaced only with ``overwrite``; each appears under
+    its final name only when complete (written to a temporary name first). ``trust_model_code``: NOTE [ A checkpoint
+    never runs code ] in models/resolve.py.
     """
+    from .._atomic import atomic_write
+    from .._lock import FileLock
     from .config import normalisation
-    from .evaluate import load_trained_model
+    from .dataset import SlideRecord, nonfinite_message
+    from .evaluate import check_channels, check_output, load_trained_model
 
-    model, config = load_trained_model(checkpoint, device=device, tile_size=tile_size, budget=budget)
-    level = config.level if level is None and mpp is None else level
-    mpp = config.mpp if mpp is None else mpp
-    array = open_slide(image, level=level, mpp=mpp)
-    mean, std = normalisation(config)
-    dtype = next(model.parameters()).dtype
-    slide = SlideInput(array, mean=mean, std=std, dtype=dtype)
-    factor = max(1, -(-max(slide.shape[2:]) // max_side))
-    low, probs, target = saliency_map(model, slide, factor, target)
-    low = low.astype(np.float32)
-    thumb = np.asarray(array[:, ::factor, ::factor])
+    if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1:
+        raise ConfigError(f"--max-side (max_side) must be a positive number of pixels, received {max_side!r}")
     out_png = Path(out_png)
     npy = out_png.with_suffix(".npy")
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    np.save(npy, low)
-    title = f"{Path(image).name}: P(class {target}) = {probs[target]:.3f}"
-    render_saliency(thumb, low, out_png, title=title)
+    for path in (out_png, npy):
+        check_output(path, overwrite, "--overwrite (overwrite=True)")
+    with FileLock(out_png, what="saliency map"):
+        model, config = load_trained_model(
+            checkpoint, device=device, tile_size=tile_size, budget=budget, trust_model_code=trust_model_code
+        )
+        level = config.level if level is None and mpp is None else level
+        mpp = config.mpp if mpp is None else mpp
+        array = open_slide(image, level=level, mpp=mpp)
+        record = SlideRecord(Path(image), None, "test", 0, "")
+        check_channels(record, int(model.in_channels), config)
+        mean, std = normalisation(config)
+        dtype = next(model.parameters()).dtype
+        slide = SlideInput(array, mean=mean, std=std, dtype=dtype)
+        factor = max(1, -(-max(slide.shape[2:]) // max_side))
+        low, probs, target = saliency_map(model, slide, factor, target)
+        if not (np.isfinite(probs).all() and np.isfinite(low).all()):
+            what = "class scores" if not np.isfinite(probs).all() else "input gradients"
+            raise DataError(nonfinite_message("", image, array, what))
+        low = low.astype(np.float32)
+        thumb = np.asarray(array[:, ::factor, ::factor])
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.save(buffer, low)
+        atomic_write(npy, buffer.getvalue())
+        title = f"{Path(image).name}: P(class {target}) = {probs[target]:.3f}"
+        buffer = io.BytesIO()
+        render_saliency(thumb, low, buffer, title=title)
+        atomic_write(out_png, buffer.getvalue())
     return SaliencyResult(out_png, npy, low, probs, target, factor)
 
 
-def render_saliency(thumbnail: np.ndarray, heat: np.ndarray, path: str | Path, *, title: str = "") -> Path:
-    """Draw a (C, h, w) thumbnail beside the same thumbnail overlaid with the heat map; save as PNG."""
+def render_saliency(
+    thumbnail: np.ndarray,
+    heat: np.ndarray,
+    path: Any,
+    *,
+    title: str = "",
+    label: str = "saliency |d score / d pixel|",
+    cell: tuple[float, float] = (1.0, 1.0),
+) -> Any:
+    """Draw a (C, h, w) thumbnail beside the same thumbnail overlaid with the heat map (and its colour bar); save
+    as PNG (``path`` is a file name or a binary file object). One heat-map value covers ``cell`` (rows, columns)
+    thumbnail pixels."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -269,19 +313,146 @@ def render_saliency(thumbnail: np.ndarray, heat: np.ndarray, path: str | Path, *
     axes[0].imshow(rgb)
     axes[0].set_title("slide")
     axes[1].imshow(rgb)
-    extent = (-0.5, rgb.shape[1] - 0.5, rgb.shape[0] - 0.5, -0.5)
-    shown = axes[1].imshow(
-        heat[: rgb.shape[0], : rgb.shape[1]], cmap="inferno", alpha=0.6, vmin=0, vmax=vmax, extent=extent
-    )
-    axes[1].set_title("saliency |d score / d pixel|")
+    if cell == (1.0, 1.0):
+        heat = heat[: rgb.shape[0], : rgb.shape[1]]
+    extent = (-0.5, heat.shape[1] * cell[1] - 0.5, heat.shape[0] * cell[0] - 0.5, -0.5)
+    shown = axes[1].imshow(heat, cmap="inferno", alpha=0.6, vmin=0, vmax=vmax, extent=extent)
+    axes[1].set_xlim(-0.5, rgb.shape[1] - 0.5)
+    axes[1].set_ylim(rgb.shape[0] - 0.5, -0.5)
+    axes[1].set_title(label)
     fig.colorbar(shown, ax=axes[1], shrink=0.8)
     for ax in axes:
         ax.set_axis_off()
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
-    return Path(path)
+    return path if hasattr(path, "write") else Path(path)
+
+
+def attention_map(model: SlideClassifier, x: torch.Tensor | SlideInput) -> tuple[np.ndarray, np.ndarray]:
+    """The attention weights of an attention-MIL model over one slide, (h, w) at the trunk output's resolution
+    (they sum to 1), and the class probabilities.
+
+    >>> from tilegrad.train.model import build_model
+    >>> m = build_model("small_cnn", 2, model_kwargs={"width": 4}, head="attention")
+    >>> weights, probs = attention_map(m, torch.rand(1, 3, 64, 48))
+    >>> weights.shape, round(float(weights.sum()), 6), probs.shape
+    ((4, 3), 1.0, (2,))
+    """
+    head = model.head
+    if not isinstance(head, AttentionMIL):
+        raise ConfigError(
+            f"an attention map needs a model with an attention head (tilegrad train --head attention); this "
+            f"model's head is {type(head).__name__}. Use tilegrad saliency without --attention for a gradient map"
+        )
+    if isinstance(x, torch.Tensor) and x.shape[0] != 1:
+        raise ConfigError(
+            f"attention maps are drawn for one slide at a time, received a batch of {x.shape[0]}"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            # The trunk's output map, then the head on it. NOTE [ Streamed heads ] (tilegrad/heads.py): once the
+            # streaming engine takes the head, the logits are written tile by tile and normalised with the merged
+            # partials (heads.normalise_attention), and this map is never whole in memory.
+            features = model.features(x)
+            logits = head(features)
+            weights = head.attention(features)[0, 0]
+    finally:
+        model.train(was_training)
+    probs = torch.softmax(logits.double(), dim=1)[0].cpu().numpy()
+    return weights.double().cpu().numpy(), probs
+
+
+@dataclass
+class AttentionResult:
+    png: Path
+    npy: Path
+    tiff: Path
+    map: np.ndarray
+    probabilities: np.ndarray
+    stride: tuple[float, float]  # slide pixels per attention-map value, per axis
+
+
+def attention_saliency(
+    checkpoint: str | Path,
+    image: str | Path,
+    out_png: str | Path,
+    *,
+    level: int | None = None,
+    mpp: float | None = None,
+    max_side: int = 1024,
+    device: str = "auto",
+    tile_size: int | None = None,
+    budget: str | None = None,
+    overwrite: bool = False,
+    trust_model_code: bool = False,
+) -> AttentionResult:
+    """The attention map of an attention-MIL checkpoint over ``image``: OUT.npy and OUT.tiff (float32, one value
+    per trunk-output position, summing to 1) and OUT.png (the map over a thumbnail whose longer side is at most
+    ``max_side``, with a colour bar). ``level``/``mpp`` default to the training resolution; outputs as in
+    :func:`saliency` (``overwrite``, each complete under its final name, ``trust_model_code``)."""
+    from .._atomic import atomic_write
+    from .._lock import FileLock
+    from ..io import create_writer
+    from ..io.tissue import thumbnail
+    from .config import normalisation
+    from .dataset import SlideRecord, nonfinite_message
+    from .evaluate import check_channels, check_output, load_trained_model
+
+    if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1:
+        raise ConfigError(f"--max-side (max_side) must be a positive number of pixels, received {max_side!r}")
+    out_png = Path(out_png)
+    npy, tiff = out_png.with_suffix(".npy"), out_png.with_suffix(".tiff")
+    for path in (out_png, npy, tiff):
+        check_output(path, overwrite, "--overwrite (overwrite=True)")
+    with FileLock(out_png, what="attention map"):
+        model, config = load_trained_model(
+            checkpoint, device=device, tile_size=tile_size, budget=budget, trust_model_code=trust_model_code
+        )
+        if not isinstance(model.head, AttentionMIL):
+            raise ConfigError(
+                f"{Path(checkpoint).name} was trained with --head {config.head}: --attention needs a model trained "
+                f"with --head attention (use tilegrad saliency without --attention for a gradient map)"
+            )
+        level = config.level if level is None and mpp is None else level
+        mpp = config.mpp if mpp is None else mpp
+        array = open_slide(image, level=level, mpp=mpp)
+        check_channels(SlideRecord(Path(image), None, "test", 0, ""), int(model.in_channels), config)
+        mean, std = normalisation(config)
+        dtype = next(model.parameters()).dtype
+        weights, probs = attention_map(model, SlideInput(array, mean=mean, std=std, dtype=dtype))
+        if not (np.isfinite(probs).all() and np.isfinite(weights).all()):
+            what = "class scores" if not np.isfinite(probs).all() else "attention weights"
+            raise DataError(nonfinite_message("", image, array, what))
+        stride = (array.shape[1] / weights.shape[0], array.shape[2] / weights.shape[1])
+        values = weights.astype(np.float32)
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.save(buffer, values)
+        atomic_write(npy, buffer.getvalue())
+        slide_mpp = getattr(array, "mpp", None)
+        with create_writer(  # complete under its final name only at close (NOTE in io/writer.py)
+            tiff,
+            (1, *values.shape),
+            np.float32,
+            levels=1,
+            overwrite=True,
+            mpp=None if slide_mpp is None else float(slide_mpp) * float(np.mean(stride)),
+        ) as writer:
+            writer[...] = values[None]
+        thumb = thumbnail(array, max_side)
+        cell = (stride[0] / thumb.scale[0], stride[1] / thumb.scale[1])
+        predicted = int(np.argmax(probs))
+        title = f"{Path(image).name}: P(class {predicted}) = {probs[predicted]:.3f}"
+        buffer = io.BytesIO()
+        render_saliency(
+            thumb.array, values, buffer, title=title, label="attention (softmax over the slide)", cell=cell
+        )
+        atomic_write(out_png, buffer.getvalue())
+    return AttentionResult(out_png, npy, tiff, values, probs, stride)
 
 
 def _as_rgb(thumbnail: np.ndarray) -> Any:

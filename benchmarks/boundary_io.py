@@ -1,0 +1,141 @@
+"""Throughput of boundary stores (tilegrad/boundary.py) for tile-sized boxes of a 2D map: the numbers the engine's
+cost model uses for the host and disk tiers (NOTE [ Storage tiers ]).
+
+A (1, C, S, S) map is written box by box in raster order, read back, added into (a gradient's read-modify-write),
+and read again after its pages were dropped from the page cache (fsync, then posix_fadvise DONTNEED on the file
+alone: other processes' cache is untouched), i.e. from the disk itself. Each phase reports GB/s of the map's bytes
+(1 GB = 1e9 bytes) and, for reads, how much of the time is the pread itself (the rest is the permute from the
+file's (*box, N, C) layout to (N, C, *box)). A TensorStore on the CPU (the device tier when computing on the CPU)
+is timed on the same boxes of a smaller map for reference, and so is a plain copy of a box (tensor.clone): on a
+machine shared with other jobs, memory bandwidth moves every figure. Run:
+
+    python benchmarks/boundary_io.py --channels 64 --size 8192 --box 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+
+import torch
+
+from tilegrad import format_bytes
+from tilegrad._allocator import pin_mmap_threshold
+from tilegrad.boundary import DiskStore, Scratch, TensorStore
+
+
+def boxes(size: int, box: int):
+    for y in range(0, size, box):
+        for x in range(0, size, box):
+            yield (slice(y, min(y + box, size)), slice(x, min(x + box, size)))
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def pread_only(store: DiskStore, size: int, box: int) -> None:
+    """The preads of a read without the transpose into (N, C, *box)."""
+    for b in boxes(size, box):
+        ranges = [(s.start, s.stop) for s in b]
+        _, view = store._staging(math.prod(e - a for a, e in ranges))
+        for offset, _, k in store._pieces(ranges):
+            store._io(False, view[: k * store._position_bytes], offset)
+
+
+def clones(channels: int, box: int, dtype: torch.dtype, count: int) -> None:
+    tile = torch.randn(1, channels, box, box).to(dtype)
+    for _ in range(count):
+        tile.clone()
+
+
+def phases(store, size: int, box: int, channels: int, dtype: torch.dtype, cold: bool) -> dict[str, float]:
+    tile = torch.randn(1, channels, box, box).to(dtype)
+
+    def write() -> None:
+        for b in boxes(size, box):
+            store.write(b, tile[:, :, : b[0].stop - b[0].start, : b[1].stop - b[1].start])
+
+    def read() -> None:
+        for b in boxes(size, box):
+            store.read(b)
+
+    def add() -> None:
+        for b in boxes(size, box):
+            store.add(b, tile[:, :, : b[0].stop - b[0].start, : b[1].stop - b[1].start])
+
+    out = {"write": timed(write), "read (cached)": timed(read), "add": timed(add)}
+    if isinstance(store, DiskStore):
+        out["read (cached), pread only"] = timed(lambda: pread_only(store, size, box))
+        if cold:
+            os.fsync(store._fd)
+            os.posix_fadvise(store._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            out["read (from disk)"] = timed(read)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--size", type=int, default=8192, help="side of the 2D map (pixels)")
+    parser.add_argument("--box", type=int, nargs="+", default=[512], help="box side(s) (pixels)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--scratch-dir", default=None, help="default: the system temp directory")
+    parser.add_argument(
+        "--memory-size", type=int, default=2048, help="side of the map for the TensorStore rows"
+    )
+    parser.add_argument("--no-cold", action="store_true", help="skip the read after dropping the page cache")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    pin_mmap_threshold("cpu")  # the engine's CPU allocator policy: every box buffer is a fresh mapping
+    dtype = getattr(torch, args.dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shape = (1, args.channels, args.size, args.size)
+    nbytes = args.channels * args.size**2 * itemsize
+    print(
+        f"map {shape} {args.dtype} = {format_bytes(nbytes)}, scratch in {args.scratch_dir or tempfile.gettempdir()}"
+    )
+    print("| store | map | box | phase | seconds | GB/s | per box (ms) |")
+    print("|---|---|---|---|---|---|---|")
+    for box in args.box:
+        count = len(list(boxes(args.size, box)))
+        with Scratch(args.scratch_dir, nbytes) as scratch:
+            store = DiskStore(shape, dtype, scratch, "map", "cpu")
+            for phase, seconds in phases(
+                store, args.size, box, args.channels, dtype, not args.no_cold
+            ).items():
+                moved = nbytes * (2 if phase == "add" else 1)  # add reads and writes the box
+                print(
+                    f"| DiskStore | {args.size}^2 x {args.channels} | {box}^2 | {phase} | {seconds:.2f} | "
+                    f"{moved / seconds / 1e9:.2f} | {1000 * seconds / count:.1f} |",
+                    flush=True,
+                )
+        size = args.memory_size
+        memory = TensorStore((1, args.channels, size, size), dtype, "cpu")
+        mem_bytes = args.channels * size**2 * itemsize
+        mem_count = len(list(boxes(size, box)))
+        for phase, seconds in phases(memory, size, box, args.channels, dtype, False).items():
+            moved = mem_bytes * (2 if phase == "add" else 1)
+            print(
+                f"| TensorStore (cpu) | {size}^2 x {args.channels} | {box}^2 | {phase} | {seconds:.2f} | "
+                f"{moved / seconds / 1e9:.2f} | {1000 * seconds / mem_count:.1f} |",
+                flush=True,
+            )
+        memory.close()
+        seconds = timed(lambda b=box, n=mem_count: clones(args.channels, b, dtype, n))
+        print(
+            f"| plain copy (tensor.clone) | - | {box}^2 | clone | {seconds:.2f} | "
+            f"{mem_bytes / seconds / 1e9:.2f} | {1000 * seconds / mem_count:.1f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
