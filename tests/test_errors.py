@@ -296,6 +296,8 @@ CASES = [
         ConfigError,
         "Leave out --target with --attention",
     ),
+    ("cli-demo-size", lambda: _cli("demo", "--size", "4096"), ConfigError, "--size sets the slides of --gigapixel"),
+    ("cli-demo-gigapixel-size", lambda: _cli("demo", "--gigapixel", "--size", "1000"), ConfigError, "--size must be a positive multiple of 1024"),
     ("cli-infer-batch-tiles", lambda: _cli("infer", "small_cnn", "in.npy", "/nonexistent/out.npy", "--tile", "32", "--batch-tiles", "0"), ConfigError, "--batch-tiles"),
     # ---- tilegrad.monai.ExactInferer (MONAI's inferer interface over infer) -----------------------------------
     ("monai-no-size", lambda: _exact_inferer(), ConfigError, "needs memory_budget= (e.g."),

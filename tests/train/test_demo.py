@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from tilegrad.io import open_image
@@ -75,3 +77,42 @@ def test_demo_memory_report_measures_the_demo_slide_and_predicts_a_whole_slide(t
         and "streamed, tile 64, predicted by the streaming planner" in text
     )
     assert text.count("conventional, predicted by tilegrad.estimate_memory") == 2
+
+
+def test_gigapixel_slide_hides_lesions_in_few_patches(tmp_path):
+    from tilegrad.train.demo import write_gigapixel_slide
+
+    rng = np.random.default_rng(0)
+    lesions = write_gigapixel_slide(tmp_path / "s.tif", rng, 1024, True, patch=256, positive_patches=2)
+    image = open_image(tmp_path / "s.tif")
+    assert image.shape == (3, 1024, 1024) and len(image.levels) >= 2  # pyramidal, read lazily
+    patches = {(y // 256, x // 256) for y, x, _ in lesions}
+    assert (
+        lesions and len(patches) <= 2
+    )  # lesions only in the chosen patches (a lesion stays inside its patch)
+    assert not write_gigapixel_slide(tmp_path / "n.tif", rng, 512, False, patch=256)
+
+
+def test_gigapixel_demo_runs_end_to_end_at_a_small_size(tmp_path, capsys):
+    """The code path of `tilegrad demo --gigapixel` at 512^2 (the real run is 16384^2 and takes about an hour)."""
+    from tilegrad.train.demo import GigapixelSettings, run_gigapixel_demo
+
+    settings = GigapixelSettings(
+        size=512, patch=256, positive_patches=1, n_train=2, n_val=2, epochs=1, width=4, hidden=4, tile=256
+    )
+    summary = run_gigapixel_demo(tmp_path / "out", settings, progress=False)
+    printed = capsys.readouterr().out
+    assert "the streaming plan of one slide" in printed and "s/MP" in printed
+    assert summary["seconds_per_megapixel"] > 0 and summary["plan_peak_bytes"] > 0
+    (share,) = summary["attention_on_lesion_patches"].values()  # the one positive validation slide
+    assert 0 < share["attention"] < 1 and share["area"] == 0.25
+    figures = tmp_path / "out" / "figures"
+    weights = np.load(next(figures.glob("attention_*.npy")))
+    assert weights.shape == (32, 32) and abs(weights.sum() - 1) < 1e-5
+    assert next(figures.glob("attention_*.png")).read_bytes()[:4] == b"\x89PNG"
+    from tilegrad.train import load_checkpoint
+
+    csv = load_checkpoint(tmp_path / "out" / "run_gigapixel" / "checkpoint.pt")["config"]["csv"]
+    assert (
+        "tilegrad-gigapixel-" in csv and not Path(csv).parent.exists()
+    )  # slides in a temporary directory, gone

@@ -31,7 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tiling.add_argument("--tile", type=int, help="tile size (default: as in training)")
     tiling.add_argument("--budget", help="memory budget such as 2GiB")
     p.add_argument("--device", default="auto")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT.png and OUT.npy (and OUT.tiff with --attention) if they exist")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT.png and OUT.npy (and OUT.tiff with --attention) if they exist",
+    )
     p.add_argument(
         "--trust-model-code",
         action="store_true",

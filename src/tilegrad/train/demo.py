@@ -37,11 +37,16 @@ from ..errors import ConfigError
 
 __all__ = [
     "DemoSettings",
+    "GigapixelSettings",
+    "gigapixel_quick_settings",
     "make_demo_slides",
+    "negative_patches",
     "plot_histories",
     "quick_settings",
     "run_demo",
+    "run_gigapixel_demo",
     "synthetic_slide",
+    "write_gigapixel_slide",
 ]
 
 
@@ -76,7 +81,7 @@ def quick_settings() -> DemoSettings:
 
 
 _MARKER = ".tilegrad-demo"
-_OWNED = ("slides", "run_full", "run_down", "figures")
+_OWNED = ("slides", "run_full", "run_down", "figures", "run_gigapixel")
 
 
 def _prepare_out(out: Path, factor: int) -> None:
@@ -399,3 +404,240 @@ def plot_histories(histories: dict[str, list[dict[str, float]]], path: Path) -> 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# ---- tilegrad demo --gigapixel ----------------------------------------------------------------------------------
+
+
+@dataclass
+class GigapixelSettings:
+    """The same task at slide scale: a few ``size`` x ``size`` slides, each a mosaic of ``patch``-sized synthetic
+    tissue patches, where a positive slide hides its lesions in ``positive_patches`` of them (a few hundred pixels
+    of signal in hundreds of megapixels), trained with the attention head, streamed, reading the slides lazily."""
+
+    size: int = 16384
+    patch: int = 1024
+    positive_patches: int = 2
+    n_train: int = 4
+    n_val: int = 2
+    epochs: int = 2
+    lr: float = 1e-3
+    width: int = 8
+    hidden: int = 32
+    tile: int = 2048
+    seed: int = 0
+
+
+def write_gigapixel_slide(
+    path: str | Path,
+    rng: np.random.Generator,
+    size: int,
+    positive: bool,
+    *,
+    patch: int = 1024,
+    positive_patches: int = 2,
+    source: np.ndarray | None = None,
+    pool: list[np.ndarray] | None = None,
+) -> list[tuple[int, int, int]]:
+    """Write a ``size`` x ``size`` pyramidal TIFF slide patch by patch (memory: one patch, never the slide) and
+    return its lesions as (row, col, radius) in slide pixels.
+
+    The slide is a mosaic of :func:`synthetic_slide` patches; on a positive slide ``positive_patches`` of them carry
+    lesions (NOTE [ Lesions vanish at 8x ]), drawn afresh. The lesion-free patches are taken from ``pool``
+    (:func:`negative_patches`; made here when not given), each in one of its 8 flips / rotations: drawing a new
+    patch costs about a second, and a 16384^2 slide has 256 of them.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "s.tif"
+    >>> found = write_gigapixel_slide(path, np.random.default_rng(0), 256, True, patch=128, positive_patches=1)
+    >>> from tilegrad.io import open_image
+    >>> open_image(path).shape, len(found) >= 1, all(0 <= r < 256 and 0 <= c < 256 for r, c, _ in found)
+    ((3, 256, 256), True, True)
+    """
+    from ..io import create_writer
+
+    if size % patch or patch % 8:
+        raise ConfigError(
+            f"the slide size must be a multiple of the patch and the patch of 8, received size {size}, "
+            f"patch {patch}"
+        )
+    source = _texture_source() if source is None else source
+    pool = negative_patches(rng, patch, source=source) if pool is None else pool
+    grid = size // patch
+    chosen = set()
+    if positive:
+        picks = rng.choice(grid * grid, size=min(positive_patches, grid * grid), replace=False)
+        chosen = {int(p) for p in picks}
+    lesions: list[tuple[int, int, int]] = []
+    levels = max(1, int(np.log2(max(size // 512, 1))) + 1)  # down to about 512 px: thumbnails read the top
+    with create_writer(
+        path, (3, size, size), np.uint8, tile=256, levels=levels, mpp=MPP, overwrite=True
+    ) as writer:
+        for k in range(grid * grid):
+            r, c = divmod(k, grid)
+            if k in chosen:
+                img, found = synthetic_slide(rng, patch, True, source)
+            else:
+                img, found = pool[int(rng.integers(len(pool)))], []
+                img = np.rot90(img, int(rng.integers(4)))
+                img = img[:, ::-1] if rng.integers(2) else img
+            writer[:, r * patch : (r + 1) * patch, c * patch : (c + 1) * patch] = np.moveaxis(img, -1, 0)
+            lesions += [(r * patch + y, c * patch + x, radius) for y, x, radius in found]
+    return lesions
+
+
+def negative_patches(
+    rng: np.random.Generator, patch: int, n: int = 8, source: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """``n`` lesion-free (patch, patch, 3) tissue patches for :func:`write_gigapixel_slide`."""
+    source = _texture_source() if source is None else source
+    return [synthetic_slide(rng, patch, False, source)[0] for _ in range(n)]
+
+
+def gigapixel_quick_settings() -> GigapixelSettings:
+    """A tiny ``--gigapixel --quick`` run (a smoke test of the same code path, not a result)."""
+    return GigapixelSettings(size=2048, patch=512, positive_patches=1, n_train=2, n_val=2, epochs=1, tile=512)
+
+
+def run_gigapixel_demo(
+    out: str | Path = "tilegrad-demo-gigapixel",
+    settings: GigapixelSettings | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``tilegrad demo --gigapixel``: the demo's task on a few ``settings.size``-pixel slides (16384^2: 268
+    megapixels each) written as pyramidal TIFFs into a temporary directory (removed at the end) and read lazily,
+    trained streamed with the attention head; prints the streaming plan, seconds per megapixel of a training step,
+    the validation AUC, and writes the attention maps of the positive validation slides over their thumbnails.
+
+    Slow by design (about an hour on two CPU cores at 16384^2); not part of ``make demo``.
+    """
+    import tempfile
+
+    import torch
+
+    from ..units import format_bytes
+    from .config import TrainConfig
+    from .loop import StepInfo, train
+    from .model import build_model
+    from .saliency import attention_saliency
+
+    s = settings or GigapixelSettings()
+    out = Path(out)
+    started = time.perf_counter()
+    _prepare_out(out, 1)
+    n = s.n_train + s.n_val
+    megapixels = s.size * s.size / 1e6
+    with tempfile.TemporaryDirectory(prefix="tilegrad-gigapixel-") as scratch:
+        slides = Path(scratch)
+        print(
+            f"[1/4] writing {n} synthetic {s.size}x{s.size} slides ({megapixels:.0f} MP each; lesions in "
+            f"{s.positive_patches} of {(s.size // s.patch) ** 2} patches of a positive slide) as pyramidal TIFFs "
+            f"to {slides}",
+            flush=True,
+        )
+        rng = np.random.default_rng(s.seed)
+        source = _texture_source()
+        pool = negative_patches(rng, s.patch, source=source)
+        rows, lesions = ["image,label,split"], {}
+        for i in range(n):
+            label = i % 2
+            path = slides / f"slide_{i:03d}_{'pos' if label else 'neg'}.tif"
+            lesions[path.name] = write_gigapixel_slide(
+                path, rng, s.size, bool(label), patch=s.patch, positive_patches=s.positive_patches,
+                source=source, pool=pool,
+            )  # fmt: skip
+            rows.append(f"{path.name},{label},{'train' if i < s.n_train else 'val'}")
+        csv = slides / "slides.csv"
+        csv.write_text("\n".join(rows) + "\n")
+        (out / "lesions.json").write_text(json.dumps(lesions, indent=1))
+
+        model_kwargs, head_kwargs = {"width": s.width}, {"hidden": s.hidden}
+        model = build_model("small_cnn", 2, model_kwargs=model_kwargs, head="attention", head_kwargs=head_kwargs,
+                            tile_size=s.tile)  # fmt: skip
+        plan = model.streamed.plan((1, 3, s.size, s.size), lazy=True)
+        print(f"[2/4] the streaming plan of one slide (what `tilegrad plan` prints):\n{plan}", flush=True)
+
+        print(
+            f"[3/4] training streamed with the attention head, {s.epochs} epoch(s), slides read lazily",
+            flush=True,
+        )
+        step_seconds: list[float] = []
+        last = [time.perf_counter()]
+
+        def on_step(info: StepInfo) -> None:
+            now = time.perf_counter()
+            step_seconds.append(now - last[0])
+            last[0] = now
+            print(f"  step {info.global_step}: {step_seconds[-1]:.1f} s, {step_seconds[-1] / megapixels:.3f} s/MP, "
+                  f"loss {info.loss:.4f}", flush=True)  # fmt: skip
+
+        result = train(
+            TrainConfig(
+                csv=str(csv), out=str(out / "run_gigapixel"), model="small_cnn", model_kwargs=model_kwargs,
+                head="attention", head_kwargs=head_kwargs, tile_size=s.tile, epochs=s.epochs, lr=s.lr,
+                seed=s.seed, device="cpu", progress=progress, optimizer="adam", augment=False,
+            ),
+            on_step=on_step,
+        )  # fmt: skip
+        # The first step of each epoch also waits for the previous epoch's validation: the median is one step.
+        per_step = float(np.median(step_seconds)) if step_seconds else float("nan")
+
+        print("[4/4] attention maps of the positive validation slides", flush=True)
+        figures = out / "figures"
+        figures.mkdir(exist_ok=True)
+        maps = {}
+        for row in rows[1:]:
+            name, label, split = row.split(",")
+            if split != "val" or label != "1":
+                continue
+            png = figures / f"attention_{Path(name).stem}.png"
+            found = attention_saliency(result.checkpoint, slides / name, png, max_side=1024, device="cpu",
+                                       overwrite=True)  # fmt: skip
+            maps[name] = _attention_on_lesion_patches(found.map, found.stride, lesions[name], s)
+    torch.set_grad_enabled(True)
+    auc = result.history[-1]["val_auc"]
+    summary = {
+        "size": s.size,
+        "slides": n,
+        "plan_peak_bytes": int(plan.peak_bytes),
+        "plan_time_ratio": float(plan.time_ratio),
+        "seconds_per_step": per_step,
+        "seconds_per_megapixel": per_step / megapixels,
+        "val_auc": auc,
+        "attention_on_lesion_patches": maps,
+        "seconds": time.perf_counter() - started,
+    }
+    print()
+    print(f"slides {s.size}x{s.size} ({megapixels:.0f} MP), read lazily from pyramidal TIFFs")
+    print(f"predicted peak of a training step (streaming planner): {format_bytes(plan.peak_bytes)}")
+    print(
+        f"training step (forward + backward of one slide): {per_step:.1f} s, {per_step / megapixels:.3f} s/MP"
+    )
+    print(f"validation AUC after {s.epochs} epoch(s) on {s.n_train} slides: {auc:.3f} ({s.n_val} slides: a smoke "
+          f"test of scale, not a result)")  # fmt: skip
+    for name, share in maps.items():
+        print(f"{name}: {share['attention']:.1%} of the attention on the {share['patches']} lesion patch(es), "
+              f"which cover {share['area']:.2%} of the slide")  # fmt: skip
+    print(f"outputs: {out}/ (attention maps figures/attention_*.png, .npy, .tiff; run run_gigapixel/)")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _attention_on_lesion_patches(
+    weights: np.ndarray,
+    stride: tuple[float, float],
+    lesions: list[tuple[int, int, int]],
+    s: GigapixelSettings,
+) -> dict[str, Any]:
+    """The share of the attention (weights summing to 1) that falls on the patches holding lesions."""
+    patches = {(y // s.patch, x // s.patch) for y, x, _ in lesions}
+    mask = np.zeros(weights.shape, dtype=bool)
+    for r, c in patches:
+        rows = slice(int(r * s.patch / stride[0]), int((r + 1) * s.patch / stride[0]))
+        cols = slice(int(c * s.patch / stride[1]), int((c + 1) * s.patch / stride[1]))
+        mask[rows, cols] = True
+    return {
+        "attention": float(weights[mask].sum()),
+        "patches": len(patches),
+        "area": len(patches) * s.patch**2 / s.size**2,
+    }

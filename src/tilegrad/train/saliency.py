@@ -298,10 +298,11 @@ def render_saliency(
     title: str = "",
     label: str = "saliency |d score / d pixel|",
     cell: tuple[float, float] = (1.0, 1.0),
+    vmin: float = 0.0,
 ) -> Any:
     """Draw a (C, h, w) thumbnail beside the same thumbnail overlaid with the heat map (and its colour bar); save
     as PNG (``path`` is a file name or a binary file object). One heat-map value covers ``cell`` (rows, columns)
-    thumbnail pixels."""
+    thumbnail pixels; the colour scale runs from ``vmin`` to the 99.5th percentile."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -316,7 +317,7 @@ def render_saliency(
     if cell == (1.0, 1.0):
         heat = heat[: rgb.shape[0], : rgb.shape[1]]
     extent = (-0.5, heat.shape[1] * cell[1] - 0.5, heat.shape[0] * cell[0] - 0.5, -0.5)
-    shown = axes[1].imshow(heat, cmap="inferno", alpha=0.6, vmin=0, vmax=vmax, extent=extent)
+    shown = axes[1].imshow(heat, cmap="inferno", alpha=0.6, vmin=min(vmin, vmax), vmax=vmax, extent=extent)
     axes[1].set_xlim(-0.5, rgb.shape[1] - 0.5)
     axes[1].set_ylim(rgb.shape[0] - 0.5, -0.5)
     axes[1].set_title(label)
@@ -449,7 +450,13 @@ def attention_saliency(
         title = f"{Path(image).name}: P(class {predicted}) = {probs[predicted]:.3f}"
         buffer = io.BytesIO()
         render_saliency(
-            thumb.array, values, buffer, title=title, label="attention (softmax over the slide)", cell=cell
+            thumb.array,
+            values,
+            buffer,
+            title=title,
+            label="attention (softmax over the slide)",
+            cell=cell,
+            vmin=float(np.percentile(values, 1)),  # the weights vary around 1 / positions: show the variation
         )
         atomic_write(out_png, buffer.getvalue())
     return AttentionResult(out_png, npy, tiff, values, probs, stride)
