@@ -181,7 +181,7 @@ def test_scratch_files_are_removed_after_the_step_and_on_error(tmp_path):
 
 
 def test_a_head_that_is_not_streamed_is_refused_by_name():
-    with pytest.raises(NotStreamableError, match="Linear.*GlobalPool"):
+    with pytest.raises(NotStreamableError, match=r"Linear.*GlobalPool"):
         StreamingModule(nn.Conv2d(1, 1, 3), tile_size=16, head=nn.Linear(1, 1))
 
 
