@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
             [
                 "tilegrad.tiling",
                 "tilegrad.segment",
+                "tilegrad.statistics",
                 "tilegrad.graph",
                 "tilegrad.split",
                 "tilegrad.heads",

@@ -98,10 +98,13 @@ def test_resnet_residual_graph_cut_at_every_candidate():
 
 @pytest.mark.parametrize("tiers", ["device", "disk"])
 @pytest.mark.parametrize(
-    "head", [lambda: GlobalPool("max"), lambda: GlobalPool("avg"), lambda: AttentionMIL(4, hidden=8, classes=3)]
+    "head",
+    [lambda: GlobalPool("max"), lambda: GlobalPool("avg"), lambda: AttentionMIL(4, hidden=8, classes=3)],
 )
 def test_streamed_heads_never_hold_the_trunk_output(head, tiers):
-    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), _Block(8), nn.Conv2d(8, 4, 3))
+    trunk = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), _Block(8), nn.Conv2d(8, 4, 3)
+    )
     streamed = _check(trunk, (2, 3, 80, 72), head=head(), tile_size=32, tiers=tiers, mode="stages")
     assert streamed.last_plan.head is not None
     assert "head" in str(streamed.last_plan)
@@ -153,7 +156,9 @@ def test_budget_moves_boundaries_to_disk_and_reports_them():
 
 def test_a_missing_scratch_dir_fails_before_the_first_tile(tmp_path):
     trunk = TinyUNet().double()
-    streamed = StreamingModule(trunk, tile_size=24, mode="stages", tiers="disk", scratch_dir=tmp_path / "nope")
+    streamed = StreamingModule(
+        trunk, tile_size=24, mode="stages", tiers="disk", scratch_dir=tmp_path / "nope"
+    )
     with pytest.raises(ConfigError, match="nope"):
         streamed(torch.randn(1, 1, 64, 64, dtype=torch.float64))
 

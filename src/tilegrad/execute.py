@@ -19,6 +19,7 @@ on detached sources): nothing is recomputed, at the price of the bytes autograd 
 
 from __future__ import annotations
 
+import math
 import sys
 import weakref
 from typing import Any
@@ -30,6 +31,7 @@ from torch import nn
 from ._autocast import autocast_state, replay_autocast
 from .boundary import DiskStore, Scratch, TensorStore
 from .plan import Plan, SegmentPlan
+from .statistics import reduction_combine, reduction_partial, slabs, update_running_stats
 
 __all__ = ["Execution", "Reader", "run_plan"]
 
@@ -97,6 +99,16 @@ class Execution:
             for s in sp.segment.sources:
                 self.consumers.setdefault(s, []).append(k)
         self.scratch = None
+        # NOTE [ Streamed statistics ]: reductions and global nodes run between the segments, in graph order
+        index = self.graph.index
+        items = [(index[sp.segment.out], "segment", k) for k, sp in enumerate(plan.segments)]
+        items += [(index[r], "reduction", r) for r in self.graph.reductions]
+        items += [(index[n], "global", n) for n in self.graph.global_nodes]
+        self.items = [(kind, what) for _, kind, what in sorted(items, key=lambda e: e[0])]
+        self.values: dict[Any, Any] = {}
+        self.kept_red: dict[Any, Any] = {}
+        self.kept_glob: dict[Any, Any] = {}
+        self.gglob: dict[Any, torch.Tensor] = {}
 
     # -- stores ---------------------------------------------------------------------------------------------
     def _store(self, node: Any, tier: str, zero: bool) -> Any:
@@ -120,6 +132,10 @@ class Execution:
 
     def close(self) -> None:
         self.kept.clear()
+        self.kept_red.clear()
+        self.kept_glob.clear()
+        self.values.clear()
+        self.gglob.clear()
         self.head_graph = None
         self.partials = []
         for store in (*self.stores.values(), *self.grads.values()):
@@ -133,15 +149,109 @@ class Execution:
     def _sources(
         self, sp: SegmentPlan, window: tuple[slice, ...], k: int, grad: list[bool]
     ) -> list[torch.Tensor]:
+        """The tile's inputs: each source's box of ``window``, then the global statistics it reads whole;
+        ``grad`` has one flag per entry."""
         out = []
-        for j, s in enumerate(sp.segment.sources):
+        seg = sp.segment
+        for j, s in enumerate(seg.sources):
             t = self.read(s, window, k).detach()
-            if j in sp.segment.inplace_sources:
+            if j in seg.inplace_sources:
                 t = t.clone()
             if grad[j]:
                 t.requires_grad_(True)
             out.append(t)
+        for j, s in enumerate(seg.globals, start=len(seg.sources)):
+            t = self.values[s].detach()
+            out.append(t.requires_grad_(True) if grad[j] and t.is_floating_point() else t)
         return out
+
+    # -- statistics (NOTE [ Streamed statistics ] in statistics.py) --------------------------------------------------
+    def _slab_source(self, node: Any) -> Any:
+        return self.reader if node is self.graph.input else self.stores[node]
+
+    def forward_reduction(self, r: Any, training: bool) -> None:
+        x = r.args[0]
+        src = self._slab_source(x)
+        shape = self.graph.shape(x)
+        parts = []
+        for box in slabs(shape, torch.empty((), dtype=self.dtype).element_size()):
+            parts.append(tuple(p.detach() for p in reduction_partial(r, src.read(box))))
+        ndim = len(shape) - 2
+        if training:
+            leaves = [tuple(p.requires_grad_(True) for p in ps) for ps in parts]
+            with torch.enable_grad():
+                stats = reduction_combine(r, leaves, self.dtype, ndim)
+            self.kept_red[r] = (leaves, stats)
+        else:
+            stats = reduction_combine(r, parts, self.dtype, ndim)
+        path = r.meta.get("tilegrad_module")
+        if path is not None:
+            module = self.graph.gm.get_submodule(path)
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training:
+                update_running_stats(module, stats.detach(), shape[0] * math.prod(shape[2:]))
+        self.values[r] = stats.detach()
+
+    def forward_global(self, node: Any, training: bool) -> None:
+        module, inputs = self.graph.global_module(node)
+        args = [self.values[i].detach() for i in inputs]
+        if training:
+            args = [a.requires_grad_(True) if a.is_floating_point() else a for a in args]
+            with torch.enable_grad():
+                out = module(*args)
+            self.kept_glob[node] = (args, out)
+        else:
+            out = module(*args)
+        self.values[node] = out.detach() if isinstance(out, torch.Tensor) else out
+
+    def _global_grad(self, node: Any, g: torch.Tensor) -> None:
+        self.gglob[node] = g if node not in self.gglob else self.gglob[node] + g
+
+    def backward_global(self, node: Any, wanted: dict[int, Any], add_param_grads: Any) -> None:
+        if node not in self.gglob or node not in self.kept_glob:
+            return
+        args, out = self.kept_glob[node]
+        module, inputs = self.graph.global_module(node)
+        params = [p for p in module.parameters() if id(p) in wanted]
+        leaves = [(i, a) for i, a in zip(inputs, args) if a.requires_grad]
+        gs = torch.autograd.grad(
+            out, [a for _, a in leaves] + params, self.gglob.pop(node), allow_unused=True, retain_graph=True
+        )
+        for (i, _), gi in zip(leaves, gs):
+            if gi is not None:
+                self._global_grad(i, gi)
+        add_param_grads(params, gs[len(leaves) :])
+
+    def backward_reduction(self, r: Any, input_grad: bool, grad_in: torch.Tensor | None) -> None:
+        if r not in self.gglob:
+            return
+        leaves, stats = self.kept_red[r]
+        flat = [p for ps in leaves for p in ps]
+        gparts = torch.autograd.grad(stats, flat, self.gglob.pop(r), allow_unused=True, retain_graph=True)
+        x = r.args[0]
+        g = self.graph
+        if x is g.input and not input_grad and self.sink is None:
+            return
+        if x is not g.input and x not in self.grads:
+            self.grads[x] = self._store(x, self.tiers[x.name].grad_tier, zero=True)
+        src = self._slab_source(x)
+        shape = g.shape(x)
+        it = iter(gparts)
+        for box in slabs(shape, torch.empty((), dtype=self.dtype).element_size()):
+            grads = [next(it) for _ in leaves[0]]
+            xs = src.read(box).detach().requires_grad_(True)
+            with torch.enable_grad():
+                part = reduction_partial(r, xs)
+            pairs = [(p, gp) for p, gp in zip(part, grads) if gp is not None and p.requires_grad]
+            if not pairs:
+                continue
+            (gx,) = torch.autograd.grad([p for p, _ in pairs], [xs], [gp for _, gp in pairs])
+            if x is g.input:
+                if self.sink is not None:
+                    self.sink.add(box, gx)
+                elif grad_in is not None:
+                    grad_in[(slice(None), slice(None), *box)] += gx
+            else:
+                self.grads[x].add(box, gx)
 
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, training: bool) -> torch.Tensor:
@@ -150,9 +260,18 @@ class Execution:
         out: torch.Tensor | None = None
         bar = _bar(self.progress, sum(len(sp.grid) for sp in segs), "forward")
         try:
-            for k, sp in enumerate(segs):
+            for kind, what in self.items:
+                if kind == "reduction":
+                    self.forward_reduction(what, training)
+                    continue
+                if kind == "global":
+                    self.forward_global(what, training)
+                    continue
+                k = what
+                sp = segs[k]
                 seg = sp.segment
                 module = sp.chain
+                nin = len(seg.sources) + len(seg.globals)
                 if k < last:
                     b = self.tiers[seg.out.name]
                     self.stores[seg.out] = self._store(seg.out, b.tier, zero=False)
@@ -161,7 +280,7 @@ class Execution:
                 for tile in tiles:
                     window = whole if tile is None else tile.inputs
                     if tile is None:  # NOTE [ Kept segments ]
-                        srcs = self._sources(sp, window, k, [True] * len(seg.sources))
+                        srcs = self._sources(sp, window, k, [True] * nin)
                         with torch.enable_grad():
                             y = module(*srcs)
                             if k == last and self.head is not None:  # the head's partial joins the kept graph
@@ -175,7 +294,7 @@ class Execution:
                             del srcs, y, core
                             continue
                     else:
-                        srcs = self._sources(sp, window, k, [False] * len(seg.sources))
+                        srcs = self._sources(sp, window, k, [False] * nin)
                         y = module(*srcs)
                         core = y[(slice(None), slice(None), *tile.crop)]
                         outputs = tile.outputs
@@ -242,7 +361,14 @@ class Execution:
             grad_in = torch.zeros(g.input_shape, dtype=self.dtype, device=self.device)
         bar = _bar(self.progress, sum(len(sp.grid) for sp in segs if not sp.keep), "backward")
         try:
-            for k in reversed(range(len(segs))):
+            for kind, what in reversed(self.items):
+                if kind == "reduction":
+                    self.backward_reduction(what, input_grad, grad_in)
+                    continue
+                if kind == "global":
+                    self.backward_global(what, wanted, add_param_grads)
+                    continue
+                k = what
                 sp = segs[k]
                 seg = sp.segment
                 module = sp.chain
@@ -250,6 +376,7 @@ class Execution:
                 if k == last and self.head is not None:  # the head's per-position layers act inside partial()
                     seg_params += [p for p in self.head.parameters() if id(p) in wanted]
                 need = [(s is not g.input) or input_grad or self.sink is not None for s in seg.sources]
+                need += [True] * len(seg.globals)
                 for j, s in enumerate(seg.sources):
                     if need[j] and s is not g.input and s not in self.grads:
                         b = self.tiers[s.name]
@@ -315,12 +442,15 @@ class Execution:
     ) -> None:
         g = self.graph
         i = 0
-        for s, n in zip(seg.sources, need):
+        for s, n in zip([*seg.sources, *seg.globals], need):
             if not n:
                 continue
             gsrc = gs[i]
             i += 1
             if gsrc is None:
+                continue
+            if s in g.global_set:
+                self._global_grad(s, gsrc)
                 continue
             box = g.source_box(s, window)
             if s is g.input:

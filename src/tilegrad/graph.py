@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import GeometryError, NotStreamableError
 from .geometry import DimGeometry, Geometry
 from .geometry.trace import _trace, propagate, trunk_output
+from .statistics import is_reduction, rewrite_statistics
 
 __all__ = ["Segment", "TrunkGraph"]
 
@@ -138,6 +139,9 @@ class Segment:
     largest_bytes: int  # largest single tensor inside, on the whole image
     source_bytes: int
     inplace_sources: frozenset[int] = field(default_factory=frozenset)  # indices of sources written in place
+    globals: list[torch.fx.Node] = field(
+        default_factory=list
+    )  # statistics it reads whole (NOTE [ Streamed statistics ])
 
     @property
     def name(self) -> str:
@@ -157,12 +161,14 @@ class Segment:
     def module(self) -> nn.Module:
         """A GraphModule computing the output from the sources (in order); shares the trunk's submodules."""
         g = self.graph
-        if [s for s in self.sources] == [g.input] and self.out is g.output:
+        if self.sources == [g.input] and self.out is g.output and not g.rewritten:
             return g.root
         new = torch.fx.Graph()
         env: dict[torch.fx.Node, torch.fx.Node] = {}
         for k, s in enumerate(self.sources):
             env[s] = new.placeholder(f"source_{k}")
+        for k, s in enumerate(self.globals):
+            env[s] = new.placeholder(f"global_{k}")
         for n in self.nodes:
             env[n] = new.node_copy(n, lambda a: env[a])
         new.output(env[self.out])
@@ -181,6 +187,8 @@ class TrunkGraph:
         self.dtype = dtype
         graph = _trace(module)
         self.gm = torch.fx.GraphModule(module, graph)
+        graph = self.gm.graph
+        self.rewritten = rewrite_statistics(self.gm, self.ndim) > 0
         self.nodes = list(graph.nodes)
         self.index = {n: k for k, n in enumerate(self.nodes)}
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
@@ -191,6 +199,16 @@ class TrunkGraph:
         self.geometry = trunk_output(module, graph, self.geoms)
         (out_node,) = [n for n in self.nodes if n.op == "output"]
         self.output: torch.fx.Node = out_node.args[0]
+        # NOTE [ Streamed statistics ]: reductions, the nodes computed from them alone, and their inputs (forced cuts)
+        self.reductions = [n for n in self.nodes if is_reduction(n)]
+        self.global_set: set[torch.fx.Node] = set()
+        for n in self.nodes:
+            if n in self.reductions or (
+                self.geoms.get(n) is None and any(a in self.global_set for a in n.all_input_nodes)
+            ):
+                self.global_set.add(n)
+        self.global_nodes = [n for n in self.nodes if n in self.global_set and n not in self.reductions]
+        self.forced = frozenset(r.args[0] for r in self.reductions if r.args[0] is not self.input)
         self.profiles = self._profile(training)
         self.param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -250,6 +268,7 @@ class TrunkGraph:
             and n is not self.output
             and n in ancestors
             and n not in mutated
+            and n not in self.forced
             and self.on_grid(n)
         ]
         return sorted(ok, key=self.index.__getitem__)
@@ -272,6 +291,7 @@ class TrunkGraph:
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 - one TrunkGraph per planning call
     def _segments(self, cuts: frozenset[torch.fx.Node]) -> tuple[Segment, ...]:
+        cuts = cuts | self.forced
         stops = set(cuts) | {self.input}
         outs = sorted(set(cuts) | {self.output}, key=self.index.__getitem__)
         return tuple(self._segment(out, stops) for out in outs)
@@ -279,10 +299,14 @@ class TrunkGraph:
     def _segment(self, out: torch.fx.Node, stops: set[torch.fx.Node]) -> Segment:
         members: set[torch.fx.Node] = set()
         sources: set[torch.fx.Node] = set()
+        globals_: set[torch.fx.Node] = set()
         stack = [out]
         while stack:
             n = stack.pop()
-            if n in members or n in sources:
+            if n in members or n in sources or n in globals_:
+                continue
+            if n in self.global_set:
+                globals_.add(n)
                 continue
             if n in stops and n is not out:
                 sources.add(n)
@@ -318,7 +342,30 @@ class TrunkGraph:
             source_bytes=sum(self.profiles[s].out_bytes for s in srcs if s is not self.input)
             + (_nbytes(self.input_shape, self.dtype) if self.input in srcs else 0),
             inplace_sources=inplace,
+            globals=sorted(globals_, key=self.index.__getitem__),
         )
+
+    @functools.lru_cache(maxsize=None)  # noqa: B019
+    def global_module(self, node: torch.fx.Node) -> tuple[nn.Module, list[torch.fx.Node]]:
+        """A module computing a global node from the global nodes it reads (NOTE [ Streamed statistics ])."""
+        new = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        inputs: list[torch.fx.Node] = []
+
+        def visit(n: torch.fx.Node) -> torch.fx.Node:
+            if n in env:
+                return env[n]
+            if n in self.global_set and n is not node:
+                inputs.append(n)
+                env[n] = new.placeholder(f"global_{len(inputs)}")
+                return env[n]
+            for a in n.all_input_nodes:
+                visit(a)
+            env[n] = new.node_copy(n, lambda a: env[a])
+            return env[n]
+
+        new.output(visit(node))
+        return torch.fx.GraphModule(self.gm, new), inputs
 
     def source_box(self, source: torch.fx.Node, window: tuple[slice, ...]) -> tuple[slice, ...]:
         """The box of ``source`` a window of the image frame reads (NOTE [ Segment windows ])."""
