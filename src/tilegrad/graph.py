@@ -345,7 +345,7 @@ class TrunkGraph:
             globals=sorted(globals_, key=self.index.__getitem__),
         )
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019
+    @functools.cache  # noqa: B019
     def global_module(self, node: torch.fx.Node) -> tuple[nn.Module, list[torch.fx.Node]]:
         """A module computing a global node from the global nodes it reads (NOTE [ Streamed statistics ])."""
         new = torch.fx.Graph()
