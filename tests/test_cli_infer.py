@@ -164,11 +164,12 @@ def test_ctrl_c_keeps_written_tiles_and_resume_finishes(tmp_path, capsys, monkey
     assert sorted(p.name for p in tmp_path.glob("seg.nii*")) == ["seg.nii"]  # journal and partial gone
 
 
-def test_resume_without_an_interrupted_run_is_an_error(tmp_path, capsys):
+def test_resume_without_an_interrupted_run_starts_it_as_train_does(tmp_path, capsys):
+    # issue 13: --resume means the same in train and infer: continue the run, or start it if there is none yet
     spec, _ = _factory(tmp_path)
     scan, _ = _volume(tmp_path)
-    assert main(["infer", spec, str(scan), str(tmp_path / "o.zarr"), "--tile", "12", "--resume"]) == 2
-    assert "no interrupted run" in capsys.readouterr().err
+    assert main(["infer", spec, str(scan), str(tmp_path / "o.zarr"), "--tile", "12", "--resume"]) == 0
+    assert "no interrupted run" in capsys.readouterr().out and (tmp_path / "o.zarr").exists()
 
 
 @pytest.mark.parametrize("bad", [["--batch-tiles", "0"], ["--dtype", "notatype"]])

@@ -19,9 +19,11 @@ from torch import nn
 import tilegrad
 import tilegrad.io
 from tilegrad import (
+    CheckpointError,
     ConfigError,
     DiskFullError,
     GeometryError,
+    LockedError,
     MemoryBudgetError,
     NotInvertibleError,
     NotStreamableError,
@@ -62,6 +64,27 @@ def _cli(*argv: str) -> None:
     """Run a subcommand in-process and let its exception through (main() would turn it into exit code 2)."""
     args = build_parser().parse_args(list(argv))
     args.func(args)
+
+
+def _locked(call):
+    """``call(journal)`` while this process holds the journal's lock through another open file (flock conflicts)."""
+    import tempfile
+
+    from tilegrad._lock import FileLock
+
+    journal = Path(tempfile.mkdtemp()) / "j.json"
+    with FileLock(journal, what="inference journal"):
+        return call(journal)
+
+
+def _crafted() -> dict:
+    """The settings of a training checkpoint naming code to run (never called: NOTE [ A checkpoint never runs code ])."""
+    model = {
+        "csv": "s.csv",
+        "model": "subprocess:getoutput",
+        "model_kwargs": {"cmd": "touch /tmp/tilegrad-pwned"},
+    }
+    return {"config": model, "num_classes": 2, "in_channels": 3}
 
 
 # (id, call, class, fragment of the message)
@@ -266,6 +289,11 @@ CASES = [
         ConfigError,
         "power of 2",
     ),
+    # ---- reliability (issue 13; tests/reliability replays each through the command line) ----------------------
+    ("infer-journal-locked", lambda: _locked(lambda j: tilegrad.infer(_net(), _image(), tile_size=16, progress=False, journal=j)), LockedError, "is writing the inference journal"),
+    ("trained-model-untrusted", lambda: __import__("tilegrad.train", fromlist=["x"]).load_trained_model(_crafted()), CheckpointError, "--trust-model-code"),
+    ("predict-exists", lambda: __import__("tilegrad.train", fromlist=["x"]).predict("c.pt", "s.csv", __file__), ConfigError, "already exists: pass --overwrite"),
+    ("saliency-max-side", lambda: __import__("tilegrad.train.saliency", fromlist=["x"]).saliency("c.pt", "i.png", "o.png", max_side=0), ConfigError, "max_side) must be a positive"),
     # ---- command line (the same classes: main() prints them as "tilegrad CMD: error: ...", exit code 2) -------
     ("cli-memory-budget", lambda: _cli("memory", "small_cnn", "--input", "3x64x64", "--budget", "lots"), ConfigError, "'lots'"),
     ("cli-memory-input", lambda: _cli("memory", "small_cnn", "--input", "3x6xabc"), ConfigError, "cannot read --input"),

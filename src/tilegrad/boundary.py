@@ -60,8 +60,9 @@ __all__ = ["Box", "DiskStore", "Scratch", "Store", "TensorStore", "remove_stale_
 #   the store by accident); nothing moves between memories.
 # * "host": when computing on CUDA, a tensor in pinned host memory. A read gathers the box into a pinned staging
 #   buffer and copies it to the device with non_blocking=True, so the transfer overlaps whatever the device is still
-#   computing; a CUDA event of the last such copy is waited for before the host copy is changed (write/add), so an
-#   in-flight read never sees a later write. Bytes over PCIe per read: the box, once.
+#   computing; the staging buffer is the transfer's own (PyTorch's pinned allocator keeps it until the copy is
+#   done), so a write or add into the store right after a read cannot change what the read delivers. Bytes over
+#   PCIe per read: the box, once; write and add move it back synchronously.
 # * "disk": a file in the run directory of a Scratch, sized with os.ftruncate (a sparse file: unwritten regions read
 #   as zeros, so a gradient map needs no zero-fill pass) and, where the filesystem has it, with its blocks reserved
 #   by fallocate(2) (unwritten extents, which still read as zeros). Reserving costs ~10 ms per GiB; it makes the
@@ -208,7 +209,6 @@ class TensorStore:
             self.shape, dtype=dtype, device=self.device, pin_memory=self._pinned
         )
         self.nbytes = self._data.numel() * self._data.element_size()
-        self._pending: Any = None  # the CUDA event of the last non-blocking read (host tier)
 
     def _view(self, box: Box) -> tuple[torch.Tensor, tuple[int, ...]]:
         if self._data is None:
@@ -219,36 +219,25 @@ class TensorStore:
         view = self._data[(slice(None), slice(None), *(slice(a, b) for a, b in ranges))]
         return view, tuple(view.shape)
 
-    def _wait_for_reads(self) -> None:
-        if self._pending is not None:
-            self._pending.synchronize()
-            self._pending = None
-
     def read(self, box: Box) -> torch.Tensor:
         view, _ = self._view(box)
         if not self._pinned:
             return view.to(self.compute_device).clone(memory_format=torch.contiguous_format)
         staging = torch.empty(view.shape, dtype=self.dtype, pin_memory=True)
-        staging.copy_(view)
-        out = staging.to(self.compute_device, non_blocking=True)
-        self._pending = torch.cuda.Event()
-        self._pending.record()
-        return out
+        staging.copy_(view)  # a copy of its own: later writes to the store cannot race with the transfer
+        return staging.to(self.compute_device, non_blocking=True)
 
     def write(self, box: Box, value: torch.Tensor) -> None:
         view, expected = self._view(box)
         value = _check_value(value, expected, self.dtype, box)
-        self._wait_for_reads()
         view.copy_(value)
 
     def add(self, box: Box, value: torch.Tensor) -> None:
         view, expected = self._view(box)
         value = _check_value(value, expected, self.dtype, box)
-        self._wait_for_reads()
         view.add_(value.to(self.device))
 
     def close(self) -> None:
-        self._wait_for_reads()
         self._data = None
 
     def __repr__(self) -> str:

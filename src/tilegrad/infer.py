@@ -31,6 +31,7 @@ broke the budget.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -45,6 +46,7 @@ from torch import nn
 
 from ._allocator import pin_mmap_threshold
 from ._atomic import atomic_write
+from ._lock import FileLock
 from .errors import ConfigError, DataError, ShapeError
 from .execute import Reader as _Reader
 from .options import batch_tiles_option, budget_option
@@ -181,6 +183,8 @@ def infer(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(tiles), initial=done.count if done else 0, desc="tilegrad infer", unit="tile")
+    # one writer per journal (NOTE [ One writer per output ] in _lock.py), held until the journal's last save
+    lock = FileLock(journal, what="inference journal").acquire() if journal is not None else None
     try:
         with torch.no_grad():
             for group in _groups(tiles, batch_tiles, skip):
@@ -200,8 +204,9 @@ def infer(
     finally:
         if bar is not None:
             bar.close()
-        if done is not None:
-            done.save()
+        with lock or contextlib.nullcontext():
+            if done is not None:
+                done.save()
     return sink.result
 
 

@@ -13,7 +13,7 @@ from tilegrad.heads import AttentionMIL, streamed_head
 from tilegrad.train import PoolingHead, TrainConfig, build_model, load_trained_model
 from tilegrad.train.config import check_resumable, config_dict, config_from_dict
 from tilegrad.train.dataset import SlideInput
-from tilegrad.train.saliency import attention_map
+from tilegrad.train.saliency import _streamed_attention, attention_map
 
 SMALL = [
     "--model",
@@ -68,12 +68,13 @@ def test_old_pool_option_still_parses_as_head():
 
 def test_streamed_attention_map_equals_the_plain_one_float64():
     torch.manual_seed(0)
-    streamed = build_model("small_cnn", 2, model_kwargs={"width": 4}, head="attention", tile_size=32).double()
+    streamed = build_model("small_cnn", 2, model_kwargs={"width": 4}, head="attention", tile_size=64).double()
     plain = build_model("small_cnn", 2, model_kwargs={"width": 4}, head="attention").double()
     plain.load_state_dict(streamed.state_dict())
     pixels = np.random.default_rng(0).integers(0, 256, (3, 150, 131), dtype=np.uint8)
     weights, probs = attention_map(streamed, SlideInput(pixels, dtype=torch.float64))
-    assert len(streamed.streamed.last_plan.segments[0].grid) > 4, "really streamed"
+    _, partials = _streamed_attention(streamed, streamed.head, SlideInput(pixels, dtype=torch.float64))
+    assert len(partials) > 4, "really tiled"
     x = torch.from_numpy(SlideInput(pixels, dtype=torch.float64)[:])
     with torch.no_grad():
         features = plain.trunk(x)
@@ -103,10 +104,10 @@ def test_train_attention_then_attention_saliency(tmp_path, make_slides, capsys):
     capsys.readouterr()
     png = tmp_path / "att.png"
     image = slides.parent / "img" / "s1.png"
-    assert (
-        main(["saliency", str(out / "checkpoint.pt"), str(image), str(png), "--attention", "--device", "cpu"])
-        == 0
-    )
+    argv = ["saliency", str(out / "checkpoint.pt"), str(image), str(png), "--attention", "--device", "cpu"]
+    assert main(argv) == 2  # the training tile (32) is too small for one segment holding the whole halo
+    assert "Pass --tile or --budget to tilegrad saliency" in capsys.readouterr().err
+    assert main([*argv, "--tile", "64"]) == 0
     printed = capsys.readouterr().out
     assert "1 value per 16x16 px, summing to 1" in printed
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

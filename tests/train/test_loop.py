@@ -127,10 +127,9 @@ def test_resume_can_extend_epochs_but_not_change_settings(slides, tmp_path):
     assert [h["epoch"] for h in longer.history] == [1, 2]
 
 
-def test_resume_without_checkpoint_is_refused_as_in_infer(slides, tmp_path):
-    # --resume means "continue an interrupted run" in train and infer alike: nothing to continue is a mistake
-    with pytest.raises(ConfigError, match="--resume: there is no interrupted run in"):
-        train(config(slides, tmp_path / "new", epochs=1), resume=True)
+def test_resume_without_checkpoint_starts_fresh(slides, tmp_path):
+    result = train(config(slides, tmp_path / "new", epochs=1), resume=True)
+    assert result.global_step == 4
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "not a checkpoint"])

@@ -58,7 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="replace OUTPUT, and discard partial files of an interrupted run",
     )
     again.add_argument(
-        "--resume", action="store_true", help="continue an interrupted run: skip the tiles it wrote"
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run, skipping the tiles it wrote; start one if there is none (as train "
+        "--resume does)",
     )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
@@ -114,7 +117,9 @@ def _from_checkpoint(path: Path, args: argparse.Namespace) -> tuple[Any, Any, st
         model, config = load_trained_model(
             state, device="cpu", trust_model_code=args.trust_model_code, path=path
         )
-        return model.trunk.eval(), config, f"{path} (trunk of {config.model})"
+        trunk = model.trunk.eval()
+        trunk.in_channels = model.in_channels
+        return trunk, config, f"{path} (trunk of {config.model})"
     weights = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     if isinstance(weights, dict) and weights and all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise CheckpointError(
@@ -146,10 +151,28 @@ class _Preprocessed:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Hold the lock of OUTPUT (NOTE [ One writer per output ] in tilegrad/_lock.py) for the whole run: its partial
+    files and journal are this run's alone."""
+    from .._lock import FileLock
+    from ..errors import ConfigError
+
+    if args.batch_tiles < 1:  # option checks first: nothing is created for a refused command
+        raise ConfigError(f"--batch-tiles must be at least 1; received {args.batch_tiles}")
+    for parent in args.output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"cannot write {args.output}: {parent} is a file, not a directory")
+            break
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(args.output, what="output"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import infer, io
-    from ..errors import ConfigError, ShapeError
+    from ..errors import ConfigError, DataError, DiskFullError, ShapeError
     from ..infer import journal_progress
     from ..models.resolve import resolve_model
 
@@ -163,16 +186,20 @@ def run(args: argparse.Namespace) -> int:
             f"{args.output} has partial files of an interrupted run ({', '.join(p.name for p in partial)}): pass "
             "--resume to continue it, or --overwrite to start over"
         )
-    if args.resume and not partial:
-        raise ConfigError(
-            f"--resume: there is no interrupted run of {args.output} (no {args.output}.partial*)"
-        )
+    if args.resume and not partial:  # as train --resume: one command for the first launch and every relaunch
+        print(f"note: no interrupted run of {args.output} (no {args.output.name}.partial*): starting the run")
+        args.resume = False
     level = args.level
     if _is_checkpoint_spec(args.model):
         model, config, label = _from_checkpoint(Path(args.model), args)
         mpp = config.mpp if level is None else None
         level = config.level if level is None else level
         image = io.open_image(args.input, level=level, mpp=mpp)
+        if image.shape[0] != model.in_channels:
+            raise DataError(
+                f"{args.input} has {image.shape[0]} channel(s); {label} was trained on {model.in_channels}. Convert "
+                "the image (e.g. grayscale or RGBA to RGB) first"
+            )
         dtype = next(model.parameters()).dtype
         source: Any = _Preprocessed(image, config, dtype)
         print(f"{label}: running the trunk (its head pools globally); OUTPUT holds its feature maps")
@@ -188,8 +215,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--dtype {args.dtype!r} is not a numpy dtype (e.g. float32, uint8)") from None
     ndim = len(source.shape) - 1
     meta = copy.deepcopy(model).to("meta")  # the exact output shape, without allocating
-    with torch.no_grad():
-        out_meta = meta(torch.empty((1, *source.shape), device="meta"))
+    try:
+        with torch.no_grad():
+            out_meta = meta(torch.empty((1, *source.shape), device="meta"))
+    except RuntimeError as err:  # e.g. 1 channel into a model that takes 3; the shape tells which
+        raise ShapeError(
+            f"{label} cannot run on {args.input} (read as {'x'.join(map(str, source.shape))}, channels first): "
+            f"{str(err).splitlines()[0]}. Check the image's channels and size against what the model takes"
+        ) from None
     if out_meta.dim() != ndim + 2:
         raise ShapeError(
             f"{label} returns shape {tuple(out_meta.shape)} for an input of {(1, *source.shape)}; "
@@ -203,10 +236,16 @@ def run(args: argparse.Namespace) -> int:
             "integers (e.g. labels with x.argmax(1, keepdim=True))"
         )
     out_shape = tuple(out_meta.shape[1:])
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     journal = args.output.with_name(args.output.name + ".partial.tiles.json")
+    # keep_partial on --resume: a resumed run refused (another model, tile size) must not delete the tiles it resumes
     sink = io.create_writer(
-        args.output, out_shape, dtype_out, like=image, overwrite=args.overwrite, resume=args.resume
+        args.output,
+        out_shape,
+        dtype_out,
+        like=image,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        keep_partial=args.resume,
     )
     try:
         with sink:
@@ -221,6 +260,16 @@ def run(args: argparse.Namespace) -> int:
                 rounding=args.round,
                 journal=journal,
             )
+    except DiskFullError as err:  # NOTE [ A full disk ] (tilegrad/_atomic.py): keep what was computed
+        done = journal_progress(journal)
+        count = f"{done[0]} of {done[1]} tiles are written and kept" if done else "the partial files are kept"
+        raise DiskFullError(
+            err.path,
+            err.needed,
+            err.free,
+            f"; {count} ({', '.join(str(p) for p in sink.partial_files) or 'nothing'}): once space is freed, "
+            "continue with the same command plus --resume",
+        ) from None
     except KeyboardInterrupt:
         done = journal_progress(journal)
         count = f"{done[0]} of {done[1]} tiles are written" if done else "no tile was recorded as written"

@@ -98,6 +98,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0,
         help="also checkpoint every N optimizer steps inside an epoch (0: only at epoch ends)",
     )
+    o.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip a slide whose loss or gradient is NaN/Inf (counted in log.csv) instead of stopping the run",
+    )
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -107,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
     model_kwargs = _json_object("--model-kwargs", args.model_kwargs, '{"width": 16}')
     head_kwargs = _json_object("--head-kwargs", args.head_kwargs, '{"hidden": 64}')
-    tile = None if args.no_stream or args.budget else (args.tile or 512)
+    tile = None if args.no_stream or args.budget else (512 if args.tile is None else args.tile)
     config = TrainConfig(
         csv=args.csv,
         out=args.out,
@@ -139,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         progress=not args.no_progress,
         check_images=args.check_images,
+        skip_nonfinite=args.skip_nonfinite,
     )
     result = train(config, resume=args.resume)
     import os

@@ -14,7 +14,8 @@ complete. If the ``with`` block raises or ``abort()`` is called, the partial fil
 ``.partial``, with ``keep_partial=True``). Ctrl-C (KeyboardInterrupt) keeps them: the tiles written so far stay on
 disk, and a writer opened with ``resume=True`` continues them (``mark_written`` tells it which regions the earlier
 run wrote; tilegrad.infer's journal does that, NOTE [ Resumable inference ] in infer.py). A process killed outright
-also leaves only ``.partial`` names. A new writer refuses to start over partial files of an earlier run unless told
+also leaves only ``.partial`` names, and so does a full disk (:class:`~tilegrad.DiskFullError`, NOTE [ A full disk ]
+in tilegrad/_atomic.py): the partial files are kept for ``resume=True`` once space is freed. A new writer refuses to start over partial files of an earlier run unless told
 to continue them (``resume=True``) or to discard them (``overwrite=True``).
 
 ``close()`` also refuses an output with regions that were never written (``require_complete=True``, the default):
@@ -51,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import install, remove_paths
+from .._atomic import disk_full, install, is_disk_full, remove_paths
 from ..errors import ConfigError, DataError, ShapeError, WriterStateError
 from ._indexing import AxisIndex, Bounds, normalize_key
 from ._rawfile import RawArrayFile
@@ -228,7 +229,12 @@ class ImageWriter:
             full = np.flip(full, flips)
         if 0 in full.shape:
             return
-        self._write(tuple(a.increasing() for a in plan), full)
+        try:
+            self._write(tuple(a.increasing() for a in plan), full)
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            raise disk_full(err, self.partial_path, full.nbytes) from None
         self._coverage.add(plan)
 
     def mark_written(self, key: Any) -> None:
@@ -279,6 +285,12 @@ class ImageWriter:
         except KeyboardInterrupt:
             self.abort(keep_partial=True)  # the written tiles are intact: a resumed writer can close again
             raise
+        except OSError as err:
+            if not is_disk_full(err):
+                self.abort()
+                raise
+            self.abort(keep_partial=True)  # as for Ctrl-C: free space, then resume and close again
+            raise disk_full(err, self.path, self.nbytes) from None
         except BaseException:
             self.abort()
             raise
@@ -307,8 +319,8 @@ class ImageWriter:
             return
         if exc_type is None:
             self.close()
-        elif issubclass(exc_type, KeyboardInterrupt):  # NOTE [ Nothing half-written looks complete ]
-            self.abort(keep_partial=True)
+        elif issubclass(exc_type, KeyboardInterrupt) or is_disk_full(exc):
+            self.abort(keep_partial=True)  # NOTE [ Nothing half-written looks complete ]
         else:
             self.abort()
 

@@ -421,14 +421,15 @@ def nonfinite_message(where: str, image: Any, x: Any, what: str) -> str:
     nans, infs, first = count_nonfinite(array)
     prefix = f"{where}: " if where else ""
     name = Path(image).name if image is not None else "the image"
+    verb = "is" if what == "loss" else "are"
     if nans or infs:
         at = f" (the first at channel {first[0]}, row {first[1]}, column {first[2]})" if first else ""
         return (
-            f"{prefix}image {name!r} holds {nans} NaN and {infs} infinite pixel values{at}, so its {what} are not "
+            f"{prefix}image {name!r} holds {nans} NaN and {infs} infinite pixel values{at}, so its {what} {verb} not "
             f"finite. Replace them (e.g. np.nan_to_num) or remove the image"
         )
     return (
-        f"{prefix}the {what} of image {name!r} are not finite (NaN or Inf) although its pixels are finite: the "
+        f"{prefix}the {what} of image {name!r} {verb} not finite (NaN or Inf) although its pixels are finite: the "
         "model's weights or its arithmetic overflowed (try --amp none, a lower --lr, or another checkpoint)"
     )
 

@@ -139,7 +139,7 @@ def load_trained_model(
         raise CheckpointError(
             f"the checkpoint's weights do not fit its model {config.model!r}: {err}"
         ) from None
-    model.in_channels = in_channels  # checked against each image (predict, saliency)
+    model.in_channels, model.num_classes = in_channels, num_classes  # checked against each image and label
     model.eval()
     return model, config
 
@@ -167,6 +167,7 @@ def predict(
     """
     out_csv = Path(out_csv)
     check_output(out_csv, overwrite, "--overwrite (overwrite=True)")
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(out_csv, what="predictions"):
         model, config = load_trained_model(
             checkpoint, device=device, tile_size=tile_size, budget=budget, trust_model_code=trust_model_code
@@ -175,6 +176,7 @@ def predict(
             csv_path, require_labels=False, decode_all=check_images, level=config.level, mpp=config.mpp
         )
         _check_fits(records, model, config, checkpoint)
+        check_smallest(model, records, config)
         dev = next(model.parameters()).device
         result = evaluate(model, records, config=config, device=dev, progress=progress)
         _write_predictions(records, result, csv_path, out_csv)
@@ -198,7 +200,7 @@ def _check_fits(
     records: Sequence[SlideRecord], model: SlideClassifier, config: TrainConfig, checkpoint: Any
 ) -> None:
     """Every slide has the channels the model was trained on and a label among its classes."""
-    num_classes = int(model.head.fc.out_features) if hasattr(model.head, "fc") else None
+    num_classes = getattr(model, "num_classes", None)
     in_channels = getattr(model, "in_channels", None)
     for r in records:
         if num_classes is not None and r.label is not None and r.label >= num_classes:
@@ -208,20 +210,58 @@ def _check_fits(
             )
     if in_channels is not None:
         for r in records:
-            check_channels(r, in_channels, config)
+            check_channels(r.image, in_channels, config, r.where())
 
 
-def check_channels(record: SlideRecord, expected: int, config: TrainConfig) -> None:
-    """A slide with another number of channels than the model's input (grayscale or RGBA into RGB) is a DataError."""
+def check_channels(image: Path, expected: int, config: TrainConfig, where: str = "") -> None:
+    """A slide with another number of channels than the model's input (grayscale or RGBA into RGB) is a DataError;
+    ``where`` (``"slides.csv line 3"``) prefixes the message."""
     from .dataset import open_slide
 
-    found = int(open_slide(record.image, level=config.level, mpp=config.mpp, where=record.where()).shape[0])
+    found = int(open_slide(image, level=config.level, mpp=config.mpp, where=where).shape[0])
     if found != expected:
         raise DataError(
-            f"{record.where()}: image {record.image.name!r} has {found} channel{'s' * (found != 1)} "
+            f"{where + ': ' if where else ''}image {Path(image).name!r} has {found} channel{'s' * (found != 1)} "
             f"({_channel_words(found)}); the model takes {expected} ({_channel_words(expected)}). Convert it, "
             f"e.g. with PIL: Image.open(path).convert({'RGB' if expected == 3 else 'L'!r}).save(new_path)"
         )
+
+
+def check_smallest(
+    model: SlideClassifier, records: Sequence[SlideRecord], config: TrainConfig, *, image: Any = None
+) -> None:
+    """The slides with the smallest height and the smallest width (or ``image``) fit through the model's trunk: tried
+    on meta tensors, so nothing is computed. A slide smaller than the network's receptive field is a DataError
+    naming its row, before any training or prediction (NOTE [ Dataset checks ] in dataset.py)."""
+    import copy
+
+    from .dataset import open_slide
+
+    if config.tissue_crop:  # the crops are known only when the slides are read
+        return
+    candidates = [(r.image, r.where()) for r in records] if image is None else [(Path(image), "")]
+    if not candidates:
+        return
+    shapes = [tuple(open_slide(p, level=config.level, mpp=config.mpp, where=w).shape) for p, w in candidates]
+    param = next(model.trunk.parameters(), None)
+    meta = copy.deepcopy(model.trunk).to("meta")
+    for axis in (1, 2):
+        i = min(range(len(shapes)), key=lambda k: shapes[k][axis])
+        try:
+            with torch.no_grad():
+                meta(
+                    torch.empty(
+                        (1, *shapes[i]), device="meta", dtype=param.dtype if param is not None else None
+                    )
+                )
+        except RuntimeError as err:
+            path, where = candidates[i]
+            size = "x".join(map(str, shapes[i][1:]))
+            raise DataError(
+                f"{where + ': ' if where else ''}image {path.name!r} is {size} px, too small for the model "
+                f"{config.model!r} ({str(err).splitlines()[0]}). Use a larger image or a finer --level/--mpp, or "
+                "remove it"
+            ) from None
 
 
 def _channel_words(n: int) -> str:

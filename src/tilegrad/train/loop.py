@@ -66,7 +66,7 @@ from .dataset import (
     slide_input,
 )
 from .distributed import DistContext, init_distributed, step_shard
-from .evaluate import evaluate, load_trained_model, predict, progress_bar
+from .evaluate import check_smallest, evaluate, load_trained_model, predict, progress_bar
 from .model import SlideClassifier, build_model, check_streamable_norm
 
 __all__ = [
@@ -113,10 +113,9 @@ def train(
 ) -> TrainResult:
     """Train a slide classifier; see the module docstring. Returns the history and the trained model.
 
-    ``resume=True`` continues the interrupted run in ``config.out`` (from ``checkpoint.pt``, or from the start when
-    the run was interrupted before its first checkpoint) and is refused when no run was ever started there, as
-    ``tilegrad infer --resume`` is. The run holds the lock of ``checkpoint.pt`` (NOTE [ One writer per
-    output ] in tilegrad/_lock.py).
+    ``resume=True`` continues the run in ``config.out`` from its ``checkpoint.pt`` and starts it when there is none
+    yet, as ``tilegrad infer --resume`` does (one command for the first launch and every relaunch). The run holds
+    the lock of ``checkpoint.pt`` (NOTE [ One writer per output ] in tilegrad/_lock.py).
     """
     config.validate()
     out = Path(config.out)
@@ -166,17 +165,8 @@ class _Run:
                 )
             saved = load_checkpoint(self.checkpoint_path)
             check_resumable(saved["config"], config)
-        elif resume and not (self.out / "log.csv").exists():
-            # log.csv is written when a run starts: without it (and a checkpoint) no run was ever interrupted here
-            raise ConfigError(
-                f"--resume: there is no interrupted run in {self.out} (no {self.checkpoint_path.name}, no log.csv); "
-                "start without --resume"
-            )
-        elif resume and ctx.is_main:
-            print(
-                f"note: the run in {self.out} was interrupted before its first checkpoint: starting over",
-                flush=True,
-            )
+        elif resume and ctx.is_main:  # the same command starts a run and continues it (docs/training.md)
+            print(f"note: {self.out} holds no checkpoint yet: starting the run", flush=True)
 
         train_records, val_records = _load_records(config)
         self.train_records, self.val_records = train_records, val_records
@@ -214,6 +204,7 @@ class _Run:
             freeze_norm=config.freeze_norm,
         ).to(device=device, dtype=self.dtype)
         check_streamable_norm(self.model)
+        check_smallest(self.model, [*train_records, *val_records], config)
         if self.model.streamed is not None:
             self.model.streamed.progress = config.progress and ctx.is_main  # a bar over tiles
         ctx.broadcast_parameters(self.model)

@@ -16,6 +16,10 @@ Attention maps (``tilegrad saliency --attention``): a model trained with ``--hea
 the slide, summing to 1) are how pathologists read such models. :func:`attention_saliency` writes them at the trunk
 output's resolution (one value per ``stride x stride`` slide pixels) as ``.npy`` and as a float32 ``.tiff``
 (QuPath, ImageJ, napari open it; its pixel size is the slide's times the stride), and draws them over a thumbnail.
+With a streamed model the trunk runs by exact tiled inference (:func:`tilegrad.infer`) into a sink that turns each
+core of the trunk output into attention logits and the head's partial (NOTE [ Streamed heads ] in
+tilegrad/heads.py), so the trunk's output map is never whole: memory holds one tile and the logits (one value per
+position: 16 MiB for a 65536^2 slide under ResNet-34's stride 32).
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, DataError
-from ..heads import AttentionMIL
+from ..errors import ConfigError, DataError, GeometryError
+from ..heads import AttentionMIL, normalise_attention
 from .dataset import SlideInput, open_slide
 from .model import SlideClassifier
 
@@ -251,8 +255,8 @@ def saliency(
     from .._atomic import atomic_write
     from .._lock import FileLock
     from .config import normalisation
-    from .dataset import SlideRecord, nonfinite_message
-    from .evaluate import check_channels, check_output, load_trained_model
+    from .dataset import nonfinite_message
+    from .evaluate import check_channels, check_output, check_smallest, load_trained_model
 
     if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1:
         raise ConfigError(f"--max-side (max_side) must be a positive number of pixels, received {max_side!r}")
@@ -260,6 +264,7 @@ def saliency(
     npy = out_png.with_suffix(".npy")
     for path in (out_png, npy):
         check_output(path, overwrite, "--overwrite (overwrite=True)")
+    out_png.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(out_png, what="saliency map"):
         model, config = load_trained_model(
             checkpoint, device=device, tile_size=tile_size, budget=budget, trust_model_code=trust_model_code
@@ -267,8 +272,8 @@ def saliency(
         level = config.level if level is None and mpp is None else level
         mpp = config.mpp if mpp is None else mpp
         array = open_slide(image, level=level, mpp=mpp)
-        record = SlideRecord(Path(image), None, "test", 0, "")
-        check_channels(record, int(model.in_channels), config)
+        check_channels(Path(image), int(model.in_channels), config)
+        check_smallest(model, [], config, image=image)
         mean, std = normalisation(config)
         dtype = next(model.parameters()).dtype
         slide = SlideInput(array, mean=mean, std=std, dtype=dtype)
@@ -279,7 +284,6 @@ def saliency(
             raise DataError(nonfinite_message("", image, array, what))
         low = low.astype(np.float32)
         thumb = np.asarray(array[:, ::factor, ::factor])
-        out_png.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.save(buffer, low)
         atomic_write(npy, buffer.getvalue())
@@ -355,16 +359,69 @@ def attention_map(model: SlideClassifier, x: torch.Tensor | SlideInput) -> tuple
     model.eval()
     try:
         with torch.no_grad():
-            # The trunk's output map, then the head on it. NOTE [ Streamed heads ] (tilegrad/heads.py): once the
-            # streaming engine takes the head, the logits are written tile by tile and normalised with the merged
-            # partials (heads.normalise_attention), and this map is never whole in memory.
-            features = model.features(x)
-            logits = head(features)
-            weights = head.attention(features)[0, 0]
+            if model.streamed is not None:
+                logits, partials = _streamed_attention(model, head, x)
+                merged = head.merge(partials)
+                scores, weights = head.finish(merged), normalise_attention(logits, merged)[0, 0]
+            else:  # the whole image: the head on the trunk's output map
+                features = model.features(x)
+                scores, weights = head(features), head.attention(features)[0, 0]
     finally:
         model.train(was_training)
-    probs = torch.softmax(logits.double(), dim=1)[0].cpu().numpy()
+    probs = torch.softmax(scores.double(), dim=1)[0].cpu().numpy()
     return weights.double().cpu().numpy(), probs
+
+
+def _streamed_attention(
+    model: SlideClassifier, head: AttentionMIL, x: torch.Tensor | SlideInput
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+    """The attention logits (1, 1, h, w) and the head's partials of every tile, with the trunk's output map never
+    whole: exact tiled inference of the trunk (tilegrad.infer) hands each tile's core to :class:`_AttentionSink`,
+    which keeps the core's logits and its partial (NOTE [ Streamed heads ] in tilegrad/heads.py)."""
+    import copy
+
+    from ..infer import infer
+
+    shape = tuple(int(n) for n in x.shape)
+    meta = copy.deepcopy(model.trunk).to("meta")  # the output shape, without computing anything
+    dtype = next(head.parameters()).dtype
+    out_shape = tuple(meta(torch.empty(shape, device="meta", dtype=dtype)).shape)
+    sink = _AttentionSink(out_shape, head)
+    budget = model.memory_budget
+    tile = None if budget is not None else model.tile_size
+    try:
+        infer(model.trunk, x, tile_size=tile, memory_budget=budget, out=sink, progress=False)
+    except GeometryError as err:
+        raise ConfigError(
+            f"the attention map runs the trunk by exact tiled inference (one segment with the whole network's "
+            f"halo), for which the training tile {tile} is too small: {err}. Pass --tile or --budget to tilegrad "
+            f"saliency (tile_size= or budget=)"
+        ) from None
+    return sink.logits, sink.partials
+
+
+class _AttentionSink:
+    """An ``out=`` array for tilegrad.infer of the trunk: each written core of the trunk output becomes attention
+    logits (kept: 1 value per position) and a partial of the head (kept: a few numbers per tile); the features
+    themselves are dropped."""
+
+    def __init__(self, shape: tuple[int, ...], head: AttentionMIL) -> None:
+        self.shape = shape
+        self.dtype = None  # infer writes numpy blocks as they come
+        self.head = head
+        param = next(head.parameters())
+        self.device, self.param_dtype = param.device, param.dtype
+        self.logits = torch.zeros((shape[0], 1, *shape[2:]), dtype=self.param_dtype, device=self.device)
+        self.partials: list[tuple[torch.Tensor, ...]] = []
+
+    def __setitem__(self, key: tuple[slice, ...], block: Any) -> None:
+        core = torch.as_tensor(np.ascontiguousarray(block)).to(self.device, self.param_dtype)
+        if core.shape[1] != self.shape[1]:
+            raise ConfigError(
+                f"the attention sink takes whole channel blocks, received a block of {core.shape}"
+            )
+        self.logits[(key[0], slice(None), *key[2:])] = self.head.logits(core)
+        self.partials.append(self.head.partial(core))
 
 
 @dataclass
@@ -400,7 +457,7 @@ def attention_saliency(
     from ..io import create_writer
     from ..io.tissue import thumbnail
     from .config import normalisation
-    from .dataset import SlideRecord, nonfinite_message
+    from .dataset import nonfinite_message
     from .evaluate import check_channels, check_output, load_trained_model
 
     if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1:
@@ -409,6 +466,7 @@ def attention_saliency(
     npy, tiff = out_png.with_suffix(".npy"), out_png.with_suffix(".tiff")
     for path in (out_png, npy, tiff):
         check_output(path, overwrite, "--overwrite (overwrite=True)")
+    out_png.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(out_png, what="attention map"):
         model, config = load_trained_model(
             checkpoint, device=device, tile_size=tile_size, budget=budget, trust_model_code=trust_model_code
@@ -421,7 +479,7 @@ def attention_saliency(
         level = config.level if level is None and mpp is None else level
         mpp = config.mpp if mpp is None else mpp
         array = open_slide(image, level=level, mpp=mpp)
-        check_channels(SlideRecord(Path(image), None, "test", 0, ""), int(model.in_channels), config)
+        check_channels(Path(image), int(model.in_channels), config)
         mean, std = normalisation(config)
         dtype = next(model.parameters()).dtype
         weights, probs = attention_map(model, SlideInput(array, mean=mean, std=std, dtype=dtype))

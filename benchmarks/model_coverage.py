@@ -1,0 +1,629 @@
+"""Which models tilegrad streams exactly: the coverage table of docs/models.md.
+
+Every torchvision classification and segmentation model, every network class of ``monai.networks.nets`` that can be
+built from small required arguments, and one model per timm family (module), with random weights (``weights=None``,
+``pretrained=False``: nothing is downloaded), in eval mode and float64, on a small input cut into several tiles:
+
+* **streamed**: ``head(StreamingModule(trunk)(x))`` against ``model(x)``: the output, the input gradient and every
+  parameter gradient (the trunk/head split of :func:`tilegrad.split.streamable_part`: ``split_model`` for a network
+  with a classifier head, the whole network for a segmentation network);
+* **infer**: ``tilegrad.infer(trunk, x)`` against ``trunk(x)``;
+* for the streamed ones, the time of one streamed training step (forward + backward) against the conventional one,
+  at this small input (an indication only: at these sizes the halo is a large part of every tile);
+* otherwise the first line of the refusal (or of the crash, when tilegrad raised no TilegradError of its own).
+
+    python benchmarks/model_coverage.py                        # every model, rewrites the table in docs/models.md
+    python benchmarks/model_coverage.py --only resnet18,UNet   # these rows only (others kept as they are)
+    python benchmarks/model_coverage.py --only resnet18 --print  # print the rows, leave docs/models.md alone
+
+``rows()`` lists the rows without building anything; ``check(row)`` measures one. tests/test_model_coverage.py
+re-checks a few rows of docs/models.md with ``check``, so the table cannot silently rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import math
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
+BEGIN, END = "<!-- coverage table: begin (benchmarks/model_coverage.py) -->", "<!-- coverage table: end -->"
+EXACT = 1e-10  # float64: relative to the largest magnitude of the compared tensor
+# What 2 shared CPU cores can do in about 15 minutes for some 250 models in float64 (convolutions in float64 take
+# PyTorch's slow path on CPU): larger models and inputs are listed with the reason they were not run.
+MAX_PARAMS = 150e6
+SIDE = {2: 64, 3: 32}  # the input's side; grown (up to MAX_PIXELS) when the halo asks for larger tiles
+MAX_PIXELS = {2: 192**2, 3: 64**3}
+SECONDS = 60  # per model
+
+
+@dataclass
+class Row:
+    """One model of the table: how to build it (cheap to create: nothing is built) and, once checked, the result."""
+
+    source: str  # "torchvision", "torchvision.segmentation", "monai", "timm"
+    name: str
+    build: Callable[[], nn.Module] = field(repr=False, default=None)  # type: ignore[assignment]
+    ndim: int = 2
+    channels: int = 3
+    setup: str = (
+        ""  # the arguments the table had to choose (MONAI), or the timm model standing for its family
+    )
+    status: str = ""  # streamed exact | infer exact | NOT EXACT | refused | crash | not built | not run
+    error: str = ""
+    time: str = ""
+    message: str = ""
+    input: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.source, self.name)
+
+
+# ---- the models ---------------------------------------------------------------------------------------------------
+
+
+class _Out(nn.Module):
+    """A torchvision segmentation model returns {"out": ...}: its tensor (``aux_loss`` is off with weights=None)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
+def _torchvision_rows() -> list[Row]:
+    import torchvision
+
+    rows = []
+    for name in torchvision.models.list_models(module=torchvision.models):
+        rows.append(Row("torchvision", name, _tv_factory(name)))
+    for name in torchvision.models.list_models(module=torchvision.models.segmentation):
+        rows.append(Row("torchvision.segmentation", name, _tv_factory(name, segmentation=True)))
+    return rows
+
+
+def _tv_factory(name: str, segmentation: bool = False) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        kwargs: dict[str, Any] = {"weights": None}
+        if segmentation:
+            kwargs["weights_backbone"] = None
+        else:
+            kwargs["num_classes"] = 10
+        if name in ("googlenet", "inception_v3"):
+            kwargs["init_weights"] = True  # silences the warning; same as the default without weights
+        model = torchvision.models.get_model(name, **kwargs)
+        return _Out(model) if segmentation else model
+
+    return build
+
+
+# Arguments a MONAI network needs and that have no default: the smallest that make a real network of its kind.
+# Everything else keeps its default (norm, activation, depth, widths where they have defaults).
+MONAI_FILL: dict[str, Any] = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 2,
+    "num_classes": 2,
+    "classes": 2,
+    "channels": (8, 16, 32),
+    "strides": (2, 2),
+    "img_size": (32, 32, 32),
+    "patch_size": 16,
+    "in_shape": (1, 32, 32, 32),
+    "out_shape": (2,),
+    "latent_size": 8,
+    "num_channel_initial": 8,
+    "depth": 2,
+}
+_NO_DOWNLOAD = {"pretrained": False}  # these default to downloading weights: nothing may be downloaded here
+_SENET = {"spatial_dims": 2, "in_channels": 3, "num_classes": 2, **_NO_DOWNLOAD}
+MONAI_ARGS: dict[str, dict[str, Any]] = {  # per network, on top of MONAI_FILL
+    "AutoEncoder": {"channels": (8, 16), "strides": (2, 2)},
+    "DynUNet": {"kernel_size": (3, 3, 3), "strides": (1, 2, 2), "upsample_kernel_size": (2, 2)},
+    "EfficientNetBN": {"model_name": "efficientnet-b0", "spatial_dims": 2, "in_channels": 3, **_NO_DOWNLOAD},
+    "EfficientNetBNFeatures": {
+        "model_name": "efficientnet-b0",
+        "spatial_dims": 2,
+        "in_channels": 3,
+        **_NO_DOWNLOAD,
+    },
+    "EfficientNetEncoder": {
+        "model_name": "efficientnet-b0",
+        "spatial_dims": 2,
+        "in_channels": 3,
+        **_NO_DOWNLOAD,
+    },
+    "FlexUNet": {"backbone": "efficientnet-b0", "spatial_dims": 2, "in_channels": 3, **_NO_DOWNLOAD},
+    "GlobalNet": {"image_size": (32, 32, 32)},
+    "LocalNet": {"extract_levels": (0, 1, 2)},
+    "MILModel": {**_NO_DOWNLOAD},
+    "MultiScalePatchDiscriminator": {"num_d": 2, "num_layers_d": 2, "channels": 8},
+    "PatchDiscriminator": {"channels": 8},
+    "ResNet": {"block": "basic", "layers": (1, 1, 1, 1), "block_inplanes": (8, 16, 32, 64)},
+    "ResNetEncoder": {"model_name": "resnet10", **_NO_DOWNLOAD},
+    "ResNetFeatures": {"model_name": "resnet10", **_NO_DOWNLOAD},
+    "SegResNetVAE": {"input_image_size": (32, 32, 32)},
+    "SENet154": _SENET,
+    "SEResNet50": _SENET,
+    "SEResNet101": _SENET,
+    "SEResNet152": _SENET,
+    "SEResNeXt50": _SENET,
+    "SEResNeXt101": _SENET,
+    "SwinUNETR": {"feature_size": 24},
+    "TorchVisionFCModel": {**_NO_DOWNLOAD},
+    "VarAutoEncoder": {"channels": (8, 16), "strides": (2, 2)},
+}
+MONAI_SKIP = {  # classes of monai.networks.nets that are building blocks or need a whole model as an argument
+    "BertAttention", "BertMixedLayer", "BertOutput", "BertPreTrainedModel", "HighResBlock", "PatchMerging",
+    "PatchMergingV2", "Pooler", "ResNetBlock", "ResNetBottleneck", "NetAdapter", "TopologyConstruction",
+    "TopologyInstance", "TopologySearch",
+}  # fmt: skip
+
+
+def _monai_classes() -> list[tuple[str, type]]:
+    """(name, class) of every nn.Module class of monai.networks.nets, one name per class (its first spelling)."""
+    import monai.networks.nets as nets
+
+    seen: dict[type, str] = {}
+    for name in sorted(dir(nets)):
+        obj = getattr(nets, name)
+        if inspect.isclass(obj) and issubclass(obj, nn.Module) and obj not in seen:
+            seen[obj] = name
+    return sorted(((n, c) for c, n in seen.items()), key=lambda nc: nc[0].lower())
+
+
+def _monai_rows() -> list[Row]:
+    rows = []
+    for name, cls in _monai_classes():
+        if name in MONAI_SKIP:
+            continue
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        required = [
+            p.name for p in params if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]  # fmt: skip
+        names = {p.name for p in params}
+        open_ended = any(p.kind == p.VAR_KEYWORD for p in params)  # passes **kwargs on to a base class
+        chosen = {k: v for k, v in MONAI_FILL.items() if k in required}
+        chosen.update({k: v for k, v in MONAI_ARGS.get(name, {}).items() if k in names or open_ended})
+        ndim = chosen.get("spatial_dims", _default(params, "spatial_dims", 3))
+        channels = chosen.get(
+            "in_channels", _default(params, "in_channels", _default(params, "n_input_channels", 1))
+        )
+        if "in_shape" in chosen:  # Classifier, Regressor, ...: (channels, *spatial)
+            ndim, channels = len(chosen["in_shape"]) - 1, chosen["in_shape"][0]
+        missing = [r for r in required if r not in chosen]
+        setup = ", ".join(f"{k}={v}" for k, v in chosen.items())
+        row = Row("monai", name, _monai_factory(cls, chosen), ndim=ndim, channels=channels, setup=setup)
+        if missing:
+            row.status, row.message = "not built", f"needs {', '.join(missing)} (no small default to choose)"
+        rows.append(row)
+    return rows
+
+
+def _default(params: list[inspect.Parameter], name: str, fallback: Any) -> Any:
+    for p in params:
+        if p.name == name and p.default is not inspect.Parameter.empty and isinstance(p.default, int):
+            return p.default
+    return fallback
+
+
+def _monai_factory(cls: type, kwargs: dict[str, Any]) -> Callable[[], nn.Module]:
+    return lambda: cls(**kwargs)
+
+
+SMALL = ("atto", "femto", "pico", "nano", "tiny", "small", "18", "b0", "mobile", "lite", "xs")
+
+
+def _timm_rows() -> list[Row]:
+    try:
+        import timm
+    except ImportError:
+        return []
+    return [
+        Row("timm", module, _timm_factory(module))
+        for module in timm.list_modules()
+        if timm.list_models(module=module)
+    ]
+
+
+_TIMM_CHOICE: dict[str, str] = {}
+
+
+def timm_model(module: str) -> str:
+    """The timm model standing for a family: the one with the fewest parameters among its six shortest names that
+    look small (counted on the meta device: nothing is initialised)."""
+    if module not in _TIMM_CHOICE:
+        import timm
+
+        names = sorted(
+            timm.list_models(module=module), key=lambda n: (not any(s in n for s in SMALL), len(n), n)
+        )
+        best: tuple[float, str] | None = None
+        for name in names[:6]:
+            try:
+                with torch.device("meta"):
+                    count = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
+            except Exception:
+                continue
+            if best is None or count < best[0]:
+                best = (count, name)
+        _TIMM_CHOICE[module] = best[1] if best else names[0]
+    return _TIMM_CHOICE[module]
+
+
+def _timm_factory(module: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(timm_model(module), pretrained=False, num_classes=10)
+
+    return build
+
+
+def rows() -> list[Row]:
+    """Every row of the table, nothing built: names from torchvision's and timm's registries and MONAI's classes."""
+    return [*_torchvision_rows(), *_monai_rows(), *_timm_rows()]
+
+
+# ---- one check ----------------------------------------------------------------------------------------------------
+
+
+class _Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int) -> Iterator[None]:
+    def fire(*_: Any) -> None:
+        raise _Timeout(f"over {seconds} s on this machine")
+
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _rel(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    if a is None and b is None:
+        return 0.0
+    if a is None or b is None:
+        return math.inf
+    scale = b.abs().max().item() or 1.0
+    return (a - b).abs().max().item() / scale
+
+
+def _tile(trunk: nn.Module, shape: tuple[int, ...], tile: int) -> tuple[tuple[int, ...], int, Any]:
+    """An input shape and a tile giving several tiles: grow the tile to the smallest the geometry accepts, the
+    input to 1.5 tiles (multiple of 32). Returns (shape, tile, plan)."""
+    import tilegrad
+    from tilegrad import GeometryError
+
+    for _ in range(4):
+        try:
+            plan = tilegrad.plan_streaming(trunk, shape, tile_size=tile, mode="stages", dtype=torch.float64)
+        except GeometryError as err:
+            found = re.search(r"use at least (\d+)", str(err))
+            if not found:
+                raise
+            tile = int(found.group(1))
+        else:
+            if max(len(s.grid) for s in plan.segments) > 1:
+                return shape, tile, plan
+            tile = max(8, tile * 2 // 3)
+            continue
+        side = max(shape[2], 32 * math.ceil(1.5 * tile / 32))
+        shape = (*shape[:2], *(side,) * (len(shape) - 2))
+    plan = tilegrad.plan_streaming(trunk, shape, tile_size=tile, mode="stages", dtype=torch.float64)
+    return shape, tile, plan
+
+
+def _grads(
+    model: nn.Module, x: torch.Tensor, out: torch.Tensor, cotangent: torch.Tensor
+) -> list[torch.Tensor]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    found = torch.autograd.grad(out, [x, *params], cotangent, allow_unused=True)
+    return [g if g is not None else torch.zeros_like(t) for g, t in zip(found, [x, *params])]
+
+
+def check(row: Row, side: int | None = None) -> Row:
+    """Build the model of ``row``, stream it and infer with it against the plain computation; fill the row in.
+
+    The model is first built on the meta device (no memory, no initialisation): its size, its split and its plan
+    (where most refusals happen) cost nothing there. Only a model that plans is built for real and run.
+    """
+    if row.status == "not built":
+        return row
+    import tilegrad
+    from tilegrad.split import streamable_part
+
+    row.status = row.error = row.time = row.message = row.input = ""
+    if row.source == "timm":
+        row.setup = timm_model(row.name)
+    side = side or SIDE[row.ndim]
+    shape = (1, row.channels, *(side,) * row.ndim)
+    torch.manual_seed(0)
+    try:
+        with _deadline(SECONDS):
+            try:
+                with torch.device("meta"):
+                    meta = row.build().double().eval()
+            except Exception:  # a constructor that computes on its tensors: build it for real below
+                meta = None
+            if meta is not None:
+                params = sum(p.numel() for p in meta.parameters())
+                if params > MAX_PARAMS:
+                    row.status = "not run"
+                    row.message = f"{params / 1e6:.0f}M parameters: over {MAX_PARAMS / 1e6:.0f}M, too slow for this CPU check"
+                    return row
+                try:
+                    trunk, _ = streamable_part(meta)
+                    _tile(trunk, shape, max(16, side * 2 // 3))
+                except tilegrad.NotStreamableError as err:
+                    row.status, row.message = "refused", f"{type(err).__name__}: {_first_line(err)}"
+                    return row
+                except Exception:  # meta tensors cannot do everything: the real run below says what happens
+                    pass
+                del meta
+            return _check(row, shape, tilegrad, streamable_part)
+    except _Timeout as err:
+        row.status, row.message = "not run", f"stopped: {err}"
+        return row
+
+
+def _check(row: Row, shape: tuple[int, ...], tilegrad: Any, streamable_part: Callable) -> Row:
+    try:
+        model = row.build()
+    except Exception as err:
+        row.status, row.message = "not built", f"{type(err).__name__}: {_first_line(err)}"
+        return row
+    params = sum(p.numel() for p in model.parameters())
+    if params > MAX_PARAMS:  # when it could not be built on the meta device
+        row.status = "not run"
+        row.message = (
+            f"{params / 1e6:.0f}M parameters: over {MAX_PARAMS / 1e6:.0f}M, too slow for this CPU check"
+        )
+        return row
+    model = model.double().eval()
+    try:
+        trunk, head = streamable_part(model)
+        shape, tile, _ = _tile(trunk, shape, max(16, shape[2] * 2 // 3))
+    except _Timeout:
+        raise
+    except Exception as err:
+        row.status = "refused" if isinstance(err, tilegrad.TilegradError) else "crash"
+        row.message = f"{type(err).__name__}: {_first_line(err)}"
+        return row
+    row.input = "x".join(map(str, shape[1:])) + f", tile {tile}"
+    if math.prod(shape[2:]) > MAX_PIXELS[row.ndim]:
+        row.status = "not run"
+        row.message = (
+            f"needs tiles of {tile} px (its halo), an input of {row.input}: too slow for this CPU check"
+        )
+        return row
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    stream_error = seconds = infer_error = None
+    stream_why = infer_why = ""
+    crashed = False
+    try:
+        stream_error, seconds = _streamed(model, trunk, head, x, tile, tilegrad)
+    except _Timeout:
+        raise
+    except Exception as err:
+        crashed = not isinstance(err, tilegrad.TilegradError)
+        stream_why = f"{type(err).__name__}: {_first_line(err)}"
+    try:
+        infer_error, infer_why = _infer(trunk, shape, tile, row.ndim, tilegrad)
+    except _Timeout:
+        raise
+    except Exception as err:
+        crashed = crashed or not isinstance(err, tilegrad.TilegradError)
+        infer_why = f"{type(err).__name__}: {_first_line(err)}"
+    parts = []
+    if stream_error is not None and seconds is not None:
+        parts.append(f"out {stream_error[0]:.0e}, grads {stream_error[1]:.0e}")
+        row.time = f"x{seconds[1] / seconds[0]:.1f} ({seconds[1]:.2f} s / {seconds[0]:.2f} s)"
+    if infer_error is not None:
+        parts.append(f"infer {infer_error:.0e}")
+    row.error = "; ".join(parts)
+    worst = max([*(stream_error or ()), infer_error or 0.0])
+    if worst > EXACT:
+        row.status = "NOT EXACT"
+    elif stream_error is not None:
+        row.status = "streamed exact"
+    elif infer_error is not None:
+        row.status = "infer exact"
+    else:
+        row.status = "crash" if crashed else "refused"
+    row.message = stream_why or (f"infer: {infer_why}" if infer_why else "")
+    return row
+
+
+def _infer(
+    trunk: nn.Module, shape: tuple[int, ...], tile: int, ndim: int, tilegrad: Any
+) -> tuple[float | None, str]:
+    """(max relative error of ``tilegrad.infer``, "") or (None, why not). infer plans one segment, whose halo is
+    the whole trunk's: the tile grows to what the geometry asks, and the check needs at least two tiles."""
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    try:
+        tilegrad.plan_streaming(
+            trunk, shape, tile_size=tile, mode="lean", training=False, dtype=torch.float64
+        )
+    except tilegrad.GeometryError as err:
+        found = re.search(r"use at least (\d+)", str(err))
+        if not found:
+            raise
+        tile = int(found.group(1))
+        if tile >= min(shape[2:]):
+            return None, f"not run: its one-segment plan needs tiles of {tile} px, this input has {shape[2]}"
+    with torch.no_grad():
+        return _rel(tilegrad.infer(trunk, x, tile_size=tile, progress=False), trunk(x)), ""
+
+
+def _streamed(
+    model: nn.Module, trunk: nn.Module, head: nn.Module | None, x: torch.Tensor, tile: int, tilegrad: Any
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(max relative error of the output, of the gradients), (conventional seconds, streamed seconds)."""
+    x = x.clone().requires_grad_(True)
+    t0 = time.perf_counter()
+    plain = model(x)
+    cotangent = torch.randn(plain.shape, dtype=plain.dtype, generator=torch.Generator().manual_seed(2))
+    expected = _grads(model, x, plain, cotangent)
+    t1 = time.perf_counter()
+    streamed = tilegrad.StreamingModule(trunk, tile_size=tile, mode="stages")
+    features = streamed(x)
+    out = head(features) if head is not None else features
+    got = _grads(model, x, out, cotangent)
+    t2 = time.perf_counter()
+    grad_err = max(_rel(a, b) for a, b in zip(got, expected))
+    return (_rel(out, plain), grad_err), (t1 - t0, t2 - t1)
+
+
+# ---- the table ----------------------------------------------------------------------------------------------------
+
+COLUMNS = (
+    "model",
+    "setup",
+    "input",
+    "status",
+    "max rel. error (float64)",
+    "streamed / conventional step",
+    "why",
+)
+SECTIONS = {
+    "torchvision": "torchvision classification (`torchvision.models.list_models(module=torchvision.models)`)",
+    "torchvision.segmentation": "torchvision segmentation (the `out` tensor)",
+    "monai": "MONAI (`monai.networks.nets`)",
+    "timm": "timm: one model per family (`timm.list_modules()`)",
+}
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def format_table(checked: list[Row]) -> str:
+    lines = [f"{len(checked)} models: {summary(checked)}.", ""]
+    for source, title in SECTIONS.items():
+        mine = [r for r in checked if r.source == source]
+        if not mine:
+            continue
+        lines += [f"### {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        for r in mine:
+            cells = (f"`{r.name}`", r.setup, r.input, r.status, r.error, r.time, r.message)
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def parse_table(text: str) -> list[Row]:
+    """The rows of the table between the markers of docs/models.md (inverse of :func:`format_table`)."""
+    body = text.split(BEGIN, 1)[1].split(END, 1)[0]
+    titles = {v: k for k, v in SECTIONS.items()}
+    source, found = None, []
+    for line in body.splitlines():
+        if line.startswith("### "):
+            source = titles[line[4:].strip()]
+        elif line.startswith("| `"):
+            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+            name, setup, shape, status, error, seconds, message = cells
+            found.append(Row(source or "", name.strip("`"), setup=setup, input=shape, status=status, error=error,
+                             time=seconds, message=message))  # fmt: skip
+    return found
+
+
+def write_doc(checked: list[Row]) -> None:
+    text = DOC.read_text()
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    DOC.write_text(f"{head}{BEGIN}\n\n{format_table(checked)}\n{END}{tail}")
+
+
+def summary(checked: list[Row]) -> str:
+    counts: dict[str, int] = {}
+    for r in checked:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _no_network() -> None:
+    """Nothing may be downloaded: a constructor that tries (pretrained weights by default) fails and says so."""
+    import socket
+
+    def refuse(*_: Any, **__: Any) -> None:
+        raise OSError("model_coverage.py allows no download (a constructor tried to fetch weights)")
+
+    socket.socket.connect = refuse  # type: ignore[method-assign]
+    socket.create_connection = refuse  # type: ignore[assignment]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--only", help="comma-separated model names (torchvision/MONAI names, timm family names)"
+    )
+    parser.add_argument(
+        "--print", action="store_true", help="print the rows instead of writing docs/models.md"
+    )
+    args = parser.parse_args(argv)
+    # one thread: on 2 cores shared with other jobs, two OpenMP threads made a float64 DenseNet step 10x slower
+    torch.set_num_threads(1)
+    _no_network()
+    listed = rows()
+    wanted = set(args.only.split(",")) if args.only else None
+    if wanted:
+        unknown = wanted - {r.name for r in listed}
+        if unknown:
+            parser.error(f"unknown model(s) {sorted(unknown)}")
+    previous = (
+        {r.key: r for r in parse_table(DOC.read_text())} if DOC.exists() and BEGIN in DOC.read_text() else {}
+    )
+    done = []
+    start = time.perf_counter()
+    for row in listed:
+        if wanted is not None and row.name not in wanted:
+            done.append(previous.get(row.key, row))
+            continue
+        t0 = time.perf_counter()
+        check(row)
+        print(f"{row.source:>24} {row.name:<28} {row.status:<15} {row.error:<40} {row.time:<26} "
+              f"{time.perf_counter() - t0:6.1f}s {row.message[:100]}", file=sys.stderr, flush=True)  # fmt: skip
+        done.append(row)
+    print(f"{len(done)} rows ({summary(done)}) in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    if args.print:
+        print(format_table([r for r in done if wanted is None or r.name in wanted]))
+    else:
+        write_doc(done)
+
+
+if __name__ == "__main__":
+    main()
