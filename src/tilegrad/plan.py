@@ -60,12 +60,14 @@ from .units import format_bytes
 
 __all__ = ["BoundaryPlan", "Plan", "SegmentPlan", "Unit", "plan_streaming", "units_of"]
 
-FLOP_RATE = (
-    6e10  # FLOP/s of float32 convolutions on this machine's CPU (ResNet-34 conventional step at 4096^2)
-)
+# FLOP/s (FlopCounterMode counts 2 per multiply-add) of float32 convolutions on this CPU: the ResNet-34 trunk's
+# conventional step at 4096^2 (7.3e12 FLOP) took 61 s on a quiet machine
+FLOP_RATE = 1.2e11
 TILE_SECONDS = 0.025  # fixed cost of one tile pass
-DISK_WRITE = 0.6e9  # bytes/s, scratch directory (benchmarks/boundary_io.py)
-DISK_READ = 1.6e9
+# bytes/s of a DiskStore, measured by benchmarks/boundary_io.py (BENCHMARKS.md, "Boundary storage"): writes
+# 0.13-0.27, reads 0.34-0.45 from the page cache and 0.06-0.3 from the disk
+DISK_WRITE = 0.2e9
+DISK_READ = 0.3e9
 BACKWARD_TRANSIENT = 6.5  # training working set beyond saved tensors, in units of the largest tensor
 FORWARD_TRANSIENT = 2.0  # no-grad forward working set, in units of the largest tensor
 BUDGET_SAFETY = 0.8  # share of a user budget the planner plans for (the rest: allocator slack)
