@@ -53,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..models.resolve import resolve_model
-    from ..units import format_bytes
     from ..plan import plan_streaming
     from ..split import streamable_part
+    from ..units import format_bytes
     from .memory import parse_input
 
     factory, label = resolve_model(args.model)
