@@ -77,8 +77,10 @@ class Execution:
         sink: Any = None,
         scratch_dir: Any = None,
         progress: bool | None = None,
+        writer: Any = None,
     ):
         assert plan.graph is not None
+        self.writer = writer
         self.plan = plan
         self.graph = plan.graph
         self.reader = reader
@@ -296,6 +298,12 @@ class Execution:
                     else:
                         srcs = self._sources(sp, window, k, [False] * nin)
                         y = module(*srcs)
+                        if k == last and self.writer is not None:  # inference into a sink (infer.py)
+                            self.writer(tile, y)
+                            del srcs, y
+                            if bar is not None:
+                                bar.update(1)
+                            continue
                         core = y[(slice(None), slice(None), *tile.crop)]
                         outputs = tile.outputs
                     if k < last:
@@ -316,6 +324,8 @@ class Execution:
         finally:
             if bar is not None:
                 bar.close()
+        if self.writer is not None:
+            return None  # type: ignore[return-value]
         if self.head is not None:
             leaves = [
                 tuple(p.detach().requires_grad_(p.is_floating_point()) for p in ps) for ps in self.partials

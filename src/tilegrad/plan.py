@@ -322,7 +322,7 @@ class _Planner:
         if id(seg) not in self._forward_rate:
             area = math.prod(self.image[2:])
             rule = (seg.source_bytes + FORWARD_TRANSIENT * seg.largest_bytes) / area
-            if seg.sources == [self.g.input]:
+            if seg.sources == [self.g.input] and seg.out is self.g.output:  # the whole model: simulate it
                 from .memory.estimate import estimate_memory
 
                 module = copy.deepcopy(seg.module)
