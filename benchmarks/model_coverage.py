@@ -322,27 +322,34 @@ def _rel(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
 
 def _tile(trunk: nn.Module, shape: tuple[int, ...], tile: int) -> tuple[tuple[int, ...], int, Any]:
     """An input shape and a tile giving several tiles: grow the tile to the smallest the geometry accepts, the
-    input to 1.5 tiles (multiple of 32). Returns (shape, tile, plan)."""
+    input to 1.5 tiles (multiple of 32). Returns (shape, tile, plan); the plan is None when the input would exceed
+    MAX_PIXELS (the caller says so)."""
     import tilegrad
     from tilegrad import GeometryError
 
-    for _ in range(4):
+    planned: tuple[tuple[int, ...], int, Any] | None = None
+    for _ in range(6):
+        if math.prod(shape[2:]) > MAX_PIXELS[len(shape) - 2]:
+            return shape, tile, None
         try:
             plan = tilegrad.plan_streaming(trunk, shape, tile_size=tile, mode="stages", dtype=torch.float64)
         except GeometryError as err:
             found = re.search(r"use at least (\d+)", str(err))
-            if not found:
+            if not found or planned is not None:  # a smaller tile than one that planned: keep that one
+                if planned is not None:
+                    return planned
                 raise
             tile = int(found.group(1))
-        else:
-            if max(len(s.grid) for s in plan.segments) > 1:
-                return shape, tile, plan
-            tile = max(8, tile * 2 // 3)
+            side = max(shape[2], 32 * math.ceil(1.5 * tile / 32))
+            shape = (*shape[:2], *(side,) * (len(shape) - 2))
             continue
-        side = max(shape[2], 32 * math.ceil(1.5 * tile / 32))
-        shape = (*shape[:2], *(side,) * (len(shape) - 2))
-    plan = tilegrad.plan_streaming(trunk, shape, tile_size=tile, mode="stages", dtype=torch.float64)
-    return shape, tile, plan
+        planned = (shape, tile, plan)
+        if max(len(s.grid) for s in plan.segments) > 1:
+            return planned
+        tile = max(8, tile * 2 // 3)  # one tile holds the whole input: a smaller one
+    if planned is not None:
+        return planned
+    raise tilegrad.GeometryError(f"no tile found for an input of {shape}")
 
 
 def _grads(
@@ -371,23 +378,26 @@ def check(row: Row, side: int | None = None) -> Row:
     torch.manual_seed(0)
     try:
         with _deadline(SECONDS):
-            params, refusal = on_meta(row, shape)
+            params, refusal, found = on_meta(row, shape)
             if params is not None and params > MAX_PARAMS:
                 row.status, row.message = "not run", _too_large(params)
             elif refusal is not None:
                 row.status, row.message = "refused", refusal
             else:
-                _check(row, shape, tilegrad, streamable_part)
+                _check(row, shape, found, tilegrad, streamable_part)
             return row
     except _Timeout as err:
         row.status, row.message = "not run", f"stopped: {err}"
         return row
 
 
-def on_meta(row: Row, shape: tuple[int, ...] | None = None) -> tuple[float | None, str | None]:
-    """(parameters, refusal) of the model of ``row`` built on the meta device (no memory, no initialisation):
-    the refusal is the first line of the NotStreamableError that splitting or planning it raises, else None.
-    (None, None) when the model cannot be built on the meta device (a constructor that computes on its tensors)."""
+def on_meta(
+    row: Row, shape: tuple[int, ...] | None = None
+) -> tuple[float | None, str | None, tuple[tuple[int, ...], int] | None]:
+    """(parameters, refusal, (input shape, tile)) of the model of ``row`` built on the meta device (no memory, no
+    initialisation): the refusal is the first line of the NotStreamableError that splitting or planning it raises;
+    the shape and tile are those :func:`_tile` found, when it planned. (None, None, None) when the model cannot be
+    built on the meta device (a constructor that computes on its tensors)."""
     import tilegrad
     from tilegrad.split import streamable_part
 
@@ -396,25 +406,32 @@ def on_meta(row: Row, shape: tuple[int, ...] | None = None) -> tuple[float | Non
         with torch.device("meta"):
             meta = row.build().double().eval()
     except Exception:
-        return None, None
+        return None, None, None
     params = float(sum(p.numel() for p in meta.parameters()))
     if params > MAX_PARAMS:
-        return params, None
+        return params, None, None
     try:
         trunk, _ = streamable_part(meta)
-        _tile(trunk, shape, max(16, shape[2] * 2 // 3))
+        shape, tile, _ = _tile(trunk, shape, max(16, shape[2] * 2 // 3))
     except tilegrad.NotStreamableError as err:
-        return params, f"{type(err).__name__}: {_first_line(err)}"
+        return params, f"{type(err).__name__}: {_first_line(err)}", None
     except Exception:  # meta tensors cannot do everything: the real run says what happens
-        pass
-    return params, None
+        return params, None, None
+    return params, None, (shape, tile)
 
 
 def _too_large(params: float) -> str:
     return f"{params / 1e6:.0f}M parameters: over {MAX_PARAMS / 1e6:.0f}M, too slow for this CPU check"
 
 
-def _check(row: Row, shape: tuple[int, ...], tilegrad: Any, streamable_part: Callable) -> Row:
+def _check(
+    row: Row,
+    shape: tuple[int, ...],
+    found: tuple[tuple[int, ...], int] | None,
+    tilegrad: Any,
+    streamable_part: Callable,
+) -> Row:
+    """The real run; ``found``: the input shape and tile planned on the meta device (not planned again here)."""
     try:
         model = row.build()
     except Exception as err:
@@ -427,7 +444,7 @@ def _check(row: Row, shape: tuple[int, ...], tilegrad: Any, streamable_part: Cal
     model = model.double().eval()
     try:
         trunk, head = streamable_part(model)
-        shape, tile, _ = _tile(trunk, shape, max(16, shape[2] * 2 // 3))
+        shape, tile = found or _tile(trunk, shape, max(16, shape[2] * 2 // 3))[:2]
     except _Timeout:
         raise
     except Exception as err:
@@ -453,7 +470,10 @@ def _check(row: Row, shape: tuple[int, ...], tilegrad: Any, streamable_part: Cal
         crashed = not isinstance(err, tilegrad.TilegradError)
         stream_why = f"{type(err).__name__}: {_first_line(err)}"
     try:
-        infer_error, infer_why = _infer(trunk, shape, tile, row.ndim, tilegrad)
+        if (
+            head is None
+        ):  # infer is for fully convolutional networks: a classifier's is not run (saves a plan)
+            infer_error, infer_why = _infer(trunk, shape, tile, row.ndim, tilegrad)
     except _Timeout:
         raise
     except Exception as err:
