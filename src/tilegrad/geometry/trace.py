@@ -343,8 +343,10 @@ def _attention(module: nn.Module) -> tuple[str, nn.Module] | None:
     for path, m in module.named_modules():
         kind = type(m).__name__
         if isinstance(m, nn.MultiheadAttention) or "Attention" in kind or kind == "SABlock":
-            if kind.endswith(("Gate", "Block")) and kind != "SABlock":
-                continue  # AttentionUnet's attention gates are local; only attention over positions counts
+            if (kind.endswith(("Gate", "Block")) and kind != "SABlock") or kind.startswith(
+                ("Channel", "Spatial")
+            ):
+                continue  # attention gates (AttentionUnet) and CBAM-style attention are not over positions
             return path, m
     return None
 
