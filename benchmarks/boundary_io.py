@@ -1,7 +1,7 @@
 """Throughput of boundary stores (tilegrad/boundary.py) for tile-sized boxes of a 2D map: the numbers the engine's
 cost model uses for the host and disk tiers (NOTE [ Storage tiers ]).
 
-A (1, C, S, S) map is written box by box in raster order, read back, added into (a gradient's read-modify-write),
+A (1, C, S, S) map (or (1, C, S, S, S) with --ndim 3) is written box by box in raster order, read back, added into (a gradient's read-modify-write),
 and read again after its pages were dropped from the page cache (fsync, then posix_fadvise DONTNEED on the file
 alone: other processes' cache is untouched), i.e. from the disk itself. Each phase reports GB/s of the map's bytes
 (1 GB = 1e9 bytes) and, for reads, how much of the time is the pread itself (the rest is the permute from the
@@ -10,11 +10,13 @@ is timed on the same boxes of a smaller map for reference, and so is a plain cop
 machine shared with other jobs, memory bandwidth moves every figure. Run:
 
     python benchmarks/boundary_io.py --channels 64 --size 8192 --box 512
+    python benchmarks/boundary_io.py --ndim 3 --channels 16 --size 256 --box 64 --memory-size 128
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import tempfile
@@ -26,11 +28,17 @@ from tilegrad import format_bytes
 from tilegrad._allocator import pin_mmap_threshold
 from tilegrad.boundary import DiskStore, Scratch, TensorStore
 
+NDIM = 2  # spatial dims of the map (--ndim)
+
 
 def boxes(size: int, box: int):
-    for y in range(0, size, box):
-        for x in range(0, size, box):
-            yield (slice(y, min(y + box, size)), slice(x, min(x + box, size)))
+    """The boxes of a raster-order grid over a size^NDIM map."""
+    for corner in itertools.product(range(0, size, box), repeat=NDIM):
+        yield tuple(slice(c, min(c + box, size)) for c in corner)
+
+
+def part(tile: torch.Tensor, b: tuple[slice, ...]) -> torch.Tensor:
+    return tile[(slice(None), slice(None), *(slice(0, s.stop - s.start) for s in b))]
 
 
 def timed(fn) -> float:
@@ -41,25 +49,27 @@ def timed(fn) -> float:
 
 def pread_only(store: DiskStore, size: int, box: int) -> None:
     """The preads of a read without the transpose into (N, C, *box)."""
+    pb = store._position_bytes
     for b in boxes(size, box):
         ranges = [(s.start, s.stop) for s in b]
         _, view = store._staging(math.prod(e - a for a, e in ranges))
-        for offset, _, k in store._pieces(ranges):
-            store._io(False, view[: k * store._position_bytes], offset)
+        for _, _, group in store._groups(ranges):
+            for offset, start, k in group:
+                store._io(False, view[start * pb : (start + k) * pb], offset)
 
 
 def clones(channels: int, box: int, dtype: torch.dtype, count: int) -> None:
-    tile = torch.randn(1, channels, box, box).to(dtype)
+    tile = torch.randn(1, channels, *[box] * NDIM).to(dtype)
     for _ in range(count):
         tile.clone()
 
 
 def phases(store, size: int, box: int, channels: int, dtype: torch.dtype, cold: bool) -> dict[str, float]:
-    tile = torch.randn(1, channels, box, box).to(dtype)
+    tile = torch.randn(1, channels, *[box] * NDIM).to(dtype)
 
     def write() -> None:
         for b in boxes(size, box):
-            store.write(b, tile[:, :, : b[0].stop - b[0].start, : b[1].stop - b[1].start])
+            store.write(b, part(tile, b))
 
     def read() -> None:
         for b in boxes(size, box):
@@ -67,7 +77,7 @@ def phases(store, size: int, box: int, channels: int, dtype: torch.dtype, cold: 
 
     def add() -> None:
         for b in boxes(size, box):
-            store.add(b, tile[:, :, : b[0].stop - b[0].start, : b[1].stop - b[1].start])
+            store.add(b, part(tile, b))
 
     out = {"write": timed(write), "read (cached)": timed(read), "add": timed(add)}
     if isinstance(store, DiskStore):
@@ -84,7 +94,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--channels", type=int, default=64)
-    parser.add_argument("--size", type=int, default=8192, help="side of the 2D map (pixels)")
+    parser.add_argument("--size", type=int, default=8192, help="side of the map (pixels)")
+    parser.add_argument("--ndim", type=int, default=2, choices=(1, 2, 3), help="spatial dims of the map")
     parser.add_argument("--box", type=int, nargs="+", default=[512], help="box side(s) (pixels)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--scratch-dir", default=None, help="default: the system temp directory")
@@ -93,12 +104,14 @@ def main() -> None:
     )
     parser.add_argument("--no-cold", action="store_true", help="skip the read after dropping the page cache")
     args = parser.parse_args()
+    global NDIM
+    NDIM = args.ndim
     torch.set_num_threads(1)
     pin_mmap_threshold("cpu")  # the engine's CPU allocator policy: every box buffer is a fresh mapping
     dtype = getattr(torch, args.dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    shape = (1, args.channels, args.size, args.size)
-    nbytes = args.channels * args.size**2 * itemsize
+    shape = (1, args.channels, *[args.size] * NDIM)
+    nbytes = args.channels * args.size**NDIM * itemsize
     print(
         f"map {shape} {args.dtype} = {format_bytes(nbytes)}, scratch in {args.scratch_dir or tempfile.gettempdir()}"
     )
@@ -113,25 +126,25 @@ def main() -> None:
             ).items():
                 moved = nbytes * (2 if phase == "add" else 1)  # add reads and writes the box
                 print(
-                    f"| DiskStore | {args.size}^2 x {args.channels} | {box}^2 | {phase} | {seconds:.2f} | "
+                    f"| DiskStore | {args.size}^{NDIM} x {args.channels} | {box}^{NDIM} | {phase} | {seconds:.2f} | "
                     f"{moved / seconds / 1e9:.2f} | {1000 * seconds / count:.1f} |",
                     flush=True,
                 )
         size = args.memory_size
-        memory = TensorStore((1, args.channels, size, size), dtype, "cpu")
-        mem_bytes = args.channels * size**2 * itemsize
+        memory = TensorStore((1, args.channels, *[size] * NDIM), dtype, "cpu")
+        mem_bytes = args.channels * size**NDIM * itemsize
         mem_count = len(list(boxes(size, box)))
         for phase, seconds in phases(memory, size, box, args.channels, dtype, False).items():
             moved = mem_bytes * (2 if phase == "add" else 1)
             print(
-                f"| TensorStore (cpu) | {size}^2 x {args.channels} | {box}^2 | {phase} | {seconds:.2f} | "
+                f"| TensorStore (cpu) | {size}^{NDIM} x {args.channels} | {box}^{NDIM} | {phase} | {seconds:.2f} | "
                 f"{moved / seconds / 1e9:.2f} | {1000 * seconds / mem_count:.1f} |",
                 flush=True,
             )
         memory.close()
         seconds = timed(lambda b=box, n=mem_count: clones(args.channels, b, dtype, n))
         print(
-            f"| plain copy (tensor.clone) | - | {box}^2 | clone | {seconds:.2f} | "
+            f"| plain copy (tensor.clone) | - | {box}^{NDIM} | clone | {seconds:.2f} | "
             f"{mem_bytes / seconds / 1e9:.2f} | {1000 * seconds / mem_count:.1f} |",
             flush=True,
         )

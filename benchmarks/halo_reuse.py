@@ -149,7 +149,7 @@ class Residual:
             if y is None:
                 return None
         rows = slice(y.r0 - self.x_r0, y.r1 - self.x_r0)
-        out = F.relu(y.data + self.x[:, :, rows, y.c0 - self.x_c0 : y.c1 - self.x_c0])
+        out = (y.data + self.x[:, :, rows, y.c0 - self.x_c0 : y.c1 - self.x_c0]).relu_()
         self.x, self.x_c0 = self.x[..., y.c1 - self.x_c0 :], y.c1
         return Chunk(out, y.r0, y.r1, y.c0, y.c1)
 
@@ -167,12 +167,12 @@ def _bn(bn: nn.BatchNorm2d) -> Pointwise:
 
 def line_ops(net: nn.Sequential) -> list:
     conv1, bn1, _, pool, layer1 = net
-    ops = [_conv(conv1), _bn(bn1), Pointwise(F.relu)]
+    ops = [_conv(conv1), _bn(bn1), Pointwise(F.relu_)]
     ops.append(Window(lambda x: F.max_pool2d(x, pool.kernel_size, pool.stride), pool.kernel_size, pool.stride,
                       pool.padding, float("-inf")))  # fmt: skip
     for block in layer1:
         assert block.downsample is None
-        branch = [_conv(block.conv1), _bn(block.bn1), Pointwise(F.relu), _conv(block.conv2), _bn(block.bn2)]
+        branch = [_conv(block.conv1), _bn(block.bn1), Pointwise(F.relu_), _conv(block.conv2), _bn(block.bn2)]
         ops.append(Residual(branch))
     return ops
 

@@ -43,7 +43,7 @@ BEGIN, END = "<!-- coverage table: begin (benchmarks/model_coverage.py) -->", "<
 EXACT = 1e-10  # float64: relative to the largest magnitude of the compared tensor
 # What 2 shared CPU cores can do in about 15 minutes for some 250 models in float64 (convolutions in float64 take
 # PyTorch's slow path on CPU): larger models and inputs are listed with the reason they were not run.
-MAX_PARAMS = 150e6
+MAX_PARAMS = 100e6
 SIDE = {2: 64, 3: 32}  # the input's side; grown (up to MAX_PIXELS) when the halo asks for larger tiles
 MAX_PIXELS = {2: 192**2, 3: 64**3}
 SECONDS = 60  # per model
@@ -322,27 +322,34 @@ def _rel(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
 
 def _tile(trunk: nn.Module, shape: tuple[int, ...], tile: int) -> tuple[tuple[int, ...], int, Any]:
     """An input shape and a tile giving several tiles: grow the tile to the smallest the geometry accepts, the
-    input to 1.5 tiles (multiple of 32). Returns (shape, tile, plan)."""
+    input to 1.5 tiles (multiple of 32). Returns (shape, tile, plan); the plan is None when the input would exceed
+    MAX_PIXELS (the caller says so)."""
     import tilegrad
     from tilegrad import GeometryError
 
-    for _ in range(4):
+    planned: tuple[tuple[int, ...], int, Any] | None = None
+    for _ in range(6):
+        if math.prod(shape[2:]) > MAX_PIXELS[len(shape) - 2]:
+            return shape, tile, None
         try:
             plan = tilegrad.plan_streaming(trunk, shape, tile_size=tile, mode="stages", dtype=torch.float64)
         except GeometryError as err:
             found = re.search(r"use at least (\d+)", str(err))
-            if not found:
+            if not found or planned is not None:  # a smaller tile than one that planned: keep that one
+                if planned is not None:
+                    return planned
                 raise
             tile = int(found.group(1))
-        else:
-            if max(len(s.grid) for s in plan.segments) > 1:
-                return shape, tile, plan
-            tile = max(8, tile * 2 // 3)
+            side = max(shape[2], 32 * math.ceil(1.5 * tile / 32))
+            shape = (*shape[:2], *(side,) * (len(shape) - 2))
             continue
-        side = max(shape[2], 32 * math.ceil(1.5 * tile / 32))
-        shape = (*shape[:2], *(side,) * (len(shape) - 2))
-    plan = tilegrad.plan_streaming(trunk, shape, tile_size=tile, mode="stages", dtype=torch.float64)
-    return shape, tile, plan
+        planned = (shape, tile, plan)
+        if max(len(s.grid) for s in plan.segments) > 1:
+            return planned
+        tile = max(8, tile * 2 // 3)  # one tile holds the whole input: a smaller one
+    if planned is not None:
+        return planned
+    raise tilegrad.GeometryError(f"no tile found for an input of {shape}")
 
 
 def _grads(
@@ -356,8 +363,8 @@ def _grads(
 def check(row: Row, side: int | None = None) -> Row:
     """Build the model of ``row``, stream it and infer with it against the plain computation; fill the row in.
 
-    The model is first built on the meta device (no memory, no initialisation): its size, its split and its plan
-    (where most refusals happen) cost nothing there. Only a model that plans is built for real and run.
+    The model is first built on the meta device (:func:`on_meta`): its size, its split and its plan (where most
+    refusals happen) cost nothing there. Only a model that plans is built for real and run.
     """
     if row.status == "not built":
         return row
@@ -367,38 +374,64 @@ def check(row: Row, side: int | None = None) -> Row:
     row.status = row.error = row.time = row.message = row.input = ""
     if row.source == "timm":
         row.setup = timm_model(row.name)
-    side = side or SIDE[row.ndim]
-    shape = (1, row.channels, *(side,) * row.ndim)
+    shape = (1, row.channels, *(side or SIDE[row.ndim],) * row.ndim)
     torch.manual_seed(0)
     try:
         with _deadline(SECONDS):
-            try:
-                with torch.device("meta"):
-                    meta = row.build().double().eval()
-            except Exception:  # a constructor that computes on its tensors: build it for real below
-                meta = None
-            if meta is not None:
-                params = sum(p.numel() for p in meta.parameters())
-                if params > MAX_PARAMS:
-                    row.status = "not run"
-                    row.message = f"{params / 1e6:.0f}M parameters: over {MAX_PARAMS / 1e6:.0f}M, too slow for this CPU check"
-                    return row
-                try:
-                    trunk, _ = streamable_part(meta)
-                    _tile(trunk, shape, max(16, side * 2 // 3))
-                except tilegrad.NotStreamableError as err:
-                    row.status, row.message = "refused", f"{type(err).__name__}: {_first_line(err)}"
-                    return row
-                except Exception:  # meta tensors cannot do everything: the real run below says what happens
-                    pass
-                del meta
-            return _check(row, shape, tilegrad, streamable_part)
+            params, refusal, found = on_meta(row, shape)
+            if params is not None and params > MAX_PARAMS:
+                row.status, row.message = "not run", _too_large(params)
+            elif refusal is not None:
+                row.status, row.message = "refused", refusal
+            else:
+                _check(row, shape, found, tilegrad, streamable_part)
+            return row
     except _Timeout as err:
         row.status, row.message = "not run", f"stopped: {err}"
         return row
 
 
-def _check(row: Row, shape: tuple[int, ...], tilegrad: Any, streamable_part: Callable) -> Row:
+def on_meta(
+    row: Row, shape: tuple[int, ...] | None = None
+) -> tuple[float | None, str | None, tuple[tuple[int, ...], int] | None]:
+    """(parameters, refusal, (input shape, tile)) of the model of ``row`` built on the meta device (no memory, no
+    initialisation): the refusal is the first line of the NotStreamableError that splitting or planning it raises;
+    the shape and tile are those :func:`_tile` found, when it planned. (None, None, None) when the model cannot be
+    built on the meta device (a constructor that computes on its tensors)."""
+    import tilegrad
+    from tilegrad.split import streamable_part
+
+    shape = shape or (1, row.channels, *(SIDE[row.ndim],) * row.ndim)
+    try:
+        with torch.device("meta"):
+            meta = row.build().double().eval()
+    except Exception:
+        return None, None, None
+    params = float(sum(p.numel() for p in meta.parameters()))
+    if params > MAX_PARAMS:
+        return params, None, None
+    try:
+        trunk, _ = streamable_part(meta)
+        shape, tile, _ = _tile(trunk, shape, max(16, shape[2] * 2 // 3))
+    except tilegrad.NotStreamableError as err:
+        return params, f"{type(err).__name__}: {_first_line(err)}", None
+    except Exception:  # meta tensors cannot do everything: the real run says what happens
+        return params, None, None
+    return params, None, (shape, tile)
+
+
+def _too_large(params: float) -> str:
+    return f"{params / 1e6:.0f}M parameters: over {MAX_PARAMS / 1e6:.0f}M, too slow for this CPU check"
+
+
+def _check(
+    row: Row,
+    shape: tuple[int, ...],
+    found: tuple[tuple[int, ...], int] | None,
+    tilegrad: Any,
+    streamable_part: Callable,
+) -> Row:
+    """The real run; ``found``: the input shape and tile planned on the meta device (not planned again here)."""
     try:
         model = row.build()
     except Exception as err:
@@ -406,15 +439,12 @@ def _check(row: Row, shape: tuple[int, ...], tilegrad: Any, streamable_part: Cal
         return row
     params = sum(p.numel() for p in model.parameters())
     if params > MAX_PARAMS:  # when it could not be built on the meta device
-        row.status = "not run"
-        row.message = (
-            f"{params / 1e6:.0f}M parameters: over {MAX_PARAMS / 1e6:.0f}M, too slow for this CPU check"
-        )
+        row.status, row.message = "not run", _too_large(params)
         return row
     model = model.double().eval()
     try:
         trunk, head = streamable_part(model)
-        shape, tile, _ = _tile(trunk, shape, max(16, shape[2] * 2 // 3))
+        shape, tile = found or _tile(trunk, shape, max(16, shape[2] * 2 // 3))[:2]
     except _Timeout:
         raise
     except Exception as err:
@@ -440,7 +470,10 @@ def _check(row: Row, shape: tuple[int, ...], tilegrad: Any, streamable_part: Cal
         crashed = not isinstance(err, tilegrad.TilegradError)
         stream_why = f"{type(err).__name__}: {_first_line(err)}"
     try:
-        infer_error, infer_why = _infer(trunk, shape, tile, row.ndim, tilegrad)
+        if (
+            head is None
+        ):  # infer is for fully convolutional networks: a classifier's is not run (saves a plan)
+            infer_error, infer_why = _infer(trunk, shape, tile, row.ndim, tilegrad)
     except _Timeout:
         raise
     except Exception as err:
@@ -559,11 +592,12 @@ def parse_table(text: str) -> list[Row]:
     return found
 
 
-def write_doc(checked: list[Row]) -> None:
+def write_doc(checked: list[Row], out: Path = DOC) -> None:
+    """Replace the table between the markers of docs/models.md; write the page to ``out``."""
     text = DOC.read_text()
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    DOC.write_text(f"{head}{BEGIN}\n\n{format_table(checked)}\n{END}{tail}")
+    out.write_text(f"{head}{BEGIN}\n\n{format_table(checked)}\n{END}{tail}")
 
 
 def summary(checked: list[Row]) -> str:
@@ -594,6 +628,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--print", action="store_true", help="print the rows instead of writing docs/models.md"
     )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DOC,
+        help="write the page there (a copy of docs/models.md with the new rows)",
+    )
     args = parser.parse_args(argv)
     # one thread: on 2 cores shared with other jobs, two OpenMP threads made a float64 DenseNet step 10x slower
     torch.set_num_threads(1)
@@ -622,7 +662,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.print:
         print(format_table([r for r in done if wanted is None or r.name in wanted]))
     else:
-        write_doc(done)
+        write_doc(done, args.out)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ def _make(kind: str, shape: tuple[int, ...], dtype: torch.dtype, scratch: Scratc
     store = DiskStore(shape, dtype, scratch, "store", "cpu")
     if kind == "disk-whole":  # the path an accelerator takes (whole box in file layout), run on the CPU
         store._fused = False
+    if kind == "disk-5":  # a staging buffer of 5 positions: runs split into pieces and groups
+        store._piece = 5
     return store
 
 
@@ -62,6 +64,7 @@ KINDS = [
     pytest.param("host", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA")),
     "disk",
     "disk-whole",
+    "disk-5",
 ]
 SHAPES = [
     (2, 3, 37),  # 1D, N > 1

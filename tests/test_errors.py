@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import tilegrad
@@ -209,6 +210,24 @@ CASES = [
         lambda: tilegrad.split_model(nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten()), at="nope"),
         ConfigError,
         "expected the name of one of its children",
+    ),
+    (  # a family's split point is where its forward leaves the trunk
+        "split-family-at",
+        lambda: tilegrad.split_model(torchvision.models.mnasnet0_5(), at="layers.3"),
+        ConfigError,
+        "MNASNet is split after 'layers'",
+    ),
+    (
+        "receptive-field-glu-width",
+        lambda: tilegrad.receptive_field(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GLU())),
+        NotStreamableError,
+        "GLU splits dim -1",
+    ),
+    (
+        "receptive-field-layer-norm-space",
+        lambda: tilegrad.receptive_field(nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm(8))),
+        NotStreamableError,
+        "LayerNorm normalises over space",
     ),
     # ---- streamed heads (tilegrad.heads) ----------------------------------------------------------------------
     ("heads-pool-mode", lambda: heads.GlobalPool("min"), ConfigError, "mode must be 'max' or 'avg'"),

@@ -68,3 +68,102 @@ def test_split_model_resnet_vgg_densenet_sequential():
     assert len(trunk) == 1 and torch.allclose(head(trunk(x)), seq(x))
     with pytest.raises(ConfigError, match="expected the name of one of its children"):
         tilegrad.split_model(seq, at="nope")
+
+
+timm = pytest.importorskip("timm")
+tv = torchvision.models
+SE = "SqueezeExcitation"  # refused inside the trunk until squeeze-and-excitation is streamed
+
+# (case, factory, input side, None when the trunk is local or the words of its refusal); each was refused by
+# split_model before ("split_model knows torchvision and MONAI ResNet ..."), timm's ResNet failed on at='avgpool'
+FAMILIES = [
+    ("MobileNetV2", tv.mobilenet_v2, 64, None),
+    ("MobileNetV3", tv.mobilenet_v3_small, 64, [SE, "AdaptiveAvgPool2d"]),
+    ("EfficientNet-B0", tv.efficientnet_b0, 64, [SE, "squeeze-and-excitation"]),
+    pytest.param("EfficientNetV2-S", tv.efficientnet_v2_s, 64, [SE], marks=pytest.mark.slow),
+    ("RegNetX", tv.regnet_x_400mf, 64, None),
+    ("RegNetY", tv.regnet_y_400mf, 64, [SE, "trunk_output.block1"]),
+    ("ConvNeXt", tv.convnext_tiny, 64, None),
+    ("ShuffleNetV2", tv.shufflenet_v2_x0_5, 64, None),
+    ("MNASNet", tv.mnasnet0_5, 64, None),
+    ("SqueezeNet", tv.squeezenet1_1, 64, None),
+    ("GoogLeNet", lambda: tv.googlenet(init_weights=True), 64, None),
+    pytest.param("Inception3", lambda: tv.inception_v3(init_weights=True), 96, None, marks=pytest.mark.slow),
+    ("timm resnet18", lambda: timm.create_model("resnet18"), 64, None),
+    ("timm convnext_atto", lambda: timm.create_model("convnext_atto"), 64, None),
+    pytest.param(
+        "timm efficientnet_b0",
+        lambda: timm.create_model("efficientnet_b0"),
+        64,
+        ["SqueezeExcite", "mean over positions"],
+        marks=pytest.mark.slow,
+    ),
+    (
+        "MONAI SEResNet50",
+        lambda: nets.SEResNet50(spatial_dims=2, in_channels=3, num_classes=2),
+        64,
+        ["ChannelSELayer", "AdaptiveAvgPool2d"],
+    ),
+    (
+        "MONAI EfficientNetBN",
+        lambda: nets.EfficientNetBN(
+            "efficientnet-b0", pretrained=False, spatial_dims=2, in_channels=3, num_classes=2
+        ),
+        64,
+        ["_se_adaptpool"],
+    ),
+    (
+        "MONAI Classifier",
+        lambda: nets.Classifier(in_shape=(3, 32, 32), classes=2, channels=(4, 8), strides=(2, 2)),
+        32,
+        ["InstanceNorm2d"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "case, factory, side, refusal", FAMILIES, ids=[getattr(c, "values", c)[0] for c in FAMILIES]
+)
+def test_families_split_exactly_and_the_trunk_is_local_or_refused_by_name(case, factory, side, refusal):
+    torch.manual_seed(0)
+    model = factory().eval().double()
+    x = torch.randn(1, 3, side, side, dtype=torch.float64)
+    trunk, head = tilegrad.split_model(model)
+    with torch.no_grad():
+        assert torch.equal(head(trunk(x)), model(x)), case
+    if refusal is None:
+        tilegrad.receptive_field(trunk, ndim=2)  # the trunk is local: no NotStreamableError
+    else:
+        with pytest.raises(tilegrad.NotStreamableError) as info:
+            tilegrad.receptive_field(trunk, ndim=2)
+        for word in refusal:
+            assert word in str(info.value), case
+
+
+def test_timm_split_points_use_timms_names():
+    model = timm.create_model("resnet18").eval()
+    for at in ("global_pool", "avgpool", "forward_head"):  # timm calls the pooling global_pool
+        trunk, head = tilegrad.split_model(model, at=at)
+        assert trunk.method == "forward_features" and head.method == "forward_head"
+    with pytest.raises(ConfigError, match="between forward_features and forward_head"):
+        tilegrad.split_model(model, at="layer3")
+
+
+def test_timm_features_only_is_a_trunk_with_one_map():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", features_only=True, out_indices=(3,)).eval().double()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    trunk, head = tilegrad.split_model(model)
+    with torch.no_grad():
+        assert torch.equal(head(trunk(x)), model(x)[0])
+    assert tilegrad.receptive_field(trunk, ndim=2).stride == (16, 16)
+    several = timm.create_model("resnet18", features_only=True, out_indices=(2, 3))
+    with pytest.raises(tilegrad.NotStreamableError, match=r"returns 2 feature maps.*out_indices=\(i,\)"):
+        tilegrad.split_model(several)
+
+
+def test_family_split_points_are_checked():
+    with pytest.raises(ConfigError, match="MobileNetV2 is split after 'features'"):
+        tilegrad.split_model(tv.mobilenet_v2(), at="classifier.1")
+    with pytest.raises(ConfigError, match="aux_logits"):
+        tilegrad.split_model(tv.googlenet(init_weights=True).train())

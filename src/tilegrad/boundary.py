@@ -78,17 +78,19 @@ __all__ = ["Box", "DiskStore", "Scratch", "Store", "TensorStore", "remove_stale_
 # (b_0, ..., b_{k-1}) is then prod(b_0 .. b_{k-2}) contiguous runs of b_{k-1}*N*C*itemsize bytes (fewer, longer runs
 # when trailing dims are whole: a box of whole rows is one run), instead of N*C times as many short runs in an
 # (N, C, *spatial) layout. The (N, C, *box) tensor a read returns is a transpose of what the file holds. On the CPU
-# it is done piece by piece: each run is read in pieces of at most 256 KiB into one staging buffer that stays in
-# cache and transposed from there into the output (write and add go the same way back; add reads a piece, adds,
-# writes it), so the box crosses main memory once; transposing a whole 64 MiB box after reading it took twice as
-# long. On an accelerator the box moves whole in file layout (pinned) and is transposed there.
+# it is done a staging buffer at a time: runs are read in pieces of at most 256 KiB into one buffer that stays in
+# cache (short runs several to a buffer) and transposed from there into the output (write and add go the same way
+# back; add reads a buffer, adds, writes it), so the box crosses main memory once; transposing a whole 64 MiB box
+# after reading it took twice as long. On an accelerator the box moves whole in file layout (pinned) and is
+# transposed there.
 #
 # Costs per tile (B = the box's bytes = N*C*prod(b)*itemsize): a read moves B from the page cache or the disk and
 # writes B into a new tensor (page faults included: the engine maps each buffer fresh, NOTE [ Heap growth under a
 # budget ] in _allocator.py); a write moves B the other way; add moves 2B (the sum is taken on the CPU in the
-# store's dtype, so it rounds exactly as `tensor[box] += value` does). One preadv/pwritev per piece. Measured on
-# this machine: BENCHMARKS.md, "Boundary storage (issue 11)" (benchmarks/boundary_io.py). add() is a
-# read-modify-write: two threads adding into overlapping boxes of one DiskStore must be serialised by the caller.
+# store's dtype, so it rounds exactly as `tensor[box] += value` does). One preadv/pwritev per piece: a 3D box of
+# few channels (runs of a few KiB) is bound by those calls, not by bytes. Measured on this machine: BENCHMARKS.md,
+# "Boundary storage (issue 11)" (benchmarks/boundary_io.py). add() is a read-modify-write: two threads adding into
+# overlapping boxes of one DiskStore must be serialised by the caller.
 
 Box = tuple[slice, ...]
 """One slice per SPATIAL dim of a store (N and C are always whole); steps must be 1, bounds inside the shape."""
@@ -376,6 +378,22 @@ class DiskStore:
                 yield offset + a * self._position_bytes, position + a, min(self._piece, run - a)
             position += run
 
+    def _groups(self, ranges: list[tuple[int, int]]) -> Iterator[tuple[int, int, list[tuple[int, int, int]]]]:
+        """Consecutive pieces that fill one staging buffer together: (first position, positions, [(file offset,
+        start in the buffer, positions)]). Short runs (a 3D box of a few channels) are transposed many at once."""
+        group: list[tuple[int, int, int]] = []
+        first = filled = 0
+        for offset, p, k in self._pieces(ranges):
+            if filled + k > self._piece:
+                yield first, filled, group
+                group, filled = [], 0
+            if not group:
+                first = p
+            group.append((offset, filled, k))
+            filled += k
+        if group:
+            yield first, filled, group
+
     def _io(self, write: bool, view: memoryview, offset: int) -> None:
         """Move one contiguous byte range between ``view`` and the file at ``offset`` (short transfers resumed)."""
         assert self._fd is not None
@@ -430,9 +448,10 @@ class DiskStore:
         out = torch.empty((self._nc, positions), dtype=self.dtype)
         if out.numel():
             staging, view = self._staging(positions)
-            for offset, p, k in self._pieces(ranges):
-                self._io(False, view[: k * pb], offset)
-                out[:, p : p + k].copy_(staging[:k].t())
+            for first, n, group in self._groups(ranges):
+                for offset, start, k in group:
+                    self._io(False, view[start * pb : (start + k) * pb], offset)
+                out[:, first : first + n].copy_(staging[:n].t())
         return out.view(*self.shape[:2], *sizes)
 
     def write(self, box: Box, value: torch.Tensor) -> None:
@@ -448,9 +467,10 @@ class DiskStore:
             return
         flat = self._flat(value, positions)
         staging, view = self._staging(positions)
-        for offset, p, k in self._pieces(ranges):
-            staging[:k].copy_(flat[:, p : p + k].t())
-            self._io(True, view[: k * pb], offset)
+        for first, n, group in self._groups(ranges):
+            staging[:n].copy_(flat[:, first : first + n].t())
+            for offset, start, k in group:
+                self._io(True, view[start * pb : (start + k) * pb], offset)
 
     def add(self, box: Box, value: torch.Tensor) -> None:
         ranges, sizes = self._prepare(box, value)
@@ -459,10 +479,12 @@ class DiskStore:
             return
         flat = self._flat(value, positions)
         staging, view = self._staging(positions)
-        for offset, p, k in self._pieces(ranges):  # read, add, write back, piece by piece
-            self._io(False, view[: k * pb], offset)
-            staging[:k] += flat[:, p : p + k].t()
-            self._io(True, view[: k * pb], offset)
+        for first, n, group in self._groups(ranges):  # read, add, write back, a staging buffer at a time
+            for offset, start, k in group:
+                self._io(False, view[start * pb : (start + k) * pb], offset)
+            staging[:n] += flat[:, first : first + n].t()
+            for offset, start, k in group:
+                self._io(True, view[start * pb : (start + k) * pb], offset)
 
     def close(self) -> None:
         fd, self._fd = getattr(self, "_fd", None), None

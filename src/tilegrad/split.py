@@ -44,19 +44,214 @@ class _DenseNetHead(nn.Module):
         return self.classifier(x)
 
 
+class _MeanHead(nn.Module):
+    """``classifier(x.mean(dims))``: torchvision ShuffleNetV2 and MNASNet pool with a mean in ``forward``."""
+
+    def __init__(self, classifier: nn.Module, ndim: int = 2):
+        super().__init__()
+        self.classifier = classifier
+        self.dims = tuple(range(2, 2 + ndim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x.mean(list(self.dims)))
+
+
+class _Method(nn.Module):
+    """``model.<method>(x)`` as a module: timm's ``forward_features`` / ``forward_head`` contract."""
+
+    def __init__(self, model: nn.Module, method: str):
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model, self.method)(x)
+
+
+class _TransformInput(nn.Module):
+    """torchvision GoogLeNet's and Inception3's ``_transform_input`` (a per-channel affine map: local)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self._transform = model._transform_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._transform(x)
+
+
+class _OnlyMap(nn.Module):
+    """A timm ``features_only`` model created with one ``out_indices``: the one feature map it returns."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (feature,) = self.model(x)
+        return feature
+
+
 def _children(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return list(model.named_children())
 
 
-def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Sequential, nn.Module]:
-    """Split ``model`` before the child named ``at`` into ``(trunk, head)``.
+def _pick(model: nn.Module, names: list[str]) -> nn.Sequential:
+    return nn.Sequential(OrderedDict((n, getattr(model, n)) for n in names))
 
-    Supported: torchvision ResNet (default ``at="avgpool"``), VGG and DenseNet (default ``at="features"``'s end,
-    i.e. the trunk is ``features``), MONAI's ResNet (``monai.networks.nets.resnet18`` ...: as torchvision's; with
-    ``no_max_pool=True`` the unused ``maxpool`` child is left out) and DenseNet (``DenseNet121`` ...: the trunk is
-    ``features``, the head ``class_layers``), and any ``nn.Sequential`` (``at`` is a child name or index; default: the
-    first adaptive/global pooling or Flatten layer). The trunk is an ``nn.Sequential`` with the original child names,
-    so errors name layers as in the model (``layer3.1.conv2``).
+
+def _check_at(kind: str, at: str | int | None, allowed: tuple[str, ...], where: str) -> None:
+    if at is not None and at not in allowed:
+        raise ConfigError(
+            f"{kind} is split {where}; received at={at!r} (expected one of {list(allowed)} or None)"
+        )
+
+
+def _torchvision_family(model: nn.Module, at: str | int | None) -> tuple[nn.Module, nn.Module] | None:
+    """torchvision classification families whose ``forward`` is not a plain chain of children."""
+    kind = type(model).__name__
+    names = [n for n, _ in model.named_children()]
+    pool_flatten = ("features", "avgpool", "classifier")
+    if kind in ("MobileNetV3", "EfficientNet") and names == list(pool_flatten):
+        # forward: features, avgpool, flatten, classifier
+        _check_at(kind, at, ("features", "avgpool"), "after 'features' (before 'avgpool')")
+        return model.features, nn.Sequential(
+            OrderedDict(avgpool=model.avgpool, flatten=nn.Flatten(1), classifier=model.classifier)
+        )
+    if kind == "ConvNeXt" and names == list(pool_flatten):
+        # forward: features, avgpool, classifier (LayerNorm2d, Flatten, Linear)
+        _check_at(kind, at, ("features", "avgpool"), "after 'features' (before 'avgpool')")
+        return model.features, nn.Sequential(OrderedDict(avgpool=model.avgpool, classifier=model.classifier))
+    if kind == "MobileNetV2" and names == ["features", "classifier"]:
+        # forward: features, F.adaptive_avg_pool2d(x, (1, 1)), flatten, classifier
+        _check_at(kind, at, ("features", "classifier"), "after 'features'")
+        return model.features, nn.Sequential(
+            OrderedDict(
+                avgpool=nn.AdaptiveAvgPool2d((1, 1)), flatten=nn.Flatten(1), classifier=model.classifier
+            )
+        )
+    if kind == "RegNet" and names == ["stem", "trunk_output", "avgpool", "fc"]:
+        _check_at(kind, at, ("avgpool",), "after 'trunk_output' (before 'avgpool')")
+        return _pick(model, ["stem", "trunk_output"]), nn.Sequential(
+            OrderedDict(avgpool=model.avgpool, flatten=nn.Flatten(1), fc=model.fc)
+        )
+    if kind == "ShuffleNetV2" and names[-1] == "fc":
+        # forward: conv1, maxpool, stage2..4, conv5, x.mean([2, 3]), fc
+        _check_at(kind, at, ("fc",), "after 'conv5' (before the mean and 'fc')")
+        return _pick(model, names[:-1]), _MeanHead(model.fc)
+    if kind == "MNASNet" and names == ["layers", "classifier"]:
+        # forward: layers, x.mean([2, 3]), classifier
+        _check_at(kind, at, ("layers", "classifier"), "after 'layers'")
+        return model.layers, _MeanHead(model.classifier)
+    if kind == "SqueezeNet" and names == ["features", "classifier"]:
+        # forward: features, classifier (Dropout, 1x1 conv, ReLU, AdaptiveAvgPool2d), flatten
+        _check_at(kind, at, ("features", "classifier"), "after 'features'")
+        return model.features, nn.Sequential(OrderedDict(classifier=model.classifier, flatten=nn.Flatten(1)))
+    if kind in ("GoogLeNet", "Inception3") and "avgpool" in names:
+        # forward (eval): _transform_input, the stem and inception blocks (aux heads run only in training),
+        # avgpool, [dropout,] flatten, dropout, fc
+        _check_at(kind, at, ("avgpool",), "before 'avgpool'")
+        if model.training and getattr(model, "aux_logits", False):
+            raise ConfigError(
+                f"{kind} in training mode with aux_logits=True returns the auxiliary classifiers' outputs too; "
+                "split it in eval mode or build it with aux_logits=False"
+            )
+        skip = {"aux1", "aux2", "AuxLogits"}
+        trunk_names = [n for n in names[: names.index("avgpool")] if n not in skip]
+        layers = [(n, getattr(model, n)) for n in trunk_names]
+        if getattr(model, "transform_input", False):
+            layers.insert(0, ("transform_input", _TransformInput(model)))
+        rest = [(n, getattr(model, n)) for n in names[names.index("avgpool") :] if n not in skip]
+        if kind == "GoogLeNet":  # avgpool, flatten, dropout, fc
+            rest.insert(1, ("flatten", nn.Flatten(1)))
+        else:  # avgpool, dropout, flatten, fc
+            rest.insert(2, ("flatten", nn.Flatten(1)))
+        return nn.Sequential(OrderedDict(layers)), nn.Sequential(OrderedDict(rest))
+    return None
+
+
+def _timm_family(model: nn.Module, at: str | int | None) -> tuple[nn.Module, nn.Module] | None:
+    """timm models, through timm's own contract: ``forward(x) == forward_head(forward_features(x))``."""
+    if not type(model).__module__.startswith("timm."):
+        return None
+    kind = type(model).__name__
+    if hasattr(model, "feature_info") and not hasattr(model, "forward_head"):  # features_only=True
+        indices = getattr(model.feature_info, "out_indices", None)
+        if indices is not None and len(indices) != 1:
+            raise NotStreamableError(
+                f"{kind} (a timm features_only model) returns {len(indices)} feature maps; a streamed trunk "
+                "returns one: create it with out_indices=(i,) for the map you need"
+            )
+        _check_at(kind, at, (), "nowhere: it has no head")
+        return _OnlyMap(model), nn.Identity()
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        return None
+    _check_at(
+        kind,
+        at,
+        ("global_pool", "avgpool", "forward_head"),
+        "between forward_features and forward_head (timm)",
+    )
+    return _Method(model, "forward_features"), _Method(model, "forward_head")
+
+
+def _monai_family(model: nn.Module, at: str | int | None) -> tuple[nn.Module, nn.Module] | None:
+    """MONAI classification networks whose ``forward`` is not a plain chain of children (DenseNet is below)."""
+    if not type(model).__module__.startswith("monai."):
+        return None
+    kinds = {cls.__name__ for cls in type(model).__mro__}
+    kind = type(model).__name__
+    if "SENet" in kinds:
+        # features: layer0..layer4; logits: adaptive_avg_pool, [dropout,] flatten, last_linear
+        _check_at(kind, at, ("adaptive_avg_pool",), "after 'layer4' (before 'adaptive_avg_pool')")
+        head = [("adaptive_avg_pool", model.adaptive_avg_pool)]
+        if model.dropout is not None:
+            head.append(("dropout", model.dropout))
+        head += [("flatten", nn.Flatten(1)), ("last_linear", model.last_linear)]
+        return _pick(model, ["layer0", "layer1", "layer2", "layer3", "layer4"]), nn.Sequential(
+            OrderedDict(head)
+        )
+    if "EfficientNet" in kinds and hasattr(model, "_blocks"):
+        # stem padding, conv, bn0, swish, blocks, head padding, conv, bn1, swish | pool, flatten, dropout, fc
+        _check_at(kind, at, ("_avg_pooling",), "after '_bn1' (before '_avg_pooling')")
+        trunk = [
+            ("_conv_stem_padding", model._conv_stem_padding),
+            ("_conv_stem", model._conv_stem),
+            ("_bn0", model._bn0),
+            ("_swish0", model._swish),
+            ("_blocks", model._blocks),
+            ("_conv_head_padding", model._conv_head_padding),
+            ("_conv_head", model._conv_head),
+            ("_bn1", model._bn1),
+            ("_swish1", model._swish),
+        ]
+        head = [
+            ("_avg_pooling", model._avg_pooling),
+            ("flatten", nn.Flatten(1)),
+            ("_dropout", model._dropout),
+            ("_fc", model._fc),
+        ]
+        return nn.Sequential(OrderedDict(trunk)), nn.Sequential(OrderedDict(head))
+    if "Regressor" in kinds and hasattr(model, "net") and hasattr(model, "final"):
+        # Classifier, Discriminator, Regressor: net | final (flatten, linear over the whole map), reshape
+        _check_at(kind, at, ("final",), "after 'net' (before 'final')")
+        return model.net, nn.Sequential(OrderedDict(final=model.final, reshape=model.reshape))
+    return None
+
+
+def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Module, nn.Module]:
+    """Split ``model`` before the child named ``at`` into ``(trunk, head)`` with ``head(trunk(x)) == model(x)``.
+
+    Supported: torchvision ResNet (default ``at="avgpool"``), VGG and DenseNet (the trunk is ``features``),
+    MobileNetV2/V3, EfficientNet/V2, ConvNeXt, SqueezeNet (``features``), MNASNet (``layers``), RegNet (``stem`` and
+    ``trunk_output``), ShuffleNetV2 (up to ``conv5``), GoogLeNet and Inception3 (up to ``avgpool``, without the
+    auxiliary classifiers, which run only in training); timm models through their own contract (the trunk is
+    ``forward_features``, the head ``forward_head``; ``at`` may be timm's ``"global_pool"``; a ``features_only``
+    model with one ``out_indices`` is a trunk with an identity head); MONAI's ResNet (as torchvision's; with
+    ``no_max_pool=True`` the unused ``maxpool`` child is left out), DenseNet (``features`` | ``class_layers``), SENet
+    (``layer0``..``layer4``), EfficientNetBN and Classifier/Regressor (``net`` | ``final``); and any
+    ``nn.Sequential`` (``at`` is a child name or index; default: the first adaptive/global pooling or Flatten
+    layer). A trunk built from children is an ``nn.Sequential`` with the original child names, so errors name
+    layers as in the model (``layer3.1.conv2``).
 
     >>> import torchvision
     >>> trunk, head = split_model(torchvision.models.resnet18(), at="avgpool")
@@ -82,6 +277,10 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Sequential,
         if at not in (None, "avgpool", "features"):
             raise ConfigError(f"{tv_name} is split after 'features' (before 'avgpool'); received at={at!r}")
         return model.features, nn.Sequential(model.avgpool, nn.Flatten(1), model.classifier)
+    for family in (_torchvision_family, _timm_family, _monai_family):
+        found = family(model, at)
+        if found is not None:
+            return found
     if at is None:
         if tv_name == "ResNet" or "avgpool" in names:
             at = "avgpool"
@@ -98,10 +297,9 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Sequential,
         )
     if not isinstance(model, nn.Sequential) and tv_name != "ResNet":
         raise NotStreamableError(
-            f"split_model knows torchvision and MONAI ResNet and DenseNet, torchvision VGG and nn.Sequential; "
-            f"{tv_name}'s forward may not be "
-            "a plain chain of its children. Build the trunk and head yourself (trunk = an nn.Sequential of the "
-            "local layers)"
+            f"split_model knows torchvision's and MONAI's classification families, timm models and nn.Sequential; "
+            f"{tv_name}'s forward may not be a plain chain of its children. Build the trunk and head yourself "
+            "(trunk = an nn.Sequential of the local layers)"
         )
     k = names.index(at)
     local = children[:k]

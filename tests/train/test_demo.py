@@ -116,3 +116,28 @@ def test_gigapixel_demo_runs_end_to_end_at_a_small_size(tmp_path, capsys):
     assert (
         "tilegrad-gigapixel-" in csv and not Path(csv).parent.exists()
     )  # slides in a temporary directory, gone
+
+
+def test_sigterm_inside_the_gigapixel_demo_removes_its_temporary_slides(tmp_path):
+    """The demo's slides (gigabytes at 16384^2) live in a temporary directory: SIGTERM must unwind, not kill."""
+    import os
+    import signal
+    import tempfile
+
+    import pytest
+
+    from tilegrad.train.demo import _sigterm_unwinds
+
+    before = signal.getsignal(signal.SIGTERM)
+    made = []
+    with (
+        pytest.raises(SystemExit) as stop,
+        _sigterm_unwinds(),
+        tempfile.TemporaryDirectory(dir=tmp_path) as scratch,
+    ):
+        made.append(Path(scratch))
+        (made[0] / "slide.tif").write_bytes(b"0" * 1024)
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert not made[0].exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # restored

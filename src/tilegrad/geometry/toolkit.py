@@ -10,7 +10,9 @@ name. The building blocks here are the ones tilegrad's own rules (tilegrad/geome
 * ``ctx.tup(value, name)``: an int or a sequence as one entry per spatial dim;
 * :func:`merge`: element-wise combination of several tensors on the same grid (additions, concatenations);
 * :func:`window`: a sliding window (kernel, stride, padding, dilation), as convolutions and pooling have;
-* :func:`elementwise`, :func:`pixel_shuffle`, :func:`refusing`: ready-made rules.
+* :func:`elementwise`, :func:`pixel_shuffle`, :func:`refusing`: ready-made rules;
+* :func:`layout_aware`: marks a rule that handles any layout of its input (NOTE [ Layouts and tile extents ] in
+  tilegrad/geometry/layout.py); other rules only ever see tensors in the standard (N, C, *spatial) layout.
 
 >>> import torch
 >>> from torch import nn
@@ -32,17 +34,20 @@ from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
 
+import torch
 import torch.fx
 from torch import nn
 
 from ..errors import ConfigError, NotStreamableError
 from .core import Geometry
+from .layout import Layout, standard
 
 __all__ = [
     "Context",
     "Rule",
     "elementwise",
     "function_rule",
+    "layout_aware",
     "merge",
     "module_rule",
     "node_arg",
@@ -61,7 +66,8 @@ _FUNCTION_RULES: dict[Any, Rule] = {}
 
 
 def register_geometry_rule(target: type | Callable[..., Any] | str, rule: Rule) -> None:
-    """Teach tilegrad the geometry of a custom module type, function or tensor method name.
+    """Teach tilegrad the geometry of a custom module type, function or tensor method name (a string with dots is
+    a function's qualified name, ``"torchvision.ops.stochastic_depth.stochastic_depth"``: no import needed).
 
     ``rule(ctx, module, node, inputs)`` receives the geometries of the spatial inputs and returns the output's;
     ``ctx.op(geometry, stride, lo, hi)`` applies a local op (units of its input), ``ctx.refuse(why)`` raises
@@ -82,9 +88,9 @@ def register_geometry_rule(target: type | Callable[..., Any] | str, rule: Rule) 
         _FUNCTION_RULES[target] = rule
 
 
-def module_rule(module: nn.Module) -> Rule | None:
-    """The rule registered for ``module``'s type or its nearest base class, or None."""
-    for klass in type(module).__mro__:
+def module_rule(module: nn.Module | type) -> Rule | None:
+    """The rule registered for ``module``'s type (or ``module`` itself, a type) or its nearest base class, or None."""
+    for klass in (module if isinstance(module, type) else type(module)).__mro__:
         rule = _MODULE_RULES.get(klass)
         if rule is not None:
             return rule
@@ -92,16 +98,51 @@ def module_rule(module: nn.Module) -> Rule | None:
 
 
 def function_rule(target: Any) -> Rule | None:
-    """The rule registered for a function or a tensor method name, or None."""
-    return _FUNCTION_RULES.get(target)
+    """The rule registered for a function, its qualified name or a tensor method name, or None."""
+    rule = _FUNCTION_RULES.get(target) if not isinstance(target, str) or "." not in target else None
+    if rule is None and not isinstance(target, str):
+        qualified = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
+        rule = _FUNCTION_RULES.get(qualified)
+    return rule
+
+
+def layout_aware(rule: Rule) -> Rule:
+    """Mark ``rule`` as handling inputs in any layout (it reads ``ctx.layouts`` and may set ``ctx.layout``)."""
+    rule.tilegrad_layout_aware = True  # type: ignore[attr-defined]
+    return rule
 
 
 class Context:
-    """What a rule knows besides its inputs: the spatial rank (``ndim``) and the layer's name (``where``)."""
+    """What a rule knows besides its inputs: the spatial rank (``ndim``), the layer's name (``where``), the layouts
+    of the spatial inputs (``layouts``, one per input; NOTE [ Layouts and tile extents ]) and, through
+    :meth:`value` and :meth:`meta`, what the walker knows of the node's arguments. A layout-aware rule that changes
+    the layout sets ``ctx.layout``."""
 
-    def __init__(self, ndim: int, where: str):
+    def __init__(
+        self,
+        ndim: int,
+        where: str,
+        layouts: Sequence[Layout] | None = None,
+        values: dict[torch.fx.Node, Any] | None = None,
+    ):
         self.ndim = ndim
         self.where = where
+        self.layouts: list[Layout] = list(layouts) if layouts is not None else []
+        self.layout: Layout | None = None
+        self._values = values if values is not None else {}
+
+    def input_layout(self, index: int = 0) -> Layout:
+        """The layout of spatial input ``index`` (the standard layout when the walker gave none)."""
+        return self.layouts[index] if index < len(self.layouts) else standard(self.ndim)
+
+    def value(self, arg: Any) -> Any:
+        """What the walker knows of a node argument: a spatial tensor (``Spatial``), an Extent/ExtentTuple/
+        TileDependent (tilegrad/geometry/layout.py) or None for a constant; a plain argument is returned as is."""
+        return self._values.get(arg) if isinstance(arg, torch.fx.Node) else arg
+
+    def meta(self, arg: Any) -> Any:
+        """The value ``arg`` had in the trace's meta run (a meta tensor, a torch.Size, an int), or None."""
+        return arg.meta.get("tilegrad_meta") if isinstance(arg, torch.fx.Node) else None
 
     def refuse(self, why: str) -> None:
         """Raise NotStreamableError: '<where> cannot be streamed: <why>'."""
@@ -138,6 +179,12 @@ def merge(ctx: Context, inputs: list[Geometry]) -> Geometry:
     """Element-wise combination of several spatial tensors: same stride, union of dependencies."""
     if not inputs:
         ctx.refuse("it has no spatial input")
+    if len(set(ctx.layouts)) > 1:
+        ctx.refuse(
+            "it combines tensors whose dims are in different orders ("
+            + " and ".join(sorted({str(layout) for layout in ctx.layouts}))
+            + ")"
+        )
     out = inputs[0]
     for other in inputs[1:]:
         if any(a.stride != b.stride for a, b in zip(out.dims, other.dims)):
@@ -150,8 +197,9 @@ def merge(ctx: Context, inputs: list[Geometry]) -> Geometry:
     return out
 
 
+@layout_aware
 def elementwise(ctx: Context, module: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
-    """The rule of point-wise ops (activations, additions, dtype casts): :func:`merge` of the inputs."""
+    """The rule of point-wise ops (activations, additions, dtype casts): :func:`merge` of the inputs, in any layout."""
     return merge(ctx, inputs)
 
 

@@ -25,8 +25,10 @@ where the conventional step needs gigabytes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -494,6 +496,27 @@ def negative_patches(
     return [synthetic_slide(rng, patch, False, source)[0] for _ in range(n)]
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While inside: SIGTERM raises SystemExit, so ``with`` blocks and ``finally`` clauses run (the default action
+    ends the process on the spot). Only in the main thread, where Python delivers signals."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def unwind(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def gigapixel_quick_settings() -> GigapixelSettings:
     """A tiny ``--gigapixel --quick`` run (a smoke test of the same code path, not a result)."""
     return GigapixelSettings(size=2048, patch=512, positive_patches=1, n_train=2, n_val=2, epochs=1, tile=512)
@@ -527,7 +550,8 @@ def run_gigapixel_demo(
     _prepare_out(out, 1)
     n = s.n_train + s.n_val
     megapixels = s.size * s.size / 1e6
-    with tempfile.TemporaryDirectory(prefix="tilegrad-gigapixel-") as scratch:
+    # SIGTERM unwinds like Ctrl-C, so the temporary directory (gigabytes of slides) is removed either way
+    with _sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="tilegrad-gigapixel-") as scratch:
         slides = Path(scratch)
         print(
             f"[1/4] writing {n} synthetic {s.size}x{s.size} slides ({megapixels:.0f} MP each; lesions in "

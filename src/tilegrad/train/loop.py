@@ -20,6 +20,15 @@ skips the steps already done; the slide order of the interrupted epoch is recomp
 done after the last checkpoint is simply repeated, with identical inputs, so a run killed at any moment and resumed
 ends with the same parameters, bit for bit, as one that was never interrupted (same machine, same thread count).
 
+NOTE [ Non-finite values ]: a NaN or infinite loss (one NaN pixel suffices) or parameter gradient stops the run
+with a DataError naming the slide's CSV row, the epoch and the optimizer step, and what the image holds (NaN and
+infinite pixels are counted). The check runs after each slide's backward and before the optimizer step, so the step
+never happens and checkpoint.pt keeps the last good state; after each step the parameters are checked too (a
+learning rate far too high), again before anything is saved. ``skip_nonfinite`` (``--skip-nonfinite``) drops such a
+slide instead: its gradient is computed apart from the step's others and discarded (so the step sums slides one at
+a time, which may change the last bits of the sum), it is printed and counted in log.csv's ``skipped``. Under fp16
+autocast gradients are not checked: the GradScaler skips overflowing steps itself.
+
 NOTE [ Schedule length ]: the learning rate of epoch e is ``lr * _lr_factor(schedule, epochs)(e)``, a closed form of
 the epoch and the run's length. ``--epochs`` may change on resume (to train longer); from the resumed epoch on the
 rate is the one a run started with the new ``--epochs`` would use at that epoch (a 3-epoch cosine run resumed

@@ -1,5 +1,6 @@
 """Geometry rules of functions and tensor methods as they appear in a ``torch.fx`` trace (F.conv2d, torch.cat,
-x.chunk(...), x[:, :4], ...); reading sizes or reducing over positions is refused with the reason."""
+x.chunk(...), x[:, :4], x.view(...), x.permute(...), ...); reducing over positions is refused with the reason.
+Operations along a dim and reshapes follow NOTE [ Layouts and tile extents ] in tilegrad/geometry/layout.py."""
 
 from __future__ import annotations
 
@@ -11,10 +12,21 @@ import torch.fx
 import torch.nn.functional as F
 
 from ..core import Geometry
+from ..layout import (
+    Extent,
+    ExtentTuple,
+    TileDependent,
+    describe,
+    dim_label,
+    flatten_layout,
+    is_spatial,
+    regroup,
+)
 from ..toolkit import (
     Context,
     Rule,
     elementwise,
+    layout_aware,
     merge,
     node_arg,
     refusing,
@@ -22,7 +34,17 @@ from ..toolkit import (
     shuffle,
     window,
 )
-from .modules import argmax, pad_geometry, softmax, upsample_geometry
+from .modules import (
+    along_channels,
+    argmax,
+    dropout_geometry,
+    glu_geometry,
+    layer_norm_geometry,
+    linear_geometry,
+    pad_geometry,
+    softmax,
+    upsample_geometry,
+)
 
 __all__: list[str] = []
 
@@ -30,6 +52,7 @@ __all__: list[str] = []
 def _f_conv(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
     weight = node_arg(node, 1, "weight")
     meta = weight.meta.get("tensor_meta") if isinstance(weight, torch.fx.Node) else None
+    meta = meta if meta is not None else ctx.meta(weight)
     kernel = tuple(meta.shape[2:]) if meta is not None else None
     if kernel is None:
         ctx.refuse("the kernel size of a functional convolution could not be read; use an nn.Conv module")
@@ -55,8 +78,21 @@ def _f_pool(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -
 
 def _f_interpolate(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
     (g,) = inputs
-    if node_arg(node, 1, "size") is not None:
-        ctx.refuse("interpolate(size=...) resizes to a fixed size; use scale_factor")
+    size = node_arg(node, 1, "size")
+    if size is not None:
+        read = isinstance(ctx.value(size), (Extent, ExtentTuple))
+        ctx.refuse(
+            "F.interpolate(size=...) fixes the output size"
+            + (" (here a size read from a tensor's .shape)" if read else "")
+            + ", and a tile's output would be resized to that size as a whole image is. Use scale_factor=, or "
+            "stream only the part before it and run the rest on its output (for a torchvision segmentation "
+            "model such as FCN or DeepLabV3: stream nn.Sequential(*model.backbone.values()), then apply "
+            "model.classifier and the resize to its output)"
+        )
+    if any(isinstance(ctx.value(a), (Extent, ExtentTuple)) for a in node.all_input_nodes[1:]):
+        ctx.refuse(
+            "its scale_factor is computed from the tile's extent, which differs between a tile and the image"
+        )
     return upsample_geometry(
         ctx,
         g,
@@ -64,6 +100,9 @@ def _f_interpolate(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geome
         node_arg(node, 3, "mode", "nearest"),
         node_arg(node, 4, "align_corners"),
     )
+
+
+_f_interpolate.tilegrad_reads_sizes = True  # type: ignore[attr-defined]
 
 
 def _f_pad(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
@@ -77,42 +116,276 @@ def _f_pixel_shuffle(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geo
 
 
 def _channel_dim_op(index: int, name: str, default: Any) -> Rule:
-    """Ops that act along a dim given as an argument (cat, chunk, split, softmax): allowed on batch/channel only."""
+    """Ops that act along a dim given as an argument (cat, chunk, split): allowed on batch/channel dims only."""
 
+    @layout_aware
     def rule(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
-        dim = node_arg(node, index, name, default)
-        if dim not in (0, 1, -(ctx.ndim + 1), -(ctx.ndim + 2)):
-            ctx.refuse(f"it acts along dim {dim}, a spatial dim; only batch (0) and channel (1) are allowed")
+        along_channels(ctx, node_arg(node, index, name, default), "it acts along")
         return merge(ctx, inputs)
 
     return rule
 
 
+@layout_aware
 def _getitem(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
     source = node.args[0]
     if isinstance(source, torch.fx.Node) and source.meta.get("tilegrad_tuple"):
         return merge(ctx, inputs)  # picking one tensor out of chunk()/split()
+    layout = ctx.input_layout()
     index = node.args[1]
     index = index if isinstance(index, tuple) else (index,)
-    spatial = index[2:] if Ellipsis not in index else ()
-    if Ellipsis in index or any(not (isinstance(i, slice) and i == slice(None)) for i in spatial):
-        ctx.refuse(f"indexing with {index} may select spatial positions by absolute coordinates")
+    if any(isinstance(ctx.value(i), torch.fx.Node) or isinstance(i, torch.fx.Node) for i in index):
+        ctx.refuse(f"indexing with {index} selects positions with a tensor or a computed value")
+    if index.count(Ellipsis) > 1:
+        ctx.refuse(f"indexing with {index} has more than one Ellipsis")
+    consuming = [i for i in index if i is not None and i is not Ellipsis]
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        fill = (slice(None),) * (len(layout) - len(consuming))
+        index = index[:k] + fill + index[k + 1 :]
+    out: list[Any] = []
+    dim = 0
+    for i in index:
+        if i is None:
+            out.append("C")  # a new dim of extent 1
+            continue
+        label = layout[dim] if dim < len(layout) else None
+        dim += 1
+        if label is None:
+            ctx.refuse(f"indexing with {node.args[1]} has more entries than the tensor has dims")
+        if is_spatial(label) and not (isinstance(i, slice) and i == slice(None)):
+            ctx.refuse(
+                f"indexing with {node.args[1]} selects spatial positions by absolute coordinates, which differ "
+                "between a tile and the image"
+            )
+        if not isinstance(i, int):
+            out.append(label)
+    ctx.layout = tuple(out) + layout[dim:]
+    return merge(ctx, inputs)
+
+
+def _shape_entries(ctx: Context, node: torch.fx.Node, first: int, name: str) -> list[Any]:
+    """The target shape of view/reshape/repeat/expand: ``x.view(a, b)``, ``x.view((a, b))``, ``shape=``."""
+    entries: Any = list(node.args[first:]) or node.kwargs.get(name) or node.kwargs.get("size") or []
+    if len(entries) == 1 and isinstance(entries[0], (tuple, list, torch.fx.Node)):
+        value = ctx.value(entries[0])
+        if isinstance(value, ExtentTuple):
+            return [Extent(lab) if is_spatial(lab) else None for lab in value.labels]
+        if isinstance(entries[0], (tuple, list)):
+            entries = list(entries[0])
+    out = []
+    for e in entries:
+        value = ctx.value(e)
+        if isinstance(value, ExtentTuple):
+            out.extend(Extent(lab) if is_spatial(lab) else None for lab in value.labels)
+        else:
+            out.append(value if isinstance(value, Extent) else e)
+    return out
+
+
+@layout_aware
+def _view(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    layout = ctx.input_layout()
+    entries = _shape_entries(ctx, node, 1, "shape")
+    if any(
+        isinstance(ctx.value(e), torch.fx.Node) for e in entries
+    ):  # pragma: no cover - values are not nodes
+        ctx.refuse("its shape is computed from a tensor")
+    tiled = [e for e in node.all_input_nodes[1:] if isinstance(ctx.value(e), TileDependent)]
+    if tiled:
+        ctx.refuse(
+            f"its shape is computed from the tile's extent (node '{tiled[0].name}'), which differs between a tile "
+            "and the image; only batch and channel dims may be regrouped"
+        )
+    out_spatial = [e.label if isinstance(e, Extent) else None for e in entries]
+    in_meta, out_meta = ctx.meta(node.args[0]), ctx.meta(node)
+    new = None
+    if [lab for lab in layout if is_spatial(lab)] == [lab for lab in out_spatial if lab is not None]:
+        if in_meta is None or out_meta is None or not hasattr(out_meta, "shape"):
+            ctx.refuse("tilegrad could not work out the shapes it reshapes between")
+        if len(out_spatial) != len(out_meta.shape):
+            ctx.refuse("tilegrad could not match its target shape to the result")
+        new = regroup(layout, tuple(in_meta.shape), tuple(out_meta.shape), out_spatial)
+    if new is None:
+        ctx.refuse(
+            f"it reshapes {describe(layout, ctx.ndim)} to {len(out_spatial)} dims with spatial dims merged, split, "
+            "or given as numbers; only batch and channel dims may be regrouped (spatial sizes must be passed on "
+            "as read from .shape/.size())"
+        )
+    ctx.layout = new
+    return merge(ctx, inputs)
+
+
+_view.tilegrad_reads_sizes = True  # type: ignore[attr-defined]
+
+
+@layout_aware
+def _flatten(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    start = node_arg(node, 1, "start_dim", 0)
+    end = node_arg(node, 2, "end_dim", -1)
+    new = flatten_layout(ctx.input_layout(), start, end)
+    if new is None:
+        ctx.refuse("flatten merges spatial positions; it belongs in the head")
+    ctx.layout = new
+    return merge(ctx, inputs)
+
+
+@layout_aware
+def _permute(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    layout = ctx.input_layout()
+    dims = list(node.args[1:]) or list(node.kwargs.get("dims", ()))
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = list(dims[0])
+    if sorted(d % len(layout) for d in dims if isinstance(d, int)) != list(range(len(layout))):
+        ctx.refuse(f"tilegrad could not read its dims {dims}")
+    ctx.layout = tuple(layout[d] for d in dims)
+    return merge(ctx, inputs)
+
+
+@layout_aware
+def _transpose(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    layout = list(ctx.input_layout())
+    a, b = node_arg(node, 1, "dim0"), node_arg(node, 2, "dim1")
+    if dim_label(tuple(layout), a) is None or dim_label(tuple(layout), b) is None:
+        ctx.refuse(f"tilegrad could not read its dims ({a}, {b})")
+    layout[a], layout[b] = layout[b], layout[a]
+    ctx.layout = tuple(layout)
+    return merge(ctx, inputs)
+
+
+@layout_aware
+def _unsqueeze(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    layout = list(ctx.input_layout())
+    dim = node_arg(node, 1, "dim")
+    if not isinstance(dim, int) or not -len(layout) - 1 <= dim <= len(layout):
+        ctx.refuse(f"tilegrad could not read its dim {dim}")
+    layout.insert(dim if dim >= 0 else dim + len(layout) + 1, "C")
+    ctx.layout = tuple(layout)
+    return merge(ctx, inputs)
+
+
+@layout_aware
+def _squeeze(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    layout = ctx.input_layout()
+    dim = node_arg(node, 1, "dim")
+    if dim is None:
+        ctx.refuse(
+            "squeeze() without a dim would drop a spatial dim wherever a tile is 1 pixel wide; give the dim"
+        )
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    labels = [dim_label(layout, d) for d in dims]
+    if any(label is None or is_spatial(label) for label in labels):
+        ctx.refuse(f"it squeezes dim {dim}, a spatial dim")
+    meta = ctx.meta(node.args[0])
+    if meta is None:
+        ctx.refuse("tilegrad could not work out the shape it squeezes")
+    drop = {d % len(layout) for d in dims if meta.shape[d] == 1}
+    ctx.layout = tuple(label for i, label in enumerate(layout) if i not in drop)
+    return merge(ctx, inputs)
+
+
+@layout_aware
+def _repeat(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    layout = ctx.input_layout()
+    sizes = _shape_entries(ctx, node, 1, "repeats")
+    if len(sizes) != len(layout) or not all(isinstance(s, int) for s in sizes):
+        ctx.refuse(
+            f"repeat{tuple(sizes)} does not give one whole number per dim of {describe(layout, ctx.ndim)}"
+        )
+    if any(is_spatial(label) and s != 1 for label, s in zip(layout, sizes)):
+        ctx.refuse(
+            f"repeat{tuple(sizes)} repeats a spatial dim of {describe(layout, ctx.ndim)}: the copies would sit at "
+            "positions that differ between a tile and the image"
+        )
+    return merge(ctx, inputs)
+
+
+@layout_aware
+def _f_layer_norm(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    shape = node_arg(node, 1, "normalized_shape")
+    value = ctx.value(shape)
+    if isinstance(value, ExtentTuple):  # F.layer_norm(x, x.shape[-2:])
+        count = len(value.labels)
+    elif isinstance(shape, (tuple, list)):
+        count = len(shape)
+    else:
+        count = 1
+    return layer_norm_geometry(ctx, inputs, count, "layer_norm")
+
+
+_f_layer_norm.tilegrad_reads_sizes = True  # type: ignore[attr-defined]
+
+
+@layout_aware
+def _f_linear(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    if len(inputs) != 1:
+        ctx.refuse("its weight depends on the image")
+    return linear_geometry(ctx, inputs)
+
+
+@layout_aware
+def _f_glu(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    return glu_geometry(ctx, inputs, node_arg(node, 1, "dim", -1))
+
+
+@layout_aware
+def _f_dropout(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    name = getattr(node.target, "__name__", "dropout")
+    return dropout_geometry(
+        ctx, inputs, name, node_arg(node, 1, "p", 0.5), node_arg(node, 2, "training", True)
+    )
+
+
+def _reduction(kind: str) -> Rule:
+    """mean/sum/amax/amin: local over batch or channel dims (``x.mean(1, keepdim=True)``), a statistic over the
+    whole image when a spatial dim is reduced."""
+
+    @layout_aware
+    def rule(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+        layout = ctx.input_layout()
+        dims = node_arg(node, 1, "dim")
+        dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
+        labels = [dim_label(layout, d) for d in dims] if dims != (None,) else [None]
+        if any(label is None or is_spatial(label) for label in labels):
+            ctx.refuse(
+                f"{kind} over positions is a statistic over the whole image: in a classifier it belongs in the "
+                "head (tilegrad.split_model cuts there); inside the trunk (squeeze-and-excitation, a global "
+                "context branch) stream the part before it"
+            )
+        if not node_arg(node, 2, "keepdim", False):
+            dropped = {d % len(layout) for d in dims}
+            ctx.layout = tuple(label for i, label in enumerate(layout) if i not in dropped)
+        return merge(ctx, inputs)
+
+    return rule
+
+
+@layout_aware
+def _stochastic_depth(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    """torchvision.ops.stochastic_depth: the identity in eval mode (EfficientNetV2, ConvNeXt)."""
+    p, training = node_arg(node, 1, "p"), node_arg(node, 3, "training", True)
+    if training and p:
+        ctx.refuse(
+            f"stochastic depth in training mode (p={p}) drops whole samples at random on every call, so "
+            "overlapping tiles would drop different ones; put the model in eval mode or set p=0"
+        )
     return merge(ctx, inputs)
 
 
 _ELEMENTWISE_FUNCTIONS: list[Any] = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.imul,
+    operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne,
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
     torch.exp, torch.abs, torch.sqrt, torch.clamp, torch.maximum, torch.minimum, torch.where, torch.pow, torch.round,
     F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh, F.hardsigmoid,
-    F.sigmoid, F.tanh, F.softplus, F.prelu, F.glu, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.sigmoid, F.tanh, F.softplus, F.prelu,
 ]  # fmt: skip
 for _fn in _ELEMENTWISE_FUNCTIONS:
     register_geometry_rule(_fn, elementwise)
 for _name in (
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "relu", "relu_", "sigmoid", "sigmoid_",
     "tanh", "tanh_", "exp", "abs", "sqrt", "clamp", "clamp_", "pow", "contiguous", "clone", "float", "double",
-    "half", "bfloat16", "to", "type_as", "detach", "round",
+    "half", "bfloat16", "to", "type_as", "detach", "round", "gt", "lt", "ge", "le", "eq", "ne",
 ):  # fmt: skip
     register_geometry_rule(_name, elementwise)
 for _fn in (F.conv1d, F.conv2d, F.conv3d):
@@ -135,35 +408,49 @@ register_geometry_rule("argmax", argmax)
 register_geometry_rule(F.log_softmax, softmax)
 register_geometry_rule("softmax", softmax)
 register_geometry_rule(operator.getitem, _getitem)
+for _fn in ("view", "reshape", torch.reshape):
+    register_geometry_rule(_fn, _view)
+for _fn in ("flatten", torch.flatten):
+    register_geometry_rule(_fn, _flatten)
+for _fn in ("permute", torch.permute):
+    register_geometry_rule(_fn, _permute)
+for _fn in ("transpose", torch.transpose, "swapaxes", "swapdims"):
+    register_geometry_rule(_fn, _transpose)
+for _fn in ("unsqueeze", torch.unsqueeze):
+    register_geometry_rule(_fn, _unsqueeze)
+for _fn in ("squeeze", torch.squeeze):
+    register_geometry_rule(_fn, _squeeze)
+register_geometry_rule("repeat", _repeat)
+for _fn, _kind in (
+    (torch.mean, "mean"), ("mean", "mean"), (torch.sum, "sum"), ("sum", "sum"),
+    (torch.amax, "max"), ("amax", "max"), (torch.amin, "min"), ("amin", "min"),
+):  # fmt: skip
+    register_geometry_rule(_fn, _reduction(_kind))
+register_geometry_rule(F.layer_norm, _f_layer_norm)
+if hasattr(F, "rms_norm"):
+    register_geometry_rule(F.rms_norm, _f_layer_norm)
+register_geometry_rule(F.linear, _f_linear)
+register_geometry_rule(F.glu, _f_glu)
+for _fn in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d):
+    register_geometry_rule(_fn, _f_dropout)
+register_geometry_rule("torchvision.ops.stochastic_depth.stochastic_depth", _stochastic_depth)
 for _fn, _why in (
-    (torch.flatten, "flatten merges spatial positions; it belongs in the head"),
-    ("flatten", "flatten merges spatial positions; it belongs in the head"),
-    ("view", "view reshapes across spatial positions"),
-    ("reshape", "reshape reshapes across spatial positions"),
-    (torch.reshape, "reshape reshapes across spatial positions"),
-    ("permute", "permute moves spatial axes"),
-    ("transpose", "transpose moves spatial axes"),
-    ("size", "it reads the tensor size, so the result depends on the tile's extent"),
-    ("dim", "it reads the tensor rank"),
-    (getattr, "it reads a tensor attribute such as .shape, which differs between a tile and the image"),
-    (torch.mean, "mean over positions is global; it belongs in the head"),
-    ("mean", "mean over positions is global; it belongs in the head"),
-    (torch.sum, "sum over positions is global; it belongs in the head"),
-    ("sum", "sum over positions is global; it belongs in the head"),
+    (
+        getattr,
+        "it reads a tensor attribute tilegrad does not follow (it follows .shape, .ndim, .dtype, .device)",
+    ),
     ("max", "max over positions is global; it belongs in the head"),
     (torch.max, "max over positions is global; it belongs in the head"),
     (F.adaptive_avg_pool1d, "adaptive pooling mixes the whole image; it belongs in the head"),
     (F.adaptive_avg_pool2d, "adaptive pooling mixes the whole image; it belongs in the head"),
     (F.adaptive_avg_pool3d, "adaptive pooling mixes the whole image; it belongs in the head"),
     (F.adaptive_max_pool2d, "adaptive pooling mixes the whole image; it belongs in the head"),
-    (F.linear, "linear acts on the last (spatial) axis"),
-    (F.scaled_dot_product_attention, "attention mixes all positions"),
+    (F.scaled_dot_product_attention, "attention over all positions is global"),
     (
         F.batch_norm,
         "functional batch_norm cannot be checked for fixed statistics; use nn.BatchNorm in eval mode",
     ),
     (F.group_norm, "group_norm normalises over space with per-image statistics"),
     (F.instance_norm, "instance_norm normalises over space with per-image statistics"),
-    (F.layer_norm, "layer_norm normalises over space with per-image statistics"),
 ):
     register_geometry_rule(_fn, refusing(_why))

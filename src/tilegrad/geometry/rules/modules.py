@@ -14,9 +14,11 @@ import torch.fx
 from torch import nn
 
 from ..core import Geometry
+from ..layout import describe, dim_label, flatten_layout, is_spatial
 from ..toolkit import (
     Context,
     elementwise,
+    layout_aware,
     merge,
     node_arg,
     pixel_shuffle,
@@ -25,7 +27,85 @@ from ..toolkit import (
     window,
 )
 
-__all__ = ["ACTIVATIONS", "argmax", "pad_geometry", "softmax", "upsample_geometry"]
+__all__ = [
+    "ACTIVATIONS",
+    "along_channels",
+    "argmax",
+    "dropout_geometry",
+    "glu_geometry",
+    "layer_norm_geometry",
+    "linear_geometry",
+    "pad_geometry",
+    "softmax",
+    "upsample_geometry",
+]
+
+
+def along_channels(ctx: Context, dim: Any, what: str) -> None:
+    """Refuse unless ``dim`` of the (first) input is a batch or channel dim (NOTE [ Layouts and tile extents ])."""
+    layout = ctx.input_layout()
+    label = dim_label(layout, dim)
+    if label is None:
+        ctx.refuse(
+            f"{what} dim {dim!r}, which tilegrad cannot match to a dim of {describe(layout, ctx.ndim)}"
+        )
+    if is_spatial(label):
+        ctx.refuse(
+            f"{what} dim {dim} of {describe(layout, ctx.ndim)}, a spatial dim; only batch and channel dims are local"
+        )
+
+
+def layer_norm_geometry(ctx: Context, inputs: list[Geometry], count: int, kind: str) -> Geometry:
+    """LayerNorm over the last ``count`` dims: local when they are channel dims (ConvNeXt's channels-last blocks,
+    LayerNorm2d), a statistic over positions when one of them is spatial."""
+    layout = ctx.input_layout()
+    normalised = layout[-count:] if count else ()
+    if any(is_spatial(label) for label in normalised):
+        ctx.refuse(
+            f"{kind} normalises over space: its last {count} dim(s) of {describe(layout, ctx.ndim)} include spatial "
+            "dims, so it needs statistics over positions a tile does not see. A LayerNorm over channels "
+            "(normalized_shape=(C,) on a channels-last tensor, as ConvNeXt's LayerNorm2d does) is local"
+        )
+    if any("N" in str(label) for label in normalised):
+        ctx.refuse(f"{kind} normalises over the batch dim of {describe(layout, ctx.ndim)}")
+    return merge(ctx, inputs)
+
+
+def linear_geometry(ctx: Context, inputs: list[Geometry]) -> Geometry:
+    """Linear acts on the last dim: local when that is a channel dim (a channels-last MLP), else refused."""
+    layout = ctx.input_layout()
+    if is_spatial(layout[-1]) or "N" in str(layout[-1]):
+        ctx.refuse(
+            f"Linear acts on the last axis of {describe(layout, ctx.ndim)}, a spatial axis, mixing positions; it "
+            "belongs in the head (on a channels-last tensor it acts on channels and is local)"
+        )
+    return merge(ctx, inputs)
+
+
+def glu_geometry(ctx: Context, inputs: list[Geometry], dim: Any) -> Geometry:
+    """GLU halves ``dim`` into value and gate: local along channels, refused along a spatial dim."""
+    layout = ctx.input_layout()
+    label = dim_label(layout, dim)
+    if label is None or is_spatial(label):
+        ctx.refuse(
+            f"GLU splits dim {dim} of {describe(layout, ctx.ndim)} into halves"
+            + (
+                ", a spatial dim: a tile's halves are not the image's; use dim=1 (the channels)"
+                if label is not None
+                else "; tilegrad cannot match that dim"
+            )
+        )
+    return merge(ctx, inputs)
+
+
+def dropout_geometry(ctx: Context, inputs: list[Geometry], kind: str, p: Any, training: Any) -> Geometry:
+    """Dropout is the identity in eval mode (or with p=0); in training mode tiles would draw different masks."""
+    if training and p:
+        ctx.refuse(
+            f"{kind} in training mode draws a different mask on overlapping tiles; "
+            "put it in eval mode or move it to the head"
+        )
+    return merge(ctx, inputs)
 
 
 def _conv(ctx: Context, m: nn.Module, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
@@ -149,27 +229,53 @@ def _norm(ctx: Context, m: nn.Module, node: torch.fx.Node, inputs: list[Geometry
     raise AssertionError("unreachable")
 
 
+@layout_aware
 def _dropout(ctx: Context, m: nn.Module, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
-    if m.training and m.p > 0:
-        ctx.refuse(
-            f"{type(m).__name__} in training mode draws a different mask on overlapping tiles; "
-            "put it in eval mode or move it to the head"
-        )
+    return dropout_geometry(ctx, inputs, type(m).__name__, m.p, m.training)
+
+
+@layout_aware
+def _layer_norm(ctx: Context, m: nn.Module, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    return layer_norm_geometry(ctx, inputs, len(m.normalized_shape), type(m).__name__)
+
+
+@layout_aware
+def _linear(ctx: Context, m: nn.Module, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    return linear_geometry(ctx, inputs)
+
+
+@layout_aware
+def _glu(ctx: Context, m: nn.Module, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    return glu_geometry(ctx, inputs, m.dim)
+
+
+@layout_aware
+def _flatten(ctx: Context, m: nn.Module, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    new = flatten_layout(ctx.input_layout(), m.start_dim, m.end_dim)
+    if new is None:
+        ctx.refuse("Flatten merges spatial positions; it belongs in the head")
+    ctx.layout = new
     return merge(ctx, inputs)
 
 
+@layout_aware
 def softmax(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
     dim = m.dim if isinstance(m, nn.Module) else node_arg(node, 1, "dim")
-    if dim not in (1, -(ctx.ndim + 1)):
-        ctx.refuse(f"it normalises over dim {dim}, which is not the channel dim 1")
+    along_channels(ctx, dim, "it normalises over")
     return merge(ctx, inputs)
 
 
+@layout_aware
 def argmax(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
     """Labels from class scores: an argmax over the channel dim is local (keepdim=True keeps the layout)."""
     dim = node_arg(node, 1, "dim")
-    if dim not in (1, -(ctx.ndim + 1)):
-        ctx.refuse(f"it takes the argmax over dim {dim}, not over the channel dim 1")
+    along_channels(ctx, dim, "it takes the argmax over")
+    if not node_arg(node, 2, "keepdim", False):
+        label = dim_label(ctx.input_layout(), dim)
+        ctx.layout = tuple(
+            lab for i, lab in enumerate(ctx.input_layout()) if i != dim % len(ctx.input_layout())
+        )
+        assert label is not None
     return merge(ctx, inputs)
 
 
@@ -203,11 +309,11 @@ for _t in (
     nn.modules.batchnorm._BatchNorm,
     nn.modules.instancenorm._InstanceNorm,
     nn.GroupNorm,
-    nn.LayerNorm,
 ):
     register_geometry_rule(_t, _norm)
+register_geometry_rule(nn.LayerNorm, _layer_norm)
 if hasattr(nn, "RMSNorm"):
-    register_geometry_rule(nn.RMSNorm, _norm)
+    register_geometry_rule(nn.RMSNorm, _layer_norm)
 for _t in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout):
     register_geometry_rule(_t, _dropout)
 register_geometry_rule(nn.Softmax, softmax)
@@ -238,7 +344,6 @@ for _t in (
     nn.Tanhshrink,
     nn.Threshold,
     nn.LogSigmoid,
-    nn.GLU,
     nn.LocalResponseNorm,
     nn.CrossMapLRN2d,
 ):
@@ -246,16 +351,19 @@ for _t in (
 for _t in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
            nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d):  # fmt: skip
     register_geometry_rule(
-        _t, refusing("adaptive/global pooling mixes the whole image; it belongs in the head")
+        _t,
+        refusing(
+            "adaptive/global pooling mixes the whole image: in a classifier it belongs in the head "
+            "(tilegrad.split_model cuts there); inside the trunk (an image-level branch such as DeepLabV3's ASPP "
+            "pooling, squeeze-and-excitation) it is a statistic over all positions: stream the part before it"
+        ),
     )
-register_geometry_rule(
-    nn.Linear,
-    refusing("Linear acts on the last (spatial) axis, mixing positions; it belongs in the head"),
-)
+register_geometry_rule(nn.GLU, _glu)
+register_geometry_rule(nn.Linear, _linear)
 register_geometry_rule(nn.Bilinear, refusing("Bilinear mixes positions; it belongs in the head"))
-register_geometry_rule(nn.Flatten, refusing("Flatten merges spatial positions; it belongs in the head"))
+register_geometry_rule(nn.Flatten, _flatten)
 register_geometry_rule(nn.Unflatten, refusing("Unflatten reshapes spatial positions"))
-register_geometry_rule(nn.MultiheadAttention, refusing("attention mixes all positions"))
-register_geometry_rule(nn.Transformer, refusing("attention mixes all positions"))
-register_geometry_rule(nn.TransformerEncoderLayer, refusing("attention mixes all positions"))
-register_geometry_rule(nn.TransformerDecoderLayer, refusing("attention mixes all positions"))
+register_geometry_rule(nn.MultiheadAttention, refusing("attention over all positions is global"))
+register_geometry_rule(nn.Transformer, refusing("attention over all positions is global"))
+register_geometry_rule(nn.TransformerEncoderLayer, refusing("attention over all positions is global"))
+register_geometry_rule(nn.TransformerDecoderLayer, refusing("attention over all positions is global"))
