@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
     ("interface", [["tilegrad.cli", "tilegrad.__main__", "tilegrad.commands"]]),
     ("api", [["tilegrad"]]),
     ("training", [["tilegrad.train"]]),
-    ("execution", [["tilegrad.stream", "tilegrad.infer", "tilegrad.monai"]]),
+    ("execution", [["tilegrad.stream", "tilegrad.infer", "tilegrad.execute", "tilegrad.monai"]]),
     ("planning", [["tilegrad.plan"]]),
     ("memory", [["tilegrad.memory"]]),
     ("models", [["tilegrad.models"]]),
@@ -36,6 +36,8 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
             [
                 "tilegrad.tiling",
                 "tilegrad.segment",
+                "tilegrad.statistics",
+                "tilegrad.graph",
                 "tilegrad.split",
                 "tilegrad.heads",
                 "tilegrad.reversible",

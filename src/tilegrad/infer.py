@@ -48,9 +48,9 @@ from ._allocator import pin_mmap_threshold
 from ._atomic import atomic_write
 from ._lock import FileLock
 from .errors import ConfigError, DataError, ShapeError
-from .options import batch_tiles_option, budget_option
+from .execute import Reader as _Reader
+from .options import batch_tiles_option, budget_option, mode_option
 from .plan import plan_streaming
-from .stream import _Reader
 from .tiling import Tile
 from .typing import ArrayLike, Bytes
 
@@ -91,6 +91,8 @@ def infer(
     batch_tiles: int = 1,
     rounding: bool = False,
     journal: str | os.PathLike | None = None,
+    mode: str = "lean",
+    scratch_dir: str | os.PathLike | None = None,
 ) -> Any:
     """Run ``model`` over ``source`` tile by tile and return (or fill) the exact whole-image output.
 
@@ -108,6 +110,10 @@ def infer(
             integer outputs) to the dtype's range. Without it such values are refused, never wrapped.
         journal: a file recording which tiles have been written, to resume an interrupted run
             (NOTE [ Resumable inference ]).
+        mode: "lean" (default) runs one segment (the whole model's halo per tile); with ``memory_budget``,
+            "auto" or "stages" let the planner cut the model into segments over its graph, as training does
+            (NOTE [ Segmented inference ]).
+        scratch_dir: where boundary tensors go when the plan puts them on disk.
 
     Returns ``out`` (or the new tensor). If interrupted, tiles already written stay written.
 
@@ -140,13 +146,19 @@ def infer(
     device = params[0].device if params else torch.device("cpu")
     dtype = params[0].dtype if params else torch.float32
     budget = budget_option(memory_budget)
+    # NOTE [ Segmented inference ]: with a budget, inference takes the same segmentation as training (segments
+    # over the graph, boundaries in their tiers: graph.py, plan.py), which cuts the recomputed halo of deep
+    # networks; resumable journals and tile batches work on one-segment plans, so they ask for one.
+    mode = mode_option(mode)
+    if journal is not None or batch_tiles > 1 or budget is None:
+        mode = "lean"
     plan = plan_streaming(
         model,
         full_shape,
         tile_size=tile_size if tile_size is not None else "auto",
         memory_budget=budget,
         dtype=dtype,
-        mode="lean",
+        mode=mode,
         input_in_memory=isinstance(source, torch.Tensor),
         training=False,
         output_in_memory=out is None,
@@ -154,6 +166,9 @@ def infer(
     )
     if budget is not None:  # NOTE [ Heap growth under a budget ]: a budget is a promise; it costs time
         pin_mmap_threshold(device)
+    if len(plan.segments) > 1:
+        return _infer_segments(plan, model, reader_source, device, dtype, out, batched, rounding, ndim, shape,
+                               progress, scratch_dir)  # fmt: skip
     (segment,) = plan.segments
     if len(segment.out_shape) != ndim + 2:
         raise ShapeError(
@@ -390,3 +405,35 @@ def journal_progress(path: str | os.PathLike) -> tuple[int, int] | None:
         return int(data["written"]), int(data["tiles"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _infer_segments(
+    plan: Any, model: nn.Module, source: Any, device: torch.device, dtype: torch.dtype, out: Any, batched: bool,
+    rounding: bool, ndim: int, shape: tuple[int, ...], progress: bool, scratch_dir: Any,
+) -> Any:  # fmt: skip
+    """A segmented inference plan (NOTE [ Segmented inference ]): the engine's forward, the last segment's tiles
+    written into the sink."""
+    from .execute import Execution
+
+    last = plan.segments[-1]
+    if len(last.out_shape) != ndim + 2:
+        raise ShapeError(
+            f"the model returns shape {last.out_shape} for an input of shape {shape}; infer needs an output "
+            f"(N, C, *spatial) with {ndim} spatial dims. Keep the channel dim (e.g. x.argmax(1, keepdim=True))"
+        )
+    out_shape = last.out_shape if batched else last.out_shape[1:]
+    if out is not None and tuple(out.shape) != tuple(out_shape):
+        raise ShapeError(
+            f"out has shape {tuple(out.shape)} but the model's output for a source of shape {shape} is "
+            f"{tuple(out_shape)}: create the sink with that shape"
+        )
+    sink = _Sink(out, out_shape, batched, rounding)
+    ex = Execution(
+        plan, _Reader(source, device, dtype), scratch_dir=scratch_dir, progress=progress, writer=sink.write
+    )
+    try:
+        with torch.no_grad():
+            ex.forward(training=False)
+    finally:
+        ex.close()
+    return sink.result

@@ -1,16 +1,39 @@
 """Planner: given a trunk, an input shape and a tile size or a memory budget, decide how to stream it.
 
-A plan cuts the trunk into *segments* (contiguous runs of its top-level layers, when it is an ``nn.Sequential``).
-Each segment is streamed tile by tile with only its own halo; the feature map between two segments (a *boundary*)
-is kept whole. One segment is the leanest plan: memory is one tile's activations plus the input, the output and the
-parameters, whatever the image size, but the tile must carry the whole trunk's halo. More segments mean much smaller
-halos (less recomputation) in exchange for keeping the boundary maps. With no budget a fixed tile uses the leanest
-plan that is not wasteful: cuts only at boundaries no larger than the input image. With a budget, the planner
-predicts time and peak memory of every candidate (and of plain, unstreamed execution) and takes the fastest that
-fits.
+A plan cuts the trunk's traced graph into *segments* (tilegrad/graph.py, NOTE [ Segments over a graph ]). Each
+segment is streamed tile by tile with only its own halo; the tensors between segments (*boundaries*, skip tensors
+included) are stored whole in a storage tier (tilegrad/boundary.py: the compute device, host memory, or a scratch
+directory on disk). One segment is the leanest plan: memory is one tile's activations plus the input and the
+parameters, whatever the image size, but every tile carries the whole trunk's halo. More segments mean smaller
+halos (less recomputation) in exchange for storing the boundaries. With a streamed head (tilegrad/heads.py) the
+trunk's output is never stored: the last segment's tiles feed the head's reduction directly.
 
-Predictions come from one pass over meta tensors (nothing is allocated): per layer, the bytes autograd saves and the
-forward FLOPs, scaled linearly with the tile area.
+NOTE [ Cost model ]
+One number per plan, ``time_ratio``: predicted time of a training step over that of the conventional step
+(forward + backward = 3 forward passes). In FLOP-equivalents:
+* compute: a streamed segment costs 4 forward passes (forward, recompute, backward = 2) times its *overlap* (window
+  area read over all tiles / image area); a kept segment (one tile, graph kept: NOTE [ Kept segments ] in
+  execute.py) costs the conventional 3;
+* per tile: a fixed overhead (Python, dispatch, first touch of fresh buffers), ``TILE_SECONDS`` per tile pass;
+* disk: bytes written and read by boundaries on the disk tier at ``DISK_WRITE`` / ``DISK_READ`` bytes per second
+  (sources are read once per tile, overlap included; gradients are read-modify-written).
+Seconds become FLOP-equivalents at ``FLOP_RATE`` (a CPU core pair running float32 convolutions here). Device
+memory is a sweep over the steps of a training step (forward over segments, backward in reverse): the parameters
+and their gradients, the input (if in memory), the boundaries and boundary gradients alive on the device at that
+step, and the step's tile working set (NOTE [ Tile memory ]). Host and disk bytes are reported, not budgeted.
+
+NOTE [ Tile memory ]
+A tile's working set is the sources it reads, what autograd saves while it is recomputed (the segment's saved bytes
+on the whole image, scaled by the window's share of the image) and a transient of ``BACKWARD_TRANSIENT`` times its
+largest tensor (gradient buffers, convolution workspaces). With a fixed tile and no budget, the tile sets the limit:
+any plan whose predicted peak is at most the one-segment plan's plus half of one tile's working set may be chosen,
+so memory stays flat in the image size and the planner cuts more (and stores more, on disk if needed) as the image
+grows.
+
+The search: the conventional step (if it fits), the one-segment plan, all candidate cuts, and a greedy descent
+that toggles one cut at a time while the plan gets faster (or, while nothing fits, leaner). For each cut set, each
+segment takes the fastest tile that fits next to what else is alive at its step; boundaries move to disk (largest
+first) when the device budget is too small for them (``tiers="auto"``).
 """
 
 from __future__ import annotations
@@ -18,98 +41,38 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import GeometryError, MemoryBudgetError, NotStreamableError, ShapeError
-from .geometry import Geometry, compose, module_geometry
+from .errors import ConfigError, GeometryError, MemoryBudgetError, ShapeError
+from .graph import Segment, TrunkGraph
 from .options import batch_tiles_option, budget_option, mode_option, require_budget, tile_size_option
-from .segment import Chain, Unit, units_of
-from .tiling import TileGrid, tile_grid
+from .segment import Unit, units_of
+from .tiling import TileGrid, plan_dim, tile_grid
 from .typing import Bytes
 from .units import format_bytes
 
-__all__ = ["Plan", "SegmentPlan", "Unit", "plan_streaming", "units_of"]
+__all__ = ["BoundaryPlan", "Plan", "SegmentPlan", "Unit", "plan_streaming", "units_of"]
 
-# Fixed cost of one tile pass, in FLOP-equivalents: Python and dispatch overhead plus first-touch page faults of
-# the fresh activation buffers (about 10 ms per tile measured on a ResNet-34 segment on CPU).
-_TILE_OVERHEAD_FLOPS = 1.5e9
-# Transient memory inside backward (gradient buffers, convolution workspaces), in units of the largest activation;
-# calibrated on a ResNet-34 training step on CPU (measured 1063 MiB = 642 MiB saved + ~6.4 x 64 MiB).
-_BACKWARD_TRANSIENT = 6.5
-# Live memory of a no-grad forward, in units of the largest activation (measured 1.6 on a 3D U-Net at 192^3).
-_FORWARD_TRANSIENT = 2.0
-# Extra room kept below a user budget for allocator slack and Python objects.
-_BUDGET_SAFETY = 0.8
-# With a fixed tile and no budget, how much memory beyond the lean plan faster plans may use, in units of the
-# requested tile's training memory (NOTE [ Tile memory ]). Larger is faster on big images and less flat: ResNet-34,
-# tile 1024, predicted at 4096 / 8192 px: 0.25 -> 1.71 / 2.31 GiB at x1.44 / x9.8 of conventional time,
-# 0.5 -> 1.95 / 2.72 GiB at x1.41 / x1.9, 1.0 -> 2.47 / 3.24 GiB at x1.37 / x1.6.
-_FIXED_TILE_EXTRA = 0.5
-
-
-def _without_hooks(module: nn.Module) -> nn.Module:
-    """Drop the user's forward hooks from a meta copy: planning must not call them (on meta tensors, at that)."""
-    for m in module.modules():
-        m._forward_hooks.clear()
-        m._forward_pre_hooks.clear()
-    return module
-
-
-def _meta_profile(units: list[Unit], input_shape: Sequence[int], dtype: torch.dtype) -> None:
-    """Fill shapes, saved bytes and FLOPs of each unit from one forward over meta tensors."""
-    metas = [_without_hooks(copy.deepcopy(u.module)).to("meta") for u in units]
-    param_storages = {
-        p.untyped_storage()._cdata for m in metas for p in itertools.chain(m.parameters(), m.buffers())
-    }
-    x = torch.empty(tuple(input_shape), device="meta", dtype=dtype, requires_grad=True)
-    seen: set[int] = set()
-    current = {"saved": 0, "peak": 0}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key = t.untyped_storage()._cdata
-        if key not in param_storages and key not in seen:
-            seen.add(key)
-            current["saved"] += t.untyped_storage().nbytes()
-        return t
-
-    def track(module: nn.Module, args: object, output: object) -> None:
-        if isinstance(output, torch.Tensor):
-            current["peak"] = max(current["peak"], output.untyped_storage().nbytes())
-
-    for unit, meta in zip(units, metas):
-        current["saved"], current["peak"] = 0, 0
-        handles = [m.register_forward_hook(track) for m in meta.modules()]
-        unit.in_shape = tuple(x.shape)
-        try:
-            with (
-                torch.enable_grad(),  # what a training step saves, even when planning happens under no_grad
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-                FlopCounterMode(display=False) as fc,
-            ):
-                y = meta(x)
-        except Exception as err:  # the user's model failed on this shape; say where
-            raise GeometryError(
-                f"layer '{unit.name}' ({type(unit.module).__name__}) failed on an input of shape {tuple(x.shape)}: "
-                f"{type(err).__name__}: {err}"
-            ) from err
-        finally:
-            for h in handles:
-                h.remove()
-        if not isinstance(y, torch.Tensor):
-            raise NotStreamableError(f"layer '{unit.name}' returns {type(y).__name__}, expected one tensor")
-        unit.out_shape = tuple(y.shape)
-        unit.saved_bytes = current["saved"]
-        unit.flops = float(fc.get_total_flops())
-        unit.peak_act_bytes = max(current["peak"], y.untyped_storage().nbytes())
-        x = y
+# FLOP/s (FlopCounterMode counts 2 per multiply-add) of float32 convolutions on this CPU: the ResNet-34 trunk's
+# conventional step at 4096^2 (7.3e12 FLOP) took 61 s on a quiet machine
+FLOP_RATE = 1.2e11
+TILE_SECONDS = 0.025  # fixed cost of one tile pass
+# bytes/s of a DiskStore, measured by benchmarks/boundary_io.py (BENCHMARKS.md, "Boundary storage"): writes
+# 0.13-0.27, reads 0.34-0.45 from the page cache and 0.06-0.3 from the disk
+DISK_WRITE = 0.2e9
+DISK_READ = 0.3e9
+BACKWARD_TRANSIENT = 6.5  # training working set beyond saved tensors, in units of the largest tensor
+FORWARD_TRANSIENT = 2.0  # no-grad forward working set, in units of the largest tensor
+BUDGET_SAFETY = 0.8  # share of a user budget the planner plans for (the rest: allocator slack)
+FIXED_TILE_EXTRA = 0.5  # NOTE [ Tile memory ]: extra room of a fixed tile without budget, in tiles
+TIERS = ("auto", "device", "host", "disk")
 
 
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
@@ -118,37 +81,43 @@ def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
 
 @dataclass
 class SegmentPlan:
-    """How one segment runs: its units, geometry, tile (in the segment's own input pixels) and grid."""
+    """How one segment runs: its tile (a window of the image, in image pixels), grid and working set."""
 
-    units: list[Unit]
-    geometry: Geometry
+    segment: Segment
     tile: tuple[int, ...]
     grid: TileGrid
-    in_shape: tuple[int, ...]
+    in_shape: tuple[int, ...]  # the image's shape (windows are in image pixels)
     out_shape: tuple[int, ...]
     tile_train_bytes: int = 0
     tile_forward_bytes: int = 0
-    tile_saved_bytes: int = 0  # saved for backward by one tile
+    tile_saved_bytes: int = 0
     flops: float = 0.0
-    keep: bool = (
-        False  # NOTE [ Kept segments ] in stream.py: one tile, run as plain autograd, no recomputation
-    )
+    keep: bool = False  # NOTE [ Kept segments ] in execute.py
 
     @property
     def name(self) -> str:
-        names = [u.name for u in self.units]
-        if len(names) == 1:
-            return names[0] or "trunk"
-        return f"{names[0]} .. {names[-1]}"
+        return self.segment.name
 
     @functools.cached_property
     def overlap(self) -> float:
-        """Input pixels read over all tiles / input pixels: 1.0 means no recomputation of halos."""
+        """Image pixels read over all windows / image pixels: 1.0 means no recomputation of halos."""
         return self.grid.input_area / math.prod(self.in_shape[2:])
 
     @property
-    def chain(self) -> Chain:
-        return Chain(self.units)
+    def chain(self) -> nn.Module:
+        """The module computing this segment from its sources."""
+        return self.segment.module
+
+
+@dataclass
+class BoundaryPlan:
+    """A tensor between segments: where it and its gradient live (NOTE [ Storage tiers ] in boundary.py)."""
+
+    name: str
+    shape: tuple[int, ...]
+    nbytes: int
+    tier: str = "device"
+    grad_tier: str = "device"
 
 
 @dataclass
@@ -163,183 +132,445 @@ class Plan:
     time_ratio: float
     budget: int | None = None
     notes: list[str] = field(default_factory=list)
-    training: bool = True  # False: an inference plan, whose peak is the forward peak
+    training: bool = True
+    boundaries: list[BoundaryPlan] = field(default_factory=list)
+    head: str | None = None
+    graph: TrunkGraph | None = field(default=None, repr=False)
+    conventional_seconds: float = 0.0
 
     @property
     def tile_size(self) -> tuple[int, ...]:
         """Tile size in input-image pixels (the first segment's tile)."""
         return self.segments[0].tile
 
+    @property
+    def host_bytes(self) -> int:
+        return sum(b.nbytes for b in self.boundaries if b.tier == "host") + sum(
+            b.nbytes for b in self.boundaries if self.training and b.grad_tier == "host"
+        )
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(b.nbytes for b in self.boundaries if b.tier == "disk") + sum(
+            b.nbytes for b in self.boundaries if self.training and b.grad_tier == "disk"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input": list(self.input_shape),
+            "conventional": self.conventional,
+            "peak_bytes": self.peak_bytes,
+            "host_bytes": self.host_bytes,
+            "disk_bytes": self.disk_bytes,
+            "time_ratio": self.time_ratio,
+            "head": self.head,
+            "segments": [
+                {
+                    "layers": s.name,
+                    "tile": list(s.tile),
+                    "tiles": len(s.grid),
+                    "overlap": s.overlap,
+                    "kept": s.keep,
+                    "sources": [n.name for n in s.segment.sources],
+                }
+                for s in self.segments
+            ],
+            "boundaries": [dataclasses.asdict(b) for b in self.boundaries],
+            "notes": list(self.notes),
+        }
+
     def __str__(self) -> str:
-        head = (
-            f"input {'x'.join(map(str, self.input_shape))}: "
-            + (
-                "conventional (unstreamed)"
-                if self.conventional
-                else f"{len(self.segments)} segment(s), {sum(not s.keep for s in self.segments)} streamed"
-            )
-            + f", predicted peak {format_bytes(self.peak_bytes)}"
+        px = "x".join(map(str, self.input_shape[2:]))
+        if self.conventional:
+            what = "conventional (unstreamed)"
+        else:
+            what = f"{len(self.segments)} segment(s), {sum(not s.keep for s in self.segments)} streamed"
+        lines = [
+            f"input {'x'.join(map(str, self.input_shape))}: {what}, predicted peak {format_bytes(self.peak_bytes)}"
             + (f" (budget {format_bytes(self.budget)})" if self.budget else "")
             + f", predicted time x{self.time_ratio:.2f} of conventional"
-        )
-        lines = [head]
+            + (f", head {self.head}" if self.head else "")
+        ]
         if not self.conventional:
             for seg in self.segments:
                 if seg.keep:
                     lines.append(
-                        f"  {seg.name}: whole {'x'.join(map(str, seg.in_shape[2:]))} map, graph kept "
-                        f"(no recomputation), {format_bytes(seg.tile_saved_bytes)} saved for backward"
+                        f"  {seg.name}: whole map, graph kept (no recomputation), "
+                        f"{format_bytes(seg.tile_saved_bytes)} saved for backward"
                     )
                     continue
+                work = seg.tile_train_bytes if self.training else seg.tile_forward_bytes
                 lines.append(
-                    f"  {seg.name}: tile {'x'.join(map(str, seg.tile))} px of a "
-                    f"{'x'.join(map(str, seg.in_shape[2:]))} map, {len(seg.grid)} tiles, "
-                    f"overlap x{seg.overlap:.2f}, "
-                    + (
-                        f"tile training peak {format_bytes(seg.tile_train_bytes)}"
-                        if self.training
-                        else f"tile forward peak {format_bytes(seg.tile_forward_bytes)}"
-                    )
+                    f"  {seg.name}: tile {'x'.join(map(str, seg.tile))} of {px} image px, {len(seg.grid)} tiles, "
+                    f"overlap x{seg.overlap:.2f}, tile {'training' if self.training else 'forward'} peak "
+                    f"{format_bytes(work)}"
                 )
+            if self.boundaries:
+                by_tier: dict[str, int] = {}
+                for b in self.boundaries:
+                    by_tier[b.tier] = by_tier.get(b.tier, 0) + b.nbytes
+                    if self.training:
+                        by_tier[b.grad_tier] = by_tier.get(b.grad_tier, 0) + b.nbytes
+                tiers = ", ".join(f"{t} {format_bytes(n)}" for t, n in sorted(by_tier.items()))
+                lines.append(f"  boundaries: {len(self.boundaries)} tensors (with gradients): {tiers}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
 
-@functools.lru_cache(maxsize=1024)
-def _chain_geometry(geometries: tuple[Geometry | None, ...], ndim: int) -> Geometry:
-    """Composed geometry of consecutive units (cached: the planner asks for the same ranges many times)."""
-    geometry = Geometry.identity(ndim)
-    for g in geometries:
-        assert g is not None
-        geometry = compose(geometry, g)
-    return geometry
+def _tile_ladder(spatial: Sequence[int]) -> list[tuple[int, ...]]:
+    """Tile sizes to try: a geometric ladder (ratio 2^(1/4), multiples of 8) from 48 px up to the whole image."""
+    sizes: set[int] = set()
+    top = max(spatial)
+    t = 48.0
+    while t < top:
+        sizes.add(round(t / 8) * 8)
+        t *= 2**0.25
+    sizes.add(top)
+    return [tuple(min(s, d) for d in spatial) for s in sorted(sizes)]
 
 
-def _segment(
-    units: list[Unit], tile_image: Sequence[int], ndim: int, dtype: torch.dtype, scale: Sequence[Fraction]
-) -> SegmentPlan:
-    geometry = _chain_geometry(tuple(u.geometry for u in units), ndim)
-    in_shape, out_shape = units[0].in_shape, units[-1].out_shape
-    tile = tuple(max(1, math.floor(t / s)) for t, s in zip(tile_image, scale))
+def _min_tile(geometry: Any, in_shape: Sequence[int], out_shape: Sequence[int], axis: int) -> int:
     try:
-        grid = tile_grid(geometry, in_shape[2:], out_shape[2:], tile)
+        plan_dim(geometry.dims[axis], geometry.align[axis], in_shape[axis], out_shape[axis], 1, axis)
     except GeometryError as err:
-        minimum = getattr(err, "minimum", None)
-        if minimum is None or all(s == 1 for s in scale):
-            raise
-        # NOTE [ Deep segments ]: the tile is given in image pixels; a segment deep in the trunk runs on a map
-        # `scale` times smaller, where the same extent may not even hold its halo. Such a segment uses the
-        # smallest tile its halo allows instead (its maps are small, so this costs little memory). The plan's
-        # printout shows every segment's tile.
-        tile = tuple(max(t, _min_tile(geometry, in_shape[2:], out_shape[2:], d)) for d, t in enumerate(tile))
-        grid = tile_grid(geometry, in_shape[2:], out_shape[2:], tile)
-    area_ratio = math.prod(grid.max_in_shape) / math.prod(in_shape[2:])
-    saved = sum(u.saved_bytes for u in units) * area_ratio
-    largest = max(u.peak_act_bytes for u in units) * area_ratio
-    tile_in = _nbytes((in_shape[0], in_shape[1], *grid.max_in_shape), dtype)
-    return SegmentPlan(
-        units=units,
-        geometry=geometry,
-        tile=tuple(min(t, i) for t, i in zip(tile, in_shape[2:])),
-        grid=grid,
-        in_shape=in_shape,
-        out_shape=out_shape,
-        tile_train_bytes=int(tile_in + saved + _BACKWARD_TRANSIENT * largest),
-        tile_forward_bytes=int(tile_in + _FORWARD_TRANSIENT * largest),
-        tile_saved_bytes=int(saved),
-        flops=sum(u.flops for u in units),
-    )
-
-
-def _min_tile(geometry: Geometry, in_shape: Sequence[int], out_shape: Sequence[int], axis: int) -> int:
-    from .tiling import plan_dim
-
-    dim, align = geometry.dims[axis], geometry.align[axis]
-    try:
-        plan_dim(dim, align, in_shape[axis], out_shape[axis], 1, axis)
-    except GeometryError as err:
-        return int(err.minimum)  # type: ignore[attr-defined]
+        return int(getattr(err, "minimum", 1))
     return 1
 
 
-def _evaluate(
-    segments: list[SegmentPlan],
-    input_shape: tuple[int, ...],
-    param_bytes: int,
-    dtype: torch.dtype,
-    input_in_memory: bool,
-    input_grad: bool,
-) -> tuple[int, int, float]:
-    """Predicted (training peak, forward peak, time ratio) of a streamed plan.
+class _Planner:
+    """The parts of one planning call (NOTE [ Cost model ])."""
 
-    A kept segment's saved tensors live from its forward to its own backward: during the forward they add up, and
-    in the backward (which runs the segments in reverse) those of the segments before the current one are still
-    alive.
-    """
-    inp = _nbytes(input_shape, dtype) if input_in_memory else 0
-    boundaries = [_nbytes(s.out_shape, dtype) for s in segments]
-    fixed = 2 * param_bytes + inp + sum(boundaries)
-    kept = [s.tile_saved_bytes if s.keep else 0 for s in segments]
-    forward = 0
-    backward = 0
-    for k, seg in enumerate(segments):
-        before = sum(kept[:k])
-        work = seg.tile_saved_bytes + seg.tile_forward_bytes if seg.keep else seg.tile_forward_bytes
-        forward = max(forward, before + work)
-        grad_out = boundaries[k]
-        grad_in = boundaries[k - 1] if k > 0 else (inp if input_grad else 0)
-        backward = max(backward, before + grad_out + grad_in + seg.tile_train_bytes)
-    forward = max(forward, sum(kept))
-    conventional = sum(3 * s.flops for s in segments) or 1.0
-    return fixed + max(forward, backward), fixed + forward, sum(_cost(s) for s in segments) / conventional
+    def __init__(
+        self,
+        graph: TrunkGraph,
+        *,
+        training: bool,
+        input_in_memory: bool,
+        input_grad: bool,
+        output_in_memory: bool,
+        head_flops: float,
+        head: str | None,
+        tiers: str,
+        batch_tiles: int,
+    ):
+        self.g = graph
+        self.training = training
+        self.input_in_memory = input_in_memory
+        self.input_grad = input_grad
+        self.output_in_memory = output_in_memory and head is None
+        self.head = head
+        self.head_flops = head_flops
+        self.tiers = tiers
+        self.batch_tiles = batch_tiles
+        self.dtype = graph.dtype
+        self.image = graph.input_shape
+        self.ladder = _tile_ladder(self.image[2:])
+        self.total_flops = sum(p.flops for p in graph.profiles.values()) + head_flops or 1.0
+        self._sp: dict[tuple[int, tuple[int, ...]], SegmentPlan | None] = {}
+        self._forward_rate: dict[int, float] = {}
+        self.errors: list[str] = []
+
+    # -- one segment at one tile ----------------------------------------------------------------------------
+    def segment_plan(self, seg: Segment, tile: tuple[int, ...]) -> SegmentPlan | None:
+        key = (id(seg), tile)
+        if key in self._sp:
+            return self._sp[key]
+        out_shape = seg.out_shape
+        try:
+            try:
+                grid = tile_grid(seg.geometry, self.image[2:], out_shape[2:], tile)
+            except GeometryError as err:
+                if getattr(err, "minimum", None) is None or self.g.input in seg.sources:
+                    raise
+                # NOTE [ Deep segments ]: deep in the trunk the same window may not even hold the halo (in image
+                # pixels a deep halo is large); such a segment takes the smallest window its halo allows.
+                tile = tuple(
+                    max(t, _min_tile(seg.geometry, self.image[2:], out_shape[2:], d))
+                    for d, t in enumerate(tile)
+                )
+                grid = tile_grid(seg.geometry, self.image[2:], out_shape[2:], tile)
+        except GeometryError as err:
+            self.errors.append(str(err))
+            self._sp[key] = None
+            return None
+        ratio = math.prod(grid.max_in_shape) / math.prod(self.image[2:])
+        saved = seg.saved_bytes * ratio
+        largest = seg.largest_bytes * ratio
+        sources = seg.source_bytes * ratio
+        sp = SegmentPlan(
+            segment=seg,
+            tile=tuple(min(t, i) for t, i in zip(tile, self.image[2:])),
+            grid=grid,
+            in_shape=self.image,
+            out_shape=out_shape,
+            tile_train_bytes=int(sources + saved + BACKWARD_TRANSIENT * largest),
+            tile_forward_bytes=int(sources + FORWARD_TRANSIENT * largest),
+            tile_saved_bytes=int(saved),
+            flops=seg.flops,
+        )
+        if not self.training:
+            sp.tile_forward_bytes = int(max(self._forward_per_px(seg) * math.prod(grid.max_in_shape), 0)) * (
+                self.batch_tiles
+            )
+        self._sp[key] = sp
+        return sp
+
+    def _forward_per_px(self, seg: Segment) -> float:
+        """Inference peak per image pixel of a segment, from estimate_memory's allocator simulation (CPU
+        convolution scratch included, so it errs on the safe side), or the rule of thumb for multi-source
+        segments."""
+        if id(seg) not in self._forward_rate:
+            area = math.prod(self.image[2:])
+            rule = (seg.source_bytes + FORWARD_TRANSIENT * seg.largest_bytes) / area
+            if seg.sources == [self.g.input] and seg.out is self.g.output:  # the whole model: simulate it
+                from .memory.estimate import estimate_memory
+
+                module = copy.deepcopy(seg.module)
+                for m in module.modules():
+                    m._forward_hooks.clear()
+                    m._forward_pre_hooks.clear()
+                report = estimate_memory(module.to("meta"), self.image, mode="infer", dtype=self.dtype)
+                out_px = math.prod(seg.out_shape[2:]) / area
+                sink = 3 * _nbytes(seg.out_shape[:2], self.dtype) * out_px
+                rule = max(report.peak_bytes / area, sink)
+            self._forward_rate[id(seg)] = rule
+        return self._forward_rate[id(seg)]
+
+    def work(self, sp: SegmentPlan) -> int:
+        return sp.tile_train_bytes if self.training else sp.tile_forward_bytes
+
+    def seconds(self, sp: SegmentPlan) -> float:
+        if sp.keep:
+            return 3 * sp.flops / FLOP_RATE
+        passes = 4 if self.training else 1
+        return passes * sp.flops * sp.overlap / FLOP_RATE + len(sp.grid) * TILE_SECONDS * (
+            passes / 2 if self.training else 1
+        )
+
+    # -- a whole plan ----------------------------------------------------------------------------------------
+    def fixed_bytes(self) -> int:
+        params = (2 if self.training else 1) * self.g.param_bytes
+        return params + (_nbytes(self.image, self.dtype) if self.input_in_memory else 0)
+
+    def evaluate(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> tuple[int, int, list[int]]:
+        """Predicted (peak, forward peak, per-step peaks) of a plan (NOTE [ Cost model ]); steps are the forward
+        segments then the backward ones in reverse order."""
+        n = len(segs)
+        index = {sp.segment.out: k for k, sp in enumerate(segs)}
+        fixed = self.fixed_bytes()
+        consumers: dict[Any, list[int]] = {}
+        for k, sp in enumerate(segs):
+            for s in sp.segment.sources:
+                consumers.setdefault(s, []).append(k)
+        steps: list[int] = []
+        kept = [sp.tile_saved_bytes if sp.keep else 0 for sp in segs]
+        dev_out = 0
+        if self.output_in_memory:
+            dev_out = segs[-1].segment.graph.profiles[segs[-1].segment.out].out_bytes
+        input_grad = _nbytes(self.image, self.dtype) if self.input_grad and self.training else 0
+        for k in range(n):  # forward
+            alive = sum(b.nbytes for b in bounds if b.tier == "device" and index[_node(b, segs)] <= k)
+            work = segs[k].tile_forward_bytes + (segs[k].tile_saved_bytes if segs[k].keep else 0)
+            steps.append(fixed + alive + sum(kept[:k]) + work + (dev_out if k == n - 1 else 0))
+        forward_peak = max(steps)
+        if self.training:
+            for k in reversed(range(n)):
+                alive = 0
+                for b in bounds:
+                    node = _node(b, segs)
+                    users = consumers.get(node, [])
+                    if b.tier == "device":  # stores live through the backward (NOTE [ Boundary lifetime ])
+                        alive += b.nbytes
+                    if (b.grad_tier == "device" and users and index[node] < k <= max(users)) or (
+                        b.grad_tier == "device" and users and k == index[node]
+                    ):
+                        alive += b.nbytes
+                steps.append(fixed + alive + sum(kept) + segs[k].tile_train_bytes + 2 * dev_out + input_grad)
+        return max(steps), forward_peak, steps
+
+    def time_ratio(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:
+        seconds = sum(self.seconds(sp) for sp in segs)
+        by_node = {b.name: b for b in bounds}
+        for sp in segs:
+            out = by_node.get(sp.segment.out.name)
+            if out is not None and out.tier == "disk":
+                seconds += out.nbytes / DISK_WRITE + (out.nbytes / DISK_READ if self.training else 0)
+            for s in sp.segment.sources:
+                b = by_node.get(s.name)
+                if b is None:
+                    continue
+                read = b.nbytes * sp.overlap
+                if b.tier == "disk":
+                    seconds += read / DISK_READ * (2 if self.training and not sp.keep else 1)
+                if self.training and b.grad_tier == "disk":
+                    seconds += read / DISK_READ + read / DISK_WRITE
+        passes = 3 if self.training else 1
+        return seconds / (passes * self.total_flops / FLOP_RATE)
+
+    def build(self, cuts: frozenset, budget: int | None, requested: tuple[int, ...] | None) -> Plan | None:
+        """The fastest plan with these cuts under ``budget`` (or the leanest, if none fits), or None."""
+        try:
+            segments = self.g.segments(cuts)
+        except GeometryError as err:
+            self.errors.append(str(err))
+            return None
+        bounds = [
+            BoundaryPlan(s.out.name, s.out_shape, self.g.profiles[s.out].out_bytes) for s in segments[:-1]
+        ]
+        if self.tiers in ("host", "disk"):
+            for b in bounds:
+                b.tier = b.grad_tier = self.tiers
+        # each segment: options ordered fastest first; a fixed tile caps the working set (NOTE [ Tile memory ])
+        options: list[list[SegmentPlan]] = []
+        cap = None
+        if requested is not None:
+            first = (
+                self.segment_plan(segments[0], requested) if segments[0].sources == [self.g.input] else None
+            )
+            sps = [self.segment_plan(s, requested) for s in segments if self.g.input in s.sources]
+            if any(sp is None for sp in sps):
+                return None
+            cap = max(self.work(sp) for sp in sps if sp is not None)
+            del first
+        for s in segments:
+            opts = [sp for t in self.ladder if (sp := self.segment_plan(s, t)) is not None]
+            if requested is not None:
+                if self.g.input in s.sources:
+                    opts = [sp for sp in (self.segment_plan(s, requested),) if sp is not None]
+                else:
+                    opts = [sp for sp in opts if self.work(sp) <= cap] or opts[:1]
+            if not opts:
+                return None
+            opts.sort(key=lambda sp: (self.seconds(sp), sp.tile))
+            options.append(opts)
+        choice = [0] * len(segments)
+
+        def current() -> list[SegmentPlan]:
+            return [options[k][choice[k]] for k in range(len(segments))]
+
+        # fastest tiles first; while over budget: boundaries to disk (largest first), then smaller tiles at the
+        # step that sets the peak
+        while True:
+            segs = current()
+            peak, fwd, steps = self.evaluate(segs, bounds)
+            if budget is None or peak <= budget:
+                break
+            if self.tiers == "auto":
+                movable = [
+                    b for b in bounds if b.tier == "device" or (self.training and b.grad_tier == "device")
+                ]
+                if movable:
+                    b = max(movable, key=lambda b: b.nbytes)
+                    if b.tier == "device":
+                        b.tier = "disk"
+                    if b.grad_tier == "device":
+                        b.grad_tier = "disk"
+                    continue
+            worst = max(range(len(steps)), key=steps.__getitem__)
+            k = worst if worst < len(segments) else 2 * len(segments) - 1 - worst
+            leaner = [
+                j for j, sp in enumerate(options[k]) if self.work(sp) < self.work(options[k][choice[k]])
+            ]
+            if not leaner:
+                break
+            choice[k] = min(leaner, key=lambda j: (self.seconds(options[k][j]), -self.work(options[k][j])))
+        segs = [dataclasses.replace(sp) for sp in current()]
+        if self.training:  # keep one-tile segments' graphs while the plan still fits
+            for k, sp in sorted(enumerate(segs), key=lambda e: -e[1].flops / max(1, e[1].tile_saved_bytes)):
+                if len(sp.grid) != 1 or (
+                    k == 0 and not self.input_in_memory and self.g.input in sp.segment.sources
+                ):
+                    continue
+                sp.keep = True
+                limit = budget if budget is not None else None
+                if (limit is not None and self.evaluate(segs, bounds)[0] > limit) or (
+                    limit is None and sp.tile_saved_bytes > (cap or 0)
+                ):
+                    sp.keep = False
+        peak, fwd, _ = self.evaluate(segs, bounds)
+        if not self.training:
+            peak = fwd
+        return Plan(
+            self.image,
+            segs,
+            False,
+            int(peak),
+            int(fwd),
+            self.time_ratio(segs, bounds),
+            training=self.training,
+            boundaries=bounds,
+            head=self.head,
+            graph=self.g,
+            conventional_seconds=(3 if self.training else 1) * self.total_flops / FLOP_RATE,
+        )
+
+    def search(
+        self, mode: str, budget: int | None, requested: tuple[int, ...] | None
+    ) -> tuple[Plan | None, Plan | None]:
+        """(fastest plan within budget, leanest plan found)."""
+        cands = self.g.candidates
+        if mode == "lean":
+            starts = [frozenset()]
+        elif mode == "stages":
+            starts = [frozenset(cands)]
+        else:
+            starts = [frozenset(), frozenset(cands)]
+        seen: dict[frozenset, Plan | None] = {}
+
+        def get(cuts: frozenset) -> Plan | None:
+            if cuts not in seen:
+                seen[cuts] = self.build(cuts, budget, requested)
+            return seen[cuts]
+
+        def score(p: Plan | None) -> tuple:
+            if p is None:
+                return (2, 0.0)
+            if budget is not None and p.peak_bytes > budget:
+                return (1, p.peak_bytes)
+            return (0, p.time_ratio)
+
+        for start in starts:
+            get(start)
+        if mode == "auto" and len(cands) > 0:
+            for start in starts:
+                current = start
+                while True:
+                    moves = [current ^ {c} for c in cands]
+                    best = min(moves, key=lambda c: score(get(c)))
+                    if score(get(best)) < score(get(current)):
+                        current = best
+                    else:
+                        break
+        plans = [p for p in seen.values() if p is not None]
+        if not plans:
+            return None, None
+        fitting = [p for p in plans if budget is None or p.peak_bytes <= budget]
+        best = min(fitting, key=lambda p: p.time_ratio) if fitting else None
+        leanest = min(plans, key=lambda p: p.peak_bytes)
+        return best, leanest
 
 
-def _cost(seg: SegmentPlan) -> float:
-    """Predicted time of a segment's training step, in FLOPs (a conventional step is 3x its forward)."""
-    if seg.keep:
-        return 3 * seg.flops
-    return 4 * seg.flops * seg.overlap + len(seg.grid) * _TILE_OVERHEAD_FLOPS * 2
+def _node(b: BoundaryPlan, segs: list[SegmentPlan]) -> Any:
+    for sp in segs:
+        if sp.segment.out.name == b.name:
+            return sp.segment.out
+    raise KeyError(b.name)  # pragma: no cover
 
 
-def _choose_keeps(
-    segments: list[SegmentPlan], fits: Callable[[list[SegmentPlan]], bool], lazy_input: bool
-) -> list[SegmentPlan]:
-    """Keep the graphs of one-tile segments (no recomputation) while the plan still fits, the segments that save
-    the most recomputation per byte first. With a lazy input the first segment is never kept: keeping it would
-    read the whole image into memory."""
-    out = list(segments)
-    order = sorted(
-        (k for k, s in enumerate(out) if len(s.grid) == 1 and not (k == 0 and lazy_input)),
-        key=lambda k: -out[k].flops / max(1, out[k].tile_saved_bytes),
-    )
-    for k in order:
-        trial = [dataclasses.replace(s, keep=True) if j == k else s for j, s in enumerate(out)]
-        if fits(trial):
-            out = trial
-    return out
+def _head_flops(head: nn.Module | None, shape: tuple[int, ...], dtype: torch.dtype) -> float:
+    if head is None:
+        return 0.0
+    meta = copy.deepcopy(head).to("meta")
+    with FlopCounterMode(display=False) as fc:
+        meta(torch.empty(shape, device="meta", dtype=dtype))
+    return float(fc.get_total_flops())
 
 
-def _conventional_peak(
-    units: list[Unit], input_shape: tuple[int, ...], param_bytes: int, dtype: torch.dtype
-) -> int:
-    saved = sum(u.saved_bytes for u in units)
-    largest = max(u.peak_act_bytes for u in units)
-    return 2 * param_bytes + _nbytes(input_shape, dtype) + saved + _BACKWARD_TRANSIENT * largest
-
-
-def _candidate_cuts(units: list[Unit]) -> list[int]:
-    """Cut points (unit indices) just before and just after each unit that changes the spatial scale."""
-    cuts: set[int] = set()
-    for k, unit in enumerate(units):
-        if unit.in_shape[2:] != unit.out_shape[2:]:
-            cuts.update({k, k + 1})
-    return sorted(c for c in cuts if 0 < c < len(units))
-
-
-def _scale(units: list[Unit], first: int, ndim: int, input_shape: Sequence[int]) -> tuple[Fraction, ...]:
-    """Image pixels per pixel of unit ``first``'s input map."""
-    shape = units[first].in_shape
-    return tuple(Fraction(input_shape[2 + d], shape[2 + d]) for d in range(ndim))
+def _head_name(head: nn.Module | None) -> str | None:
+    if head is None:
+        return None
+    extra = head.extra_repr()
+    return f"{type(head).__name__}({extra})" if extra else type(head).__name__
 
 
 def plan_streaming(
@@ -355,15 +586,19 @@ def plan_streaming(
     training: bool = True,
     output_in_memory: bool = True,
     batch_tiles: int = 1,
+    head: nn.Module | None = None,
+    tiers: str = "auto",
 ) -> Plan:
-    """Choose segments and tile sizes for ``module`` on an input of ``input_shape`` (N, C, *spatial).
+    """Choose segments, tile sizes and storage tiers for ``module`` on an input of ``input_shape`` (N, C, *spatial).
 
-    ``mode``: "lean" (one segment, memory flat in the image size), "stages" (cut at every change of scale),
-    or "auto" (with a budget: the fastest plan that fits, including unstreamed execution; without: "lean" plus
-    cuts at boundaries no larger than the input). ``batch_tiles`` (inference only): tiles run together in one
-    forward call, as ``tilegrad.infer(batch_tiles=)`` does (NOTE [ Tile batches ] in infer.py). ``memory_budget``
-    is bytes or a string such as ``"2GiB"``. Option mistakes raise :class:`tilegrad.ConfigError`; no plan under the
-    budget, :class:`tilegrad.MemoryBudgetError`.
+    ``mode``: "lean" (one segment, memory flat in the image size), "stages" (cut at every candidate), or "auto"
+    (with a budget: the fastest plan that fits, including unstreamed execution; with a fixed tile: the fastest
+    plan within the tile's implied limit, NOTE [ Tile memory ]). ``head``: a streamed head (tilegrad.heads) fed
+    tile by tile; the trunk's output is then never stored. ``tiers``: where boundary tensors live, "auto" (the
+    device while they fit, then disk), "device", "host" or "disk". ``batch_tiles`` (inference only): tiles run
+    together in one forward call (NOTE [ Tile batches ] in infer.py). ``memory_budget`` is bytes or a string such
+    as ``"2GiB"``. Option mistakes raise :class:`tilegrad.ConfigError`; no plan under the budget,
+    :class:`tilegrad.MemoryBudgetError`.
     """
     input_shape = tuple(int(s) for s in input_shape)
     ndim = len(input_shape) - 2
@@ -372,224 +607,88 @@ def plan_streaming(
     mode = mode_option(mode)
     batch_tiles = batch_tiles_option(batch_tiles)
     require_budget(tile_size, memory_budget)
+    if tiers not in TIERS:
+        raise ConfigError(f"tiers must be one of {', '.join(TIERS)}; received {tiers!r}")
     if isinstance(tile_size, tuple) and len(tile_size) != ndim:
         raise ShapeError(
             f"tile_size {tile_size} has {len(tile_size)} entries but the input has {ndim} spatial dims "
             f"(shape {input_shape}): give one entry per spatial dim or a single int"
         )
-    units = units_of(module)
-    for unit in units:
-        unit.geometry = module_geometry(unit.module, ndim, unit.name)
-    _meta_profile(units, input_shape, dtype)
-    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    graph = TrunkGraph(module, input_shape, dtype, training=training)
+    out_shape = graph.shape(graph.output)
+    planner = _Planner(
+        graph,
+        training=training,
+        input_in_memory=input_in_memory,
+        input_grad=input_grad,
+        output_in_memory=output_in_memory,
+        head_flops=_head_flops(head, out_shape, dtype),
+        head=_head_name(head),
+        tiers=tiers,
+        batch_tiles=batch_tiles,
+    )
+    requested = (
+        None if tile_size == "auto" else (tile_size if isinstance(tile_size, tuple) else (tile_size,) * ndim)
+    )
+    budget = None if memory_budget is None else int(memory_budget * BUDGET_SAFETY)
 
-    requested: tuple[int, ...] | None = None
-    if tile_size == "auto":
-        tile_choices = _tile_candidates(input_shape[2:], units)
-    else:
-        requested = tuple(tile_size) if not isinstance(tile_size, int) else (tile_size,) * ndim
-        # NOTE [ Tile memory ]: a fixed tile sets the memory of one tile. Segments deep in the trunk run on maps
-        # many times smaller than the image, where the same extent in image pixels would hold little more than
-        # the halo; they may take larger tiles as long as a tile needs no more memory than the requested one.
-        tile_choices = [requested] + [
-            t for t in _tile_candidates(input_shape[2:], units) if all(a > b for a, b in zip(t, requested))
-        ]
-
-    cut_points = _candidate_cuts(units)
-    if mode == "lean":
-        cut_sets: list[tuple[int, ...]] = [()]
-    elif mode == "stages":
-        cut_sets = [tuple(cut_points)]
-    else:  # every combination; the first is () (the lean plan), which the implied limit below relies on
-        cut_sets = [c for r in range(len(cut_points) + 1) for c in itertools.combinations(cut_points, r)]
-
-    budget = None if memory_budget is None else int(memory_budget * _BUDGET_SAFETY)
-    implied_note = ""
-    best: Plan | None = None
-    smallest: Plan | None = None
-    errors: list[str] = []
     if memory_budget is not None and mode == "auto" and training:
-        peak = _conventional_peak(units, input_shape, param_bytes, dtype)
-        if peak <= budget:
-            seg = _segment(units, input_shape[2:], ndim, dtype, (Fraction(1),) * ndim)
-            best = Plan(input_shape, [seg], True, peak, peak, 1.0, memory_budget)
-    cache: dict[tuple[int, int, tuple[int, ...]], SegmentPlan | None] = {}
+        peak = _conventional_peak(graph, input_in_memory, head is not None)
+        if peak <= budget and (input_in_memory or head is None or peak * 4 < budget):
+            seg = graph.segments(())[0]
+            sp = planner.segment_plan(seg, tuple(input_shape[2:]))
+            if sp is not None:
+                return Plan(
+                    input_shape, [sp], True, peak, peak, 1.0, memory_budget, training=True,
+                    head=_head_name(head), graph=graph,
+                )  # fmt: skip
 
-    forward_rate: dict[tuple[int, int], float] = {}
-
-    def forward_bytes_per_px(first: int, stop: int) -> float:
-        """Inference peak per input pixel of a segment, from estimate_memory's allocator simulation (which
-        includes CPU convolution scratch, so it errs on the safe side)."""
-        if (first, stop) not in forward_rate:
-            from .memory.estimate import estimate_memory
-
-            shape = units[first].in_shape
-            # a meta copy: planning must not call the user's forward hooks (as in _meta_profile)
-            chain = _without_hooks(copy.deepcopy(nn.Sequential(*(u.module for u in units[first:stop])))).to(
-                "meta"
-            )
-            report = estimate_memory(chain, shape, mode="infer", dtype=dtype)
-            forward_rate[(first, stop)] = report.peak_bytes / math.prod(shape[2:])
-        return forward_rate[(first, stop)]
-
-    def segment(first: int, stop: int, tile: tuple[int, ...]) -> SegmentPlan | None:
-        key = (first, stop, tile)
-        if key not in cache:
-            try:
-                seg = _segment(units[first:stop], tile, ndim, dtype, _scale(units, first, ndim, input_shape))
-                if not training:  # inference plans: simulate the forward peak instead of the rule of thumb
-                    area = math.prod(seg.grid.max_in_shape)
-                    # After the forward a tile's output core is copied (dtype conversion, a contiguous block for
-                    # the sink) while the output is alive: three output tiles, which can exceed the forward's own
-                    # peak when the output is the largest map (super-resolution).
-                    out_px = area * math.prod(o / i for o, i in zip(seg.out_shape[2:], seg.in_shape[2:]))
-                    sink = 3 * _nbytes(seg.out_shape[:2], dtype) * out_px
-                    per_tile = max(forward_bytes_per_px(first, stop) * area, sink)
-                    seg.tile_forward_bytes = int(per_tile * batch_tiles)
-                cache[key] = seg
-            except GeometryError as err:
-                errors.append(str(err))
-                cache[key] = None
-        return cache[key]
-
-    first_stops = sorted({c[0] if c else len(units) for c in cut_sets})
-
-    def tile_cap(tile: tuple[int, ...]) -> int:
-        """Memory of the requested tile in the image-reading segment where it is largest (the lean one, when the
-        tile holds the whole trunk's halo)."""
-        sizes = [
-            seg.tile_train_bytes if training else seg.tile_forward_bytes
-            for stop in first_stops
-            if (seg := segment(0, stop, tile)) is not None
-        ]
-        return max(sizes, default=0)
-
-    def plan_for(cuts: tuple[int, ...], budget: int | None) -> Plan | None:
-        """The fastest plan with these cuts (tile per segment, kept graphs) under ``budget``, or None."""
-        bounds = [0, *cuts, len(units)]
-        ranges = list(itertools.pairwise(bounds))
-        inp = _nbytes(input_shape, dtype) if input_in_memory else 0
-        outs = [_nbytes(units[b - 1].out_shape, dtype) for _, b in ranges]
-        if not output_in_memory:
-            outs[-1] = 0
-        fixed = (2 if training else 1) * param_bytes + inp + sum(outs)
-        chosen: list[SegmentPlan] = []
-        for k, (a, b) in enumerate(ranges):
-            grads = outs[k] + (outs[k - 1] if k > 0 else (inp if input_grad else 0))
-            options = [s for s in (segment(a, b, t) for t in tile_choices) if s is not None]
-            if requested is not None and a == 0:  # the segment that reads the image takes the requested tile
-                options = [s for s in (segment(a, b, requested),) if s is not None]
-            if not options:
-                break
-            if requested is not None:
-                if segment(a, b, requested) is None:
-                    # the requested tile must work in every segment of a plan: never swap it silently. Other cuts
-                    # (shorter segments, smaller halos) may still take it; if none does, the error says why.
-                    return None
-                cap = options[0].tile_train_bytes if training else options[0].tile_forward_bytes
-                cap = max(cap, tile_cap(requested))
-                options = [
-                    s for s in options if (s.tile_train_bytes if training else s.tile_forward_bytes) <= cap
-                ]
-            fitting = [
-                s
-                for s in options
-                if budget is None
-                or (
-                    (not training or fixed + grads + s.tile_train_bytes <= budget)
-                    and fixed + s.tile_forward_bytes <= budget
-                )
-            ]
-            pool = fitting or options
-            chosen.append(
-                min(
-                    pool,
-                    key=lambda s: (4 * s.flops * s.overlap + len(s.grid) * _TILE_OVERHEAD_FLOPS * 2, s.tile),
-                )
-                if fitting
-                else min(pool, key=lambda s: s.tile_train_bytes)
-            )
-        if len(chosen) != len(ranges):
-            return None
-        if training:
-            if budget is not None:
-
-                def fits(trial: list[SegmentPlan]) -> bool:
-                    return (
-                        _evaluate(trial, input_shape, param_bytes, dtype, input_in_memory, input_grad)[0]
-                        <= budget
-                    )
-
-            else:  # a fixed tile sets the memory (NOTE [ Tile memory ]): kept graphs may hold one tile's worth
-                allowance = tile_cap(requested) if requested is not None else 0
-
-                def fits(trial: list[SegmentPlan], allowance: int = allowance) -> bool:
-                    return sum(s.tile_saved_bytes for s in trial if s.keep) <= allowance
-
-            chosen = _choose_keeps(chosen, fits, lazy_input=not input_in_memory)
-        peak, fwd_peak, ratio = _evaluate(
-            chosen, input_shape, param_bytes, dtype, input_in_memory, input_grad
-        )
-        if not training:  # inference: no gradients, the forward peak is the peak
-            fwd_peak = peak = fixed + max(s.tile_forward_bytes for s in chosen)
-        return Plan(input_shape, chosen, False, peak, fwd_peak, ratio, memory_budget, training=training)
-
-    # NOTE [ Tile memory ], continued: with a fixed tile and no budget, the tile sets the limit too. Any plan may
-    # be chosen whose predicted peak is at most the lean plan's (one segment: tile + input + output + parameters,
-    # flat in the image size) plus half the memory of one more tile (_FIXED_TILE_EXTRA); boundary maps and kept
-    # graphs must fit in that allowance, so the peak stays flat in the image size apart from the input and
-    # output, and the planner moves towards the lean plan as the image grows.
+    note = ""
     if budget is None and mode == "auto" and training and requested is not None:
-        lean = plan_for((), None)
-        if (
-            lean is None
-        ):  # the tile cannot hold the whole trunk's halo: the leanest plan that takes it instead
-            lean = min(
-                (p for p in (plan_for(c, None) for c in cut_sets) if p is not None),
-                key=lambda p: p.peak_bytes,
-                default=None,
-            )
+        lean = planner.build(frozenset(), None, requested)
+        if lean is None:
+            _, lean = planner.search("stages", None, requested)
         if lean is not None:
-            budget = lean.peak_bytes + int(_FIXED_TILE_EXTRA * tile_cap(requested))
-            implied_note = (
-                f"no budget given: the {'x'.join(map(str, requested))} tile sets the limit, "
-                f"{format_bytes(budget)} (the leanest plan's {format_bytes(lean.peak_bytes)} plus "
-                f"{_FIXED_TILE_EXTRA:g} tile); pass memory_budget= to let it use more memory for speed"
+            extra = max(planner.work(sp) for sp in lean.segments if graph.input in sp.segment.sources)
+            budget = lean.peak_bytes + int(FIXED_TILE_EXTRA * extra)
+            note = (
+                f"no budget given: the {'x'.join(map(str, requested))} tile sets the limit, {format_bytes(budget)} "
+                f"(the one-segment plan's {format_bytes(lean.peak_bytes)} plus {FIXED_TILE_EXTRA:g} tile); pass "
+                "memory_budget= to let it use more memory for speed"
             )
-    for cuts in cut_sets:
-        plan = plan_for(cuts, budget)
-        if plan is None:
-            continue
-        if smallest is None or plan.peak_bytes < smallest.peak_bytes:
-            smallest = plan
-        if budget is not None and plan.peak_bytes > budget:
-            continue
-        if best is None or plan.time_ratio < best.time_ratio - 1e-9:
-            best = plan
+    best, leanest = planner.search(mode, budget, requested)
     if best is not None:
-        if implied_note:
-            best.notes.append(implied_note)
+        best.budget = memory_budget
+        if note:
+            best.notes.append(note)
+        if best.disk_bytes:
+            best.notes.append(
+                f"{format_bytes(best.disk_bytes)} of boundary tensors go to a scratch directory on disk "
+                "(scratch_dir=, checked for free space when the run starts)"
+            )
         return best
-    if smallest is None:
-        raise GeometryError(errors[0] if errors else "no tile size fits this trunk")
+    if leanest is None:
+        raise GeometryError(planner.errors[0] if planner.errors else "no tile size fits this trunk")
     raise MemoryBudgetError(
         f"no streaming plan fits the memory budget of {format_bytes(memory_budget or 0)} for input "
-        f"{'x'.join(map(str, input_shape))}: the leanest plan found needs about {format_bytes(smallest.peak_bytes)}, "
-        f"more than the {format_bytes(budget or 0)} the planner allows itself ({_BUDGET_SAFETY:.0%} of the budget; "
-        f"the rest is slack for the allocator) ({smallest}). Raise the budget"
+        f"{'x'.join(map(str, input_shape))}: the leanest plan found needs about {format_bytes(leanest.peak_bytes)}, "
+        f"more than the {format_bytes(budget or 0)} the planner allows itself ({BUDGET_SAFETY:.0%} of the budget; "
+        f"the rest is slack for the allocator) ({leanest}). Raise the budget"
         + (", or request a smaller tile_size" if requested is not None else "")
         + (", or keep the input on disk as a lazy array" if input_in_memory else "")
+        + (
+            ", or use a streamed head (tilegrad.heads)"
+            if training and head is None and output_in_memory
+            else ""
+        )
         + (", or write the output to a sink on disk (out=)" if not training and output_in_memory else "")
     )
 
 
-def _tile_candidates(spatial: Sequence[int], units: list[Unit]) -> list[tuple[int, ...]]:
-    """Tile sizes to try: a geometric ladder (ratio 2^(1/4), multiples of 8) from 48 px up to the whole image."""
-    sizes: set[int] = set()
-    top = max(spatial)
-    t = 48.0
-    while t < top:
-        sizes.add(round(t / 8) * 8)
-        t *= 2**0.25
-    sizes.add(top)
-    return [tuple(min(s, d) for d in spatial) for s in sorted(sizes)]
+def _conventional_peak(graph: TrunkGraph, input_in_memory: bool, has_head: bool) -> int:
+    profs = graph.profiles.values()
+    saved = sum(p.saved for p in profs)
+    largest = max(p.out_bytes for p in profs)
+    return int(
+        2 * graph.param_bytes + _nbytes(graph.input_shape, graph.dtype) + saved + BACKWARD_TRANSIENT * largest
+    )

@@ -12,162 +12,23 @@ when the input requires grad, of the input (a saliency map).
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
 from ._allocator import pin_mmap_threshold
-from ._autocast import autocast_state, replay_autocast
 from .errors import ConfigError, ShapeError, TilegradError
+from .execute import Reader, run_plan
+from .heads import streamed_head
 from .options import budget_option, mode_option, require_budget, tile_size_option
-from .plan import Plan, SegmentPlan, plan_streaming
+from .plan import TIERS, Plan, plan_streaming
 from .typing import ArrayLike, Bytes, TileSize
 
 __all__ = ["GradientSink", "StreamingModule"]
 
 log = logging.getLogger(__name__)
-
-
-class _Reader:
-    """Reads input boxes from a tensor or a lazy array, as tensors on the module's device and dtype."""
-
-    def __init__(self, source: ArrayLike, device: torch.device, dtype: torch.dtype):
-        self.source = source
-        self.device = device
-        self.dtype = dtype
-        self.is_tensor = isinstance(source, torch.Tensor)
-
-    def read(self, box: tuple[slice, ...]) -> torch.Tensor:
-        key = (slice(None), slice(None), *box)
-        if self.is_tensor:
-            return self.source[key]
-        block = np.asarray(self.source[key])
-        if block.dtype.kind in "ui" and self.dtype.is_floating_point:
-            block = block.astype(np.float32)
-        return torch.from_numpy(np.ascontiguousarray(block)).to(device=self.device, dtype=self.dtype)
-
-
-def _run_forward(seg: SegmentPlan, reader: _Reader, out: torch.Tensor | None, progress: Any) -> torch.Tensor:
-    chain = seg.chain
-    for tile in seg.grid:
-        y = chain(reader.read(tile.inputs))
-        core = y[(slice(None), slice(None), *tile.crop)]
-        if out is None:
-            shape = (*y.shape[:2], *(s for s in seg.out_shape[2:]))
-            out = torch.empty(shape, dtype=y.dtype, device=y.device)
-            if y.is_contiguous(memory_format=torch.channels_last) and y.dim() == 4:
-                out = out.contiguous(memory_format=torch.channels_last)
-        out[(slice(None), slice(None), *tile.outputs)] = core
-        if progress is not None:
-            progress.update(1)
-    assert out is not None
-    return out
-
-
-class _Step:
-    """What the segments of one streamed forward share: the progress bars (one for the forward over every tile,
-    one for the backward, opened by the first segment whose backward runs and closed after the last tile)."""
-
-    def __init__(self, owner: StreamingModule, plan: Plan):
-        self.owner = owner
-        self.total = sum(len(s.grid) for s in plan.segments if not s.keep)
-        self.remaining = self.total
-        self.forward_bar: Any = None
-        self._backward: Any = None
-
-    def tick_backward(self) -> None:
-        if self._backward is None:
-            self._backward = self.owner._open_bar(self.total, "backward")
-        if self._backward is not None:
-            self._backward.update(1)
-        self.remaining -= 1
-        if self.remaining <= 0 and self._backward is not None:
-            self._backward.close()
-
-
-class _SegmentFunction(torch.autograd.Function):
-    """One streamed segment. Forward: its tiles without a graph. Backward: each tile again with a graph, the
-    gradient of its core pushed through it (NOTE [ Disjoint cores ] in tiling.py). The segment's parameters are
-    inputs of the Function, so autograd routes their gradients (and sums them with other uses) as usual; segments
-    compose through ordinary autograd, so kept segments and other layers can sit between them."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        seg: SegmentPlan,
-        step: _Step,
-        reader: _Reader,
-        sink: GradientSink | None,
-        x: torch.Tensor | None,
-        anchor: torch.Tensor | None,
-        *params: Any,
-    ):
-        ctx.device_type = reader.device.type
-        ctx.autocast = autocast_state(ctx.device_type)
-        ctx.seg, ctx.step, ctx.sink = seg, step, sink
-        ctx.seg_params = params  # parameters live as long as the module; no activation is held here
-        # NOTE [ Boundary lifetime ]: a tensor input is kept only through save_for_backward, never as a ctx
-        # attribute, so autograd frees it as soon as this segment's backward has run (ctx itself lives as long as
-        # the graph). A lazy input is kept as its reader: it costs no memory.
-        ctx.lazy_reader = None if x is not None else reader
-        if x is not None:
-            ctx.save_for_backward(x)
-        ctx.reader_device, ctx.reader_dtype = reader.device, reader.dtype
-        return _run_forward(seg, reader, None, step.forward_bar)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        seg: SegmentPlan = ctx.seg
-        if ctx.lazy_reader is not None:
-            reader = ctx.lazy_reader
-        else:
-            (x,) = ctx.saved_tensors
-            reader = _Reader(x.detach(), ctx.reader_device, ctx.reader_dtype)
-        sink: GradientSink | None = ctx.sink
-        need_input_grad = ctx.needs_input_grad[4] or sink is not None
-        params = ctx.seg_params
-        wanted = [p for p, need in zip(params, ctx.needs_input_grad[6:]) if need]
-        param_grads: dict[int, torch.Tensor] = {}
-        grad_in = torch.zeros_like(reader.source) if need_input_grad and sink is None else None
-        chain = seg.chain
-        for tile in seg.grid:
-            ctx.step.tick_backward()
-            inputs = wanted
-            xin = reader.read(tile.inputs).detach()
-            if need_input_grad:
-                xin.requires_grad_(True)
-                inputs = [xin, *wanted]
-            if not inputs:
-                continue
-            with torch.enable_grad(), replay_autocast(ctx.device_type, ctx.autocast):
-                y = chain(xin)
-                core = y[(slice(None), slice(None), *tile.crop)]
-            g = grad_out[(slice(None), slice(None), *tile.outputs)]
-            grads = torch.autograd.grad(core, inputs, g.to(core.dtype), allow_unused=True)
-            if need_input_grad:
-                if sink is not None:
-                    sink.add(tile.inputs, grads[0])
-                else:
-                    grad_in[(slice(None), slice(None), *tile.inputs)] += grads[0]
-                grads = grads[1:]
-            for p, gp in zip(wanted, grads):
-                if gp is not None:
-                    param_grads[id(p)] = gp if id(p) not in param_grads else param_grads[id(p)] + gp
-            del y, core, grads, xin
-        return (None, None, None, None, grad_in, None, *(param_grads.get(id(p)) for p in params))
-
-    @classmethod
-    def run(
-        cls, seg: SegmentPlan, step: _Step, reader: _Reader, x: torch.Tensor | None, sink: GradientSink | None
-    ) -> torch.Tensor:
-        params = [p for p in seg.chain.parameters_of() if p.requires_grad]
-        # with a sink and frozen parameters nothing else would put this segment on the graph
-        anchor = torch.zeros((), requires_grad=True) if sink is not None else None
-        return cls.apply(seg, step, reader, sink, x, anchor, *params)
 
 
 class GradientSink(Protocol):
@@ -222,12 +83,20 @@ class StreamingModule(nn.Module):
         *,
         memory_budget: Bytes | None = None,
         mode: str = "auto",
+        head: nn.Module | None = None,
+        tiers: str = "auto",
+        scratch_dir: str | None = None,
         progress: bool | None = None,
     ):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise ConfigError(f"StreamingModule wraps an nn.Module, received {type(module).__name__}")
+        if tiers not in TIERS:
+            raise ConfigError(f"tiers must be one of {', '.join(TIERS)}; received {tiers!r}")
         self.module = module
+        self.head = streamed_head(head) if head is not None else None
+        self.tiers = tiers
+        self.scratch_dir = scratch_dir
         self._tile_request = tile_size_option(tile_size)
         self.memory_budget = budget_option(memory_budget)
         require_budget(self._tile_request, self.memory_budget)
@@ -240,10 +109,13 @@ class StreamingModule(nn.Module):
 
     # -- state_dict keys are the wrapped module's own ------------------------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module.state_dict(*args, **kwargs)
+        if self.head is None:
+            return self.module.state_dict(*args, **kwargs)
+        return nn.Module.state_dict(self, *args, **kwargs)
 
-    @staticmethod
-    def _add_prefix(state_dict: dict, prefix: str, *args: Any) -> None:
+    def _add_prefix(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        if self.head is not None:  # with a head the keys are module.* and head.*
+            return
         for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "module.")]:
             state_dict[prefix + "module." + key[len(prefix) :]] = state_dict.pop(key)
 
@@ -266,7 +138,7 @@ class StreamingModule(nn.Module):
             )
         tile = self._tile_request  # plan_streaming checks it against the input's rank
         dtype = dtype or self._param_dtype()
-        key = (input_shape, dtype, lazy, input_grad, self.training, self.mode)
+        key = (input_shape, dtype, lazy, input_grad, self.training, self.mode, self.tiers)
         if key not in self._plans:
             plan = plan_streaming(
                 self.module,
@@ -277,6 +149,8 @@ class StreamingModule(nn.Module):
                 mode=self.mode,
                 input_in_memory=not lazy,
                 input_grad=input_grad,
+                head=self.head,
+                tiers=self.tiers,
             )
             self._plans = {k: v for k, v in self._plans.items() if k[4] == self.training}
             self._plans[key] = plan
@@ -297,15 +171,6 @@ class StreamingModule(nn.Module):
         for b in self.module.buffers():
             return b.device
         return torch.device("cpu")
-
-    def _open_bar(self, total: int, what: str) -> Any:
-        """A tqdm bar over ``total`` tiles, or None (default: only with more than 16 tiles and a terminal)."""
-        show = self.progress if self.progress is not None else (total > 16 and sys.stderr.isatty())
-        if not show or total <= 1:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=f"tilegrad {what}", unit="tile", leave=False)
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: ArrayLike, *, grad_sink: GradientSink | None = None) -> torch.Tensor:
@@ -337,48 +202,36 @@ class StreamingModule(nn.Module):
                 "(or pass a lazy array, whose tiles are sent to the module's device)"
             )
         grad_params = [p for p in self.module.parameters() if p.requires_grad]
+        if self.head is not None:
+            grad_params += [p for p in self.head.parameters() if p.requires_grad]
         input_grad = not lazy and x.requires_grad
         training = torch.is_grad_enabled() and (bool(grad_params) or input_grad or grad_sink is not None)
         plan = self.plan(shape, dtype=dtype, lazy=lazy, input_grad=input_grad)
-        reader = _Reader(x, device, dtype)
-        whole = tuple(slice(None) for _ in shape[2:])
         whole_box = tuple(slice(0, n) for n in shape[2:])
-
-        def read_whole() -> torch.Tensor:
-            t = reader.read(whole)
-            if (
-                grad_sink is not None
-            ):  # the whole image is one box: hand its gradient to the sink in one piece
-                t.requires_grad_(True)
-                t.register_hook(lambda g: grad_sink.add(whole_box, g))
-            return t
-
         if plan.conventional or (len(plan.segments) == 1 and len(plan.segments[0].grid) == 1):
             # one tile covers everything: streaming would only add a recomputation
-            return self.module(x if not lazy else read_whole())
+            if lazy:
+                x = Reader(x, device, dtype).read(whole_box)
+                if (
+                    grad_sink is not None
+                ):  # the whole image is one box: its gradient goes to the sink in one piece
+                    x.requires_grad_(True)
+                    x.register_hook(lambda g: grad_sink.add(whole_box, g))
+            y = self.module(x)
+            return self.head(y) if self.head is not None else y
         pin_mmap_threshold(device)  # NOTE [ Heap growth under a budget ] in _allocator.py
-        step = _Step(self, plan)
-        step.forward_bar = self._open_bar(sum(len(s.grid) for s in plan.segments), "forward")
-        try:
-            h: torch.Tensor | None = None if lazy else x
-            for k, seg in enumerate(plan.segments):
-                sink = grad_sink if k == 0 else None
-                if training and seg.keep:
-                    # NOTE [ Kept segments ]: a segment the plan keeps runs as plain autograd (one tile, the whole
-                    # map): its graph lives from here to its own backward, and nothing is recomputed.
-                    h = seg.chain(h if h is not None else read_whole())
-                    if step.forward_bar is not None:
-                        step.forward_bar.update(1)
-                elif training:
-                    h = _SegmentFunction.run(seg, step, reader, h, sink)
-                else:
-                    h = _run_forward(seg, reader, None, step.forward_bar)
-                reader = _Reader(h, h.device, h.dtype)
-        finally:
-            if step.forward_bar is not None:
-                step.forward_bar.close()
-        assert h is not None
-        return h
+        return run_plan(
+            plan,
+            self.module,
+            x,
+            training=training,
+            head=self.head,
+            sink=grad_sink,
+            scratch_dir=self.scratch_dir,
+            progress=self.progress,
+            device=device,
+            dtype=dtype,
+        )
 
     def extra_repr(self) -> str:
         budget = f", memory_budget={self.memory_budget}" if self.memory_budget else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,14 +25,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     size.add_argument("--tile", type=int, help="tile extent in input pixels, halo included")
     size.add_argument("--budget", help="memory budget such as 2GiB: the fastest plan that fits")
     p.add_argument("--mode", choices=("auto", "lean", "stages"), default="auto")
+    p.add_argument(
+        "--lazy",
+        action="store_true",
+        help="the image is read lazily from disk (a slide): it does not count against the budget",
+    )
+    p.add_argument(
+        "--head",
+        choices=("max", "avg", "attention"),
+        help="plan with a streamed head (tilegrad.heads): the trunk's output is reduced tile by tile, never stored",
+    )
+    p.add_argument(
+        "--tiers",
+        choices=("auto", "device", "host", "disk"),
+        default="auto",
+        help="where boundary tensors between segments live (default: the device while they fit, then disk)",
+    )
+    p.add_argument(
+        "--scratch-dir",
+        help="directory for boundary tensors on disk; its free space is compared with the plan's disk bytes",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..models.resolve import resolve_model
     from ..plan import plan_streaming
     from ..split import streamable_part
+    from ..units import format_bytes
     from .memory import parse_input
 
     factory, label = resolve_model(args.model)
@@ -40,31 +64,52 @@ def run(args: argparse.Namespace) -> int:
         model
     )  # a model without a head (a U-Net) is planned whole, as `tilegrad memory` does
     shape = (args.batch, *parse_input(args.input))
+    head = None
+    if args.head is not None:
+        from ..heads import AttentionMIL, GlobalPool
+        from ..plan import TrunkGraph
+
+        channels = TrunkGraph(trunk, shape, torch.float32, training=True)
+        features = channels.shape(channels.output)[1]
+        head = AttentionMIL(features) if args.head == "attention" else GlobalPool(args.head)
     plan = plan_streaming(
         trunk,
         shape,
         tile_size=args.tile if args.tile else "auto",
         memory_budget=args.budget,  # bytes or a string such as 2GiB
         mode=args.mode,
+        input_in_memory=not args.lazy,
+        head=head,
+        tiers=args.tiers,
     )
+    free = _free_bytes(args.scratch_dir) if plan.disk_bytes else None
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "model": label,
-                    "input": list(shape),
-                    "conventional": plan.conventional,
-                    "peak_bytes": plan.peak_bytes,
-                    "time_ratio": plan.time_ratio,
-                    "segments": [
-                        {"layers": s.name, "tile": list(s.tile), "tiles": len(s.grid), "overlap": s.overlap}
-                        for s in plan.segments
-                    ],
-                },
-                indent=2,
-            )
-        )
+        print(json.dumps({"model": label, **plan.to_dict(), "scratch_free_bytes": free}, indent=2))
     else:
         print(f"{label}:")
         print(plan)
+        pixels = math.prod(shape[2:]) * shape[0] / 1e6
+        seconds = plan.time_ratio * plan.conventional_seconds
+        print(
+            f"memory per tier: device {format_bytes(plan.peak_bytes)} (peak), host {format_bytes(plan.host_bytes)}, "
+            f"disk {format_bytes(plan.disk_bytes)}; predicted {seconds / pixels:.3g} s per megapixel per step "
+            "(cost model, NOTE [ Cost model ] in plan.py)"
+        )
+        if free is not None and free < plan.disk_bytes:
+            print(
+                f"warning: the scratch directory has {format_bytes(free)} free, the plan needs "
+                f"{format_bytes(plan.disk_bytes)}: pass --scratch-dir on a larger disk"
+            )
     return 0
+
+
+def _free_bytes(scratch_dir: str | None) -> int:
+    import os
+    import tempfile
+
+    path = scratch_dir or tempfile.gettempdir()
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return 0
+    return stat.f_bavail * stat.f_frsize

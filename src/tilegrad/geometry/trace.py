@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -27,7 +27,7 @@ from .core import Geometry, ReceptiveField
 from .layout import Extent, ExtentTuple, Layout, TileDependent, describe, is_spatial, standard
 from .toolkit import Context, function_rule, module_rule
 
-__all__ = ["module_geometry", "receptive_field"]
+__all__ = ["module_geometry", "propagate", "receptive_field", "trunk_output"]
 
 _META = "tilegrad_meta"
 _UNKNOWN = object()
@@ -343,8 +343,10 @@ def _attention(module: nn.Module) -> tuple[str, nn.Module] | None:
     for path, m in module.named_modules():
         kind = type(m).__name__
         if isinstance(m, nn.MultiheadAttention) or "Attention" in kind or kind == "SABlock":
-            if kind.endswith(("Gate", "Block")) and kind != "SABlock":
-                continue  # AttentionUnet's attention gates are local; only attention over positions counts
+            if (kind.endswith(("Gate", "Block")) and kind != "SABlock") or kind.startswith(
+                ("Channel", "Spatial")
+            ):
+                continue  # attention gates (AttentionUnet) and CBAM-style attention are not over positions
             return path, m
     return None
 
@@ -418,35 +420,76 @@ def _sizes(node: torch.fx.Node, layout: Layout) -> Any:
 
 
 def _graph_geometry(root: nn.Module, graph: torch.fx.Graph, ndim: int, prefix: str = "") -> Geometry:
-    values: dict[torch.fx.Node, Any] = {}
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if not placeholders:
         raise NotStreamableError(f"{type(root).__name__}.forward takes no tensor input")
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            values[node] = (
-                Spatial(Geometry.identity(ndim), standard(ndim)) if node is placeholders[0] else None
-            )
+    values = _propagate(root, graph.nodes, ndim, {placeholders[0]: Geometry.identity(ndim)}, prefix)
+    return _output(root, graph, values, ndim)
+
+
+def trunk_output(root: nn.Module, graph: torch.fx.Graph, geoms: dict[torch.fx.Node, Geometry | None]) -> Geometry:
+    """The geometry of the graph's single tensor output, from :func:`propagate`'s result."""
+    (output,) = [n for n in graph.nodes if n.op == "output"]
+    out_arg = output.args[0]
+    if not isinstance(out_arg, torch.fx.Node):
+        raise NotStreamableError(
+            f"{type(root).__name__} returns {type(out_arg).__name__}; a streamed trunk must return one tensor"
+        )
+    result = geoms.get(out_arg)
+    if result is None:
+        raise NotStreamableError(f"the output of {type(root).__name__} does not depend on its input")
+    return result
+
+
+def _output(root: nn.Module, graph: torch.fx.Graph, values: dict[torch.fx.Node, Any], ndim: int) -> Geometry:
+    (node,) = [n for n in graph.nodes if n.op == "output"]
+    spatial = [values[a] for a in node.all_input_nodes if isinstance(values.get(a), Spatial)]
+    if not spatial:
+        raise NotStreamableError(f"the output of {type(root).__name__} does not depend on its input")
+    out_arg = node.args[0]
+    if not isinstance(out_arg, torch.fx.Node) or not isinstance(values.get(out_arg), Spatial):
+        raise NotStreamableError(
+            f"{type(root).__name__} returns {type(out_arg).__name__}; a streamed trunk must return one tensor"
+        )
+    result = values[out_arg]
+    if result.layout != standard(ndim):
+        raise NotStreamableError(
+            f"{type(root).__name__} returns a tensor with dims {describe(result.layout, ndim)}; a streamed "
+            f"trunk returns {describe(standard(ndim), ndim)}"
+        )
+    return result.geometry
+
+
+def propagate(
+    root: nn.Module,
+    nodes: Iterable[torch.fx.Node],
+    ndim: int,
+    seeds: dict[torch.fx.Node, Geometry],
+    prefix: str = "",
+) -> dict[torch.fx.Node, Geometry | None]:
+    """Apply the geometry rules to ``nodes`` (in topological order), starting from the geometries in ``seeds``
+    (in the standard (N, C, *spatial) layout). A node none of whose inputs is spatial (parameters, constants, nodes
+    outside ``nodes`` that are not seeds: global statistics) gets None: it is the same on every tile. Raises
+    NotStreamableError naming the first node that is not local."""
+    values = _propagate(root, nodes, ndim, seeds, prefix)
+    return {n: (v.geometry if isinstance(v, Spatial) else None) for n, v in values.items()}
+
+
+def _propagate(
+    root: nn.Module,
+    nodes: Iterable[torch.fx.Node],
+    ndim: int,
+    seeds: dict[torch.fx.Node, Geometry],
+    prefix: str = "",
+) -> dict[torch.fx.Node, Any]:
+    values: dict[torch.fx.Node, Any] = {n: Spatial(g, standard(ndim)) for n, g in seeds.items()}
+    for node in nodes:
+        if node in seeds or node.op == "output":
             continue
-        if node.op == "get_attr":
+        if node.op in ("placeholder", "get_attr"):
             values[node] = None
             continue
         spatial = [values[a] for a in node.all_input_nodes if isinstance(values.get(a), Spatial)]
-        if node.op == "output":
-            if not spatial:
-                raise NotStreamableError(f"the output of {type(root).__name__} does not depend on its input")
-            out_arg = node.args[0]
-            if not isinstance(out_arg, torch.fx.Node) or not isinstance(values.get(out_arg), Spatial):
-                raise NotStreamableError(
-                    f"{type(root).__name__} returns {type(out_arg).__name__}; a streamed trunk must return one tensor"
-                )
-            result = values[out_arg]
-            if result.layout != standard(ndim):
-                raise NotStreamableError(
-                    f"{type(root).__name__} returns a tensor with dims {describe(result.layout, ndim)}; a streamed "
-                    f"trunk returns {describe(standard(ndim), ndim)}"
-                )
-            return result.geometry
         if not spatial:
             values[node] = _scalar(
                 node, values
@@ -501,8 +544,11 @@ def _graph_geometry(root: nn.Module, graph: torch.fx.Graph, ndim: int, prefix: s
         if node.target in (torch.chunk, torch.split, "chunk", "split"):
             node.meta["tilegrad_tuple"] = True
         geometry = rule(ctx, module, node, [s.geometry for s in spatial])
+        if geometry is None:  # a reduction (NOTE [ Streamed statistics ] in statistics.py): no spatial extent
+            values[node] = None
+            continue
         values[node] = Spatial(geometry, ctx.layout if ctx.layout is not None else layouts[0])
-    raise NotStreamableError(f"{type(root).__name__} has no output")  # pragma: no cover
+    return values
 
 
 def receptive_field(module: nn.Module, ndim: int = 2) -> ReceptiveField:

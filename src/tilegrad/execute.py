@@ -1,0 +1,549 @@
+"""Exact streamed execution of a plan (tilegrad/plan.py): every segment tile by tile, boundaries in their tiers.
+
+NOTE [ Streamed execution ]
+One ``torch.autograd.Function`` runs a whole plan. Forward: the segments in topological order; each tile reads its
+sources' boxes (NOTE [ Segment windows ] in graph.py) from their stores, runs the segment without a graph, crops
+its core (NOTE [ Valid region ]) and writes it into the store of the segment's output (or, for the last segment,
+into the output tensor or the streamed head's reduction: NOTE [ Streamed heads ] in heads.py). Backward: the
+segments in reverse; each tile is recomputed with a graph and the gradient of its core (read from the output's
+gradient store, or derived from the head's partial results) is pushed through it; the gradients of its sources are
+added into their gradient stores at the tile's boxes (overlapping boxes add up), parameter gradients are summed
+over tiles (NOTE [ Disjoint cores ] in tiling.py). A boundary's gradient is complete when every segment reading it
+has run its backward, which reverse topological order guarantees; its store is freed right after its producer's
+backward, and an activation store right after the backward of its first reader.
+
+NOTE [ Kept segments ]
+A segment the plan runs in one tile keeps its graph from the forward to its own backward (run whole with autograd
+on detached sources): nothing is recomputed, at the price of the bytes autograd saves.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._autocast import autocast_state, replay_autocast
+from .boundary import DiskStore, Scratch, TensorStore
+from .plan import Plan, SegmentPlan
+from .statistics import reduction_combine, reduction_partial, slabs, update_running_stats
+
+__all__ = ["Execution", "Reader", "run_plan"]
+
+
+class Reader:
+    """Reads input boxes from a tensor or a lazy array, as tensors on the module's device and dtype."""
+
+    def __init__(self, source: Any, device: torch.device, dtype: torch.dtype):
+        self.source = source
+        self.device = device
+        self.dtype = dtype
+        self.is_tensor = isinstance(source, torch.Tensor)
+        self.shape = tuple(int(s) for s in source.shape)
+
+    def read(self, box: tuple[slice, ...]) -> torch.Tensor:
+        key = (slice(None), slice(None), *box)
+        if self.is_tensor:
+            return self.source[key]
+        block = np.asarray(self.source[key])
+        if block.dtype.kind in "uib" and self.dtype.is_floating_point:
+            block = block.astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(block)).to(device=self.device, dtype=self.dtype)
+
+
+def _bar(show: bool | None, total: int, what: str) -> Any:
+    show = show if show is not None else (total > 16 and sys.stderr.isatty())
+    if not show or total <= 1:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"tilegrad {what}", unit="tile", leave=False)
+
+
+class Execution:
+    """The state of one streamed step: stores, kept graphs, head partials (NOTE [ Streamed execution ])."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        reader: Reader,
+        *,
+        head: nn.Module | None = None,
+        sink: Any = None,
+        scratch_dir: Any = None,
+        progress: bool | None = None,
+        writer: Any = None,
+    ):
+        assert plan.graph is not None
+        self.writer = writer
+        self.plan = plan
+        self.graph = plan.graph
+        self.reader = reader
+        self.device, self.dtype = reader.device, reader.dtype
+        self.head = head
+        self.sink = sink
+        self.scratch_dir = scratch_dir
+        self.progress = progress
+        self.tiers = {b.name: b for b in plan.boundaries}
+        self.stores: dict[Any, Any] = {}
+        self.grads: dict[Any, Any] = {}
+        self.kept: dict[int, tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
+        self.partials: list[tuple[torch.Tensor, ...]] = []
+        self.head_graph: tuple[list[torch.Tensor], torch.Tensor] | None = None
+        self.autocast = autocast_state(self.device.type)
+        self.consumers: dict[Any, list[int]] = {}
+        for k, sp in enumerate(plan.segments):
+            for s in sp.segment.sources:
+                self.consumers.setdefault(s, []).append(k)
+        self.scratch = None
+        # NOTE [ Streamed statistics ]: reductions and global nodes run between the segments, in graph order
+        index = self.graph.index
+        items = [(index[sp.segment.out], "segment", k) for k, sp in enumerate(plan.segments)]
+        items += [(index[r], "reduction", r) for r in self.graph.reductions]
+        items += [(index[n], "global", n) for n in self.graph.global_nodes]
+        self.items = [(kind, what) for _, kind, what in sorted(items, key=lambda e: e[0])]
+        self.values: dict[Any, Any] = {}
+        self.kept_red: dict[Any, Any] = {}
+        self.kept_glob: dict[Any, Any] = {}
+        self.gglob: dict[Any, torch.Tensor] = {}
+
+    # -- stores ---------------------------------------------------------------------------------------------
+    def _store(self, node: Any, tier: str, zero: bool) -> Any:
+        """A store for ``node``'s map (or its gradient) in ``tier`` (NOTE [ Storage tiers ] in boundary.py)."""
+        shape = self.graph.shape(node)
+        if tier == "disk" and self.device.type != "meta":
+            if self.scratch is None:  # free space is checked here, when the run starts, not when planning
+                self.scratch = Scratch(self.scratch_dir, self.plan.disk_bytes).__enter__()
+            return DiskStore(
+                shape, self.dtype, self.scratch, f"{node.name}{'' if not zero else '.grad'}", self.device
+            )
+        if tier == "host" and self.device.type == "cuda":
+            return TensorStore(shape, self.dtype, "cpu", zero=zero, compute_device=self.device)
+        return TensorStore(shape, self.dtype, self.device, zero=zero)
+
+    def read(self, node: Any, window: tuple[slice, ...], k: int) -> torch.Tensor:
+        box = self.graph.source_box(node, window)
+        if node is self.graph.input:
+            return self.reader.read(box)
+        return self.stores[node].read(box)
+
+    def close(self) -> None:
+        self.kept.clear()
+        self.kept_red.clear()
+        self.kept_glob.clear()
+        self.values.clear()
+        self.gglob.clear()
+        self.head_graph = None
+        self.partials = []
+        for store in (*self.stores.values(), *self.grads.values()):
+            store.close()
+        self.stores.clear()
+        self.grads.clear()
+        if self.scratch is not None:
+            self.scratch.__exit__(None, None, None)
+            self.scratch = None
+
+    def _sources(
+        self, sp: SegmentPlan, window: tuple[slice, ...], k: int, grad: list[bool]
+    ) -> list[torch.Tensor]:
+        """The tile's inputs: each source's box of ``window``, then the global statistics it reads whole;
+        ``grad`` has one flag per entry."""
+        out = []
+        seg = sp.segment
+        for j, s in enumerate(seg.sources):
+            t = self.read(s, window, k).detach()
+            if j in seg.inplace_sources:
+                t = t.clone()
+            if grad[j]:
+                t.requires_grad_(True)
+            out.append(t)
+        for j, s in enumerate(seg.globals, start=len(seg.sources)):
+            t = self.values[s].detach()
+            out.append(t.requires_grad_(True) if grad[j] and t.is_floating_point() else t)
+        return out
+
+    # -- statistics (NOTE [ Streamed statistics ] in statistics.py) --------------------------------------------------
+    def _slab_source(self, node: Any) -> Any:
+        return self.reader if node is self.graph.input else self.stores[node]
+
+    def forward_reduction(self, r: Any, training: bool) -> None:
+        x = r.args[0]
+        src = self._slab_source(x)
+        shape = self.graph.shape(x)
+        parts = []
+        for box in slabs(shape, torch.empty((), dtype=self.dtype).element_size()):
+            parts.append(tuple(p.detach() for p in reduction_partial(r, src.read(box))))
+        ndim = len(shape) - 2
+        if training:
+            leaves = [tuple(p.requires_grad_(True) for p in ps) for ps in parts]
+            with torch.enable_grad():
+                stats = reduction_combine(r, leaves, self.dtype, ndim)
+            self.kept_red[r] = (leaves, stats)
+        else:
+            stats = reduction_combine(r, parts, self.dtype, ndim)
+        path = r.meta.get("tilegrad_module")
+        if path is not None:
+            module = self.graph.gm.get_submodule(path)
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training:
+                update_running_stats(module, stats.detach(), shape[0] * math.prod(shape[2:]))
+        self.values[r] = stats.detach()
+
+    def forward_global(self, node: Any, training: bool) -> None:
+        module, inputs = self.graph.global_module(node)
+        args = [self.values[i].detach() for i in inputs]
+        if training:
+            args = [a.requires_grad_(True) if a.is_floating_point() else a for a in args]
+            with torch.enable_grad():
+                out = module(*args)
+            self.kept_glob[node] = (args, out)
+        else:
+            out = module(*args)
+        self.values[node] = out.detach() if isinstance(out, torch.Tensor) else out
+
+    def _global_grad(self, node: Any, g: torch.Tensor) -> None:
+        self.gglob[node] = g if node not in self.gglob else self.gglob[node] + g
+
+    def backward_global(self, node: Any, wanted: dict[int, Any], add_param_grads: Any) -> None:
+        if node not in self.gglob or node not in self.kept_glob:
+            return
+        args, out = self.kept_glob[node]
+        module, inputs = self.graph.global_module(node)
+        params = [p for p in module.parameters() if id(p) in wanted]
+        leaves = [(i, a) for i, a in zip(inputs, args) if a.requires_grad]
+        gs = torch.autograd.grad(
+            out, [a for _, a in leaves] + params, self.gglob.pop(node), allow_unused=True, retain_graph=True
+        )
+        for (i, _), gi in zip(leaves, gs):
+            if gi is not None:
+                self._global_grad(i, gi)
+        add_param_grads(params, gs[len(leaves) :])
+
+    def backward_reduction(self, r: Any, input_grad: bool, grad_in: torch.Tensor | None) -> None:
+        if r not in self.gglob:
+            return
+        leaves, stats = self.kept_red[r]
+        flat = [p for ps in leaves for p in ps]
+        gparts = torch.autograd.grad(stats, flat, self.gglob.pop(r), allow_unused=True, retain_graph=True)
+        x = r.args[0]
+        g = self.graph
+        if x is g.input and not input_grad and self.sink is None:
+            return
+        if x is not g.input and x not in self.grads:
+            self.grads[x] = self._store(x, self.tiers[x.name].grad_tier, zero=True)
+        src = self._slab_source(x)
+        shape = g.shape(x)
+        it = iter(gparts)
+        for box in slabs(shape, torch.empty((), dtype=self.dtype).element_size()):
+            grads = [next(it) for _ in leaves[0]]
+            xs = src.read(box).detach().requires_grad_(True)
+            with torch.enable_grad():
+                part = reduction_partial(r, xs)
+            pairs = [(p, gp) for p, gp in zip(part, grads) if gp is not None and p.requires_grad]
+            if not pairs:
+                continue
+            (gx,) = torch.autograd.grad([p for p, _ in pairs], [xs], [gp for _, gp in pairs])
+            if x is g.input:
+                if self.sink is not None:
+                    self.sink.add(box, gx)
+                elif grad_in is not None:
+                    grad_in[(slice(None), slice(None), *box)] += gx
+            else:
+                self.grads[x].add(box, gx)
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def forward(self, training: bool) -> torch.Tensor:
+        segs = self.plan.segments
+        last = len(segs) - 1
+        out: torch.Tensor | None = None
+        bar = _bar(self.progress, sum(len(sp.grid) for sp in segs), "forward")
+        try:
+            for kind, what in self.items:
+                if kind == "reduction":
+                    self.forward_reduction(what, training)
+                    continue
+                if kind == "global":
+                    self.forward_global(what, training)
+                    continue
+                k = what
+                sp = segs[k]
+                seg = sp.segment
+                module = sp.chain
+                nin = len(seg.sources) + len(seg.globals)
+                if k < last:
+                    b = self.tiers[seg.out.name]
+                    self.stores[seg.out] = self._store(seg.out, b.tier, zero=False)
+                whole = tuple(slice(0, n) for n in self.graph.input_shape[2:])
+                tiles = [None] if (sp.keep and training) else list(sp.grid)
+                for tile in tiles:
+                    window = whole if tile is None else tile.inputs
+                    if tile is None:  # NOTE [ Kept segments ]
+                        srcs = self._sources(sp, window, k, [True] * nin)
+                        with torch.enable_grad():
+                            y = module(*srcs)
+                            if k == last and self.head is not None:  # the head's partial joins the kept graph
+                                kept_out: Any = tuple(self.head.partial(y))
+                            else:
+                                kept_out = (y,)
+                        self.kept[k] = (srcs, kept_out)
+                        core, outputs = y.detach(), tuple(slice(0, n) for n in y.shape[2:])
+                        if k == last and self.head is not None:
+                            self.partials.append(tuple(p.detach() for p in kept_out))
+                            del srcs, y, core
+                            continue
+                    else:
+                        srcs = self._sources(sp, window, k, [False] * nin)
+                        y = module(*srcs)
+                        if k == last and self.writer is not None:  # inference into a sink (infer.py)
+                            self.writer(tile, y)
+                            del srcs, y
+                            if bar is not None:
+                                bar.update(1)
+                            continue
+                        core = y[(slice(None), slice(None), *tile.crop)]
+                        outputs = tile.outputs
+                    if k < last:
+                        self.stores[seg.out].write(outputs, core)
+                    elif self.head is not None:
+                        self.partials.append(tuple(p.detach() for p in self.head.partial(core)))
+                    else:
+                        if out is None:
+                            out = torch.empty(self.graph.shape(seg.out), dtype=core.dtype, device=core.device)
+                        out[(slice(None), slice(None), *outputs)] = core
+                    del srcs, y, core
+                    if bar is not None:
+                        bar.update(1 if tile is not None else len(sp.grid))
+                if not training:  # free what no later segment reads
+                    for s in seg.sources:
+                        if s in self.stores and max(self.consumers[s]) <= k:
+                            self.stores.pop(s).close()
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.writer is not None:
+            return None  # type: ignore[return-value]
+        if self.head is not None:
+            leaves = [
+                tuple(p.detach().requires_grad_(p.is_floating_point()) for p in ps) for ps in self.partials
+            ]
+            with torch.enable_grad():
+                result = self.head.combine(leaves)
+            self.head_graph = ([p for ps in leaves for p in ps if p.requires_grad], result)
+            return result.detach()
+        assert out is not None
+        return out
+
+    # -- backward -------------------------------------------------------------------------------------------
+    def backward(
+        self, grad_out: torch.Tensor, params: list[nn.Parameter], input_grad: bool
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        segs = self.plan.segments
+        last = len(segs) - 1
+        g = self.graph
+        wanted = {id(p): p for p in params}
+        pgrads: dict[int, torch.Tensor] = {}
+
+        def add_param_grads(ps: list[nn.Parameter], gs: Any) -> None:
+            for p, gp in zip(ps, gs):
+                if gp is not None:
+                    pgrads[id(p)] = gp if id(p) not in pgrads else pgrads[id(p)] + gp
+
+        grad_partials: list[tuple[torch.Tensor | None, ...]] = []
+        if self.head is not None:
+            assert self.head_graph is not None
+            leaves, result = self.head_graph
+            head_params = [p for p in self.head.parameters() if id(p) in wanted]
+            gs = torch.autograd.grad(
+                result, [*leaves, *head_params], grad_out, allow_unused=True, retain_graph=True
+            )
+            add_param_grads(head_params, gs[len(leaves) :])
+            it = iter(gs[: len(leaves)])
+            for ps in self.partials:
+                grad_partials.append(tuple(next(it) if p.is_floating_point() else None for p in ps))
+        else:
+            self.grads[segs[-1].segment.out] = _Whole(grad_out)
+        grad_in = None
+        if input_grad and self.sink is None:
+            grad_in = torch.zeros(g.input_shape, dtype=self.dtype, device=self.device)
+        bar = _bar(self.progress, sum(len(sp.grid) for sp in segs if not sp.keep), "backward")
+        try:
+            for kind, what in reversed(self.items):
+                if kind == "reduction":
+                    self.backward_reduction(what, input_grad, grad_in)
+                    continue
+                if kind == "global":
+                    self.backward_global(what, wanted, add_param_grads)
+                    continue
+                k = what
+                sp = segs[k]
+                seg = sp.segment
+                module = sp.chain
+                seg_params = [p for p in module.parameters() if id(p) in wanted]
+                if k == last and self.head is not None:  # the head's per-position layers act inside partial()
+                    seg_params += [p for p in self.head.parameters() if id(p) in wanted]
+                need = [(s is not g.input) or input_grad or self.sink is not None for s in seg.sources]
+                need += [True] * len(seg.globals)
+                for j, s in enumerate(seg.sources):
+                    if need[j] and s is not g.input and s not in self.grads:
+                        b = self.tiers[s.name]
+                        self.grads[s] = self._store(s, b.grad_tier, zero=True)
+                if k in self.kept:
+                    srcs, kept_out = self.kept[k]
+                    if k == last and self.head is not None:
+                        pairs = [
+                            (p, gp)
+                            for p, gp in zip(kept_out, grad_partials[0])
+                            if gp is not None and p.requires_grad
+                        ]
+                        outs, grads = [p for p, _ in pairs], [gp for _, gp in pairs]
+                    else:
+                        (y,) = kept_out
+                        outs = [y]
+                        grads = [
+                            self.grads[seg.out].read(tuple(slice(0, n) for n in y.shape[2:])).to(y.dtype)
+                        ]
+                    inputs = [t for t, n in zip(srcs, need) if n] + seg_params
+                    gs = torch.autograd.grad(outs, inputs, grads, allow_unused=True, retain_graph=True)
+                    whole = tuple(slice(0, n) for n in g.input_shape[2:])
+                    self._add_source_grads(seg, need, whole, gs, grad_in)
+                    add_param_grads(seg_params, gs[sum(need) :])
+                    del srcs, kept_out, outs, grads, gs
+                else:
+                    for t, tile in enumerate(sp.grid):
+                        srcs = self._sources(sp, tile.inputs, k, need)
+                        inputs = [s for s, n in zip(srcs, need) if n] + seg_params
+                        if inputs:
+                            with torch.enable_grad(), replay_autocast(self.device.type, self.autocast):
+                                y = module(*srcs)
+                                core = y[(slice(None), slice(None), *tile.crop)]
+                                if k == last and self.head is not None:
+                                    parts = self.head.partial(core)
+                                    pairs = [
+                                        (p, gp)
+                                        for p, gp in zip(parts, grad_partials[t])
+                                        if gp is not None and p.requires_grad
+                                    ]
+                                    outs, grads = [p for p, _ in pairs], [gp for _, gp in pairs]
+                                else:
+                                    outs = [core]
+                                    grads = [self.grads[seg.out].read(tile.outputs).to(core.dtype)]
+                            gs = torch.autograd.grad(outs, inputs, grads, allow_unused=True)
+                            self._add_source_grads(seg, need, tile.inputs, gs, grad_in)
+                            add_param_grads(seg_params, gs[sum(need) :])
+                            del y, core, outs, grads, gs
+                        del srcs
+                        if bar is not None:
+                            bar.update(1)
+                # what this segment's backward completes
+                done = self.grads.pop(seg.out, None)
+                if done is not None:
+                    done.close()
+        finally:
+            if bar is not None:
+                bar.close()
+        return grad_in, [pgrads.get(id(p)) for p in params]
+
+    def _add_source_grads(
+        self, seg: Any, need: list[bool], window: tuple[slice, ...], gs: Any, grad_in: torch.Tensor | None
+    ) -> None:
+        g = self.graph
+        i = 0
+        for s, n in zip([*seg.sources, *seg.globals], need):
+            if not n:
+                continue
+            gsrc = gs[i]
+            i += 1
+            if gsrc is None:
+                continue
+            if s in g.global_set:
+                self._global_grad(s, gsrc)
+                continue
+            box = g.source_box(s, window)
+            if s is g.input:
+                if self.sink is not None:
+                    self.sink.add(box, gsrc)
+                elif grad_in is not None:
+                    grad_in[(slice(None), slice(None), *box)] += gsrc
+            else:
+                self.grads[s].add(box, gsrc)
+
+
+class _Whole:
+    """The gradient of the trunk's output, a whole tensor, as a read-only store."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+    def read(self, box: tuple[slice, ...]) -> torch.Tensor:
+        return self.t[(slice(None), slice(None), *box)]
+
+    def close(self) -> None:
+        self.t = None  # type: ignore[assignment]
+
+
+class _StreamFunction(torch.autograd.Function):
+    """The whole plan as one autograd node (NOTE [ Streamed execution ]); parameters are its inputs, so autograd
+    routes their gradients (and sums them with other uses) as usual."""
+
+    @staticmethod
+    def forward(ctx: Any, ex: Execution, x: torch.Tensor | None, anchor: Any, *params: Any) -> torch.Tensor:
+        ctx.ex = ex
+        ctx.params = params
+        ctx.has_x = x is not None
+        # NOTE [ Boundary lifetime ]: the stores, kept graphs and head partials live as long as this marker, which
+        # autograd frees with the graph: after a backward without retain_graph, or when the output is dropped
+        # unused. A second backward (retain_graph=True) finds them again.
+        marker = torch.empty(0)
+        weakref.finalize(marker, ex.close)
+        ctx.save_for_backward(x if x is not None else torch.empty(0), marker)
+        return ex.forward(training=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        ex: Execution = ctx.ex
+        x, _marker = ctx.saved_tensors
+        if ctx.has_x:
+            ex.reader = Reader(x.detach(), ex.device, ex.dtype)
+        wanted = [p for p, need in zip(ctx.params, ctx.needs_input_grad[3:]) if need]
+        grad_in, pgrads = ex.backward(grad_out, wanted, input_grad=ctx.needs_input_grad[1])
+        it = iter(pgrads)
+        out = [next(it) if need else None for need in ctx.needs_input_grad[3:]]
+        return (None, grad_in, None, *out)
+
+
+def run_plan(
+    plan: Plan,
+    module: nn.Module,
+    x: Any,
+    *,
+    training: bool,
+    head: nn.Module | None = None,
+    sink: Any = None,
+    scratch_dir: Any = None,
+    progress: bool | None = None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Run ``plan`` on ``x`` (a tensor or a lazy array); with ``training`` the result is on the autograd graph."""
+    lazy = not isinstance(x, torch.Tensor)
+    reader = Reader(x, device, dtype)
+    ex = Execution(plan, reader, head=head, sink=sink, scratch_dir=scratch_dir, progress=progress)
+    if not training:
+        try:
+            with torch.no_grad():
+                return ex.forward(training=False)
+        finally:
+            ex.close()
+    params = [p for p in module.parameters() if p.requires_grad]
+    if head is not None:
+        params += [p for p in head.parameters() if p.requires_grad]
+    anchor = torch.zeros((), requires_grad=True) if sink is not None else None
+    try:
+        return _StreamFunction.apply(ex, None if lazy else x, anchor, *params)
+    except BaseException:
+        ex.close()
+        raise

@@ -1,0 +1,385 @@
+"""A trunk as a traced graph, profiled once on meta tensors, and cut into segments at any set of its tensors.
+
+NOTE [ Segments over a graph ]
+The planner (plan.py) no longer cuts only between the children of an ``nn.Sequential``: it cuts the ``torch.fx``
+graph of the trunk at a set of tensors, the *boundaries*. Each boundary is computed by one *segment*: the cone of
+nodes that lead to it from the boundaries before it (its *sources*; the image is the first source). A U-Net's skip
+tensor that a cut separates from the decoder that reads it is simply one more source of the decoder's segment, so
+encoder and decoder can be streamed at their own tile sizes with their own small halos. A segment has one output;
+nodes that two segments both need (rare with the candidate cuts below) are computed in both.
+
+Candidate cuts are the tensors around changes of scale (the input and the output of strided convolutions, pooling,
+upsampling): the maps there are the smallest of their stage, and cutting there is what splits a network's halo
+into the small halos of its stages. A tensor that an in-place operation later modifies is never a boundary (the
+value stored would not be the one the rest of the graph sees).
+
+NOTE [ Segment windows ]
+All geometry of a segment is measured in *image* pixels. Each source is seeded with its own scale (image pixels
+per source pixel: 1 for the image, 4 after two stride-2 layers, 1/2 after an upsampling) and the rules propagate
+through the segment's nodes (geometry/trace.py ``propagate``), so the segment's output has one geometry relative
+to the image frame whatever the number of sources. A tile is then a *window* of the image frame: the tile grid
+(tiling.py) picks windows whose origins and extents are multiples of the alignment of every tensor of the
+segment, and each source is read at ``window / scale``. Every tensor inside the segment therefore covers the same
+window, and a concatenation of an upsampled decoder map with its skip sees two maps of the same size, as on the
+whole image. This needs every source and every merge point to sit exactly on its scale's grid
+(``size * scale == image size``); a cut set that breaks this is not offered (``Segments`` raises).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import operator
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import GeometryError, NotStreamableError
+from .geometry import DimGeometry, Geometry
+from .geometry.trace import _trace, propagate, trunk_output
+from .statistics import is_reduction, rewrite_statistics
+
+__all__ = ["Segment", "TrunkGraph"]
+
+_INPLACE_FUNCTIONS = {
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ior,
+    operator.iand,
+}
+
+
+def _mutated(node: torch.fx.Node, root: nn.Module) -> torch.fx.Node | None:
+    """The node an in-place operation writes into (its first argument), or None."""
+    if not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    if node.op == "call_module":
+        inplace = bool(getattr(root.get_submodule(node.target), "inplace", False))
+    elif node.op == "call_method":
+        inplace = node.target.endswith("_") and not node.target.endswith("__")
+    elif node.op == "call_function":
+        inplace = node.target in _INPLACE_FUNCTIONS or bool(node.kwargs.get("inplace", False))
+    else:
+        inplace = False
+    return node.args[0] if inplace else None
+
+
+@dataclass
+class NodeProfile:
+    """What one node costs on the whole image: output shape, forward FLOPs, bytes autograd saves for backward."""
+
+    shape: tuple[int, ...] | None
+    flops: float = 0.0
+    saved: int = 0
+    out_bytes: int = 0
+
+
+class _Profiler(torch.fx.Interpreter):
+    """Runs a meta copy of the graph node by node, recording each node's FLOPs and saved bytes."""
+
+    def __init__(self, gm: torch.fx.GraphModule, training: bool):
+        super().__init__(gm)
+        self.training = training
+        self.profiles: dict[str, NodeProfile] = {}
+        self._params = {t.untyped_storage()._cdata for t in (*gm.parameters(), *gm.buffers())}
+        self._seen: set[int] = set()
+        self._current: NodeProfile | None = None
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in self._params and key not in self._seen and self._current is not None:
+            self._seen.add(key)
+            self._current.saved += t.untyped_storage().nbytes()
+        return t
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        prof = NodeProfile(None)
+        self._current = prof
+        grad = torch.enable_grad() if self.training else torch.no_grad()
+        with (
+            grad,
+            torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t),
+            FlopCounterMode(display=False) as fc,
+        ):
+            out = super().run_node(n)
+        prof.flops = float(fc.get_total_flops())
+        if isinstance(out, torch.Tensor):
+            prof.shape = tuple(out.shape)
+            prof.out_bytes = out.numel() * out.element_size()
+        self.profiles[n.name] = prof
+        return out
+
+
+def _seed(scale: Sequence[Fraction]) -> Geometry:
+    """Geometry of a source whose pixel i covers image pixels [i*s, i*s + s - 1] (NOTE [ Segment windows ])."""
+    dims = tuple(DimGeometry(Fraction(s), Fraction(0), max(Fraction(0), Fraction(s) - 1)) for s in scale)
+    return Geometry(dims, tuple(Fraction(s).numerator for s in scale))
+
+
+@dataclass
+class Segment:
+    """One segment: the nodes that compute ``out`` from ``sources`` (NOTE [ Segments over a graph ])."""
+
+    graph: TrunkGraph
+    out: torch.fx.Node
+    sources: list[torch.fx.Node]
+    nodes: list[torch.fx.Node]
+    geometry: Geometry  # of the output, in image pixels (NOTE [ Segment windows ])
+    flops: float
+    saved_bytes: int  # on the whole image
+    largest_bytes: int  # largest single tensor inside, on the whole image
+    source_bytes: int
+    inplace_sources: frozenset[int] = field(default_factory=frozenset)  # indices of sources written in place
+    globals: list[torch.fx.Node] = field(
+        default_factory=list
+    )  # statistics it reads whole (NOTE [ Streamed statistics ])
+
+    @property
+    def name(self) -> str:
+        first = next((n for n in self.nodes if n.op == "call_module"), self.nodes[0])
+        last = self.out
+        label = lambda n: n.target if n.op == "call_module" else n.name  # noqa: E731
+        return label(last) if first is last else f"{label(first)} .. {label(last)}"
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.graph.shape(self.out)
+
+    def scale(self, node: torch.fx.Node) -> tuple[Fraction, ...]:
+        return self.graph.scale(node)
+
+    @functools.cached_property
+    def module(self) -> nn.Module:
+        """A GraphModule computing the output from the sources (in order); shares the trunk's submodules."""
+        g = self.graph
+        if self.sources == [g.input] and self.out is g.output and not g.rewritten:
+            return g.root
+        new = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        for k, s in enumerate(self.sources):
+            env[s] = new.placeholder(f"source_{k}")
+        for k, s in enumerate(self.globals):
+            env[s] = new.placeholder(f"global_{k}")
+        for n in self.nodes:
+            env[n] = new.node_copy(n, lambda a: env[a])
+        new.output(env[self.out])
+        return torch.fx.GraphModule(g.gm, new)
+
+
+class TrunkGraph:
+    """A trunk traced with torch.fx and profiled on meta tensors for one input shape (N, C, *spatial)."""
+
+    def __init__(
+        self, module: nn.Module, input_shape: Sequence[int], dtype: torch.dtype, training: bool = True
+    ):
+        self.root = module
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.ndim = len(self.input_shape) - 2
+        self.dtype = dtype
+        graph = _trace(module, self.ndim)
+        self.gm = torch.fx.GraphModule(module, graph)
+        graph = self.gm.graph
+        self.rewritten = rewrite_statistics(self.gm, self.ndim) > 0
+        self.nodes = list(graph.nodes)
+        self.index = {n: k for k, n in enumerate(self.nodes)}
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        if not placeholders:
+            raise NotStreamableError(f"{type(module).__name__}.forward takes no tensor input")
+        self.input = placeholders[0]
+        self.geoms = propagate(module, self.nodes, self.ndim, {self.input: Geometry.identity(self.ndim)})
+        self.geometry = trunk_output(module, graph, self.geoms)
+        (out_node,) = [n for n in self.nodes if n.op == "output"]
+        self.output: torch.fx.Node = out_node.args[0]
+        # NOTE [ Streamed statistics ]: reductions, the nodes computed from them alone, and their inputs (forced cuts)
+        self.reductions = [n for n in self.nodes if is_reduction(n)]
+        self.global_set: set[torch.fx.Node] = set()
+        for n in self.nodes:
+            if n in self.reductions or (
+                self.geoms.get(n) is None and any(a in self.global_set for a in n.all_input_nodes)
+            ):
+                self.global_set.add(n)
+        self.global_nodes = [n for n in self.nodes if n in self.global_set and n not in self.reductions]
+        self.forced = frozenset(r.args[0] for r in self.reductions if r.args[0] is not self.input)
+        self.profiles = self._profile(training)
+        self.param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+
+    # -- profile ------------------------------------------------------------------------------------------------
+    def _profile(self, training: bool) -> dict[torch.fx.Node, NodeProfile]:
+        meta = copy.deepcopy(self.gm)
+        for m in meta.modules():  # planning must not call the user's hooks
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
+        meta = meta.to("meta")
+        x = torch.empty(self.input_shape, device="meta", dtype=self.dtype, requires_grad=training)
+        prof = _Profiler(meta, training)
+        try:
+            prof.run(x)
+        except Exception as err:
+            raise GeometryError(
+                f"{type(self.root).__name__} failed on an input of shape {self.input_shape}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        by_name = {n.name: n for n in self.nodes}
+        return {by_name[k]: v for k, v in prof.profiles.items()}
+
+    def shape(self, node: torch.fx.Node) -> tuple[int, ...]:
+        shape = self.profiles[node].shape
+        assert shape is not None
+        return shape
+
+    def scale(self, node: torch.fx.Node) -> tuple[Fraction, ...]:
+        """Image pixels per pixel of ``node`` (its stride in the image frame)."""
+        return tuple(d.stride for d in self.geoms[node].dims)
+
+    def on_grid(self, node: torch.fx.Node) -> bool:
+        """Whether the node's map covers the image exactly on its scale's grid (NOTE [ Segment windows ])."""
+        shape = self.profiles[node].shape
+        if self.geoms.get(node) is None or shape is None or len(shape) != self.ndim + 2:
+            return False
+        return all(n * s == i for n, s, i in zip(shape[2:], self.scale(node), self.input_shape[2:]))
+
+    # -- cuts -------------------------------------------------------------------------------------------------
+    @functools.cached_property
+    def candidates(self) -> list[torch.fx.Node]:
+        """Tensors where a cut may go, in topological order (NOTE [ Segments over a graph ])."""
+        mutated = {m for n in self.nodes if (m := _mutated(n, self.root)) is not None}
+        ancestors = self._ancestors(self.output)
+        cands: set[torch.fx.Node] = set()
+        for n in self.nodes:
+            if self.geoms.get(n) is None or n.op in ("placeholder", "output"):
+                continue
+            spatial_inputs = [a for a in n.all_input_nodes if self.geoms.get(a) is not None]
+            if any(self.scale(a) != self.scale(n) for a in spatial_inputs):
+                cands.add(n)
+                cands.update(spatial_inputs)
+        ok = [
+            n
+            for n in cands
+            if n is not self.input
+            and n is not self.output
+            and n in ancestors
+            and n not in mutated
+            and n not in self.forced
+            and self.on_grid(n)
+        ]
+        return sorted(ok, key=self.index.__getitem__)
+
+    def _ancestors(self, node: torch.fx.Node) -> set[torch.fx.Node]:
+        seen: set[torch.fx.Node] = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+        return seen
+
+    def segments(self, cuts: Iterable[torch.fx.Node]) -> list[Segment]:
+        """The segments of a cut set, in topological order; raises GeometryError if a window would not line up."""
+        key = frozenset(cuts)
+        return list(self._segments(key))
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one TrunkGraph per planning call
+    def _segments(self, cuts: frozenset[torch.fx.Node]) -> tuple[Segment, ...]:
+        cuts = cuts | self.forced
+        stops = set(cuts) | {self.input}
+        outs = sorted(set(cuts) | {self.output}, key=self.index.__getitem__)
+        return tuple(self._segment(out, stops) for out in outs)
+
+    def _segment(self, out: torch.fx.Node, stops: set[torch.fx.Node]) -> Segment:
+        members: set[torch.fx.Node] = set()
+        sources: set[torch.fx.Node] = set()
+        globals_: set[torch.fx.Node] = set()
+        stack = [out]
+        while stack:
+            n = stack.pop()
+            if n in members or n in sources or n in globals_:
+                continue
+            if n in self.global_set:
+                globals_.add(n)
+                continue
+            if n in stops and n is not out:
+                sources.add(n)
+                continue
+            members.add(n)
+            stack.extend(n.all_input_nodes)
+        nodes = sorted(members, key=self.index.__getitem__)
+        srcs = sorted(sources, key=self.index.__getitem__)
+        if not any(self.geoms.get(s) is not None for s in srcs):
+            raise GeometryError(f"segment ending at {out.name} does not depend on the image")
+        seeds = {s: _seed(self.scale(s)) for s in srcs}
+        geoms = propagate(self.root, nodes, self.ndim, seeds)
+        geometry = geoms[out]
+        assert geometry is not None
+        if len(srcs) > 1:
+            for (
+                n
+            ) in nodes:  # merge points of several sources must sit on their grid (NOTE [ Segment windows ])
+                spatial = [a for a in n.all_input_nodes if geoms.get(a) is not None]
+                if len(spatial) > 1 and not self.on_grid(n):
+                    raise GeometryError(f"node {n.name} does not sit on its scale's grid; no cut through it")
+        profs = [self.profiles[n] for n in nodes]
+        inplace = frozenset(k for k, s in enumerate(srcs) if any(_mutated(n, self.root) is s for n in nodes))
+        return Segment(
+            graph=self,
+            out=out,
+            sources=srcs,
+            nodes=nodes,
+            geometry=geometry,
+            flops=sum(p.flops for p in profs),
+            saved_bytes=sum(p.saved for p in profs),
+            largest_bytes=max((p.out_bytes for p in profs), default=0),
+            source_bytes=sum(self.profiles[s].out_bytes for s in srcs if s is not self.input)
+            + (_nbytes(self.input_shape, self.dtype) if self.input in srcs else 0),
+            inplace_sources=inplace,
+            globals=sorted(globals_, key=self.index.__getitem__),
+        )
+
+    @functools.cache  # noqa: B019
+    def global_module(self, node: torch.fx.Node) -> tuple[nn.Module, list[torch.fx.Node]]:
+        """A module computing a global node from the global nodes it reads (NOTE [ Streamed statistics ])."""
+        new = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        inputs: list[torch.fx.Node] = []
+
+        def visit(n: torch.fx.Node) -> torch.fx.Node:
+            if n in env:
+                return env[n]
+            if n in self.global_set and n is not node:
+                inputs.append(n)
+                env[n] = new.placeholder(f"global_{len(inputs)}")
+                return env[n]
+            for a in n.all_input_nodes:
+                visit(a)
+            env[n] = new.node_copy(n, lambda a: env[a])
+            return env[n]
+
+        new.output(visit(node))
+        return torch.fx.GraphModule(self.gm, new), inputs
+
+    def source_box(self, source: torch.fx.Node, window: tuple[slice, ...]) -> tuple[slice, ...]:
+        """The box of ``source`` a window of the image frame reads (NOTE [ Segment windows ])."""
+        if source is self.input:
+            return window
+        out = []
+        for w, s, n in zip(window, self.scale(source), self.shape(source)[2:]):
+            start = Fraction(w.start) / s
+            stop = math.ceil(Fraction(w.stop) / s)
+            if start.denominator != 1:  # pragma: no cover - guaranteed by the seeds' alignment
+                raise GeometryError(f"window {w} does not start on the grid of scale {s}")
+            out.append(slice(int(start), min(n, stop)))
+        return tuple(out)
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()

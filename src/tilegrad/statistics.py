@@ -1,0 +1,292 @@
+"""Streamed statistics: normalisation with per-image (or per-batch) statistics and squeeze-excitation, exactly.
+
+NOTE [ Streamed statistics ]
+A layer whose output at a position depends on a statistic over all positions (InstanceNorm, GroupNorm, BatchNorm
+in training mode, the global average pool of a squeeze-excitation block) is not local, but it is local *given the
+statistic*. The trunk's traced graph is rewritten (``rewrite_statistics``, before the geometry rules run) so that
+each such layer becomes two nodes:
+
+* a *reduction* ``moments(x)`` or ``spatial_mean(x)``: a small tensor (per sample and group: mean and variance;
+  per sample and channel: the mean). The planner makes its input ``x`` a boundary (graph.py ``forced``), and the
+  engine (execute.py) accumulates it slab by slab from the store: each slab gives a partial result (count, mean,
+  M2 in float64: Chan et al.'s pairwise update, no cancellation), merged into the statistic;
+* an *apply* ``apply_norm(x, stats, weight, bias)``: element-wise given the statistic, so it streams inside the
+  segment that reads ``x`` like any other local op; the statistic enters that segment as a *global* source, read
+  whole on every tile.
+
+Nodes computed only from statistics (the excitation MLP of an SE block: 1x1 convolutions on a 1x1 map, a sigmoid)
+are *global* nodes, evaluated once per step. The backward follows the same path in reverse: each tile's backward
+gives the gradient of the global sources it read (summed over tiles), the global nodes push it back to the
+statistic, and the reduction pushes it into ``x`` slab by slab (recomputing each slab's partial result with a graph
+and back-propagating the statistic's gradient through it), which is exactly the chain rule through
+mean and variance. BatchNorm in training mode updates its running statistics once per forward, from the whole
+batch's statistics, as the conventional step does (unbiased variance, momentum or cumulative average).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import NotStreamableError
+from .geometry import merge, register_geometry_rule
+
+__all__ = ["apply_norm", "is_reduction", "moments", "rewrite_statistics", "spatial_mean"]
+
+Partial = tuple[torch.Tensor, ...]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) else dtype
+
+
+def _grouped(x: torch.Tensor, mode: str, groups: int) -> torch.Tensor:
+    """x (N, C, *spatial) as (rows, values): one row per statistic."""
+    n, c = x.shape[:2]
+    if mode == "batch":
+        return x.transpose(0, 1).reshape(c, -1)
+    if mode == "instance":
+        return x.reshape(n * c, -1)
+    return x.reshape(n * groups, -1)  # group
+
+
+# -- the reductions: whole-tensor reference, partial, combine ------------------------------------------------------
+def moments(x: torch.Tensor, mode: str, groups: int = 1) -> torch.Tensor:
+    """(2, rows): biased variance and mean of ``x`` per statistic row (the whole-map reference)."""
+    return moments_combine([moments_partial(x, mode, groups)], x.dtype)
+
+
+def moments_partial(x: torch.Tensor, mode: str, groups: int = 1) -> Partial:
+    rows = _grouped(x.to(_acc(x.dtype)), mode, groups)
+    count = torch.tensor(float(rows.shape[1]), dtype=rows.dtype, device=rows.device)
+    mean = rows.mean(1)
+    m2 = (rows - mean[:, None]).square().sum(1)
+    return count, mean, m2
+
+
+def moments_combine(partials: Sequence[Partial], dtype: torch.dtype) -> torch.Tensor:
+    counts = torch.stack([p[0] for p in partials])  # (T,)
+    means = torch.stack([p[1] for p in partials])  # (T, rows)
+    m2s = torch.stack([p[2] for p in partials])
+    total = counts.sum()
+    mean = (counts[:, None] * means).sum(0) / total
+    m2 = m2s.sum(0) + (counts[:, None] * (means - mean).square()).sum(0)
+    return torch.stack([mean, m2 / total]).to(dtype)
+
+
+def spatial_mean(x: torch.Tensor, keepdim: bool = True) -> torch.Tensor:
+    """The mean over all spatial positions: (N, C, 1, ..) or (N, C)."""
+    return spatial_mean_combine([spatial_mean_partial(x)], x.dtype, x.dim() - 2, keepdim)
+
+
+def spatial_mean_partial(x: torch.Tensor) -> Partial:
+    flat = x.to(_acc(x.dtype)).flatten(2)
+    return flat.sum(-1), torch.tensor(float(flat.shape[-1]), dtype=flat.dtype, device=flat.device)
+
+
+def spatial_mean_combine(
+    partials: Sequence[Partial], dtype: torch.dtype, ndim: int, keepdim: bool
+) -> torch.Tensor:
+    total = sum(p[1] for p in partials)
+    mean = (sum(p[0] for p in partials) / total).to(dtype)
+    return mean.reshape(*mean.shape, *(1,) * ndim) if keepdim else mean
+
+
+_REDUCTIONS = {
+    moments: (moments_partial, moments_combine),
+    spatial_mean: (spatial_mean_partial, spatial_mean_combine),
+}
+
+
+def is_reduction(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _REDUCTIONS
+
+
+def reduction_partial(node: torch.fx.Node, x: torch.Tensor) -> Partial:
+    if node.target is moments:
+        return moments_partial(x, node.kwargs["mode"], node.kwargs.get("groups", 1))
+    return spatial_mean_partial(x)
+
+
+def reduction_combine(
+    node: torch.fx.Node, partials: Sequence[Partial], dtype: torch.dtype, ndim: int
+) -> torch.Tensor:
+    if node.target is moments:
+        return moments_combine(partials, dtype)
+    return spatial_mean_combine(partials, dtype, ndim, node.kwargs.get("keepdim", True))
+
+
+# -- the apply step ----------------------------------------------------------------------------------------------
+def apply_norm(
+    x: torch.Tensor,
+    stats: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    mode: str,
+    groups: int = 1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Normalise ``x`` with given statistics (element-wise: it streams) and apply the affine parameters."""
+    n, c = x.shape[:2]
+    spatial = (1,) * (x.dim() - 2)
+    mean, var = stats[0], stats[1]
+    if mode == "batch":
+        shape = (1, c, *spatial)
+        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
+    elif mode == "instance":
+        shape = (n, c, *spatial)
+        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
+    else:
+        xg = x.reshape(n, groups, c // groups, *x.shape[2:])
+        shape = (n, groups, 1, *spatial)
+        y = ((xg - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)).reshape(x.shape)
+    if weight is not None:
+        y = y * weight.reshape(1, c, *spatial)
+    if bias is not None:
+        y = y + bias.reshape(1, c, *spatial)
+    return y
+
+
+def update_running_stats(module: nn.Module, stats: torch.Tensor, count: int) -> None:
+    """What BatchNorm's training forward does to its buffers, from the whole batch's statistics."""
+    if not module.track_running_stats or module.running_mean is None:
+        return
+    with torch.no_grad():
+        module.num_batches_tracked.add_(1)
+        factor = 1.0 / float(module.num_batches_tracked) if module.momentum is None else module.momentum
+        mean, var = stats[0], stats[1]
+        unbiased = var * (count / max(count - 1, 1))
+        module.running_mean.mul_(1 - factor).add_(mean.to(module.running_mean.dtype), alpha=factor)
+        module.running_var.mul_(1 - factor).add_(unbiased.to(module.running_var.dtype), alpha=factor)
+
+
+# -- rewriting a traced graph --------------------------------------------------------------------------------------
+def _statistic_kind(module: nn.Module) -> tuple[str, int] | None:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if module.training or not module.track_running_stats:
+            return "batch", 1
+        return None
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        if not module.training and module.track_running_stats:
+            return None  # running statistics in eval mode: local
+        return "instance", 1
+    if isinstance(module, nn.GroupNorm):
+        return "group", module.num_groups
+    return None
+
+
+def _spatial_dims(dims: Any, rank: int) -> bool:
+    if isinstance(dims, int):
+        dims = (dims,)
+    if not isinstance(dims, (tuple, list)):
+        return False
+    return sorted(d % rank for d in dims) == list(range(2, rank))
+
+
+def rewrite_statistics(gm: torch.fx.GraphModule, ndim: int) -> int:
+    """Replace statistics layers in ``gm``'s graph by reduction + apply nodes (NOTE [ Streamed statistics ]);
+    returns how many were rewritten."""
+    graph = gm.graph
+    rank = ndim + 2
+    count = 0
+    for node in list(graph.nodes):
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            kind = _statistic_kind(module)
+            if kind is not None:
+                mode, groups = kind
+                if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats:
+                    raise NotStreamableError(
+                        f"layer '{node.target}' ({type(module).__name__}) updates running statistics in training "
+                        "mode, which tilegrad does not stream yet; use track_running_stats=False (MONAI's default) "
+                        "or put the layer in eval mode"
+                    )
+                (x,) = node.args[:1]
+                with graph.inserting_before(node):
+                    stats = graph.call_function(moments, (x,), {"mode": mode, "groups": groups})
+                    stats.meta["tilegrad_module"] = node.target
+                    affine = getattr(module, "affine", getattr(module, "elementwise_affine", True))
+                    w = (
+                        graph.get_attr(f"{node.target}.weight")
+                        if affine and module.weight is not None
+                        else None
+                    )
+                    b = graph.get_attr(f"{node.target}.bias") if affine and module.bias is not None else None
+                    new = graph.call_function(
+                        apply_norm, (x, stats, w, b), {"mode": mode, "groups": groups, "eps": module.eps}
+                    )
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+                count += 1
+                continue
+            if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+                size = module.output_size
+                sizes = (size,) if isinstance(size, int) else tuple(size)
+                if all(s == 1 for s in sizes):
+                    _replace(graph, node, spatial_mean, node.args[0], True)
+                    count += 1
+            continue
+        if node.op == "call_function" and node.target in (
+            F.adaptive_avg_pool1d,
+            F.adaptive_avg_pool2d,
+            F.adaptive_avg_pool3d,
+        ):
+            size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+            sizes = (size,) if isinstance(size, int) else tuple(size or ())
+            if sizes and all(s == 1 for s in sizes):
+                _replace(graph, node, spatial_mean, node.args[0], True)
+                count += 1
+            continue
+        is_mean = (node.op == "call_method" and node.target == "mean") or (
+            node.op == "call_function" and node.target is torch.mean
+        )
+        if is_mean and len(node.args) >= 1 and isinstance(node.args[0], torch.fx.Node):
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+            if dims is not None and _spatial_dims(dims, rank) and "dtype" not in node.kwargs:
+                _replace(graph, node, spatial_mean, node.args[0], bool(keepdim))
+                count += 1
+    if count:
+        graph.lint()
+        gm.recompile()
+    return count
+
+
+def _replace(
+    graph: torch.fx.Graph, node: torch.fx.Node, target: Any, x: torch.fx.Node, keepdim: bool
+) -> None:
+    with graph.inserting_before(node):
+        new = graph.call_function(target, (x,), {"keepdim": keepdim})
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+def slabs(shape: Sequence[int], itemsize: int, limit: int = 32 * 2**20) -> list[tuple[slice, ...]]:
+    """Boxes that partition a map (N, C, *spatial) into slabs along its first spatial dim, each at most about
+    ``limit`` bytes: how reductions read a stored boundary."""
+    spatial = tuple(shape[2:])
+    row = max(1, math.prod(shape[:2]) * math.prod(spatial[1:]) * itemsize)
+    step = max(1, limit // row)
+    rest = tuple(slice(0, n) for n in spatial[1:])
+    return [(slice(a, min(a + step, spatial[0])), *rest) for a in range(0, spatial[0], step)]
+
+
+def _no_geometry(ctx: Any, module: Any, node: torch.fx.Node, inputs: list) -> None:
+    """A reduction's output has no spatial extent: it is the same on every tile (a global source)."""
+    return None
+
+
+def _apply_rule(ctx: Any, module: Any, node: torch.fx.Node, inputs: list) -> Any:
+    return merge(ctx, inputs)
+
+
+register_geometry_rule(moments, _no_geometry)
+register_geometry_rule(spatial_mean, _no_geometry)
+register_geometry_rule(apply_norm, _apply_rule)

@@ -1,0 +1,199 @@
+"""Segments over any graph (tilegrad/graph.py), storage tiers and streamed heads in the engine (execute.py), each
+against the plain computation: outputs, input gradients and every parameter gradient."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tilegrad
+from tilegrad import ConfigError, NotStreamableError, StreamingModule
+from tilegrad.graph import TrunkGraph
+from tilegrad.heads import AttentionMIL, GlobalPool
+
+from .test_stream import rel_err, resnet18_trunk
+
+
+class _Block(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.a = nn.Conv2d(c, c, 3, padding=1)
+        self.b = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.b(torch.relu(self.a(x))) + x)
+
+
+class TinyUNet(nn.Module):
+    """Two levels, a skip concatenation, in-place activations: what a cut through a U-Net must get right."""
+
+    def __init__(self, ndim: int = 2, c: int = 4):
+        super().__init__()
+        conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        up = nn.ConvTranspose2d if ndim == 2 else nn.ConvTranspose3d
+        self.enc = nn.Sequential(conv(1, c, 3, padding=1), nn.ReLU(inplace=True))
+        self.down = conv(c, 2 * c, 3, stride=2, padding=1)
+        self.mid = nn.Sequential(nn.ReLU(), conv(2 * c, 2 * c, 3, padding=1), nn.ReLU())
+        self.up = up(2 * c, c, 2, stride=2)
+        self.dec = conv(2 * c, 2, 3, padding=1)
+
+    def forward(self, x):
+        e = self.enc(x)
+        return self.dec(torch.cat([e, self.up(self.mid(self.down(e)))], dim=1))
+
+
+def _weights(y: torch.Tensor) -> torch.Tensor:
+    return torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape).sin()
+
+
+def _check(trunk: nn.Module, shape, dtype=torch.float64, head=None, tol=1e-10, **kwargs) -> StreamingModule:
+    torch.manual_seed(0)
+    trunk = trunk.to(dtype)
+    head = head.to(dtype) if head is not None else None
+    x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    streamed = StreamingModule(trunk, head=head, **kwargs)
+    y = streamed(x)
+    (y * _weights(y)).sum().backward()
+    params = [*trunk.parameters(), *(head.parameters() if head is not None else ())]
+    got = [x.grad.clone(), *(p.grad.clone() for p in params)]
+    x.grad = None
+    for p in params:
+        p.grad = None
+    ref = trunk(x) if head is None else head(trunk(x))
+    (ref * _weights(ref)).sum().backward()
+    want = [x.grad, *(p.grad for p in params)]
+    assert rel_err(y, ref) <= tol
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= tol * 10
+    plan = streamed.last_plan
+    assert plan is not None and not plan.conventional
+    assert sum(len(s.grid) for s in plan.segments) > len(plan.segments), "the case must really be tiled"
+    return streamed
+
+
+@pytest.mark.parametrize("mode", ["lean", "stages", "auto"])
+def test_unet_with_skip_cut_is_exact(mode):
+    streamed = _check(TinyUNet(), (2, 1, 64, 48), tile_size=24, mode=mode)
+    plan = streamed.last_plan
+    if mode == "stages":
+        # the skip tensor crosses a cut: the decoder's segment reads two sources at two scales
+        assert any(len(s.segment.sources) == 2 for s in plan.segments), str(plan)
+
+
+def test_unet_3d_float32_with_disk_tier():
+    _check(TinyUNet(ndim=3), (1, 1, 24, 16, 16), dtype=torch.float32, tol=1e-5, tile_size=12, mode="stages",
+           tiers="disk")  # fmt: skip
+
+
+def test_resnet_residual_graph_cut_at_every_candidate():
+    trunk = resnet18_trunk()
+    streamed = _check(trunk, (1, 3, 96, 64), tile_size=64, mode="stages")
+    # the downsampling blocks read the block input twice (conv and the 1x1 shortcut): multi-source segments
+    assert len(streamed.last_plan.segments) > 4
+
+
+@pytest.mark.parametrize("tiers", ["device", "disk"])
+@pytest.mark.parametrize(
+    "head",
+    [lambda: GlobalPool("max"), lambda: GlobalPool("avg"), lambda: AttentionMIL(4, hidden=8, classes=3)],
+)
+def test_streamed_heads_never_hold_the_trunk_output(head, tiers):
+    trunk = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), _Block(8), nn.Conv2d(8, 4, 3)
+    )
+    streamed = _check(trunk, (2, 3, 80, 72), head=head(), tile_size=32, tiers=tiers, mode="stages")
+    assert streamed.last_plan.head is not None
+    assert "head" in str(streamed.last_plan)
+
+
+def test_heads_float32():
+    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1))
+    _check(trunk, (1, 3, 96, 96), dtype=torch.float32, head=AttentionMIL(8, hidden=4), tol=1e-5, tile_size=40)
+
+
+def test_lazy_input_with_a_sink_and_a_head():
+    trunk = TinyUNet().double()
+    head = GlobalPool("avg").double()
+    image = np.random.default_rng(0).standard_normal((1, 1, 64, 64))
+
+    class Sink:
+        def __init__(self):
+            self.grad = torch.zeros(image.shape, dtype=torch.float64)
+
+        def add(self, box, g):
+            self.grad[(slice(None), slice(None), *box)] += g
+
+    sink = Sink()
+    y = StreamingModule(trunk, tile_size=24, head=head, mode="stages")(image, grad_sink=sink)
+    y.sum().backward()
+    x = torch.from_numpy(image).requires_grad_(True)
+    ref = head(trunk(x))
+    ref.sum().backward()
+    assert rel_err(y, ref) <= 1e-10 and rel_err(sink.grad, x.grad) <= 1e-10
+
+
+def test_budget_moves_boundaries_to_disk_and_reports_them():
+    trunk = resnet18_trunk()
+    shape = (1, 3, 1024, 1024)
+    roomy = tilegrad.plan_streaming(trunk, shape, memory_budget="2GiB", input_in_memory=False,
+                                    head=GlobalPool("max"), mode="stages")  # fmt: skip
+    tight = tilegrad.plan_streaming(trunk, shape, memory_budget="200MiB", input_in_memory=False,
+                                    head=GlobalPool("max"), mode="stages")  # fmt: skip
+    assert roomy.disk_bytes == 0 and tight.disk_bytes > 0, (str(roomy), str(tight))
+    assert tight.peak_bytes <= 0.8 * 200 * 2**20
+    assert "disk" in str(tight) and tight.to_dict()["disk_bytes"] == tight.disk_bytes
+    with pytest.raises(tilegrad.MemoryBudgetError):  # boundaries held on the device do not fit that budget
+        tilegrad.plan_streaming(trunk, shape, memory_budget="200MiB", input_in_memory=False,
+                                head=GlobalPool("max"), mode="stages", tiers="device")  # fmt: skip
+    forced = tilegrad.plan_streaming(trunk, shape, memory_budget="2GiB", input_in_memory=False,
+                                     head=GlobalPool("max"), mode="stages", tiers="disk")  # fmt: skip
+    assert {b.tier for b in forced.boundaries} == {"disk"} and forced.time_ratio > roomy.time_ratio
+
+
+def test_a_missing_scratch_dir_fails_before_the_first_tile(tmp_path):
+    trunk = TinyUNet().double()
+    streamed = StreamingModule(
+        trunk, tile_size=24, mode="stages", tiers="disk", scratch_dir=tmp_path / "nope"
+    )
+    with pytest.raises(ConfigError, match="nope"):
+        streamed(torch.randn(1, 1, 64, 64, dtype=torch.float64))
+
+
+def test_scratch_files_are_removed_after_the_step_and_on_error(tmp_path):
+    trunk = TinyUNet().double()
+    streamed = StreamingModule(trunk, tile_size=24, mode="stages", tiers="disk", scratch_dir=tmp_path)
+    x = torch.randn(1, 1, 64, 64, dtype=torch.float64, requires_grad=True)
+    y = streamed(x)
+    assert os.listdir(tmp_path), "the boundaries are on disk during the step"
+    y.sum().backward()
+    assert not os.listdir(tmp_path)
+    y = streamed(x)
+    del y  # dropped without backward: the graph goes, and with it the scratch files
+    assert not os.listdir(tmp_path)
+
+    def boom(module, args):
+        raise KeyboardInterrupt
+
+    handle = trunk.dec.register_forward_pre_hook(boom)
+    with pytest.raises(KeyboardInterrupt):
+        streamed(x)
+    handle.remove()
+    assert not os.listdir(tmp_path)
+
+
+def test_a_head_that_is_not_streamed_is_refused_by_name():
+    with pytest.raises(NotStreamableError, match=r"Linear.*GlobalPool"):
+        StreamingModule(nn.Conv2d(1, 1, 3), tile_size=16, head=nn.Linear(1, 1))
+
+
+def test_candidates_skip_tensors_changed_in_place():
+    g = TrunkGraph(TinyUNet(), (1, 1, 32, 32), torch.float32)
+    names = [n.name for n in g.candidates]
+    # enc's conv output is modified by ReLU(inplace=True): its ReLU output is the candidate, not the conv
+    assert "enc_0" not in names and "enc_1" in names, names
+    segs = g.segments(g.candidates)
+    assert segs[-1].out is g.output

@@ -1,0 +1,106 @@
+"""Streamed statistics (tilegrad/statistics.py, NOTE [ Streamed statistics ]): normalisation with per-image or
+per-batch statistics and squeeze-excitation, against the plain computation: outputs, input gradients, every
+parameter gradient and (BatchNorm in training mode) the running statistics."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from tilegrad import NotStreamableError, StreamingModule
+from tilegrad.heads import GlobalPool
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def _check(trunk: nn.Module, shape, tile, dtype=torch.float64, tol=1e-10, head=None, **kwargs):
+    torch.manual_seed(0)
+    trunk = trunk.to(dtype)
+    trunk.zero_grad(set_to_none=True)
+    ref = copy.deepcopy(trunk)
+    ref_head = copy.deepcopy(head).to(dtype) if head is not None else None
+    x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    streamed = StreamingModule(
+        trunk, tile_size=tile, head=head.to(dtype) if head is not None else None, **kwargs
+    )
+    y = streamed(x)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    x0 = x.detach().clone().requires_grad_(True)
+    y0 = ref(x0) if ref_head is None else ref_head(ref(x0))
+    (y0 * w).sum().backward()
+    assert _rel(y, y0) <= tol
+    assert _rel(x.grad, x0.grad) <= tol
+    for (name, p), q in zip(trunk.named_parameters(), ref.parameters()):
+        # a bias right before a normalisation has a (nearly) zero gradient, all cancellation: compare it on the
+        # scale of the largest gradient (in float32, whose sums over many positions round, on that scale itself)
+        top = max(r.grad.abs().max().item() for r in ref.parameters())
+        scale = max(q.grad.abs().max().item(), top * (1e-3 if dtype == torch.float64 else 1.0))
+        assert (p.grad - q.grad).abs().max().item() <= tol * scale, name
+    for (name, a), b in zip(trunk.named_buffers(), ref.buffers()):
+        if a.is_floating_point():
+            assert _rel(a, b) <= tol, name
+        else:
+            assert torch.equal(a, b), name
+    plan = streamed.last_plan
+    assert not plan.conventional and sum(len(s.grid) for s in plan.segments) > len(plan.segments)
+    return streamed
+
+
+def test_batchnorm_in_training_mode_gives_conventional_gradients_and_running_stats():
+    model = torchvision.models.resnet18()
+    trunk = nn.Sequential(*list(model.children())[:-2]).train()
+    _check(trunk, (2, 3, 96, 64), 48)
+
+
+def test_batchnorm_momentum_none_cumulative_average():
+    trunk = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=None), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1)).train()  # fmt: skip
+    _check(trunk, (2, 2, 48, 40), 24)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_monai_unet_with_default_instance_norm(ndim):
+    from monai.networks.nets import UNet
+
+    shape = (1, 1, 48, 48) if ndim == 2 else (1, 1, 24, 24, 16)
+    _check(UNet(ndim, 1, 2, (4, 8, 16), (2, 2)), shape, 24 if ndim == 2 else 16)
+
+
+def test_groupnorm_and_a_streamed_head():
+    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.GroupNorm(4, 8))  # fmt: skip
+    _check(trunk, (2, 3, 64, 48), 24, head=GlobalPool("avg"))
+
+
+def test_squeeze_excitation_mobilenet_v3():
+    _check(torchvision.models.mobilenet_v3_small().features.eval(), (1, 3, 96, 96), 48)
+
+
+def test_timm_style_mean_and_float32():
+    class SE(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.fc1 = nn.Conv2d(c, 2, 1)
+            self.fc2 = nn.Conv2d(2, c, 1)
+
+        def forward(self, x):
+            s = x.mean((2, 3), keepdim=True)
+            return x * self.fc2(torch.relu(self.fc1(s))).sigmoid()
+
+    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), SE(8), nn.InstanceNorm2d(8, affine=True), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3, stride=2, padding=1), SE(4))  # fmt: skip
+    _check(trunk, (2, 3, 64, 64), 32)
+    _check(trunk, (2, 3, 64, 64), 32, dtype=torch.float32, tol=1e-5)
+
+
+def test_instance_norm_tracking_running_stats_in_training_is_refused():
+    trunk = nn.Sequential(nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2, track_running_stats=True)).train()
+    with pytest.raises(NotStreamableError, match="track_running_stats"):
+        StreamingModule(trunk, tile_size=16)(torch.randn(1, 1, 40, 40))
