@@ -87,7 +87,9 @@ def predict(args: argparse.Namespace) -> None:
             secs = time.perf_counter() - t0
             label = tiers + (" (what-if disk 2 GB/s)" if disk_rate else "")
             if plan is None:
-                print(f"| {size}^2 | {head_name} | {label} | no plan: {err[:160]} | - | - | - | - | {secs:.1f} |")
+                print(
+                    f"| {size}^2 | {head_name} | {label} | no plan: {err[:160]} | - | - | - | - | {secs:.1f} |"
+                )
                 rows.append({"size": size, "head": head_name, "tiers": label, "error": err})
                 continue
             nseg = len(plan.segments)
@@ -101,8 +103,16 @@ def predict(args: argparse.Namespace) -> None:
                 print("    " + str(plan).replace("\n", "\n    "))
     print()
     for head_name, label in {(r["head"], r["tiers"]) for r in rows}:
-        peaks = [r["peak_bytes"] for r in rows if r["head"] == head_name and r["tiers"] == label and "peak_bytes" in r]
-        ratios = [r["time_ratio"] for r in rows if r["head"] == head_name and r["tiers"] == label and "time_ratio" in r]
+        peaks = [
+            r["peak_bytes"]
+            for r in rows
+            if r["head"] == head_name and r["tiers"] == label and "peak_bytes" in r
+        ]
+        ratios = [
+            r["time_ratio"]
+            for r in rows
+            if r["head"] == head_name and r["tiers"] == label and "time_ratio" in r
+        ]
         if len(peaks) > 1:
             print(
                 f"{head_name}, tiers {label}: peak max/min {max(peaks) / min(peaks):.3f} over {len(peaks)} sizes; "
@@ -122,7 +132,9 @@ def write_slide(path: Path, size: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     band = 1024
     coarse = rng.random((size // 64 + 2, size // 64 + 2)).astype(np.float32)
-    with tio.create_writer(path, (3, size, size), np.uint8, tile=256, levels=3, mpp=0.5, overwrite=True) as out:
+    with tio.create_writer(
+        path, (3, size, size), np.uint8, tile=256, levels=3, mpp=0.5, overwrite=True
+    ) as out:
         for y in range(0, size, band):
             h = min(band, size - y)
             # nearest-upsampled coarse field (tissue / background) plus fine noise (nuclei-like texture)
@@ -178,7 +190,9 @@ def run_step(method: str, path: str, size: int, head_name: str, budget: str, tie
         "predicted_peak": plan.peak_bytes if plan else None,
         "predicted_ratio": plan.time_ratio if plan else None,
         "plan": str(plan) if plan else None,
-        "grad_norm": float(sum(p.grad.square().sum() for p in trunk.parameters() if p.grad is not None) ** 0.5),
+        "grad_norm": float(
+            sum(p.grad.square().sum() for p in trunk.parameters() if p.grad is not None) ** 0.5
+        ),
     }
 
 
@@ -191,7 +205,10 @@ def measure(args: argparse.Namespace) -> None:
     if not path.exists():
         t0 = time.perf_counter()
         write_slide(path, args.size)
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(
+            f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
     print(f"load: {os.getloadavg()}", flush=True)
     results = []
     jobs = [("conventional", args.conventional_size)] * args.repeat + [("streamed", args.size)]
@@ -238,7 +255,9 @@ def main() -> None:
         method, path, size, head, budget, tiers = sys.argv[2:8]
         print(json.dumps(run_step(method, path, int(size), head, budget, tiers)))
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="planner predictions only")
     p.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 65536])

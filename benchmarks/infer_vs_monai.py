@@ -64,7 +64,9 @@ def run(config: str, size: int, tile: int, budget: str, workdir: Path) -> dict:
             config == "tilegrad"
         ):  # same memory as MONAI: the largest tile whose predicted peak fits the budget
             out = tilegrad.infer(model, volume, memory_budget=budget, progress=False)
-        elif config == "tilegrad-auto":  # segmented over the graph (issue 11): the fastest plan under the budget
+        elif (
+            config == "tilegrad-auto"
+        ):  # segmented over the graph (issue 11): the fastest plan under the budget
             out = tilegrad.infer(model, volume, memory_budget=budget, progress=False, mode="auto")
         else:  # whole volume never in memory: .npy in and out with positional reads/writes, under a budget
             src = tio.open_image(workdir / "in.npy")

@@ -661,6 +661,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{row.source:>24} {row.name:<28} {row.status:<15} {row.error:<40} {row.time:<26} "
               f"{time.perf_counter() - t0:6.1f}s {row.message[:100]}", file=sys.stderr, flush=True)  # fmt: skip
         done.append(row)
+        if not args.print:  # after every row: an interrupted run keeps what it measured
+            write_doc([*done, *(previous.get(r.key, r) for r in listed[len(done) :])], args.out)
     print(f"{len(done)} rows ({summary(done)}) in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     if args.print:
         print(format_table([r for r in done if wanted is None or r.name in wanted]))

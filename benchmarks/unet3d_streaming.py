@@ -27,7 +27,12 @@ def build(norm: str):
 
     torch.manual_seed(0)
     return monai.networks.nets.UNet(
-        spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64, 128), strides=(2, 2, 2), norm=norm
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=2,
+        channels=(16, 32, 64, 128),
+        strides=(2, 2, 2),
+        norm=norm,
     ).train()
 
 
@@ -47,7 +52,9 @@ def run_one(method: str, size: int, norm: str, budget: int) -> dict:
     model = build(norm)
     x = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(1))
     target = torch.randint(0, 2, (1, size, size, size), generator=torch.Generator().manual_seed(2))
-    torch.nn.functional.cross_entropy(model(torch.randn(1, 1, 32, 32, 32)), torch.zeros(1, 32, 32, 32).long()).backward()
+    torch.nn.functional.cross_entropy(
+        model(torch.randn(1, 1, 32, 32, 32)), torch.zeros(1, 32, 32, 32).long()
+    ).backward()
     model.zero_grad(set_to_none=True)
     plan = None
     body = model
@@ -73,10 +80,14 @@ def run_one(method: str, size: int, norm: str, budget: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[96, 128])
     parser.add_argument("--norm", default="batch", choices=["batch", "instance"])
-    parser.add_argument("--fraction", type=float, default=0.25, help="streamed budget / conventional predicted peak")
+    parser.add_argument(
+        "--fraction", type=float, default=0.25, help="streamed budget / conventional predicted peak"
+    )
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", help="append raw results to this JSON-lines file")
     parser.add_argument("--run", help=argparse.SUPPRESS)
@@ -93,7 +104,9 @@ def main() -> None:
     for size in args.sizes:
         conv_pred = conventional_peak(build(args.norm), size)
         budget = int(conv_pred * args.fraction)
-        print(f"{size}^3 {args.norm}: conventional predicted {format_bytes(conv_pred)}, budget {format_bytes(budget)}")
+        print(
+            f"{size}^3 {args.norm}: conventional predicted {format_bytes(conv_pred)}, budget {format_bytes(budget)}"
+        )
         rows: dict[str, list[dict]] = {}
         for rep in range(args.repeat):
             for method in ("conventional", "streamed"):
