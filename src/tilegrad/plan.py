@@ -475,6 +475,14 @@ class _Planner:
                 break
             choice[k] = min(leaner, key=lambda j: (self.seconds(options[k][j]), -self.work(options[k][j])))
         segs = [dataclasses.replace(sp) for sp in current()]
+        if self.tiers == "auto" and budget is not None:  # bring back to the device what still fits, smallest first
+            for b in sorted(bounds, key=lambda b: b.nbytes):
+                old = (b.tier, b.grad_tier)
+                if old == ("device", "device"):
+                    continue
+                b.tier = b.grad_tier = "device"
+                if self.evaluate(segs, bounds)[0] > budget:
+                    b.tier, b.grad_tier = old
         if self.training:  # keep one-tile segments' graphs while the plan still fits
             for k, sp in sorted(enumerate(segs), key=lambda e: -e[1].flops / max(1, e[1].tile_saved_bytes)):
                 if len(sp.grid) != 1 or (
