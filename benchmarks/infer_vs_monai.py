@@ -6,6 +6,10 @@ own tile (a tilegrad tile includes the halo, about 25 px per side for this U-Net
 
     python benchmarks/infer_vs_monai.py                # 3D MONAI UNet on a 192^3 volume, 128^3 tiles/rois
     python benchmarks/infer_vs_monai.py --size 160 --tile 112 --budget 256MiB
+    python benchmarks/infer_vs_monai.py --size 128 --tile 96 --configs whole monai-gaussian tilegrad tilegrad-auto
+
+"tilegrad" is infer(mode="lean") (one segment, the whole halo per tile), "tilegrad-auto" infer(mode="auto")
+(segments over the graph, boundaries in memory or on disk, the fastest plan under the budget).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = ("whole", "monai-constant", "monai-gaussian", "tilegrad", "tilegrad-budget")
+CONFIGS = ("whole", "monai-constant", "monai-gaussian", "tilegrad", "tilegrad-auto", "tilegrad-budget")
 
 
 def build(size: int):
@@ -60,6 +64,8 @@ def run(config: str, size: int, tile: int, budget: str, workdir: Path) -> dict:
             config == "tilegrad"
         ):  # same memory as MONAI: the largest tile whose predicted peak fits the budget
             out = tilegrad.infer(model, volume, memory_budget=budget, progress=False)
+        elif config == "tilegrad-auto":  # segmented over the graph (issue 11): the fastest plan under the budget
+            out = tilegrad.infer(model, volume, memory_budget=budget, progress=False, mode="auto")
         else:  # whole volume never in memory: .npy in and out with positional reads/writes, under a budget
             src = tio.open_image(workdir / "in.npy")
             with tio.create_writer(workdir / "out.npy", (2, size, size, size), np.float32) as sink:
@@ -87,6 +93,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=192)
     parser.add_argument("--tile", type=int, default=128)
     parser.add_argument("--budget", default="512MiB", help="memory budget of the tilegrad runs")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -107,7 +114,7 @@ def main() -> None:
         np.save(workdir / "in.npy", volume[0].numpy())
         del model, reference
         rows = []
-        for config in CONFIGS:
+        for config in args.configs:
             proc = subprocess.run(
                 [sys.executable, __file__, "--run", config, "--size", str(args.size), "--tile", str(args.tile),
                  "--budget", args.budget, "--workdir", str(workdir)],

@@ -1,0 +1,141 @@
+"""MONAI 3D UNet, one float32 training step: conventional vs StreamingModule under a quarter of the conventional peak.
+
+MONAI ``UNet(3, 1, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), norm=...)`` in train mode (batch norm
+statistics computed over the whole volume, streamed by tilegrad.statistics), cross-entropy against random labels,
+backward. The streamed step uses ``memory_budget`` = ``--fraction`` of the planner's conventional predicted peak
+(``plan_streaming(..., mode="auto")`` picks segments, tiles and tiers). Each run in its own process (clean peak,
+``PeakMemoryMeter``); conventional and streamed runs interleaved, medians over ``--repeat``.
+
+    python benchmarks/unet3d_streaming.py --sizes 96 128
+    python benchmarks/unet3d_streaming.py --sizes 96 --norm instance
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def build(norm: str):
+    import monai
+    import torch
+
+    torch.manual_seed(0)
+    return monai.networks.nets.UNet(
+        spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64, 128), strides=(2, 2, 2), norm=norm
+    ).train()
+
+
+def conventional_peak(model, size: int) -> int:
+    import tilegrad
+
+    # with a budget far above it, the planner returns its conventional (unstreamed) plan and that plan's peak
+    plan = tilegrad.plan_streaming(model, (1, 1, size, size, size), memory_budget="1TiB", mode="auto")
+    return plan.peak_bytes
+
+
+def run_one(method: str, size: int, norm: str, budget: int) -> dict:
+    import torch
+
+    import tilegrad
+
+    model = build(norm)
+    x = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(1))
+    target = torch.randint(0, 2, (1, size, size, size), generator=torch.Generator().manual_seed(2))
+    torch.nn.functional.cross_entropy(model(torch.randn(1, 1, 32, 32, 32)), torch.zeros(1, 32, 32, 32).long()).backward()
+    model.zero_grad(set_to_none=True)
+    plan = None
+    body = model
+    if method == "streamed":
+        body = tilegrad.StreamingModule(model, tile_size="auto", memory_budget=budget, progress=False)
+        plan = body.plan(x.shape)
+    with tilegrad.PeakMemoryMeter("cpu") as meter:
+        t0 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(body(x), target)
+        loss.backward()
+        elapsed = time.perf_counter() - t0
+    return {
+        "method": method,
+        "size": size,
+        "norm": norm,
+        "seconds": elapsed,
+        "peak_bytes": meter.peak_bytes,
+        "loss": loss.item(),
+        "predicted_peak": plan.peak_bytes if plan else None,
+        "predicted_ratio": plan.time_ratio if plan else None,
+        "plan": str(plan) if plan else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[96, 128])
+    parser.add_argument("--norm", default="batch", choices=["batch", "instance"])
+    parser.add_argument("--fraction", type=float, default=0.25, help="streamed budget / conventional predicted peak")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--json", help="append raw results to this JSON-lines file")
+    parser.add_argument("--run", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--budget", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        print(json.dumps(run_one(args.run, args.size, args.norm, args.budget)))
+        return
+    from tilegrad.units import format_bytes
+
+    print(f"load: {os.getloadavg()}", flush=True)
+    table = []
+    for size in args.sizes:
+        conv_pred = conventional_peak(build(args.norm), size)
+        budget = int(conv_pred * args.fraction)
+        print(f"{size}^3 {args.norm}: conventional predicted {format_bytes(conv_pred)}, budget {format_bytes(budget)}")
+        rows: dict[str, list[dict]] = {}
+        for rep in range(args.repeat):
+            for method in ("conventional", "streamed"):
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--run", method, "--size", str(size), "--norm", args.norm,
+                     "--budget", str(budget)],
+                    capture_output=True, text=True,
+                )  # fmt: skip
+                if proc.returncode != 0:
+                    print(f"{method} @ {size}: FAILED\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
+                    continue
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                row["load"] = os.getloadavg()[0]
+                rows.setdefault(method, []).append(row)
+                if args.json:
+                    with open(args.json, "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                print(
+                    f"  {method:<12} run {rep + 1}: {row['seconds']:7.1f} s, peak {format_bytes(row['peak_bytes'])}, "
+                    f"loss {row['loss']:.6f}, load {row['load']:.1f}",
+                    flush=True,
+                )
+                if row["plan"] and rep == 0:
+                    print("    " + row["plan"].replace("\n", "\n    "), flush=True)
+        if "conventional" in rows and "streamed" in rows:
+            conv = rows["conventional"]
+            st = rows["streamed"]
+            tc = statistics.median(r["seconds"] for r in conv)
+            ts = statistics.median(r["seconds"] for r in st)
+            table.append(
+                f"| {size}^3 | {args.norm} | {len(st)} | {tc:.1f} | {statistics.median(r['peak_bytes'] for r in conv) / 2**20:.0f} MiB "
+                f"({format_bytes(conv_pred)} pred.) | {format_bytes(budget)} | {ts:.1f} | "
+                f"{statistics.median(r['peak_bytes'] for r in st) / 2**20:.0f} MiB ({format_bytes(st[0]['predicted_peak'])} pred.) "
+                f"| x{ts / tc:.2f} | x{st[0]['predicted_ratio']:.2f} |"
+            )
+    print(
+        "\n| volume | norm | runs | conventional (s) | conventional peak | budget | streamed (s) | streamed peak "
+        "| time ratio measured | predicted |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
