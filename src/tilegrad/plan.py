@@ -665,6 +665,16 @@ def plan_streaming(
                 "memory_budget= to let it use more memory for speed"
             )
     best, leanest = planner.search(mode, budget, requested)
+    if tiers == "auto" and budget is not None and (best is None or best.disk_bytes):
+        # the automatic tiers move boundaries to disk while tiles are still large; a plan that keeps every
+        # boundary on the device with smaller tiles may be both faster and leaner: compare the two searches
+        planner.tiers = "device"
+        other, other_lean = planner.search(mode, budget, requested)
+        planner.tiers = "auto"
+        if other is not None and (best is None or other.time_ratio < best.time_ratio):
+            best = other
+        if leanest is None or (other_lean is not None and other_lean.peak_bytes < leanest.peak_bytes):
+            leanest = other_lean
     if best is not None:
         best.budget = memory_budget
         if note:
