@@ -253,7 +253,7 @@ class Execution:
                 elif grad_in is not None:
                     grad_in[(slice(None), slice(None), *box)] += gx
             else:
-                self.grads[x].add(box, gx)
+                self.grads[x].add(box, gx.to(self.dtype))
 
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, training: bool) -> torch.Tensor:
@@ -307,7 +307,7 @@ class Execution:
                         core = y[(slice(None), slice(None), *tile.crop)]
                         outputs = tile.outputs
                     if k < last:
-                        self.stores[seg.out].write(outputs, core)
+                        self.stores[seg.out].write(outputs, core.to(self.dtype))
                     elif self.head is not None:
                         self.partials.append(tuple(p.detach() for p in self.head.partial(core)))
                     else:
@@ -469,7 +469,7 @@ class Execution:
                 elif grad_in is not None:
                     grad_in[(slice(None), slice(None), *box)] += gsrc
             else:
-                self.grads[s].add(box, gsrc)
+                self.grads[s].add(box, gsrc.to(self.dtype))
 
 
 class _Whole:

@@ -196,9 +196,10 @@ class TrunkGraph:
             raise NotStreamableError(f"{type(module).__name__}.forward takes no tensor input")
         self.input = placeholders[0]
         self.geoms = propagate(module, self.nodes, self.ndim, {self.input: Geometry.identity(self.ndim)})
-        self.geometry = trunk_output(module, graph, self.geoms)
         (out_node,) = [n for n in self.nodes if n.op == "output"]
         self.output: torch.fx.Node = out_node.args[0]
+        self._refuse_global_output()
+        self.geometry = trunk_output(module, graph, self.geoms)
         # NOTE [ Streamed statistics ]: reductions, the nodes computed from them alone, and their inputs (forced cuts)
         self.reductions = [n for n in self.nodes if is_reduction(n)]
         self.global_set: set[torch.fx.Node] = set()
@@ -211,6 +212,26 @@ class TrunkGraph:
         self.forced = frozenset(r.args[0] for r in self.reductions if r.args[0] is not self.input)
         self.profiles = self._profile(training)
         self.param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+
+    def _refuse_global_output(self) -> None:
+        """A trunk whose output is a global statistic (it ends in global pooling) has no map to tile."""
+        stack, seen = [self.output], set()
+        while stack:
+            n = stack.pop()
+            if n in seen or not isinstance(n, torch.fx.Node):
+                continue
+            seen.add(n)
+            if is_reduction(n):
+                if self.geoms.get(self.output) is None:
+                    where = n.meta.get("tilegrad_source") or n.meta.get("tilegrad_module") or n.name
+                    raise NotStreamableError(
+                        f"{type(self.root).__name__} ends in a global reduction, {where}: its output is one value "
+                        "per image, not a map to tile. Stream the part before it (tilegrad.split_model) and pass "
+                        "the pooling as a streamed head (StreamingModule(trunk, head=tilegrad.heads.GlobalPool(...)))"
+                    )
+                return
+            if self.geoms.get(n) is None:
+                stack.extend(n.all_input_nodes)
 
     # -- profile ------------------------------------------------------------------------------------------------
     def _profile(self, training: bool) -> dict[torch.fx.Node, NodeProfile]:

@@ -47,7 +47,7 @@ from torch import nn
 from ._allocator import pin_mmap_threshold
 from ._atomic import atomic_write
 from ._lock import FileLock
-from .errors import ConfigError, DataError, ShapeError
+from .errors import ConfigError, DataError, NotStreamableError, ShapeError
 from .execute import Reader as _Reader
 from .options import batch_tiles_option, budget_option, mode_option
 from .plan import plan_streaming
@@ -127,6 +127,12 @@ def infer(
     if tile_size is None and memory_budget is None:
         raise ConfigError("infer needs tile_size= or memory_budget= (e.g. memory_budget='2GiB')")
     batch_tiles = batch_tiles_option(batch_tiles)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            raise NotStreamableError(
+                f"layer '{name}' ({type(m).__name__}) is in training mode: in inference it would normalise with this "
+                "image's statistics and update its running statistics; call model.eval() first"
+            )
     ndim = ndim or _spatial_ndim(model)
     shape = tuple(int(s) for s in source.shape)
     if len(shape) == ndim + 1:

@@ -475,6 +475,14 @@ class _Planner:
                 break
             choice[k] = min(leaner, key=lambda j: (self.seconds(options[k][j]), -self.work(options[k][j])))
         segs = [dataclasses.replace(sp) for sp in current()]
+        if self.tiers == "auto" and budget is not None:  # bring back to the device what still fits, smallest first
+            for b in sorted(bounds, key=lambda b: b.nbytes):
+                old = (b.tier, b.grad_tier)
+                if old == ("device", "device"):
+                    continue
+                b.tier = b.grad_tier = "device"
+                if self.evaluate(segs, bounds)[0] > budget:
+                    b.tier, b.grad_tier = old
         if self.training:  # keep one-tile segments' graphs while the plan still fits
             for k, sp in sorted(enumerate(segs), key=lambda e: -e[1].flops / max(1, e[1].tile_saved_bytes)):
                 if len(sp.grid) != 1 or (
@@ -657,6 +665,16 @@ def plan_streaming(
                 "memory_budget= to let it use more memory for speed"
             )
     best, leanest = planner.search(mode, budget, requested)
+    if tiers == "auto" and budget is not None and (best is None or best.disk_bytes):
+        # the automatic tiers move boundaries to disk while tiles are still large; a plan that keeps every
+        # boundary on the device with smaller tiles may be both faster and leaner: compare the two searches
+        planner.tiers = "device"
+        other, other_lean = planner.search(mode, budget, requested)
+        planner.tiers = "auto"
+        if other is not None and (best is None or other.time_ratio < best.time_ratio):
+            best = other
+        if leanest is None or (other_lean is not None and other_lean.peak_bytes < leanest.peak_bytes):
+            leanest = other_lean
     if best is not None:
         best.budget = memory_budget
         if note:

@@ -264,6 +264,11 @@ def _replace(
 ) -> None:
     with graph.inserting_before(node):
         new = graph.call_function(target, (x,), {"keepdim": keepdim})
+    new.meta["tilegrad_source"] = (
+        f"{type(graph.owning_module.get_submodule(node.target)).__name__} '{node.target}'"
+        if node.op == "call_module"
+        else f"{getattr(node.target, '__name__', node.target)} (node '{node.name}')"
+    )
     node.replace_all_uses_with(new)
     graph.erase_node(node)
 

@@ -125,3 +125,25 @@ def test_train_attention_then_attention_saliency(tmp_path, make_slides, capsys):
         "trained with --head max: --attention needs a model trained with --head attention"
         in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("head", ["max", "avg", "attention"])
+def test_streamed_model_reduces_its_head_in_the_engine_exactly(head):
+    """A streamed head runs inside StreamingModule (the trunk output never whole): output, input gradient and
+    every parameter gradient equal head(trunk(x)) in float64."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 2, model_kwargs={"width": 4}, head=head, tile_size=64).double()
+    assert model.streams_head and model.streamed.head is model.head
+    plain = build_model("small_cnn", 2, model_kwargs={"width": 4}, head=head).double()
+    plain.load_state_dict(model.state_dict())
+    x = torch.rand(1, 3, 150, 131, dtype=torch.float64)
+    leaf, ref_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, ref = model(leaf), plain.head(plain.trunk(ref_leaf))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    grad = torch.tensor([[0.3, -1.1]], dtype=torch.float64)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-10, atol=1e-13)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13, msg=name)
+    assert len(model.streamed.last_plan.segments[0].grid) > 4, "really streamed"

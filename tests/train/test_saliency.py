@@ -58,7 +58,7 @@ def test_block_mean_handles_ragged_edges():
 @pytest.mark.parametrize("factor", [1, 4, 7])  # 7: blocks straddle tile rows, ragged edge blocks
 def test_lazy_saliency_map_equals_the_reduced_whole_image_gradient(factor):
     torch.manual_seed(0)
-    model = build_model("small_cnn", 2, model_kwargs={"width": 4}, tile_size=48).double()
+    model = build_model("small_cnn", 2, model_kwargs={"width": 4}, tile_size=64).double()
     pixels = np.random.default_rng(0).integers(0, 256, (3, 150, 131), dtype=np.uint8)
     slide = SlideInput(pixels, dtype=torch.float64)
     low, _, target = saliency_map(model, slide, factor, target=1)

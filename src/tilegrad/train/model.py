@@ -134,16 +134,30 @@ class SlideClassifier(nn.Module):
         self.memory_budget = memory_budget
         # The streaming wrapper holds the same trunk object; kept out of the module registry so that parameters
         # and state_dict keys appear once (under ``trunk.``).
-        self.__dict__["streamed"] = _make_streamed(trunk, tile_size, memory_budget)
+        # A streamed head (tilegrad.heads) runs inside the engine: the trunk's output map is never whole.
+        self.__dict__["streamed"] = _make_streamed(trunk, head, tile_size, memory_budget)
         self.train(self.training)
 
     @property
     def is_streamed(self) -> bool:
         return self.streamed is not None
 
+    @property
+    def streams_head(self) -> bool:
+        """Whether the head is reduced tile by tile inside the streaming engine (NOTE [ Streamed heads ])."""
+        return self.streamed is not None and getattr(self.streamed, "head", None) is not None
+
     def features(self, x: Any) -> torch.Tensor:
-        """Trunk output for a (1, C, H, W) tensor or lazy array (lazy arrays need streaming)."""
+        """Trunk output for a (1, C, H, W) tensor or lazy array (lazy arrays need streaming). With a streamed head
+        the model itself never holds this map: this runs the trunk alone, streamed, and returns it whole."""
         if self.streamed is not None:
+            if self.streams_head:
+                if "trunk_streamed" not in self.__dict__:
+                    self.__dict__["trunk_streamed"] = _make_streamed(
+                        self.trunk, None, self.tile_size, self.memory_budget
+                    )
+                self.trunk_streamed.training = self.training
+                return self.trunk_streamed(x)
             return self.streamed(x)
         if not isinstance(x, torch.Tensor):
             x = x.materialize() if hasattr(x, "materialize") else torch.as_tensor(x[:])
@@ -152,7 +166,15 @@ class SlideClassifier(nn.Module):
             x = x.to(param.device)
         return self.trunk(x)
 
-    def forward(self, x: Any) -> torch.Tensor:
+    def forward(self, x: Any, *, grad_sink: Any = None) -> torch.Tensor:
+        """``head(trunk(x))``. ``grad_sink`` (a streamed model and a lazy ``x``): receives the input gradient tile by
+        tile (tilegrad.stream.GradientSink)."""
+        if self.streams_head:
+            return self.streamed(x, grad_sink=grad_sink)
+        if grad_sink is not None:
+            if self.streamed is None:
+                raise ConfigError("grad_sink needs a streamed model (tile_size= or memory_budget=)")
+            return self.head(self.streamed(x, grad_sink=grad_sink))
         return self.head(self.features(x))
 
     def train(self, mode: bool = True) -> SlideClassifier:
@@ -189,14 +211,19 @@ def check_streamable_norm(model: SlideClassifier) -> None:
         )
 
 
-def _make_streamed(trunk: nn.Module, tile_size: Any, memory_budget: Any) -> nn.Module | None:
+def _make_streamed(
+    trunk: nn.Module, head: nn.Module | None, tile_size: Any, memory_budget: Any
+) -> nn.Module | None:
+    """The StreamingModule of the trunk, with the head inside when it is a streamed head (a factory's own head is
+    applied to the trunk's output map instead)."""
     if tile_size is None and memory_budget is None:
         return None
     from ..stream import StreamingModule
 
+    options: dict[str, Any] = {"head": head} if isinstance(head, StreamedHead) else {}
     if memory_budget is not None:
-        return StreamingModule(trunk, tile_size="auto", memory_budget=memory_budget)
-    return StreamingModule(trunk, tile_size=tile_size)
+        return StreamingModule(trunk, tile_size="auto", memory_budget=memory_budget, **options)
+    return StreamingModule(trunk, tile_size=tile_size, **options)
 
 
 def build_model(

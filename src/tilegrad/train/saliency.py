@@ -86,9 +86,7 @@ def saliency_map(
     streamed = getattr(model, "streamed", None)
     if isinstance(x, SlideInput) and streamed is not None:
         accumulator = SaliencyAccumulator(tuple(x.shape[2:]), factor)
-        probs, target = _backward_from_score(
-            model, lambda: model.head(streamed(x, grad_sink=accumulator)), target
-        )
+        probs, target = _backward_from_score(model, lambda: model(x, grad_sink=accumulator), target)
         return accumulator.finish(), probs, target
     grad, probs, target = input_gradient(model, x, target)
     return block_mean(grad[0].abs().amax(dim=0).cpu().numpy(), factor), probs, target
