@@ -54,10 +54,7 @@ def test_every_row_has_a_status_and_says_why_when_not_exact(table):
 
 # Rows the table shows off by more than the tolerance: bugs to fix, named here so that the suite stays green while
 # they are visible, and so that a fix (or a new one) fails this test until the list and the table agree.
-KNOWN_NOT_EXACT = {
-    "AttentionUnet": "MONAI AttentionUnet (instance norm, attention gates) streamed through the engine's statistics: "
-    "gradient error 1.0 (a parameter's gradient missing or wrong), found 2026-12-07 after the engine landed",
-}
+KNOWN_NOT_EXACT: dict[str, str] = {}
 
 
 def test_nothing_is_off_by_more_than_the_tolerance(table):

@@ -157,8 +157,6 @@ class Execution:
         seg = sp.segment
         for j, s in enumerate(seg.sources):
             t = self.read(s, window, k).detach()
-            if j in seg.inplace_sources:
-                t = t.clone()
             if grad[j]:
                 t.requires_grad_(True)
             out.append(t)
@@ -166,6 +164,13 @@ class Execution:
             t = self.values[s].detach()
             out.append(t.requires_grad_(True) if grad[j] and t.is_floating_point() else t)
         return out
+
+    @staticmethod
+    def _args(sp: SegmentPlan, srcs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The segment's arguments: a source its first layer modifies in place (ReLU(inplace=True)) is copied,
+        under the caller's grad mode, so the leaf whose gradient is taken stays untouched."""
+        inplace = sp.segment.inplace_sources
+        return [t.clone() if j in inplace else t for j, t in enumerate(srcs)]
 
     # -- statistics (NOTE [ Streamed statistics ] in statistics.py) --------------------------------------------------
     def _slab_source(self, node: Any) -> Any:
@@ -284,7 +289,7 @@ class Execution:
                     if tile is None:  # NOTE [ Kept segments ]
                         srcs = self._sources(sp, window, k, [True] * nin)
                         with torch.enable_grad():
-                            y = module(*srcs)
+                            y = module(*self._args(sp, srcs))
                             if k == last and self.head is not None:  # the head's partial joins the kept graph
                                 kept_out: Any = tuple(self.head.partial(y))
                             else:
@@ -297,7 +302,7 @@ class Execution:
                             continue
                     else:
                         srcs = self._sources(sp, window, k, [False] * nin)
-                        y = module(*srcs)
+                        y = module(*self._args(sp, srcs))
                         if k == last and self.writer is not None:  # inference into a sink (infer.py)
                             self.writer(tile, y)
                             del srcs, y
@@ -418,7 +423,7 @@ class Execution:
                         inputs = [s for s, n in zip(srcs, need) if n] + seg_params
                         if inputs:
                             with torch.enable_grad(), replay_autocast(self.device.type, self.autocast):
-                                y = module(*srcs)
+                                y = module(*self._args(sp, srcs))
                                 core = y[(slice(None), slice(None), *tile.crop)]
                                 if k == last and self.head is not None:
                                     parts = self.head.partial(core)
