@@ -294,6 +294,9 @@ def _tilegrads(registry):
         t
         for t, rule in registry.items()
         if getattr(rule, "__module__", "").startswith("tilegrad.")
+        # the statistics rules apply only to the nodes rewrite_statistics creates; tests/test_statistics.py checks
+        # them against the plain computation (NOTE [ Streamed statistics ])
+        and getattr(rule, "__module__", "") != "tilegrad.statistics"
         and (isinstance(t, str) or getattr(t, "__module__", "").startswith(ours))
     ]
 

@@ -107,7 +107,7 @@ def test_budget_prints_the_chosen_plan_once_before_training(tmp_path, make_slide
     assert (
         "slides.csv line 2 (96x80 px)" in plan and "predicted peak" in plan and "(budget 300.00 KiB)" in plan
     )
-    assert re.search(r"tile \d+x\d+ px of a 96x80 map, [2-9] tiles", plan)
+    assert re.search(r"tile \d+x\d+ of 96x80 image px, [2-9] tiles", plan)
 
 
 def test_check_images_decodes_every_image_before_training(slides, tmp_path, capsys):
