@@ -114,7 +114,7 @@ def test_a_fully_convolutional_model_is_streamed_whole(capsys, fcn_file):
 
 def test_a_model_with_instance_norm_is_streamed_now(capsys, fcn_file):
     # InstanceNorm streams as a statistics layer (NOTE [ Streamed statistics ]): it was refused before
-    code, out, err = run(capsys, f"{fcn_file}:fcn_instance_norm", "--input", "1x256x256", "--tile", "64")
+    code, _, err = run(capsys, f"{fcn_file}:fcn_instance_norm", "--input", "1x256x256", "--tile", "64")
     assert code == 0, err
     assert "InstanceNorm" not in err
 
