@@ -197,3 +197,17 @@ def test_candidates_skip_tensors_changed_in_place():
     assert "enc_0" not in names and "enc_1" in names, names
     segs = g.segments(g.candidates)
     assert segs[-1].out is g.output
+
+
+def test_segmented_inference_is_exact():
+    # NOTE [ Segmented inference ] in infer.py: with a budget, infer(mode="stages") cuts the graph as training does
+    torch.manual_seed(0)
+    net = TinyUNet().double().eval()
+    x = torch.randn(1, 1, 64, 48, dtype=torch.float64)
+    plan = tilegrad.plan_streaming(
+        net, x.shape, tile_size=24, mode="stages", training=False, dtype=torch.float64
+    )
+    assert len(plan.segments) > 1
+    with torch.no_grad():
+        y = tilegrad.infer(net, x, tile_size=24, memory_budget="64MiB", mode="stages", progress=False)
+        assert rel_err(y, net(x)) <= 1e-12

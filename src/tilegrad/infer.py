@@ -172,23 +172,23 @@ def infer(
     )
     if budget is not None:  # NOTE [ Heap growth under a budget ]: a budget is a promise; it costs time
         pin_mmap_threshold(device)
-    if len(plan.segments) > 1:
-        return _infer_segments(plan, model, reader_source, device, dtype, out, batched, rounding, ndim, shape,
-                               progress, scratch_dir)  # fmt: skip
-    (segment,) = plan.segments
-    if len(segment.out_shape) != ndim + 2:
+    model_out = plan.segments[-1].out_shape
+    if len(model_out) != ndim + 2:
         raise ShapeError(
-            f"the model returns shape {segment.out_shape} for an input of shape {full_shape}; infer needs an output "
+            f"the model returns shape {model_out} for an input of shape {full_shape}; infer needs an output "
             f"(N, C, *spatial) with {ndim} spatial dims. Keep the channel dim (e.g. x.argmax(1, keepdim=True))"
         )
-    out_shape = segment.out_shape if batched else segment.out_shape[1:]
+    out_shape = model_out if batched else model_out[1:]
     if out is not None and tuple(out.shape) != tuple(out_shape):
         raise ShapeError(
             f"out has shape {tuple(out.shape)} but the model's output for a source of shape {shape} is "
             f"{tuple(out_shape)}: create the sink with that shape"
         )
-    tiles = list(segment.grid)
     sink = _Sink(out, out_shape, batched, rounding)
+    if len(plan.segments) > 1:
+        return _infer_segments(plan, reader_source, device, dtype, sink, progress, scratch_dir)
+    (segment,) = plan.segments
+    tiles = list(segment.grid)
     done: _Journal | None = None
     if journal is not None:
         fingerprint = _fingerprint(model, source, out_shape, out, segment)
@@ -414,26 +414,18 @@ def journal_progress(path: str | os.PathLike) -> tuple[int, int] | None:
 
 
 def _infer_segments(
-    plan: Any, model: nn.Module, source: Any, device: torch.device, dtype: torch.dtype, out: Any, batched: bool,
-    rounding: bool, ndim: int, shape: tuple[int, ...], progress: bool, scratch_dir: Any,
-) -> Any:  # fmt: skip
+    plan: Any,
+    source: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    sink: _Sink,
+    progress: bool,
+    scratch_dir: Any,
+) -> Any:
     """A segmented inference plan (NOTE [ Segmented inference ]): the engine's forward, the last segment's tiles
     written into the sink."""
     from .execute import Execution
 
-    last = plan.segments[-1]
-    if len(last.out_shape) != ndim + 2:
-        raise ShapeError(
-            f"the model returns shape {last.out_shape} for an input of shape {shape}; infer needs an output "
-            f"(N, C, *spatial) with {ndim} spatial dims. Keep the channel dim (e.g. x.argmax(1, keepdim=True))"
-        )
-    out_shape = last.out_shape if batched else last.out_shape[1:]
-    if out is not None and tuple(out.shape) != tuple(out_shape):
-        raise ShapeError(
-            f"out has shape {tuple(out.shape)} but the model's output for a source of shape {shape} is "
-            f"{tuple(out_shape)}: create the sink with that shape"
-        )
-    sink = _Sink(out, out_shape, batched, rounding)
     ex = Execution(
         plan, _Reader(source, device, dtype), scratch_dir=scratch_dir, progress=progress, writer=sink.write
     )
