@@ -9,22 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.conftest import write_slides
+from tests.train.conftest import SMALL, write_slides
 from tilegrad.cli import main
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
-
-SMALL = [
-    "--model",
-    "small_cnn",
-    "--model-kwargs",
-    '{"width": 4}',
-    "--tile",
-    "32",
-    "--no-progress",
-    "--device",
-    "cpu",
-]
 
 
 def subprocess_env() -> dict[str, str]:

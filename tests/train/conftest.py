@@ -8,6 +8,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# The smallest training setup the command-line tests share: a 4-channel small_cnn on the CPU, tile 32.
+SMALL = [
+    "--model",
+    "small_cnn",
+    "--model-kwargs",
+    '{"width": 4}',
+    "--tile",
+    "32",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
+
 
 def write_slides(
     root: Path,

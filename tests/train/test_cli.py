@@ -11,17 +11,7 @@ import pytest
 
 from tilegrad.cli import main
 
-SMALL = [
-    "--model",
-    "small_cnn",
-    "--model-kwargs",
-    '{"width": 4}',
-    "--tile",
-    "32",
-    "--no-progress",
-    "--device",
-    "cpu",
-]
+from .conftest import SMALL
 
 
 def test_train_predict_saliency(slides, tmp_path, capsys):

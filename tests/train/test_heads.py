@@ -15,17 +15,7 @@ from tilegrad.train.config import check_resumable, config_dict, config_from_dict
 from tilegrad.train.dataset import SlideInput
 from tilegrad.train.saliency import _streamed_attention, attention_map
 
-SMALL = [
-    "--model",
-    "small_cnn",
-    "--model-kwargs",
-    '{"width": 4}',
-    "--tile",
-    "32",
-    "--no-progress",
-    "--device",
-    "cpu",
-]
+from .conftest import SMALL
 
 
 @pytest.mark.parametrize("head", ["max", "avg", "attention"])
