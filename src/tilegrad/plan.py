@@ -63,11 +63,20 @@ __all__ = ["BoundaryPlan", "Plan", "SegmentPlan", "Unit", "plan_streaming", "uni
 # FLOP/s (FlopCounterMode counts 2 per multiply-add) of float32 convolutions on this CPU: the ResNet-34 trunk's
 # conventional step at 4096^2 (7.3e12 FLOP) took 61 s on a quiet machine
 FLOP_RATE = 1.2e11
+# bytes/s at which a step writes its tensors (element-wise layers, normalisation, few-channel 3D convolutions are
+# bound by memory, not FLOPs): fitted, together with FLOP_RATE, to the warm conventional steps of ResNet-34 at
+# 1024^2 (153 GFLOP, 1.0 GiB written per forward, 4.6 s) and MONAI UNet 16-32-64-128 at 160^3 (14.6 GFLOP, 0.5 GiB,
+# 1.1 s); FLOPs alone predicted the UNet's step 3x too fast (NOTE [ Cost model ])
+BYTE_RATE = 2.2e9
 TILE_SECONDS = 0.025  # fixed cost of one tile pass
 # bytes/s of a DiskStore, measured by benchmarks/boundary_io.py (BENCHMARKS.md, "Boundary storage"): writes
-# 0.13-0.27, reads 0.34-0.45 from the page cache and 0.06-0.3 from the disk
-DISK_WRITE = 0.2e9
-DISK_READ = 0.3e9
+# 0.13-0.27, reads 0.34-0.45 from the page cache and 0.06-0.3 from the disk; 3D tile boxes since they move a span
+# at a time (NOTE [ Storage tiers ]): writes 0.3-0.7, reads 0.6-1.1, adds 0.4-0.7 (16-32 channels, 24^3-50^3 boxes)
+DISK_WRITE = 0.3e9
+DISK_READ = 0.6e9
+# bytes/s of a boundary box copied in or out of a store in memory (fresh buffers, page faults included): 1.0-5.0,
+# same boxes
+COPY_RATE = 2.0e9
 BACKWARD_TRANSIENT = 6.5  # training working set beyond saved tensors, in units of the largest tensor
 FORWARD_TRANSIENT = 2.0  # no-grad forward working set, in units of the largest tensor
 BUDGET_SAFETY = 0.8  # share of a user budget the planner plans for (the rest: allocator slack)
@@ -266,13 +275,18 @@ class _Planner:
         self.image = graph.input_shape
         self.ladder = _tile_ladder(self.image[2:])
         self.total_flops = sum(p.flops for p in graph.profiles.values()) + head_flops or 1.0
+        # seconds of one conventional forward pass (NOTE [ Cost model ])
+        self.total_seconds = self.total_flops / FLOP_RATE + sum(p.out_bytes for p in graph.profiles.values()) / (
+            BYTE_RATE
+        )
+        self._pass_seconds: dict[int, float] = {}
         self._sp: dict[tuple[int, tuple[int, ...]], SegmentPlan | None] = {}
         self._forward_rate: dict[int, float] = {}
         self.errors: list[str] = []
 
     # -- one segment at one tile ----------------------------------------------------------------------------
-    def segment_plan(self, seg: Segment, tile: tuple[int, ...]) -> SegmentPlan | None:
-        key = (id(seg), tile)
+    def segment_plan(self, seg: Segment, tile: tuple[int, ...], balance: bool = True) -> SegmentPlan | None:
+        key = (id(seg), tile, balance)
         if key in self._sp:
             return self._sp[key]
         out_shape = seg.out_shape
@@ -293,6 +307,8 @@ class _Planner:
             self.errors.append(str(err))
             self._sp[key] = None
             return None
+        if balance:
+            tile, grid = self._balanced(seg, tile, grid)
         ratio = math.prod(grid.max_in_shape) / math.prod(self.image[2:])
         saved = seg.saved_bytes * ratio
         largest = seg.largest_bytes * ratio
@@ -314,6 +330,39 @@ class _Planner:
             )
         self._sp[key] = sp
         return sp
+
+    def _balanced(self, seg: Segment, tile: tuple[int, ...], grid: TileGrid) -> tuple[tuple[int, ...], TileGrid]:
+        """NOTE [ Balanced tiles ]: the smallest tile with as many tiles per dim as ``tile`` gives. The greedy grid
+        (NOTE [ Greedy cores ] in tiling.py) fills every tile but the last, which may be a sliver (a 80 px tile on
+        160 px with a 4 px halo: cores 76, 72, 12); the smallest tile with the same count makes the tiles nearly
+        equal: same count, a smaller working set, no sliver paying a whole tile's fixed cost."""
+        geo, image, out = seg.geometry, self.image[2:], seg.out_shape[2:]
+        best = list(tile)
+        for d, spans in enumerate(grid.spans):
+            n = len(spans)
+            if n == 1:
+                best[d] = min(tile[d], image[d])
+                continue
+
+            def count(t: int, d: int = d) -> int | None:
+                try:
+                    return len(plan_dim(geo.dims[d], geo.align[d], image[d], out[d], t, d))
+                except GeometryError:
+                    return None
+
+            lo, hi = 1, tile[d]  # hi gives n tiles; find the smallest that still does
+            while lo < hi:
+                mid = (lo + hi) // 2
+                c = count(mid)
+                if c is not None and c <= n:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            best[d] = hi
+        balanced = tuple(best)
+        if balanced == tuple(tile):
+            return tile, grid
+        return balanced, tile_grid(geo, image, out, balanced)
 
     def _forward_per_px(self, seg: Segment) -> float:
         """Inference peak per image pixel of a segment, from estimate_memory's allocator simulation (CPU
@@ -339,11 +388,18 @@ class _Planner:
     def work(self, sp: SegmentPlan) -> int:
         return sp.tile_train_bytes if self.training else sp.tile_forward_bytes
 
+    def pass_seconds(self, seg: Segment) -> float:
+        """Seconds of one forward pass of a segment over the whole image: FLOPs and bytes written."""
+        if id(seg) not in self._pass_seconds:
+            written = sum(self.g.profiles[n].out_bytes for n in seg.nodes)
+            self._pass_seconds[id(seg)] = seg.flops / FLOP_RATE + written / BYTE_RATE
+        return self._pass_seconds[id(seg)]
+
     def seconds(self, sp: SegmentPlan) -> float:
         if sp.keep:
-            return 3 * sp.flops / FLOP_RATE
+            return 3 * self.pass_seconds(sp.segment)
         passes = 4 if self.training else 1
-        return passes * sp.flops * sp.overlap / FLOP_RATE + len(sp.grid) * TILE_SECONDS * (
+        return passes * self.pass_seconds(sp.segment) * sp.overlap + len(sp.grid) * TILE_SECONDS * (
             passes / 2 if self.training else 1
         )
 
@@ -391,21 +447,27 @@ class _Planner:
     def time_ratio(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:
         seconds = sum(self.seconds(sp) for sp in segs)
         by_node = {b.name: b for b in bounds}
+
+        def rates(tier: str) -> tuple[float, float]:  # (write, read) bytes/s
+            return (DISK_WRITE, DISK_READ) if tier == "disk" else (COPY_RATE, COPY_RATE)
+
         for sp in segs:
             out = by_node.get(sp.segment.out.name)
-            if out is not None and out.tier == "disk":
-                seconds += out.nbytes / DISK_WRITE + (out.nbytes / DISK_READ if self.training else 0)
+            if out is not None:  # written once; in training its gradient is read by the producer's backward
+                seconds += out.nbytes / rates(out.tier)[0]
+                if self.training:
+                    seconds += out.nbytes / rates(out.grad_tier)[1]
             for s in sp.segment.sources:
                 b = by_node.get(s.name)
                 if b is None:
                     continue
-                read = b.nbytes * sp.overlap
-                if b.tier == "disk":
-                    seconds += read / DISK_READ * (2 if self.training and not sp.keep else 1)
-                if self.training and b.grad_tier == "disk":
-                    seconds += read / DISK_READ + read / DISK_WRITE
+                read = b.nbytes * sp.overlap  # forward (and recomputation); the gradient added (read + write)
+                seconds += read / rates(b.tier)[1] * (2 if self.training and not sp.keep else 1)
+                if self.training:
+                    write, read_rate = rates(b.grad_tier)
+                    seconds += read / read_rate + read / write
         passes = 3 if self.training else 1
-        return seconds / (passes * self.total_flops / FLOP_RATE)
+        return seconds / (passes * self.total_seconds)
 
     def build(self, cuts: frozenset, budget: int | None, requested: tuple[int, ...] | None) -> Plan | None:
         """The fastest plan with these cuts under ``budget`` (or the leanest, if none fits), or None."""
@@ -425,9 +487,9 @@ class _Planner:
         cap = None
         if requested is not None:
             first = (
-                self.segment_plan(segments[0], requested) if segments[0].sources == [self.g.input] else None
+                self.segment_plan(segments[0], requested, False) if segments[0].sources == [self.g.input] else None
             )
-            sps = [self.segment_plan(s, requested) for s in segments if self.g.input in s.sources]
+            sps = [self.segment_plan(s, requested, False) for s in segments if self.g.input in s.sources]
             if any(sp is None for sp in sps):
                 return None
             cap = max(self.work(sp) for sp in sps if sp is not None)
@@ -436,7 +498,7 @@ class _Planner:
             opts = [sp for t in self.ladder if (sp := self.segment_plan(s, t)) is not None]
             if requested is not None:
                 if self.g.input in s.sources:
-                    opts = [sp for sp in (self.segment_plan(s, requested),) if sp is not None]
+                    opts = [sp for sp in (self.segment_plan(s, requested, False),) if sp is not None]
                 else:
                     opts = [sp for sp in opts if self.work(sp) <= cap] or opts[:1]
             if not opts:
@@ -509,7 +571,7 @@ class _Planner:
             boundaries=bounds,
             head=self.head,
             graph=self.g,
-            conventional_seconds=(3 if self.training else 1) * self.total_flops / FLOP_RATE,
+            conventional_seconds=(3 if self.training else 1) * self.total_seconds,
         )
 
     def search(
