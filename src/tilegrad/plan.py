@@ -68,7 +68,12 @@ FLOP_RATE = 1.2e11
 # 1024^2 (153 GFLOP, 1.0 GiB written per forward, 4.6 s) and MONAI UNet 16-32-64-128 at 160^3 (14.6 GFLOP, 0.5 GiB,
 # 1.1 s); FLOPs alone predicted the UNet's step 3x too fast (NOTE [ Cost model ])
 BYTE_RATE = 2.2e9
-TILE_SECONDS = 0.025  # fixed cost of one tile pass
+# fixed cost of one tile pass (Python, dispatch, first touch of fresh buffers): a base plus a share per node of the
+# segment, so that a whole ResNet-34 trunk (232 nodes) costs the 25 ms per tile measured for issue 2 and a few
+# layers 2-4 ms (an 8-layer 2D net at 1536^2: 96 px tiles, 361 of them, against 192 px, 81: 4 ms per tile, forward
+# and backward)
+TILE_SECONDS = 0.002
+NODE_SECONDS = 1e-4
 # bytes/s of a DiskStore, measured by benchmarks/boundary_io.py (BENCHMARKS.md, "Boundary storage"): writes
 # 0.13-0.27, reads 0.34-0.45 from the page cache and 0.06-0.3 from the disk; 3D tile boxes since they move a span
 # at a time (NOTE [ Storage tiers ]): writes 0.3-0.7, reads 0.6-1.1, adds 0.4-0.7 (16-32 channels, 24^3-50^3 boxes)
@@ -399,7 +404,8 @@ class _Planner:
         if sp.keep:
             return 3 * self.pass_seconds(sp.segment)
         passes = 4 if self.training else 1
-        return passes * self.pass_seconds(sp.segment) * sp.overlap + len(sp.grid) * TILE_SECONDS * (
+        per_tile = TILE_SECONDS + NODE_SECONDS * len(sp.segment.nodes)
+        return passes * self.pass_seconds(sp.segment) * sp.overlap + len(sp.grid) * per_tile * (
             passes / 2 if self.training else 1
         )
 
