@@ -63,3 +63,16 @@ def test_budget_too_small_raises_with_numbers():
     net = conv_net_2d()
     with pytest.raises(tilegrad.MemoryBudgetError, match="no streaming plan fits the memory budget"):
         StreamingModule(net, "auto", memory_budget=1000)(torch.randn(1, 3, 64, 64))
+
+
+def test_planning_calls_no_forward_hooks():
+    # regression (the kept-segment count of tests/test_stream.py was one run too many): the tracer ran each layer
+    # on meta tensors through nn.Module.__call__, so the user's hooks saw meta tensors during planning
+    trunk = resnet18_trunk()
+    seen = []
+    trunk.conv1.register_forward_pre_hook(lambda m, args: seen.append(("pre", args[0].device)))
+    trunk.layer1[0].conv2.register_forward_hook(lambda m, args, out: seen.append(("post", out.device)))
+    tilegrad.plan_streaming(trunk, (1, 3, 320, 288), memory_budget="300MiB")
+    assert seen == []
+    trunk(torch.randn(1, 3, 64, 64))  # the hooks themselves work
+    assert ("pre", torch.device("cpu")) in seen and ("post", torch.device("cpu")) in seen
