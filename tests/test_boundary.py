@@ -35,8 +35,11 @@ def _make(kind: str, shape: tuple[int, ...], dtype: torch.dtype, scratch: Scratc
     store = DiskStore(shape, dtype, scratch, "store", "cpu")
     if kind == "disk-whole":  # the path an accelerator takes (whole box in file layout), run on the CPU
         store._fused = False
-    if kind == "disk-5":  # a staging buffer of 5 positions: runs split into pieces and groups
+    if kind == "disk-5":  # a staging buffer of 5 positions: runs split into pieces and groups, one run a call
         store._piece = 5
+        store._span_bytes, store._gap_bytes = 5 * store._position_bytes, 0
+    if kind == "disk-spans":  # spans of a few runs with their gaps, whatever the gap (NOTE [ Storage tiers ])
+        store._span_bytes, store._gap_bytes = 24 * store._position_bytes, 2**20
     return store
 
 
@@ -65,6 +68,7 @@ KINDS = [
     "disk",
     "disk-whole",
     "disk-5",
+    "disk-spans",
 ]
 SHAPES = [
     (2, 3, 37),  # 1D, N > 1
@@ -238,7 +242,7 @@ def test_a_full_disk_names_the_file(tmp_path):
     # /dev/full answers every write with ENOSPC: put it behind the store's descriptor
     with Scratch(tmp_path, 0) as scratch:
         store = DiskStore((1, 2, 8, 8), torch.float32, scratch, "act", "cpu")
-        full = os.open("/dev/full", os.O_WRONLY)
+        full = os.open("/dev/full", os.O_RDWR)  # like the store's own descriptor: a write may read its span first
         os.dup2(full, store._fd)
         os.close(full)
         with pytest.raises(DiskFullError) as info:

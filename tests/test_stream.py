@@ -202,7 +202,9 @@ def test_kept_segments_are_exact_and_not_recomputed():
     }
     assert runs["layer4"] == 1 and runs["conv1"] >= 2 * len(tiled[0].grid), (runs, str(streamed.last_plan))
     assert calls["layer4"] == 1 + runs["layer4"], calls  # kept: run once, never recomputed
-    assert calls["conv1"] >= 1 + runs["conv1"], calls  # streamed: recomputed in backward
+    # streamed: recomputed in backward, and nothing else (regression: the tracer's meta run called the user's
+    # hooks, so conv1 counted one run more than the plan; tests/test_plan.py pins that planning calls no hooks)
+    assert calls["conv1"] == 1 + runs["conv1"], calls
 
 
 def test_tile_larger_than_image_runs_the_module_directly():

@@ -78,17 +78,21 @@ __all__ = ["Box", "DiskStore", "Scratch", "Store", "TensorStore", "remove_stale_
 # (b_0, ..., b_{k-1}) is then prod(b_0 .. b_{k-2}) contiguous runs of b_{k-1}*N*C*itemsize bytes (fewer, longer runs
 # when trailing dims are whole: a box of whole rows is one run), instead of N*C times as many short runs in an
 # (N, C, *spatial) layout. The (N, C, *box) tensor a read returns is a transpose of what the file holds. On the CPU
-# it is done a staging buffer at a time: runs are read in pieces of at most 256 KiB into one buffer that stays in
-# cache (short runs several to a buffer) and transposed from there into the output (write and add go the same way
-# back; add reads a buffer, adds, writes it), so the box crosses main memory once; transposing a whole 64 MiB box
-# after reading it took twice as long. On an accelerator the box moves whole in file layout (pinned) and is
-# transposed there.
+# the box moves a *span* at a time: the runs along the box's last outer dim are evenly spaced in the file, and those
+# whose gaps are no longer than the runs themselves (or a page) are moved with one call together with their gaps,
+# into a staging buffer of at most 1 MiB that stays in cache, and transposed from there into the output with one
+# strided copy per span (a 3D box of a 16-channel map, 56^3 of 80^3: 56 calls of 280 KiB instead of 3,136 calls of
+# 3.5 KiB, at most twice the box's bytes moved). A write or an add reads a span that has gaps first, changes the
+# box's positions and writes the span back whole, so the gaps keep what they held (add reads every span). The box
+# crosses main memory once; transposing a whole 64 MiB box after reading it took twice as long. On an accelerator
+# the box moves whole in file layout (pinned, runs in pieces of 256 KiB) and is transposed there.
 #
 # Costs per tile (B = the box's bytes = N*C*prod(b)*itemsize): a read moves B from the page cache or the disk and
 # writes B into a new tensor (page faults included: the engine maps each buffer fresh, NOTE [ Heap growth under a
 # budget ] in _allocator.py); a write moves B the other way; add moves 2B (the sum is taken on the CPU in the
-# store's dtype, so it rounds exactly as `tensor[box] += value` does). One preadv/pwritev per piece: a 3D box of
-# few channels (runs of a few KiB) is bound by those calls, not by bytes. Measured on this machine: BENCHMARKS.md,
+# store's dtype, so it rounds exactly as `tensor[box] += value` does), a write with gaps 2B. One preadv/pwritev per
+# span (per piece on an accelerator): without spans, a 3D box of few channels (runs of a few KiB) was bound by those
+# calls, not by bytes. Measured on this machine: BENCHMARKS.md,
 # "Boundary storage (issue 11)" (benchmarks/boundary_io.py). add() is a read-modify-write: two threads adding into
 # overlapping boxes of one DiskStore must be serialised by the caller.
 
@@ -279,7 +283,9 @@ def _reserve(fd: int, nbytes: int) -> bool:
     return True
 
 
-_PIECE_BYTES = 256 * 1024  # staging buffer of a CPU read or write (NOTE [ Storage tiers ])
+_PIECE_BYTES = 256 * 1024  # staging buffer of an accelerator's read or write (NOTE [ Storage tiers ])
+_SPAN_BYTES = 1024 * 1024  # at most this many file bytes per call on the CPU (NOTE [ Storage tiers ])
+_GAP_BYTES = 4096  # runs at most this far apart (or as far as they are long) are moved together with their gaps
 
 
 class DiskStore:
@@ -318,6 +324,7 @@ class DiskStore:
         self._nc = self.shape[0] * self.shape[1]
         self._position_bytes = self._nc * itemsize
         self._piece = max(1, _PIECE_BYTES // max(self._position_bytes, 1))
+        self._span_bytes, self._gap_bytes = _SPAN_BYTES, _GAP_BYTES
         # on the CPU, reads and writes transpose piece by piece through a small staging buffer that stays in cache;
         # on an accelerator the box moves whole in file layout and is transposed there
         self._fused = self.compute_device.type == "cpu"
@@ -378,21 +385,54 @@ class DiskStore:
                 yield offset + a * self._position_bytes, position + a, min(self._piece, run - a)
             position += run
 
-    def _groups(self, ranges: list[tuple[int, int]]) -> Iterator[tuple[int, int, list[tuple[int, int, int]]]]:
-        """Consecutive pieces that fill one staging buffer together: (first position, positions, [(file offset,
-        start in the buffer, positions)]). Short runs (a 3D box of a few channels) are transposed many at once."""
-        group: list[tuple[int, int, int]] = []
-        first = filled = 0
-        for offset, p, k in self._pieces(ranges):
-            if filled + k > self._piece:
-                yield first, filled, group
-                group, filled = [], 0
-            if not group:
-                first = p
-            group.append((offset, filled, k))
-            filled += k
-        if group:
-            yield first, filled, group
+    def _spans(self, ranges: list[tuple[int, int]]) -> Iterator[tuple[int, int, int, int, int]]:
+        """The box as *spans*, each moved with one call (NOTE [ Storage tiers ]): (file offset, first position in
+        the box in C order, runs, positions per run, positions from one run's start to the next's in the file).
+        Runs along the last outer dim are evenly spaced; those whose gaps are at most as long as the runs (or
+        ``_GAP_BYTES``) go into one span of at most ``_SPAN_BYTES`` (the gaps are moved too, so at most twice the
+        box's bytes); a run longer than that is cut into pieces."""
+        chunk, _ = self._runs(ranges)
+        pb = self._position_bytes
+        run = chunk // pb
+        if run == 0:
+            return
+        k = len(ranges)
+        j = k - 1
+        while j > 0 and ranges[j] == (0, self._spatial[j]):
+            j -= 1
+        base = sum(ranges[i][0] * self._strides[i] for i in range(j, k))
+        if j == 0 or chunk > self._span_bytes:  # pieces of long runs
+            piece = max(1, self._span_bytes // pb)
+            position = 0
+            _, offsets = self._runs(ranges)
+            for offset in offsets:
+                for a in range(0, run, piece):
+                    yield offset + a * pb, position + a, 1, min(piece, run - a), 0
+                position += run
+            return
+        stride = self._strides[j - 1]
+        per = max(1, self._span_bytes // stride) if stride - chunk <= max(chunk, self._gap_bytes) else 1
+        a, b = ranges[j - 1]
+        outer = [range(lo, hi) for lo, hi in ranges[: j - 1]]
+        position = 0
+        for index in itertools.product(*outer):
+            start = base + sum(i * st for i, st in zip(index, self._strides))
+            for i in range(a, b, per):
+                count = min(per, b - i)
+                yield start + i * stride, position, count, run, stride // pb
+                position += count * run
+
+    def _span_view(self, staging: torch.Tensor, count: int, run: int, step: int) -> torch.Tensor:
+        """The box's positions of a span in ``staging`` (file layout), as a (runs, run, N*C) view."""
+        return staging.as_strided((count, run, self._nc), (step * self._nc, self._nc, 1))
+
+    def _span_io(self, write: bool, staging: torch.Tensor, offset: int, count: int, run: int, step: int) -> None:
+        nbytes = ((count - 1) * step + run) * self._position_bytes
+        self._io(write, self._bytes(staging)[:nbytes], offset)
+
+    def _span_staging(self, spans: list[tuple[int, int, int, int, int]]) -> torch.Tensor:
+        most = max((c - 1) * st + r for _, _, c, r, st in spans)
+        return torch.empty((most, self._nc), dtype=self.dtype)
 
     def _io(self, write: bool, view: memoryview, offset: int) -> None:
         """Move one contiguous byte range between ``view`` and the file at ``offset`` (short transfers resumed)."""
@@ -426,10 +466,6 @@ class DiskStore:
     def _bytes(t: torch.Tensor) -> memoryview:
         return memoryview(t.view(-1).view(torch.uint8).numpy())
 
-    def _staging(self, positions: int) -> tuple[torch.Tensor, memoryview]:
-        staging = torch.empty((min(self._piece, positions), self._nc), dtype=self.dtype)
-        return staging, self._bytes(staging)
-
     def _flat(self, value: torch.Tensor, positions: int) -> torch.Tensor:
         """``value`` (N, C, *box) as a contiguous CPU (N*C, positions) tensor."""
         return value.detach().cpu().contiguous().view(self._nc, positions)
@@ -446,12 +482,13 @@ class DiskStore:
             raw = raw.to(self.compute_device, non_blocking=self._pinned)
             return raw.t().contiguous().view(*self.shape[:2], *sizes)
         out = torch.empty((self._nc, positions), dtype=self.dtype)
-        if out.numel():
-            staging, view = self._staging(positions)
-            for first, n, group in self._groups(ranges):
-                for offset, start, k in group:
-                    self._io(False, view[start * pb : (start + k) * pb], offset)
-                out[:, first : first + n].copy_(staging[:n].t())
+        spans = list(self._spans(ranges)) if out.numel() else []
+        if spans:
+            staging = self._span_staging(spans)
+            for offset, first, count, run, step in spans:
+                self._span_io(False, staging, offset, count, run, step)
+                dst = out[:, first : first + count * run].view(self._nc, count, run)
+                dst.copy_(self._span_view(staging, count, run, step).permute(2, 0, 1))
         return out.view(*self.shape[:2], *sizes)
 
     def write(self, box: Box, value: torch.Tensor) -> None:
@@ -465,26 +502,30 @@ class DiskStore:
             for offset, p, k in self._pieces(ranges):
                 self._io(True, view[p * pb : (p + k) * pb], offset)
             return
-        flat = self._flat(value, positions)
-        staging, view = self._staging(positions)
-        for first, n, group in self._groups(ranges):
-            staging[:n].copy_(flat[:, first : first + n].t())
-            for offset, start, k in group:
-                self._io(True, view[start * pb : (start + k) * pb], offset)
+        self._update(ranges, self._flat(value, positions), add=False)
 
     def add(self, box: Box, value: torch.Tensor) -> None:
         ranges, sizes = self._prepare(box, value)
         positions, pb = math.prod(sizes), self._position_bytes
         if positions * pb == 0:
             return
-        flat = self._flat(value, positions)
-        staging, view = self._staging(positions)
-        for first, n, group in self._groups(ranges):  # read, add, write back, a staging buffer at a time
-            for offset, start, k in group:
-                self._io(False, view[start * pb : (start + k) * pb], offset)
-            staging[:n] += flat[:, first : first + n].t()
-            for offset, start, k in group:
-                self._io(True, view[start * pb : (start + k) * pb], offset)
+        self._update(ranges, self._flat(value, positions), add=True)
+
+    def _update(self, ranges: list[tuple[int, int]], flat: torch.Tensor, add: bool) -> None:
+        """Write or add ``flat`` (N*C, positions) into the box, a span at a time: a span with gaps (or an add) is
+        read first, changed at the box's positions and written back whole, so the gaps keep what they held."""
+        spans = list(self._spans(ranges))
+        staging = self._span_staging(spans)
+        for offset, first, count, run, step in spans:
+            if add or count > 1:
+                self._span_io(False, staging, offset, count, run, step)
+            dst = self._span_view(staging, count, run, step)
+            src = flat[:, first : first + count * run].view(self._nc, count, run).permute(1, 2, 0)
+            if add:
+                dst += src
+            else:
+                dst.copy_(src)
+            self._span_io(True, staging, offset, count, run, step)
 
     def close(self) -> None:
         fd, self._fd = getattr(self, "_fd", None), None

@@ -31,7 +31,7 @@ from torch import nn
 from ._autocast import autocast_state, replay_autocast
 from .boundary import DiskStore, Scratch, TensorStore
 from .plan import Plan, SegmentPlan
-from .statistics import reduction_combine, reduction_partial, slabs, update_running_stats
+from .statistics import reduction_combine, reduction_grad, reduction_partials, slabs, update_running_stats
 
 __all__ = ["Execution", "Reader", "run_plan"]
 
@@ -108,7 +108,13 @@ class Execution:
         items += [(index[n], "global", n) for n in self.graph.global_nodes]
         self.items = [(kind, what) for _, kind, what in sorted(items, key=lambda e: e[0])]
         self.values: dict[Any, Any] = {}
-        self.kept_red: dict[Any, Any] = {}
+        # reductions of a segment's output, accumulated from its cores; their gradients, added in its backward
+        self.reads: dict[Any, list[Any]] = {}
+        for r in self.graph.reductions:
+            if r.args[0] is not self.graph.input:
+                self.reads.setdefault(r.args[0], []).append(r)
+        self.red_parts: dict[Any, list[Any]] = {}
+        self.pending: dict[Any, list[tuple[Any, torch.Tensor]]] = {}
         self.kept_glob: dict[Any, Any] = {}
         self.gglob: dict[Any, torch.Tensor] = {}
 
@@ -134,7 +140,8 @@ class Execution:
 
     def close(self) -> None:
         self.kept.clear()
-        self.kept_red.clear()
+        self.red_parts.clear()
+        self.pending.clear()
         self.kept_glob.clear()
         self.values.clear()
         self.gglob.clear()
@@ -176,21 +183,23 @@ class Execution:
     def _slab_source(self, node: Any) -> Any:
         return self.reader if node is self.graph.input else self.stores[node]
 
+    def _accumulate(self, node: Any, core: torch.Tensor) -> None:
+        """The partial results of the reductions reading ``node`` over one core of it."""
+        for r in self.reads.get(node, ()):
+            self.red_parts.setdefault(r, []).extend(reduction_partials(r, core))
+
     def forward_reduction(self, r: Any, training: bool) -> None:
         x = r.args[0]
-        src = self._slab_source(x)
         shape = self.graph.shape(x)
-        parts = []
-        for box in slabs(shape, torch.empty((), dtype=self.dtype).element_size()):
-            parts.append(tuple(p.detach() for p in reduction_partial(r, src.read(box))))
-        ndim = len(shape) - 2
-        if training:
-            leaves = [tuple(p.requires_grad_(True) for p in ps) for ps in parts]
-            with torch.enable_grad():
-                stats = reduction_combine(r, leaves, self.dtype, ndim)
-            self.kept_red[r] = (leaves, stats)
-        else:
-            stats = reduction_combine(r, parts, self.dtype, ndim)
+        if x is self.graph.input:  # the image itself: slab by slab from the reader
+            parts = [
+                p
+                for box in slabs(shape, torch.empty((), dtype=self.dtype).element_size(), 4 * 2**20)
+                for p in reduction_partials(r, self.reader.read(box))
+            ]
+        else:  # accumulated from the cores of the segment that computed x
+            parts = self.red_parts.pop(r)
+        stats = reduction_combine(r, parts, self.dtype, len(shape) - 2)
         path = r.meta.get("tilegrad_module")
         if path is not None:
             module = self.graph.gm.get_submodule(path)
@@ -231,34 +240,30 @@ class Execution:
     def backward_reduction(self, r: Any, input_grad: bool, grad_in: torch.Tensor | None) -> None:
         if r not in self.gglob:
             return
-        leaves, stats = self.kept_red[r]
-        flat = [p for ps in leaves for p in ps]
-        gparts = torch.autograd.grad(stats, flat, self.gglob.pop(r), allow_unused=True, retain_graph=True)
+        gstats = self.gglob.pop(r)
         x = r.args[0]
         g = self.graph
-        if x is g.input and not input_grad and self.sink is None:
+        if x is not g.input:  # added while x's segment runs its backward (_out_grad)
+            self.pending.setdefault(x, []).append((r, gstats))
             return
-        if x is not g.input and x not in self.grads:
-            self.grads[x] = self._store(x, self.tiers[x.name].grad_tier, zero=True)
-        src = self._slab_source(x)
+        if not input_grad and self.sink is None:
+            return
         shape = g.shape(x)
-        it = iter(gparts)
-        for box in slabs(shape, torch.empty((), dtype=self.dtype).element_size()):
-            grads = [next(it) for _ in leaves[0]]
-            xs = src.read(box).detach().requires_grad_(True)
-            with torch.enable_grad():
-                part = reduction_partial(r, xs)
-            pairs = [(p, gp) for p, gp in zip(part, grads) if gp is not None and p.requires_grad]
-            if not pairs:
-                continue
-            (gx,) = torch.autograd.grad([p for p, _ in pairs], [xs], [gp for _, gp in pairs])
-            if x is g.input:
-                if self.sink is not None:
-                    self.sink.add(box, gx)
-                elif grad_in is not None:
-                    grad_in[(slice(None), slice(None), *box)] += gx
-            else:
-                self.grads[x].add(box, gx.to(self.dtype))
+        for box in slabs(shape, torch.empty((), dtype=self.dtype).element_size(), 4 * 2**20):
+            gx = reduction_grad(r, self.reader.read(box), self.values[r], gstats, shape)
+            if self.sink is not None:
+                self.sink.add(box, gx)
+            elif grad_in is not None:
+                grad_in[(slice(None), slice(None), *box)] += gx
+
+    def _out_grad(self, node: Any, box: tuple[slice, ...], value: torch.Tensor) -> torch.Tensor:
+        """The gradient of a segment's output ``node`` at ``box``, whose value there is ``value``: from its
+        gradient store, plus what the reductions that read it send (NOTE [ Streamed statistics ])."""
+        grad = self.grads[node].read(box).to(value.dtype) if node in self.grads else None
+        for r, gstats in self.pending.get(node, ()):
+            term = reduction_grad(r, value.to(self.dtype), self.values[r], gstats, self.graph.shape(node))
+            grad = term.to(value.dtype) if grad is None else grad + term.to(value.dtype)
+        return grad if grad is not None else torch.zeros_like(value)
 
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, training: bool) -> torch.Tensor:
@@ -312,6 +317,7 @@ class Execution:
                         core = y[(slice(None), slice(None), *tile.crop)]
                         outputs = tile.outputs
                     if k < last:
+                        self._accumulate(seg.out, core.to(self.dtype))
                         self.stores[seg.out].write(outputs, core.to(self.dtype))
                     elif self.head is not None:
                         self.partials.append(tuple(p.detach() for p in self.head.partial(core)))
@@ -408,9 +414,7 @@ class Execution:
                     else:
                         (y,) = kept_out
                         outs = [y]
-                        grads = [
-                            self.grads[seg.out].read(tuple(slice(0, n) for n in y.shape[2:])).to(y.dtype)
-                        ]
+                        grads = [self._out_grad(seg.out, tuple(slice(0, n) for n in y.shape[2:]), y.detach())]
                     inputs = [t for t, n in zip(srcs, need) if n] + seg_params
                     gs = torch.autograd.grad(outs, inputs, grads, allow_unused=True, retain_graph=True)
                     whole = tuple(slice(0, n) for n in g.input_shape[2:])
@@ -435,7 +439,7 @@ class Execution:
                                     outs, grads = [p for p, _ in pairs], [gp for _, gp in pairs]
                                 else:
                                     outs = [core]
-                                    grads = [self.grads[seg.out].read(tile.outputs).to(core.dtype)]
+                                    grads = [self._out_grad(seg.out, tile.outputs, core.detach())]
                             gs = torch.autograd.grad(outs, inputs, grads, allow_unused=True)
                             self._add_source_grads(seg, need, tile.inputs, gs, grad_in)
                             add_param_grads(seg_params, gs[sum(need) :])
@@ -444,6 +448,7 @@ class Execution:
                         if bar is not None:
                             bar.update(1)
                 # what this segment's backward completes
+                self.pending.pop(seg.out, None)
                 done = self.grads.pop(seg.out, None)
                 if done is not None:
                     done.close()

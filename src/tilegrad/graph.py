@@ -211,6 +211,7 @@ class TrunkGraph:
         self.global_nodes = [n for n in self.nodes if n in self.global_set and n not in self.reductions]
         self.forced = frozenset(r.args[0] for r in self.reductions if r.args[0] is not self.input)
         self.profiles = self._profile(training)
+        self._by_sources: dict[tuple[torch.fx.Node, tuple[torch.fx.Node, ...]], Segment | GeometryError] = {}
         self.param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
 
     def _refuse_global_output(self) -> None:
@@ -336,6 +337,26 @@ class TrunkGraph:
             stack.extend(n.all_input_nodes)
         nodes = sorted(members, key=self.index.__getitem__)
         srcs = sorted(sources, key=self.index.__getitem__)
+        # the walk above depends only on ``out`` and the stops it meets (its sources): one Segment per pair, shared
+        # by every cut set that contains it, so the planner profiles it once (NOTE [ Planning cost ] in plan.py)
+        key = (out, tuple(srcs))
+        if key not in self._by_sources:
+            try:
+                self._by_sources[key] = self._new_segment(out, nodes, srcs, globals_)
+            except GeometryError as err:
+                self._by_sources[key] = err
+        seg = self._by_sources[key]
+        if isinstance(seg, GeometryError):
+            raise seg
+        return seg
+
+    def _new_segment(
+        self,
+        out: torch.fx.Node,
+        nodes: list[torch.fx.Node],
+        srcs: list[torch.fx.Node],
+        globals_: set[torch.fx.Node],
+    ) -> Segment:
         if not any(self.geoms.get(s) is not None for s in srcs):
             raise GeometryError(f"segment ending at {out.name} does not depend on the image")
         seeds = {s: _seed(self.scale(s)) for s in srcs}

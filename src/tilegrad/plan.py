@@ -34,6 +34,14 @@ The search: the conventional step (if it fits), the one-segment plan, all candid
 that toggles one cut at a time while the plan gets faster (or, while nothing fits, leaner). For each cut set, each
 segment takes the fastest tile that fits next to what else is alive at its step; boundaries move to disk (largest
 first) when the device budget is too small for them (``tiers="auto"``).
+
+NOTE [ Planning cost ]
+The search builds a few hundred cut sets, each of a dozen segments over a ladder of some 40 tile sizes. What makes
+that take seconds rather than minutes at 65536^2: a segment is the same object in every cut set that contains it
+(TrunkGraph keeps one per output and sources), so its geometry is propagated once and its plan at each tile size
+is made once (``segment_plan``, ``options``: cached per segment, never mutated; a plan copies what it changes); a
+candidate's tile grid is summarised (tiles, largest window, area read) from the periodic runs of its cores
+(NOTE [ Periodic cores ] in tiling.py) and listed only when the chosen plan runs (``SegmentPlan.grid``).
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ from .errors import ConfigError, GeometryError, MemoryBudgetError, ShapeError
 from .graph import Segment, TrunkGraph
 from .options import batch_tiles_option, budget_option, mode_option, require_budget, tile_size_option
 from .segment import Unit, units_of
-from .tiling import TileGrid, plan_dim, tile_grid
+from .tiling import TileGrid, grid_summary, plan_dim, tile_grid
 from .typing import Bytes
 from .units import format_bytes
 
@@ -86,9 +94,11 @@ class SegmentPlan:
 
     segment: Segment
     tile: tuple[int, ...]
-    grid: TileGrid
     in_shape: tuple[int, ...]  # the image's shape (windows are in image pixels)
     out_shape: tuple[int, ...]
+    tiles: int  # the grid's, summarised (tiling.grid_summary: the planner never lists the tiles of a candidate)
+    max_in_shape: tuple[int, ...]
+    input_area: int
     tile_train_bytes: int = 0
     tile_forward_bytes: int = 0
     tile_saved_bytes: int = 0
@@ -99,10 +109,15 @@ class SegmentPlan:
     def name(self) -> str:
         return self.segment.name
 
-    @functools.cached_property
+    @property
     def overlap(self) -> float:
         """Image pixels read over all windows / image pixels: 1.0 means no recomputation of halos."""
-        return self.grid.input_area / math.prod(self.in_shape[2:])
+        return self.input_area / math.prod(self.in_shape[2:])
+
+    @functools.cached_property
+    def grid(self) -> TileGrid:
+        """The tiles, listed when the plan runs."""
+        return tile_grid(self.segment.geometry, self.in_shape[2:], self.out_shape[2:], self.tile)
 
     @property
     def chain(self) -> nn.Module:
@@ -169,7 +184,7 @@ class Plan:
                 {
                     "layers": s.name,
                     "tile": list(s.tile),
-                    "tiles": len(s.grid),
+                    "tiles": s.tiles,
                     "overlap": s.overlap,
                     "kept": s.keep,
                     "sources": [n.name for n in s.segment.sources],
@@ -202,7 +217,7 @@ class Plan:
                     continue
                 work = seg.tile_train_bytes if self.training else seg.tile_forward_bytes
                 lines.append(
-                    f"  {seg.name}: tile {'x'.join(map(str, seg.tile))} of {px} image px, {len(seg.grid)} tiles, "
+                    f"  {seg.name}: tile {'x'.join(map(str, seg.tile))} of {px} image px, {seg.tiles} tiles, "
                     f"overlap x{seg.overlap:.2f}, tile {'training' if self.training else 'forward'} peak "
                     f"{format_bytes(work)}"
                 )
@@ -269,6 +284,9 @@ class _Planner:
         self.total_flops = sum(p.flops for p in graph.profiles.values()) + head_flops or 1.0
         self._sp: dict[tuple[int, tuple[int, ...]], SegmentPlan | None] = {}
         self._forward_rate: dict[int, float] = {}
+        self._options: dict[tuple, list[SegmentPlan]] = {}
+        self._work_of: dict[int, list[int]] = {}  # by id of a cached options list
+        self._seconds_of: dict[int, list[float]] = {}
         self.errors: list[str] = []
 
     # -- one segment at one tile ----------------------------------------------------------------------------
@@ -279,7 +297,7 @@ class _Planner:
         out_shape = seg.out_shape
         try:
             try:
-                grid = tile_grid(seg.geometry, self.image[2:], out_shape[2:], tile)
+                grid = grid_summary(seg.geometry, self.image[2:], out_shape[2:], tile)
             except GeometryError as err:
                 if getattr(err, "minimum", None) is None or self.g.input in seg.sources:
                     raise
@@ -289,28 +307,31 @@ class _Planner:
                     max(t, _min_tile(seg.geometry, self.image[2:], out_shape[2:], d))
                     for d, t in enumerate(tile)
                 )
-                grid = tile_grid(seg.geometry, self.image[2:], out_shape[2:], tile)
+                grid = grid_summary(seg.geometry, self.image[2:], out_shape[2:], tile)
         except GeometryError as err:
             self.errors.append(str(err))
             self._sp[key] = None
             return None
-        ratio = math.prod(grid.max_in_shape) / math.prod(self.image[2:])
+        tiles, max_in_shape, input_area = grid
+        ratio = math.prod(max_in_shape) / math.prod(self.image[2:])
         saved = seg.saved_bytes * ratio
         largest = seg.largest_bytes * ratio
         sources = seg.source_bytes * ratio
         sp = SegmentPlan(
             segment=seg,
             tile=tuple(min(t, i) for t, i in zip(tile, self.image[2:])),
-            grid=grid,
             in_shape=self.image,
             out_shape=out_shape,
+            tiles=tiles,
+            max_in_shape=max_in_shape,
+            input_area=input_area,
             tile_train_bytes=int(sources + saved + BACKWARD_TRANSIENT * largest),
             tile_forward_bytes=int(sources + FORWARD_TRANSIENT * largest),
             tile_saved_bytes=int(saved),
             flops=seg.flops,
         )
         if not self.training:
-            sp.tile_forward_bytes = int(max(self._forward_per_px(seg) * math.prod(grid.max_in_shape), 0)) * (
+            sp.tile_forward_bytes = int(max(self._forward_per_px(seg) * math.prod(max_in_shape), 0)) * (
                 self.batch_tiles
             )
         self._sp[key] = sp
@@ -337,6 +358,24 @@ class _Planner:
             self._forward_rate[id(seg)] = rule
         return self._forward_rate[id(seg)]
 
+    def options(self, seg: Segment, requested: tuple[int, ...] | None, cap: int | None) -> list[SegmentPlan]:
+        """The segment's plans over the tile ladder, fastest first (a fixed tile: the requested one for a segment
+        reading the image, else those within ``cap``). Cached per segment (NOTE [ Planning cost ]); never mutated."""
+        key = (id(seg), requested, cap)
+        if key in self._options:
+            return self._options[key]
+        opts = [sp for t in self.ladder if (sp := self.segment_plan(seg, t)) is not None]
+        if requested is not None:
+            if self.g.input in seg.sources:
+                opts = [sp for sp in (self.segment_plan(seg, requested),) if sp is not None]
+            else:
+                opts = [sp for sp in opts if self.work(sp) <= (cap or 0)] or opts[:1]
+        opts.sort(key=lambda sp: (self.seconds(sp), sp.tile))
+        self._options[key] = opts
+        self._work_of[id(opts)] = [self.work(sp) for sp in opts]
+        self._seconds_of[id(opts)] = [self.seconds(sp) for sp in opts]
+        return opts
+
     def work(self, sp: SegmentPlan) -> int:
         return sp.tile_train_bytes if self.training else sp.tile_forward_bytes
 
@@ -344,7 +383,7 @@ class _Planner:
         if sp.keep:
             return 3 * sp.flops / FLOP_RATE
         passes = 4 if self.training else 1
-        return passes * sp.flops * sp.overlap / FLOP_RATE + len(sp.grid) * TILE_SECONDS * (
+        return passes * sp.flops * sp.overlap / FLOP_RATE + sp.tiles * TILE_SECONDS * (
             passes / 2 if self.training else 1
         )
 
@@ -357,36 +396,40 @@ class _Planner:
         """Predicted (peak, forward peak, per-step peaks) of a plan (NOTE [ Cost model ]); steps are the forward
         segments then the backward ones in reverse order."""
         n = len(segs)
-        index = {sp.segment.out: k for k, sp in enumerate(segs)}
-        fixed = self.fixed_bytes()
-        consumers: dict[Any, list[int]] = {}
+        producer = {sp.segment.out.name: k for k, sp in enumerate(segs)}
+        last_user: dict[str, int] = {}
         for k, sp in enumerate(segs):
             for s in sp.segment.sources:
-                consumers.setdefault(s, []).append(k)
-        steps: list[int] = []
+                last_user[s.name] = max(k, last_user.get(s.name, k))
+        fixed = self.fixed_bytes()
         kept = [sp.tile_saved_bytes if sp.keep else 0 for sp in segs]
         dev_out = 0
         if self.output_in_memory:
             dev_out = segs[-1].segment.graph.profiles[segs[-1].segment.out].out_bytes
         input_grad = _nbytes(self.image, self.dtype) if self.input_grad and self.training else 0
+        # (producer, nbytes) of the activations on the device; (producer, last reader, nbytes) of the gradients
+        acts = [(producer[b.name], b.nbytes) for b in bounds if b.tier == "device"]
+        grads = [
+            (producer[b.name], last_user[b.name], b.nbytes)
+            for b in bounds
+            if b.grad_tier == "device" and b.name in last_user
+        ]
+        steps: list[int] = []
+        kept_before = 0
         for k in range(n):  # forward
-            alive = sum(b.nbytes for b in bounds if b.tier == "device" and index[_node(b, segs)] <= k)
-            work = segs[k].tile_forward_bytes + (segs[k].tile_saved_bytes if segs[k].keep else 0)
-            steps.append(fixed + alive + sum(kept[:k]) + work + (dev_out if k == n - 1 else 0))
+            alive = sum(nb for p, nb in acts if p <= k)
+            work = segs[k].tile_forward_bytes + kept[k]
+            steps.append(fixed + alive + kept_before + work + (dev_out if k == n - 1 else 0))
+            kept_before += kept[k]
         forward_peak = max(steps)
         if self.training:
+            # stores live through the backward (NOTE [ Boundary lifetime ]); a gradient from its producer's
+            # backward back to its last reader's
+            acts_all = sum(nb for _, nb in acts)
+            base = fixed + acts_all + sum(kept) + 2 * dev_out + input_grad
             for k in reversed(range(n)):
-                alive = 0
-                for b in bounds:
-                    node = _node(b, segs)
-                    users = consumers.get(node, [])
-                    if b.tier == "device":  # stores live through the backward (NOTE [ Boundary lifetime ])
-                        alive += b.nbytes
-                    if (b.grad_tier == "device" and users and index[node] < k <= max(users)) or (
-                        b.grad_tier == "device" and users and k == index[node]
-                    ):
-                        alive += b.nbytes
-                steps.append(fixed + alive + sum(kept) + segs[k].tile_train_bytes + 2 * dev_out + input_grad)
+                alive = sum(nb for p, u, nb in grads if p <= k <= u)
+                steps.append(base + alive + segs[k].tile_train_bytes)
         return max(steps), forward_peak, steps
 
     def time_ratio(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:
@@ -434,15 +477,9 @@ class _Planner:
             cap = max(self.work(sp) for sp in sps if sp is not None)
             del first
         for s in segments:
-            opts = [sp for t in self.ladder if (sp := self.segment_plan(s, t)) is not None]
-            if requested is not None:
-                if self.g.input in s.sources:
-                    opts = [sp for sp in (self.segment_plan(s, requested),) if sp is not None]
-                else:
-                    opts = [sp for sp in opts if self.work(sp) <= cap] or opts[:1]
+            opts = self.options(s, requested, cap)
             if not opts:
                 return None
-            opts.sort(key=lambda sp: (self.seconds(sp), sp.tile))
             options.append(opts)
         choice = [0] * len(segments)
 
@@ -469,12 +506,11 @@ class _Planner:
                     continue
             worst = max(range(len(steps)), key=steps.__getitem__)
             k = worst if worst < len(segments) else 2 * len(segments) - 1 - worst
-            leaner = [
-                j for j, sp in enumerate(options[k]) if self.work(sp) < self.work(options[k][choice[k]])
-            ]
+            works, secs = self._work_of[id(options[k])], self._seconds_of[id(options[k])]
+            leaner = [j for j in range(len(works)) if works[j] < works[choice[k]]]
             if not leaner:
                 break
-            choice[k] = min(leaner, key=lambda j: (self.seconds(options[k][j]), -self.work(options[k][j])))
+            choice[k] = min(leaner, key=lambda j: (secs[j], -works[j]))
         segs = [dataclasses.replace(sp) for sp in current()]
         if self.tiers == "auto" and budget is not None:  # bring back to the device what still fits, smallest first
             for b in sorted(bounds, key=lambda b: b.nbytes):
@@ -486,7 +522,7 @@ class _Planner:
                     b.tier, b.grad_tier = old
         if self.training:  # keep one-tile segments' graphs while the plan still fits
             for k, sp in sorted(enumerate(segs), key=lambda e: -e[1].flops / max(1, e[1].tile_saved_bytes)):
-                if len(sp.grid) != 1 or (
+                if sp.tiles != 1 or (
                     k == 0 and not self.input_in_memory and self.g.input in sp.segment.sources
                 ):
                     continue
@@ -557,13 +593,6 @@ class _Planner:
         best = min(fitting, key=lambda p: p.time_ratio) if fitting else None
         leanest = min(plans, key=lambda p: p.peak_bytes)
         return best, leanest
-
-
-def _node(b: BoundaryPlan, segs: list[SegmentPlan]) -> Any:
-    for sp in segs:
-        if sp.segment.out.name == b.name:
-            return sp.segment.out
-    raise KeyError(b.name)  # pragma: no cover
 
 
 def _head_flops(head: nn.Module | None, shape: tuple[int, ...], dtype: torch.dtype) -> float:

@@ -7,20 +7,26 @@ statistic*. The trunk's traced graph is rewritten (``rewrite_statistics``, befor
 each such layer becomes two nodes:
 
 * a *reduction* ``moments(x)`` or ``spatial_mean(x)``: a small tensor (per sample and group: mean and variance;
-  per sample and channel: the mean). The planner makes its input ``x`` a boundary (graph.py ``forced``), and the
-  engine (execute.py) accumulates it slab by slab from the store: each slab gives a partial result (count, mean,
-  M2 in float64: Chan et al.'s pairwise update, no cancellation), merged into the statistic;
-* an *apply* ``apply_norm(x, stats, weight, bias)``: element-wise given the statistic, so it streams inside the
+  per sample and channel: the mean). The planner makes its input ``x`` a boundary (graph.py ``forced``), so ``x``
+  is the output of one segment, whose tiles' cores are disjoint and cover it (NOTE [ Disjoint cores ] in
+  tiling.py). The engine (execute.py) therefore accumulates the statistic *while that segment writes its cores*:
+  each core gives a partial result (count, mean, M2 in float64: Chan et al.'s pairwise update, no cancellation),
+  merged into the statistic when the reduction's turn comes. No pass over the stored map, no recomputation. Only a
+  reduction of the image itself reads its input again, slab by slab from the reader;
+* an *apply* ``apply_norm(x, stats, weight, bias)``: element-wise given the statistic (``x * scale + shift`` with
+  per-channel ``scale`` and ``shift``, as PyTorch's own CPU batch norm computes it), so it streams inside the
   segment that reads ``x`` like any other local op; the statistic enters that segment as a *global* source, read
   whole on every tile.
 
 Nodes computed only from statistics (the excitation MLP of an SE block: 1x1 convolutions on a 1x1 map, a sigmoid)
 are *global* nodes, evaluated once per step. The backward follows the same path in reverse: each tile's backward
 gives the gradient of the global sources it read (summed over tiles), the global nodes push it back to the
-statistic, and the reduction pushes it into ``x`` slab by slab (recomputing each slab's partial result with a graph
-and back-propagating the statistic's gradient through it), which is exactly the chain rule through
-mean and variance. BatchNorm in training mode updates its running statistics once per forward, from the whole
-batch's statistics, as the conventional step does (unbiased variance, momentum or cumulative average).
+statistic, and the reduction's share of the gradient of ``x`` is element-wise given the statistic and its gradient
+(``reduction_grad``: for mean and biased variance over ``m`` positions, ``g_mean / m + 2 g_var (x - mean) / m``,
+exactly the chain rule through mean and variance). The engine adds it to the gradient of ``x`` while the
+producing segment runs its own backward, from the core it recomputes anyway (for the image: slab by slab from the
+reader). BatchNorm in training mode updates its running statistics once per forward, from the whole batch's
+statistics, as the conventional step does (unbiased variance, momentum or cumulative average).
 """
 
 from __future__ import annotations
@@ -37,7 +43,15 @@ from torch import nn
 from .errors import NotStreamableError
 from .geometry import merge, register_geometry_rule
 
-__all__ = ["apply_norm", "is_reduction", "moments", "rewrite_statistics", "spatial_mean"]
+__all__ = [
+    "apply_norm",
+    "is_reduction",
+    "moments",
+    "reduction_grad",
+    "reduction_partials",
+    "rewrite_statistics",
+    "spatial_mean",
+]
 
 Partial = tuple[torch.Tensor, ...]
 
@@ -114,12 +128,52 @@ def reduction_partial(node: torch.fx.Node, x: torch.Tensor) -> Partial:
     return spatial_mean_partial(x)
 
 
+def reduction_partials(node: torch.fx.Node, x: torch.Tensor, limit: int = 4 * 2**20) -> list[Partial]:
+    """The partial results of a reduction over ``x`` (a core or a slab of its input), slab by slab of at most
+    about ``limit`` bytes, so the float64 temporaries stay small next to a tile's working set."""
+    return [
+        tuple(p.detach() for p in reduction_partial(node, x[(slice(None), slice(None), *box)]))
+        for box in slabs(x.shape, x.element_size(), limit)
+    ]
+
+
 def reduction_combine(
     node: torch.fx.Node, partials: Sequence[Partial], dtype: torch.dtype, ndim: int
 ) -> torch.Tensor:
     if node.target is moments:
         return moments_combine(partials, dtype)
     return spatial_mean_combine(partials, dtype, ndim, node.kwargs.get("keepdim", True))
+
+
+def _per_channel(t: torch.Tensor, mode: str, groups: int, n: int, c: int, ndim: int) -> torch.Tensor:
+    """A per-row statistic (rows as in ``_grouped``) as a tensor that broadcasts against (N, C, *spatial)."""
+    ones = (1,) * ndim
+    if mode == "batch":
+        return t.reshape(1, c, *ones)
+    if mode == "instance":
+        return t.reshape(n, c, *ones)
+    return t.reshape(n, groups, 1).expand(n, groups, c // groups).reshape(n, c, *ones)
+
+
+def reduction_grad(
+    node: torch.fx.Node, x: torch.Tensor, stats: torch.Tensor, grad: torch.Tensor, shape: Sequence[int]
+) -> torch.Tensor:
+    """The gradient a reduction sends into a box ``x`` of its input (whole shape ``shape``), given its statistic
+    ``stats`` over the whole input and the statistic's gradient ``grad`` (NOTE [ Streamed statistics ])."""
+    n, c = shape[:2]
+    ndim = len(shape) - 2
+    positions = math.prod(shape[2:])
+    acc = _acc(x.dtype)
+    if node.target is moments:
+        mode, groups = node.kwargs["mode"], node.kwargs.get("groups", 1)
+        count = {"batch": n * positions, "instance": positions}.get(mode, (c // groups) * positions)
+        g = grad.to(acc)
+        a = _per_channel(g[0] / count, mode, groups, n, c, ndim).to(x.dtype)
+        b = _per_channel(2 * g[1] / count, mode, groups, n, c, ndim).to(x.dtype)
+        mean = _per_channel(stats[0], mode, groups, n, c, ndim).to(x.dtype)
+        return torch.addcmul(a, x - mean, b)
+    g = (grad.to(acc) / positions).to(x.dtype).reshape(grad.shape[0], grad.shape[1], *(1,) * ndim)
+    return g.expand_as(x).clone()
 
 
 # -- the apply step ----------------------------------------------------------------------------------------------
@@ -135,23 +189,17 @@ def apply_norm(
 ) -> torch.Tensor:
     """Normalise ``x`` with given statistics (element-wise: it streams) and apply the affine parameters."""
     n, c = x.shape[:2]
-    spatial = (1,) * (x.dim() - 2)
-    mean, var = stats[0], stats[1]
-    if mode == "batch":
-        shape = (1, c, *spatial)
-        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
-    elif mode == "instance":
-        shape = (n, c, *spatial)
-        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
-    else:
-        xg = x.reshape(n, groups, c // groups, *x.shape[2:])
-        shape = (n, groups, 1, *spatial)
-        y = ((xg - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)).reshape(x.shape)
-    if weight is not None:
-        y = y * weight.reshape(1, c, *spatial)
+    ndim = x.dim() - 2
+    # y = x * scale + shift with per-channel scale and shift: one full-size operation forward and backward (PyTorch's
+    # CPU batch norm computes it the same way)
+    invstd = _per_channel(torch.rsqrt(stats[1] + eps), mode, groups, n, c, ndim)
+    mean = _per_channel(stats[0], mode, groups, n, c, ndim)
+    ones = (1,) * ndim
+    scale = invstd if weight is None else invstd * weight.reshape(1, c, *ones)
+    shift = -mean * scale
     if bias is not None:
-        y = y + bias.reshape(1, c, *spatial)
-    return y
+        shift = shift + bias.reshape(1, c, *ones)
+    return torch.addcmul(shift, x, scale)
 
 
 def update_running_stats(module: nn.Module, stats: torch.Tensor, count: int) -> None:

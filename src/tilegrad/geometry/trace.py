@@ -170,13 +170,21 @@ class _OnMeta(TorchDispatchMode):
         return func(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
 
 
+def _forward_only(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return module.forward(*args, **kwargs)
+
+
 def _untraced_call(module: nn.Module, args: Any, kwargs: Any) -> Any:
-    """Call ``module`` with fx's patch of ``nn.Module.__call__`` lifted, so its children add no nodes."""
+    """Call ``module`` with fx's patch of ``nn.Module.__call__`` lifted, so its children add no nodes.
+
+    The meta run calls ``forward`` alone, for the module and its children: planning must not call the user's
+    forward hooks (a hook counting calls or keeping activations would see meta tensors; the profile in graph.py
+    drops them too)."""
     patched = nn.Module.__call__, nn.Module.__getattr__
-    nn.Module.__call__ = torch.fx._symbolic_trace._orig_module_call  # type: ignore[method-assign]
+    nn.Module.__call__ = _forward_only  # type: ignore[method-assign]
     nn.Module.__getattr__ = torch.fx._symbolic_trace._orig_module_getattr  # type: ignore[method-assign]
     try:
-        return module(*args, **kwargs)
+        return _forward_only(module, *args, **kwargs)
     finally:
         nn.Module.__call__, nn.Module.__getattr__ = patched  # type: ignore[method-assign]
 
