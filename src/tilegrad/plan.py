@@ -49,6 +49,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -707,6 +708,7 @@ def plan_streaming(
         if leanest is None or (other_lean is not None and other_lean.peak_bytes < leanest.peak_bytes):
             leanest = other_lean
     if best is not None:
+        _check_tiles(best)
         best.budget = memory_budget
         if note:
             best.notes.append(note)
@@ -732,6 +734,58 @@ def plan_streaming(
         )
         + (", or write the output to a sink on disk (out=)" if not training and output_in_memory else "")
     )
+
+
+def _representatives(spans: Sequence[Any]) -> list[Any]:
+    """The first and last span of a dim and the interior spans of distinct lengths and crops."""
+    picked: dict[Any, Any] = {}
+    for k, sp in enumerate(spans):
+        key = "first" if k == 0 else "last" if k == len(spans) - 1 else (sp.in_length, sp.out_stop - sp.out_start)
+        picked.setdefault(key, sp)
+    return list(picked.values())
+
+
+def _check_tiles(plan: Plan) -> None:
+    """Run each tiled segment on meta inputs of its tiles' shapes (first, last and interior tiles of each dim), so a
+    forward that branches on sizes is refused before the first tile rather than failing in the middle of a run.
+    MONAI's UpCat pads when an odd size was halved: traced on the whole image, the pad is there for every tile."""
+    from .memory.estimate import _on_meta
+
+    g = plan.graph
+    if g is None:
+        return
+    for sp in plan.segments:
+        if sp.keep or len(sp.grid) <= 1:
+            continue
+        seg = sp.segment
+        module = seg.module
+        with _on_meta(module, g.dtype), torch.no_grad():
+            for combo in itertools.product(*(_representatives(spans) for spans in sp.grid.spans)):
+                window = tuple(slice(s.in_start, s.in_stop) for s in combo)
+                args = [
+                    torch.empty(
+                        (*g.shape(s)[:2], *(b.stop - b.start for b in g.source_box(s, window))),
+                        device="meta", dtype=g.dtype,
+                    )
+                    for s in seg.sources
+                ] + [torch.empty(g.shape(s), device="meta", dtype=g.dtype) for s in seg.globals]  # fmt: skip
+                try:
+                    y = module(*args)
+                    ok = all(
+                        c.stop - c.start == s.out_stop - s.out_start and (c.stop or 0) <= n
+                        for c, s, n in zip((s.crop for s in combo), combo, y.shape[2:])
+                    )
+                    failure = "" if ok else f"gives {tuple(y.shape[2:])}, which does not hold the tile's core"
+                except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                    failure = f"fails: {type(err).__name__}: {str(err).splitlines()[0]}"
+                if failure:
+                    raise GeometryError(
+                        f"segment {seg.name} of the plan for input {'x'.join(map(str, g.input_shape))} runs on the "
+                        f"whole image but on a tile of image px {[(w.start, w.stop) for w in window]} it {failure}. "
+                        "Its forward depends on the input size (e.g. MONAI's UpCat pads when a size was odd before "
+                        "a downsampling). Use mode=\"lean\" (one segment running the model itself on each tile), or "
+                        "an input whose size is divisible by the network's total downsampling"
+                    )
 
 
 def _conventional_peak(graph: TrunkGraph, input_in_memory: bool, has_head: bool) -> int:
