@@ -749,6 +749,7 @@ def _check_tiles(plan: Plan) -> None:
     """Run each tiled segment on meta inputs of its tiles' shapes (first, last and interior tiles of each dim), so a
     forward that branches on sizes is refused before the first tile rather than failing in the middle of a run.
     MONAI's UpCat pads when an odd size was halved: traced on the whole image, the pad is there for every tile."""
+    from .geometry.trace import hooks_off
     from .memory.estimate import _on_meta
 
     g = plan.graph
@@ -759,7 +760,7 @@ def _check_tiles(plan: Plan) -> None:
             continue
         seg = sp.segment
         module = seg.module
-        with _on_meta(module, g.dtype), torch.no_grad():
+        with _on_meta(module, g.dtype), torch.no_grad(), hooks_off():
             for combo in itertools.product(*(_representatives(spans) for spans in sp.grid.spans)):
                 window = tuple(slice(s.in_start, s.in_stop) for s in combo)
                 args = [

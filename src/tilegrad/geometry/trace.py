@@ -174,6 +174,18 @@ def _forward_only(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return module.forward(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def hooks_off() -> Iterator[None]:
+    """Modules call ``forward`` alone while this lasts: planning runs on meta tensors must not reach the user's
+    forward hooks (a hook counting calls or keeping activations would see meta tensors)."""
+    patched = nn.Module.__call__
+    nn.Module.__call__ = _forward_only  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.__call__ = patched  # type: ignore[method-assign]
+
+
 def _untraced_call(module: nn.Module, args: Any, kwargs: Any) -> Any:
     """Call ``module`` with fx's patch of ``nn.Module.__call__`` lifted, so its children add no nodes.
 
