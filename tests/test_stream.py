@@ -335,12 +335,13 @@ def test_lazy_input_training_gives_parameter_gradients():
         assert rel_err(p.grad, r) <= 1e-10
 
 
-@pytest.mark.xfail(reason="bf16 autocast through the graph engine gives wrong parameter gradients (issue 11 note)")
 def test_autocast_bfloat16_trains_streamed_layers():
+    # the plan is made inside autocast: planning once poisoned autocast's cast cache (NaN outputs)
     net = conv_net_2d()
     x = torch.randn(1, 3, 48, 40)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = net(x)
+    torch.clear_autocast_cache()
     ref.float().sum().backward()
     ref_grads = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()

@@ -138,7 +138,7 @@ class Segment:
     saved_bytes: int  # on the whole image
     largest_bytes: int  # largest single tensor inside, on the whole image
     source_bytes: int
-    inplace_sources: frozenset[int] = field(default_factory=frozenset)  # indices of sources written in place
+    inplace_sources: frozenset[int] = field(default_factory=frozenset)  # indices of sources + globals written in place
     globals: list[torch.fx.Node] = field(
         default_factory=list
     )  # statistics it reads whole (NOTE [ Streamed statistics ])
@@ -371,7 +371,9 @@ class TrunkGraph:
                 if len(spatial) > 1 and not self.on_grid(n):
                     raise GeometryError(f"node {n.name} does not sit on its scale's grid; no cut through it")
         profs = [self.profiles[n] for n in nodes]
-        inplace = frozenset(k for k, s in enumerate(srcs) if any(_mutated(n, self.root) is s for n in nodes))
+        globs = sorted(globals_, key=self.index.__getitem__)
+        written = {_mutated(n, self.root) for n in nodes}
+        inplace = frozenset(k for k, s in enumerate(srcs + globs) if s in written)
         return Segment(
             graph=self,
             out=out,
@@ -384,7 +386,7 @@ class TrunkGraph:
             source_bytes=sum(self.profiles[s].out_bytes for s in srcs if s is not self.input)
             + (_nbytes(self.input_shape, self.dtype) if self.input in srcs else 0),
             inplace_sources=inplace,
-            globals=sorted(globals_, key=self.index.__getitem__),
+            globals=globs,
         )
 
     @functools.cache  # noqa: B019
@@ -403,6 +405,9 @@ class TrunkGraph:
                 return env[n]
             for a in n.all_input_nodes:
                 visit(a)
+            written = _mutated(n, self.root)
+            if written is not None and written in inputs:  # in place on a leaf: work on a copy (SiLU(inplace=True))
+                env[written] = new.call_method("clone", (env[written],))
             env[n] = new.node_copy(n, lambda a: env[a])
             return env[n]
 

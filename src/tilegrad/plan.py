@@ -59,6 +59,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._autocast import without_autocast
 from .errors import ConfigError, GeometryError, MemoryBudgetError, ShapeError
 from .graph import Segment, TrunkGraph
 from .options import batch_tiles_option, budget_option, mode_option, require_budget, tile_size_option
@@ -702,6 +703,7 @@ def _head_name(head: nn.Module | None) -> str | None:
     return f"{type(head).__name__}({extra})" if extra else type(head).__name__
 
 
+@without_autocast
 def plan_streaming(
     module: nn.Module,
     input_shape: Sequence[int],
