@@ -119,7 +119,9 @@ PERIODIC = [
 
 
 @pytest.mark.parametrize(("stride", "lo", "hi", "align"), PERIODIC)
-@pytest.mark.parametrize(("in_len", "tile"), [(5000, 97), (5000, 256), (20000, 333), (4097, 200), (65536, 1288)])
+@pytest.mark.parametrize(
+    ("in_len", "tile"), [(5000, 97), (5000, 256), (20000, 333), (4097, 200), (65536, 1288)]
+)
 def test_periodic_cores_are_the_greedy_cores(stride, lo, hi, align, in_len, tile):
     """NOTE [ Periodic cores ]: the repeated runs give exactly the spans of the core-by-core greedy search, and the
     planner's summary (tiles, largest extent, total extent) is theirs."""

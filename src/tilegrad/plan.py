@@ -33,7 +33,8 @@ grows.
 The search: the conventional step (if it fits), the one-segment plan, all candidate cuts, and a greedy descent
 that toggles one cut at a time while the plan gets faster (or, while nothing fits, leaner). For each cut set, each
 segment takes the fastest tile that fits next to what else is alive at its step; boundaries move to disk (largest
-first) when the device budget is too small for them (``tiers="auto"``).
+first) when the device budget is too small for them (``tiers="auto"``). The chosen plan's windows are then
+refined between the ladder's rungs (NOTE [ Tile refinement ]).
 
 NOTE [ Planning cost ]
 The search builds a few hundred cut sets, each of a dozen segments over a ladder of some 40 tile sizes. What makes
@@ -97,7 +98,7 @@ class SegmentPlan:
     tile: tuple[int, ...]
     in_shape: tuple[int, ...]  # the image's shape (windows are in image pixels)
     out_shape: tuple[int, ...]
-    tiles: int  # the grid's, summarised (tiling.grid_summary: the planner never lists the tiles of a candidate)
+    tiles: int  # the grid's, summarised (tiling.grid_summary: candidates' tiles are never listed)
     max_in_shape: tuple[int, ...]
     input_area: int
     tile_train_bytes: int = 0
@@ -154,6 +155,7 @@ class Plan:
     head: str | None = None
     graph: TrunkGraph | None = field(default=None, repr=False)
     conventional_seconds: float = 0.0
+    time_parts: dict[str, float] = field(default_factory=dict)  # time_ratio's parts (_Planner.time_parts)
 
     @property
     def tile_size(self) -> tuple[int, ...]:
@@ -180,6 +182,7 @@ class Plan:
             "host_bytes": self.host_bytes,
             "disk_bytes": self.disk_bytes,
             "time_ratio": self.time_ratio,
+            "time_parts": dict(self.time_parts),
             "head": self.head,
             "segments": [
                 {
@@ -206,6 +209,12 @@ class Plan:
             f"input {'x'.join(map(str, self.input_shape))}: {what}, predicted peak {format_bytes(self.peak_bytes)}"
             + (f" (budget {format_bytes(self.budget)})" if self.budget else "")
             + f", predicted time x{self.time_ratio:.2f} of conventional"
+            + (
+                f" (compute x{self.time_parts['compute']:.2f}, halo overlap +{self.time_parts['overlap']:.2f}, "
+                f"tiles +{self.time_parts['tiles']:.2f}, disk +{self.time_parts['disk']:.2f})"
+                if self.time_parts
+                else ""
+            )
             + (f", head {self.head}" if self.head else "")
         ]
         if not self.conventional:
@@ -380,13 +389,20 @@ class _Planner:
     def work(self, sp: SegmentPlan) -> int:
         return sp.tile_train_bytes if self.training else sp.tile_forward_bytes
 
-    def seconds(self, sp: SegmentPlan) -> float:
+    def passes(self, sp: SegmentPlan) -> int:
+        """Forward-pass equivalents of a segment (NOTE [ Cost model ])."""
         if sp.keep:
-            return 3 * sp.flops / FLOP_RATE
-        passes = 4 if self.training else 1
-        return passes * sp.flops * sp.overlap / FLOP_RATE + sp.tiles * TILE_SECONDS * (
-            passes / 2 if self.training else 1
-        )
+            return 3
+        return 4 if self.training else 1
+
+    def tile_seconds(self, sp: SegmentPlan) -> float:
+        """The fixed cost of a segment's tile passes (NOTE [ Cost model ])."""
+        if sp.keep:
+            return 0.0
+        return sp.tiles * TILE_SECONDS * (self.passes(sp) / 2 if self.training else 1)
+
+    def seconds(self, sp: SegmentPlan) -> float:
+        return self.passes(sp) * sp.flops * (1 if sp.keep else sp.overlap) / FLOP_RATE + self.tile_seconds(sp)
 
     # -- a whole plan ----------------------------------------------------------------------------------------
     def fixed_bytes(self) -> int:
@@ -434,7 +450,32 @@ class _Planner:
         return max(steps), forward_peak, steps
 
     def time_ratio(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:
-        seconds = sum(self.seconds(sp) for sp in segs)
+        return (
+            sum(self.seconds(sp) for sp in segs) + self.disk_seconds(segs, bounds)
+        ) / self.conventional_seconds
+
+    @property
+    def conventional_seconds(self) -> float:
+        return (3 if self.training else 1) * self.total_flops / FLOP_RATE
+
+    def time_parts(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> dict[str, float]:
+        """``time_ratio`` in its parts (NOTE [ Cost model ]), each over the conventional step: the passes over
+        the image (compute), the halos recomputed (overlap), the tiles' fixed cost (tiles), boundary IO (disk)."""
+        compute = sum(self.passes(sp) * sp.flops / FLOP_RATE for sp in segs)
+        tiles = sum(self.tile_seconds(sp) for sp in segs)
+        overlap = sum(self.seconds(sp) for sp in segs) - compute - tiles
+        disk = self.disk_seconds(segs, bounds)
+        conv = self.conventional_seconds
+        return {
+            "compute": compute / conv,
+            "overlap": overlap / conv,
+            "tiles": tiles / conv,
+            "disk": disk / conv,
+        }
+
+    def disk_seconds(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:
+        """Seconds of boundary IO on the disk tier (NOTE [ Cost model ])."""
+        seconds = 0.0
         by_node = {b.name: b for b in bounds}
         for sp in segs:
             out = by_node.get(sp.segment.out.name)
@@ -449,8 +490,7 @@ class _Planner:
                     seconds += read / DISK_READ * (2 if self.training and not sp.keep else 1)
                 if self.training and b.grad_tier == "disk":
                     seconds += read / DISK_READ + read / DISK_WRITE
-        passes = 3 if self.training else 1
-        return seconds / (passes * self.total_flops / FLOP_RATE)
+        return seconds
 
     def build(self, cuts: frozenset, budget: int | None, requested: tuple[int, ...] | None) -> Plan | None:
         """The fastest plan with these cuts under ``budget`` (or the leanest, if none fits), or None."""
@@ -513,7 +553,9 @@ class _Planner:
                 break
             choice[k] = min(leaner, key=lambda j: (secs[j], -works[j]))
         segs = [dataclasses.replace(sp) for sp in current()]
-        if self.tiers == "auto" and budget is not None:  # bring back to the device what still fits, smallest first
+        if (
+            self.tiers == "auto" and budget is not None
+        ):  # bring back to the device what still fits, smallest first
             for b in sorted(bounds, key=lambda b: b.nbytes):
                 old = (b.tier, b.grad_tier)
                 if old == ("device", "device"):
@@ -547,7 +589,57 @@ class _Planner:
             boundaries=bounds,
             head=self.head,
             graph=self.g,
-            conventional_seconds=(3 if self.training else 1) * self.total_flops / FLOP_RATE,
+            conventional_seconds=self.conventional_seconds,
+            time_parts=self.time_parts(segs, bounds),
+        )
+
+    def refine(self, plan: Plan, budget: int, requested: tuple[int, ...] | None) -> Plan:
+        """NOTE [ Tile refinement ]: the ladder's rungs are 19% apart, and a tiled segment's cost moves within a
+        rung: its tiles are the window's length except the last one on each axis, so the smallest window that
+        still gives a tile count reads the least (overlap), and a window a little larger than the rung may save a
+        row of tiles and still fit. After the search, each tiled segment of the chosen plan tries every window
+        between the rungs below and above its own, in steps of 8 px, and keeps the fastest that does not raise the
+        plan's predicted peak (its cuts and tiers unchanged): a plan is only ever replaced by a faster one with the
+        same or a lower peak, so the peak stays what the search chose (flat in the image size with a budget)."""
+        segs = list(plan.segments)
+        bounds = plan.boundaries
+        best = self.time_ratio(segs, bounds)
+        image = self.image[2:]
+        rungs = sorted({max(t) for t in self.ladder})
+        changed = False
+        cap = None  # a fixed tile caps every segment's working set at its own (NOTE [ Tile memory ])
+        if requested is not None:
+            firsts = [
+                self.segment_plan(s.segment, requested) for s in segs if self.g.input in s.segment.sources
+            ]
+            cap = max(self.work(sp) for sp in firsts if sp is not None)
+        for k, sp in enumerate(segs):
+            if sp.keep or sp.tiles == 1 or (requested is not None and self.g.input in sp.segment.sources):
+                continue
+            side = max(sp.tile)
+            below = max((r for r in rungs if r < side), default=side)
+            above = min((r for r in rungs if r > side), default=side)
+            for t in range(below, above, 8):
+                cand = self.segment_plan(sp.segment, tuple(min(t, d) for d in image))
+                if cand is None or cand.tile == sp.tile or (cap is not None and self.work(cand) > cap):
+                    continue
+                trial = [*segs[:k], cand, *segs[k + 1 :]]
+                if self.evaluate(trial, bounds)[0] > min(budget, plan.peak_bytes):
+                    continue
+                ratio = self.time_ratio(trial, bounds)
+                if ratio < best:
+                    best, segs[k], changed = ratio, cand, True
+        if not changed:
+            return plan
+        segs = [dataclasses.replace(sp) for sp in segs]
+        peak, fwd, _ = self.evaluate(segs, bounds)
+        return dataclasses.replace(
+            plan,
+            segments=segs,
+            peak_bytes=int(peak if self.training else fwd),
+            forward_peak_bytes=int(fwd),
+            time_ratio=self.time_ratio(segs, bounds),
+            time_parts=self.time_parts(segs, bounds),
         )
 
     def search(
@@ -708,6 +800,8 @@ def plan_streaming(
         if leanest is None or (other_lean is not None and other_lean.peak_bytes < leanest.peak_bytes):
             leanest = other_lean
     if best is not None:
+        if budget is not None and not best.conventional:
+            best = planner.refine(best, budget, requested)
         _check_tiles(best)
         best.budget = memory_budget
         if note:

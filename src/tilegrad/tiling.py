@@ -111,7 +111,8 @@ def plan_dim(
         for i in range(repeats):
             d, di = i * shift, i * in_shift
             spans.extend(
-                Span(s.in_start + di, s.in_stop + di, s.out_start + d, s.out_stop + d, s.offset + d) for s in run
+                Span(s.in_start + di, s.in_stop + di, s.out_start + d, s.out_stop + d, s.offset + d)
+                for s in run
             )
     return tuple(spans)
 
@@ -307,6 +308,8 @@ def grid_summary(
         )
     dims = [
         dim_summary(d, a, i, o, t, axis)
-        for axis, (d, a, i, o, t) in enumerate(zip(geometry.dims, geometry.align, in_shape, out_shape, tile_size))
+        for axis, (d, a, i, o, t) in enumerate(
+            zip(geometry.dims, geometry.align, in_shape, out_shape, tile_size)
+        )
     ]
     return math.prod(c for c, _, _ in dims), tuple(m for _, m, _ in dims), math.prod(t for _, _, t in dims)
