@@ -63,3 +63,100 @@ def test_budget_too_small_raises_with_numbers():
     net = conv_net_2d()
     with pytest.raises(tilegrad.MemoryBudgetError, match="no streaming plan fits the memory budget"):
         StreamingModule(net, "auto", memory_budget=1000)(torch.randn(1, 3, 64, 64))
+
+
+def test_planning_calls_no_forward_hooks():
+    # regression (the kept-segment count of tests/test_stream.py was one run too many): the tracer ran each layer
+    # on meta tensors through nn.Module.__call__, so the user's hooks saw meta tensors during planning
+    trunk = resnet18_trunk()
+    seen = []
+    trunk.conv1.register_forward_pre_hook(lambda m, args: seen.append(("pre", args[0].device)))
+    trunk.layer1[0].conv2.register_forward_hook(lambda m, args, out: seen.append(("post", out.device)))
+    tilegrad.plan_streaming(trunk, (1, 3, 320, 288), memory_budget="300MiB")
+    assert seen == []
+    trunk(torch.randn(1, 3, 64, 64))  # the hooks themselves work
+    assert ("pre", torch.device("cpu")) in seen and ("post", torch.device("cpu")) in seen
+
+
+def test_planner_caches_give_what_a_fresh_computation_gives():
+    # NOTE [ Planning cost ]: the planner shares one Segment per (output, sources) between cut sets and summarises
+    # tile grids without listing them; both must be what a fresh graph and the listed grid say
+    from tilegrad.graph import TrunkGraph
+
+    trunk = resnet18_trunk()
+    shape = (1, 3, 640, 576)
+    graph = TrunkGraph(trunk, shape, torch.float32)
+    a, b, c = graph.candidates[2], graph.candidates[5], graph.candidates[8]
+    with_c = graph.segments([a, b, c])
+    without_c = graph.segments([a, b])
+    assert with_c[1] is without_c[1]  # the segment a -> b, shared
+    fresh = TrunkGraph(trunk, shape, torch.float32)
+    index = {n.name: n for n in fresh.nodes}
+    ref = fresh.segments([index[a.name], index[b.name]])[1]
+    shared = without_c[1]
+    assert [n.name for n in shared.nodes] == [n.name for n in ref.nodes]
+    assert [n.name for n in shared.sources] == [n.name for n in ref.sources]
+    assert (shared.flops, shared.saved_bytes, shared.largest_bytes, shared.source_bytes) == (
+        ref.flops, ref.saved_bytes, ref.largest_bytes, ref.source_bytes
+    )  # fmt: skip
+    assert shared.geometry == ref.geometry
+
+    plan = tilegrad.plan_streaming(
+        trunk, shape, memory_budget="200MiB", input_in_memory=False, head=tilegrad.heads.GlobalPool("max")
+    )
+    assert len(plan.segments) > 1 and any(s.tiles > 1 for s in plan.segments), str(plan)
+    for s in plan.segments:
+        tiles = list(s.grid)
+        assert s.tiles == len(tiles)
+        assert s.max_in_shape == tuple(max(t.in_shape[d] for t in tiles) for d in range(2))
+        assert s.input_area == sum(t.in_shape[0] * t.in_shape[1] for t in tiles)
+
+
+@pytest.mark.parametrize(
+    ("side", "kwargs"),
+    [
+        # ResNet-34 + GlobalPool at 4096^2 under 1 GiB, lazy input: the layer3 segment's 2176 px rung needs 3x3
+        # tiles, a 2240 px window 2x2 at the same peak
+        (4096, {"memory_budget": "1GiB", "input_in_memory": False, "head": "max"}),
+        # a fixed 512 px tile: its working set caps the deeper segments' windows (NOTE [ Tile memory ])
+        (2048, {"tile_size": 512}),
+    ],
+)
+def test_tile_refinement_only_makes_a_plan_faster_at_the_same_peak(side, kwargs):
+    # NOTE [ Tile refinement ]: the searched plan's windows move between the ladder's rungs only when the plan's
+    # own cost falls, and never above the searched plan's peak; cuts and tiers stay
+    import torchvision
+
+    from tilegrad.graph import TrunkGraph
+    from tilegrad.plan import BUDGET_SAFETY, _head_flops, _head_name, _Planner
+
+    trunk, _ = tilegrad.split_model(torchvision.models.resnet34().eval(), at="avgpool")
+    shape = (1, 3, side, side)
+    head = tilegrad.heads.GlobalPool(kwargs.pop("head")) if "head" in kwargs else None
+    plan = tilegrad.plan_streaming(trunk, shape, head=head, **kwargs)
+    graph = TrunkGraph(trunk, shape, torch.float32)
+    planner = _Planner(
+        graph, training=True, input_in_memory=kwargs.get("input_in_memory", True), input_grad=False,
+        output_in_memory=True, head_flops=_head_flops(head, graph.shape(graph.output), torch.float32),
+        head=_head_name(head), tiers="auto", batch_tiles=1,
+    )  # fmt: skip
+    requested = (512, 512) if "tile_size" in kwargs else None
+    budget = int(2**30 * BUDGET_SAFETY) if requested is None else plan.peak_bytes
+    searched, _ = planner.search("auto", budget, requested)
+    refined = planner.refine(searched, budget, requested)
+    assert refined.time_ratio < searched.time_ratio, (str(searched), str(refined))
+    assert refined.peak_bytes <= searched.peak_bytes
+    assert [s.segment for s in refined.segments] == [s.segment for s in searched.segments]
+    assert [(b.name, b.tier, b.grad_tier) for b in refined.boundaries] == [
+        (b.name, b.tier, b.grad_tier) for b in searched.boundaries
+    ]
+    assert [s.tile for s in plan.segments] == [
+        s.tile for s in refined.segments
+    ]  # what plan_streaming returns
+    # the cost model's parts add up to the ratio, and the plan says them
+    assert sum(refined.time_parts.values()) == pytest.approx(refined.time_ratio, rel=1e-12)
+    assert refined.time_parts["compute"] >= 1.0 and "halo overlap +" in str(plan)
+    for s in refined.segments:  # the refined windows' summaries are their grids'
+        assert s.tiles == len(s.grid)
+    if requested is not None:
+        assert refined.segments[0].tile == requested

@@ -83,6 +83,12 @@ def test_squeeze_excitation_mobilenet_v3():
     _check(torchvision.models.mobilenet_v3_small().features.eval(), (1, 3, 96, 96), 48)
 
 
+def test_squeeze_excitation_efficientnet_b0_with_in_place_silu_in_its_mlp():
+    # torchvision's SE block runs SiLU(inplace=True) on the pooled vector, a global value read whole
+    trunk = torchvision.models.efficientnet_b0().features[:4].eval()
+    _check(trunk, (1, 3, 96, 96), 48)
+
+
 def test_timm_style_mean_and_float32():
     class SE(nn.Module):
         def __init__(self, c):

@@ -202,7 +202,9 @@ def test_kept_segments_are_exact_and_not_recomputed():
     }
     assert runs["layer4"] == 1 and runs["conv1"] >= 2 * len(tiled[0].grid), (runs, str(streamed.last_plan))
     assert calls["layer4"] == 1 + runs["layer4"], calls  # kept: run once, never recomputed
-    assert calls["conv1"] >= 1 + runs["conv1"], calls  # streamed: recomputed in backward
+    # streamed: recomputed in backward, and nothing else (regression: the tracer's meta run called the user's
+    # hooks, so conv1 counted one run more than the plan; tests/test_plan.py pins that planning calls no hooks)
+    assert calls["conv1"] == 1 + runs["conv1"], calls
 
 
 def test_tile_larger_than_image_runs_the_module_directly():
@@ -333,12 +335,13 @@ def test_lazy_input_training_gives_parameter_gradients():
         assert rel_err(p.grad, r) <= 1e-10
 
 
-@pytest.mark.xfail(reason="bf16 autocast through the graph engine gives wrong parameter gradients (issue 11 note)")
 def test_autocast_bfloat16_trains_streamed_layers():
+    # the plan is made inside autocast: planning once poisoned autocast's cast cache (NaN outputs)
     net = conv_net_2d()
     x = torch.randn(1, 3, 48, 40)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = net(x)
+    torch.clear_autocast_cache()
     ref.float().sum().backward()
     ref_grads = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()

@@ -107,3 +107,43 @@ def test_border_tiles_take_longer_cores():
     spans = plan_dim(dim, 4, 96, 96, 64)
     assert [(s.out_start, s.out_stop) for s in spans] == [(0, 41), (41, 57), (57, 96)]
     assert all(s.in_length <= 64 for s in spans)
+
+
+PERIODIC = [
+    *GEOMETRIES,
+    (Fraction(4), Fraction(-93), Fraction(96), 8),  # ResNet-34's first stage, origins on multiples of 8
+    (Fraction(1), Fraction(-5), Fraction(5), 8),  # alignment longer than the stride: cores of several lengths
+    (Fraction(2), Fraction(-7), Fraction(6), 6),
+    (Fraction(3, 2), Fraction(-4), Fraction(5), 3),
+]
+
+
+@pytest.mark.parametrize(("stride", "lo", "hi", "align"), PERIODIC)
+@pytest.mark.parametrize(
+    ("in_len", "tile"), [(5000, 97), (5000, 256), (20000, 333), (4097, 200), (65536, 1288)]
+)
+def test_periodic_cores_are_the_greedy_cores(stride, lo, hi, align, in_len, tile):
+    """NOTE [ Periodic cores ]: the repeated runs give exactly the spans of the core-by-core greedy search, and the
+    planner's summary (tiles, largest extent, total extent) is theirs."""
+    from tilegrad.tiling import Span, _greedy_runs, _IntDim, dim_summary
+
+    dim = DimGeometry(stride, lo, hi)
+    out_len = max(1, int(in_len / stride))
+    try:
+        spans = plan_dim(dim, align, in_len, out_len, tile)
+    except GeometryError:
+        pytest.skip("tile below the halo: test_plan_dim_properties checks the error")
+    fast = _IntDim(dim, align, in_len)
+    reference, j0 = [], 0
+    while j0 < out_len:  # the longest core from j0 that fits, found by a linear scan
+        j1 = j0 + 1
+        while j1 < out_len and (lambda b: b[1] - b[0])(fast.bounds(j0, j1 + 1)) <= tile:
+            j1 += 1
+        reference.append(fast.span(j0, j1))
+        j0 = j1
+    assert list(spans) == reference
+    runs = _greedy_runs(dim, align, in_len, out_len, tile, 0)
+    assert len(spans) < 20 or any(repeats > 5 for _, repeats, _, _ in runs), "long axes are found periodic"
+    assert all(isinstance(s, Span) for s in spans)
+    lengths = [s.in_length for s in spans]
+    assert dim_summary(dim, align, in_len, out_len, tile) == (len(spans), max(lengths), sum(lengths))

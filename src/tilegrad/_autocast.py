@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 
 AutocastState = tuple[bool, "torch.dtype | None"]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def autocast_state(device_type: str) -> AutocastState:
@@ -23,3 +27,18 @@ def replay_autocast(device_type: str, state: AutocastState) -> Any:
     ``estimate_memory`` runs the recomputing backward passes on meta tensors."""
     enabled, dtype = state
     return torch.autocast(device_type, dtype=dtype) if enabled else contextlib.nullcontext()
+
+
+def without_autocast(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` with autocast off. Planning profiles meta copies of the model's parameters; under an enclosing
+    autocast, the casts it caches for those copies poisoned the later real run (NaN outputs in bf16)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cpu", "cuda"):
+                if device_type == "cpu" or torch.cuda.is_available():
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper

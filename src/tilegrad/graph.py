@@ -138,7 +138,7 @@ class Segment:
     saved_bytes: int  # on the whole image
     largest_bytes: int  # largest single tensor inside, on the whole image
     source_bytes: int
-    inplace_sources: frozenset[int] = field(default_factory=frozenset)  # indices of sources written in place
+    inplace_sources: frozenset[int] = field(default_factory=frozenset)  # indices of sources + globals written in place
     globals: list[torch.fx.Node] = field(
         default_factory=list
     )  # statistics it reads whole (NOTE [ Streamed statistics ])
@@ -185,7 +185,7 @@ class TrunkGraph:
         self.input_shape = tuple(int(s) for s in input_shape)
         self.ndim = len(self.input_shape) - 2
         self.dtype = dtype
-        graph = _trace(module, self.ndim)
+        graph = _trace(module, self.ndim, self.input_shape)
         self.gm = torch.fx.GraphModule(module, graph)
         graph = self.gm.graph
         self.rewritten = rewrite_statistics(self.gm, self.ndim) > 0
@@ -211,6 +211,7 @@ class TrunkGraph:
         self.global_nodes = [n for n in self.nodes if n in self.global_set and n not in self.reductions]
         self.forced = frozenset(r.args[0] for r in self.reductions if r.args[0] is not self.input)
         self.profiles = self._profile(training)
+        self._by_sources: dict[tuple[torch.fx.Node, tuple[torch.fx.Node, ...]], Segment | GeometryError] = {}
         self.param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
 
     def _refuse_global_output(self) -> None:
@@ -336,6 +337,26 @@ class TrunkGraph:
             stack.extend(n.all_input_nodes)
         nodes = sorted(members, key=self.index.__getitem__)
         srcs = sorted(sources, key=self.index.__getitem__)
+        # the walk above depends only on ``out`` and the stops it meets (its sources): one Segment per pair, shared
+        # by every cut set that contains it, so the planner profiles it once (NOTE [ Planning cost ] in plan.py)
+        key = (out, tuple(srcs))
+        if key not in self._by_sources:
+            try:
+                self._by_sources[key] = self._new_segment(out, nodes, srcs, globals_)
+            except GeometryError as err:
+                self._by_sources[key] = err
+        seg = self._by_sources[key]
+        if isinstance(seg, GeometryError):
+            raise seg
+        return seg
+
+    def _new_segment(
+        self,
+        out: torch.fx.Node,
+        nodes: list[torch.fx.Node],
+        srcs: list[torch.fx.Node],
+        globals_: set[torch.fx.Node],
+    ) -> Segment:
         if not any(self.geoms.get(s) is not None for s in srcs):
             raise GeometryError(f"segment ending at {out.name} does not depend on the image")
         seeds = {s: _seed(self.scale(s)) for s in srcs}
@@ -350,7 +371,9 @@ class TrunkGraph:
                 if len(spatial) > 1 and not self.on_grid(n):
                     raise GeometryError(f"node {n.name} does not sit on its scale's grid; no cut through it")
         profs = [self.profiles[n] for n in nodes]
-        inplace = frozenset(k for k, s in enumerate(srcs) if any(_mutated(n, self.root) is s for n in nodes))
+        globs = sorted(globals_, key=self.index.__getitem__)
+        written = {_mutated(n, self.root) for n in nodes}
+        inplace = frozenset(k for k, s in enumerate(srcs + globs) if s in written)
         return Segment(
             graph=self,
             out=out,
@@ -363,7 +386,7 @@ class TrunkGraph:
             source_bytes=sum(self.profiles[s].out_bytes for s in srcs if s is not self.input)
             + (_nbytes(self.input_shape, self.dtype) if self.input in srcs else 0),
             inplace_sources=inplace,
-            globals=sorted(globals_, key=self.index.__getitem__),
+            globals=globs,
         )
 
     @functools.cache  # noqa: B019
@@ -382,6 +405,9 @@ class TrunkGraph:
                 return env[n]
             for a in n.all_input_nodes:
                 visit(a)
+            written = _mutated(n, self.root)
+            if written is not None and written in inputs:  # in place on a leaf: work on a copy (SiLU(inplace=True))
+                env[written] = new.call_method("clone", (env[written],))
             env[n] = new.node_copy(n, lambda a: env[a])
             return env[n]
 

@@ -10,14 +10,20 @@ trunk's output is never stored: the last segment's tiles feed the head's reducti
 
 NOTE [ Cost model ]
 One number per plan, ``time_ratio``: predicted time of a training step over that of the conventional step
-(forward + backward = 3 forward passes). In FLOP-equivalents:
-* compute: a streamed segment costs 4 forward passes (forward, recompute, backward = 2) times its *overlap* (window
-  area read over all tiles / image area); a kept segment (one tile, graph kept: NOTE [ Kept segments ] in
-  execute.py) costs the conventional 3;
-* per tile: a fixed overhead (Python, dispatch, first touch of fresh buffers), ``TILE_SECONDS`` per tile pass;
+(forward + backward = 3 forward passes). In seconds:
+* compute: a forward pass of a segment over the image takes its FLOPs at ``FLOP_RATE`` plus the bytes its nodes
+  write at ``BYTE_RATE`` (element-wise layers, normalisation and few-channel 3D convolutions are bound by memory:
+  FLOPs alone made a 3D U-Net's conventional step 3x too fast and every fixed cost 3x too heavy against it); a
+  streamed segment costs 4 such passes (forward, recompute, backward = 2) times its *overlap* (window area read
+  over all tiles / image area); a kept segment (one tile, graph kept: NOTE [ Kept segments ] in execute.py) costs
+  the conventional 3;
+* per tile: a fixed overhead (Python, dispatch, first touch of fresh buffers) per tile pass, ``TILE_SECONDS`` plus
+  ``NODE_SECONDS`` per node of the segment;
 * disk: bytes written and read by boundaries on the disk tier at ``DISK_WRITE`` / ``DISK_READ`` bytes per second
   (sources are read once per tile, overlap included; gradients are read-modify-written).
-Seconds become FLOP-equivalents at ``FLOP_RATE`` (a CPU core pair running float32 convolutions here). Device
+Statistics (NOTE [ Streamed statistics ] in statistics.py) cost no pass of their own: they are accumulated from the
+cores their input's segment writes, and their gradient is added in that segment's backward. The rates are this
+machine's (a CPU core pair, float32); a ratio only needs them in the right proportion. Device
 memory is a sweep over the steps of a training step (forward over segments, backward in reverse): the parameters
 and their gradients, the input (if in memory), the boundaries and boundary gradients alive on the device at that
 step, and the step's tile working set (NOTE [ Tile memory ]). Host and disk bytes are reported, not budgeted.
@@ -33,7 +39,16 @@ grows.
 The search: the conventional step (if it fits), the one-segment plan, all candidate cuts, and a greedy descent
 that toggles one cut at a time while the plan gets faster (or, while nothing fits, leaner). For each cut set, each
 segment takes the fastest tile that fits next to what else is alive at its step; boundaries move to disk (largest
-first) when the device budget is too small for them (``tiers="auto"``).
+first) when the device budget is too small for them (``tiers="auto"``). The chosen plan's windows are then
+refined between the ladder's rungs (NOTE [ Tile refinement ]).
+
+NOTE [ Planning cost ]
+The search builds a few hundred cut sets, each of a dozen segments over a ladder of some 40 tile sizes. What makes
+that take seconds rather than minutes at 65536^2: a segment is the same object in every cut set that contains it
+(TrunkGraph keeps one per output and sources), so its geometry is propagated once and its plan at each tile size
+is made once (``segment_plan``, ``options``: cached per segment, never mutated; a plan copies what it changes); a
+candidate's tile grid is summarised (tiles, largest window, area read) from the periodic runs of its cores
+(NOTE [ Periodic cores ] in tiling.py) and listed only when the chosen plan runs (``SegmentPlan.grid``).
 """
 
 from __future__ import annotations
@@ -41,6 +56,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,11 +66,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._autocast import without_autocast
 from .errors import ConfigError, GeometryError, MemoryBudgetError, ShapeError
 from .graph import Segment, TrunkGraph
 from .options import batch_tiles_option, budget_option, mode_option, require_budget, tile_size_option
 from .segment import Unit, units_of
-from .tiling import TileGrid, plan_dim, tile_grid
+from .tiling import TileGrid, dim_summary, grid_summary, plan_dim, tile_grid
 from .typing import Bytes
 from .units import format_bytes
 
@@ -66,7 +83,7 @@ FLOP_RATE = 1.2e11
 # bytes/s at which a step writes its tensors (element-wise layers, normalisation, few-channel 3D convolutions are
 # bound by memory, not FLOPs): fitted, together with FLOP_RATE, to the warm conventional steps of ResNet-34 at
 # 1024^2 (153 GFLOP, 1.0 GiB written per forward, 4.6 s) and MONAI UNet 16-32-64-128 at 160^3 (14.6 GFLOP, 0.5 GiB,
-# 1.1 s); FLOPs alone predicted the UNet's step 3x too fast (NOTE [ Cost model ])
+# 1.1 s); FLOPs alone predicted the UNet's step 3x too fast
 BYTE_RATE = 2.2e9
 # fixed cost of one tile pass (Python, dispatch, first touch of fresh buffers): a base plus a share per node of the
 # segment, so that a whole ResNet-34 trunk (232 nodes) costs the 25 ms per tile measured for issue 2 and a few
@@ -79,9 +96,6 @@ NODE_SECONDS = 1e-4
 # at a time (NOTE [ Storage tiers ]): writes 0.3-0.7, reads 0.6-1.1, adds 0.4-0.7 (16-32 channels, 24^3-50^3 boxes)
 DISK_WRITE = 0.3e9
 DISK_READ = 0.6e9
-# bytes/s of a boundary box copied in or out of a store in memory (fresh buffers, page faults included): 1.0-5.0,
-# same boxes
-COPY_RATE = 2.0e9
 BACKWARD_TRANSIENT = 6.5  # training working set beyond saved tensors, in units of the largest tensor
 FORWARD_TRANSIENT = 2.0  # no-grad forward working set, in units of the largest tensor
 BUDGET_SAFETY = 0.8  # share of a user budget the planner plans for (the rest: allocator slack)
@@ -99,9 +113,11 @@ class SegmentPlan:
 
     segment: Segment
     tile: tuple[int, ...]
-    grid: TileGrid
     in_shape: tuple[int, ...]  # the image's shape (windows are in image pixels)
     out_shape: tuple[int, ...]
+    tiles: int  # the grid's, summarised (tiling.grid_summary: candidates' tiles are never listed)
+    max_in_shape: tuple[int, ...]
+    input_area: int
     tile_train_bytes: int = 0
     tile_forward_bytes: int = 0
     tile_saved_bytes: int = 0
@@ -112,10 +128,15 @@ class SegmentPlan:
     def name(self) -> str:
         return self.segment.name
 
-    @functools.cached_property
+    @property
     def overlap(self) -> float:
         """Image pixels read over all windows / image pixels: 1.0 means no recomputation of halos."""
-        return self.grid.input_area / math.prod(self.in_shape[2:])
+        return self.input_area / math.prod(self.in_shape[2:])
+
+    @functools.cached_property
+    def grid(self) -> TileGrid:
+        """The tiles, listed when the plan runs."""
+        return tile_grid(self.segment.geometry, self.in_shape[2:], self.out_shape[2:], self.tile)
 
     @property
     def chain(self) -> nn.Module:
@@ -151,6 +172,7 @@ class Plan:
     head: str | None = None
     graph: TrunkGraph | None = field(default=None, repr=False)
     conventional_seconds: float = 0.0
+    time_parts: dict[str, float] = field(default_factory=dict)  # time_ratio's parts (_Planner.time_parts)
 
     @property
     def tile_size(self) -> tuple[int, ...]:
@@ -177,12 +199,13 @@ class Plan:
             "host_bytes": self.host_bytes,
             "disk_bytes": self.disk_bytes,
             "time_ratio": self.time_ratio,
+            "time_parts": dict(self.time_parts),
             "head": self.head,
             "segments": [
                 {
                     "layers": s.name,
                     "tile": list(s.tile),
-                    "tiles": len(s.grid),
+                    "tiles": s.tiles,
                     "overlap": s.overlap,
                     "kept": s.keep,
                     "sources": [n.name for n in s.segment.sources],
@@ -203,6 +226,12 @@ class Plan:
             f"input {'x'.join(map(str, self.input_shape))}: {what}, predicted peak {format_bytes(self.peak_bytes)}"
             + (f" (budget {format_bytes(self.budget)})" if self.budget else "")
             + f", predicted time x{self.time_ratio:.2f} of conventional"
+            + (
+                f" (compute x{self.time_parts['compute']:.2f}, halo overlap +{self.time_parts['overlap']:.2f}, "
+                f"tiles +{self.time_parts['tiles']:.2f}, disk +{self.time_parts['disk']:.2f})"
+                if self.time_parts
+                else ""
+            )
             + (f", head {self.head}" if self.head else "")
         ]
         if not self.conventional:
@@ -215,7 +244,7 @@ class Plan:
                     continue
                 work = seg.tile_train_bytes if self.training else seg.tile_forward_bytes
                 lines.append(
-                    f"  {seg.name}: tile {'x'.join(map(str, seg.tile))} of {px} image px, {len(seg.grid)} tiles, "
+                    f"  {seg.name}: tile {'x'.join(map(str, seg.tile))} of {px} image px, {seg.tiles} tiles, "
                     f"overlap x{seg.overlap:.2f}, tile {'training' if self.training else 'forward'} peak "
                     f"{format_bytes(work)}"
                 )
@@ -281,12 +310,14 @@ class _Planner:
         self.ladder = _tile_ladder(self.image[2:])
         self.total_flops = sum(p.flops for p in graph.profiles.values()) + head_flops or 1.0
         # seconds of one conventional forward pass (NOTE [ Cost model ])
-        self.total_seconds = self.total_flops / FLOP_RATE + sum(p.out_bytes for p in graph.profiles.values()) / (
-            BYTE_RATE
-        )
+        written = sum(p.out_bytes for p in graph.profiles.values())
+        self.total_seconds = self.total_flops / FLOP_RATE + written / BYTE_RATE
         self._pass_seconds: dict[int, float] = {}
         self._sp: dict[tuple[int, tuple[int, ...]], SegmentPlan | None] = {}
         self._forward_rate: dict[int, float] = {}
+        self._options: dict[tuple, list[SegmentPlan]] = {}
+        self._work_of: dict[int, list[int]] = {}  # by id of a cached options list
+        self._seconds_of: dict[int, list[float]] = {}
         self.errors: list[str] = []
 
     # -- one segment at one tile ----------------------------------------------------------------------------
@@ -297,7 +328,7 @@ class _Planner:
         out_shape = seg.out_shape
         try:
             try:
-                grid = tile_grid(seg.geometry, self.image[2:], out_shape[2:], tile)
+                grid = grid_summary(seg.geometry, self.image[2:], out_shape[2:], tile)
             except GeometryError as err:
                 if getattr(err, "minimum", None) is None or self.g.input in seg.sources:
                     raise
@@ -307,67 +338,68 @@ class _Planner:
                     max(t, _min_tile(seg.geometry, self.image[2:], out_shape[2:], d))
                     for d, t in enumerate(tile)
                 )
-                grid = tile_grid(seg.geometry, self.image[2:], out_shape[2:], tile)
+                grid = grid_summary(seg.geometry, self.image[2:], out_shape[2:], tile)
         except GeometryError as err:
             self.errors.append(str(err))
             self._sp[key] = None
             return None
         if balance:
             tile, grid = self._balanced(seg, tile, grid)
-        ratio = math.prod(grid.max_in_shape) / math.prod(self.image[2:])
+        tiles, max_in_shape, input_area = grid
+        ratio = math.prod(max_in_shape) / math.prod(self.image[2:])
         saved = seg.saved_bytes * ratio
         largest = seg.largest_bytes * ratio
         sources = seg.source_bytes * ratio
         sp = SegmentPlan(
             segment=seg,
             tile=tuple(min(t, i) for t, i in zip(tile, self.image[2:])),
-            grid=grid,
             in_shape=self.image,
             out_shape=out_shape,
+            tiles=tiles,
+            max_in_shape=max_in_shape,
+            input_area=input_area,
             tile_train_bytes=int(sources + saved + BACKWARD_TRANSIENT * largest),
             tile_forward_bytes=int(sources + FORWARD_TRANSIENT * largest),
             tile_saved_bytes=int(saved),
             flops=seg.flops,
         )
         if not self.training:
-            sp.tile_forward_bytes = int(max(self._forward_per_px(seg) * math.prod(grid.max_in_shape), 0)) * (
+            sp.tile_forward_bytes = int(max(self._forward_per_px(seg) * math.prod(max_in_shape), 0)) * (
                 self.batch_tiles
             )
         self._sp[key] = sp
         return sp
 
-    def _balanced(self, seg: Segment, tile: tuple[int, ...], grid: TileGrid) -> tuple[tuple[int, ...], TileGrid]:
-        """NOTE [ Balanced tiles ]: the smallest tile with as many tiles per dim as ``tile`` gives. The greedy grid
-        (NOTE [ Greedy cores ] in tiling.py) fills every tile but the last, which may be a sliver (a 80 px tile on
-        160 px with a 4 px halo: cores 76, 72, 12); the smallest tile with the same count makes the tiles nearly
-        equal: same count, a smaller working set, no sliver paying a whole tile's fixed cost."""
+    def _balanced(self, seg: Segment, tile: tuple[int, ...], grid: Any) -> tuple[tuple[int, ...], Any]:
+        """NOTE [ Balanced tiles ]: the smallest window with as many tiles per axis as ``tile`` gives. The greedy
+        split (NOTE [ Greedy cores ] in tiling.py) fills every tile but the last, which may be a sliver (an 80 px
+        window on a 160 px axis with a 4 px halo: cores 76, 72 and 12); the smallest window with the same count
+        makes the tiles nearly equal: same count, a smaller working set, no sliver paying a whole tile's fixed
+        cost, so the search can afford windows with fewer tiles (a 3D U-Net at 160^3: 8 tiles of 82^3 where the
+        ladder's 80^3 gave 27)."""
         geo, image, out = seg.geometry, self.image[2:], seg.out_shape[2:]
         best = list(tile)
-        for d, spans in enumerate(grid.spans):
-            n = len(spans)
+        for d in range(len(tile)):
+            args = (geo.dims[d], geo.align[d], image[d], out[d])
+            n = dim_summary(*args, tile[d], d)[0]
             if n == 1:
                 best[d] = min(tile[d], image[d])
                 continue
-
-            def count(t: int, d: int = d) -> int | None:
-                try:
-                    return len(plan_dim(geo.dims[d], geo.align[d], image[d], out[d], t, d))
-                except GeometryError:
-                    return None
-
-            lo, hi = 1, tile[d]  # hi gives n tiles; find the smallest that still does
+            lo, hi = 1, tile[d]  # hi gives n tiles: the smallest window that still does, by bisection
             while lo < hi:
                 mid = (lo + hi) // 2
-                c = count(mid)
-                if c is not None and c <= n:
+                try:
+                    fits = dim_summary(*args, mid, d)[0] <= n
+                except GeometryError:
+                    fits = False
+                if fits:
                     hi = mid
                 else:
                     lo = mid + 1
             best[d] = hi
-        balanced = tuple(best)
-        if balanced == tuple(tile):
+        if tuple(best) == tuple(tile):
             return tile, grid
-        return balanced, tile_grid(geo, image, out, balanced)
+        return tuple(best), grid_summary(geo, image, out, tuple(best))
 
     def _forward_per_px(self, seg: Segment) -> float:
         """Inference peak per image pixel of a segment, from estimate_memory's allocator simulation (CPU
@@ -390,24 +422,50 @@ class _Planner:
             self._forward_rate[id(seg)] = rule
         return self._forward_rate[id(seg)]
 
+    def options(self, seg: Segment, requested: tuple[int, ...] | None, cap: int | None) -> list[SegmentPlan]:
+        """The segment's plans over the tile ladder, fastest first (a fixed tile: the requested one for a segment
+        reading the image, else those within ``cap``). Cached per segment (NOTE [ Planning cost ]); never mutated."""
+        key = (id(seg), requested, cap)
+        if key in self._options:
+            return self._options[key]
+        opts = [sp for t in self.ladder if (sp := self.segment_plan(seg, t)) is not None]
+        if requested is not None:
+            if self.g.input in seg.sources:
+                opts = [sp for sp in (self.segment_plan(seg, requested, False),) if sp is not None]
+            else:
+                opts = [sp for sp in opts if self.work(sp) <= (cap or 0)] or opts[:1]
+        opts.sort(key=lambda sp: (self.seconds(sp), sp.tile))
+        self._options[key] = opts
+        self._work_of[id(opts)] = [self.work(sp) for sp in opts]
+        self._seconds_of[id(opts)] = [self.seconds(sp) for sp in opts]
+        return opts
+
     def work(self, sp: SegmentPlan) -> int:
         return sp.tile_train_bytes if self.training else sp.tile_forward_bytes
 
+    def passes(self, sp: SegmentPlan) -> int:
+        """Forward-pass equivalents of a segment (NOTE [ Cost model ])."""
+        if sp.keep:
+            return 3
+        return 4 if self.training else 1
+
     def pass_seconds(self, seg: Segment) -> float:
-        """Seconds of one forward pass of a segment over the whole image: FLOPs and bytes written."""
+        """Seconds of one forward pass of a segment over the whole image: its FLOPs and the bytes it writes."""
         if id(seg) not in self._pass_seconds:
             written = sum(self.g.profiles[n].out_bytes for n in seg.nodes)
             self._pass_seconds[id(seg)] = seg.flops / FLOP_RATE + written / BYTE_RATE
         return self._pass_seconds[id(seg)]
 
-    def seconds(self, sp: SegmentPlan) -> float:
+    def tile_seconds(self, sp: SegmentPlan) -> float:
+        """The fixed cost of a segment's tile passes (NOTE [ Cost model ])."""
         if sp.keep:
-            return 3 * self.pass_seconds(sp.segment)
-        passes = 4 if self.training else 1
+            return 0.0
         per_tile = TILE_SECONDS + NODE_SECONDS * len(sp.segment.nodes)
-        return passes * self.pass_seconds(sp.segment) * sp.overlap + len(sp.grid) * per_tile * (
-            passes / 2 if self.training else 1
-        )
+        return sp.tiles * per_tile * (self.passes(sp) / 2 if self.training else 1)
+
+    def seconds(self, sp: SegmentPlan) -> float:
+        overlap = 1 if sp.keep else sp.overlap
+        return self.passes(sp) * self.pass_seconds(sp.segment) * overlap + self.tile_seconds(sp)
 
     # -- a whole plan ----------------------------------------------------------------------------------------
     def fixed_bytes(self) -> int:
@@ -418,62 +476,84 @@ class _Planner:
         """Predicted (peak, forward peak, per-step peaks) of a plan (NOTE [ Cost model ]); steps are the forward
         segments then the backward ones in reverse order."""
         n = len(segs)
-        index = {sp.segment.out: k for k, sp in enumerate(segs)}
-        fixed = self.fixed_bytes()
-        consumers: dict[Any, list[int]] = {}
+        producer = {sp.segment.out.name: k for k, sp in enumerate(segs)}
+        last_user: dict[str, int] = {}
         for k, sp in enumerate(segs):
             for s in sp.segment.sources:
-                consumers.setdefault(s, []).append(k)
-        steps: list[int] = []
+                last_user[s.name] = max(k, last_user.get(s.name, k))
+        fixed = self.fixed_bytes()
         kept = [sp.tile_saved_bytes if sp.keep else 0 for sp in segs]
         dev_out = 0
         if self.output_in_memory:
             dev_out = segs[-1].segment.graph.profiles[segs[-1].segment.out].out_bytes
         input_grad = _nbytes(self.image, self.dtype) if self.input_grad and self.training else 0
+        # (producer, nbytes) of the activations on the device; (producer, last reader, nbytes) of the gradients
+        acts = [(producer[b.name], b.nbytes) for b in bounds if b.tier == "device"]
+        grads = [
+            (producer[b.name], last_user[b.name], b.nbytes)
+            for b in bounds
+            if b.grad_tier == "device" and b.name in last_user
+        ]
+        steps: list[int] = []
+        kept_before = 0
         for k in range(n):  # forward
-            alive = sum(b.nbytes for b in bounds if b.tier == "device" and index[_node(b, segs)] <= k)
-            work = segs[k].tile_forward_bytes + (segs[k].tile_saved_bytes if segs[k].keep else 0)
-            steps.append(fixed + alive + sum(kept[:k]) + work + (dev_out if k == n - 1 else 0))
+            alive = sum(nb for p, nb in acts if p <= k)
+            work = segs[k].tile_forward_bytes + kept[k]
+            steps.append(fixed + alive + kept_before + work + (dev_out if k == n - 1 else 0))
+            kept_before += kept[k]
         forward_peak = max(steps)
         if self.training:
+            # stores live through the backward (NOTE [ Boundary lifetime ]); a gradient from its producer's
+            # backward back to its last reader's
+            acts_all = sum(nb for _, nb in acts)
+            base = fixed + acts_all + sum(kept) + 2 * dev_out + input_grad
             for k in reversed(range(n)):
-                alive = 0
-                for b in bounds:
-                    node = _node(b, segs)
-                    users = consumers.get(node, [])
-                    if b.tier == "device":  # stores live through the backward (NOTE [ Boundary lifetime ])
-                        alive += b.nbytes
-                    if (b.grad_tier == "device" and users and index[node] < k <= max(users)) or (
-                        b.grad_tier == "device" and users and k == index[node]
-                    ):
-                        alive += b.nbytes
-                steps.append(fixed + alive + sum(kept) + segs[k].tile_train_bytes + 2 * dev_out + input_grad)
+                alive = sum(nb for p, u, nb in grads if p <= k <= u)
+                steps.append(base + alive + segs[k].tile_train_bytes)
         return max(steps), forward_peak, steps
 
     def time_ratio(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:
-        seconds = sum(self.seconds(sp) for sp in segs)
+        return (
+            sum(self.seconds(sp) for sp in segs) + self.disk_seconds(segs, bounds)
+        ) / self.conventional_seconds
+
+    @property
+    def conventional_seconds(self) -> float:
+        return (3 if self.training else 1) * self.total_seconds
+
+    def time_parts(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> dict[str, float]:
+        """``time_ratio`` in its parts (NOTE [ Cost model ]), each over the conventional step: the passes over
+        the image (compute), the halos recomputed (overlap), the tiles' fixed cost (tiles), boundary IO (disk)."""
+        compute = sum(self.passes(sp) * self.pass_seconds(sp.segment) for sp in segs)
+        tiles = sum(self.tile_seconds(sp) for sp in segs)
+        overlap = sum(self.seconds(sp) for sp in segs) - compute - tiles
+        disk = self.disk_seconds(segs, bounds)
+        conv = self.conventional_seconds
+        return {
+            "compute": compute / conv,
+            "overlap": overlap / conv,
+            "tiles": tiles / conv,
+            "disk": disk / conv,
+        }
+
+    def disk_seconds(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:
+        """Seconds of boundary IO on the disk tier (NOTE [ Cost model ])."""
+        seconds = 0.0
         by_node = {b.name: b for b in bounds}
-
-        def rates(tier: str) -> tuple[float, float]:  # (write, read) bytes/s
-            return (DISK_WRITE, DISK_READ) if tier == "disk" else (COPY_RATE, COPY_RATE)
-
         for sp in segs:
             out = by_node.get(sp.segment.out.name)
-            if out is not None:  # written once; in training its gradient is read by the producer's backward
-                seconds += out.nbytes / rates(out.tier)[0]
-                if self.training:
-                    seconds += out.nbytes / rates(out.grad_tier)[1]
+            if out is not None and out.tier == "disk":
+                seconds += out.nbytes / DISK_WRITE + (out.nbytes / DISK_READ if self.training else 0)
             for s in sp.segment.sources:
                 b = by_node.get(s.name)
                 if b is None:
                     continue
-                read = b.nbytes * sp.overlap  # forward (and recomputation); the gradient added (read + write)
-                seconds += read / rates(b.tier)[1] * (2 if self.training and not sp.keep else 1)
-                if self.training:
-                    write, read_rate = rates(b.grad_tier)
-                    seconds += read / read_rate + read / write
-        passes = 3 if self.training else 1
-        return seconds / (passes * self.total_seconds)
+                read = b.nbytes * sp.overlap
+                if b.tier == "disk":
+                    seconds += read / DISK_READ * (2 if self.training and not sp.keep else 1)
+                if self.training and b.grad_tier == "disk":
+                    seconds += read / DISK_READ + read / DISK_WRITE
+        return seconds
 
     def build(self, cuts: frozenset, budget: int | None, requested: tuple[int, ...] | None) -> Plan | None:
         """The fastest plan with these cuts under ``budget`` (or the leanest, if none fits), or None."""
@@ -501,15 +581,9 @@ class _Planner:
             cap = max(self.work(sp) for sp in sps if sp is not None)
             del first
         for s in segments:
-            opts = [sp for t in self.ladder if (sp := self.segment_plan(s, t)) is not None]
-            if requested is not None:
-                if self.g.input in s.sources:
-                    opts = [sp for sp in (self.segment_plan(s, requested, False),) if sp is not None]
-                else:
-                    opts = [sp for sp in opts if self.work(sp) <= cap] or opts[:1]
+            opts = self.options(s, requested, cap)
             if not opts:
                 return None
-            opts.sort(key=lambda sp: (self.seconds(sp), sp.tile))
             options.append(opts)
         choice = [0] * len(segments)
 
@@ -536,14 +610,15 @@ class _Planner:
                     continue
             worst = max(range(len(steps)), key=steps.__getitem__)
             k = worst if worst < len(segments) else 2 * len(segments) - 1 - worst
-            leaner = [
-                j for j, sp in enumerate(options[k]) if self.work(sp) < self.work(options[k][choice[k]])
-            ]
+            works, secs = self._work_of[id(options[k])], self._seconds_of[id(options[k])]
+            leaner = [j for j in range(len(works)) if works[j] < works[choice[k]]]
             if not leaner:
                 break
-            choice[k] = min(leaner, key=lambda j: (self.seconds(options[k][j]), -self.work(options[k][j])))
+            choice[k] = min(leaner, key=lambda j: (secs[j], -works[j]))
         segs = [dataclasses.replace(sp) for sp in current()]
-        if self.tiers == "auto" and budget is not None:  # bring back to the device what still fits, smallest first
+        if (
+            self.tiers == "auto" and budget is not None
+        ):  # bring back to the device what still fits, smallest first
             for b in sorted(bounds, key=lambda b: b.nbytes):
                 old = (b.tier, b.grad_tier)
                 if old == ("device", "device"):
@@ -553,7 +628,7 @@ class _Planner:
                     b.tier, b.grad_tier = old
         if self.training:  # keep one-tile segments' graphs while the plan still fits
             for k, sp in sorted(enumerate(segs), key=lambda e: -e[1].flops / max(1, e[1].tile_saved_bytes)):
-                if len(sp.grid) != 1 or (
+                if sp.tiles != 1 or (
                     k == 0 and not self.input_in_memory and self.g.input in sp.segment.sources
                 ):
                     continue
@@ -577,7 +652,57 @@ class _Planner:
             boundaries=bounds,
             head=self.head,
             graph=self.g,
-            conventional_seconds=(3 if self.training else 1) * self.total_seconds,
+            conventional_seconds=self.conventional_seconds,
+            time_parts=self.time_parts(segs, bounds),
+        )
+
+    def refine(self, plan: Plan, budget: int, requested: tuple[int, ...] | None) -> Plan:
+        """NOTE [ Tile refinement ]: the ladder's rungs are 19% apart, and a tiled segment's cost moves within a
+        rung: its tiles are the window's length except the last one on each axis, so the smallest window that
+        still gives a tile count reads the least (overlap), and a window a little larger than the rung may save a
+        row of tiles and still fit. After the search, each tiled segment of the chosen plan tries every window
+        between the rungs below and above its own, in steps of 8 px, and keeps the fastest that does not raise the
+        plan's predicted peak (its cuts and tiers unchanged): a plan is only ever replaced by a faster one with the
+        same or a lower peak, so the peak stays what the search chose (flat in the image size with a budget)."""
+        segs = list(plan.segments)
+        bounds = plan.boundaries
+        best = self.time_ratio(segs, bounds)
+        image = self.image[2:]
+        rungs = sorted({max(t) for t in self.ladder})
+        changed = False
+        cap = None  # a fixed tile caps every segment's working set at its own (NOTE [ Tile memory ])
+        if requested is not None:
+            firsts = [
+                self.segment_plan(s.segment, requested, False) for s in segs if self.g.input in s.segment.sources
+            ]
+            cap = max(self.work(sp) for sp in firsts if sp is not None)
+        for k, sp in enumerate(segs):
+            if sp.keep or sp.tiles == 1 or (requested is not None and self.g.input in sp.segment.sources):
+                continue
+            side = max(sp.tile)
+            below = max((r for r in rungs if r < side), default=side)
+            above = min((r for r in rungs if r > side), default=side)
+            for t in range(below, above, 8):
+                cand = self.segment_plan(sp.segment, tuple(min(t, d) for d in image))
+                if cand is None or cand.tile == sp.tile or (cap is not None and self.work(cand) > cap):
+                    continue
+                trial = [*segs[:k], cand, *segs[k + 1 :]]
+                if self.evaluate(trial, bounds)[0] > min(budget, plan.peak_bytes):
+                    continue
+                ratio = self.time_ratio(trial, bounds)
+                if ratio < best:
+                    best, segs[k], changed = ratio, cand, True
+        if not changed:
+            return plan
+        segs = [dataclasses.replace(sp) for sp in segs]
+        peak, fwd, _ = self.evaluate(segs, bounds)
+        return dataclasses.replace(
+            plan,
+            segments=segs,
+            peak_bytes=int(peak if self.training else fwd),
+            forward_peak_bytes=int(fwd),
+            time_ratio=self.time_ratio(segs, bounds),
+            time_parts=self.time_parts(segs, bounds),
         )
 
     def search(
@@ -626,13 +751,6 @@ class _Planner:
         return best, leanest
 
 
-def _node(b: BoundaryPlan, segs: list[SegmentPlan]) -> Any:
-    for sp in segs:
-        if sp.segment.out.name == b.name:
-            return sp.segment.out
-    raise KeyError(b.name)  # pragma: no cover
-
-
 def _head_flops(head: nn.Module | None, shape: tuple[int, ...], dtype: torch.dtype) -> float:
     if head is None:
         return 0.0
@@ -649,6 +767,7 @@ def _head_name(head: nn.Module | None) -> str | None:
     return f"{type(head).__name__}({extra})" if extra else type(head).__name__
 
 
+@without_autocast
 def plan_streaming(
     module: nn.Module,
     input_shape: Sequence[int],
@@ -744,6 +863,9 @@ def plan_streaming(
         if leanest is None or (other_lean is not None and other_lean.peak_bytes < leanest.peak_bytes):
             leanest = other_lean
     if best is not None:
+        if budget is not None and not best.conventional:
+            best = planner.refine(best, budget, requested)
+        _check_tiles(best)
         best.budget = memory_budget
         if note:
             best.notes.append(note)
@@ -769,6 +891,59 @@ def plan_streaming(
         )
         + (", or write the output to a sink on disk (out=)" if not training and output_in_memory else "")
     )
+
+
+def _representatives(spans: Sequence[Any]) -> list[Any]:
+    """The first and last span of a dim and the interior spans of distinct lengths and crops."""
+    picked: dict[Any, Any] = {}
+    for k, sp in enumerate(spans):
+        key = "first" if k == 0 else "last" if k == len(spans) - 1 else (sp.in_length, sp.out_stop - sp.out_start)
+        picked.setdefault(key, sp)
+    return list(picked.values())
+
+
+def _check_tiles(plan: Plan) -> None:
+    """Run each tiled segment on meta inputs of its tiles' shapes (first, last and interior tiles of each dim), so a
+    forward that branches on sizes is refused before the first tile rather than failing in the middle of a run.
+    MONAI's UpCat pads when an odd size was halved: traced on the whole image, the pad is there for every tile."""
+    from .geometry.trace import hooks_off
+    from .memory.estimate import _on_meta
+
+    g = plan.graph
+    if g is None:
+        return
+    for sp in plan.segments:
+        if sp.keep or len(sp.grid) <= 1:
+            continue
+        seg = sp.segment
+        module = seg.module
+        with _on_meta(module, g.dtype), torch.no_grad(), hooks_off():
+            for combo in itertools.product(*(_representatives(spans) for spans in sp.grid.spans)):
+                window = tuple(slice(s.in_start, s.in_stop) for s in combo)
+                args = [
+                    torch.empty(
+                        (*g.shape(s)[:2], *(b.stop - b.start for b in g.source_box(s, window))),
+                        device="meta", dtype=g.dtype,
+                    )
+                    for s in seg.sources
+                ] + [torch.empty(g.shape(s), device="meta", dtype=g.dtype) for s in seg.globals]  # fmt: skip
+                try:
+                    y = module(*args)
+                    ok = all(
+                        c.stop - c.start == s.out_stop - s.out_start and (c.stop or 0) <= n
+                        for c, s, n in zip((s.crop for s in combo), combo, y.shape[2:])
+                    )
+                    failure = "" if ok else f"gives {tuple(y.shape[2:])}, which does not hold the tile's core"
+                except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                    failure = f"fails: {type(err).__name__}: {str(err).splitlines()[0]}"
+                if failure:
+                    raise GeometryError(
+                        f"segment {seg.name} of the plan for input {'x'.join(map(str, g.input_shape))} runs on the "
+                        f"whole image but on a tile of image px {[(w.start, w.stop) for w in window]} it {failure}. "
+                        "Its forward depends on the input size (e.g. MONAI's UpCat pads when a size was odd before "
+                        "a downsampling). Use mode=\"lean\" (one segment running the model itself on each tile), or "
+                        "an input whose size is divisible by the network's total downsampling"
+                    )
 
 
 def _conventional_peak(graph: TrunkGraph, input_in_memory: bool, has_head: bool) -> int:

@@ -162,7 +162,6 @@ def test_atomic_write_leaves_previous_checkpoint_when_writing_fails(tmp_path, mo
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
 
 
-@pytest.mark.xfail(reason="bf16 autocast through the graph engine gives wrong parameter gradients (issue 11 note)")
 def test_bf16_autocast_still_trains_the_streamed_layers(slides, tmp_path):
     model = build_model("small_cnn", 2, model_kwargs={"width": 4}, tile_size=32)
     x = torch.rand(1, 3, 48, 40)
