@@ -39,8 +39,9 @@ grows.
 The search: the conventional step (if it fits), the one-segment plan, all candidate cuts, and a greedy descent
 that toggles one cut at a time while the plan gets faster (or, while nothing fits, leaner). For each cut set, each
 segment takes the fastest tile that fits next to what else is alive at its step; boundaries move to disk (largest
-first) when the device budget is too small for them (``tiers="auto"``). The chosen plan's windows are then
-refined between the ladder's rungs (NOTE [ Tile refinement ]).
+first) when the device budget is too small for them (``tiers="auto"``). Each window of the ladder is shrunk to the
+smallest with the same tile count (NOTE [ Balanced tiles ]); the chosen plan's windows are then refined between the
+ladder's rungs (NOTE [ Tile refinement ]).
 
 NOTE [ Planning cost ]
 The search builds a few hundred cut sets, each of a dozen segments over a ladder of some 40 tile sizes. What makes
