@@ -273,6 +273,28 @@ def _tile_ladder(spatial: Sequence[int]) -> list[tuple[int, ...]]:
     return [tuple(min(s, d) for d in spatial) for s in sorted(sizes)]
 
 
+@functools.lru_cache(maxsize=65536)
+def _balanced_dim(dim: Any, align: int, in_len: int, out_len: int, tile: int, axis: int) -> int:
+    """One axis of NOTE [ Balanced tiles ]: the smallest window giving as many tiles as ``tile`` does."""
+    n, longest, total = dim_summary(dim, align, in_len, out_len, tile, axis)
+    if n == 1:
+        return min(tile, in_len)
+    if n > 4 or n * longest - total < longest // 2:
+        return tile
+    lo, hi = 1, tile  # hi gives n tiles: the smallest window that still does, by bisection
+    while lo < hi:
+        mid = (lo + hi) // 2
+        try:
+            fits = dim_summary(dim, align, in_len, out_len, mid, axis)[0] <= n
+        except GeometryError:
+            fits = False
+        if fits:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
 def _min_tile(geometry: Any, in_shape: Sequence[int], out_shape: Sequence[int], axis: int) -> int:
     try:
         plan_dim(geometry.dims[axis], geometry.align[axis], in_shape[axis], out_shape[axis], 1, axis)
@@ -377,30 +399,15 @@ class _Planner:
         window on a 160 px axis with a 4 px halo: cores 76, 72 and 12); the smallest window with the same count
         makes the tiles nearly equal: same count, a smaller working set, no sliver paying a whole tile's fixed
         cost, so the search can afford windows with fewer tiles (a 3D U-Net at 160^3: 8 tiles of 82^3 where the
-        ladder's 80^3 gave 27)."""
+        ladder's 80^3 gave 27). Only axes of 2-4 tiles whose last tile wastes at least half a window are searched
+        (beyond that a sliver costs little), so planning stays as fast (NOTE [ Planning cost ])."""
         geo, image, out = seg.geometry, self.image[2:], seg.out_shape[2:]
-        best = list(tile)
-        for d in range(len(tile)):
-            args = (geo.dims[d], geo.align[d], image[d], out[d])
-            n = dim_summary(*args, tile[d], d)[0]
-            if n == 1:
-                best[d] = min(tile[d], image[d])
-                continue
-            lo, hi = 1, tile[d]  # hi gives n tiles: the smallest window that still does, by bisection
-            while lo < hi:
-                mid = (lo + hi) // 2
-                try:
-                    fits = dim_summary(*args, mid, d)[0] <= n
-                except GeometryError:
-                    fits = False
-                if fits:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            best[d] = hi
-        if tuple(best) == tuple(tile):
+        best = tuple(
+            _balanced_dim(geo.dims[d], geo.align[d], image[d], out[d], tile[d], d) for d in range(len(tile))
+        )
+        if best == tuple(tile):
             return tile, grid
-        return tuple(best), grid_summary(geo, image, out, tuple(best))
+        return best, grid_summary(geo, image, out, best)
 
     def _forward_per_px(self, seg: Segment) -> float:
         """Inference peak per image pixel of a segment, from estimate_memory's allocator simulation (CPU
