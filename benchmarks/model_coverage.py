@@ -308,9 +308,17 @@ class _Timeout(Exception):
 
 @contextlib.contextmanager
 def _deadline(seconds: int) -> Iterator[None]:
+    """Stop the check after ``seconds``; then leave no mode behind. The alarm can fire inside a ``with
+    torch.device("meta")`` or a FlopCounterMode whose exit it skips: every later row would then build its model on
+    the meta device (a run once listed MONAI UNet and most timm families as "Tensor.item() cannot be called on meta
+    tensors" after one row timed out)."""
+
     def fire(*_: Any) -> None:
         raise _Timeout(f"over {seconds} s on this machine")
 
+    from torch.utils._python_dispatch import _len_torch_dispatch_stack, _pop_mode
+
+    function_modes, dispatch_modes = torch._C._len_torch_function_stack(), _len_torch_dispatch_stack()
     if not hasattr(signal, "SIGALRM"):
         yield
         return
@@ -321,6 +329,10 @@ def _deadline(seconds: int) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+        while torch._C._len_torch_function_stack() > function_modes:
+            torch._C._pop_torch_function_stack()
+        while _len_torch_dispatch_stack() > dispatch_modes:
+            _pop_mode()
 
 
 def _first_line(err: BaseException) -> str:
