@@ -302,8 +302,9 @@ def rows() -> list[Row]:
 # ---- one check ----------------------------------------------------------------------------------------------------
 
 
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """Not an Exception: no ``except Exception`` on the way (a constructor's, tilegrad's, this script's "not built")
+    may take a timeout for a failure of the model."""
 
 
 @contextlib.contextmanager
