@@ -731,12 +731,16 @@ def main(argv: list[str] | None = None) -> None:
         "--print", action="store_true", help="print the rows instead of writing docs/models.md"
     )
     parser.add_argument(
+        "--seconds", type=int, default=SECONDS, help=f"limit per model (default {SECONDS}; more on a loaded machine)"
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=DOC,
         help="write the page there (a copy of docs/models.md with the new rows)",
     )
     args = parser.parse_args(argv)
+    globals()["SECONDS"] = args.seconds  # check() reads it
     # one thread: on 2 cores shared with other jobs, two OpenMP threads made a float64 DenseNet step 10x slower
     torch.set_num_threads(1)
     _no_network()
