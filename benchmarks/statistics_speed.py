@@ -97,6 +97,7 @@ def run_one(method: str, bn: str, size: int, budget: int | None, profile: bool) 
         "bn": bn,
         "size": size,
         "seconds": elapsed,
+        "loss": loss.item(),  # the same image in every process: the streamed loss must equal the conventional one
         "forward_seconds": t1 - t0,
         "plan_seconds": plan_seconds,
         "peak_bytes": meter.peak_bytes,
@@ -160,7 +161,7 @@ def main() -> None:
                 print(
                     f"{bn:>5} BN {method:<13} run {rep + 1}: {row['seconds']:7.1f} s (forward "
                     f"{row['forward_seconds']:.1f} s, plan {row['plan_seconds']:.1f} s)  peak "
-                    f"{format_bytes(row['peak_bytes']):>11}"
+                    f"{format_bytes(row['peak_bytes']):>11}  loss {row['loss']:.6f}"
                     + (f"  budget {format_bytes(budget)}, predicted {format_bytes(row['predicted_peak'])}, "
                        f"x{row['predicted_ratio']:.2f}" if budget else ""),
                     flush=True,
