@@ -30,8 +30,9 @@ any plan whose predicted peak is at most the one-segment plan's plus half of one
 so memory stays flat in the image size and the planner cuts more (and stores more, on disk if needed) as the image
 grows.
 
-The search: the conventional step (if it fits), the one-segment plan, all candidate cuts, and a greedy descent
-that toggles one cut at a time while the plan gets faster (or, while nothing fits, leaner). For each cut set, each
+The search: the conventional step (if it fits), the one-segment plan, the stage cuts, all candidate cuts (stage cuts
+and block outputs, graph.py), and greedy descents that toggle one cut at a time while the plan gets faster (or,
+while nothing fits, leaner): over the stage cuts, then over every candidate. For each cut set, each
 segment takes the fastest tile that fits next to what else is alive at its step; boundaries move to disk (largest
 first) when the device budget is too small for them (``tiers="auto"``). The chosen plan's windows are then
 refined between the ladder's rungs (NOTE [ Tile refinement ]).
@@ -42,7 +43,9 @@ that take seconds rather than minutes at 65536^2: a segment is the same object i
 (TrunkGraph keeps one per output and sources), so its geometry is propagated once and its plan at each tile size
 is made once (``segment_plan``, ``options``: cached per segment, never mutated; a plan copies what it changes); a
 candidate's tile grid is summarised (tiles, largest window, area read) from the periodic runs of its cores
-(NOTE [ Periodic cores ] in tiling.py) and listed only when the chosen plan runs (``SegmentPlan.grid``).
+(NOTE [ Periodic cores ] in tiling.py) and listed only when the chosen plan runs (``SegmentPlan.grid``); a
+segment whose step is over the budget walks down its options to the first that fits that step without
+re-evaluating the plan at each one (the other terms of a step do not depend on the segment's tile).
 """
 
 from __future__ import annotations
@@ -294,8 +297,7 @@ class _Planner:
         self._sp: dict[tuple[int, tuple[int, ...]], SegmentPlan | None] = {}
         self._forward_rate: dict[int, float] = {}
         self._options: dict[tuple, list[SegmentPlan]] = {}
-        self._work_of: dict[int, list[int]] = {}  # by id of a cached options list
-        self._seconds_of: dict[int, list[float]] = {}
+        self._leaner_of: dict[int, list[int | None]] = {}  # by id of a cached options list
         self.errors: list[str] = []
 
     # -- one segment at one tile ----------------------------------------------------------------------------
@@ -381,8 +383,21 @@ class _Planner:
                 opts = [sp for sp in opts if self.work(sp) <= (cap or 0)] or opts[:1]
         opts.sort(key=lambda sp: (self.seconds(sp), sp.tile))
         self._options[key] = opts
-        self._work_of[id(opts)] = [self.work(sp) for sp in opts]
-        self._seconds_of[id(opts)] = [self.seconds(sp) for sp in opts]
+        works = [self.work(sp) for sp in opts]
+        secs = [self.seconds(sp) for sp in opts]
+        # leaner[j]: the fastest option leaner than j (ties: the larger working set, then the first)
+        leaner: list[int | None] = [None] * len(opts)
+        best: int | None = None
+        by_work = sorted(range(len(opts)), key=works.__getitem__)
+        i = 0
+        for j in by_work:
+            while works[by_work[i]] < works[j]:
+                c = by_work[i]
+                if best is None or (secs[c], -works[c], c) < (secs[best], -works[best], best):
+                    best = c
+                i += 1
+            leaner[j] = best
+        self._leaner_of[id(opts)] = leaner
         return opts
 
     def work(self, sp: SegmentPlan) -> int:
@@ -546,11 +561,23 @@ class _Planner:
                     continue
             worst = max(range(len(steps)), key=steps.__getitem__)
             k = worst if worst < len(segments) else 2 * len(segments) - 1 - worst
-            works, secs = self._work_of[id(options[k])], self._seconds_of[id(options[k])]
-            leaner = [j for j in range(len(works)) if works[j] < works[choice[k]]]
-            if not leaner:
+            # the fastest leaner tile, and again, until that step fits: the step's other terms do not depend on
+            # the segment's tile (NOTE [ Planning cost ])
+            leaner_of = self._leaner_of[id(options[k])]
+            at_step = (
+                (lambda sp: sp.tile_forward_bytes)
+                if worst < len(segments)
+                else (lambda sp: sp.tile_train_bytes)
+            )
+            room = at_step(options[k][choice[k]]) - (steps[worst] - budget)
+            j = choice[k]
+            while leaner_of[j] is not None:
+                j = leaner_of[j]
+                if at_step(options[k][j]) <= room:
+                    break
+            if j == choice[k]:
                 break
-            choice[k] = min(leaner, key=lambda j: (secs[j], -works[j]))
+            choice[k] = j
         segs = [dataclasses.replace(sp) for sp in current()]
         if (
             self.tiers == "auto" and budget is not None
@@ -645,13 +672,19 @@ class _Planner:
         self, mode: str, budget: int | None, requested: tuple[int, ...] | None
     ) -> tuple[Plan | None, Plan | None]:
         """(fastest plan within budget, leanest plan found)."""
-        cands = self.g.candidates
+        cands, stage_cands = self.g.candidates, self.g.stage_candidates
+        stages, every = frozenset(stage_cands), frozenset(cands)
+        descents: list[tuple[frozenset, list]] = []
         if mode == "lean":
             starts = [frozenset()]
         elif mode == "stages":
-            starts = [frozenset(cands)]
+            starts = [stages]
         else:
-            starts = [frozenset(), frozenset(cands)]
+            starts = list(dict.fromkeys([frozenset(), stages, every]))
+            # descents over the stage cuts alone (whose local optimum the block outputs might otherwise walk past),
+            # then over every candidate; the fastest plan seen wins
+            descents = [(frozenset(), stage_cands), (stages, stage_cands)]
+            descents += [(frozenset(), cands), (every, cands), (stages, cands)]
         seen: dict[frozenset, Plan | None] = {}
 
         def get(cuts: frozenset) -> Plan | None:
@@ -668,11 +701,11 @@ class _Planner:
 
         for start in starts:
             get(start)
-        if mode == "auto" and len(cands) > 0:
-            for start in starts:
+        for start, toggles in descents:
+            if toggles:
                 current = start
                 while True:
-                    moves = [current ^ {c} for c in cands]
+                    moves = [current ^ {c} for c in toggles]
                     best = min(moves, key=lambda c: score(get(c)))
                     if score(get(best)) < score(get(current)):
                         current = best
@@ -722,7 +755,7 @@ def plan_streaming(
 ) -> Plan:
     """Choose segments, tile sizes and storage tiers for ``module`` on an input of ``input_shape`` (N, C, *spatial).
 
-    ``mode``: "lean" (one segment, memory flat in the image size), "stages" (cut at every candidate), or "auto"
+    ``mode``: "lean" (one segment, memory flat in the image size), "stages" (cut at every change of scale), or "auto"
     (with a budget: the fastest plan that fits, including unstreamed execution; with a fixed tile: the fastest
     plan within the tile's implied limit, NOTE [ Tile memory ]). ``head``: a streamed head (tilegrad.heads) fed
     tile by tile; the trunk's output is then never stored. ``tiers``: where boundary tensors live, "auto" (the
@@ -788,9 +821,10 @@ def plan_streaming(
                 "memory_budget= to let it use more memory for speed"
             )
     best, leanest = planner.search(mode, budget, requested)
-    if tiers == "auto" and budget is not None and (best is None or best.disk_bytes):
+    if tiers == "auto" and budget is not None:
         # the automatic tiers move boundaries to disk while tiles are still large; a plan that keeps every
         # boundary on the device with smaller tiles may be both faster and leaner: compare the two searches
+        # (also when the automatic search's plan has nothing on disk: its descent may have passed such plans by)
         planner.tiers = "device"
         other, other_lean = planner.search(mode, budget, requested)
         planner.tiers = "auto"
