@@ -187,7 +187,7 @@ class TrunkGraph:
         self.input_shape = tuple(int(s) for s in input_shape)
         self.ndim = len(self.input_shape) - 2
         self.dtype = dtype
-        graph = _trace(module, self.ndim)
+        graph = _trace(module, self.ndim, self.input_shape)
         self.gm = torch.fx.GraphModule(module, graph)
         graph = self.gm.graph
         self.rewritten = rewrite_statistics(self.gm, self.ndim) > 0

@@ -10,14 +10,20 @@ trunk's output is never stored: the last segment's tiles feed the head's reducti
 
 NOTE [ Cost model ]
 One number per plan, ``time_ratio``: predicted time of a training step over that of the conventional step
-(forward + backward = 3 forward passes). In FLOP-equivalents:
-* compute: a streamed segment costs 4 forward passes (forward, recompute, backward = 2) times its *overlap* (window
-  area read over all tiles / image area); a kept segment (one tile, graph kept: NOTE [ Kept segments ] in
-  execute.py) costs the conventional 3;
-* per tile: a fixed overhead (Python, dispatch, first touch of fresh buffers), ``TILE_SECONDS`` per tile pass;
+(forward + backward = 3 forward passes). In seconds:
+* compute: a forward pass of a segment over the image takes its FLOPs at ``FLOP_RATE`` plus the bytes its nodes
+  write at ``BYTE_RATE`` (element-wise layers, normalisation and few-channel 3D convolutions are bound by memory:
+  FLOPs alone made a 3D U-Net's conventional step 3x too fast and every fixed cost 3x too heavy against it); a
+  streamed segment costs 4 such passes (forward, recompute, backward = 2) times its *overlap* (window area read
+  over all tiles / image area); a kept segment (one tile, graph kept: NOTE [ Kept segments ] in execute.py) costs
+  the conventional 3;
+* per tile: a fixed overhead (Python, dispatch, first touch of fresh buffers) per tile pass, ``TILE_SECONDS`` plus
+  ``NODE_SECONDS`` per node of the segment;
 * disk: bytes written and read by boundaries on the disk tier at ``DISK_WRITE`` / ``DISK_READ`` bytes per second
   (sources are read once per tile, overlap included; gradients are read-modify-written).
-Seconds become FLOP-equivalents at ``FLOP_RATE`` (a CPU core pair running float32 convolutions here). Device
+Statistics (NOTE [ Streamed statistics ] in statistics.py) cost no pass of their own: they are accumulated from the
+cores their input's segment writes, and their gradient is added in that segment's backward. The rates are this
+machine's (a CPU core pair, float32); a ratio only needs them in the right proportion. Device
 memory is a sweep over the steps of a training step (forward over segments, backward in reverse): the parameters
 and their gradients, the input (if in memory), the boundaries and boundary gradients alive on the device at that
 step, and the step's tile working set (NOTE [ Tile memory ]). Host and disk bytes are reported, not budgeted.
@@ -53,6 +59,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,7 +74,7 @@ from .errors import ConfigError, GeometryError, MemoryBudgetError, ShapeError
 from .graph import Segment, TrunkGraph
 from .options import batch_tiles_option, budget_option, mode_option, require_budget, tile_size_option
 from .segment import Unit, units_of
-from .tiling import TileGrid, grid_summary, plan_dim, tile_grid
+from .tiling import TileGrid, dim_summary, grid_summary, plan_dim, tile_grid
 from .typing import Bytes
 from .units import format_bytes
 
@@ -76,11 +83,22 @@ __all__ = ["BoundaryPlan", "Plan", "SegmentPlan", "Unit", "plan_streaming", "uni
 # FLOP/s (FlopCounterMode counts 2 per multiply-add) of float32 convolutions on this CPU: the ResNet-34 trunk's
 # conventional step at 4096^2 (7.3e12 FLOP) took 61 s on a quiet machine
 FLOP_RATE = 1.2e11
-TILE_SECONDS = 0.025  # fixed cost of one tile pass
+# bytes/s at which a step writes its tensors (element-wise layers, normalisation, few-channel 3D convolutions are
+# bound by memory, not FLOPs): fitted, together with FLOP_RATE, to the warm conventional steps of ResNet-34 at
+# 1024^2 (153 GFLOP, 1.0 GiB written per forward, 4.6 s) and MONAI UNet 16-32-64-128 at 160^3 (14.6 GFLOP, 0.5 GiB,
+# 1.1 s); FLOPs alone predicted the UNet's step 3x too fast
+BYTE_RATE = 2.2e9
+# fixed cost of one tile pass (Python, dispatch, first touch of fresh buffers): a base plus a share per node of the
+# segment, so that a whole ResNet-34 trunk (232 nodes) costs the 25 ms per tile measured for issue 2 and a few
+# layers 2-4 ms (an 8-layer 2D net at 1536^2: 96 px tiles, 361 of them, against 192 px, 81: 4 ms per tile, forward
+# and backward)
+TILE_SECONDS = 0.002
+NODE_SECONDS = 1e-4
 # bytes/s of a DiskStore, measured by benchmarks/boundary_io.py (BENCHMARKS.md, "Boundary storage"): writes
-# 0.13-0.27, reads 0.34-0.45 from the page cache and 0.06-0.3 from the disk
-DISK_WRITE = 0.2e9
-DISK_READ = 0.3e9
+# 0.13-0.27, reads 0.34-0.45 from the page cache and 0.06-0.3 from the disk; 3D tile boxes since they move a span
+# at a time (NOTE [ Storage tiers ]): writes 0.3-0.7, reads 0.6-1.1, adds 0.4-0.7 (16-32 channels, 24^3-50^3 boxes)
+DISK_WRITE = 0.3e9
+DISK_READ = 0.6e9
 BACKWARD_TRANSIENT = 6.5  # training working set beyond saved tensors, in units of the largest tensor
 FORWARD_TRANSIENT = 2.0  # no-grad forward working set, in units of the largest tensor
 BUDGET_SAFETY = 0.8  # share of a user budget the planner plans for (the rest: allocator slack)
@@ -294,6 +312,10 @@ class _Planner:
         self.image = graph.input_shape
         self.ladder = _tile_ladder(self.image[2:])
         self.total_flops = sum(p.flops for p in graph.profiles.values()) + head_flops or 1.0
+        # seconds of one conventional forward pass (NOTE [ Cost model ])
+        written = sum(p.out_bytes for p in graph.profiles.values())
+        self.total_seconds = self.total_flops / FLOP_RATE + written / BYTE_RATE
+        self._pass_seconds: dict[int, float] = {}
         self._sp: dict[tuple[int, tuple[int, ...]], SegmentPlan | None] = {}
         self._forward_rate: dict[int, float] = {}
         self._options: dict[tuple, list[SegmentPlan]] = {}
@@ -301,8 +323,8 @@ class _Planner:
         self.errors: list[str] = []
 
     # -- one segment at one tile ----------------------------------------------------------------------------
-    def segment_plan(self, seg: Segment, tile: tuple[int, ...]) -> SegmentPlan | None:
-        key = (id(seg), tile)
+    def segment_plan(self, seg: Segment, tile: tuple[int, ...], balance: bool = True) -> SegmentPlan | None:
+        key = (id(seg), tile, balance)
         if key in self._sp:
             return self._sp[key]
         out_shape = seg.out_shape
@@ -323,6 +345,8 @@ class _Planner:
             self.errors.append(str(err))
             self._sp[key] = None
             return None
+        if balance:
+            tile, grid = self._balanced(seg, tile, grid)
         tiles, max_in_shape, input_area = grid
         ratio = math.prod(max_in_shape) / math.prod(self.image[2:])
         saved = seg.saved_bytes * ratio
@@ -347,6 +371,37 @@ class _Planner:
             )
         self._sp[key] = sp
         return sp
+
+    def _balanced(self, seg: Segment, tile: tuple[int, ...], grid: Any) -> tuple[tuple[int, ...], Any]:
+        """NOTE [ Balanced tiles ]: the smallest window with as many tiles per axis as ``tile`` gives. The greedy
+        split (NOTE [ Greedy cores ] in tiling.py) fills every tile but the last, which may be a sliver (an 80 px
+        window on a 160 px axis with a 4 px halo: cores 76, 72 and 12); the smallest window with the same count
+        makes the tiles nearly equal: same count, a smaller working set, no sliver paying a whole tile's fixed
+        cost, so the search can afford windows with fewer tiles (a 3D U-Net at 160^3: 8 tiles of 82^3 where the
+        ladder's 80^3 gave 27)."""
+        geo, image, out = seg.geometry, self.image[2:], seg.out_shape[2:]
+        best = list(tile)
+        for d in range(len(tile)):
+            args = (geo.dims[d], geo.align[d], image[d], out[d])
+            n = dim_summary(*args, tile[d], d)[0]
+            if n == 1:
+                best[d] = min(tile[d], image[d])
+                continue
+            lo, hi = 1, tile[d]  # hi gives n tiles: the smallest window that still does, by bisection
+            while lo < hi:
+                mid = (lo + hi) // 2
+                try:
+                    fits = dim_summary(*args, mid, d)[0] <= n
+                except GeometryError:
+                    fits = False
+                if fits:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            best[d] = hi
+        if tuple(best) == tuple(tile):
+            return tile, grid
+        return tuple(best), grid_summary(geo, image, out, tuple(best))
 
     def _forward_per_px(self, seg: Segment) -> float:
         """Inference peak per image pixel of a segment, from estimate_memory's allocator simulation (CPU
@@ -378,7 +433,7 @@ class _Planner:
         opts = [sp for t in self.ladder if (sp := self.segment_plan(seg, t)) is not None]
         if requested is not None:
             if self.g.input in seg.sources:
-                opts = [sp for sp in (self.segment_plan(seg, requested),) if sp is not None]
+                opts = [sp for sp in (self.segment_plan(seg, requested, False),) if sp is not None]
             else:
                 opts = [sp for sp in opts if self.work(sp) <= (cap or 0)] or opts[:1]
         opts.sort(key=lambda sp: (self.seconds(sp), sp.tile))
@@ -409,14 +464,23 @@ class _Planner:
             return 3
         return 4 if self.training else 1
 
+    def pass_seconds(self, seg: Segment) -> float:
+        """Seconds of one forward pass of a segment over the whole image: its FLOPs and the bytes it writes."""
+        if id(seg) not in self._pass_seconds:
+            written = sum(self.g.profiles[n].out_bytes for n in seg.nodes)
+            self._pass_seconds[id(seg)] = seg.flops / FLOP_RATE + written / BYTE_RATE
+        return self._pass_seconds[id(seg)]
+
     def tile_seconds(self, sp: SegmentPlan) -> float:
         """The fixed cost of a segment's tile passes (NOTE [ Cost model ])."""
         if sp.keep:
             return 0.0
-        return sp.tiles * TILE_SECONDS * (self.passes(sp) / 2 if self.training else 1)
+        per_tile = TILE_SECONDS + NODE_SECONDS * len(sp.segment.nodes)
+        return sp.tiles * per_tile * (self.passes(sp) / 2 if self.training else 1)
 
     def seconds(self, sp: SegmentPlan) -> float:
-        return self.passes(sp) * sp.flops * (1 if sp.keep else sp.overlap) / FLOP_RATE + self.tile_seconds(sp)
+        overlap = 1 if sp.keep else sp.overlap
+        return self.passes(sp) * self.pass_seconds(sp.segment) * overlap + self.tile_seconds(sp)
 
     # -- a whole plan ----------------------------------------------------------------------------------------
     def fixed_bytes(self) -> int:
@@ -470,12 +534,12 @@ class _Planner:
 
     @property
     def conventional_seconds(self) -> float:
-        return (3 if self.training else 1) * self.total_flops / FLOP_RATE
+        return (3 if self.training else 1) * self.total_seconds
 
     def time_parts(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> dict[str, float]:
         """``time_ratio`` in its parts (NOTE [ Cost model ]), each over the conventional step: the passes over
         the image (compute), the halos recomputed (overlap), the tiles' fixed cost (tiles), boundary IO (disk)."""
-        compute = sum(self.passes(sp) * sp.flops / FLOP_RATE for sp in segs)
+        compute = sum(self.passes(sp) * self.pass_seconds(sp.segment) for sp in segs)
         tiles = sum(self.tile_seconds(sp) for sp in segs)
         overlap = sum(self.seconds(sp) for sp in segs) - compute - tiles
         disk = self.disk_seconds(segs, bounds)
@@ -524,9 +588,9 @@ class _Planner:
         cap = None
         if requested is not None:
             first = (
-                self.segment_plan(segments[0], requested) if segments[0].sources == [self.g.input] else None
+                self.segment_plan(segments[0], requested, False) if segments[0].sources == [self.g.input] else None
             )
-            sps = [self.segment_plan(s, requested) for s in segments if self.g.input in s.sources]
+            sps = [self.segment_plan(s, requested, False) for s in segments if self.g.input in s.sources]
             if any(sp is None for sp in sps):
                 return None
             cap = max(self.work(sp) for sp in sps if sp is not None)
@@ -636,7 +700,7 @@ class _Planner:
         cap = None  # a fixed tile caps every segment's working set at its own (NOTE [ Tile memory ])
         if requested is not None:
             firsts = [
-                self.segment_plan(s.segment, requested) for s in segs if self.g.input in s.segment.sources
+                self.segment_plan(s.segment, requested, False) for s in segs if self.g.input in s.segment.sources
             ]
             cap = max(self.work(sp) for sp in firsts if sp is not None)
         for k, sp in enumerate(segs):
@@ -835,6 +899,7 @@ def plan_streaming(
     if best is not None:
         if budget is not None and not best.conventional:
             best = planner.refine(best, budget, requested)
+        _check_tiles(best)
         best.budget = memory_budget
         if note:
             best.notes.append(note)
@@ -860,6 +925,59 @@ def plan_streaming(
         )
         + (", or write the output to a sink on disk (out=)" if not training and output_in_memory else "")
     )
+
+
+def _representatives(spans: Sequence[Any]) -> list[Any]:
+    """The first and last span of a dim and the interior spans of distinct lengths and crops."""
+    picked: dict[Any, Any] = {}
+    for k, sp in enumerate(spans):
+        key = "first" if k == 0 else "last" if k == len(spans) - 1 else (sp.in_length, sp.out_stop - sp.out_start)
+        picked.setdefault(key, sp)
+    return list(picked.values())
+
+
+def _check_tiles(plan: Plan) -> None:
+    """Run each tiled segment on meta inputs of its tiles' shapes (first, last and interior tiles of each dim), so a
+    forward that branches on sizes is refused before the first tile rather than failing in the middle of a run.
+    MONAI's UpCat pads when an odd size was halved: traced on the whole image, the pad is there for every tile."""
+    from .geometry.trace import hooks_off
+    from .memory.estimate import _on_meta
+
+    g = plan.graph
+    if g is None:
+        return
+    for sp in plan.segments:
+        if sp.keep or len(sp.grid) <= 1:
+            continue
+        seg = sp.segment
+        module = seg.module
+        with _on_meta(module, g.dtype), torch.no_grad(), hooks_off():
+            for combo in itertools.product(*(_representatives(spans) for spans in sp.grid.spans)):
+                window = tuple(slice(s.in_start, s.in_stop) for s in combo)
+                args = [
+                    torch.empty(
+                        (*g.shape(s)[:2], *(b.stop - b.start for b in g.source_box(s, window))),
+                        device="meta", dtype=g.dtype,
+                    )
+                    for s in seg.sources
+                ] + [torch.empty(g.shape(s), device="meta", dtype=g.dtype) for s in seg.globals]  # fmt: skip
+                try:
+                    y = module(*args)
+                    ok = all(
+                        c.stop - c.start == s.out_stop - s.out_start and (c.stop or 0) <= n
+                        for c, s, n in zip((s.crop for s in combo), combo, y.shape[2:])
+                    )
+                    failure = "" if ok else f"gives {tuple(y.shape[2:])}, which does not hold the tile's core"
+                except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                    failure = f"fails: {type(err).__name__}: {str(err).splitlines()[0]}"
+                if failure:
+                    raise GeometryError(
+                        f"segment {seg.name} of the plan for input {'x'.join(map(str, g.input_shape))} runs on the "
+                        f"whole image but on a tile of image px {[(w.start, w.stop) for w in window]} it {failure}. "
+                        "Its forward depends on the input size (e.g. MONAI's UpCat pads when a size was odd before "
+                        "a downsampling). Use mode=\"lean\" (one segment running the model itself on each tile), or "
+                        "an input whose size is divisible by the network's total downsampling"
+                    )
 
 
 def _conventional_peak(graph: TrunkGraph, input_in_memory: bool, has_head: bool) -> int:

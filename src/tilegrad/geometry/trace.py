@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -174,6 +174,18 @@ def _forward_only(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return module.forward(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def hooks_off() -> Iterator[None]:
+    """Modules call ``forward`` alone while this lasts: planning runs on meta tensors must not reach the user's
+    forward hooks (a hook counting calls or keeping activations would see meta tensors)."""
+    patched = nn.Module.__call__
+    nn.Module.__call__ = _forward_only  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.__call__ = patched  # type: ignore[method-assign]
+
+
 def _untraced_call(module: nn.Module, args: Any, kwargs: Any) -> Any:
     """Call ``module`` with fx's patch of ``nn.Module.__call__`` lifted, so its children add no nodes.
 
@@ -252,12 +264,17 @@ def _channels_expected(graph: torch.fx.Graph, root: nn.Module) -> Fraction | Non
     return None
 
 
-def _trace(module: nn.Module, ndim: int | None = None) -> torch.fx.Graph:
+def _trace(module: nn.Module, ndim: int | None = None, shape: Sequence[int] | None = None) -> torch.fx.Graph:
     """The ``torch.fx`` graph of ``module`` (leaves: modules with a rule); node.meta["tilegrad_meta"] holds each
     node's value on an example meta input when one could be made (``ndim``: its spatial rank, else guessed from
     the first convolution; the channel count from the first convolution or normalisation, corrected once the meta
-    run shows what a layer expects)."""
+    run shows what a layer expects). ``shape``: trace on a meta input of this shape instead, so that a forward
+    that branches on sizes (MONAI's UpCat pads when an odd size was halved) takes the branch the real input takes.
+    """
     example = _example_input(module, ndim)
+    if shape is not None and example is not None:
+        # the batch stays 2: with a batch of 1 a reshape that merges N into C looks local (geometry/layout.py)
+        example = torch.empty((2, *shape[1:]), device="meta", dtype=example.dtype)
     for attempt in range(3):
         tracer = _Tracer(example)
         try:
