@@ -380,25 +380,10 @@ class _Planner:
         cost, so the search can afford windows with fewer tiles (a 3D U-Net at 160^3: 8 tiles of 82^3 where the
         ladder's 80^3 gave 27)."""
         geo, image, out = seg.geometry, self.image[2:], seg.out_shape[2:]
-        best = list(tile)
-        for d in range(len(tile)):
-            args = (geo.dims[d], geo.align[d], image[d], out[d])
-            n = dim_summary(*args, tile[d], d)[0]
-            if n == 1:
-                best[d] = min(tile[d], image[d])
-                continue
-            lo, hi = 1, tile[d]  # hi gives n tiles: the smallest window that still does, by bisection
-            while lo < hi:
-                mid = (lo + hi) // 2
-                try:
-                    fits = dim_summary(*args, mid, d)[0] <= n
-                except GeometryError:
-                    fits = False
-                if fits:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            best[d] = hi
+        best = [
+            _balanced_window(geo.dims[d], geo.align[d], image[d], out[d], tile[d], d)
+            for d in range(len(tile))
+        ]
         if tuple(best) == tuple(tile):
             return tile, grid
         return tuple(best), grid_summary(geo, image, out, tuple(best))
@@ -588,7 +573,9 @@ class _Planner:
         cap = None
         if requested is not None:
             first = (
-                self.segment_plan(segments[0], requested, False) if segments[0].sources == [self.g.input] else None
+                self.segment_plan(segments[0], requested, False)
+                if segments[0].sources == [self.g.input]
+                else None
             )
             sps = [self.segment_plan(s, requested, False) for s in segments if self.g.input in s.sources]
             if any(sp is None for sp in sps):
@@ -700,7 +687,9 @@ class _Planner:
         cap = None  # a fixed tile caps every segment's working set at its own (NOTE [ Tile memory ])
         if requested is not None:
             firsts = [
-                self.segment_plan(s.segment, requested, False) for s in segs if self.g.input in s.segment.sources
+                self.segment_plan(s.segment, requested, False)
+                for s in segs
+                if self.g.input in s.segment.sources
             ]
             cap = max(self.work(sp) for sp in firsts if sp is not None)
         for k, sp in enumerate(segs):
@@ -782,6 +771,34 @@ class _Planner:
         best = min(fitting, key=lambda p: p.time_ratio) if fitting else None
         leanest = min(plans, key=lambda p: p.peak_bytes)
         return best, leanest
+
+
+@functools.lru_cache(maxsize=65536)
+def _balanced_window(dim: Any, align: int, in_len: int, out_len: int, tile: int, axis: int) -> int:
+    """The smallest window with as many tiles on this axis as ``tile`` (NOTE [ Balanced tiles ]), by bisection.
+    A window of n tiles is more than (n - 1) / n of the longest window with n tiles (the slack of the last tile is
+    spread over n), so the search starts there, and falls back to the whole range if that bound does not hold
+    (the count falls as the window grows). Cached: segments share geometries (NOTE [ Planning cost ])."""
+    n = dim_summary(dim, align, in_len, out_len, tile, axis)[0]
+    if n == 1:
+        return min(tile, in_len)
+
+    def fits(t: int) -> bool:
+        try:
+            return dim_summary(dim, align, in_len, out_len, t, axis)[0] <= n
+        except GeometryError:
+            return False
+
+    lo, hi = max(1, tile * (n - 1) // n - 2 * align), tile  # hi gives n tiles
+    if fits(lo):
+        lo = 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
 
 
 def _head_flops(head: nn.Module | None, shape: tuple[int, ...], dtype: torch.dtype) -> float:
@@ -931,7 +948,13 @@ def _representatives(spans: Sequence[Any]) -> list[Any]:
     """The first and last span of a dim and the interior spans of distinct lengths and crops."""
     picked: dict[Any, Any] = {}
     for k, sp in enumerate(spans):
-        key = "first" if k == 0 else "last" if k == len(spans) - 1 else (sp.in_length, sp.out_stop - sp.out_start)
+        key = (
+            "first"
+            if k == 0
+            else "last"
+            if k == len(spans) - 1
+            else (sp.in_length, sp.out_stop - sp.out_start)
+        )
         picked.setdefault(key, sp)
     return list(picked.values())
 
@@ -975,7 +998,7 @@ def _check_tiles(plan: Plan) -> None:
                         f"segment {seg.name} of the plan for input {'x'.join(map(str, g.input_shape))} runs on the "
                         f"whole image but on a tile of image px {[(w.start, w.stop) for w in window]} it {failure}. "
                         "Its forward depends on the input size (e.g. MONAI's UpCat pads when a size was odd before "
-                        "a downsampling). Use mode=\"lean\" (one segment running the model itself on each tile), or "
+                        'a downsampling). Use mode="lean" (one segment running the model itself on each tile), or '
                         "an input whose size is divisible by the network's total downsampling"
                     )
 
