@@ -778,7 +778,7 @@ def _balanced_window(dim: Any, align: int, in_len: int, out_len: int, tile: int,
     """The smallest window with as many tiles on this axis as ``tile`` (NOTE [ Balanced tiles ]), by bisection.
     A window of n tiles is more than (n - 1) / n of the longest window with n tiles (the slack of the last tile is
     spread over n), so the search starts there, and falls back to the whole range if that bound does not hold
-    (the count falls as the window grows). Cached: segments share geometries (NOTE [ Planning cost ])."""
+    (the count falls as the window grows). Cached per axis geometry and window."""
     n = dim_summary(dim, align, in_len, out_len, tile, axis)[0]
     if n == 1:
         return min(tile, in_len)
