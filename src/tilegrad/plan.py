@@ -40,8 +40,9 @@ The search: the conventional step (if it fits), the one-segment plan, the stage 
 and block outputs, graph.py), and greedy descents that toggle one cut at a time while the plan gets faster (or,
 while nothing fits, leaner): over the stage cuts, then over every candidate. For each cut set, each
 segment takes the fastest tile that fits next to what else is alive at its step; boundaries move to disk (largest
-first) when the device budget is too small for them (``tiers="auto"``). The chosen plan's windows are then
-refined between the ladder's rungs (NOTE [ Tile refinement ]).
+first) when the device budget is too small for them (``tiers="auto"``). Each window of the ladder is shrunk to the
+smallest with the same tile count (NOTE [ Balanced tiles ]); the chosen plan's windows are then refined between the
+ladder's rungs (NOTE [ Tile refinement ]).
 
 NOTE [ Planning cost ]
 The search builds a few hundred cut sets, each of a dozen segments over a ladder of some 40 tile sizes. What makes
@@ -275,6 +276,28 @@ def _tile_ladder(spatial: Sequence[int]) -> list[tuple[int, ...]]:
     return [tuple(min(s, d) for d in spatial) for s in sorted(sizes)]
 
 
+@functools.lru_cache(maxsize=65536)
+def _balanced_dim(dim: Any, align: int, in_len: int, out_len: int, tile: int, axis: int) -> int:
+    """One axis of NOTE [ Balanced tiles ]: the smallest window giving as many tiles as ``tile`` does."""
+    n, longest, total = dim_summary(dim, align, in_len, out_len, tile, axis)
+    if n == 1:
+        return min(tile, in_len)
+    if n > 4 or n * longest - total < longest // 2:
+        return tile
+    lo, hi = 1, tile  # hi gives n tiles: the smallest window that still does, by bisection
+    while lo < hi:
+        mid = (lo + hi) // 2
+        try:
+            fits = dim_summary(dim, align, in_len, out_len, mid, axis)[0] <= n
+        except GeometryError:
+            fits = False
+        if fits:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
 def _min_tile(geometry: Any, in_shape: Sequence[int], out_shape: Sequence[int], axis: int) -> int:
     try:
         plan_dim(geometry.dims[axis], geometry.align[axis], in_shape[axis], out_shape[axis], 1, axis)
@@ -378,15 +401,15 @@ class _Planner:
         window on a 160 px axis with a 4 px halo: cores 76, 72 and 12); the smallest window with the same count
         makes the tiles nearly equal: same count, a smaller working set, no sliver paying a whole tile's fixed
         cost, so the search can afford windows with fewer tiles (a 3D U-Net at 160^3: 8 tiles of 82^3 where the
-        ladder's 80^3 gave 27)."""
+        ladder's 80^3 gave 27). Only axes of 2-4 tiles whose last tile wastes at least half a window are searched
+        (beyond that a sliver costs little), so planning stays as fast (NOTE [ Planning cost ])."""
         geo, image, out = seg.geometry, self.image[2:], seg.out_shape[2:]
-        best = [
-            _balanced_window(geo.dims[d], geo.align[d], image[d], out[d], tile[d], d)
-            for d in range(len(tile))
-        ]
-        if tuple(best) == tuple(tile):
+        best = tuple(
+            _balanced_dim(geo.dims[d], geo.align[d], image[d], out[d], tile[d], d) for d in range(len(tile))
+        )
+        if best == tuple(tile):
             return tile, grid
-        return tuple(best), grid_summary(geo, image, out, tuple(best))
+        return best, grid_summary(geo, image, out, best)
 
     def _forward_per_px(self, seg: Segment) -> float:
         """Inference peak per image pixel of a segment, from estimate_memory's allocator simulation (CPU
@@ -771,34 +794,6 @@ class _Planner:
         best = min(fitting, key=lambda p: p.time_ratio) if fitting else None
         leanest = min(plans, key=lambda p: p.peak_bytes)
         return best, leanest
-
-
-@functools.lru_cache(maxsize=65536)
-def _balanced_window(dim: Any, align: int, in_len: int, out_len: int, tile: int, axis: int) -> int:
-    """The smallest window with as many tiles on this axis as ``tile`` (NOTE [ Balanced tiles ]), by bisection.
-    A window of n tiles is more than (n - 1) / n of the longest window with n tiles (the slack of the last tile is
-    spread over n), so the search starts there, and falls back to the whole range if that bound does not hold
-    (the count falls as the window grows). Cached per axis geometry and window."""
-    n = dim_summary(dim, align, in_len, out_len, tile, axis)[0]
-    if n == 1:
-        return min(tile, in_len)
-
-    def fits(t: int) -> bool:
-        try:
-            return dim_summary(dim, align, in_len, out_len, t, axis)[0] <= n
-        except GeometryError:
-            return False
-
-    lo, hi = max(1, tile * (n - 1) // n - 2 * align), tile  # hi gives n tiles
-    if fits(lo):
-        lo = 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return hi
 
 
 def _head_flops(head: nn.Module | None, shape: tuple[int, ...], dtype: torch.dtype) -> float:
