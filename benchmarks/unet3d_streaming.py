@@ -2,12 +2,18 @@
 
 MONAI ``UNet(3, 1, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), norm=...)`` in train mode (batch norm
 statistics computed over the whole volume, streamed by tilegrad.statistics), cross-entropy against random labels,
-backward. The streamed step uses ``memory_budget`` = ``--fraction`` of the planner's conventional predicted peak
-(``plan_streaming(..., mode="auto")`` picks segments, tiles and tiers). Each run in its own process (clean peak,
-``PeakMemoryMeter``); conventional and streamed runs interleaved, medians over ``--repeat``.
+backward. The streamed step uses ``memory_budget`` = ``--fraction`` of the conventional step's peak: by default the
+peak *measured* in the first conventional run (``--budget-from predicted``: the planner's conventional prediction,
+which over-predicts it); ``StreamingModule(tile_size="auto")`` picks segments, tiles and tiers. Each run in its own
+process (clean peak, ``PeakMemoryMeter``); conventional and streamed runs interleaved, medians over ``--repeat``.
 
-    python benchmarks/unet3d_streaming.py --sizes 96 128
-    python benchmarks/unet3d_streaming.py --sizes 96 --norm instance
+The runs get ``OMP_WAIT_POLICY=PASSIVE`` unless ``--omp-wait-policy`` says otherwise: on a shared, loaded machine
+OpenMP's spinning worker threads (the default, ACTIVE) steal the core the main thread needs, and every small
+parallel operation then waits ~10 ms for a descheduled thread; a streamed step runs thousands of such operations
+(tile boxes, statistics), the conventional step a few hundred. Both methods get the same setting.
+
+    python benchmarks/unet3d_streaming.py --sizes 160 192
+    python benchmarks/unet3d_streaming.py --sizes 160 --norm instance
 """
 
 from __future__ import annotations
@@ -88,6 +94,8 @@ def main() -> None:
     parser.add_argument(
         "--fraction", type=float, default=0.25, help="streamed budget / conventional predicted peak"
     )
+    parser.add_argument("--budget-from", default="measured", choices=["measured", "predicted"])
+    parser.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY of the runs ('' to inherit)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", help="append raw results to this JSON-lines file")
     parser.add_argument("--run", help=argparse.SUPPRESS)
@@ -99,27 +107,37 @@ def main() -> None:
         return
     from tilegrad.units import format_bytes
 
-    print(f"load: {os.getloadavg()}", flush=True)
+    env = dict(os.environ)
+    if args.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    print(f"load: {os.getloadavg()}, OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY', '(unset)')}", flush=True)
     table = []
     for size in args.sizes:
         conv_pred = conventional_peak(build(args.norm), size)
         budget = int(conv_pred * args.fraction)
-        print(
-            f"{size}^3 {args.norm}: conventional predicted {format_bytes(conv_pred)}, budget {format_bytes(budget)}"
-        )
         rows: dict[str, list[dict]] = {}
         for rep in range(args.repeat):
             for method in ("conventional", "streamed"):
                 proc = subprocess.run(
                     [sys.executable, __file__, "--run", method, "--size", str(size), "--norm", args.norm,
                      "--budget", str(budget)],
-                    capture_output=True, text=True,
+                    capture_output=True, text=True, env=env,
                 )  # fmt: skip
                 if proc.returncode != 0:
                     print(f"{method} @ {size}: FAILED\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
                     continue
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
                 row["load"] = os.getloadavg()[0]
+                if method == "conventional" and rep == 0:
+                    if args.budget_from == "measured":
+                        budget = int(row["peak_bytes"] * args.fraction)
+                    print(
+                        f"{size}^3 {args.norm}: conventional peak measured {format_bytes(row['peak_bytes'])}, "
+                        f"predicted {format_bytes(conv_pred)}; streamed budget {format_bytes(budget)} "
+                        f"({args.fraction:g} of the {args.budget_from} peak)",
+                        flush=True,
+                    )
+                row["budget"] = budget
                 rows.setdefault(method, []).append(row)
                 if args.json:
                     with open(args.json, "a") as fh:

@@ -110,3 +110,24 @@ def test_instance_norm_tracking_running_stats_in_training_is_refused():
     trunk = nn.Sequential(nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2, track_running_stats=True)).train()
     with pytest.raises(NotStreamableError, match="track_running_stats"):
         StreamingModule(trunk, tile_size=16)(torch.randn(1, 1, 40, 40))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_segment_ending_in_a_convolution_does_not_recompute_it(transposed):
+    # NOTE [ Last convolution not recomputed ] in execute.py: the backward calls the last convolution's backward on
+    # the recomputed input; a batch norm in training mode cuts right after every convolution, so each segment ends
+    # in one, and each convolution runs once per tile of its segment (the forward), exact as before
+    last = nn.ConvTranspose2d(6, 3, 2, stride=2) if transposed else nn.Conv2d(6, 3, 3, padding=1, stride=2)
+    trunk = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.PReLU(),
+                          nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(), last).train()  # fmt: skip
+    calls = {k: 0 for k in ("0", "3", "6")}
+    for name in calls:
+        count = lambda *a, name=name: calls.__setitem__(name, calls[name] + 1)  # noqa: E731
+        trunk.get_submodule(name).register_forward_hook(count)
+    streamed = _check(trunk, (2, 2, 48, 40), 24)
+    plan = streamed.last_plan
+    tiles = {sp.segment.out.target: len(sp.grid) for sp in plan.segments if not sp.keep}
+    tiles = {name: n for name, n in tiles.items() if name in calls}
+    assert tiles and max(tiles.values()) > 1, plan
+    for name, n in tiles.items():  # a forward pass over the tiles and nothing in the backward
+        assert calls[name] == n + 1, (name, calls, tiles)  # + 1: the plain reference run in _check

@@ -79,7 +79,7 @@ __all__ = ["Box", "DiskStore", "Scratch", "Store", "TensorStore", "remove_stale_
 # when trailing dims are whole: a box of whole rows is one run), instead of N*C times as many short runs in an
 # (N, C, *spatial) layout. The (N, C, *box) tensor a read returns is a transpose of what the file holds. On the CPU
 # the box moves a *span* at a time: the runs along the box's last outer dim are evenly spaced in the file, and those
-# whose gaps are no longer than the runs themselves (or a page) are moved with one call together with their gaps,
+# whose gaps are no longer than the runs themselves (or 16 KiB) are moved with one call together with their gaps,
 # into a staging buffer of at most 1 MiB that stays in cache, and transposed from there into the output with one
 # strided copy per span (a 3D box of a 16-channel map, 56^3 of 80^3: 56 calls of 280 KiB instead of 3,136 calls of
 # 3.5 KiB, at most twice the box's bytes moved). A write or an add reads a span that has gaps first, changes the
@@ -285,7 +285,7 @@ def _reserve(fd: int, nbytes: int) -> bool:
 
 _PIECE_BYTES = 256 * 1024  # staging buffer of an accelerator's read or write (NOTE [ Storage tiers ])
 _SPAN_BYTES = 1024 * 1024  # at most this many file bytes per call on the CPU (NOTE [ Storage tiers ])
-_GAP_BYTES = 4096  # runs at most this far apart (or as far as they are long) are moved together with their gaps
+_GAP_BYTES = 16384  # runs at most this far apart (or as far as they are long) are moved together with their gaps
 
 
 class DiskStore:

@@ -12,6 +12,15 @@ over tiles (NOTE [ Disjoint cores ] in tiling.py). A boundary's gradient is comp
 has run its backward, which reverse topological order guarantees; its store is freed right after its producer's
 backward, and an activation store right after the backward of its first reader.
 
+NOTE [ Last convolution not recomputed ]
+The backward of a convolution needs its input and the gradient of its output, never its output. When a segment
+ends in a convolution (nn.ConvNd or nn.ConvTransposeNd with zero padding: in a network cut at every normalisation
+that is almost every segment, and its most expensive layer), each tile's backward recomputes only the part before
+it, with a graph, and calls the convolution's backward (``aten.convolution_backward``, the function autograd's own
+node calls) on that input with the core's gradient placed in a zero map of the tile's output shape. What the
+output's value is needed for (the gradient a statistic of it sends, NOTE [ Streamed statistics ]) is read from the
+output's store, which holds exactly what the forward wrote. Not under autocast, not for a streamed head's input.
+
 NOTE [ Kept segments ]
 A segment the plan runs in one tile keeps its graph from the forward to its own backward (run whole with autograd
 on detached sources): nothing is recomputed, at the price of the bytes autograd saves.
@@ -115,6 +124,7 @@ class Execution:
                 self.reads.setdefault(r.args[0], []).append(r)
         self.red_parts: dict[Any, list[Any]] = {}
         self.pending: dict[Any, list[tuple[Any, torch.Tensor]]] = {}
+        self.tails: dict[int, Any] = {}  # NOTE [ Last convolution not recomputed ]
         self.kept_glob: dict[Any, Any] = {}
         self.gglob: dict[Any, torch.Tensor] = {}
 
@@ -178,6 +188,79 @@ class Execution:
         under the caller's grad mode, so the leaf whose gradient is taken stays untouched."""
         inplace = sp.segment.inplace_sources
         return [t.clone() if j in inplace else t for j, t in enumerate(srcs)]
+
+    # -- NOTE [ Last convolution not recomputed ] ----------------------------------------------------------------
+    def _tail(self, sp: SegmentPlan) -> tuple[nn.Module, nn.Module] | None:
+        """(module computing the input of the segment's last convolution from its sources, that convolution), or
+        None when the segment does not end in one it can skip."""
+        key = id(sp.segment)
+        if key in self.tails:
+            return self.tails[key]
+        self.tails[key] = None
+        chain = sp.chain
+        if not isinstance(chain, torch.fx.GraphModule):
+            return None
+        (out_node,) = [n for n in chain.graph.nodes if n.op == "output"]
+        conv_node = out_node.args[0]
+        if not isinstance(conv_node, torch.fx.Node) or conv_node.op != "call_module":
+            return None
+        conv = chain.get_submodule(conv_node.target)
+        if (
+            not isinstance(conv, nn.modules.conv._ConvNd)
+            or conv.padding_mode != "zeros"
+            or isinstance(conv.padding, str)
+            or len(conv_node.args) != 1
+            or conv_node.kwargs
+            or not isinstance(conv_node.args[0], torch.fx.Node)
+        ):
+            return None
+        graph = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        graph.graph_copy(chain.graph, env)
+        graph.output(env[conv_node.args[0]])
+        prefix = torch.fx.GraphModule(chain, graph)
+        prefix.graph.eliminate_dead_code()
+        prefix.recompile()
+        self.tails[key] = (prefix, conv)
+        return self.tails[key]
+
+    @staticmethod
+    def _conv_out_shape(conv: Any, x: torch.Tensor) -> tuple[int, ...]:
+        size = []
+        for d, n in enumerate(x.shape[2:]):
+            k, s, p, dil = conv.kernel_size[d], conv.stride[d], conv.padding[d], conv.dilation[d]
+            if conv.transposed:
+                size.append((n - 1) * s - 2 * p + dil * (k - 1) + conv.output_padding[d] + 1)
+            else:
+                size.append((n + 2 * p - dil * (k - 1) - 1) // s + 1)
+        return (x.shape[0], conv.out_channels, *size)
+
+    def _tail_backward(
+        self, sp: SegmentPlan, tile: Any, srcs: list[torch.Tensor], inputs: list[torch.Tensor], wanted: dict
+    ) -> tuple[list[Any], list[tuple[nn.Parameter, torch.Tensor]]]:
+        """One tile's backward with the last convolution not recomputed: (gradients of ``inputs``, the
+        convolution's parameter gradients)."""
+        prefix, conv = self._tail(sp)  # type: ignore[misc]
+        seg = sp.segment
+        with torch.enable_grad():
+            z = prefix(*self._args(sp, srcs))
+        nd = z.dim() - 2
+        value = self.stores[seg.out].read(tile.outputs) if seg.out in self.pending else None
+        g_core = self._out_grad(seg.out, tile.outputs, value, z.dtype)
+        g_out = torch.zeros(self._conv_out_shape(conv, z), dtype=z.dtype, device=z.device)
+        g_out[(slice(None), slice(None), *tile.crop)] = g_core
+        bias = conv.bias
+        gz, gw, gb = torch.ops.aten.convolution_backward(
+            g_out, z.detach(), conv.weight, [conv.out_channels] if bias is not None else None,
+            list(conv.stride), list(conv.padding), list(conv.dilation), conv.transposed,
+            list(conv.output_padding) if conv.transposed else [0] * nd, conv.groups,
+            [z.requires_grad, id(conv.weight) in wanted, bias is not None and id(bias) in wanted],
+        )  # fmt: skip
+        del g_out
+        conv_grads = [(p, g) for p, g in ((conv.weight, gw), (bias, gb)) if p is not None and g is not None]
+        if not z.requires_grad:
+            return [None] * len(inputs), conv_grads
+        return list(torch.autograd.grad([z], inputs, [gz], allow_unused=True)), conv_grads
 
     # -- statistics (NOTE [ Streamed statistics ] in statistics.py) --------------------------------------------------
     def _slab_source(self, node: Any) -> Any:
@@ -256,14 +339,22 @@ class Execution:
             elif grad_in is not None:
                 grad_in[(slice(None), slice(None), *box)] += gx
 
-    def _out_grad(self, node: Any, box: tuple[slice, ...], value: torch.Tensor) -> torch.Tensor:
-        """The gradient of a segment's output ``node`` at ``box``, whose value there is ``value``: from its
-        gradient store, plus what the reductions that read it send (NOTE [ Streamed statistics ])."""
-        grad = self.grads[node].read(box).to(value.dtype) if node in self.grads else None
+    def _out_grad(
+        self, node: Any, box: tuple[slice, ...], value: torch.Tensor | None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """The gradient of a segment's output ``node`` at ``box`` (in ``dtype``, else the value's), whose value
+        there is ``value`` (needed only when a reduction reads the node): from its gradient store, plus what the
+        reductions that read it send (NOTE [ Streamed statistics ])."""
+        dtype = dtype or (value.dtype if value is not None else self.dtype)
+        grad = self.grads[node].read(box).to(dtype) if node in self.grads else None
         for r, gstats in self.pending.get(node, ()):
+            assert value is not None
             term = reduction_grad(r, value.to(self.dtype), self.values[r], gstats, self.graph.shape(node))
-            grad = term.to(value.dtype) if grad is None else grad + term.to(value.dtype)
-        return grad if grad is not None else torch.zeros_like(value)
+            grad = term.to(dtype) if grad is None else grad + term.to(dtype)
+        if grad is None:
+            sizes = tuple(b.stop - b.start for b in box)
+            grad = torch.zeros(self.graph.shape(node)[:2] + sizes, dtype=dtype, device=self.device)
+        return grad
 
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, training: bool) -> torch.Tensor:
@@ -422,10 +513,21 @@ class Execution:
                     add_param_grads(seg_params, gs[sum(need) :])
                     del srcs, kept_out, outs, grads, gs
                 else:
+                    tail = (
+                        not (k == last and self.head is not None)
+                        and not self.autocast[0]
+                        and self._tail(sp) is not None
+                    )
                     for t, tile in enumerate(sp.grid):
                         srcs = self._sources(sp, tile.inputs, k, need)
                         inputs = [s for s, n in zip(srcs, need) if n] + seg_params
-                        if inputs:
+                        if inputs and tail:  # NOTE [ Last convolution not recomputed ]
+                            gs, conv_grads = self._tail_backward(sp, tile, srcs, inputs, wanted)
+                            self._add_source_grads(seg, need, tile.inputs, gs, grad_in)
+                            add_param_grads(seg_params, gs[sum(need) :])
+                            add_param_grads([p for p, _ in conv_grads], [g for _, g in conv_grads])
+                            del gs, conv_grads
+                        elif inputs:
                             with torch.enable_grad(), replay_autocast(self.device.type, self.autocast):
                                 y = module(*self._args(sp, srcs))
                                 core = y[(slice(None), slice(None), *tile.crop)]

@@ -10,14 +10,20 @@ trunk's output is never stored: the last segment's tiles feed the head's reducti
 
 NOTE [ Cost model ]
 One number per plan, ``time_ratio``: predicted time of a training step over that of the conventional step
-(forward + backward = 3 forward passes). In FLOP-equivalents:
-* compute: a streamed segment costs 4 forward passes (forward, recompute, backward = 2) times its *overlap* (window
-  area read over all tiles / image area); a kept segment (one tile, graph kept: NOTE [ Kept segments ] in
-  execute.py) costs the conventional 3;
-* per tile: a fixed overhead (Python, dispatch, first touch of fresh buffers), ``TILE_SECONDS`` per tile pass;
+(forward + backward = 3 forward passes). In seconds:
+* compute: a forward pass of a segment over the image takes its FLOPs at ``FLOP_RATE`` plus the bytes its nodes
+  write at ``BYTE_RATE`` (element-wise layers, normalisation and few-channel 3D convolutions are bound by memory:
+  FLOPs alone made a 3D U-Net's conventional step 3x too fast and every fixed cost 3x too heavy against it); a
+  streamed segment costs 4 such passes (forward, recompute, backward = 2) times its *overlap* (window area read
+  over all tiles / image area); a kept segment (one tile, graph kept: NOTE [ Kept segments ] in execute.py) costs
+  the conventional 3;
+* per tile: a fixed overhead (Python, dispatch, first touch of fresh buffers) per tile pass, ``TILE_SECONDS`` plus
+  ``NODE_SECONDS`` per node of the segment;
 * disk: bytes written and read by boundaries on the disk tier at ``DISK_WRITE`` / ``DISK_READ`` bytes per second
   (sources are read once per tile, overlap included; gradients are read-modify-written).
-Seconds become FLOP-equivalents at ``FLOP_RATE`` (a CPU core pair running float32 convolutions here). Device
+Statistics (NOTE [ Streamed statistics ] in statistics.py) cost no pass of their own: they are accumulated from the
+cores their input's segment writes, and their gradient is added in that segment's backward. The rates are this
+machine's (a CPU core pair, float32); a ratio only needs them in the right proportion. Device
 memory is a sweep over the steps of a training step (forward over segments, backward in reverse): the parameters
 and their gradients, the input (if in memory), the boundaries and boundary gradients alive on the device at that
 step, and the step's tile working set (NOTE [ Tile memory ]). Host and disk bytes are reported, not budgeted.
@@ -30,11 +36,13 @@ any plan whose predicted peak is at most the one-segment plan's plus half of one
 so memory stays flat in the image size and the planner cuts more (and stores more, on disk if needed) as the image
 grows.
 
-The search: the conventional step (if it fits), the one-segment plan, all candidate cuts, and a greedy descent
-that toggles one cut at a time while the plan gets faster (or, while nothing fits, leaner). For each cut set, each
+The search: the conventional step (if it fits), the one-segment plan, the stage cuts, all candidate cuts (stage cuts
+and block outputs, graph.py), and greedy descents that toggle one cut at a time while the plan gets faster (or,
+while nothing fits, leaner): over the stage cuts, then over every candidate. For each cut set, each
 segment takes the fastest tile that fits next to what else is alive at its step; boundaries move to disk (largest
-first) when the device budget is too small for them (``tiers="auto"``). The chosen plan's windows are then
-refined between the ladder's rungs (NOTE [ Tile refinement ]).
+first) when the device budget is too small for them (``tiers="auto"``). Each window of the ladder is shrunk to the
+smallest with the same tile count (NOTE [ Balanced tiles ]); the chosen plan's windows are then refined between the
+ladder's rungs (NOTE [ Tile refinement ]).
 
 NOTE [ Planning cost ]
 The search builds a few hundred cut sets, each of a dozen segments over a ladder of some 40 tile sizes. What makes
@@ -42,7 +50,9 @@ that take seconds rather than minutes at 65536^2: a segment is the same object i
 (TrunkGraph keeps one per output and sources), so its geometry is propagated once and its plan at each tile size
 is made once (``segment_plan``, ``options``: cached per segment, never mutated; a plan copies what it changes); a
 candidate's tile grid is summarised (tiles, largest window, area read) from the periodic runs of its cores
-(NOTE [ Periodic cores ] in tiling.py) and listed only when the chosen plan runs (``SegmentPlan.grid``).
+(NOTE [ Periodic cores ] in tiling.py) and listed only when the chosen plan runs (``SegmentPlan.grid``); a
+segment whose step is over the budget walks down its options to the first that fits that step without
+re-evaluating the plan at each one (the other terms of a step do not depend on the segment's tile).
 """
 
 from __future__ import annotations
@@ -65,7 +75,7 @@ from .errors import ConfigError, GeometryError, MemoryBudgetError, ShapeError
 from .graph import Segment, TrunkGraph
 from .options import batch_tiles_option, budget_option, mode_option, require_budget, tile_size_option
 from .segment import Unit, units_of
-from .tiling import TileGrid, grid_summary, plan_dim, tile_grid
+from .tiling import TileGrid, dim_summary, grid_summary, plan_dim, tile_grid
 from .typing import Bytes
 from .units import format_bytes
 
@@ -74,11 +84,22 @@ __all__ = ["BoundaryPlan", "Plan", "SegmentPlan", "Unit", "plan_streaming", "uni
 # FLOP/s (FlopCounterMode counts 2 per multiply-add) of float32 convolutions on this CPU: the ResNet-34 trunk's
 # conventional step at 4096^2 (7.3e12 FLOP) took 61 s on a quiet machine
 FLOP_RATE = 1.2e11
-TILE_SECONDS = 0.025  # fixed cost of one tile pass
+# bytes/s at which a step writes its tensors (element-wise layers, normalisation, few-channel 3D convolutions are
+# bound by memory, not FLOPs): fitted, together with FLOP_RATE, to the warm conventional steps of ResNet-34 at
+# 1024^2 (153 GFLOP, 1.0 GiB written per forward, 4.6 s) and MONAI UNet 16-32-64-128 at 160^3 (14.6 GFLOP, 0.5 GiB,
+# 1.1 s); FLOPs alone predicted the UNet's step 3x too fast
+BYTE_RATE = 2.2e9
+# fixed cost of one tile pass (Python, dispatch, first touch of fresh buffers): a base plus a share per node of the
+# segment, so that a whole ResNet-34 trunk (232 nodes) costs the 25 ms per tile measured for issue 2 and a few
+# layers 2-4 ms (an 8-layer 2D net at 1536^2: 96 px tiles, 361 of them, against 192 px, 81: 4 ms per tile, forward
+# and backward)
+TILE_SECONDS = 0.002
+NODE_SECONDS = 1e-4
 # bytes/s of a DiskStore, measured by benchmarks/boundary_io.py (BENCHMARKS.md, "Boundary storage"): writes
-# 0.13-0.27, reads 0.34-0.45 from the page cache and 0.06-0.3 from the disk
-DISK_WRITE = 0.2e9
-DISK_READ = 0.3e9
+# 0.13-0.27, reads 0.34-0.45 from the page cache and 0.06-0.3 from the disk; 3D tile boxes since they move a span
+# at a time (NOTE [ Storage tiers ]): writes 0.3-0.7, reads 0.6-1.1, adds 0.4-0.7 (16-32 channels, 24^3-50^3 boxes)
+DISK_WRITE = 0.3e9
+DISK_READ = 0.6e9
 BACKWARD_TRANSIENT = 6.5  # training working set beyond saved tensors, in units of the largest tensor
 FORWARD_TRANSIENT = 2.0  # no-grad forward working set, in units of the largest tensor
 BUDGET_SAFETY = 0.8  # share of a user budget the planner plans for (the rest: allocator slack)
@@ -255,6 +276,28 @@ def _tile_ladder(spatial: Sequence[int]) -> list[tuple[int, ...]]:
     return [tuple(min(s, d) for d in spatial) for s in sorted(sizes)]
 
 
+@functools.lru_cache(maxsize=65536)
+def _balanced_dim(dim: Any, align: int, in_len: int, out_len: int, tile: int, axis: int) -> int:
+    """One axis of NOTE [ Balanced tiles ]: the smallest window giving as many tiles as ``tile`` does."""
+    n, longest, total = dim_summary(dim, align, in_len, out_len, tile, axis)
+    if n == 1:
+        return min(tile, in_len)
+    if n > 4 or n * longest - total < longest // 2:
+        return tile
+    lo, hi = 1, tile  # hi gives n tiles: the smallest window that still does, by bisection
+    while lo < hi:
+        mid = (lo + hi) // 2
+        try:
+            fits = dim_summary(dim, align, in_len, out_len, mid, axis)[0] <= n
+        except GeometryError:
+            fits = False
+        if fits:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
 def _min_tile(geometry: Any, in_shape: Sequence[int], out_shape: Sequence[int], axis: int) -> int:
     try:
         plan_dim(geometry.dims[axis], geometry.align[axis], in_shape[axis], out_shape[axis], 1, axis)
@@ -292,16 +335,19 @@ class _Planner:
         self.image = graph.input_shape
         self.ladder = _tile_ladder(self.image[2:])
         self.total_flops = sum(p.flops for p in graph.profiles.values()) + head_flops or 1.0
+        # seconds of one conventional forward pass (NOTE [ Cost model ])
+        written = sum(p.out_bytes for p in graph.profiles.values())
+        self.total_seconds = self.total_flops / FLOP_RATE + written / BYTE_RATE
+        self._pass_seconds: dict[int, float] = {}
         self._sp: dict[tuple[int, tuple[int, ...]], SegmentPlan | None] = {}
         self._forward_rate: dict[int, float] = {}
         self._options: dict[tuple, list[SegmentPlan]] = {}
-        self._work_of: dict[int, list[int]] = {}  # by id of a cached options list
-        self._seconds_of: dict[int, list[float]] = {}
+        self._leaner_of: dict[int, list[int | None]] = {}  # by id of a cached options list
         self.errors: list[str] = []
 
     # -- one segment at one tile ----------------------------------------------------------------------------
-    def segment_plan(self, seg: Segment, tile: tuple[int, ...]) -> SegmentPlan | None:
-        key = (id(seg), tile)
+    def segment_plan(self, seg: Segment, tile: tuple[int, ...], balance: bool = True) -> SegmentPlan | None:
+        key = (id(seg), tile, balance)
         if key in self._sp:
             return self._sp[key]
         out_shape = seg.out_shape
@@ -322,6 +368,8 @@ class _Planner:
             self.errors.append(str(err))
             self._sp[key] = None
             return None
+        if balance:
+            tile, grid = self._balanced(seg, tile, grid)
         tiles, max_in_shape, input_area = grid
         ratio = math.prod(max_in_shape) / math.prod(self.image[2:])
         saved = seg.saved_bytes * ratio
@@ -346,6 +394,22 @@ class _Planner:
             )
         self._sp[key] = sp
         return sp
+
+    def _balanced(self, seg: Segment, tile: tuple[int, ...], grid: Any) -> tuple[tuple[int, ...], Any]:
+        """NOTE [ Balanced tiles ]: the smallest window with as many tiles per axis as ``tile`` gives. The greedy
+        split (NOTE [ Greedy cores ] in tiling.py) fills every tile but the last, which may be a sliver (an 80 px
+        window on a 160 px axis with a 4 px halo: cores 76, 72 and 12); the smallest window with the same count
+        makes the tiles nearly equal: same count, a smaller working set, no sliver paying a whole tile's fixed
+        cost, so the search can afford windows with fewer tiles (a 3D U-Net at 160^3: 8 tiles of 82^3 where the
+        ladder's 80^3 gave 27). Only axes of 2-4 tiles whose last tile wastes at least half a window are searched
+        (beyond that a sliver costs little), so planning stays as fast (NOTE [ Planning cost ])."""
+        geo, image, out = seg.geometry, self.image[2:], seg.out_shape[2:]
+        best = tuple(
+            _balanced_dim(geo.dims[d], geo.align[d], image[d], out[d], tile[d], d) for d in range(len(tile))
+        )
+        if best == tuple(tile):
+            return tile, grid
+        return best, grid_summary(geo, image, out, best)
 
     def _forward_per_px(self, seg: Segment) -> float:
         """Inference peak per image pixel of a segment, from estimate_memory's allocator simulation (CPU
@@ -377,13 +441,26 @@ class _Planner:
         opts = [sp for t in self.ladder if (sp := self.segment_plan(seg, t)) is not None]
         if requested is not None:
             if self.g.input in seg.sources:
-                opts = [sp for sp in (self.segment_plan(seg, requested),) if sp is not None]
+                opts = [sp for sp in (self.segment_plan(seg, requested, False),) if sp is not None]
             else:
                 opts = [sp for sp in opts if self.work(sp) <= (cap or 0)] or opts[:1]
         opts.sort(key=lambda sp: (self.seconds(sp), sp.tile))
         self._options[key] = opts
-        self._work_of[id(opts)] = [self.work(sp) for sp in opts]
-        self._seconds_of[id(opts)] = [self.seconds(sp) for sp in opts]
+        works = [self.work(sp) for sp in opts]
+        secs = [self.seconds(sp) for sp in opts]
+        # leaner[j]: the fastest option leaner than j (ties: the larger working set, then the first)
+        leaner: list[int | None] = [None] * len(opts)
+        best: int | None = None
+        by_work = sorted(range(len(opts)), key=works.__getitem__)
+        i = 0
+        for j in by_work:
+            while works[by_work[i]] < works[j]:
+                c = by_work[i]
+                if best is None or (secs[c], -works[c], c) < (secs[best], -works[best], best):
+                    best = c
+                i += 1
+            leaner[j] = best
+        self._leaner_of[id(opts)] = leaner
         return opts
 
     def work(self, sp: SegmentPlan) -> int:
@@ -395,14 +472,23 @@ class _Planner:
             return 3
         return 4 if self.training else 1
 
+    def pass_seconds(self, seg: Segment) -> float:
+        """Seconds of one forward pass of a segment over the whole image: its FLOPs and the bytes it writes."""
+        if id(seg) not in self._pass_seconds:
+            written = sum(self.g.profiles[n].out_bytes for n in seg.nodes)
+            self._pass_seconds[id(seg)] = seg.flops / FLOP_RATE + written / BYTE_RATE
+        return self._pass_seconds[id(seg)]
+
     def tile_seconds(self, sp: SegmentPlan) -> float:
         """The fixed cost of a segment's tile passes (NOTE [ Cost model ])."""
         if sp.keep:
             return 0.0
-        return sp.tiles * TILE_SECONDS * (self.passes(sp) / 2 if self.training else 1)
+        per_tile = TILE_SECONDS + NODE_SECONDS * len(sp.segment.nodes)
+        return sp.tiles * per_tile * (self.passes(sp) / 2 if self.training else 1)
 
     def seconds(self, sp: SegmentPlan) -> float:
-        return self.passes(sp) * sp.flops * (1 if sp.keep else sp.overlap) / FLOP_RATE + self.tile_seconds(sp)
+        overlap = 1 if sp.keep else sp.overlap
+        return self.passes(sp) * self.pass_seconds(sp.segment) * overlap + self.tile_seconds(sp)
 
     # -- a whole plan ----------------------------------------------------------------------------------------
     def fixed_bytes(self) -> int:
@@ -456,12 +542,12 @@ class _Planner:
 
     @property
     def conventional_seconds(self) -> float:
-        return (3 if self.training else 1) * self.total_flops / FLOP_RATE
+        return (3 if self.training else 1) * self.total_seconds
 
     def time_parts(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> dict[str, float]:
         """``time_ratio`` in its parts (NOTE [ Cost model ]), each over the conventional step: the passes over
         the image (compute), the halos recomputed (overlap), the tiles' fixed cost (tiles), boundary IO (disk)."""
-        compute = sum(self.passes(sp) * sp.flops / FLOP_RATE for sp in segs)
+        compute = sum(self.passes(sp) * self.pass_seconds(sp.segment) for sp in segs)
         tiles = sum(self.tile_seconds(sp) for sp in segs)
         overlap = sum(self.seconds(sp) for sp in segs) - compute - tiles
         disk = self.disk_seconds(segs, bounds)
@@ -510,9 +596,11 @@ class _Planner:
         cap = None
         if requested is not None:
             first = (
-                self.segment_plan(segments[0], requested) if segments[0].sources == [self.g.input] else None
+                self.segment_plan(segments[0], requested, False)
+                if segments[0].sources == [self.g.input]
+                else None
             )
-            sps = [self.segment_plan(s, requested) for s in segments if self.g.input in s.sources]
+            sps = [self.segment_plan(s, requested, False) for s in segments if self.g.input in s.sources]
             if any(sp is None for sp in sps):
                 return None
             cap = max(self.work(sp) for sp in sps if sp is not None)
@@ -547,11 +635,23 @@ class _Planner:
                     continue
             worst = max(range(len(steps)), key=steps.__getitem__)
             k = worst if worst < len(segments) else 2 * len(segments) - 1 - worst
-            works, secs = self._work_of[id(options[k])], self._seconds_of[id(options[k])]
-            leaner = [j for j in range(len(works)) if works[j] < works[choice[k]]]
-            if not leaner:
+            # the fastest leaner tile, and again, until that step fits: the step's other terms do not depend on
+            # the segment's tile (NOTE [ Planning cost ])
+            leaner_of = self._leaner_of[id(options[k])]
+            at_step = (
+                (lambda sp: sp.tile_forward_bytes)
+                if worst < len(segments)
+                else (lambda sp: sp.tile_train_bytes)
+            )
+            room = at_step(options[k][choice[k]]) - (steps[worst] - budget)
+            j = choice[k]
+            while leaner_of[j] is not None:
+                j = leaner_of[j]
+                if at_step(options[k][j]) <= room:
+                    break
+            if j == choice[k]:
                 break
-            choice[k] = min(leaner, key=lambda j: (secs[j], -works[j]))
+            choice[k] = j
         segs = [dataclasses.replace(sp) for sp in current()]
         if (
             self.tiers == "auto" and budget is not None
@@ -610,7 +710,9 @@ class _Planner:
         cap = None  # a fixed tile caps every segment's working set at its own (NOTE [ Tile memory ])
         if requested is not None:
             firsts = [
-                self.segment_plan(s.segment, requested) for s in segs if self.g.input in s.segment.sources
+                self.segment_plan(s.segment, requested, False)
+                for s in segs
+                if self.g.input in s.segment.sources
             ]
             cap = max(self.work(sp) for sp in firsts if sp is not None)
         for k, sp in enumerate(segs):
@@ -646,13 +748,19 @@ class _Planner:
         self, mode: str, budget: int | None, requested: tuple[int, ...] | None
     ) -> tuple[Plan | None, Plan | None]:
         """(fastest plan within budget, leanest plan found)."""
-        cands = self.g.candidates
+        cands, stage_cands = self.g.candidates, self.g.stage_candidates
+        stages, every = frozenset(stage_cands), frozenset(cands)
+        descents: list[tuple[frozenset, list]] = []
         if mode == "lean":
             starts = [frozenset()]
         elif mode == "stages":
-            starts = [frozenset(cands)]
+            starts = [stages]
         else:
-            starts = [frozenset(), frozenset(cands)]
+            starts = list(dict.fromkeys([frozenset(), stages, every]))
+            # descents over the stage cuts alone (whose local optimum the block outputs might otherwise walk past),
+            # then over every candidate; the fastest plan seen wins
+            descents = [(frozenset(), stage_cands), (stages, stage_cands)]
+            descents += [(frozenset(), cands), (every, cands), (stages, cands)]
         seen: dict[frozenset, Plan | None] = {}
 
         def get(cuts: frozenset) -> Plan | None:
@@ -669,11 +777,11 @@ class _Planner:
 
         for start in starts:
             get(start)
-        if mode == "auto" and len(cands) > 0:
-            for start in starts:
+        for start, toggles in descents:
+            if toggles:
                 current = start
                 while True:
-                    moves = [current ^ {c} for c in cands]
+                    moves = [current ^ {c} for c in toggles]
                     best = min(moves, key=lambda c: score(get(c)))
                     if score(get(best)) < score(get(current)):
                         current = best
@@ -723,7 +831,7 @@ def plan_streaming(
 ) -> Plan:
     """Choose segments, tile sizes and storage tiers for ``module`` on an input of ``input_shape`` (N, C, *spatial).
 
-    ``mode``: "lean" (one segment, memory flat in the image size), "stages" (cut at every candidate), or "auto"
+    ``mode``: "lean" (one segment, memory flat in the image size), "stages" (cut at every change of scale), or "auto"
     (with a budget: the fastest plan that fits, including unstreamed execution; with a fixed tile: the fastest
     plan within the tile's implied limit, NOTE [ Tile memory ]). ``head``: a streamed head (tilegrad.heads) fed
     tile by tile; the trunk's output is then never stored. ``tiers``: where boundary tensors live, "auto" (the
@@ -789,9 +897,10 @@ def plan_streaming(
                 "memory_budget= to let it use more memory for speed"
             )
     best, leanest = planner.search(mode, budget, requested)
-    if tiers == "auto" and budget is not None and (best is None or best.disk_bytes):
+    if tiers == "auto" and budget is not None:
         # the automatic tiers move boundaries to disk while tiles are still large; a plan that keeps every
         # boundary on the device with smaller tiles may be both faster and leaner: compare the two searches
+        # (also when the automatic search's plan has nothing on disk: its descent may have passed such plans by)
         planner.tiers = "device"
         other, other_lean = planner.search(mode, budget, requested)
         planner.tiers = "auto"
@@ -834,7 +943,13 @@ def _representatives(spans: Sequence[Any]) -> list[Any]:
     """The first and last span of a dim and the interior spans of distinct lengths and crops."""
     picked: dict[Any, Any] = {}
     for k, sp in enumerate(spans):
-        key = "first" if k == 0 else "last" if k == len(spans) - 1 else (sp.in_length, sp.out_stop - sp.out_start)
+        key = (
+            "first"
+            if k == 0
+            else "last"
+            if k == len(spans) - 1
+            else (sp.in_length, sp.out_stop - sp.out_start)
+        )
         picked.setdefault(key, sp)
     return list(picked.values())
 
@@ -899,7 +1014,7 @@ def _check_tiles(plan: Plan) -> None:
                         f"segment {seg.name} of the plan for input {'x'.join(map(str, g.input_shape))} runs on the "
                         f"whole image but on a tile of image px {[(w.start, w.stop) for w in window]} it {failure}. "
                         "Its forward depends on the input size (e.g. MONAI's UpCat pads when a size was odd before "
-                        "a downsampling). Use mode=\"lean\" (one segment running the model itself on each tile), or "
+                        'a downsampling). Use mode="lean" (one segment running the model itself on each tile), or '
                         "an input whose size is divisible by the network's total downsampling"
                     )
 
