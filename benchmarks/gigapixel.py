@@ -66,10 +66,10 @@ def predict(args: argparse.Namespace) -> None:
     configs = [CONFIGS[c] for c in args.configs]
     rows = []
     print(
-        "| image | head | tiers | predicted device peak | time / conventional | host | disk | segments "
-        "| planning (s) |"
+        "| image | head | tiers | predicted device peak | time / conventional | time in parts | host | disk "
+        "| segments: tile px / tiles | planning (s) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for head_name, tiers, disk_rate in configs:
         for size in args.sizes:
             saved = (tplan.DISK_WRITE, tplan.DISK_READ)
@@ -90,14 +90,24 @@ def predict(args: argparse.Namespace) -> None:
             label = tiers + (" (what-if disk 2 GB/s)" if disk_rate else "")
             if plan is None:
                 print(
-                    f"| {size}^2 | {head_name} | {label} | no plan: {err[:160]} | - | - | - | - | {secs:.1f} |"
+                    f"| {size}^2 | {head_name} | {label} | no plan: {err[:160]} | - | - | - | - | - | {secs:.1f} |"
                 )
                 rows.append({"size": size, "head": head_name, "tiers": label, "error": err})
                 continue
-            nseg = len(plan.segments)
+            segs = ", ".join(
+                "kept" if s.keep else f"{s.tile[0]}/{s.tiles}" for s in plan.segments
+            )  # square images: one side
+            parts = plan.time_parts
+            split = (
+                f"{parts['compute']:.2f} + overlap {parts['overlap']:.2f} + tiles {parts['tiles']:.2f} "
+                f"+ disk {parts['disk']:.2f}"
+                if parts
+                else "-"
+            )
             print(
                 f"| {size}^2 | {head_name} | {label} | {format_bytes(plan.peak_bytes)} | x{plan.time_ratio:.2f} "
-                f"| {format_bytes(plan.host_bytes)} | {format_bytes(plan.disk_bytes)} | {nseg} | {secs:.1f} |",
+                f"| {split} | {format_bytes(plan.host_bytes)} | {format_bytes(plan.disk_bytes)} "
+                f"| {len(plan.segments)}: {segs} | {secs:.1f} |",
                 flush=True,
             )
             rows.append({"size": size, "head": head_name, "tiers": label, **plan.to_dict(), "seconds": secs})

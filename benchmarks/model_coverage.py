@@ -42,10 +42,16 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 BEGIN, END = "<!-- coverage table: begin (benchmarks/model_coverage.py) -->", "<!-- coverage table: end -->"
 EXACT = 1e-10  # float64: relative to the largest magnitude of the compared tensor
 # What 2 shared CPU cores can do in about 15 minutes for some 250 models in float64 (convolutions in float64 take
-# PyTorch's slow path on CPU): larger models and inputs are listed with the reason they were not run.
-MAX_PARAMS = 100e6
-SIDE = {2: 64, 3: 32}  # the input's side; grown (up to MAX_PIXELS) when the halo asks for larger tiles
+# PyTorch's slow path on CPU): larger models and inputs are listed with the reason they were not run. 150M
+# parameters take in every torchvision CNN but ConvNeXt-Large and RegNet-Y-128GF (VGG-11-BN, 133M: 20 s a row,
+# 5.6 GB resident in float64 with its gradients twice).
+MAX_PARAMS = 150e6
+SIDE = {2: 64, 3: 32}  # the input's side; grown when the halo asks for larger tiles, or to the model's minimum
+# the input may grow up to MAX_PIXELS, or further while the trunk's forward costs at most MAX_FLOPS there (counted on
+# the meta device): AlexNet and SqueezeNet are one segment (no map lies on the image grid) and need 256 px tiles, but
+# their trunks are cheap (4 GFLOP at 384^2, as much as ConvNeXt-Base's at 64^2 x 1.6)
 MAX_PIXELS = {2: 192**2, 3: 64**3}
+MAX_FLOPS = 5e9
 SECONDS = 60  # per model
 
 
@@ -61,6 +67,7 @@ class Row:
     setup: str = (
         ""  # the arguments the table had to choose (MONAI), or the timm model standing for its family
     )
+    side: int = 0  # the smallest input side the model accepts (torchvision's min_size), 0: SIDE
     status: str = ""  # streamed exact | infer exact | NOT EXACT | refused | crash | not built | not run
     error: str = ""
     time: str = ""
@@ -91,10 +98,20 @@ def _torchvision_rows() -> list[Row]:
 
     rows = []
     for name in torchvision.models.list_models(module=torchvision.models):
-        rows.append(Row("torchvision", name, _tv_factory(name)))
+        rows.append(Row("torchvision", name, _tv_factory(name), side=_tv_min_side(name)))
     for name in torchvision.models.list_models(module=torchvision.models.segmentation):
         rows.append(Row("torchvision.segmentation", name, _tv_factory(name, segmentation=True)))
     return rows
+
+
+def _tv_min_side(name: str) -> int:
+    """The smallest input side of a torchvision model (its weights' ``min_size``: Inception-v3 needs 75 px),
+    rounded up to a multiple of 32; 0 when it is at most SIDE."""
+    import torchvision
+
+    weights = list(torchvision.models.get_model_weights(name))
+    least = max(weights[0].meta.get("min_size", (0,))) if weights else 0
+    return 32 * math.ceil(least / 32) if least > SIDE[2] else 0
 
 
 def _tv_factory(name: str, segmentation: bool = False) -> Callable[[], nn.Module]:
@@ -285,15 +302,24 @@ def rows() -> list[Row]:
 # ---- one check ----------------------------------------------------------------------------------------------------
 
 
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """Not an Exception: no ``except Exception`` on the way (a constructor's, tilegrad's, this script's "not built")
+    may take a timeout for a failure of the model."""
 
 
 @contextlib.contextmanager
 def _deadline(seconds: int) -> Iterator[None]:
+    """Stop the check after ``seconds``; then leave no mode behind. The alarm can fire inside a ``with
+    torch.device("meta")`` or a FlopCounterMode whose exit it skips: every later row would then build its model on
+    the meta device (a run once listed MONAI UNet and most timm families as "Tensor.item() cannot be called on meta
+    tensors" after one row timed out)."""
+
     def fire(*_: Any) -> None:
         raise _Timeout(f"over {seconds} s on this machine")
 
+    from torch.utils._python_dispatch import _len_torch_dispatch_stack, _pop_mode
+
+    function_modes, dispatch_modes = torch._C._len_torch_function_stack(), _len_torch_dispatch_stack()
     if not hasattr(signal, "SIGALRM"):
         yield
         return
@@ -304,6 +330,10 @@ def _deadline(seconds: int) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+        while torch._C._len_torch_function_stack() > function_modes:
+            torch._C._pop_torch_function_stack()
+        while _len_torch_dispatch_stack() > dispatch_modes:
+            _pop_mode()
 
 
 def _first_line(err: BaseException) -> str:
@@ -320,16 +350,34 @@ def _rel(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
     return (a - b).abs().max().item() / scale
 
 
+def _affordable(trunk: nn.Module, shape: tuple[int, ...]) -> bool:
+    """Whether a check at this input is within what the CPU can do: at most MAX_PIXELS, or a trunk on the meta device
+    whose forward costs at most MAX_FLOPS at this input."""
+    if math.prod(shape[2:]) <= MAX_PIXELS[len(shape) - 2]:
+        return True
+    param = next(trunk.parameters(), None)
+    if param is None or param.device.type != "meta":
+        return False
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with FlopCounterMode(display=False) as counter:
+            trunk(torch.empty(shape, device="meta", dtype=param.dtype))
+    except Exception:
+        return False
+    return counter.get_total_flops() <= MAX_FLOPS
+
+
 def _tile(trunk: nn.Module, shape: tuple[int, ...], tile: int) -> tuple[tuple[int, ...], int, Any]:
     """An input shape and a tile giving several tiles: grow the tile to the smallest the geometry accepts, the
-    input to 1.5 tiles (multiple of 32). Returns (shape, tile, plan); the plan is None when the input would exceed
-    MAX_PIXELS (the caller says so)."""
+    input to 1.5 tiles (multiple of 32). Returns (shape, tile, plan); the plan is None when the input would be too
+    large for this check (:func:`_affordable`; the caller says so)."""
     import tilegrad
     from tilegrad import GeometryError
 
     planned: tuple[tuple[int, ...], int, Any] | None = None
-    for _ in range(6):
-        if math.prod(shape[2:]) > MAX_PIXELS[len(shape) - 2]:
+    for _ in range(8):
+        if not _affordable(trunk, shape):
             return shape, tile, None
         try:
             plan = tilegrad.plan_streaming(trunk, shape, tile_size=tile, mode="stages", dtype=torch.float64)
@@ -374,7 +422,7 @@ def check(row: Row, side: int | None = None) -> Row:
     row.status = row.error = row.time = row.message = row.input = ""
     if row.source == "timm":
         row.setup = timm_model(row.name)
-    shape = (1, row.channels, *(side or SIDE[row.ndim],) * row.ndim)
+    shape = (1, row.channels, *(side or row.side or SIDE[row.ndim],) * row.ndim)
     torch.manual_seed(0)
     try:
         with _deadline(SECONDS):
@@ -393,15 +441,16 @@ def check(row: Row, side: int | None = None) -> Row:
 
 def on_meta(
     row: Row, shape: tuple[int, ...] | None = None
-) -> tuple[float | None, str | None, tuple[tuple[int, ...], int] | None]:
-    """(parameters, refusal, (input shape, tile)) of the model of ``row`` built on the meta device (no memory, no
-    initialisation): the refusal is the first line of the NotStreamableError that splitting or planning it raises;
-    the shape and tile are those :func:`_tile` found, when it planned. (None, None, None) when the model cannot be
-    built on the meta device (a constructor that computes on its tensors)."""
+) -> tuple[float | None, str | None, tuple[tuple[int, ...], int, str] | None]:
+    """(parameters, refusal, (input shape, tile, too slow)) of the model of ``row`` built on the meta device (no
+    memory, no initialisation): the refusal is the first line of the NotStreamableError that splitting or planning
+    it raises; the shape and tile are those :func:`_tile` found, and "too slow" says why that input is not run here
+    ("" when it is). (None, None, None) when the model cannot be built on the meta device (a constructor that
+    computes on its tensors)."""
     import tilegrad
     from tilegrad.split import streamable_part
 
-    shape = shape or (1, row.channels, *(SIDE[row.ndim],) * row.ndim)
+    shape = shape or (1, row.channels, *(row.side or SIDE[row.ndim],) * row.ndim)
     try:
         with torch.device("meta"):
             meta = row.build().double().eval()
@@ -412,12 +461,42 @@ def on_meta(
         return params, None, None
     try:
         trunk, _ = streamable_part(meta)
-        shape, tile, _ = _tile(trunk, shape, max(16, shape[2] * 2 // 3))
+        shape, tile, plan = _tile(trunk, shape, max(16, shape[2] * 2 // 3))
+        slow = "" if plan is not None else _too_slow(trunk, shape, tile)
     except tilegrad.NotStreamableError as err:
         return params, f"{type(err).__name__}: {_first_line(err)}", None
     except Exception:  # meta tensors cannot do everything: the real run says what happens
         return params, None, None
-    return params, None, (shape, tile)
+    return params, None, (shape, tile, slow)
+
+
+def _too_slow(trunk: nn.Module, shape: tuple[int, ...], tile: int) -> str:
+    """Why the input :func:`_tile` grew to is not run: the tile its halo needs, and, for a network that is one
+    segment (no map between its layers lies on the image's grid, so no cut is offered), that the halo is the whole
+    network's."""
+    import tilegrad
+    from tilegrad.graph import TrunkGraph
+
+    why = "its halo"
+    with contextlib.suppress(Exception):
+        if not TrunkGraph(trunk, shape, torch.float64, training=True).candidates:
+            why = (
+                "the whole network's halo: no map between its layers lies on the image's grid (a strided layer "
+                "without padding), so it streams as one segment"
+            )
+    # the smallest tile where the image border does not clip the halo: asked on a large input (on the meta device)
+    large = (*shape[:2], *(8 * max(tile, 256),) * (len(shape) - 2))
+    need = tile
+    try:
+        tilegrad.plan_streaming(trunk, large, tile_size=8, mode="stages", dtype=torch.float64)
+    except tilegrad.GeometryError as err:
+        found = re.search(r"use at least (\d+)", str(err))
+        need = max(tile, int(found.group(1))) if found else tile
+    except Exception:
+        pass
+    side = 32 * math.ceil(1.5 * need / 32)
+    size = "x".join(map(str, [shape[1], *(side,) * (len(shape) - 2)]))
+    return f"needs tiles of {need} px ({why}), an input of {size}: too slow for this CPU check"
 
 
 def _too_large(params: float) -> str:
@@ -427,7 +506,7 @@ def _too_large(params: float) -> str:
 def _check(
     row: Row,
     shape: tuple[int, ...],
-    found: tuple[tuple[int, ...], int] | None,
+    found: tuple[tuple[int, ...], int, str] | None,
     tilegrad: Any,
     streamable_part: Callable,
 ) -> Row:
@@ -444,7 +523,11 @@ def _check(
     model = model.double().eval()
     try:
         trunk, head = streamable_part(model)
-        shape, tile = found or _tile(trunk, shape, max(16, shape[2] * 2 // 3))[:2]
+        if found is None:
+            shape, tile, plan = _tile(trunk, shape, max(16, shape[2] * 2 // 3))
+            slow = "" if plan is not None else _too_slow(trunk, shape, tile)
+        else:
+            shape, tile, slow = found
     except _Timeout:
         raise
     except Exception as err:
@@ -452,11 +535,8 @@ def _check(
         row.message = f"{type(err).__name__}: {_first_line(err)}"
         return row
     row.input = "x".join(map(str, shape[1:])) + f", tile {tile}"
-    if math.prod(shape[2:]) > MAX_PIXELS[row.ndim]:
-        row.status = "not run"
-        row.message = (
-            f"needs tiles of {tile} px (its halo), an input of {row.input}: too slow for this CPU check"
-        )
+    if slow:
+        row.status, row.message = "not run", slow
         return row
     x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     stream_error = seconds = infer_error = None
@@ -503,19 +583,35 @@ def _infer(
     trunk: nn.Module, shape: tuple[int, ...], tile: int, ndim: int, tilegrad: Any
 ) -> tuple[float | None, str]:
     """(max relative error of ``tilegrad.infer``, "") or (None, why not). infer plans one segment, whose halo is
-    the whole trunk's: the tile grows to what the geometry asks, and the check needs at least two tiles."""
+    the whole trunk's: the tile grows to what the geometry asks, the input (up to MAX_PIXELS) to 1.5 tiles, so that
+    the check has at least two tiles."""
+    for _ in range(6):
+        try:
+            tilegrad.plan_streaming(
+                trunk, shape, tile_size=tile, mode="lean", training=False, dtype=torch.float64
+            )
+        except tilegrad.GeometryError as err:
+            found = re.search(r"use at least (\d+)", str(err))
+            if not found:
+                raise
+            tile = int(found.group(1))
+            if tile >= min(shape[2:]):
+                side = 32 * math.ceil(1.5 * tile / 32)
+                grown = (*shape[:2], *(side,) * ndim)
+                if math.prod(grown[2:]) > MAX_PIXELS[ndim]:
+                    return None, (
+                        f"not run: its one-segment plan needs tiles of {tile} px, an input of "
+                        f"{'x'.join(map(str, grown[1:]))}: too slow for this CPU check"
+                    )
+                shape = grown
+            continue
+        break
+    else:
+        return None, f"not run: no one-segment plan found for an input of {'x'.join(map(str, shape[1:]))}"
+    # the smallest tile of a whole-network halo has cores of a few px (AttentionUnet at 64^3: 512 tiles of 36^3,
+    # 250 s): the largest tile that still cuts the input, two tiles per axis
+    tile = max(tile, 8 * ((min(shape[2:]) - 1) // 8))
     x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    try:
-        tilegrad.plan_streaming(
-            trunk, shape, tile_size=tile, mode="lean", training=False, dtype=torch.float64
-        )
-    except tilegrad.GeometryError as err:
-        found = re.search(r"use at least (\d+)", str(err))
-        if not found:
-            raise
-        tile = int(found.group(1))
-        if tile >= min(shape[2:]):
-            return None, f"not run: its one-segment plan needs tiles of {tile} px, this input has {shape[2]}"
     with torch.no_grad():
         return _rel(tilegrad.infer(trunk, x, tile_size=tile, progress=False), trunk(x)), ""
 
@@ -635,12 +731,16 @@ def main(argv: list[str] | None = None) -> None:
         "--print", action="store_true", help="print the rows instead of writing docs/models.md"
     )
     parser.add_argument(
+        "--seconds", type=int, default=SECONDS, help=f"limit per model (default {SECONDS}; more on a loaded machine)"
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=DOC,
         help="write the page there (a copy of docs/models.md with the new rows)",
     )
     args = parser.parse_args(argv)
+    globals()["SECONDS"] = args.seconds  # check() reads it
     # one thread: on 2 cores shared with other jobs, two OpenMP threads made a float64 DenseNet step 10x slower
     torch.set_num_threads(1)
     _no_network()

@@ -10,7 +10,9 @@ nodes that two segments both need (rare with the candidate cuts below) are compu
 
 Candidate cuts are the tensors around changes of scale (the input and the output of strided convolutions, pooling,
 upsampling): the maps there are the smallest of their stage, and cutting there is what splits a network's halo
-into the small halos of its stages. A tensor that an in-place operation later modifies is never a boundary (the
+into the small halos of its stages. Within a stage, the outputs of blocks with branches (residual adds) that every
+path goes through are candidates too: a stage of many blocks at one scale (ResNet-34's layer3, six blocks) has a
+halo of its own worth splitting, and such a cut has one tensor crossing it. A tensor that an in-place operation later modifies is never a boundary (the
 value stored would not be the one the rest of the graph sees).
 
 NOTE [ Segment windows ]
@@ -272,9 +274,14 @@ class TrunkGraph:
     # -- cuts -------------------------------------------------------------------------------------------------
     @functools.cached_property
     def candidates(self) -> list[torch.fx.Node]:
-        """Tensors where a cut may go, in topological order (NOTE [ Segments over a graph ])."""
-        mutated = {m for n in self.nodes if (m := _mutated(n, self.root)) is not None}
-        ancestors = self._ancestors(self.output)
+        """Tensors where a cut may go, in topological order (NOTE [ Segments over a graph ]): the stage cuts and
+        the block outputs."""
+        cands = set(self.stage_candidates) | set(self._usable(self._block_outputs(self._ancestors(self.output))))
+        return sorted(cands, key=self.index.__getitem__)
+
+    @functools.cached_property
+    def stage_candidates(self) -> list[torch.fx.Node]:
+        """The candidates around changes of scale, in topological order (NOTE [ Segments over a graph ])."""
         cands: set[torch.fx.Node] = set()
         for n in self.nodes:
             if self.geoms.get(n) is None or n.op in ("placeholder", "output"):
@@ -283,7 +290,13 @@ class TrunkGraph:
             if any(self.scale(a) != self.scale(n) for a in spatial_inputs):
                 cands.add(n)
                 cands.update(spatial_inputs)
-        ok = [
+        return sorted(self._usable(cands), key=self.index.__getitem__)
+
+    def _usable(self, cands: Iterable[torch.fx.Node]) -> list[torch.fx.Node]:
+        """The tensors a cut may store: on the image's path to the output, not modified in place, on their grid."""
+        mutated = {m for n in self.nodes if (m := _mutated(n, self.root)) is not None}
+        ancestors = self._ancestors(self.output)
+        return [
             n
             for n in cands
             if n is not self.input
@@ -293,7 +306,44 @@ class TrunkGraph:
             and n not in self.forced
             and self.on_grid(n)
         ]
-        return sorted(ok, key=self.index.__getitem__)
+
+    def _block_outputs(self, ancestors: set[torch.fx.Node]) -> list[torch.fx.Node]:
+        """Tensors that close a block with branches (a residual add, a concatenation) and that every path from the
+        image to the output goes through (NOTE [ Segments over a graph ]): a cut there has one tensor crossing it,
+        and it splits a stage's halo where the stage has no change of scale (ResNet-34's layer3: six blocks at one
+        scale)."""
+        inputs = self._descendants(self.input)
+        spatial = [
+            n
+            for n in self.nodes
+            if n in inputs
+            and n in ancestors
+            and n.op not in ("placeholder", "output")
+            and self.geoms.get(n) is not None
+            and n not in self.global_set
+        ]
+        position = {n: k for k, n in enumerate(spatial)}  # topological, as self.nodes
+        reach = 0  # the furthest position an edge from an earlier node lands on
+        merged = False  # a node with several inputs since the last block output
+        out = []
+        for k, n in enumerate(spatial):
+            if reach <= k and merged:  # no edge jumps over n: every path goes through it
+                out.append(n)
+                merged = False
+            reach = max([reach, *(position[u] for u in n.users if u in position)])
+            merged = merged or sum(a in position for a in n.all_input_nodes) > 1
+        return out
+
+    def _descendants(self, node: torch.fx.Node) -> set[torch.fx.Node]:
+        seen: set[torch.fx.Node] = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            stack.extend(n.users)
+        return seen
 
     def _ancestors(self, node: torch.fx.Node) -> set[torch.fx.Node]:
         seen: set[torch.fx.Node] = set()

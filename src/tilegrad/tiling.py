@@ -132,6 +132,12 @@ def dim_summary(
 
 
 @functools.lru_cache(maxsize=4096)
+def _smallest_tile(dim: DimGeometry, align: int, in_len: int, out_len: int) -> int:
+    """The largest input extent of a one-pixel core: the smallest tile that works."""
+    return _IntDim(dim, align, in_len).max_length(out_len, 1)
+
+
+@functools.lru_cache(maxsize=4096)
 def _greedy_runs(
     dim: DimGeometry, align: int, in_len: int, out_len: int, tile: int, axis: int
 ) -> tuple[tuple[tuple[Span, ...], int, int, int], ...]:
@@ -150,12 +156,8 @@ def _greedy_runs(
         return (((Span(0, in_len, 0, out_len, 0),), 1, 0, 0),)
 
     fast = _IntDim(dim, align, in_len)
-
-    def fits(core: int) -> bool:
-        return fast.max_length(out_len, core) <= tile
-
-    if not fits(1):
-        need = fast.max_length(out_len, 1)
+    need = _smallest_tile(dim, align, in_len, out_len)
+    if need > tile:
         left = max(0, math.ceil(-dim.lo))
         right = max(0, math.ceil(dim.hi - (max(dim.stride, 1) - 1)))
         err = GeometryError(
