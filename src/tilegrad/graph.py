@@ -33,7 +33,7 @@ import copy
 import functools
 import math
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -140,7 +140,8 @@ class Segment:
     saved_bytes: int  # on the whole image
     largest_bytes: int  # largest single tensor inside, on the whole image
     source_bytes: int
-    inplace_sources: frozenset[int] = field(default_factory=frozenset)  # indices of sources + globals written in place
+    # indices into sources + globals of the tensors the segment writes in place
+    inplace_sources: frozenset[int] = field(default_factory=frozenset)
     globals: list[torch.fx.Node] = field(
         default_factory=list
     )  # statistics it reads whole (NOTE [ Streamed statistics ])
@@ -335,26 +336,10 @@ class TrunkGraph:
         return out
 
     def _descendants(self, node: torch.fx.Node) -> set[torch.fx.Node]:
-        seen: set[torch.fx.Node] = set()
-        stack = [node]
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            stack.extend(n.users)
-        return seen
+        return _closure(node, lambda n: n.users)
 
     def _ancestors(self, node: torch.fx.Node) -> set[torch.fx.Node]:
-        seen: set[torch.fx.Node] = set()
-        stack = [node]
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-        return seen
+        return _closure(node, lambda n: n.all_input_nodes)
 
     def segments(self, cuts: Iterable[torch.fx.Node]) -> list[Segment]:
         """The segments of a cut set, in topological order; raises GeometryError if a window would not line up."""
@@ -456,7 +441,7 @@ class TrunkGraph:
             for a in n.all_input_nodes:
                 visit(a)
             written = _mutated(n, self.root)
-            if written is not None and written in inputs:  # in place on a leaf: work on a copy (SiLU(inplace=True))
+            if written is not None and written in inputs:  # in place on a leaf (SiLU(inplace=True)): on a copy
                 env[written] = new.call_method("clone", (env[written],))
             env[n] = new.node_copy(n, lambda a: env[a])
             return env[n]
@@ -476,6 +461,21 @@ class TrunkGraph:
                 raise GeometryError(f"window {w} does not start on the grid of scale {s}")
             out.append(slice(int(start), min(n, stop)))
         return tuple(out)
+
+
+def _closure(
+    node: torch.fx.Node, step: Callable[[torch.fx.Node], Iterable[torch.fx.Node]]
+) -> set[torch.fx.Node]:
+    """``node`` and every node reached from it by repeated ``step`` (users: descendants; inputs: ancestors)."""
+    seen: set[torch.fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(step(n))
+    return seen
 
 
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
