@@ -77,10 +77,8 @@ def test_tuple_tiles(tile):
     assert all(a <= b for a, b in zip(grid.max_in_shape, tile))
 
 
-@pytest.mark.parametrize(("stride", "lo", "hi", "align"), GEOMETRIES)
-@pytest.mark.parametrize(("in_len", "tile"), [(64, 40), (333, 97), (333, 256)])
-def test_greedy_cores_use_the_fewest_tiles(stride, lo, hi, align, in_len, tile):
-    """NOTE [ Greedy cores ]: no split of the output into cores whose inputs fit the tile has fewer tiles."""
+def _greedy_case(stride, lo, hi, align, in_len, tile):
+    """(geometry, output length, spans, integer geometry) of one case; skipped when the tile is below the halo."""
     from tilegrad.tiling import _IntDim
 
     dim = DimGeometry(stride, lo, hi)
@@ -89,7 +87,14 @@ def test_greedy_cores_use_the_fewest_tiles(stride, lo, hi, align, in_len, tile):
         spans = plan_dim(dim, align, in_len, out_len, tile)
     except GeometryError:
         pytest.skip("tile below the halo: test_plan_dim_properties checks the error")
-    fast = _IntDim(dim, align, in_len)
+    return dim, out_len, spans, _IntDim(dim, align, in_len)
+
+
+@pytest.mark.parametrize(("stride", "lo", "hi", "align"), GEOMETRIES)
+@pytest.mark.parametrize(("in_len", "tile"), [(64, 40), (333, 97), (333, 256)])
+def test_greedy_cores_use_the_fewest_tiles(stride, lo, hi, align, in_len, tile):
+    """NOTE [ Greedy cores ]: no split of the output into cores whose inputs fit the tile has fewer tiles."""
+    _, out_len, spans, fast = _greedy_case(stride, lo, hi, align, in_len, tile)
 
     def fits(a: int, b: int) -> bool:
         start, stop = fast.bounds(a, b)
@@ -125,15 +130,9 @@ PERIODIC = [
 def test_periodic_cores_are_the_greedy_cores(stride, lo, hi, align, in_len, tile):
     """NOTE [ Periodic cores ]: the repeated runs give exactly the spans of the core-by-core greedy search, and the
     planner's summary (tiles, largest extent, total extent) is theirs."""
-    from tilegrad.tiling import Span, _greedy_runs, _IntDim, dim_summary
+    from tilegrad.tiling import Span, _greedy_runs, dim_summary
 
-    dim = DimGeometry(stride, lo, hi)
-    out_len = max(1, int(in_len / stride))
-    try:
-        spans = plan_dim(dim, align, in_len, out_len, tile)
-    except GeometryError:
-        pytest.skip("tile below the halo: test_plan_dim_properties checks the error")
-    fast = _IntDim(dim, align, in_len)
+    dim, out_len, spans, fast = _greedy_case(stride, lo, hi, align, in_len, tile)
     reference, j0 = [], 0
     while j0 < out_len:  # the longest core from j0 that fits, found by a linear scan
         j1 = j0 + 1

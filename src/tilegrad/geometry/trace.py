@@ -192,13 +192,13 @@ def _untraced_call(module: nn.Module, args: Any, kwargs: Any) -> Any:
     The meta run calls ``forward`` alone, for the module and its children: planning must not call the user's
     forward hooks (a hook counting calls or keeping activations would see meta tensors; the profile in graph.py
     drops them too)."""
-    patched = nn.Module.__call__, nn.Module.__getattr__
-    nn.Module.__call__ = _forward_only  # type: ignore[method-assign]
+    patched = nn.Module.__getattr__
     nn.Module.__getattr__ = torch.fx._symbolic_trace._orig_module_getattr  # type: ignore[method-assign]
     try:
-        return _forward_only(module, *args, **kwargs)
+        with hooks_off():
+            return _forward_only(module, *args, **kwargs)
     finally:
-        nn.Module.__call__, nn.Module.__getattr__ = patched  # type: ignore[method-assign]
+        nn.Module.__getattr__ = patched  # type: ignore[method-assign]
 
 
 def _jit_isinstance(original: Any) -> Any:
