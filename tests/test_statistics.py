@@ -162,3 +162,31 @@ def test_whole_pieces_compute_their_statistics_in_place(dtype, tol):
     assert native and inside
     for name, n in calls.items():  # the layer itself once per step in a whole piece (+ 1: the reference run)
         assert n == (2 if name in native else 1), (name, n)
+
+
+class _SplitAttention(nn.Module):
+    """timm ResNeSt's split attention in small: the gate's reshape reads the batch size from the pooled statistic
+    (``x.size(0)`` of a global value: an int the engine hands on as it is; was AttributeError: 'int' object has no
+    attribute 'detach')."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.fc = nn.Conv2d(c, 2 * c, 1)
+
+    def forward(self, x):
+        s = x.mean((2, 3), keepdim=True)
+        b = s.size(0)
+        a = self.fc(s).view(b, 2, -1).softmax(1)
+        return x * a[:, 0].reshape(b, -1, 1, 1) + (x * x) * a[:, 1].reshape(b, -1, 1, 1)
+
+
+def test_squeeze_excitation_reading_sizes_from_the_map():
+    # MONAI's ChannelSELayer: ``b, c = x.shape[:2]; pool(x).view(b, c)``: the sizes come from the map, constants
+    # for the statistic (was TypeError: forward() missing 1 required positional argument: 'input', the global node
+    # built from the whole trunk); and an int-valued global node
+    from monai.networks.blocks import ChannelSELayer
+
+    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ChannelSELayer(2, 8, r=2), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, stride=2), _SplitAttention(8))  # fmt: skip
+    _check(trunk, (2, 3, 64, 48), 32)
+    _check(trunk, (2, 3, 64, 48), 32, dtype=torch.float32, tol=1e-5)
