@@ -220,6 +220,7 @@ class Plan:
                     "tiles": s.tiles,
                     "overlap": s.overlap,
                     "kept": s.keep,
+                    "whole": s.segment.whole,
                     "sources": [n.name for n in s.segment.sources],
                 }
                 for s in self.segments
@@ -252,8 +253,9 @@ class Plan:
             for seg in self.segments:
                 if seg.keep:
                     lines.append(
-                        f"  {seg.name}: whole map, graph kept (no recomputation), "
-                        f"{format_bytes(seg.tile_saved_bytes)} saved for backward"
+                        f"  {seg.name}: whole map, graph kept (no recomputation"
+                        + (", statistics inside" if seg.segment.whole else "")
+                        + f"), {format_bytes(seg.tile_saved_bytes)} saved for backward"
                     )
                     continue
                 work = seg.tile_train_bytes if self.training else seg.tile_forward_bytes
