@@ -589,7 +589,7 @@ def _conditioning(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
     """How far the plain model's output and gradients (as :func:`_streamed` measures them) move when its input is
     changed at the level of float64 rounding: the floor under any reordering of its sums, streamed or not."""
     out = []
-    for k, scale in enumerate((0.0, 1e-16)):
+    for scale in (0.0, 1e-16):
         noise = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(4))
         xk = (x * (1 + scale * noise)).detach().requires_grad_(True)
         y = model(xk)
