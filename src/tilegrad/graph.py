@@ -48,7 +48,7 @@ from .geometry import DimGeometry, Geometry
 from .geometry.trace import _trace, propagate, trunk_output
 from .statistics import is_reduction, rewrite_statistics
 
-__all__ = ["Segment", "TrunkGraph"]
+__all__ = ["Segment", "TrunkGraph", "last_convolution"]
 
 _INPLACE_FUNCTIONS = {
     operator.iadd,
@@ -461,6 +461,22 @@ class TrunkGraph:
                 raise GeometryError(f"window {w} does not start on the grid of scale {s}")
             out.append(slice(int(start), min(n, stop)))
         return tuple(out)
+
+
+def last_convolution(seg: Segment) -> torch.fx.Node | None:
+    """The segment's output node if it is a zero-padded convolution module called on one tensor (the convolution
+    whose recomputation the engine's backward skips: NOTE [ Last convolution not recomputed ] in execute.py)."""
+    n = seg.out
+    if n.op != "call_module" or len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], torch.fx.Node):
+        return None
+    conv = seg.graph.gm.get_submodule(n.target)
+    if (
+        not isinstance(conv, nn.modules.conv._ConvNd)
+        or conv.padding_mode != "zeros"
+        or isinstance(conv.padding, str)
+    ):
+        return None
+    return n
 
 
 def _closure(
