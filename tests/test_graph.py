@@ -96,6 +96,57 @@ def test_resnet_residual_graph_cut_at_every_candidate():
     assert len(streamed.last_plan.segments) > 4
 
 
+class _FloorMerge(nn.Module):
+    """A 2x2 average pooling rounds 75 px down to 37; two branches from it meet at a concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2))
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.c = nn.Conv2d(4, 2, 1)
+        self.d = nn.Conv2d(6, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        p = self.a(x)
+        return self.d(torch.cat([torch.relu(self.b(p)), self.c(p)], dim=1))
+
+
+def _rounded_sources(streamed: StreamingModule) -> list[str]:
+    """Sources of the last plan's segments whose map is the image size over its scale rounded up or down."""
+    found = []
+    for sp in streamed.last_plan.segments:
+        g = sp.segment.graph
+        for s in sp.segment.sources:
+            if s is not g.input and any(
+                n * k != i for n, k, i in zip(g.shape(s)[2:], g.scale(s), g.input_shape[2:])
+            ):
+                found.append(s.name)
+    return found
+
+
+# An image whose size is not a multiple of the network's stride (what real slides are): the strided layers round
+# the maps up (stride-2 convolutions with padding) or down (2x2 pooling), and cuts and merge points on those maps
+# are exact too (NOTE [ Segment windows ]). Before, such a cut was refused, and with it every plan that must cut
+# there: BatchNorm in training mode and squeeze-excitation (their statistics' inputs are boundaries) on any image
+# off the stride failed with "does not sit on its scale's grid".
+@pytest.mark.parametrize("shape", [(1, 3, 97, 161), (1, 3, 100, 100)])
+def test_cuts_on_maps_rounded_by_an_image_off_the_stride(shape):
+    streamed = _check(resnet18_trunk(), shape, tile_size=64, mode="stages")
+    assert _rounded_sources(streamed)
+
+
+def test_merge_on_a_map_rounded_down():
+    streamed = _check(_FloorMerge(), (1, 3, 150, 131), tile_size=40, mode="stages")
+    assert _rounded_sources(streamed)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_train_mode_batchnorm_on_an_image_off_the_stride(dtype, tol):
+    trunk = resnet18_trunk().train()
+    streamed = _check(trunk, (1, 3, 100, 90), dtype=dtype, tol=tol, tile_size=64)
+    assert _rounded_sources(streamed)
+
+
 @pytest.mark.parametrize("tiers", ["device", "disk"])
 @pytest.mark.parametrize(
     "head",

@@ -23,8 +23,17 @@ to the image frame whatever the number of sources. A tile is then a *window* of 
 (tiling.py) picks windows whose origins and extents are multiples of the alignment of every tensor of the
 segment, and each source is read at ``window / scale``. Every tensor inside the segment therefore covers the same
 window, and a concatenation of an upsampled decoder map with its skip sees two maps of the same size, as on the
-whole image. This needs every source and every merge point to sit exactly on its scale's grid
-(``size * scale == image size``); a cut set that breaks this is not offered (``Segments`` raises).
+whole image. This needs every source and every merge point to sit on its scale's grid: its map has ``size`` pixels
+with ``|size * scale - image size| < scale``, i.e. exactly ``image / scale`` pixels or that rounded up or down, as
+the strided layers of a network make them on an image whose size is not a multiple of the network's stride (a
+150 px image: 75, 38, 19, 10, 5 px after five stride-2 convolutions with padding; 37 after a 2x2 pooling of 75).
+Why the rounded maps are exact too: a window's start is a multiple of every scale in the segment, so every tensor
+of a tile starts on its own pixel grid; an interior window's stop is a multiple of the scales as well and lies
+inside every map (no multiple of ``scale`` lies between ``floor(image / scale) * scale`` and the image size); and
+the last window of an axis runs to each map's own end (``source_box`` clips at its size). A tile is then the whole
+computation on a suffix of the maps that starts on their grids, and strided layers (convolutions, pooling with or
+without ``ceil_mode``) give such a suffix the output sizes and values of the whole map from that start on. A cut
+set that breaks this is not offered (``Segments`` raises).
 """
 
 from __future__ import annotations
@@ -266,11 +275,12 @@ class TrunkGraph:
         return tuple(d.stride for d in self.geoms[node].dims)
 
     def on_grid(self, node: torch.fx.Node) -> bool:
-        """Whether the node's map covers the image exactly on its scale's grid (NOTE [ Segment windows ])."""
+        """Whether the node's map covers the image on its scale's grid, its size ``image / scale`` rounded either way
+        (NOTE [ Segment windows ])."""
         shape = self.profiles[node].shape
         if self.geoms.get(node) is None or shape is None or len(shape) != self.ndim + 2:
             return False
-        return all(n * s == i for n, s, i in zip(shape[2:], self.scale(node), self.input_shape[2:]))
+        return all(abs(n * s - i) < s for n, s, i in zip(shape[2:], self.scale(node), self.input_shape[2:]))
 
     # -- cuts -------------------------------------------------------------------------------------------------
     @functools.cached_property
