@@ -338,11 +338,11 @@ class Execution:
             return
         shape = g.shape(x)
         for box in slabs(shape, torch.empty((), dtype=self.dtype).element_size(), 4 * 2**20):
-            gx = reduction_grad(r, self.reader.read(box), self.values[r], gstats, shape)
             if self.sink is not None:
-                self.sink.add(box, gx)
+                self.sink.add(box, reduction_grad(r, self.reader.read(box), self.values[r], gstats, shape))
             elif grad_in is not None:
-                grad_in[(slice(None), slice(None), *box)] += gx
+                out = grad_in[(slice(None), slice(None), *box)]
+                reduction_grad(r, self.reader.read(box), self.values[r], gstats, shape, out=out)
 
     def _out_grad(
         self, node: Any, box: tuple[slice, ...], value: torch.Tensor | None, dtype: torch.dtype | None = None
@@ -352,10 +352,16 @@ class Execution:
         reductions that read it send (NOTE [ Streamed statistics ])."""
         dtype = dtype or (value.dtype if value is not None else self.dtype)
         grad = self.grads[node].read(box).to(dtype) if node in self.grads else None
-        for r, gstats in self.pending.get(node, ()):
+        pending = self.pending.get(node, ())
+        if pending and isinstance(self.grads.get(node), _Whole):
+            grad = grad.clone()  # a view of the caller's gradient: the terms below are added in place
+        for r, gstats in pending:
             assert value is not None
-            term = reduction_grad(r, value.to(self.dtype), self.values[r], gstats, self.graph.shape(node))
-            grad = term.to(dtype) if grad is None else grad + term.to(dtype)
+            shape = self.graph.shape(node)
+            if grad is None:
+                grad = reduction_grad(r, value.to(self.dtype), self.values[r], gstats, shape).to(dtype)
+            else:
+                reduction_grad(r, value.to(self.dtype), self.values[r], gstats, shape, out=grad)
         if grad is None:
             sizes = tuple(b.stop - b.start for b in box)
             grad = torch.zeros(self.graph.shape(node)[:2] + sizes, dtype=dtype, device=self.device)

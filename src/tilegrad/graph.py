@@ -45,7 +45,7 @@ boundary store per convolution (on disk when the budget is tight) and the statis
 whole map with its graph kept from the forward to its backward (NOTE [ Kept segments ] in execute.py). Inside it a
 normalisation is the layer itself (``Segment._native``: BatchNorm updates its running statistics as in the
 conventional step) and a squeeze-excitation pool a mean over the whole map, so autograd does the backward's
-reductions; its saved bytes are the layers', not the rewritten reductions' float64 copies. A run is not one piece
+reductions; its saved bytes are the layers', not the rewritten reductions'. A run is not one piece
 when a tensor or a statistic it keeps inside is read by a segment after it (``whole_conflict``): a statistic of one
 of the piece's sources that a streamed segment also reads is computed twice, once inside and once accumulated from
 the source's cores (the engine skips the second running-statistics update).
@@ -72,7 +72,7 @@ from .geometry import DimGeometry, Geometry
 from .geometry.trace import _trace, propagate, trunk_output
 from .statistics import apply_norm, is_reduction, rewrite_statistics
 
-__all__ = ["Segment", "TrunkGraph"]
+__all__ = ["Segment", "TrunkGraph", "last_convolution"]
 
 _INPLACE_FUNCTIONS = {
     operator.iadd,
@@ -588,6 +588,22 @@ class TrunkGraph:
                 raise GeometryError(f"window {w} does not start on the grid of scale {s}")
             out.append(slice(int(start), min(n, stop)))
         return tuple(out)
+
+
+def last_convolution(seg: Segment) -> torch.fx.Node | None:
+    """The segment's output node if it is a zero-padded convolution module called on one tensor (the convolution
+    whose recomputation the engine's backward skips: NOTE [ Last convolution not recomputed ] in execute.py)."""
+    n = seg.out
+    if n.op != "call_module" or len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], torch.fx.Node):
+        return None
+    conv = seg.graph.gm.get_submodule(n.target)
+    if (
+        not isinstance(conv, nn.modules.conv._ConvNd)
+        or conv.padding_mode != "zeros"
+        or isinstance(conv.padding, str)
+    ):
+        return None
+    return n
 
 
 def _closure(
