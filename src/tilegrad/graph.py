@@ -478,7 +478,7 @@ class TrunkGraph:
         nodes = sorted(members, key=self.index.__getitem__)
         srcs = sorted(sources, key=self.index.__getitem__)
         seg = self._new_segment(out, nodes, srcs, set())
-        # what the layers save, not the rewritten reductions (float64 copies the native layers do not make)
+        # what the layers save, not what the rewritten reductions save (the native layers make no such copies)
         seg.saved_bytes = sum(self.profiles[n].saved for n in nodes if not is_reduction(n))
         seg.whole = True
         return seg
