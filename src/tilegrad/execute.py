@@ -23,7 +23,10 @@ output's store, which holds exactly what the forward wrote. Not under autocast, 
 
 NOTE [ Kept segments ]
 A segment the plan runs in one tile keeps its graph from the forward to its own backward (run whole with autograd
-on detached sources): nothing is recomputed, at the price of the bytes autograd saves.
+on detached sources): nothing is recomputed, at the price of the bytes autograd saves. The graph is dropped right
+after that backward, so while the earlier segments run theirs only the graphs of the segments before them are
+alive (plan.py's memory sweep counts them so); a second backward (retain_graph=True) recomputes the segment as a
+one-tile streamed segment from its sources' stores, which live as long as the step.
 """
 
 from __future__ import annotations
@@ -493,8 +496,8 @@ class Execution:
                     if need[j] and s is not g.input and s not in self.grads:
                         b = self.tiers[s.name]
                         self.grads[s] = self._store(s, b.grad_tier, zero=True)
-                if k in self.kept:
-                    srcs, kept_out = self.kept[k]
+                if k in self.kept:  # NOTE [ Kept segments ]: its graph is dropped after this backward
+                    srcs, kept_out = self.kept.pop(k)
                     if k == last and self.head is not None:
                         pairs = [
                             (p, gp)
