@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -226,8 +228,14 @@ def test_kept_graphs_are_dropped_after_their_own_backward_and_a_second_backward_
     kept = len(ex.kept)
     tiled = [s for s in streamed.last_plan.segments if len(s.grid) > 1]
     assert kept and tiled, str(streamed.last_plan)
+    # the kept outputs (each holds its graph); regression: a local of the backward loop held the last one
+    outputs = [weakref.ref(t) for _, outs in ex.kept.values() for t in outs]
     alive: list[int] = []  # kept graphs alive while the first (tiled) segment recomputes its tiles
-    trunk.conv1.register_forward_hook(lambda *a: alive.append(len(ex.kept)) if torch.is_grad_enabled() else None)
+    trunk.conv1.register_forward_hook(
+        lambda *a: alive.append(len(ex.kept) + sum(r() is not None for r in outputs))
+        if torch.is_grad_enabled()
+        else None
+    )
     loss = y.square().sum()
     loss.backward(retain_graph=True)
     assert alive and max(alive) == 0, (alive, kept)
