@@ -125,6 +125,7 @@ class Execution:
         self.red_parts: dict[Any, list[Any]] = {}
         self.pending: dict[Any, list[tuple[Any, torch.Tensor]]] = {}
         self.tails: dict[int, Any] = {}  # NOTE [ Last convolution not recomputed ]
+        self.g_out_maps: dict[tuple[int, ...], torch.Tensor] = {}  # its gradient maps, within one segment
         self.kept_glob: dict[Any, Any] = {}
         self.gglob: dict[Any, torch.Tensor] = {}
 
@@ -150,6 +151,7 @@ class Execution:
 
     def close(self) -> None:
         self.kept.clear()
+        self.g_out_maps.clear()
         self.red_parts.clear()
         self.pending.clear()
         self.kept_glob.clear()
@@ -247,7 +249,14 @@ class Execution:
         nd = z.dim() - 2
         value = self.stores[seg.out].read(tile.outputs) if seg.out in self.pending else None
         g_core = self._out_grad(seg.out, tile.outputs, value, z.dtype)
-        g_out = torch.zeros(self._conv_out_shape(conv, z), dtype=z.dtype, device=z.device)
+        # one zero map per output shape for the segment's tiles, zeroed again on reuse: a fresh map per tile paid
+        # its pages' first touch every time (NOTE [ Heap growth under a budget ] in _allocator.py)
+        shape = self._conv_out_shape(conv, z)
+        g_out = self.g_out_maps.get(shape)
+        if g_out is None or g_out.dtype != z.dtype or g_out.device != z.device:
+            g_out = self.g_out_maps[shape] = torch.zeros(shape, dtype=z.dtype, device=z.device)
+        else:
+            g_out.zero_()
         g_out[(slice(None), slice(None), *tile.crop)] = g_core
         bias = conv.bias
         gz, gw, gb = torch.ops.aten.convolution_backward(
@@ -557,6 +566,7 @@ class Execution:
                             bar.update(1)
                 # what this segment's backward completes
                 self.pending.pop(seg.out, None)
+                self.g_out_maps.clear()
                 done = self.grads.pop(seg.out, None)
                 if done is not None:
                     done.close()
