@@ -23,7 +23,9 @@ output's store, which holds exactly what the forward wrote. Not under autocast, 
 
 NOTE [ Kept segments ]
 A segment the plan runs in one tile keeps its graph from the forward to its own backward (run whole with autograd
-on detached sources): nothing is recomputed, at the price of the bytes autograd saves.
+on detached sources): nothing is recomputed, at the price of the bytes autograd saves. A whole piece (NOTE [ Whole
+pieces ] in graph.py) is such a segment that computes its statistics inside: the engine neither accumulates nor
+combines them, and autograd takes their gradients.
 """
 
 from __future__ import annotations
@@ -112,15 +114,20 @@ class Execution:
         self.scratch = None
         # NOTE [ Streamed statistics ]: reductions and global nodes run between the segments, in graph order
         index = self.graph.index
+        # a whole piece computes its statistics itself (NOTE [ Whole pieces ] in graph.py)
+        inside = {n for sp in plan.segments if sp.segment.whole for n in sp.segment.nodes}
+        inside -= self.graph.streamed_globals([sp.segment for sp in plan.segments])
+        # layers a whole piece calls itself: they update their running statistics there
+        self.native = {p for sp in plan.segments if sp.segment.whole for p in sp.segment._native().values() if p}
         items = [(index[sp.segment.out], "segment", k) for k, sp in enumerate(plan.segments)]
-        items += [(index[r], "reduction", r) for r in self.graph.reductions]
-        items += [(index[n], "global", n) for n in self.graph.global_nodes]
+        items += [(index[r], "reduction", r) for r in self.graph.reductions if r not in inside]
+        items += [(index[n], "global", n) for n in self.graph.global_nodes if n not in inside]
         self.items = [(kind, what) for _, kind, what in sorted(items, key=lambda e: e[0])]
         self.values: dict[Any, Any] = {}
         # reductions of a segment's output, accumulated from its cores; their gradients, added in its backward
         self.reads: dict[Any, list[Any]] = {}
         for r in self.graph.reductions:
-            if r.args[0] is not self.graph.input:
+            if r.args[0] is not self.graph.input and r not in inside:
                 self.reads.setdefault(r.args[0], []).append(r)
         self.red_parts: dict[Any, list[Any]] = {}
         self.pending: dict[Any, list[tuple[Any, torch.Tensor]]] = {}
@@ -180,8 +187,7 @@ class Execution:
                 t.requires_grad_(True)
             out.append(t)
         for j, s in enumerate(seg.globals, start=len(seg.sources)):
-            t = self.values[s].detach()
-            out.append(t.requires_grad_(True) if grad[j] and t.is_floating_point() else t)
+            out.append(_leaf(self.values[s], grad[j]))
         return out
 
     @staticmethod
@@ -293,7 +299,7 @@ class Execution:
             parts = self.red_parts.pop(r)
         stats = reduction_combine(r, parts, self.dtype, len(shape) - 2)
         path = r.meta.get("tilegrad_module")
-        if path is not None:
+        if path is not None and path not in self.native:
             module = self.graph.gm.get_submodule(path)
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training:
                 update_running_stats(module, stats.detach(), shape[0] * math.prod(shape[2:]))
@@ -301,9 +307,8 @@ class Execution:
 
     def forward_global(self, node: Any, training: bool) -> None:
         module, inputs = self.graph.global_module(node)
-        args = [self.values[i].detach() for i in inputs]
+        args = [_leaf(self.values[i], training) for i in inputs]
         if training:
-            args = [a.requires_grad_(True) if a.is_floating_point() else a for a in args]
             with torch.enable_grad():
                 out = module(*args)
             self.kept_glob[node] = (args, out)
@@ -320,7 +325,7 @@ class Execution:
         args, out = self.kept_glob[node]
         module, inputs = self.graph.global_module(node)
         params = [p for p in module.parameters() if id(p) in wanted]
-        leaves = [(i, a) for i, a in zip(inputs, args) if a.requires_grad]
+        leaves = [(i, a) for i, a in zip(inputs, args) if isinstance(a, torch.Tensor) and a.requires_grad]
         gs = torch.autograd.grad(
             out, [a for _, a in leaves] + params, self.gglob.pop(node), allow_unused=True, retain_graph=True
         )
@@ -503,7 +508,7 @@ class Execution:
                 if k == last and self.head is not None:  # the head's per-position layers act inside partial()
                     seg_params += [p for p in self.head.parameters() if id(p) in wanted]
                 need = [(s is not g.input) or input_grad or self.sink is not None for s in seg.sources]
-                need += [True] * len(seg.globals)
+                need += [_differentiable(self.values[s]) for s in seg.globals]
                 for j, s in enumerate(seg.sources):
                     if need[j] and s is not g.input and s not in self.grads:
                         b = self.tiers[s.name]
@@ -598,6 +603,19 @@ class Execution:
                     grad_in[(slice(None), slice(None), *box)] += gsrc
             else:
                 self.grads[s].add(box, gsrc.to(self.dtype))
+
+
+def _differentiable(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _leaf(value: Any, grad: bool) -> Any:
+    """A global value as a segment's or a global node's input: a detached tensor (a leaf whose gradient is taken,
+    if ``grad`` and it is floating point), or a plain value (a size read from a statistic's shape) as it is."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.detach()
+    return value.requires_grad_(True) if grad and value.is_floating_point() else value
 
 
 class _Whole:

@@ -34,6 +34,21 @@ the last window of an axis runs to each map's own end (``source_box`` clips at i
 computation on a suffix of the maps that starts on their grids, and strided layers (convolutions, pooling with or
 without ``ceil_mode``) give such a suffix the output sizes and values of the whole map from that start on. A cut
 set that breaks this is not offered (``Segments`` raises).
+
+NOTE [ Whole pieces ]
+A statistic's input is a forced cut (NOTE [ Streamed statistics ] in statistics.py), so a network with a
+normalisation after every convolution (BatchNorm in training mode) is cut into one segment per convolution, and deep
+in the trunk, where the maps are small, most of them run in one tile. Streaming buys nothing there and costs a
+boundary store per convolution (on disk when the budget is tight) and the statistics' own passes. The planner
+(plan.py ``wholes``) therefore turns a run of consecutive one-tile segments into one *whole piece*
+(``TrunkGraph.whole``): the cone of the run's last output over the run's sources, statistics included, run on the
+whole map with its graph kept from the forward to its backward (NOTE [ Kept segments ] in execute.py). Inside it a
+normalisation is the layer itself (``Segment._native``: BatchNorm updates its running statistics as in the
+conventional step) and a squeeze-excitation pool a mean over the whole map, so autograd does the backward's
+reductions; its saved bytes are the layers', not the rewritten reductions'. A run is not one piece
+when a tensor or a statistic it keeps inside is read by a segment after it (``whole_conflict``): a statistic of one
+of the piece's sources that a streamed segment also reads is computed twice, once inside and once accumulated from
+the source's cores (the engine skips the second running-statistics update).
 """
 
 from __future__ import annotations
@@ -55,7 +70,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import GeometryError, NotStreamableError
 from .geometry import DimGeometry, Geometry
 from .geometry.trace import _trace, propagate, trunk_output
-from .statistics import is_reduction, rewrite_statistics
+from .statistics import apply_norm, is_reduction, rewrite_statistics
 
 __all__ = ["Segment", "TrunkGraph", "last_convolution"]
 
@@ -92,6 +107,7 @@ class NodeProfile:
     flops: float = 0.0
     saved: int = 0
     out_bytes: int = 0
+    value: Any = None  # a value that is not a tensor (a size read from a shape), on the whole image
 
 
 class _Profiler(torch.fx.Interpreter):
@@ -126,6 +142,8 @@ class _Profiler(torch.fx.Interpreter):
         if isinstance(out, torch.Tensor):
             prof.shape = tuple(out.shape)
             prof.out_bytes = out.numel() * out.element_size()
+        elif _constant(out):
+            prof.value = out
         self.profiles[n.name] = prof
         return out
 
@@ -154,6 +172,7 @@ class Segment:
     globals: list[torch.fx.Node] = field(
         default_factory=list
     )  # statistics it reads whole (NOTE [ Streamed statistics ])
+    whole: bool = False  # NOTE [ Whole pieces ]: runs on the whole map, its statistics computed inside
 
     @property
     def name(self) -> str:
@@ -173,7 +192,7 @@ class Segment:
     def module(self) -> nn.Module:
         """A GraphModule computing the output from the sources (in order); shares the trunk's submodules."""
         g = self.graph
-        if self.sources == [g.input] and self.out is g.output and not g.rewritten:
+        if self.sources == [g.input] and self.out is g.output and (self.whole or not g.rewritten):
             return g.root
         new = torch.fx.Graph()
         env: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -181,10 +200,33 @@ class Segment:
             env[s] = new.placeholder(f"source_{k}")
         for k, s in enumerate(self.globals):
             env[s] = new.placeholder(f"global_{k}")
+        native = self._native() if self.whole else {}
         for n in self.nodes:
+            if n in native:  # NOTE [ Whole pieces ]: the layer itself on the whole map
+                if native[n] is not None:
+                    env[n] = new.call_module(native[n], (env[n.args[0]],))
+                continue
             env[n] = new.node_copy(n, lambda a: env[a])
         new.output(env[self.out])
         return torch.fx.GraphModule(g.gm, new)
+
+
+    def _native(self) -> dict[torch.fx.Node, str | None]:
+        """NOTE [ Whole pieces ]: the reduction + apply pairs of a whole piece that are one layer of the trunk (a
+        normalisation rewritten by ``rewrite_statistics``): apply -> the layer's path, reduction -> None (dropped)."""
+        members = set(self.nodes)
+        out: dict[torch.fx.Node, str | None] = {}
+        for r in self.nodes:
+            path = r.meta.get("tilegrad_module")
+            users = list(r.users)
+            if path is None or not users or any(
+                u not in members or u.target is not apply_norm or u.args[1] is not r or u.args[0] is not r.args[0]
+                for u in users
+            ):
+                continue
+            out[r] = None
+            out.update({u: path for u in users})
+        return out
 
 
 class TrunkGraph:
@@ -395,6 +437,52 @@ class TrunkGraph:
             raise seg
         return seg
 
+    def whole(self, run: Sequence[Segment]) -> Segment:
+        """NOTE [ Whole pieces ]: one segment computing what the consecutive segments ``run`` compute, run on the
+        whole map with its statistics inside; raises GeometryError when the run is not one piece (a boundary
+        between its segments is read after it, or a statistic inside is read outside)."""
+        inner = {s.out for s in run[:-1]}
+        stops = {src for s in run for src in s.sources} - inner
+        key = (run[-1].out, tuple(sorted(stops, key=self.index.__getitem__)), "whole")
+        if key not in self._by_sources:
+            try:
+                self._by_sources[key] = self._whole(run[-1].out, stops, inner)
+            except GeometryError as err:
+                self._by_sources[key] = err
+        seg = self._by_sources[key]
+        if isinstance(seg, GeometryError):
+            raise seg
+        return seg
+
+    def _whole(self, out: torch.fx.Node, stops: set[torch.fx.Node], inner: set[torch.fx.Node]) -> Segment:
+        members: set[torch.fx.Node] = set()
+        sources: set[torch.fx.Node] = set()
+        stack = [out]
+        while stack:
+            n = stack.pop()
+            if n in members or n in sources:
+                continue
+            if n in stops:
+                sources.add(n)
+                continue
+            members.add(n)
+            stack.extend(n.all_input_nodes)
+        missing = inner - members
+        if missing:
+            raise GeometryError(f"{sorted(m.name for m in missing)} not on the path to {out.name}: not one piece")
+        for n in members:
+            if n is not out and (n in inner or n in self.global_set):
+                outside = [u.name for u in n.users if u not in members]
+                if outside:
+                    raise GeometryError(f"{n.name} is read outside the piece ending at {out.name} ({outside})")
+        nodes = sorted(members, key=self.index.__getitem__)
+        srcs = sorted(sources, key=self.index.__getitem__)
+        seg = self._new_segment(out, nodes, srcs, set())
+        # what the layers save, not what the rewritten reductions save (the native layers make no such copies)
+        seg.saved_bytes = sum(self.profiles[n].saved for n in nodes if not is_reduction(n))
+        seg.whole = True
+        return seg
+
     def _new_segment(
         self,
         out: torch.fx.Node,
@@ -434,6 +522,29 @@ class TrunkGraph:
             globals=globs,
         )
 
+    def streamed_globals(self, segments: Sequence[Segment]) -> set[torch.fx.Node]:
+        """The statistics and global nodes the engine computes between segments: those the streamed segments read,
+        and the ones they are computed from (NOTE [ Whole pieces ]: a whole piece computes its own)."""
+        stack = [n for s in segments if not s.whole for n in s.globals]
+        return _closure_all(stack, lambda n: [a for a in n.all_input_nodes if a in self.global_set])
+
+    def whole_conflict(self, segments: Sequence[Segment]) -> str | None:
+        """Why these segments cannot run together (a tensor a whole piece keeps inside is another segment's source,
+        or a statistic it computes inside from such a tensor is read by a streamed segment), or None."""
+        outs = {s.out for s in segments} | {self.input}
+        for s in segments:
+            lost = [src.name for src in s.sources if src not in outs]
+            if lost:
+                return f"{s.name} reads {lost}, which a whole piece keeps inside"
+        shared = self.streamed_globals(segments)
+        for s in segments:
+            if s.whole:
+                members = set(s.nodes)
+                for r in shared & members:
+                    if is_reduction(r) and r.args[0] in members:
+                        return f"{r.name} of {r.args[0].name}, inside {s.name}, is read by a streamed segment"
+        return None
+
     @functools.cache  # noqa: B019
     def global_module(self, node: torch.fx.Node) -> tuple[nn.Module, list[torch.fx.Node]]:
         """A module computing a global node from the global nodes it reads (NOTE [ Streamed statistics ])."""
@@ -441,13 +552,19 @@ class TrunkGraph:
         env: dict[torch.fx.Node, torch.fx.Node] = {}
         inputs: list[torch.fx.Node] = []
 
-        def visit(n: torch.fx.Node) -> torch.fx.Node:
+        def visit(n: torch.fx.Node) -> Any:
             if n in env:
                 return env[n]
             if n in self.global_set and n is not node:
                 inputs.append(n)
                 env[n] = new.placeholder(f"global_{len(inputs)}")
                 return env[n]
+            value = self.profiles[n].value if n in self.profiles else None
+            if n not in self.global_set and value is not None:
+                # a size read from a map's shape (MONAI's squeeze-excitation: ``pool(x).view(b, c)`` with
+                # ``b, c = x.shape[:2]``): the whole map's, a constant for the statistic, not the map itself
+                env[n] = value
+                return value
             for a in n.all_input_nodes:
                 visit(a)
             written = _mutated(n, self.root)
@@ -501,6 +618,23 @@ def _closure(
             continue
         seen.add(n)
         stack.extend(step(n))
+    return seen
+
+
+def _constant(value: Any) -> bool:
+    """A plain value (a size, a tuple of sizes) that a global node may read as a constant."""
+    if isinstance(value, (bool, int, float)):
+        return True
+    return isinstance(value, (tuple, list, torch.Size)) and all(_constant(v) for v in value)
+
+
+def _closure_all(
+    nodes: Iterable[torch.fx.Node], step: Callable[[torch.fx.Node], Iterable[torch.fx.Node]]
+) -> set[torch.fx.Node]:
+    seen: set[torch.fx.Node] = set()
+    for n in nodes:
+        if n not in seen:
+            seen |= _closure(n, step)
     return seen
 
 

@@ -25,8 +25,10 @@ One number per plan, ``time_ratio``: predicted time of a training step over that
   over its input's scale) does not has its FLOPs counted ``SLOW_CONV`` times in that segment's passes;
 * disk: bytes written and read by boundaries on the disk tier at ``DISK_WRITE`` / ``DISK_READ`` bytes per second
   (sources are read once per tile, overlap included; gradients are read-modify-written).
-Statistics (NOTE [ Streamed statistics ] in statistics.py) cost no pass of their own: they are accumulated from the
-cores their input's segment writes, and their gradient is added in that segment's backward. The rates are this
+Statistics (NOTE [ Streamed statistics ] in statistics.py) cost no pass of the segments: they are accumulated from
+the cores their input's segment writes, and their gradient is added in that segment's backward; their own work (a
+sum and a variance of each core, the gradient's share) is ``STAT_TRAFFIC`` times their input's bytes at
+``BYTE_RATE``; inside a whole piece (NOTE [ Whole pieces ] in graph.py) they are the layers' own. The rates are this
 machine's (a CPU core pair, float32); a ratio only needs them in the right proportion. Device
 memory is a sweep over the steps of a training step (forward over segments, backward in reverse): the parameters
 and their gradients, the input (if in memory), the boundaries and boundary gradients alive on the device at that
@@ -51,7 +53,9 @@ while nothing fits, leaner): over the stage cuts, then over every candidate. For
 segment takes the fastest tile that fits next to what else is alive at its step; boundaries move to disk (largest
 first) when the device budget is too small for them (``tiers="auto"``). Each window of the ladder is shrunk to the
 smallest with the same tile count (NOTE [ Balanced tiles ]); the chosen plan's windows are then refined between the
-ladder's rungs (NOTE [ Tile refinement ]).
+ladder's rungs (NOTE [ Tile refinement ]), after its runs of one-tile segments are tried as whole pieces
+(NOTE [ Whole pieces ] in graph.py, ``wholes``). While the budget is too small, boundary maps go to disk (largest
+first) before boundary gradients, which live only from a reader's backward to their producer's.
 
 NOTE [ Planning cost ]
 The search builds a few hundred cut sets, each of a dozen segments over a ladder of some 40 tile sizes. What makes
@@ -109,6 +113,10 @@ NODE_SECONDS = 1e-4
 # at a time (NOTE [ Storage tiers ]): writes 0.3-0.7, reads 0.6-1.1, adds 0.4-0.7 (16-32 channels, 24^3-50^3 boxes)
 DISK_WRITE = 0.3e9
 DISK_READ = 0.6e9
+# passes a streamed statistic makes over its input, in units of its input's bytes (NOTE [ Streamed statistics ] in
+# statistics.py): forward, the partials (a float64-accumulated sum, a variance); training adds the backward's share
+# of the gradient (one multiply-add into the gradient read from the store, and that gradient's read); an estimate
+STAT_TRAFFIC = {False: 2.0, True: 4.0}
 BACKWARD_TRANSIENT = 6.5  # training working set beyond saved tensors, in units of the largest tensor
 # the same for a segment whose backward skips its last convolution (NOTE [ Tile memory ]), next to that convolution's
 # own workspace: fitted to the tiles of MONAI UNet 16-32-64-128 at 160^3 (measured 0.6-0.9x of the 6.5 rule)
@@ -228,6 +236,7 @@ class Plan:
                     "tiles": s.tiles,
                     "overlap": s.overlap,
                     "kept": s.keep,
+                    "whole": s.segment.whole,
                     "sources": [n.name for n in s.segment.sources],
                 }
                 for s in self.segments
@@ -254,7 +263,9 @@ class Plan:
                     if self.time_parts.get("kernels")
                     else ""
                 )
-                + f"disk +{self.time_parts['disk']:.2f})"
+                + f"disk +{self.time_parts['disk']:.2f}"
+                + (f", statistics +{self.time_parts['statistics']:.2f}" if self.time_parts.get("statistics") else "")
+                + ")"
                 if self.time_parts
                 else ""
             )
@@ -264,8 +275,9 @@ class Plan:
             for seg in self.segments:
                 if seg.keep:
                     lines.append(
-                        f"  {seg.name}: whole map, graph kept (no recomputation), "
-                        f"{format_bytes(seg.tile_saved_bytes)} saved for backward"
+                        f"  {seg.name}: whole map, graph kept (no recomputation"
+                        + (", statistics inside" if seg.segment.whole else "")
+                        + f"), {format_bytes(seg.tile_saved_bytes)} saved for backward"
                     )
                     continue
                 work = seg.tile_train_bytes if self.training else seg.tile_forward_bytes
@@ -528,8 +540,12 @@ class _Planner:
         key = (id(seg), requested, cap)
         if key in self._options:
             return self._options[key]
-        opts = [sp for t in self.ladder if (sp := self.segment_plan(seg, t)) is not None]
-        if requested is not None:
+        if seg.whole:  # NOTE [ Whole pieces ]: the whole map, its graph kept
+            sp = self.segment_plan(seg, tuple(self.image[2:]), False)
+            opts = [dataclasses.replace(sp, keep=True)] if sp is not None and sp.tiles == 1 else []
+        else:
+            opts = [sp for t in self.ladder if (sp := self.segment_plan(seg, t)) is not None]
+        if requested is not None and not seg.whole:
             if self.g.input in seg.sources:
                 opts = [sp for sp in (self.segment_plan(seg, requested, False),) if sp is not None]
             else:
@@ -638,8 +654,15 @@ class _Planner:
 
     def time_ratio(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:
         return (
-            sum(self.seconds(sp) for sp in segs) + self.disk_seconds(segs, bounds)
+            sum(self.seconds(sp) for sp in segs) + self.disk_seconds(segs, bounds) + self.stat_seconds(segs)
         ) / self.conventional_seconds
+
+    def stat_seconds(self, segs: list[SegmentPlan]) -> float:
+        """Seconds of the streamed statistics' own work (NOTE [ Cost model ]): ``STAT_TRAFFIC`` times the bytes of
+        their inputs, at ``BYTE_RATE``; a whole piece's statistics are its layers' (NOTE [ Whole pieces ])."""
+        inside = {n for sp in segs if sp.segment.whole for n in sp.segment.nodes}
+        read = sum(self.g.profiles[r.args[0]].out_bytes for r in self.g.reductions if r not in inside)
+        return STAT_TRAFFIC[self.training] * read / BYTE_RATE
 
     @property
     def conventional_seconds(self) -> float:
@@ -660,6 +683,7 @@ class _Planner:
             "tiles": tiles / conv,
             "kernels": kernels / conv,
             "disk": disk / conv,
+            "statistics": self.stat_seconds(segs) / conv,
         }
 
     def disk_seconds(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:
@@ -688,6 +712,12 @@ class _Planner:
         except GeometryError as err:
             self.errors.append(str(err))
             return None
+        return self.assemble(segments, budget, requested)
+
+    def assemble(
+        self, segments: list[Segment], budget: int | None, requested: tuple[int, ...] | None
+    ) -> Plan | None:
+        """The fastest plan of these segments under ``budget`` (or the leanest, if none fits), or None."""
         bounds = [
             BoundaryPlan(s.out.name, s.out_shape, self.g.profiles[s.out].out_bytes) for s in segments[:-1]
         ]
@@ -726,15 +756,15 @@ class _Planner:
             if budget is None or peak <= budget:
                 break
             if self.tiers == "auto":
-                movable = [
-                    b for b in bounds if b.tier == "device" or (self.training and b.grad_tier == "device")
-                ]
+                # maps first (they live through the step), gradients (alive from a reader's backward to their
+                # producer's) only when every map is on disk
+                movable = [b for b in bounds if b.tier == "device"]
                 if movable:
-                    b = max(movable, key=lambda b: b.nbytes)
-                    if b.tier == "device":
-                        b.tier = "disk"
-                    if b.grad_tier == "device":
-                        b.grad_tier = "disk"
+                    max(movable, key=lambda b: b.nbytes).tier = "disk"
+                    continue
+                movable = [b for b in bounds if self.training and b.grad_tier == "device"]
+                if movable:
+                    max(movable, key=lambda b: b.nbytes).grad_tier = "disk"
                     continue
             worst = max(range(len(steps)), key=steps.__getitem__)
             k = worst if worst < len(segments) else 2 * len(segments) - 1 - worst
@@ -756,19 +786,10 @@ class _Planner:
                 break
             choice[k] = j
         segs = [dataclasses.replace(sp) for sp in current()]
-        if (
-            self.tiers == "auto" and budget is not None
-        ):  # bring back to the device what still fits, smallest first
-            for b in sorted(bounds, key=lambda b: b.nbytes):
-                old = (b.tier, b.grad_tier)
-                if old == ("device", "device"):
-                    continue
-                b.tier = b.grad_tier = "device"
-                if self.evaluate(segs, bounds)[0] > budget:
-                    b.tier, b.grad_tier = old
+        self._to_device(segs, bounds, budget)
         if self.training:  # keep one-tile segments' graphs while the plan still fits
             for k, sp in sorted(enumerate(segs), key=lambda e: -e[1].flops / max(1, e[1].tile_saved_bytes)):
-                if sp.tiles != 1 or (
+                if sp.segment.whole or sp.tiles != 1 or (
                     k == 0 and not self.input_in_memory and self.g.input in sp.segment.sources
                 ):
                     continue
@@ -795,6 +816,67 @@ class _Planner:
             conventional_seconds=self.conventional_seconds,
             time_parts=self.time_parts(segs, bounds),
         )
+
+    def _to_device(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan], budget: int | None) -> None:
+        """Bring back to the device the boundaries on disk that still fit, smallest first."""
+        if self.tiers != "auto" or budget is None:
+            return
+        for attr in ("grad_tier", "tier"):
+            for b in sorted(bounds, key=lambda b: b.nbytes):
+                if getattr(b, attr) == "device":
+                    continue
+                old = getattr(b, attr)
+                setattr(b, attr, "device")
+                if self.evaluate(segs, bounds)[0] > budget:
+                    setattr(b, attr, old)
+
+    def wholes(self, plan: Plan, budget: int, requested: tuple[int, ...] | None) -> Plan:
+        """NOTE [ Whole pieces ]: each run of consecutive one-tile segments of the chosen plan becomes one piece
+        run on the whole map with its graph kept, when a plan with it (every other segment's tile chosen again)
+        fits and is faster; the deepest runs first, a run that does not fit shortened from its front (where the
+        maps are largest)."""
+        if not self.training or plan.conventional:
+            return plan
+        segments = [sp.segment for sp in plan.segments]
+        runs: list[tuple[int, int]] = []
+        k = 0
+        while k < len(segments):
+            j = k
+            while j < len(segments) and plan.segments[j].tiles == 1 and not (
+                j == 0 and not self.input_in_memory and self.g.input in segments[0].sources
+            ):
+                j += 1
+            if j - k >= 2:
+                runs.append((k, j))
+            k = j + 1
+        best = plan
+        for i, j in reversed(runs):
+            lo, hi, found = i, j - 1, None  # the smallest start that fits (a start of j - 1: no run of two)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                got = self._with_piece(segments, mid, j, budget, requested)
+                if got is not None:
+                    found, hi = got, mid
+                else:
+                    lo = mid + 1
+            if found is not None and found.time_ratio <= best.time_ratio:
+                best = found
+                segments = [sp.segment for sp in best.segments]
+        return best
+
+    def _with_piece(
+        self, segments: list[Segment], start: int, stop: int, budget: int, requested: tuple[int, ...] | None
+    ) -> Plan | None:
+        """The plan of ``segments`` with ``segments[start:stop]`` as one whole piece, if it fits ``budget``."""
+        try:
+            piece = self.g.whole(segments[start:stop])
+        except GeometryError:
+            return None
+        trial = [*segments[:start], piece, *segments[stop:]]
+        if self.g.whole_conflict(trial):
+            return None
+        plan = self.assemble(trial, budget, requested)
+        return plan if plan is not None and plan.peak_bytes <= budget else None
 
     def refine(self, plan: Plan, budget: int, requested: tuple[int, ...] | None) -> Plan:
         """NOTE [ Tile refinement ]: the ladder's rungs are 19% apart, and a tiled segment's cost moves within a
@@ -1013,6 +1095,7 @@ def plan_streaming(
             leanest = other_lean
     if best is not None:
         if budget is not None and not best.conventional:
+            best = planner.wholes(best, budget, requested)
             best = planner.refine(best, budget, requested)
         _check_tiles(best)
         best.budget = memory_budget
