@@ -569,6 +569,12 @@ def _check(
     worst = max([*(stream_error or ()), infer_error or 0.0])
     if worst > EXACT:
         row.status = "NOT EXACT"
+        if stream_error is not None and max(stream_error) > EXACT:
+            moved = _conditioning(model, x)
+            stream_why = (
+                f"the plain float64 model itself moves by out {moved[0]:.0e}, grads {moved[1]:.0e} when its input "
+                "changes by 1e-16 (relative): ill-conditioned at random init"
+            )
     elif stream_error is not None:
         row.status = "streamed exact"
     elif infer_error is not None:
@@ -577,6 +583,21 @@ def _check(
         row.status = "crash" if crashed else "refused"
     row.message = stream_why or (f"infer: {infer_why}" if infer_why else "")
     return row
+
+
+def _conditioning(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """How far the plain model's output and gradients (as :func:`_streamed` measures them) move when its input is
+    changed at the level of float64 rounding: the floor under any reordering of its sums, streamed or not."""
+    out = []
+    for scale in (0.0, 1e-16):
+        noise = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(4))
+        xk = (x * (1 + scale * noise)).detach().requires_grad_(True)
+        y = model(xk)
+        cotangent = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(2))
+        out.append((y.detach(), _grads(model, xk, y, cotangent)))
+    (y0, g0), (y1, g1) = out
+    top = max((g.abs().max().item() for g in g0), default=0.0) or 1.0
+    return _rel(y1, y0), max((a - b).abs().max().item() / top for a, b in zip(g1, g0))
 
 
 def _infer(

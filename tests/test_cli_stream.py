@@ -28,6 +28,18 @@ def test_plan_prints_segments_and_json(capsys):
     assert data["peak_bytes"] <= 2**30 and data["segments"]
 
 
+def test_plan_with_normalisation_in_training_mode(capsys):
+    # --train-norm plans what `tilegrad train --no-freeze-norm` runs: every BatchNorm's input is a boundary whose
+    # statistics are complete before the layer applies them, so the plan has more segments than in eval mode
+    args = ["plan", "resnet18", "--input", "3x512x512", "--tile", "256", "--json"]
+    assert main(args) == 0
+    frozen = json.loads(capsys.readouterr().out)
+    assert main([*args, "--train-norm"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert len(trained["segments"]) > len(frozen["segments"])
+    assert trained["time_ratio"] > frozen["time_ratio"]
+
+
 def test_plan_bad_shape_is_a_clear_error(capsys):
     assert main(["plan", "resnet18", "--input", "3by512", "--tile", "256"]) == 2
     assert "cannot read --input '3by512'" in capsys.readouterr().err

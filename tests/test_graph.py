@@ -96,6 +96,96 @@ def test_resnet_residual_graph_cut_at_every_candidate():
     assert len(streamed.last_plan.segments) > 4
 
 
+class _FloorMerge(nn.Module):
+    """A 2x2 average pooling rounds 75 px down to 37; two branches from it meet at a concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2))
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.c = nn.Conv2d(4, 2, 1)
+        self.d = nn.Conv2d(6, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        p = self.a(x)
+        return self.d(torch.cat([torch.relu(self.b(p)), self.c(p)], dim=1))
+
+
+def _rounded_sources(streamed: StreamingModule) -> list[str]:
+    """Sources of the last plan's segments whose map is the image size over its scale rounded up or down."""
+    found = []
+    for sp in streamed.last_plan.segments:
+        g = sp.segment.graph
+        for s in sp.segment.sources:
+            if s is not g.input and any(
+                n * k != i for n, k, i in zip(g.shape(s)[2:], g.scale(s), g.input_shape[2:])
+            ):
+                found.append(s.name)
+    return found
+
+
+# An image whose size is not a multiple of the network's stride (what real slides are): the strided layers round
+# the maps up (stride-2 convolutions with padding) or down (2x2 pooling), and cuts and merge points on those maps
+# are exact too (NOTE [ Segment windows ]). Before, such a cut was refused, and with it every plan that must cut
+# there: BatchNorm in training mode and squeeze-excitation (their statistics' inputs are boundaries) on any image
+# off the stride failed with "does not sit on its scale's grid".
+@pytest.mark.parametrize("shape", [(1, 3, 97, 161), (1, 3, 100, 100)])
+def test_cuts_on_maps_rounded_by_an_image_off_the_stride(shape):
+    streamed = _check(resnet18_trunk(), shape, tile_size=64, mode="stages")
+    assert _rounded_sources(streamed)
+
+
+def test_merge_on_a_map_rounded_down():
+    streamed = _check(_FloorMerge(), (1, 3, 150, 131), tile_size=40, mode="stages")
+    assert _rounded_sources(streamed)
+
+
+class _ValidNet(nn.Module):
+    """Unpadded convolutions (as Inception-v3's stem): every map is 2 px smaller than the last, far off the image's
+    grid at its scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
+        self.b1, self.c1, self.b2 = _Branches(), nn.Conv2d(4, 4, 3), _Branches()
+        self.c2, self.b3 = nn.Conv2d(4, 4, 3, stride=2), _Branches()
+
+    def forward(self, x):
+        return self.b3(self.c2(self.b2(torch.relu(self.c1(self.b1(self.stem(x)))))))
+
+
+class _Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return torch.relu(self.a(x)) + self.b(x)
+
+
+# A map far off its grid (90 px of a 96 px image at scale 1) may be cut where it is the only source of the segment
+# that reads it: the tiles of that segment start on its grid and the last one runs to its end (NOTE [ Segment
+# windows ]). Before, such maps were never cut, and Inception-v3 streamed as one segment with a 1344 px halo.
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_a_cut_on_a_map_far_off_its_grid(dtype, tol):
+    streamed = _check(_ValidNet(), (1, 3, 96, 80), dtype=dtype, tol=tol, tile_size=32, mode="auto")
+    far = []
+    for sp in streamed.last_plan.segments:
+        g = sp.segment.graph
+        for src in sp.segment.sources:
+            if src is not g.input and len(sp.grid) > 1:
+                n, k, i = g.shape(src)[2], g.scale(src)[0], g.input_shape[2]
+                far += [src.name] if abs(n * k - i) >= k else []
+    assert far, str(streamed.last_plan)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_train_mode_batchnorm_on_an_image_off_the_stride(dtype, tol):
+    trunk = resnet18_trunk().train()
+    streamed = _check(trunk, (1, 3, 100, 90), dtype=dtype, tol=tol, tile_size=64)
+    assert _rounded_sources(streamed)
+
+
 @pytest.mark.parametrize("tiers", ["device", "disk"])
 @pytest.mark.parametrize(
     "head",

@@ -54,12 +54,21 @@ def test_every_row_has_a_status_and_says_why_when_not_exact(table):
 
 # Rows the table shows off by more than the tolerance: bugs to fix, named here so that the suite stays green while
 # they are visible, and so that a fix (or a new one) fails this test until the list and the table agree.
-KNOWN_NOT_EXACT: dict[str, str] = {}
+KNOWN_NOT_EXACT: dict[str, str] = {
+    # deep squeeze-excitation ResNets at random init in eval mode (running statistics 0/1: nothing normalises; the
+    # output grows to ~1e4): the plain float64 model itself moves by as much when its input changes by 1e-16, and
+    # any other order of the SE pools' sums moves it as far (benchmarks/model_coverage.py ``_conditioning``)
+    "SENet154": "ill-conditioned at random init",
+    "SEResNet152": "ill-conditioned at random init",
+}
 
 
 def test_nothing_is_off_by_more_than_the_tolerance(table):
     # exactness is the product: a NOT EXACT row is a bug to fix, not a row to keep
     assert {r.name for r in table if r.status == "NOT EXACT"} == set(KNOWN_NOT_EXACT)
+    for row in table:
+        if row.status == "NOT EXACT":  # and the table says why: the plain model's own sensitivity, measured
+            assert "ill-conditioned" in row.message and KNOWN_NOT_EXACT[row.name] in row.message, row
 
 
 def test_the_table_formats_back_to_itself(coverage, table):

@@ -118,6 +118,14 @@ FAMILIES = [
         32,
         ["InstanceNorm2d"],
     ),
+    # Critic's forward ends in a mean over the flattened map and a view (N, 1), not Regressor's reshape (was
+    # RuntimeError: shape '[1, 1]' is invalid for input of size ...)
+    (
+        "MONAI Critic",
+        lambda: nets.Critic(in_shape=(3, 32, 32), channels=(4, 8), strides=(2, 2)),
+        32,
+        ["InstanceNorm2d"],
+    ),
 ]
 
 
@@ -167,3 +175,21 @@ def test_family_split_points_are_checked():
         tilegrad.split_model(tv.mobilenet_v2(), at="classifier.1")
     with pytest.raises(ConfigError, match="aux_logits"):
         tilegrad.split_model(tv.googlenet(init_weights=True).train())
+
+
+def test_timm_vgg_splits_by_timms_contract():
+    # timm's VGG shares torchvision's class name but has no avgpool (was AttributeError: 'VGG' object has no
+    # attribute 'avgpool'); on the meta device: 133M parameters
+    with torch.device("meta"):
+        model = timm.create_model("vgg11")
+    trunk, head = tilegrad.split_model(model)
+    assert trunk.method == "forward_features" and head.method == "forward_head"
+
+
+@pytest.mark.parametrize("name", ["EfficientNetBNFeatures", "EfficientNetEncoder"])
+def test_monai_feature_extractors_returning_lists_are_refused_in_words(name):
+    # their forward returns one map per stage (was AttributeError: 'list' object has no attribute 'shape')
+    with torch.device("meta"):
+        model = getattr(nets, name)("efficientnet-b0", pretrained=False, spatial_dims=2, in_channels=3)
+    with pytest.raises(tilegrad.NotStreamableError, match=f"{name} returns the feature maps of several stages"):
+        tilegrad.split_model(model)

@@ -45,7 +45,9 @@ def _check(trunk: nn.Module, shape, tile, dtype=torch.float64, tol=1e-10, head=N
         assert (p.grad - q.grad).abs().max().item() <= tol * scale, name
     for (name, a), b in zip(trunk.named_buffers(), ref.buffers()):
         if a.is_floating_point():
-            assert _rel(a, b) <= tol, name
+            # the running mean of a zero-mean map (a convolution without bias of a batch-normalised input) is
+            # rounding noise: compare it on the scale of the statistics' values (about 1)
+            assert (a - b).abs().max().item() <= tol * max(b.abs().max().item(), 1e-3), name
         else:
             assert torch.equal(a, b), name
     plan = streamed.last_plan
@@ -131,3 +133,60 @@ def test_a_segment_ending_in_a_convolution_does_not_recompute_it(transposed):
     assert tiles and max(tiles.values()) > 1, plan
     for name, n in tiles.items():  # a forward pass over the tiles and nothing in the backward
         assert calls[name] == n + 1, (name, calls, tiles)  # + 1: the plain reference run in _check
+
+
+@pytest.mark.parametrize(
+    "dtype,tol",
+    [(torch.float64, 1e-10), (torch.float32, 1e-4)],  # float32: sums over the map round in another order
+)
+def test_whole_pieces_compute_their_statistics_in_place(dtype, tol):
+    # NOTE [ Whole pieces ] in graph.py: consecutive one-tile segments run as one piece on the whole map, its
+    # graph kept, the BatchNorm layers inside called as themselves (batch statistics and running statistics as in
+    # the conventional step), next to streamed segments whose statistics are accumulated tile by tile
+    trunk = torchvision.models.efficientnet_b0().features[:5].eval()
+    for m in trunk.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+    calls: dict[str, int] = {}
+    for name, m in trunk.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    # batch 2: with one image the pooled output of a batch-normalised map is its bias
+    streamed = _check(trunk, (2, 3, 128, 96), 64, dtype=dtype, tol=tol, head=GlobalPool("avg"))
+    plan = streamed.last_plan
+    pieces = [sp for sp in plan.segments if sp.segment.whole]
+    assert pieces and all(sp.keep and len(sp.grid) == 1 for sp in pieces), plan
+    assert any(not sp.keep and len(sp.grid) > 1 for sp in plan.segments), plan  # and streamed statistics
+    inside = {sp.segment.out.name for sp in pieces}
+    native = {n.meta["tilegrad_module"] for sp in pieces for n in sp.segment.nodes if "tilegrad_module" in n.meta}
+    assert native and inside
+    for name, n in calls.items():  # the layer itself once per step in a whole piece (+ 1: the reference run)
+        assert n == (2 if name in native else 1), (name, n)
+
+
+class _SplitAttention(nn.Module):
+    """timm ResNeSt's split attention in small: the gate's reshape reads the batch size from the pooled statistic
+    (``x.size(0)`` of a global value: an int the engine hands on as it is; was AttributeError: 'int' object has no
+    attribute 'detach')."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.fc = nn.Conv2d(c, 2 * c, 1)
+
+    def forward(self, x):
+        s = x.mean((2, 3), keepdim=True)
+        b = s.size(0)
+        a = self.fc(s).view(b, 2, -1).softmax(1)
+        return x * a[:, 0].reshape(b, -1, 1, 1) + (x * x) * a[:, 1].reshape(b, -1, 1, 1)
+
+
+def test_squeeze_excitation_reading_sizes_from_the_map():
+    # MONAI's ChannelSELayer: ``b, c = x.shape[:2]; pool(x).view(b, c)``: the sizes come from the map, constants
+    # for the statistic (was TypeError: forward() missing 1 required positional argument: 'input', the global node
+    # built from the whole trunk); and an int-valued global node
+    from monai.networks.blocks import ChannelSELayer
+
+    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ChannelSELayer(2, 8, r=2), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, stride=2), _SplitAttention(8))  # fmt: skip
+    _check(trunk, (2, 3, 64, 48), 32)
+    _check(trunk, (2, 3, 64, 48), 32, dtype=torch.float32, tol=1e-5)

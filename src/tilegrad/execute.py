@@ -26,7 +26,9 @@ A segment the plan runs in one tile keeps its graph from the forward to its own 
 on detached sources): nothing is recomputed, at the price of the bytes autograd saves. The graph is dropped right
 after that backward, so while the earlier segments run theirs only the graphs of the segments before them are
 alive (plan.py's memory sweep counts them so); a second backward (retain_graph=True) recomputes the segment as a
-one-tile streamed segment from its sources' stores, which live as long as the step.
+one-tile streamed segment from its sources' stores, which live as long as the step. A whole piece (NOTE [ Whole
+pieces ] in graph.py) is such a segment that computes its statistics inside: the engine neither accumulates nor
+combines them, and autograd takes their gradients.
 """
 
 from __future__ import annotations
@@ -115,19 +117,25 @@ class Execution:
         self.scratch = None
         # NOTE [ Streamed statistics ]: reductions and global nodes run between the segments, in graph order
         index = self.graph.index
+        # a whole piece computes its statistics itself (NOTE [ Whole pieces ] in graph.py)
+        inside = {n for sp in plan.segments if sp.segment.whole for n in sp.segment.nodes}
+        inside -= self.graph.streamed_globals([sp.segment for sp in plan.segments])
+        # layers a whole piece calls itself: they update their running statistics there
+        self.native = {p for sp in plan.segments if sp.segment.whole for p in sp.segment._native().values() if p}
         items = [(index[sp.segment.out], "segment", k) for k, sp in enumerate(plan.segments)]
-        items += [(index[r], "reduction", r) for r in self.graph.reductions]
-        items += [(index[n], "global", n) for n in self.graph.global_nodes]
+        items += [(index[r], "reduction", r) for r in self.graph.reductions if r not in inside]
+        items += [(index[n], "global", n) for n in self.graph.global_nodes if n not in inside]
         self.items = [(kind, what) for _, kind, what in sorted(items, key=lambda e: e[0])]
         self.values: dict[Any, Any] = {}
         # reductions of a segment's output, accumulated from its cores; their gradients, added in its backward
         self.reads: dict[Any, list[Any]] = {}
         for r in self.graph.reductions:
-            if r.args[0] is not self.graph.input:
+            if r.args[0] is not self.graph.input and r not in inside:
                 self.reads.setdefault(r.args[0], []).append(r)
         self.red_parts: dict[Any, list[Any]] = {}
         self.pending: dict[Any, list[tuple[Any, torch.Tensor]]] = {}
         self.tails: dict[int, Any] = {}  # NOTE [ Last convolution not recomputed ]
+        self.g_out_maps: dict[tuple[int, ...], torch.Tensor] = {}  # its gradient maps, within one segment
         self.kept_glob: dict[Any, Any] = {}
         self.gglob: dict[Any, torch.Tensor] = {}
 
@@ -153,6 +161,7 @@ class Execution:
 
     def close(self) -> None:
         self.kept.clear()
+        self.g_out_maps.clear()
         self.red_parts.clear()
         self.pending.clear()
         self.kept_glob.clear()
@@ -181,8 +190,7 @@ class Execution:
                 t.requires_grad_(True)
             out.append(t)
         for j, s in enumerate(seg.globals, start=len(seg.sources)):
-            t = self.values[s].detach()
-            out.append(t.requires_grad_(True) if grad[j] and t.is_floating_point() else t)
+            out.append(_leaf(self.values[s], grad[j]))
         return out
 
     @staticmethod
@@ -250,7 +258,14 @@ class Execution:
         nd = z.dim() - 2
         value = self.stores[seg.out].read(tile.outputs) if seg.out in self.pending else None
         g_core = self._out_grad(seg.out, tile.outputs, value, z.dtype)
-        g_out = torch.zeros(self._conv_out_shape(conv, z), dtype=z.dtype, device=z.device)
+        # one zero map per output shape for the segment's tiles, zeroed again on reuse: a fresh map per tile paid
+        # its pages' first touch every time (NOTE [ Heap growth under a budget ] in _allocator.py)
+        shape = self._conv_out_shape(conv, z)
+        g_out = self.g_out_maps.get(shape)
+        if g_out is None or g_out.dtype != z.dtype or g_out.device != z.device:
+            g_out = self.g_out_maps[shape] = torch.zeros(shape, dtype=z.dtype, device=z.device)
+        else:
+            g_out.zero_()
         g_out[(slice(None), slice(None), *tile.crop)] = g_core
         bias = conv.bias
         gz, gw, gb = torch.ops.aten.convolution_backward(
@@ -287,7 +302,7 @@ class Execution:
             parts = self.red_parts.pop(r)
         stats = reduction_combine(r, parts, self.dtype, len(shape) - 2)
         path = r.meta.get("tilegrad_module")
-        if path is not None:
+        if path is not None and path not in self.native:
             module = self.graph.gm.get_submodule(path)
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training:
                 update_running_stats(module, stats.detach(), shape[0] * math.prod(shape[2:]))
@@ -295,9 +310,8 @@ class Execution:
 
     def forward_global(self, node: Any, training: bool) -> None:
         module, inputs = self.graph.global_module(node)
-        args = [self.values[i].detach() for i in inputs]
+        args = [_leaf(self.values[i], training) for i in inputs]
         if training:
-            args = [a.requires_grad_(True) if a.is_floating_point() else a for a in args]
             with torch.enable_grad():
                 out = module(*args)
             self.kept_glob[node] = (args, out)
@@ -314,7 +328,7 @@ class Execution:
         args, out = self.kept_glob[node]
         module, inputs = self.graph.global_module(node)
         params = [p for p in module.parameters() if id(p) in wanted]
-        leaves = [(i, a) for i, a in zip(inputs, args) if a.requires_grad]
+        leaves = [(i, a) for i, a in zip(inputs, args) if isinstance(a, torch.Tensor) and a.requires_grad]
         gs = torch.autograd.grad(
             out, [a for _, a in leaves] + params, self.gglob.pop(node), allow_unused=True, retain_graph=True
         )
@@ -336,11 +350,11 @@ class Execution:
             return
         shape = g.shape(x)
         for box in slabs(shape, torch.empty((), dtype=self.dtype).element_size(), 4 * 2**20):
-            gx = reduction_grad(r, self.reader.read(box), self.values[r], gstats, shape)
             if self.sink is not None:
-                self.sink.add(box, gx)
+                self.sink.add(box, reduction_grad(r, self.reader.read(box), self.values[r], gstats, shape))
             elif grad_in is not None:
-                grad_in[(slice(None), slice(None), *box)] += gx
+                out = grad_in[(slice(None), slice(None), *box)]
+                reduction_grad(r, self.reader.read(box), self.values[r], gstats, shape, out=out)
 
     def _out_grad(
         self, node: Any, box: tuple[slice, ...], value: torch.Tensor | None, dtype: torch.dtype | None = None
@@ -350,10 +364,16 @@ class Execution:
         reductions that read it send (NOTE [ Streamed statistics ])."""
         dtype = dtype or (value.dtype if value is not None else self.dtype)
         grad = self.grads[node].read(box).to(dtype) if node in self.grads else None
-        for r, gstats in self.pending.get(node, ()):
+        pending = self.pending.get(node, ())
+        if pending and isinstance(self.grads.get(node), _Whole):
+            grad = grad.clone()  # a view of the caller's gradient: the terms below are added in place
+        for r, gstats in pending:
             assert value is not None
-            term = reduction_grad(r, value.to(self.dtype), self.values[r], gstats, self.graph.shape(node))
-            grad = term.to(dtype) if grad is None else grad + term.to(dtype)
+            shape = self.graph.shape(node)
+            if grad is None:
+                grad = reduction_grad(r, value.to(self.dtype), self.values[r], gstats, shape).to(dtype)
+            else:
+                reduction_grad(r, value.to(self.dtype), self.values[r], gstats, shape, out=grad)
         if grad is None:
             sizes = tuple(b.stop - b.start for b in box)
             grad = torch.zeros(self.graph.shape(node)[:2] + sizes, dtype=dtype, device=self.device)
@@ -502,7 +522,7 @@ class Execution:
                 if k == last and self.head is not None:  # the head's per-position layers act inside partial()
                     seg_params += [p for p in self.head.parameters() if id(p) in wanted]
                 need = [(s is not g.input) or input_grad or self.sink is not None for s in seg.sources]
-                need += [True] * len(seg.globals)
+                need += [_differentiable(self.values[s]) for s in seg.globals]
                 for j, s in enumerate(seg.sources):
                     if need[j] and s is not g.input and s not in self.grads:
                         b = self.tiers[s.name]
@@ -535,6 +555,9 @@ class Execution:
                         and not self.autocast[0]
                         and self._tail(sp) is not None
                     )
+                    # a whole piece recomputed (a second backward: NOTE [ Kept segments ]) must not update its
+                    # layers' running statistics again
+                    buffers = [(b, b.clone()) for b in module.buffers()] if seg.whole else []
                     for t, tile in enumerate(sp.grid):
                         srcs = self._sources(sp, tile.inputs, k, need)
                         inputs = [s for s, n in zip(srcs, need) if n] + seg_params
@@ -567,8 +590,12 @@ class Execution:
                         del srcs, inputs
                         if bar is not None:
                             bar.update(1)
+                    for b, saved in buffers:
+                        b.copy_(saved)
+                    del buffers
                 # what this segment's backward completes
                 self.pending.pop(seg.out, None)
+                self.g_out_maps.clear()
                 done = self.grads.pop(seg.out, None)
                 if done is not None:
                     done.close()
@@ -600,6 +627,19 @@ class Execution:
                     grad_in[(slice(None), slice(None), *box)] += gsrc
             else:
                 self.grads[s].add(box, gsrc.to(self.dtype))
+
+
+def _differentiable(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _leaf(value: Any, grad: bool) -> Any:
+    """A global value as a segment's or a global node's input: a detached tensor (a leaf whose gradient is taken,
+    if ``grad`` and it is floating point), or a plain value (a size read from a statistic's shape) as it is."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.detach()
+    return value.requires_grad_(True) if grad and value.is_floating_point() else value
 
 
 class _Whole:

@@ -23,8 +23,38 @@ to the image frame whatever the number of sources. A tile is then a *window* of 
 (tiling.py) picks windows whose origins and extents are multiples of the alignment of every tensor of the
 segment, and each source is read at ``window / scale``. Every tensor inside the segment therefore covers the same
 window, and a concatenation of an upsampled decoder map with its skip sees two maps of the same size, as on the
-whole image. This needs every source and every merge point to sit exactly on its scale's grid
-(``size * scale == image size``); a cut set that breaks this is not offered (``Segments`` raises).
+whole image. This needs every source and every merge point to sit on its scale's grid: its map has ``size`` pixels
+with ``|size * scale - image size| < scale``, i.e. exactly ``image / scale`` pixels or that rounded up or down, as
+the strided layers of a network make them on an image whose size is not a multiple of the network's stride (a
+150 px image: 75, 38, 19, 10, 5 px after five stride-2 convolutions with padding; 37 after a 2x2 pooling of 75).
+Why the rounded maps are exact too: a window's start is a multiple of every scale in the segment, so every tensor
+of a tile starts on its own pixel grid; an interior window's stop is a multiple of the scales as well and lies
+inside every map (no multiple of ``scale`` lies between ``floor(image / scale) * scale`` and the image size); and
+the last window of an axis runs to each map's own end (``source_box`` clips at its size). A tile is then the whole
+computation on a suffix of the maps that starts on their grids, and strided layers (convolutions, pooling with or
+without ``ceil_mode``) give such a suffix the output sizes and values of the whole map from that start on. A cut
+set that breaks this is not offered (``Segments`` raises).
+A segment with one source needs less: whatever the source's size (unpadded convolutions leave a map many pixels
+short of the image, as in Inception-v3's stem), a window clipped at the source's end still starts on its grid and
+reads every pixel its outputs need, and no second source can disagree about where the map ends. So block outputs
+off their grid are cut candidates too (``candidates``), and a cut set that makes one of them a source of a segment
+with several sources raises and is skipped by the planner (``mode="stages"`` also tries its cuts on the grid only,
+so it has a plan wherever it had one before).
+
+NOTE [ Whole pieces ]
+A statistic's input is a forced cut (NOTE [ Streamed statistics ] in statistics.py), so a network with a
+normalisation after every convolution (BatchNorm in training mode) is cut into one segment per convolution, and deep
+in the trunk, where the maps are small, most of them run in one tile. Streaming buys nothing there and costs a
+boundary store per convolution (on disk when the budget is tight) and the statistics' own passes. The planner
+(plan.py ``wholes``) therefore turns a run of consecutive one-tile segments into one *whole piece*
+(``TrunkGraph.whole``): the cone of the run's last output over the run's sources, statistics included, run on the
+whole map with its graph kept from the forward to its backward (NOTE [ Kept segments ] in execute.py). Inside it a
+normalisation is the layer itself (``Segment._native``: BatchNorm updates its running statistics as in the
+conventional step) and a squeeze-excitation pool a mean over the whole map, so autograd does the backward's
+reductions; its saved bytes are the layers', not the rewritten reductions'. A run is not one piece
+when a tensor or a statistic it keeps inside is read by a segment after it (``whole_conflict``): a statistic of one
+of the piece's sources that a streamed segment also reads is computed twice, once inside and once accumulated from
+the source's cores (the engine skips the second running-statistics update).
 """
 
 from __future__ import annotations
@@ -46,9 +76,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import GeometryError, NotStreamableError
 from .geometry import DimGeometry, Geometry
 from .geometry.trace import _trace, propagate, trunk_output
-from .statistics import is_reduction, rewrite_statistics
+from .statistics import apply_norm, is_reduction, rewrite_statistics
 
-__all__ = ["Segment", "TrunkGraph"]
+__all__ = ["Segment", "TrunkGraph", "last_convolution"]
 
 _INPLACE_FUNCTIONS = {
     operator.iadd,
@@ -83,6 +113,7 @@ class NodeProfile:
     flops: float = 0.0
     saved: int = 0
     out_bytes: int = 0
+    value: Any = None  # a value that is not a tensor (a size read from a shape), on the whole image
 
 
 class _Profiler(torch.fx.Interpreter):
@@ -117,6 +148,8 @@ class _Profiler(torch.fx.Interpreter):
         if isinstance(out, torch.Tensor):
             prof.shape = tuple(out.shape)
             prof.out_bytes = out.numel() * out.element_size()
+        elif _constant(out):
+            prof.value = out
         self.profiles[n.name] = prof
         return out
 
@@ -145,6 +178,7 @@ class Segment:
     globals: list[torch.fx.Node] = field(
         default_factory=list
     )  # statistics it reads whole (NOTE [ Streamed statistics ])
+    whole: bool = False  # NOTE [ Whole pieces ]: runs on the whole map, its statistics computed inside
 
     @property
     def name(self) -> str:
@@ -164,7 +198,7 @@ class Segment:
     def module(self) -> nn.Module:
         """A GraphModule computing the output from the sources (in order); shares the trunk's submodules."""
         g = self.graph
-        if self.sources == [g.input] and self.out is g.output and not g.rewritten:
+        if self.sources == [g.input] and self.out is g.output and (self.whole or not g.rewritten):
             return g.root
         new = torch.fx.Graph()
         env: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -172,10 +206,33 @@ class Segment:
             env[s] = new.placeholder(f"source_{k}")
         for k, s in enumerate(self.globals):
             env[s] = new.placeholder(f"global_{k}")
+        native = self._native() if self.whole else {}
         for n in self.nodes:
+            if n in native:  # NOTE [ Whole pieces ]: the layer itself on the whole map
+                if native[n] is not None:
+                    env[n] = new.call_module(native[n], (env[n.args[0]],))
+                continue
             env[n] = new.node_copy(n, lambda a: env[a])
         new.output(env[self.out])
         return torch.fx.GraphModule(g.gm, new)
+
+
+    def _native(self) -> dict[torch.fx.Node, str | None]:
+        """NOTE [ Whole pieces ]: the reduction + apply pairs of a whole piece that are one layer of the trunk (a
+        normalisation rewritten by ``rewrite_statistics``): apply -> the layer's path, reduction -> None (dropped)."""
+        members = set(self.nodes)
+        out: dict[torch.fx.Node, str | None] = {}
+        for r in self.nodes:
+            path = r.meta.get("tilegrad_module")
+            users = list(r.users)
+            if path is None or not users or any(
+                u not in members or u.target is not apply_norm or u.args[1] is not r or u.args[0] is not r.args[0]
+                for u in users
+            ):
+                continue
+            out[r] = None
+            out.update({u: path for u in users})
+        return out
 
 
 class TrunkGraph:
@@ -266,18 +323,21 @@ class TrunkGraph:
         return tuple(d.stride for d in self.geoms[node].dims)
 
     def on_grid(self, node: torch.fx.Node) -> bool:
-        """Whether the node's map covers the image exactly on its scale's grid (NOTE [ Segment windows ])."""
+        """Whether the node's map covers the image on its scale's grid, its size ``image / scale`` rounded either way
+        (NOTE [ Segment windows ])."""
         shape = self.profiles[node].shape
         if self.geoms.get(node) is None or shape is None or len(shape) != self.ndim + 2:
             return False
-        return all(n * s == i for n, s, i in zip(shape[2:], self.scale(node), self.input_shape[2:]))
+        return all(abs(n * s - i) < s for n, s, i in zip(shape[2:], self.scale(node), self.input_shape[2:]))
 
     # -- cuts -------------------------------------------------------------------------------------------------
     @functools.cached_property
     def candidates(self) -> list[torch.fx.Node]:
         """Tensors where a cut may go, in topological order (NOTE [ Segments over a graph ]): the stage cuts and
         the block outputs."""
-        cands = set(self.stage_candidates) | set(self._usable(self._block_outputs(self._ancestors(self.output))))
+        cands = set(self.stage_candidates) | set(
+            self._usable(self._block_outputs(self._ancestors(self.output)), off_grid=True)
+        )
         return sorted(cands, key=self.index.__getitem__)
 
     @functools.cached_property
@@ -291,10 +351,13 @@ class TrunkGraph:
             if any(self.scale(a) != self.scale(n) for a in spatial_inputs):
                 cands.add(n)
                 cands.update(spatial_inputs)
-        return sorted(self._usable(cands), key=self.index.__getitem__)
+        return sorted(self._usable(cands, off_grid=True), key=self.index.__getitem__)
 
-    def _usable(self, cands: Iterable[torch.fx.Node]) -> list[torch.fx.Node]:
-        """The tensors a cut may store: on the image's path to the output, not modified in place, on their grid."""
+    def _usable(self, cands: Iterable[torch.fx.Node], off_grid: bool = False) -> list[torch.fx.Node]:
+        """The tensors a cut may store: on the image's path to the output, not modified in place, on their grid
+        unless ``off_grid`` (a block output off its grid, e.g. after unpadded convolutions, may be cut where it is
+        the only source of the segments that read it; a cut set that makes it one of several raises,
+        NOTE [ Segment windows ])."""
         mutated = {m for n in self.nodes if (m := _mutated(n, self.root)) is not None}
         ancestors = self._ancestors(self.output)
         return [
@@ -305,7 +368,7 @@ class TrunkGraph:
             and n in ancestors
             and n not in mutated
             and n not in self.forced
-            and self.on_grid(n)
+            and (off_grid or self.on_grid(n))
         ]
 
     def _block_outputs(self, ancestors: set[torch.fx.Node]) -> list[torch.fx.Node]:
@@ -385,6 +448,52 @@ class TrunkGraph:
             raise seg
         return seg
 
+    def whole(self, run: Sequence[Segment]) -> Segment:
+        """NOTE [ Whole pieces ]: one segment computing what the consecutive segments ``run`` compute, run on the
+        whole map with its statistics inside; raises GeometryError when the run is not one piece (a boundary
+        between its segments is read after it, or a statistic inside is read outside)."""
+        inner = {s.out for s in run[:-1]}
+        stops = {src for s in run for src in s.sources} - inner
+        key = (run[-1].out, tuple(sorted(stops, key=self.index.__getitem__)), "whole")
+        if key not in self._by_sources:
+            try:
+                self._by_sources[key] = self._whole(run[-1].out, stops, inner)
+            except GeometryError as err:
+                self._by_sources[key] = err
+        seg = self._by_sources[key]
+        if isinstance(seg, GeometryError):
+            raise seg
+        return seg
+
+    def _whole(self, out: torch.fx.Node, stops: set[torch.fx.Node], inner: set[torch.fx.Node]) -> Segment:
+        members: set[torch.fx.Node] = set()
+        sources: set[torch.fx.Node] = set()
+        stack = [out]
+        while stack:
+            n = stack.pop()
+            if n in members or n in sources:
+                continue
+            if n in stops:
+                sources.add(n)
+                continue
+            members.add(n)
+            stack.extend(n.all_input_nodes)
+        missing = inner - members
+        if missing:
+            raise GeometryError(f"{sorted(m.name for m in missing)} not on the path to {out.name}: not one piece")
+        for n in members:
+            if n is not out and (n in inner or n in self.global_set):
+                outside = [u.name for u in n.users if u not in members]
+                if outside:
+                    raise GeometryError(f"{n.name} is read outside the piece ending at {out.name} ({outside})")
+        nodes = sorted(members, key=self.index.__getitem__)
+        srcs = sorted(sources, key=self.index.__getitem__)
+        seg = self._new_segment(out, nodes, srcs, set())
+        # what the layers save, not what the rewritten reductions save (the native layers make no such copies)
+        seg.saved_bytes = sum(self.profiles[n].saved for n in nodes if not is_reduction(n))
+        seg.whole = True
+        return seg
+
     def _new_segment(
         self,
         out: torch.fx.Node,
@@ -398,12 +507,10 @@ class TrunkGraph:
         geoms = propagate(self.root, nodes, self.ndim, seeds)
         geometry = geoms[out]
         assert geometry is not None
-        if len(srcs) > 1:
-            for (
-                n
-            ) in nodes:  # merge points of several sources must sit on their grid (NOTE [ Segment windows ])
+        if len(srcs) > 1:  # sources and merge points of several sources sit on their grid (NOTE [ Segment windows ])
+            for n in [s for s in srcs if s is not self.input] + nodes:
                 spatial = [a for a in n.all_input_nodes if geoms.get(a) is not None]
-                if len(spatial) > 1 and not self.on_grid(n):
+                if (n in srcs or len(spatial) > 1) and not self.on_grid(n):
                     raise GeometryError(f"node {n.name} does not sit on its scale's grid; no cut through it")
         profs = [self.profiles[n] for n in nodes]
         globs = sorted(globals_, key=self.index.__getitem__)
@@ -424,6 +531,29 @@ class TrunkGraph:
             globals=globs,
         )
 
+    def streamed_globals(self, segments: Sequence[Segment]) -> set[torch.fx.Node]:
+        """The statistics and global nodes the engine computes between segments: those the streamed segments read,
+        and the ones they are computed from (NOTE [ Whole pieces ]: a whole piece computes its own)."""
+        stack = [n for s in segments if not s.whole for n in s.globals]
+        return _closure_all(stack, lambda n: [a for a in n.all_input_nodes if a in self.global_set])
+
+    def whole_conflict(self, segments: Sequence[Segment]) -> str | None:
+        """Why these segments cannot run together (a tensor a whole piece keeps inside is another segment's source,
+        or a statistic it computes inside from such a tensor is read by a streamed segment), or None."""
+        outs = {s.out for s in segments} | {self.input}
+        for s in segments:
+            lost = [src.name for src in s.sources if src not in outs]
+            if lost:
+                return f"{s.name} reads {lost}, which a whole piece keeps inside"
+        shared = self.streamed_globals(segments)
+        for s in segments:
+            if s.whole:
+                members = set(s.nodes)
+                for r in shared & members:
+                    if is_reduction(r) and r.args[0] in members:
+                        return f"{r.name} of {r.args[0].name}, inside {s.name}, is read by a streamed segment"
+        return None
+
     @functools.cache  # noqa: B019
     def global_module(self, node: torch.fx.Node) -> tuple[nn.Module, list[torch.fx.Node]]:
         """A module computing a global node from the global nodes it reads (NOTE [ Streamed statistics ])."""
@@ -431,13 +561,19 @@ class TrunkGraph:
         env: dict[torch.fx.Node, torch.fx.Node] = {}
         inputs: list[torch.fx.Node] = []
 
-        def visit(n: torch.fx.Node) -> torch.fx.Node:
+        def visit(n: torch.fx.Node) -> Any:
             if n in env:
                 return env[n]
             if n in self.global_set and n is not node:
                 inputs.append(n)
                 env[n] = new.placeholder(f"global_{len(inputs)}")
                 return env[n]
+            value = self.profiles[n].value if n in self.profiles else None
+            if n not in self.global_set and value is not None:
+                # a size read from a map's shape (MONAI's squeeze-excitation: ``pool(x).view(b, c)`` with
+                # ``b, c = x.shape[:2]``): the whole map's, a constant for the statistic, not the map itself
+                env[n] = value
+                return value
             for a in n.all_input_nodes:
                 visit(a)
             written = _mutated(n, self.root)
@@ -463,6 +599,22 @@ class TrunkGraph:
         return tuple(out)
 
 
+def last_convolution(seg: Segment) -> torch.fx.Node | None:
+    """The segment's output node if it is a zero-padded convolution module called on one tensor (the convolution
+    whose recomputation the engine's backward skips: NOTE [ Last convolution not recomputed ] in execute.py)."""
+    n = seg.out
+    if n.op != "call_module" or len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], torch.fx.Node):
+        return None
+    conv = seg.graph.gm.get_submodule(n.target)
+    if (
+        not isinstance(conv, nn.modules.conv._ConvNd)
+        or conv.padding_mode != "zeros"
+        or isinstance(conv.padding, str)
+    ):
+        return None
+    return n
+
+
 def _closure(
     node: torch.fx.Node, step: Callable[[torch.fx.Node], Iterable[torch.fx.Node]]
 ) -> set[torch.fx.Node]:
@@ -475,6 +627,23 @@ def _closure(
             continue
         seen.add(n)
         stack.extend(step(n))
+    return seen
+
+
+def _constant(value: Any) -> bool:
+    """A plain value (a size, a tuple of sizes) that a global node may read as a constant."""
+    if isinstance(value, (bool, int, float)):
+        return True
+    return isinstance(value, (tuple, list, torch.Size)) and all(_constant(v) for v in value)
+
+
+def _closure_all(
+    nodes: Iterable[torch.fx.Node], step: Callable[[torch.fx.Node], Iterable[torch.fx.Node]]
+) -> set[torch.fx.Node]:
+    seen: set[torch.fx.Node] = set()
+    for n in nodes:
+        if n not in seen:
+            seen |= _closure(n, step)
     return seen
 
 

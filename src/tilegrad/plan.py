@@ -19,10 +19,16 @@ One number per plan, ``time_ratio``: predicted time of a training step over that
   the conventional 3;
 * per tile: a fixed overhead (Python, dispatch, first touch of fresh buffers) per tile pass, ``TILE_SECONDS`` plus
   ``NODE_SECONDS`` per node of the segment;
+* small-tile kernels: PyTorch runs a CPU convolution on oneDNN only above a size (for 3D, N*C*D*H > 20480 of its
+  input); below it the native unfold kernel costs ``SLOW_CONV`` times as much per output (16->32 and 64->128 3D
+  convolutions: 2.5-3.3x measured). A convolution that the whole image runs on oneDNN and a tile's box (the window
+  over its input's scale) does not has its FLOPs counted ``SLOW_CONV`` times in that segment's passes;
 * disk: bytes written and read by boundaries on the disk tier at ``DISK_WRITE`` / ``DISK_READ`` bytes per second
   (sources are read once per tile, overlap included; gradients are read-modify-written).
-Statistics (NOTE [ Streamed statistics ] in statistics.py) cost no pass of their own: they are accumulated from the
-cores their input's segment writes, and their gradient is added in that segment's backward. The rates are this
+Statistics (NOTE [ Streamed statistics ] in statistics.py) cost no pass of the segments: they are accumulated from
+the cores their input's segment writes, and their gradient is added in that segment's backward; their own work (a
+sum and a variance of each core, the gradient's share) is ``STAT_TRAFFIC`` times their input's bytes at
+``BYTE_RATE``; inside a whole piece (NOTE [ Whole pieces ] in graph.py) they are the layers' own. The rates are this
 machine's (a CPU core pair, float32); a ratio only needs them in the right proportion. Device
 memory is a sweep over the steps of a training step (forward over segments, backward in reverse): the parameters
 and their gradients, the input (if in memory), the boundaries and boundary gradients alive on the device at that
@@ -31,7 +37,12 @@ step, and the step's tile working set (NOTE [ Tile memory ]). Host and disk byte
 NOTE [ Tile memory ]
 A tile's working set is the sources it reads, what autograd saves while it is recomputed (the segment's saved bytes
 on the whole image, scaled by the window's share of the image) and a transient of ``BACKWARD_TRANSIENT`` times its
-largest tensor (gradient buffers, convolution workspaces). With a fixed tile and no budget, the tile sets the limit:
+largest tensor (gradient buffers, convolution workspaces). A segment whose backward does not recompute its last
+convolution (NOTE [ Last convolution not recomputed ] in execute.py: in a network cut at every normalisation,
+nearly every segment) holds less: ``TAIL_TRANSIENT`` times its largest tensor plus that convolution's backward
+workspace at the tile's box (memory/kernels.py; the unfold kernel's is 27x its input in 3D). Measured on MONAI UNet
+16-32-64-128 at 160^3 (tiles of 56-160 px, batch norm): 0.7-1.1x of this prediction, where the 6.5 rule gave
+0.6-0.9x (and 2.3x under a tile that ran the unfold kernel). With a fixed tile and no budget, the tile sets the limit:
 any plan whose predicted peak is at most the one-segment plan's plus half of one tile's working set may be chosen,
 so memory stays flat in the image size and the planner cuts more (and stores more, on disk if needed) as the image
 grows.
@@ -42,7 +53,9 @@ while nothing fits, leaner): over the stage cuts, then over every candidate. For
 segment takes the fastest tile that fits next to what else is alive at its step; boundaries move to disk (largest
 first) when the device budget is too small for them (``tiers="auto"``). Each window of the ladder is shrunk to the
 smallest with the same tile count (NOTE [ Balanced tiles ]); the chosen plan's windows are then refined between the
-ladder's rungs (NOTE [ Tile refinement ]).
+ladder's rungs (NOTE [ Tile refinement ]), after its runs of one-tile segments are tried as whole pieces
+(NOTE [ Whole pieces ] in graph.py, ``wholes``). While the budget is too small, boundary maps go to disk (largest
+first) before boundary gradients, which live only from a reader's backward to their producer's.
 
 NOTE [ Planning cost ]
 The search builds a few hundred cut sets, each of a dozen segments over a ladder of some 40 tile sizes. What makes
@@ -72,7 +85,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ._autocast import without_autocast
 from .errors import ConfigError, GeometryError, MemoryBudgetError, ShapeError
-from .graph import Segment, TrunkGraph
+from .graph import Segment, TrunkGraph, last_convolution
 from .options import batch_tiles_option, budget_option, mode_option, require_budget, tile_size_option
 from .segment import Unit, units_of
 from .tiling import TileGrid, dim_summary, grid_summary, plan_dim, tile_grid
@@ -100,7 +113,17 @@ NODE_SECONDS = 1e-4
 # at a time (NOTE [ Storage tiers ]): writes 0.3-0.7, reads 0.6-1.1, adds 0.4-0.7 (16-32 channels, 24^3-50^3 boxes)
 DISK_WRITE = 0.3e9
 DISK_READ = 0.6e9
+# passes a streamed statistic makes over its input, in units of its input's bytes (NOTE [ Streamed statistics ] in
+# statistics.py): forward, the partials (a float64-accumulated sum, a variance); training adds the backward's share
+# of the gradient (one multiply-add into the gradient read from the store, and that gradient's read); an estimate
+STAT_TRAFFIC = {False: 2.0, True: 4.0}
 BACKWARD_TRANSIENT = 6.5  # training working set beyond saved tensors, in units of the largest tensor
+# the same for a segment whose backward skips its last convolution (NOTE [ Tile memory ]), next to that convolution's
+# own workspace: fitted to the tiles of MONAI UNet 16-32-64-128 at 160^3 (measured 0.6-0.9x of the 6.5 rule)
+TAIL_TRANSIENT = 3.0
+# a convolution that a small tile drops below PyTorch's oneDNN cutoff runs the native unfold kernel: this many times
+# the time per output of the oneDNN kernel (NOTE [ Cost model ]; 2.5-3.3x measured for 16->32 and 64->128 3D convs)
+SLOW_CONV = 2.5
 FORWARD_TRANSIENT = 2.0  # no-grad forward working set, in units of the largest tensor
 BUDGET_SAFETY = 0.8  # share of a user budget the planner plans for (the rest: allocator slack)
 FIXED_TILE_EXTRA = 0.5  # NOTE [ Tile memory ]: extra room of a fixed tile without budget, in tiles
@@ -127,6 +150,7 @@ class SegmentPlan:
     tile_saved_bytes: int = 0
     flops: float = 0.0
     keep: bool = False  # NOTE [ Kept segments ] in execute.py
+    slow_flops: float = 0.0  # of convolutions the tile drops onto the slow kernel (NOTE [ Cost model ])
 
     @property
     def name(self) -> str:
@@ -212,6 +236,7 @@ class Plan:
                     "tiles": s.tiles,
                     "overlap": s.overlap,
                     "kept": s.keep,
+                    "whole": s.segment.whole,
                     "sources": [n.name for n in s.segment.sources],
                 }
                 for s in self.segments
@@ -232,7 +257,15 @@ class Plan:
             + f", predicted time x{self.time_ratio:.2f} of conventional"
             + (
                 f" (compute x{self.time_parts['compute']:.2f}, halo overlap +{self.time_parts['overlap']:.2f}, "
-                f"tiles +{self.time_parts['tiles']:.2f}, disk +{self.time_parts['disk']:.2f})"
+                f"tiles +{self.time_parts['tiles']:.2f}, "
+                + (
+                    f"slow small-tile kernels +{self.time_parts['kernels']:.2f}, "
+                    if self.time_parts.get("kernels")
+                    else ""
+                )
+                + f"disk +{self.time_parts['disk']:.2f}"
+                + (f", statistics +{self.time_parts['statistics']:.2f}" if self.time_parts.get("statistics") else "")
+                + ")"
                 if self.time_parts
                 else ""
             )
@@ -242,8 +275,9 @@ class Plan:
             for seg in self.segments:
                 if seg.keep:
                     lines.append(
-                        f"  {seg.name}: whole map, graph kept (no recomputation), "
-                        f"{format_bytes(seg.tile_saved_bytes)} saved for backward"
+                        f"  {seg.name}: whole map, graph kept (no recomputation"
+                        + (", statistics inside" if seg.segment.whole else "")
+                        + f"), {format_bytes(seg.tile_saved_bytes)} saved for backward"
                     )
                     continue
                 work = seg.tile_train_bytes if self.training else seg.tile_forward_bytes
@@ -298,6 +332,16 @@ def _balanced_dim(dim: Any, align: int, in_len: int, out_len: int, tile: int, ax
     return hi
 
 
+def _conv_kernel(shape: Sequence[int], spatial: Sequence[int], w: torch.Tensor, conf: tuple) -> str:
+    """The name of the CPU kernel PyTorch selects for a convolution (weight ``w``, ``conf``: stride, padding,
+    dilation, transposed, output padding, groups) on an input of ``shape`` cropped to ``spatial``."""
+    from .memory.kernels import _backend
+
+    x = torch.empty((*shape[:2], *spatial), device="meta", dtype=w.dtype)
+    b = _backend(x, w, *conf)
+    return b.name if hasattr(b, "name") else str(b)
+
+
 def _min_tile(geometry: Any, in_shape: Sequence[int], out_shape: Sequence[int], axis: int) -> int:
     try:
         plan_dim(geometry.dims[axis], geometry.align[axis], in_shape[axis], out_shape[axis], 1, axis)
@@ -343,6 +387,7 @@ class _Planner:
         self._forward_rate: dict[int, float] = {}
         self._options: dict[tuple, list[SegmentPlan]] = {}
         self._leaner_of: dict[int, list[int | None]] = {}  # by id of a cached options list
+        self._kern: dict[tuple, tuple[float, int]] = {}
         self.errors: list[str] = []
 
     # -- one segment at one tile ----------------------------------------------------------------------------
@@ -375,6 +420,10 @@ class _Planner:
         saved = seg.saved_bytes * ratio
         largest = seg.largest_bytes * ratio
         sources = seg.source_bytes * ratio
+        slow_flops, workspace = self._kernels(seg, tuple(max_in_shape))
+        transient = BACKWARD_TRANSIENT * largest
+        if self._skips_last_conv(seg):  # NOTE [ Tile memory ]
+            transient = TAIL_TRANSIENT * largest + workspace
         sp = SegmentPlan(
             segment=seg,
             tile=tuple(min(t, i) for t, i in zip(tile, self.image[2:])),
@@ -383,10 +432,11 @@ class _Planner:
             tiles=tiles,
             max_in_shape=max_in_shape,
             input_area=input_area,
-            tile_train_bytes=int(sources + saved + BACKWARD_TRANSIENT * largest),
+            tile_train_bytes=int(sources + saved + transient),
             tile_forward_bytes=int(sources + FORWARD_TRANSIENT * largest),
             tile_saved_bytes=int(saved),
             flops=seg.flops,
+            slow_flops=slow_flops,
         )
         if not self.training:
             sp.tile_forward_bytes = int(max(self._forward_per_px(seg) * math.prod(max_in_shape), 0)) * (
@@ -410,6 +460,58 @@ class _Planner:
         if best == tuple(tile):
             return tile, grid
         return best, grid_summary(geo, image, out, best)
+
+    def _skips_last_conv(self, seg: Segment) -> bool:
+        """Whether the engine's backward of this segment skips recomputing its last convolution (NOTE [ Last
+        convolution not recomputed ] in execute.py: a segment ending in a zero-padded convolution, training, not
+        feeding a streamed head)."""
+        if not self.training or (self.head is not None and seg.out is self.g.output):
+            return False
+        return last_convolution(seg) is not None
+
+    def _kernels(self, seg: Segment, window: tuple[int, ...]) -> tuple[float, int]:
+        """(FLOPs of the segment's convolutions that a tile of ``window`` image px drops from oneDNN onto PyTorch's
+        unfold kernel, the backward workspace of its last convolution at that tile): NOTE [ Cost model ],
+        NOTE [ Tile memory ]. A convolution's box is the window over its input's scale; the kernel is the one
+        PyTorch selects for that box (memory/kernels.py). Below oneDNN's channel block both kernels are alike
+        (measured: a 1->16 3D convolution costs the same per voxel on either), so no penalty there."""
+        key = (id(seg), window)
+        if key in self._kern:
+            return self._kern[key]
+        from .memory.kernels import _CONV_BACKWARD, _channel_block, conv_workspace_bytes
+
+        g, slow, workspace = self.g, 0.0, 0
+        last = last_convolution(seg)
+        for n in seg.nodes:
+            conv = g.gm.get_submodule(n.target) if n.op == "call_module" else None
+            if not isinstance(conv, nn.modules.conv._ConvNd) or not n.args or n.args[0] not in g.geoms:
+                continue
+            src = n.args[0]
+            shape, out = g.profiles[src].shape, g.profiles[n].shape
+            if shape is None or out is None or len(shape) != g.ndim + 2 or g.geoms.get(src) is None:
+                continue
+            box = tuple(min(d, math.ceil(w / sc)) for w, sc, d in zip(window, g.scale(src), shape[2:]))
+            conf = (conv.stride, conv.padding, conv.dilation, conv.transposed, conv.output_padding)
+            conf = (*conf, conv.groups)
+            if isinstance(conv.padding, str):
+                continue
+            w = torch.empty(conv.weight.shape, device="meta", dtype=g.dtype)
+            if (
+                not conv.transposed
+                and shape[1] // conv.groups >= _channel_block()
+                and _conv_kernel(shape, box, w, conf).startswith("Slow")
+                and not _conv_kernel(shape, shape[2:], w, conf).startswith("Slow")
+            ):
+                slow += g.profiles[n].flops
+            if n is last:
+                x = torch.empty((*shape[:2], *box), device="meta", dtype=g.dtype)
+                grad = torch.empty((*out[:2], *box), device="meta", dtype=g.dtype)  # its size does not matter
+                workspace = conv_workspace_bytes(
+                    _CONV_BACKWARD,
+                    (grad, x, w, None, *conf[:5], conv.groups, [True, True, conv.bias is not None]),
+                )
+        self._kern[key] = (slow, workspace)
+        return self._kern[key]
 
     def _forward_per_px(self, seg: Segment) -> float:
         """Inference peak per image pixel of a segment, from estimate_memory's allocator simulation (CPU
@@ -438,8 +540,12 @@ class _Planner:
         key = (id(seg), requested, cap)
         if key in self._options:
             return self._options[key]
-        opts = [sp for t in self.ladder if (sp := self.segment_plan(seg, t)) is not None]
-        if requested is not None:
+        if seg.whole:  # NOTE [ Whole pieces ]: the whole map, its graph kept
+            sp = self.segment_plan(seg, tuple(self.image[2:]), False)
+            opts = [dataclasses.replace(sp, keep=True)] if sp is not None and sp.tiles == 1 else []
+        else:
+            opts = [sp for t in self.ladder if (sp := self.segment_plan(seg, t)) is not None]
+        if requested is not None and not seg.whole:
             if self.g.input in seg.sources:
                 opts = [sp for sp in (self.segment_plan(seg, requested, False),) if sp is not None]
             else:
@@ -486,9 +592,20 @@ class _Planner:
         per_tile = TILE_SECONDS + NODE_SECONDS * len(sp.segment.nodes)
         return sp.tiles * per_tile * (self.passes(sp) / 2 if self.training else 1)
 
+    def kernel_seconds(self, sp: SegmentPlan) -> float:
+        """What the convolutions a tile drops onto the slow kernel add to the segment's passes (NOTE [ Cost
+        model ])."""
+        if sp.keep or not sp.slow_flops:
+            return 0.0
+        return self.passes(sp) * sp.slow_flops * (SLOW_CONV - 1) / FLOP_RATE * sp.overlap
+
     def seconds(self, sp: SegmentPlan) -> float:
         overlap = 1 if sp.keep else sp.overlap
-        return self.passes(sp) * self.pass_seconds(sp.segment) * overlap + self.tile_seconds(sp)
+        return (
+            self.passes(sp) * self.pass_seconds(sp.segment) * overlap
+            + self.tile_seconds(sp)
+            + self.kernel_seconds(sp)
+        )
 
     # -- a whole plan ----------------------------------------------------------------------------------------
     def fixed_bytes(self) -> int:
@@ -538,8 +655,15 @@ class _Planner:
 
     def time_ratio(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:
         return (
-            sum(self.seconds(sp) for sp in segs) + self.disk_seconds(segs, bounds)
+            sum(self.seconds(sp) for sp in segs) + self.disk_seconds(segs, bounds) + self.stat_seconds(segs)
         ) / self.conventional_seconds
+
+    def stat_seconds(self, segs: list[SegmentPlan]) -> float:
+        """Seconds of the streamed statistics' own work (NOTE [ Cost model ]): ``STAT_TRAFFIC`` times the bytes of
+        their inputs, at ``BYTE_RATE``; a whole piece's statistics are its layers' (NOTE [ Whole pieces ])."""
+        inside = {n for sp in segs if sp.segment.whole for n in sp.segment.nodes}
+        read = sum(self.g.profiles[r.args[0]].out_bytes for r in self.g.reductions if r not in inside)
+        return STAT_TRAFFIC[self.training] * read / BYTE_RATE
 
     @property
     def conventional_seconds(self) -> float:
@@ -550,14 +674,17 @@ class _Planner:
         the image (compute), the halos recomputed (overlap), the tiles' fixed cost (tiles), boundary IO (disk)."""
         compute = sum(self.passes(sp) * self.pass_seconds(sp.segment) for sp in segs)
         tiles = sum(self.tile_seconds(sp) for sp in segs)
-        overlap = sum(self.seconds(sp) for sp in segs) - compute - tiles
+        kernels = sum(self.kernel_seconds(sp) for sp in segs)
+        overlap = sum(self.seconds(sp) for sp in segs) - compute - tiles - kernels
         disk = self.disk_seconds(segs, bounds)
         conv = self.conventional_seconds
         return {
             "compute": compute / conv,
             "overlap": overlap / conv,
             "tiles": tiles / conv,
+            "kernels": kernels / conv,
             "disk": disk / conv,
+            "statistics": self.stat_seconds(segs) / conv,
         }
 
     def disk_seconds(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:
@@ -586,6 +713,12 @@ class _Planner:
         except GeometryError as err:
             self.errors.append(str(err))
             return None
+        return self.assemble(segments, budget, requested)
+
+    def assemble(
+        self, segments: list[Segment], budget: int | None, requested: tuple[int, ...] | None
+    ) -> Plan | None:
+        """The fastest plan of these segments under ``budget`` (or the leanest, if none fits), or None."""
         bounds = [
             BoundaryPlan(s.out.name, s.out_shape, self.g.profiles[s.out].out_bytes) for s in segments[:-1]
         ]
@@ -624,15 +757,15 @@ class _Planner:
             if budget is None or peak <= budget:
                 break
             if self.tiers == "auto":
-                movable = [
-                    b for b in bounds if b.tier == "device" or (self.training and b.grad_tier == "device")
-                ]
+                # maps first (they live through the step), gradients (alive from a reader's backward to their
+                # producer's) only when every map is on disk
+                movable = [b for b in bounds if b.tier == "device"]
                 if movable:
-                    b = max(movable, key=lambda b: b.nbytes)
-                    if b.tier == "device":
-                        b.tier = "disk"
-                    if b.grad_tier == "device":
-                        b.grad_tier = "disk"
+                    max(movable, key=lambda b: b.nbytes).tier = "disk"
+                    continue
+                movable = [b for b in bounds if self.training and b.grad_tier == "device"]
+                if movable:
+                    max(movable, key=lambda b: b.nbytes).grad_tier = "disk"
                     continue
             worst = max(range(len(steps)), key=steps.__getitem__)
             k = worst if worst < len(segments) else 2 * len(segments) - 1 - worst
@@ -654,19 +787,10 @@ class _Planner:
                 break
             choice[k] = j
         segs = [dataclasses.replace(sp) for sp in current()]
-        if (
-            self.tiers == "auto" and budget is not None
-        ):  # bring back to the device what still fits, smallest first
-            for b in sorted(bounds, key=lambda b: b.nbytes):
-                old = (b.tier, b.grad_tier)
-                if old == ("device", "device"):
-                    continue
-                b.tier = b.grad_tier = "device"
-                if self.evaluate(segs, bounds)[0] > budget:
-                    b.tier, b.grad_tier = old
+        self._to_device(segs, bounds, budget)
         if self.training:  # keep one-tile segments' graphs while the plan still fits
             for k, sp in sorted(enumerate(segs), key=lambda e: -e[1].flops / max(1, e[1].tile_saved_bytes)):
-                if sp.tiles != 1 or (
+                if sp.segment.whole or sp.tiles != 1 or (
                     k == 0 and not self.input_in_memory and self.g.input in sp.segment.sources
                 ):
                     continue
@@ -693,6 +817,67 @@ class _Planner:
             conventional_seconds=self.conventional_seconds,
             time_parts=self.time_parts(segs, bounds),
         )
+
+    def _to_device(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan], budget: int | None) -> None:
+        """Bring back to the device the boundaries on disk that still fit, smallest first."""
+        if self.tiers != "auto" or budget is None:
+            return
+        for attr in ("grad_tier", "tier"):
+            for b in sorted(bounds, key=lambda b: b.nbytes):
+                if getattr(b, attr) == "device":
+                    continue
+                old = getattr(b, attr)
+                setattr(b, attr, "device")
+                if self.evaluate(segs, bounds)[0] > budget:
+                    setattr(b, attr, old)
+
+    def wholes(self, plan: Plan, budget: int, requested: tuple[int, ...] | None) -> Plan:
+        """NOTE [ Whole pieces ]: each run of consecutive one-tile segments of the chosen plan becomes one piece
+        run on the whole map with its graph kept, when a plan with it (every other segment's tile chosen again)
+        fits and is faster; the deepest runs first, a run that does not fit shortened from its front (where the
+        maps are largest)."""
+        if not self.training or plan.conventional:
+            return plan
+        segments = [sp.segment for sp in plan.segments]
+        runs: list[tuple[int, int]] = []
+        k = 0
+        while k < len(segments):
+            j = k
+            while j < len(segments) and plan.segments[j].tiles == 1 and not (
+                j == 0 and not self.input_in_memory and self.g.input in segments[0].sources
+            ):
+                j += 1
+            if j - k >= 2:
+                runs.append((k, j))
+            k = j + 1
+        best = plan
+        for i, j in reversed(runs):
+            lo, hi, found = i, j - 1, None  # the smallest start that fits (a start of j - 1: no run of two)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                got = self._with_piece(segments, mid, j, budget, requested)
+                if got is not None:
+                    found, hi = got, mid
+                else:
+                    lo = mid + 1
+            if found is not None and found.time_ratio <= best.time_ratio:
+                best = found
+                segments = [sp.segment for sp in best.segments]
+        return best
+
+    def _with_piece(
+        self, segments: list[Segment], start: int, stop: int, budget: int, requested: tuple[int, ...] | None
+    ) -> Plan | None:
+        """The plan of ``segments`` with ``segments[start:stop]`` as one whole piece, if it fits ``budget``."""
+        try:
+            piece = self.g.whole(segments[start:stop])
+        except GeometryError:
+            return None
+        trial = [*segments[:start], piece, *segments[stop:]]
+        if self.g.whole_conflict(trial):
+            return None
+        plan = self.assemble(trial, budget, requested)
+        return plan if plan is not None and plan.peak_bytes <= budget else None
 
     def refine(self, plan: Plan, budget: int, requested: tuple[int, ...] | None) -> Plan:
         """NOTE [ Tile refinement ]: the ladder's rungs are 19% apart, and a tiled segment's cost moves within a
@@ -754,8 +939,8 @@ class _Planner:
         descents: list[tuple[frozenset, list]] = []
         if mode == "lean":
             starts = [frozenset()]
-        elif mode == "stages":
-            starts = [stages]
+        elif mode == "stages":  # the cuts off their grid may not line up with others (NOTE [ Segment windows ])
+            starts = list(dict.fromkeys([frozenset(n for n in stage_cands if self.g.on_grid(n)), stages]))
         else:
             starts = list(dict.fromkeys([frozenset(), stages, every]))
             # descents over the stage cuts alone (whose local optimum the block outputs might otherwise walk past),
@@ -911,6 +1096,7 @@ def plan_streaming(
             leanest = other_lean
     if best is not None:
         if budget is not None and not best.conventional:
+            best = planner.wholes(best, budget, requested)
             best = planner.refine(best, budget, requested)
         _check_tiles(best)
         best.budget = memory_budget

@@ -91,6 +91,18 @@ class _OnlyMap(nn.Module):
         return feature
 
 
+class _CriticHead(nn.Module):
+    """MONAI Critic's forward after ``net``: ``final`` (Flatten), the mean over the flattened values, one column."""
+
+    def __init__(self, final: nn.Module):
+        super().__init__()
+        self.final = final
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.final(x).mean(1)
+        return x.view((x.shape[0], -1))
+
+
 def _children(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return list(model.named_children())
 
@@ -211,6 +223,13 @@ def _monai_family(model: nn.Module, at: str | int | None) -> tuple[nn.Module, nn
             OrderedDict(head)
         )
     if "EfficientNet" in kinds and hasattr(model, "_blocks"):
+        base = next(c for c in type(model).__mro__ if c.__name__ == "EfficientNet")
+        if type(model).forward is not base.forward:  # EfficientNetBNFeatures, EfficientNetEncoder
+            raise NotStreamableError(
+                f"{kind} returns the feature maps of several stages (a list), not one map: tilegrad streams a trunk "
+                "with one output map. Wrap it in a module that returns the one map you need (e.g. "
+                "`lambda x: model(x)[-1]` as an nn.Module's forward), or use EfficientNetBN for a classifier"
+            )
         # stem padding, conv, bn0, swish, blocks, head padding, conv, bn1, swish | pool, flatten, dropout, fc
         _check_at(kind, at, ("_avg_pooling",), "after '_bn1' (before '_avg_pooling')")
         trunk = [
@@ -232,8 +251,10 @@ def _monai_family(model: nn.Module, at: str | int | None) -> tuple[nn.Module, nn
         ]
         return nn.Sequential(OrderedDict(trunk)), nn.Sequential(OrderedDict(head))
     if "Regressor" in kinds and hasattr(model, "net") and hasattr(model, "final"):
-        # Classifier, Discriminator, Regressor: net | final (flatten, linear over the whole map), reshape
         _check_at(kind, at, ("final",), "after 'net' (before 'final')")
+        if "Critic" in kinds:  # net | final (Flatten), mean over the values, view (N, 1)
+            return model.net, _CriticHead(model.final)
+        # Classifier, Discriminator, Regressor: net | final (flatten, linear over the whole map), reshape
         return model.net, nn.Sequential(OrderedDict(final=model.final, reshape=model.reshape))
     return None
 
@@ -259,6 +280,9 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Module, nn.
     ('layer4', 'AdaptiveAvgPool2d')
     """
     tv_name = type(model).__name__
+    found = _timm_family(model, at)  # first: timm's VGG and DenseNet share torchvision's class names
+    if found is not None:
+        return found
     kinds = {cls.__name__ for cls in type(model).__mro__}  # MONAI's DenseNet121 is a subclass of its DenseNet
     children = _children(model)
     names = [n for n, _ in children]
@@ -277,7 +301,7 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Module, nn.
         if at not in (None, "avgpool", "features"):
             raise ConfigError(f"{tv_name} is split after 'features' (before 'avgpool'); received at={at!r}")
         return model.features, nn.Sequential(model.avgpool, nn.Flatten(1), model.classifier)
-    for family in (_torchvision_family, _timm_family, _monai_family):
+    for family in (_torchvision_family, _monai_family):
         found = family(model, at)
         if found is not None:
             return found

@@ -77,11 +77,20 @@ def moments(x: torch.Tensor, mode: str, groups: int = 1) -> torch.Tensor:
 
 
 def moments_partial(x: torch.Tensor, mode: str, groups: int = 1) -> Partial:
-    rows = _grouped(x.to(_acc(x.dtype)), mode, groups)
-    count = torch.tensor(float(rows.shape[1]), dtype=rows.dtype, device=rows.device)
-    mean = rows.mean(1)
-    m2 = (rows - mean[:, None]).square().sum(1)
-    return count, mean, m2
+    """(count, mean, M2) per row, in float64 for float32 data, without a float64 copy of ``x``: the mean is a sum
+    accumulated in float64 (``sum(dtype=)``), M2 the biased variance times the count (PyTorch's CPU variance is a
+    Welford pass with double accumulators; only its result is rounded, to one ulp of the variance). Temporaries
+    the size of ``x`` are what made statistics slow: each is fresh memory whose pages fault on first touch
+    (NOTE [ Heap growth under a budget ] in _allocator.py)."""
+    acc = _acc(x.dtype)
+    rows = _grouped(x, mode, groups)
+    count = torch.tensor(float(rows.shape[1]), dtype=acc, device=rows.device)
+    if rows.dtype == acc:
+        var, mean = torch.var_mean(rows, dim=1, correction=0)
+    else:
+        mean = rows.sum(1, dtype=acc) / count
+        var = torch.var(rows, dim=1, correction=0).to(acc)
+    return count, mean, var * count
 
 
 def moments_combine(partials: Sequence[Partial], dtype: torch.dtype) -> torch.Tensor:
@@ -156,10 +165,17 @@ def _per_channel(t: torch.Tensor, mode: str, groups: int, n: int, c: int, ndim: 
 
 
 def reduction_grad(
-    node: torch.fx.Node, x: torch.Tensor, stats: torch.Tensor, grad: torch.Tensor, shape: Sequence[int]
+    node: torch.fx.Node,
+    x: torch.Tensor,
+    stats: torch.Tensor,
+    grad: torch.Tensor,
+    shape: Sequence[int],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The gradient a reduction sends into a box ``x`` of its input (whole shape ``shape``), given its statistic
-    ``stats`` over the whole input and the statistic's gradient ``grad`` (NOTE [ Streamed statistics ])."""
+    ``stats`` over the whole input and the statistic's gradient ``grad`` (NOTE [ Streamed statistics ]). With
+    ``out`` (a tensor of ``x``'s shape that the caller owns), the gradient is added into it in place and ``out``
+    returned: no temporary of the box's size."""
     n, c = shape[:2]
     ndim = len(shape) - 2
     positions = math.prod(shape[2:])
@@ -168,11 +184,18 @@ def reduction_grad(
         mode, groups = node.kwargs["mode"], node.kwargs.get("groups", 1)
         count = {"batch": n * positions, "instance": positions}.get(mode, (c // groups) * positions)
         g = grad.to(acc)
-        a = _per_channel(g[0] / count, mode, groups, n, c, ndim).to(x.dtype)
-        b = _per_channel(2 * g[1] / count, mode, groups, n, c, ndim).to(x.dtype)
-        mean = _per_channel(stats[0], mode, groups, n, c, ndim).to(x.dtype)
-        return torch.addcmul(a, x - mean, b)
+        a = _per_channel(g[0] / count, mode, groups, n, c, ndim)
+        b = _per_channel(2 * g[1] / count, mode, groups, n, c, ndim)
+        mean = _per_channel(stats[0].to(acc), mode, groups, n, c, ndim)
+        # a + b (x - mean) = b x + (a - b mean): per-channel constants in float64, one pass over x
+        dtype = x.dtype if out is None else out.dtype
+        shift, b = (a - b * mean).to(dtype), b.to(dtype)
+        if out is None:
+            return torch.addcmul(shift, x, b)
+        return out.addcmul_(x, b).add_(shift)
     g = (grad.to(acc) / positions).to(x.dtype).reshape(grad.shape[0], grad.shape[1], *(1,) * ndim)
+    if out is not None:
+        return out.add_(g.to(out.dtype))
     return g.expand_as(x).clone()
 
 
@@ -199,7 +222,42 @@ def apply_norm(
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias.reshape(1, c, *ones)
-    return torch.addcmul(shift, x, scale)
+    return _ScaleShift.apply(x, scale, shift)
+
+
+class _ScaleShift(torch.autograd.Function):
+    """``x * scale + shift`` with per-channel (or per-sample and channel) ``scale`` and ``shift``. Its backward
+    reduces the gradients of ``scale`` and ``shift`` per channel without temporaries of ``x``'s size (autograd's
+    addcmul forms ``grad * x`` whole, then sums it: 13.6 against 2.3 ms on a 16x44^3 tile, most of it the page
+    faults of fresh memory); the values are the same sums."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, scale)
+        ctx.shift_shape = shift.shape
+        return torch.addcmul(shift, x, scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, scale = ctx.saved_tensors
+        need_x, need_scale, need_shift = ctx.needs_input_grad
+        gx = grad * scale if need_x else None
+        g_scale = g_shift = None
+        if need_scale or need_shift:
+            n, c = x.shape[:2]
+            g3, x3 = grad.reshape(n, c, -1), x.reshape(n, c, -1)
+            if need_scale:
+                g_scale = _to_shape(torch.einsum("ncl,ncl->nc", g3, x3), scale.shape)
+            if need_shift:
+                g_shift = _to_shape(g3.sum(2), ctx.shift_shape)
+        return gx, g_scale, g_shift
+
+
+def _to_shape(per_nc: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """An (N, C) sum as the gradient of a parameter of ``shape`` (N or 1, C, 1, ...)."""
+    if shape[0] == 1 and per_nc.shape[0] != 1:
+        per_nc = per_nc.sum(0, keepdim=True)
+    return per_nc.reshape(shape)
 
 
 def update_running_stats(module: nn.Module, stats: torch.Tensor, count: int) -> None:

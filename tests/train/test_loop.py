@@ -317,3 +317,36 @@ def test_damaged_tile_found_during_prediction_names_the_csv_row(slides, tmp_path
             tmp_path / "run" / "checkpoint.pt", tmp_path / "test.csv", tmp_path / "pred.csv", progress=False
         )
     assert not (tmp_path / "pred.csv").exists()
+
+
+BN_NET = """
+from torch import nn
+
+def net(in_channels=3):
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.InstanceNorm2d(8, affine=True), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+    )
+"""
+
+
+# Issue 12: normalisation in training mode is streamed exactly, so an unfrozen run trains as the conventional one.
+def test_unfrozen_normalisation_trains_streamed_as_on_the_whole_image(slides, tmp_path):
+    factory = tmp_path / "bn_net.py"
+    factory.write_text(BN_NET)
+    # SGD: the bias of a convolution followed by BatchNorm has a gradient of zero up to rounding (1e-17), which
+    # Adam would normalise into full-size steps of either sign
+    common = dict(
+        model=f"{factory}:net", model_kwargs={}, freeze_norm=False, dtype="float64", epochs=1, optimizer="sgd"
+    )
+    streamed = train(config(slides, tmp_path / "streamed", tile_size=24, **common))
+    whole = train(config(slides, tmp_path / "whole", tile_size=None, **common))
+    assert streamed.model.is_streamed and not whole.model.is_streamed
+    a, b = streamed.model.state_dict(), whole.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-10, atol=1e-12, msg=key)
+    initial = build_model(f"{factory}:net", 2, model_kwargs={}).state_dict()
+    assert not torch.equal(a["trunk.1.running_var"], initial["trunk.1.running_var"])  # statistics trained
+    assert streamed.history[0]["train_loss"] == pytest.approx(whole.history[0]["train_loss"], rel=1e-10)

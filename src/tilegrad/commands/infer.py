@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ._options import add_trust_model_code
+
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
@@ -64,12 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--resume does)",
     )
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument(
-        "--trust-model-code",
-        action="store_true",
-        help="let the checkpoint's model spec import and call code outside the known model libraries (only for "
-        "checkpoints you trust; see docs/training.md)",
-    )
+    add_trust_model_code(p)
     p.set_defaults(func=run)
 
 

@@ -12,8 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "plan",
         help="show the streaming plan (segments, tiles, predicted peak and time) for a model and input size",
         description=(
-            "Split MODEL into its streamable trunk (torchvision ResNet/VGG/DenseNet, an nn.Sequential, or the whole "
-            "model when it has no head) and show "
+            "Split MODEL into its streamable trunk (tilegrad.split_model: torchvision and timm classifiers, MONAI "
+            "classification networks, an nn.Sequential; the whole model when it has no head) and show "
             "how tilegrad would stream it at the given input size: segments, tile per segment, number of tiles, "
             "predicted training peak and predicted time relative to conventional backprop. Nothing is allocated."
         ),
@@ -45,6 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--scratch-dir",
         help="directory for boundary tensors on disk; its free space is compared with the plan's disk bytes",
     )
+    p.add_argument(
+        "--train-norm",
+        action="store_true",
+        help="normalisation layers in training mode (batch statistics over the whole image, streamed), as "
+        "`tilegrad train --no-freeze-norm` runs them; default: eval mode (running statistics), as --freeze-norm",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
 
@@ -63,6 +69,13 @@ def run(args: argparse.Namespace) -> int:
     trunk, _ = streamable_part(
         model
     )  # a model without a head (a U-Net) is planned whole, as `tilegrad memory` does
+    if args.train_norm:
+        from torch import nn
+
+        norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
+        for m in trunk.modules():
+            if isinstance(m, norms):
+                m.train()
     shape = (args.batch, *parse_input(args.input))
     head = None
     if args.head is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from ._options import add_checkpoint_tiling, add_trust_model_code
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -16,21 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint.pt or best.pt from tilegrad train")
     p.add_argument("csv", help="CSV with an image column (paths relative to the CSV)")
     p.add_argument("out", help="output CSV")
-    tiling = p.add_mutually_exclusive_group()
-    tiling.add_argument("--tile", type=int, help="tile size (default: as in training)")
-    tiling.add_argument("--budget", help="memory budget such as 2GiB (tile size chosen automatically)")
-    p.add_argument("--device", default="auto")
+    add_checkpoint_tiling(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--check-images", action="store_true", help="decode every image completely before predicting"
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument(
-        "--trust-model-code",
-        action="store_true",
-        help="let the checkpoint's model spec import and call code outside the known model libraries (only for "
-        "checkpoints you trust; see docs/training.md)",
-    )
+    add_trust_model_code(p)
     p.set_defaults(func=run)
 
 

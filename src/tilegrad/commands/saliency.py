@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._options import add_checkpoint_tiling, add_trust_model_code
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -27,21 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     res.add_argument("--level", type=int, help="pyramid level (default: as in training)")
     res.add_argument("--mpp", type=float, help="resolution in micrometres per pixel")
     p.add_argument("--max-side", type=int, default=1024, help="longer side of the thumbnail and the .npy map")
-    tiling = p.add_mutually_exclusive_group()
-    tiling.add_argument("--tile", type=int, help="tile size (default: as in training)")
-    tiling.add_argument("--budget", help="memory budget such as 2GiB")
-    p.add_argument("--device", default="auto")
+    add_checkpoint_tiling(p)
     p.add_argument(
         "--overwrite",
         action="store_true",
         help="replace OUT.png and OUT.npy (and OUT.tiff with --attention) if they exist",
     )
-    p.add_argument(
-        "--trust-model-code",
-        action="store_true",
-        help="let the checkpoint's model spec import and call code outside the known model libraries (only for "
-        "checkpoints you trust; see docs/training.md)",
-    )
+    add_trust_model_code(p)
     p.set_defaults(func=run)
 
 

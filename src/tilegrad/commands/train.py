@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--freeze-norm",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="keep BatchNorm/InstanceNorm in eval mode with frozen statistics (needed for streaming)",
+        help="keep BatchNorm/InstanceNorm in eval mode with their running statistics (default; affine weights still "
+        "train). --no-freeze-norm trains them with statistics of the whole slide, streamed exactly (slower)",
     )
     s = p.add_argument_group("streaming and data")
     tiling = s.add_mutually_exclusive_group()

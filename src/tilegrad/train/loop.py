@@ -76,7 +76,7 @@ from .dataset import (
 )
 from .distributed import DistContext, init_distributed, step_shard
 from .evaluate import check_smallest, evaluate, load_trained_model, predict, progress_bar
-from .model import SlideClassifier, build_model, check_streamable_norm
+from .model import SlideClassifier, build_model
 
 __all__ = [
     "StepInfo",
@@ -212,7 +212,6 @@ class _Run:
             memory_budget=config.budget,
             freeze_norm=config.freeze_norm,
         ).to(device=device, dtype=self.dtype)
-        check_streamable_norm(self.model)
         check_smallest(self.model, [*train_records, *val_records], config)
         if self.model.streamed is not None:
             self.model.streamed.progress = config.progress and ctx.is_main  # a bar over tiles

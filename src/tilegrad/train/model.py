@@ -6,7 +6,8 @@ gated attention-MIL: tilegrad.heads).
 * a torchvision classification model name (``resnet18``, ``resnet34``, ``densenet121``, ``vgg16``, ...),
 * a built-in tilegrad model (``small_cnn``, the demo's network),
 * ``package.module:factory``: a callable returning either an ``nn.Module`` (split automatically into trunk and head,
-  see :func:`tilegrad.split_model`) or a ``(trunk, head)`` pair (used as given). MONAI's classification networks
+  see :func:`tilegrad.split_model`; a fully convolutional one is the trunk, given the ``head``) or a ``(trunk,
+  head)`` pair (used as given). MONAI's classification networks
   work this way, e.g. ``monai.networks.nets:DenseNet121`` with ``{"spatial_dims": 2, "in_channels": 3,
   "out_channels": 2}`` or ``monai.networks.nets:resnet18`` with ``{"spatial_dims": 2, "n_input_channels": 3}``.
 
@@ -14,10 +15,14 @@ The trunk is wrapped in :class:`tilegrad.StreamingModule` when a tile size or me
 any size runs through it tile by tile with exact gradients; without one the trunk runs on the whole image
 (conventional training, e.g. on downsampled slides).
 
-NOTE [ Frozen normalisation ]: BatchNorm in training mode normalises with statistics over the whole image, which is
-not a local operation and cannot be streamed. With ``freeze_norm`` (the default) every BatchNorm/InstanceNorm layer
-stays in eval mode, using its running statistics, even while the rest of the model trains; their affine weights are
-still trained. :meth:`SlideClassifier.train` re-applies this every time the mode changes.
+NOTE [ Frozen normalisation ]: with ``freeze_norm`` (the default) every BatchNorm/InstanceNorm layer stays in eval
+mode, using its running statistics, even while the rest of the model trains; their affine weights are still trained.
+:meth:`SlideClassifier.train` re-applies this every time the mode changes. This is what CLAM-style pipelines and
+StreamingCLAM do with one slide per step: batch statistics of a single slide are noisy, and pretrained running
+statistics are kept. ``freeze_norm=False`` trains them as conventional training does: the streamed trunk computes
+each layer's statistics over the whole slide tile by tile (NOTE [ Streamed statistics ] in tilegrad/statistics.py),
+so outputs, gradients and the running-statistics update equal those of the whole image; it costs time (each
+statistic is a segment boundary the engine must complete before the next layer runs).
 """
 
 from __future__ import annotations
@@ -41,7 +46,6 @@ __all__ = [
     "PoolingHead",
     "SlideClassifier",
     "build_model",
-    "check_streamable_norm",
     "make_head",
     "small_cnn",
 ]
@@ -190,27 +194,6 @@ class SlideClassifier(nn.Module):
         return self
 
 
-def check_streamable_norm(model: SlideClassifier) -> None:
-    """Refuse to train a streamed trunk whose normalisation layers would run in training mode.
-
-    Called by the training loop: such layers normalise with whole-slide statistics, which no tile sees, so the
-    streaming planner would refuse them at the first step (NOTE [ Frozen normalisation ]). Evaluation (predict,
-    saliency) is unaffected: in eval mode BatchNorm uses its running statistics and streams.
-    """
-    if model.freeze_norm or model.streamed is None:
-        return
-    names = [name for name, m in model.trunk.named_modules() if isinstance(m, _NORM_TYPES)]
-    if names:
-        kinds = sorted({type(m).__name__ for m in model.trunk.modules() if isinstance(m, _NORM_TYPES)})
-        shown = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
-        raise ConfigError(
-            f"--no-freeze-norm (freeze_norm=False) with a streamed trunk: its {'/'.join(kinds)} layers ({shown}) "
-            f"would normalise with statistics of the whole slide in training mode, which a tile does not see, so "
-            f"they cannot be streamed. Use --freeze-norm (the default: running statistics, affine weights still "
-            f"train), or --no-stream to train them on whole (e.g. downsampled) images"
-        )
-
-
 def _make_streamed(
     trunk: nn.Module, head: nn.Module | None, tile_size: Any, memory_budget: Any
 ) -> nn.Module | None:
@@ -270,7 +253,7 @@ def _trunk_and_head(
             raise ConfigError(
                 f"factory {name!r} returned {type(made).__name__}; expected an nn.Module or a (trunk, head) pair"
             )
-        return _split(made, name), None
+        return _split_if_needed(made, name), None
     if spec.source == "tilegrad":
         if pretrained:
             raise ConfigError(f"there are no pretrained weights for the built-in model {name!r}")
@@ -290,7 +273,8 @@ def _trunk_and_head(
 
 
 def _split_if_needed(model: nn.Module, name: str) -> nn.Module:
-    """A built-in trunk (small_cnn) is used as it is; a built-in classifier is split like any other."""
+    """A fully convolutional network (no global pooling, Flatten or Linear: small_cnn, a factory's trunk) is the
+    trunk as it is; a classifier is split."""
     return _split(model, name) if has_head(model) else model
 
 
