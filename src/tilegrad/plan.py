@@ -938,8 +938,8 @@ class _Planner:
         descents: list[tuple[frozenset, list]] = []
         if mode == "lean":
             starts = [frozenset()]
-        elif mode == "stages":
-            starts = [stages]
+        elif mode == "stages":  # the cuts off their grid may not line up with others (NOTE [ Segment windows ])
+            starts = list(dict.fromkeys([frozenset(n for n in stage_cands if self.g.on_grid(n)), stages]))
         else:
             starts = list(dict.fromkeys([frozenset(), stages, every]))
             # descents over the stage cuts alone (whose local optimum the block outputs might otherwise walk past),
