@@ -164,6 +164,22 @@ def test_whole_pieces_compute_their_statistics_in_place(dtype, tol):
         assert n == (2 if name in native else 1), (name, n)
 
 
+def test_a_batchnorm_called_twice_updates_its_running_statistics_twice():
+    # review of the whole pieces: one BatchNorm module called at a streamed position (its statistics accumulated
+    # tile by tile) and again inside a whole piece (the layer itself); the conventional step updates it twice, and
+    # a check by module path dropped the engine's update (num_batches_tracked 1 instead of 2 per step)
+    shared = nn.BatchNorm2d(8)
+    layers = [nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+              nn.Conv2d(8, 8, 3, padding=1, stride=2), shared, nn.ReLU()]  # fmt: skip
+    for _ in range(3):
+        layers += [nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU()]
+    layers += [nn.Conv2d(8, 8, 3, padding=1), shared, nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)]
+    streamed = _check(nn.Sequential(*layers).train(), (2, 2, 128, 112), 48)  # running statistics compared there
+    plan = streamed.last_plan
+    assert any(sp.segment.whole for sp in plan.segments), plan
+    assert int(shared.num_batches_tracked) == 2
+
+
 class _SplitAttention(nn.Module):
     """timm ResNeSt's split attention in small: the gate's reshape reads the batch size from the pooled statistic
     (``x.size(0)`` of a global value: an int the engine hands on as it is; was AttributeError: 'int' object has no

@@ -117,8 +117,6 @@ class Execution:
         # a whole piece computes its statistics itself (NOTE [ Whole pieces ] in graph.py)
         inside = {n for sp in plan.segments if sp.segment.whole for n in sp.segment.nodes}
         inside -= self.graph.streamed_globals([sp.segment for sp in plan.segments])
-        # layers a whole piece calls itself: they update their running statistics there
-        self.native = {p for sp in plan.segments if sp.segment.whole for p in sp.segment._native().values() if p}
         items = [(index[sp.segment.out], "segment", k) for k, sp in enumerate(plan.segments)]
         items += [(index[r], "reduction", r) for r in self.graph.reductions if r not in inside]
         items += [(index[n], "global", n) for n in self.graph.global_nodes if n not in inside]
@@ -298,8 +296,10 @@ class Execution:
         else:  # accumulated from the cores of the segment that computed x
             parts = self.red_parts.pop(r)
         stats = reduction_combine(r, parts, self.dtype, len(shape) - 2)
+        # a layer a whole piece calls itself (Segment._native) updates its running statistics there, and its
+        # reduction is inside the piece, never here; a module called twice (shared) is updated once per call
         path = r.meta.get("tilegrad_module")
-        if path is not None and path not in self.native:
+        if path is not None:
             module = self.graph.gm.get_submodule(path)
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training:
                 update_running_stats(module, stats.detach(), shape[0] * math.prod(shape[2:]))
