@@ -120,8 +120,9 @@ class Execution:
         # a whole piece computes its statistics itself (NOTE [ Whole pieces ] in graph.py)
         inside = {n for sp in plan.segments if sp.segment.whole for n in sp.segment.nodes}
         inside -= self.graph.streamed_globals([sp.segment for sp in plan.segments])
-        # layers a whole piece calls itself: they update their running statistics there
-        self.native = {p for sp in plan.segments if sp.segment.whole for p in sp.segment._native().values() if p}
+        # reductions of layers a whole piece calls itself (Segment._native): the layer updates its running
+        # statistics there, so the engine does not when a streamed segment needs the same statistic too
+        self.native = {r for sp in plan.segments if sp.segment.whole for r, p in sp.segment._native().items() if not p}
         items = [(index[sp.segment.out], "segment", k) for k, sp in enumerate(plan.segments)]
         items += [(index[r], "reduction", r) for r in self.graph.reductions if r not in inside]
         items += [(index[n], "global", n) for n in self.graph.global_nodes if n not in inside]
@@ -135,7 +136,7 @@ class Execution:
         self.red_parts: dict[Any, list[Any]] = {}
         self.pending: dict[Any, list[tuple[Any, torch.Tensor]]] = {}
         self.tails: dict[int, Any] = {}  # NOTE [ Last convolution not recomputed ]
-        self.g_out_maps: dict[tuple[int, ...], torch.Tensor] = {}  # its gradient maps, within one segment
+        self.g_out_buf: torch.Tensor | None = None  # its output-gradient map, within one segment
         self.kept_glob: dict[Any, Any] = {}
         self.gglob: dict[Any, torch.Tensor] = {}
 
@@ -161,7 +162,7 @@ class Execution:
 
     def close(self) -> None:
         self.kept.clear()
-        self.g_out_maps.clear()
+        self.g_out_buf = None
         self.red_parts.clear()
         self.pending.clear()
         self.kept_glob.clear()
@@ -258,14 +259,17 @@ class Execution:
         nd = z.dim() - 2
         value = self.stores[seg.out].read(tile.outputs) if seg.out in self.pending else None
         g_core = self._out_grad(seg.out, tile.outputs, value, z.dtype)
-        # one zero map per output shape for the segment's tiles, zeroed again on reuse: a fresh map per tile paid
-        # its pages' first touch every time (NOTE [ Heap growth under a budget ] in _allocator.py)
+        # one buffer for the segment's tiles, as large as the largest tile's map so far, zeroed again on reuse: a
+        # fresh map per tile paid its pages' first touch every time (NOTE [ Heap growth under a budget ] in
+        # _allocator.py), and one map per tile shape kept up to 2^ndim of them alive at once (interior and last
+        # tiles of each axis), more than the plan counts
         shape = self._conv_out_shape(conv, z)
-        g_out = self.g_out_maps.get(shape)
-        if g_out is None or g_out.dtype != z.dtype or g_out.device != z.device:
-            g_out = self.g_out_maps[shape] = torch.zeros(shape, dtype=z.dtype, device=z.device)
-        else:
-            g_out.zero_()
+        numel = math.prod(shape)
+        buf = self.g_out_buf
+        if buf is None or buf.numel() < numel or buf.dtype != z.dtype or buf.device != z.device:
+            buf = self.g_out_buf = None  # the smaller one goes before the larger one comes
+            buf = self.g_out_buf = torch.empty(numel, dtype=z.dtype, device=z.device)
+        g_out = buf[:numel].view(shape).zero_()
         g_out[(slice(None), slice(None), *tile.crop)] = g_core
         bias = conv.bias
         gz, gw, gb = torch.ops.aten.convolution_backward(
@@ -301,8 +305,9 @@ class Execution:
         else:  # accumulated from the cores of the segment that computed x
             parts = self.red_parts.pop(r)
         stats = reduction_combine(r, parts, self.dtype, len(shape) - 2)
+        # by node, not by module: a module called twice (shared) is updated once per call, as conventional
         path = r.meta.get("tilegrad_module")
-        if path is not None and path not in self.native:
+        if path is not None and r not in self.native:
             module = self.graph.gm.get_submodule(path)
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training:
                 update_running_stats(module, stats.detach(), shape[0] * math.prod(shape[2:]))
@@ -595,7 +600,7 @@ class Execution:
                     del buffers
                 # what this segment's backward completes
                 self.pending.pop(seg.out, None)
-                self.g_out_maps.clear()
+                self.g_out_buf = None
                 done = self.grads.pop(seg.out, None)
                 if done is not None:
                     done.close()
