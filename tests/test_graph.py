@@ -140,6 +140,45 @@ def test_merge_on_a_map_rounded_down():
     assert _rounded_sources(streamed)
 
 
+class _ValidNet(nn.Module):
+    """Unpadded convolutions (as Inception-v3's stem): every map is 2 px smaller than the last, far off the image's
+    grid at its scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
+        self.b1, self.c1, self.b2 = _Branches(), nn.Conv2d(4, 4, 3), _Branches()
+        self.c2, self.b3 = nn.Conv2d(4, 4, 3, stride=2), _Branches()
+
+    def forward(self, x):
+        return self.b3(self.c2(self.b2(torch.relu(self.c1(self.b1(self.stem(x)))))))
+
+
+class _Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return torch.relu(self.a(x)) + self.b(x)
+
+
+# A map far off its grid (90 px of a 96 px image at scale 1) may be cut where it is the only source of the segment
+# that reads it: the tiles of that segment start on its grid and the last one runs to its end (NOTE [ Segment
+# windows ]). Before, such maps were never cut, and Inception-v3 streamed as one segment with a 1344 px halo.
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_a_cut_on_a_map_far_off_its_grid(dtype, tol):
+    streamed = _check(_ValidNet(), (1, 3, 96, 80), dtype=dtype, tol=tol, tile_size=32, mode="auto")
+    far = []
+    for sp in streamed.last_plan.segments:
+        g = sp.segment.graph
+        for src in sp.segment.sources:
+            if src is not g.input and len(sp.grid) > 1:
+                n, k, i = g.shape(src)[2], g.scale(src)[0], g.input_shape[2]
+                far += [src.name] if abs(n * k - i) >= k else []
+    assert far, str(streamed.last_plan)
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 def test_train_mode_batchnorm_on_an_image_off_the_stride(dtype, tol):
     trunk = resnet18_trunk().train()

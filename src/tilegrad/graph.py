@@ -34,6 +34,12 @@ the last window of an axis runs to each map's own end (``source_box`` clips at i
 computation on a suffix of the maps that starts on their grids, and strided layers (convolutions, pooling with or
 without ``ceil_mode``) give such a suffix the output sizes and values of the whole map from that start on. A cut
 set that breaks this is not offered (``Segments`` raises).
+A segment with one source needs less: whatever the source's size (unpadded convolutions leave a map many pixels
+short of the image, as in Inception-v3's stem), a window clipped at the source's end still starts on its grid and
+reads every pixel its outputs need, and no second source can disagree about where the map ends. So block outputs
+off their grid are cut candidates too (``candidates``), and a cut set that makes one of them a source of a segment
+with several sources raises and is skipped by the planner (``mode="stages"`` also tries its cuts on the grid only,
+so it has a plan wherever it had one before).
 
 NOTE [ Whole pieces ]
 A statistic's input is a forced cut (NOTE [ Streamed statistics ] in statistics.py), so a network with a
@@ -48,7 +54,8 @@ conventional step) and a squeeze-excitation pool a mean over the whole map, so a
 reductions; its saved bytes are the layers', not the rewritten reductions'. A run is not one piece
 when a tensor or a statistic it keeps inside is read by a segment after it (``whole_conflict``): a statistic of one
 of the piece's sources that a streamed segment also reads is computed twice, once inside and once accumulated from
-the source's cores (the engine skips the second running-statistics update).
+the source's cores; BatchNorm's running statistics are updated once, by the layer inside the piece (the engine
+skips its update for that reduction node; a module called twice is still updated once per call).
 """
 
 from __future__ import annotations
@@ -329,7 +336,9 @@ class TrunkGraph:
     def candidates(self) -> list[torch.fx.Node]:
         """Tensors where a cut may go, in topological order (NOTE [ Segments over a graph ]): the stage cuts and
         the block outputs."""
-        cands = set(self.stage_candidates) | set(self._usable(self._block_outputs(self._ancestors(self.output))))
+        cands = set(self.stage_candidates) | set(
+            self._usable(self._block_outputs(self._ancestors(self.output)), off_grid=True)
+        )
         return sorted(cands, key=self.index.__getitem__)
 
     @functools.cached_property
@@ -343,10 +352,13 @@ class TrunkGraph:
             if any(self.scale(a) != self.scale(n) for a in spatial_inputs):
                 cands.add(n)
                 cands.update(spatial_inputs)
-        return sorted(self._usable(cands), key=self.index.__getitem__)
+        return sorted(self._usable(cands, off_grid=True), key=self.index.__getitem__)
 
-    def _usable(self, cands: Iterable[torch.fx.Node]) -> list[torch.fx.Node]:
-        """The tensors a cut may store: on the image's path to the output, not modified in place, on their grid."""
+    def _usable(self, cands: Iterable[torch.fx.Node], off_grid: bool = False) -> list[torch.fx.Node]:
+        """The tensors a cut may store: on the image's path to the output, not modified in place, on their grid
+        unless ``off_grid`` (a block output off its grid, e.g. after unpadded convolutions, may be cut where it is
+        the only source of the segments that read it; a cut set that makes it one of several raises,
+        NOTE [ Segment windows ])."""
         mutated = {m for n in self.nodes if (m := _mutated(n, self.root)) is not None}
         ancestors = self._ancestors(self.output)
         return [
@@ -357,7 +369,7 @@ class TrunkGraph:
             and n in ancestors
             and n not in mutated
             and n not in self.forced
-            and self.on_grid(n)
+            and (off_grid or self.on_grid(n))
         ]
 
     def _block_outputs(self, ancestors: set[torch.fx.Node]) -> list[torch.fx.Node]:
@@ -496,12 +508,10 @@ class TrunkGraph:
         geoms = propagate(self.root, nodes, self.ndim, seeds)
         geometry = geoms[out]
         assert geometry is not None
-        if len(srcs) > 1:
-            for (
-                n
-            ) in nodes:  # merge points of several sources must sit on their grid (NOTE [ Segment windows ])
+        if len(srcs) > 1:  # sources and merge points of several sources sit on their grid (NOTE [ Segment windows ])
+            for n in [s for s in srcs if s is not self.input] + nodes:
                 spatial = [a for a in n.all_input_nodes if geoms.get(a) is not None]
-                if len(spatial) > 1 and not self.on_grid(n):
+                if (n in srcs or len(spatial) > 1) and not self.on_grid(n):
                     raise GeometryError(f"node {n.name} does not sit on its scale's grid; no cut through it")
         profs = [self.profiles[n] for n in nodes]
         globs = sorted(globals_, key=self.index.__getitem__)
