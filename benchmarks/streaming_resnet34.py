@@ -63,13 +63,14 @@ def run_one(method: str, size: int) -> dict:
     torch.nn.functional.cross_entropy(head(trunk(x_small)), label).backward()
     trunk.zero_grad(set_to_none=True)
     with tilegrad.PeakMemoryMeter("cpu") as meter:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {
         "method": method,
         "size": size,
         "seconds": elapsed,
+        "cpu_seconds": cpu,  # the process's CPU time (all threads): less sensitive to the machine's load
         "peak_bytes": meter.peak_bytes,
         "predicted_peak": plan.peak_bytes if plan else None,
         "plan": str(plan) if plan else None,
@@ -118,7 +119,7 @@ def main() -> None:
                     with args.json.open("a") as fh:
                         fh.write(json.dumps(row) + "\n")
                 print(
-                    f"{size:>5} {method:<13} run {rep + 1}: {row['seconds']:8.1f} s  "
+                    f"{size:>5} {method:<13} run {rep + 1}: {row['seconds']:8.1f} s (CPU {row['cpu_seconds']:.1f} s)  "
                     f"peak {format_bytes(row['peak_bytes']):>11}"
                     + (f"  predicted {format_bytes(row['predicted_peak'])}" if row["predicted_peak"] else ""),
                     flush=True,
@@ -127,13 +128,14 @@ def main() -> None:
                     print("      " + row["plan"].replace("\n", "\n      "), flush=True)
     trunk, _ = tilegrad.split_model(torchvision.models.resnet34(num_classes=2).eval(), at="avgpool")
     print(
-        "\n| image | method | runs | time (s), median [min-max] | time / conventional | peak (median) "
-        "| peak / conventional | planner's predicted peak |"
+        "\n| image | method | runs | time (s), median [min-max] | time / conventional | CPU time / conventional "
+        "| peak (median) | peak / conventional | planner's predicted peak |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         base = results.get((size, "conventional"))
         base_t = _median([r["seconds"] for r in base]) if base else None
+        base_c = _median([r["cpu_seconds"] for r in base]) if base else None
         if base:
             base_m = _median([r["peak_bytes"] for r in base])
             base_note = ""
@@ -151,10 +153,11 @@ def main() -> None:
             t = [r["seconds"] for r in rows]
             m = _median([r["peak_bytes"] for r in rows])
             t_ratio = f"{_median(t) / base_t:.2f}" if base_t else "-"
+            c_ratio = f"{_median([r['cpu_seconds'] for r in rows]) / base_c:.2f}" if base_c else "-"
             pred = format_bytes(rows[0]["predicted_peak"]) if rows[0]["predicted_peak"] else "-"
             print(
                 f"| {size}x{size} | {method} | {len(rows)} | {_median(t):.1f} [{min(t):.1f}-{max(t):.1f}] | "
-                f"{t_ratio} | {format_bytes(m)} | {m / base_m:.2f}{base_note} | {pred} |"
+                f"{t_ratio} | {c_ratio} | {format_bytes(m)} | {m / base_m:.2f}{base_note} | {pred} |"
             )
 
 

@@ -215,7 +215,8 @@ def test_cuts_at_residual_block_outputs_are_candidates_and_exact():
         b in [n.name for n in graph.stage_candidates] for b in ["layer1_0_relu_1", "layer4_0_relu_1"]
     )
     assert not any(n.name.startswith("layer1_0_conv") or n.name == "layer1_0_bn1" for n in graph.candidates)
-    streamed = assert_equivalent(trunk, (1, 3, 512, 448), "auto", memory_budget="600MiB")
+    # (a budget at which the fastest plan cuts inside layer1: at 600 MiB it cuts at stage outputs only)
+    streamed = assert_equivalent(trunk, (1, 3, 512, 448), "auto", memory_budget="400MiB")
     stage = {n.name for n in streamed.last_plan.graph.stage_candidates}
     cuts = [s.segment.out.name for s in streamed.last_plan.segments[:-1]]
     assert any(c not in stage for c in cuts), str(streamed.last_plan)

@@ -164,6 +164,22 @@ def test_whole_pieces_compute_their_statistics_in_place(dtype, tol):
         assert n == (2 if name in native else 1), (name, n)
 
 
+def test_a_batchnorm_called_twice_updates_its_running_statistics_twice():
+    # review of the whole pieces: one BatchNorm module called at a streamed position (its statistics accumulated
+    # tile by tile) and again inside a whole piece (the layer itself); the conventional step updates it twice, and
+    # a check by module path dropped the engine's update (num_batches_tracked 1 instead of 2 per step)
+    shared = nn.BatchNorm2d(8)
+    layers = [nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+              nn.Conv2d(8, 8, 3, padding=1, stride=2), shared, nn.ReLU()]  # fmt: skip
+    for _ in range(3):
+        layers += [nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU()]
+    layers += [nn.Conv2d(8, 8, 3, padding=1), shared, nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)]
+    streamed = _check(nn.Sequential(*layers).train(), (2, 2, 128, 112), 48)  # running statistics compared there
+    plan = streamed.last_plan
+    assert any(sp.segment.whole for sp in plan.segments), plan
+    assert int(shared.num_batches_tracked) == 2
+
+
 class _SplitAttention(nn.Module):
     """timm ResNeSt's split attention in small: the gate's reshape reads the batch size from the pooled statistic
     (``x.size(0)`` of a global value: an int the engine hands on as it is; was AttributeError: 'int' object has no
@@ -190,3 +206,26 @@ def test_squeeze_excitation_reading_sizes_from_the_map():
                           nn.Conv2d(8, 8, 3, padding=1, stride=2), _SplitAttention(8))  # fmt: skip
     _check(trunk, (2, 3, 64, 48), 32)
     _check(trunk, (2, 3, 64, 48), 32, dtype=torch.float32, tol=1e-5)
+
+
+# review of the statistics without float64 copies: a bfloat16 / float16 tile's variance was rounded to its dtype
+# (2.6e-3 relative in bfloat16), and apply_norm's backward failed on bfloat16 data with float32 statistics
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_moments_and_apply_norm(dtype):
+    from tilegrad.statistics import apply_norm, moments_partial
+
+    torch.manual_seed(0)
+    x = (3 + 2 * torch.randn(2, 4, 16, 16)).to(dtype)
+    count, mean, m2 = moments_partial(x, "batch")  # a tile's partial, accumulated wide
+    wide = x.double().transpose(0, 1).reshape(4, -1)
+    assert _rel(m2.double() / count.double(), wide.var(1, correction=0)) < 1e-6
+    assert _rel(mean.double(), wide.mean(1)) < 1e-6
+    x.requires_grad_(True)
+    stats = torch.stack([torch.randn(4), torch.rand(4) + 0.5]).requires_grad_(True)  # mean, variance
+    w, b = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    y = apply_norm(x, stats, w, b, mode="batch")
+    grads = torch.autograd.grad(y.sum(), [x, stats, w, b])
+    xr = x.detach().float().requires_grad_(True)
+    ref = torch.autograd.grad(apply_norm(xr, stats, w, b, mode="batch").sum(), [xr, stats, w, b])
+    for g, r in zip(grads[1:], ref[1:]):
+        assert _rel(g, r) < 1e-2

@@ -23,7 +23,10 @@ output's store, which holds exactly what the forward wrote. Not under autocast, 
 
 NOTE [ Kept segments ]
 A segment the plan runs in one tile keeps its graph from the forward to its own backward (run whole with autograd
-on detached sources): nothing is recomputed, at the price of the bytes autograd saves. A whole piece (NOTE [ Whole
+on detached sources): nothing is recomputed, at the price of the bytes autograd saves. The graph is dropped right
+after that backward, so while the earlier segments run theirs only the graphs of the segments before them are
+alive (plan.py's memory sweep counts them so); a second backward (retain_graph=True) recomputes the segment as a
+one-tile streamed segment from its sources' stores, which live as long as the step. A whole piece (NOTE [ Whole
 pieces ] in graph.py) is such a segment that computes its statistics inside: the engine neither accumulates nor
 combines them, and autograd takes their gradients.
 """
@@ -117,8 +120,9 @@ class Execution:
         # a whole piece computes its statistics itself (NOTE [ Whole pieces ] in graph.py)
         inside = {n for sp in plan.segments if sp.segment.whole for n in sp.segment.nodes}
         inside -= self.graph.streamed_globals([sp.segment for sp in plan.segments])
-        # layers a whole piece calls itself: they update their running statistics there
-        self.native = {p for sp in plan.segments if sp.segment.whole for p in sp.segment._native().values() if p}
+        # reductions of layers a whole piece calls itself (Segment._native): the layer updates its running
+        # statistics there, so the engine does not when a streamed segment needs the same statistic too
+        self.native = {r for sp in plan.segments if sp.segment.whole for r, p in sp.segment._native().items() if not p}
         items = [(index[sp.segment.out], "segment", k) for k, sp in enumerate(plan.segments)]
         items += [(index[r], "reduction", r) for r in self.graph.reductions if r not in inside]
         items += [(index[n], "global", n) for n in self.graph.global_nodes if n not in inside]
@@ -132,7 +136,7 @@ class Execution:
         self.red_parts: dict[Any, list[Any]] = {}
         self.pending: dict[Any, list[tuple[Any, torch.Tensor]]] = {}
         self.tails: dict[int, Any] = {}  # NOTE [ Last convolution not recomputed ]
-        self.g_out_maps: dict[tuple[int, ...], torch.Tensor] = {}  # its gradient maps, within one segment
+        self.g_out_buf: torch.Tensor | None = None  # its output-gradient map, within one segment
         self.kept_glob: dict[Any, Any] = {}
         self.gglob: dict[Any, torch.Tensor] = {}
 
@@ -158,7 +162,7 @@ class Execution:
 
     def close(self) -> None:
         self.kept.clear()
-        self.g_out_maps.clear()
+        self.g_out_buf = None
         self.red_parts.clear()
         self.pending.clear()
         self.kept_glob.clear()
@@ -255,14 +259,17 @@ class Execution:
         nd = z.dim() - 2
         value = self.stores[seg.out].read(tile.outputs) if seg.out in self.pending else None
         g_core = self._out_grad(seg.out, tile.outputs, value, z.dtype)
-        # one zero map per output shape for the segment's tiles, zeroed again on reuse: a fresh map per tile paid
-        # its pages' first touch every time (NOTE [ Heap growth under a budget ] in _allocator.py)
+        # one buffer for the segment's tiles, as large as the largest tile's map so far, zeroed again on reuse: a
+        # fresh map per tile paid its pages' first touch every time (NOTE [ Heap growth under a budget ] in
+        # _allocator.py), and one map per tile shape kept up to 2^ndim of them alive at once (interior and last
+        # tiles of each axis), more than the plan counts
         shape = self._conv_out_shape(conv, z)
-        g_out = self.g_out_maps.get(shape)
-        if g_out is None or g_out.dtype != z.dtype or g_out.device != z.device:
-            g_out = self.g_out_maps[shape] = torch.zeros(shape, dtype=z.dtype, device=z.device)
-        else:
-            g_out.zero_()
+        numel = math.prod(shape)
+        buf = self.g_out_buf
+        if buf is None or buf.numel() < numel or buf.dtype != z.dtype or buf.device != z.device:
+            buf = self.g_out_buf = None  # the smaller one goes before the larger one comes
+            buf = self.g_out_buf = torch.empty(numel, dtype=z.dtype, device=z.device)
+        g_out = buf[:numel].view(shape).zero_()
         g_out[(slice(None), slice(None), *tile.crop)] = g_core
         bias = conv.bias
         gz, gw, gb = torch.ops.aten.convolution_backward(
@@ -298,8 +305,9 @@ class Execution:
         else:  # accumulated from the cores of the segment that computed x
             parts = self.red_parts.pop(r)
         stats = reduction_combine(r, parts, self.dtype, len(shape) - 2)
+        # by node, not by module: a module called twice (shared) is updated once per call, as conventional
         path = r.meta.get("tilegrad_module")
-        if path is not None and path not in self.native:
+        if path is not None and r not in self.native:
             module = self.graph.gm.get_submodule(path)
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training:
                 update_running_stats(module, stats.detach(), shape[0] * math.prod(shape[2:]))
@@ -468,11 +476,22 @@ class Execution:
         g = self.graph
         wanted = {id(p): p for p in params}
         pgrads: dict[int, torch.Tensor] = {}
+        owned: set[int] = set()  # sums this step allocated, added into in place
 
         def add_param_grads(ps: list[nn.Parameter], gs: Any) -> None:
+            # summed over tiles in place: one new tensor per parameter and step, not one per tile (RegNet-Y spent
+            # ~1.4 s of a step allocating sums); autograd's own result is never written into (it may alias)
             for p, gp in zip(ps, gs):
-                if gp is not None:
-                    pgrads[id(p)] = gp if id(p) not in pgrads else pgrads[id(p)] + gp
+                if gp is None:
+                    continue
+                key = id(p)
+                if key not in pgrads:
+                    pgrads[key] = gp
+                elif key in owned:
+                    pgrads[key].add_(gp)
+                else:
+                    pgrads[key] = pgrads[key] + gp
+                    owned.add(key)
 
         grad_partials: list[tuple[torch.Tensor | None, ...]] = []
         if self.head is not None:
@@ -513,8 +532,8 @@ class Execution:
                     if need[j] and s is not g.input and s not in self.grads:
                         b = self.tiers[s.name]
                         self.grads[s] = self._store(s, b.grad_tier, zero=True)
-                if k in self.kept:
-                    srcs, kept_out = self.kept[k]
+                if k in self.kept:  # NOTE [ Kept segments ]: its graph is dropped after this backward
+                    srcs, kept_out = self.kept.pop(k)
                     if k == last and self.head is not None:
                         pairs = [
                             (p, gp)
@@ -531,13 +550,19 @@ class Execution:
                     whole = tuple(slice(0, n) for n in g.input_shape[2:])
                     self._add_source_grads(seg, need, whole, gs, grad_in)
                     add_param_grads(seg_params, gs[sum(need) :])
-                    del srcs, kept_out, outs, grads, gs
+                    # every local that reaches the graph goes (y, pairs: the outputs; inputs: the sources), or the
+                    # graph outlives its backward and stays alive through the earlier segments' (NOTE [ Kept segments ])
+                    del srcs, kept_out, outs, grads, gs, inputs
+                    y = pairs = None
                 else:
                     tail = (
                         not (k == last and self.head is not None)
                         and not self.autocast[0]
                         and self._tail(sp) is not None
                     )
+                    # a whole piece recomputed (a second backward: NOTE [ Kept segments ]) must not update its
+                    # layers' running statistics again
+                    buffers = [(b, b.clone()) for b in module.buffers()] if seg.whole else []
                     for t, tile in enumerate(sp.grid):
                         srcs = self._sources(sp, tile.inputs, k, need)
                         inputs = [s for s, n in zip(srcs, need) if n] + seg_params
@@ -566,12 +591,16 @@ class Execution:
                             self._add_source_grads(seg, need, tile.inputs, gs, grad_in)
                             add_param_grads(seg_params, gs[sum(need) :])
                             del y, core, outs, grads, gs
-                        del srcs
+                            parts = pairs = None  # the last tile's graph must not outlive its backward
+                        del srcs, inputs
                         if bar is not None:
                             bar.update(1)
+                    for b, saved in buffers:
+                        b.copy_(saved)
+                    del buffers
                 # what this segment's backward completes
                 self.pending.pop(seg.out, None)
-                self.g_out_maps.clear()
+                self.g_out_buf = None
                 done = self.grads.pop(seg.out, None)
                 if done is not None:
                     done.close()

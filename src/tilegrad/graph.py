@@ -54,7 +54,8 @@ conventional step) and a squeeze-excitation pool a mean over the whole map, so a
 reductions; its saved bytes are the layers', not the rewritten reductions'. A run is not one piece
 when a tensor or a statistic it keeps inside is read by a segment after it (``whole_conflict``): a statistic of one
 of the piece's sources that a streamed segment also reads is computed twice, once inside and once accumulated from
-the source's cores (the engine skips the second running-statistics update).
+the source's cores; BatchNorm's running statistics are updated once, by the layer inside the piece (the engine
+skips its update for that reduction node; a module called twice is still updated once per call).
 """
 
 from __future__ import annotations

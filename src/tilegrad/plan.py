@@ -644,12 +644,13 @@ class _Planner:
         forward_peak = max(steps)
         if self.training:
             # stores live through the backward (NOTE [ Boundary lifetime ]); a gradient from its producer's
-            # backward back to its last reader's
+            # backward back to its last reader's; a kept graph until its own backward, whose working set
+            # (tile_train_bytes) holds its saved bytes (NOTE [ Kept segments ] in execute.py)
             acts_all = sum(nb for _, nb in acts)
-            base = fixed + acts_all + sum(kept) + 2 * dev_out + input_grad
+            base = fixed + acts_all + 2 * dev_out + input_grad
             for k in reversed(range(n)):
                 alive = sum(nb for p, u, nb in grads if p <= k <= u)
-                steps.append(base + alive + segs[k].tile_train_bytes)
+                steps.append(base + alive + sum(kept[:k]) + segs[k].tile_train_bytes)
         return max(steps), forward_peak, steps
 
     def time_ratio(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:

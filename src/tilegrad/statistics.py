@@ -89,7 +89,10 @@ def moments_partial(x: torch.Tensor, mode: str, groups: int = 1) -> Partial:
         var, mean = torch.var_mean(rows, dim=1, correction=0)
     else:
         mean = rows.sum(1, dtype=acc) / count
-        var = torch.var(rows, dim=1, correction=0).to(acc)
+        # var's result has the data's dtype: bfloat16 / float16 would round it to 3 significant digits, so those
+        # get a float32 copy (float32 data: one ulp; on CUDA the Welford pass accumulates in float32, stable)
+        wide = rows if rows.element_size() >= 4 else rows.float()
+        var = torch.var(wide, dim=1, correction=0).to(acc)
     return count, mean, var * count
 
 
@@ -246,6 +249,9 @@ class _ScaleShift(torch.autograd.Function):
         if need_scale or need_shift:
             n, c = x.shape[:2]
             g3, x3 = grad.reshape(n, c, -1), x.reshape(n, c, -1)
+            if x3.dtype != g3.dtype:  # bfloat16 data under float32 statistics: the sums in the wider dtype
+                wide = torch.promote_types(x3.dtype, g3.dtype)
+                g3, x3 = g3.to(wide), x3.to(wide)
             if need_scale:
                 g_scale = _to_shape(torch.einsum("ncl,ncl->nc", g3, x3), scale.shape)
             if need_shift:
