@@ -30,14 +30,16 @@ def test_plan_prints_segments_and_json(capsys):
 
 def test_plan_with_normalisation_in_training_mode(capsys):
     # --train-norm plans what `tilegrad train --no-freeze-norm` runs: every BatchNorm's input is a boundary whose
-    # statistics are complete before the layer applies them, except inside a whole piece (NOTE [ Whole pieces ] in
-    # graph.py: the deep one-tile segments run as one piece whose BatchNorm layers compute their own statistics), so
-    # the plan streams statistics, has a whole piece and is predicted slower than in eval mode
+    # statistics are complete before the layer applies them (bn1's input: conv1 is a segment of its own), where in
+    # eval mode BatchNorm is element-wise and conv1 .. relu streams as one segment; the deep one-tile segments run as
+    # one whole piece whose BatchNorm layers compute their own statistics (NOTE [ Whole pieces ] in graph.py)
     args = ["plan", "resnet18", "--input", "3x512x512", "--tile", "256", "--json"]
     assert main(args) == 0
     frozen = json.loads(capsys.readouterr().out)
     assert main([*args, "--train-norm"]) == 0
     trained = json.loads(capsys.readouterr().out)
+    assert frozen["segments"][0]["layers"] == "conv1 .. relu"
+    assert trained["segments"][0]["layers"] == "conv1" and trained["segments"][0]["tiles"] > 1
     assert trained["time_parts"]["statistics"] > 0 == frozen["time_parts"]["statistics"]
     assert any(s["whole"] for s in trained["segments"]) and not any(s["whole"] for s in frozen["segments"])
     assert trained["time_ratio"] > frozen["time_ratio"]

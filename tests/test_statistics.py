@@ -176,7 +176,12 @@ def test_a_batchnorm_called_twice_updates_its_running_statistics_twice():
     layers += [nn.Conv2d(8, 8, 3, padding=1), shared, nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)]
     streamed = _check(nn.Sequential(*layers).train(), (2, 2, 128, 112), 48)  # running statistics compared there
     plan = streamed.last_plan
-    assert any(sp.segment.whole for sp in plan.segments), plan
+    # the shared layer's two statistics (fx names the module "4" at both calls): one inside a whole piece, one
+    # streamed between the segments
+    graph = plan.segments[0].segment.graph
+    inside = {n for sp in plan.segments if sp.segment.whole for n in sp.segment.nodes}
+    shared_stats = [r for r in graph.reductions if r.meta.get("tilegrad_module") == "4"]
+    assert len(shared_stats) == 2 and len([r for r in shared_stats if r in inside]) == 1, str(plan)
     assert int(shared.num_batches_tracked) == 2
 
 
@@ -227,5 +232,5 @@ def test_low_precision_moments_and_apply_norm(dtype):
     grads = torch.autograd.grad(y.sum(), [x, stats, w, b])
     xr = x.detach().float().requires_grad_(True)
     ref = torch.autograd.grad(apply_norm(xr, stats, w, b, mode="batch").sum(), [xr, stats, w, b])
-    for g, r in zip(grads[1:], ref[1:]):
-        assert _rel(g, r) < 1e-2
+    for g, r in zip(grads, ref):
+        assert _rel(g.float(), r) < 1e-2

@@ -209,20 +209,24 @@ def test_kept_segments_are_exact_and_not_recomputed():
     assert calls["conv1"] == 1 + runs["conv1"], calls
 
 
-def test_kept_graphs_are_dropped_after_their_own_backward_and_a_second_backward_recomputes_them():
+@pytest.mark.parametrize("head", [None, "max"])  # max: the kept outputs are the streamed head's partials
+def test_kept_graphs_are_dropped_after_their_own_backward_and_a_second_backward_recomputes_them(head):
     # NOTE [ Kept segments ] in execute.py. Regression: every kept graph lived until the end of the backward, so
     # while the tiled first segments ran theirs the deeper kept graphs were still held (ResNet-34 at 2048^2 lost
     # its kept plan to that, x1.49 instead of x1.1); now each is dropped after its own backward, and a second
     # backward (retain_graph=True) recomputes it from its sources' stores: gradients still exact (float64)
+    from tilegrad.heads import GlobalPool
+
     torch.manual_seed(0)
     trunk = resnet18_trunk().double()
+    pool = GlobalPool(head) if head else None
     x = torch.randn(1, 3, 320, 288, dtype=torch.float64)
-    loss = trunk(x).square().sum()
+    loss = (pool(trunk(x)) if pool else trunk(x)).square().sum()
     loss.backward(retain_graph=True)
     loss.backward()
     ref = {n: p.grad.clone() for n, p in trunk.named_parameters()}
     trunk.zero_grad(set_to_none=True)
-    streamed = StreamingModule(trunk, "auto", memory_budget="300MiB")
+    streamed = StreamingModule(trunk, "auto", memory_budget="300MiB", head=pool)
     y = streamed(x)
     ex = y.grad_fn.ex
     kept = len(ex.kept)

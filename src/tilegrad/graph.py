@@ -33,7 +33,7 @@ inside every map (no multiple of ``scale`` lies between ``floor(image / scale) *
 the last window of an axis runs to each map's own end (``source_box`` clips at its size). A tile is then the whole
 computation on a suffix of the maps that starts on their grids, and strided layers (convolutions, pooling with or
 without ``ceil_mode``) give such a suffix the output sizes and values of the whole map from that start on. A cut
-set that breaks this is not offered (``Segments`` raises).
+set that breaks this is not offered (``TrunkGraph.segments`` raises).
 A segment with one source needs less: whatever the source's size (unpadded convolutions leave a map many pixels
 short of the image, as in Inception-v3's stem), a window clipped at the source's end still starts on its grid and
 reads every pixel its outputs need, and no second source can disagree about where the map ends. So block outputs

@@ -465,8 +465,8 @@ class _Planner:
         """Whether the engine's backward of this segment skips recomputing its last convolution (NOTE [ Last
         convolution not recomputed ] in execute.py: a segment ending in a zero-padded convolution, training, not
         feeding a streamed head)."""
-        if not self.training or (self.head is not None and seg.out is self.g.output):
-            return False
+        if not self.training or seg.whole or (self.head is not None and seg.out is self.g.output):
+            return False  # a whole piece's backward is autograd's over its kept graph (NOTE [ Whole pieces ])
         return last_convolution(seg) is not None
 
     def _kernels(self, seg: Segment, window: tuple[int, ...]) -> tuple[float, int]:

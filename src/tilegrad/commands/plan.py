@@ -70,11 +70,10 @@ def run(args: argparse.Namespace) -> int:
         model
     )  # a model without a head (a U-Net) is planned whole, as `tilegrad memory` does
     if args.train_norm:
-        from torch import nn
+        from ..train.model import NORM_TYPES
 
-        norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
         for m in trunk.modules():
-            if isinstance(m, norms):
+            if isinstance(m, NORM_TYPES):
                 m.train()
     shape = (args.batch, *parse_input(args.input))
     head = None

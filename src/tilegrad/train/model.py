@@ -43,6 +43,7 @@ __all__ = [
     "HEADS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "NORM_TYPES",
     "PoolingHead",
     "SlideClassifier",
     "build_model",
@@ -53,7 +54,7 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)  # with a train/eval mode
 
 
 class PoolingHead(StreamedHead):
@@ -189,7 +190,7 @@ class SlideClassifier(nn.Module):
             )
         if self.freeze_norm:  # NOTE [ Frozen normalisation ]
             for module in self.trunk.modules():
-                if isinstance(module, _NORM_TYPES):
+                if isinstance(module, NORM_TYPES):
                     module.eval()
         return self
 
