@@ -368,6 +368,19 @@ def _affordable(trunk: nn.Module, shape: tuple[int, ...]) -> bool:
     return counter.get_total_flops() <= MAX_FLOPS
 
 
+def _plan(trunk: nn.Module, shape: tuple[int, ...], tile: int, tilegrad: Any) -> tuple[Any, str]:
+    """(plan, mode) the check streams with: a cut at every change of scale (``mode="stages"``), or, where those
+    maps do not line up (Inception-v3's unpadded stem: NOTE [ Segment windows ] in graph.py), the planner's own
+    cuts (``mode="auto"``)."""
+    try:
+        return tilegrad.plan_streaming(trunk, shape, tile_size=tile, mode="stages", dtype=torch.float64), "stages"
+    except tilegrad.GeometryError as err:
+        try:
+            return tilegrad.plan_streaming(trunk, shape, tile_size=tile, mode="auto", dtype=torch.float64), "auto"
+        except tilegrad.GeometryError:
+            raise err from None
+
+
 def _tile(trunk: nn.Module, shape: tuple[int, ...], tile: int) -> tuple[tuple[int, ...], int, Any]:
     """An input shape and a tile giving several tiles: grow the tile to the smallest the geometry accepts, the
     input to 1.5 tiles (multiple of 32). Returns (shape, tile, plan); the plan is None when the input would be too
@@ -380,7 +393,7 @@ def _tile(trunk: nn.Module, shape: tuple[int, ...], tile: int) -> tuple[tuple[in
         if not _affordable(trunk, shape):
             return shape, tile, None
         try:
-            plan = tilegrad.plan_streaming(trunk, shape, tile_size=tile, mode="stages", dtype=torch.float64)
+            plan, _ = _plan(trunk, shape, tile, tilegrad)
         except GeometryError as err:
             found = re.search(r"use at least (\d+)", str(err))
             if not found or planned is not None:  # a smaller tile than one that planned: keep that one
@@ -650,7 +663,8 @@ def _streamed(
     cotangent = torch.randn(plain.shape, dtype=plain.dtype, generator=torch.Generator().manual_seed(2))
     expected = _grads(model, x, plain, cotangent)
     t1 = time.perf_counter()
-    streamed = tilegrad.StreamingModule(trunk, tile_size=tile, mode="stages")
+    mode = _plan(trunk, tuple(x.shape), tile, tilegrad)[1]
+    streamed = tilegrad.StreamingModule(trunk, tile_size=tile, mode=mode)
     features = streamed(x)
     out = head(features) if head is not None else features
     got = _grads(model, x, out, cotangent)
