@@ -438,10 +438,14 @@ class TrunkGraph:
         srcs = sorted(sources, key=self.index.__getitem__)
         # the walk above depends only on ``out`` and the stops it meets (its sources): one Segment per pair, shared
         # by every cut set that contains it, so the planner profiles it once (NOTE [ Planning cost ] in plan.py)
-        key = (out, tuple(srcs))
+        return self._cached((out, tuple(srcs)), lambda: self._new_segment(out, nodes, srcs, globals_))
+
+    def _cached(self, key: tuple, build: Callable[[], Segment]) -> Segment:
+        """The segment of ``key``, built once; a GeometryError is kept too and raised again for every cut set that
+        meets the same segment."""
         if key not in self._by_sources:
             try:
-                self._by_sources[key] = self._new_segment(out, nodes, srcs, globals_)
+                self._by_sources[key] = build()
             except GeometryError as err:
                 self._by_sources[key] = err
         seg = self._by_sources[key]
@@ -456,15 +460,7 @@ class TrunkGraph:
         inner = {s.out for s in run[:-1]}
         stops = {src for s in run for src in s.sources} - inner
         key = (run[-1].out, tuple(sorted(stops, key=self.index.__getitem__)), "whole")
-        if key not in self._by_sources:
-            try:
-                self._by_sources[key] = self._whole(run[-1].out, stops, inner)
-            except GeometryError as err:
-                self._by_sources[key] = err
-        seg = self._by_sources[key]
-        if isinstance(seg, GeometryError):
-            raise seg
-        return seg
+        return self._cached(key, lambda: self._whole(run[-1].out, stops, inner))
 
     def _whole(self, out: torch.fx.Node, stops: set[torch.fx.Node], inner: set[torch.fx.Node]) -> Segment:
         members: set[torch.fx.Node] = set()
