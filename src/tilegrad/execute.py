@@ -28,7 +28,8 @@ after that backward, so while the earlier segments run theirs only the graphs of
 alive (plan.py's memory sweep counts them so); a second backward (retain_graph=True) recomputes the segment as a
 one-tile streamed segment from its sources' stores, which live as long as the step. A whole piece (NOTE [ Whole
 pieces ] in graph.py) is such a segment that computes its statistics inside: the engine neither accumulates nor
-combines them, and autograd takes their gradients.
+combines those only it reads, and autograd takes their gradients (one a streamed segment also reads is streamed
+as well, its running statistics updated once, by the layer inside the piece).
 """
 
 from __future__ import annotations
@@ -639,7 +640,7 @@ def _leaf(value: Any, grad: bool) -> Any:
     if not isinstance(value, torch.Tensor):
         return value
     value = value.detach()
-    return value.requires_grad_(True) if grad and value.is_floating_point() else value
+    return value.requires_grad_(True) if grad and _differentiable(value) else value
 
 
 class _Whole:

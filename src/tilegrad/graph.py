@@ -532,7 +532,7 @@ class TrunkGraph:
         """The statistics and global nodes the engine computes between segments: those the streamed segments read,
         and the ones they are computed from (NOTE [ Whole pieces ]: a whole piece computes its own)."""
         stack = [n for s in segments if not s.whole for n in s.globals]
-        return _closure_all(stack, lambda n: [a for a in n.all_input_nodes if a in self.global_set])
+        return _closure(stack, lambda n: [a for a in n.all_input_nodes if a in self.global_set])
 
     def whole_conflict(self, segments: Sequence[Segment]) -> str | None:
         """Why these segments cannot run together (a tensor a whole piece keeps inside is another segment's source,
@@ -613,11 +613,11 @@ def last_convolution(seg: Segment) -> torch.fx.Node | None:
 
 
 def _closure(
-    node: torch.fx.Node, step: Callable[[torch.fx.Node], Iterable[torch.fx.Node]]
+    node: torch.fx.Node | Iterable[torch.fx.Node], step: Callable[[torch.fx.Node], Iterable[torch.fx.Node]]
 ) -> set[torch.fx.Node]:
-    """``node`` and every node reached from it by repeated ``step`` (users: descendants; inputs: ancestors)."""
+    """``node`` (or several) and every node reached by repeated ``step`` (users: descendants; inputs: ancestors)."""
     seen: set[torch.fx.Node] = set()
-    stack = [node]
+    stack = [node] if isinstance(node, torch.fx.Node) else list(node)
     while stack:
         n = stack.pop()
         if n in seen:
@@ -632,16 +632,6 @@ def _constant(value: Any) -> bool:
     if isinstance(value, (bool, int, float)):
         return True
     return isinstance(value, (tuple, list, torch.Size)) and all(_constant(v) for v in value)
-
-
-def _closure_all(
-    nodes: Iterable[torch.fx.Node], step: Callable[[torch.fx.Node], Iterable[torch.fx.Node]]
-) -> set[torch.fx.Node]:
-    seen: set[torch.fx.Node] = set()
-    for n in nodes:
-        if n not in seen:
-            seen |= _closure(n, step)
-    return seen
 
 
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:

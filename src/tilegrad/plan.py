@@ -834,7 +834,7 @@ class _Planner:
     def wholes(self, plan: Plan, budget: int, requested: tuple[int, ...] | None) -> Plan:
         """NOTE [ Whole pieces ]: each run of consecutive one-tile segments of the chosen plan becomes one piece
         run on the whole map with its graph kept, when a plan with it (every other segment's tile chosen again)
-        fits and is faster; the deepest runs first, a run that does not fit shortened from its front (where the
+        fits and is no slower (its boundary stores are saved too); the deepest runs first, a run that does not fit shortened from its front (where the
         maps are largest)."""
         if not self.training or plan.conventional:
             return plan

@@ -232,7 +232,8 @@ class _ScaleShift(torch.autograd.Function):
     """``x * scale + shift`` with per-channel (or per-sample and channel) ``scale`` and ``shift``. Its backward
     reduces the gradients of ``scale`` and ``shift`` per channel without temporaries of ``x``'s size (autograd's
     addcmul forms ``grad * x`` whole, then sums it: 13.6 against 2.3 ms on a 16x44^3 tile, most of it the page
-    faults of fresh memory); the values are the same sums."""
+    faults of fresh memory); the values are the same sums. Only low-precision data under float32 gradients
+    (autocast) is copied, to the wider dtype, for those sums."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
