@@ -46,7 +46,8 @@ EXACT = 1e-10  # float64: relative to the largest magnitude of the compared tens
 # parameters take in every torchvision CNN but ConvNeXt-Large and RegNet-Y-128GF (VGG-11-BN, 133M: 20 s a row,
 # 5.6 GB resident in float64 with its gradients twice).
 MAX_PARAMS = 150e6
-SIDE = {2: 64, 3: 32}  # the input's side; grown when the halo asks for larger tiles, or to the model's minimum
+# the input's side; grown when the halo asks for larger tiles, or to the model's minimum
+SIDE = {2: 64, 3: 32}
 # the input may grow up to MAX_PIXELS, or further while the trunk's forward costs at most MAX_FLOPS there (counted on
 # the meta device): AlexNet and SqueezeNet are one segment (no map lies on the image grid) and need 256 px tiles, but
 # their trunks are cheap (4 GFLOP at 384^2, as much as ConvNeXt-Base's at 64^2 x 1.6)
@@ -373,10 +374,14 @@ def _plan(trunk: nn.Module, shape: tuple[int, ...], tile: int, tilegrad: Any) ->
     maps do not line up (Inception-v3's unpadded stem: NOTE [ Segment windows ] in graph.py), the planner's own
     cuts (``mode="auto"``)."""
     try:
-        return tilegrad.plan_streaming(trunk, shape, tile_size=tile, mode="stages", dtype=torch.float64), "stages"
+        return tilegrad.plan_streaming(
+            trunk, shape, tile_size=tile, mode="stages", dtype=torch.float64
+        ), "stages"
     except tilegrad.GeometryError as err:
         try:
-            return tilegrad.plan_streaming(trunk, shape, tile_size=tile, mode="auto", dtype=torch.float64), "auto"
+            return tilegrad.plan_streaming(
+                trunk, shape, tile_size=tile, mode="auto", dtype=torch.float64
+            ), "auto"
         except tilegrad.GeometryError:
             raise err from None
 
@@ -584,13 +589,17 @@ def _check(
         row.status = "NOT EXACT"
         if stream_error is not None and max(stream_error) > EXACT:
             moved = _conditioning(model, x)
-            stream_why = f"the plain float64 model itself moves by out {moved[0]:.0e}, grads {moved[1]:.0e} when its "
+            stream_why = (
+                f"the plain float64 model itself moves by out {moved[0]:.0e}, grads {moved[1]:.0e} when its "
+            )
             # ill-conditioned only when the model's own sensitivity explains the difference (review: the label was
             # given to every NOT EXACT row, so a real exactness bug in these rows would have passed)
             if max(stream_error) <= 10 * max(moved):
                 stream_why += "input changes by 1e-16 (relative): ill-conditioned at random init"
             else:
-                stream_why += "input changes by 1e-16 (relative), far less than the streamed difference: a bug"
+                stream_why += (
+                    "input changes by 1e-16 (relative), far less than the streamed difference: a bug"
+                )
     elif stream_error is not None:
         row.status = "streamed exact"
     elif infer_error is not None:
@@ -769,7 +778,10 @@ def main(argv: list[str] | None = None) -> None:
         "--print", action="store_true", help="print the rows instead of writing docs/models.md"
     )
     parser.add_argument(
-        "--seconds", type=int, default=SECONDS, help=f"limit per model (default {SECONDS}; more on a loaded machine)"
+        "--seconds",
+        type=int,
+        default=SECONDS,
+        help=f"limit per model (default {SECONDS}; more on a loaded machine)",
     )
     parser.add_argument(
         "--out",

@@ -124,11 +124,15 @@ def _spawn(method: str, bn: str, size: int, budget: int | None, profile: bool) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--bn", nargs="+", default=["eval", "train"], choices=["eval", "train"])
     parser.add_argument("--repeat", type=int, default=2, help="runs per configuration, interleaved (medians)")
-    parser.add_argument("--profile", action="store_true", help="print cProfile's top functions of each streamed run")
+    parser.add_argument(
+        "--profile", action="store_true", help="print cProfile's top functions of each streamed run"
+    )
     parser.add_argument("--json", type=Path, help="append raw results to this JSON-lines file")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, help=argparse.SUPPRESS)

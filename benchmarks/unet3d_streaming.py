@@ -96,7 +96,9 @@ def main() -> None:
         "--fraction", type=float, default=0.25, help="streamed budget / conventional predicted peak"
     )
     parser.add_argument("--budget-from", default="measured", choices=["measured", "predicted"])
-    parser.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY of the runs ('' to inherit)")
+    parser.add_argument(
+        "--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY of the runs ('' to inherit)"
+    )
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", help="append raw results to this JSON-lines file")
     parser.add_argument("--run", help=argparse.SUPPRESS)

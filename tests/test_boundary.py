@@ -242,7 +242,9 @@ def test_a_full_disk_names_the_file(tmp_path):
     # /dev/full answers every write with ENOSPC: put it behind the store's descriptor
     with Scratch(tmp_path, 0) as scratch:
         store = DiskStore((1, 2, 8, 8), torch.float32, scratch, "act", "cpu")
-        full = os.open("/dev/full", os.O_RDWR)  # like the store's own descriptor: a write may read its span first
+        full = os.open(
+            "/dev/full", os.O_RDWR
+        )  # like the store's own descriptor: a write may read its span first
         os.dup2(full, store._fd)
         os.close(full)
         with pytest.raises(DiskFullError) as info:

@@ -191,5 +191,7 @@ def test_monai_feature_extractors_returning_lists_are_refused_in_words(name):
     # their forward returns one map per stage (was AttributeError: 'list' object has no attribute 'shape')
     with torch.device("meta"):
         model = getattr(nets, name)("efficientnet-b0", pretrained=False, spatial_dims=2, in_channels=3)
-    with pytest.raises(tilegrad.NotStreamableError, match=f"{name} returns the feature maps of several stages"):
+    with pytest.raises(
+        tilegrad.NotStreamableError, match=f"{name} returns the feature maps of several stages"
+    ):
         tilegrad.split_model(model)

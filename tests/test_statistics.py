@@ -158,7 +158,9 @@ def test_whole_pieces_compute_their_statistics_in_place(dtype, tol):
     assert pieces and all(sp.keep and len(sp.grid) == 1 for sp in pieces), plan
     assert any(not sp.keep and len(sp.grid) > 1 for sp in plan.segments), plan  # and streamed statistics
     inside = {sp.segment.out.name for sp in pieces}
-    native = {n.meta["tilegrad_module"] for sp in pieces for n in sp.segment.nodes if "tilegrad_module" in n.meta}
+    native = {
+        n.meta["tilegrad_module"] for sp in pieces for n in sp.segment.nodes if "tilegrad_module" in n.meta
+    }
     assert native and inside
     for name, n in calls.items():  # the layer itself once per step in a whole piece (+ 1: the reference run)
         assert n == (2 if name in native else 1), (name, n)
@@ -174,7 +176,9 @@ def test_a_batchnorm_called_twice_updates_its_running_statistics_twice():
     for _ in range(3):
         layers += [nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU()]
     layers += [nn.Conv2d(8, 8, 3, padding=1), shared, nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)]
-    streamed = _check(nn.Sequential(*layers).train(), (2, 2, 128, 112), 48)  # running statistics compared there
+    streamed = _check(
+        nn.Sequential(*layers).train(), (2, 2, 128, 112), 48
+    )  # running statistics compared there
     plan = streamed.last_plan
     # the shared layer's two statistics (fx names the module "4" at both calls): one inside a whole piece, one
     # streamed between the segments

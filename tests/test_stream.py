@@ -236,9 +236,11 @@ def test_kept_graphs_are_dropped_after_their_own_backward_and_a_second_backward_
     outputs = [weakref.ref(t) for _, outs in ex.kept.values() for t in outs]
     alive: list[int] = []  # kept graphs alive while the first (tiled) segment recomputes its tiles
     trunk.conv1.register_forward_hook(
-        lambda *a: alive.append(len(ex.kept) + sum(r() is not None for r in outputs))
-        if torch.is_grad_enabled()
-        else None
+        lambda *a: (
+            alive.append(len(ex.kept) + sum(r() is not None for r in outputs))
+            if torch.is_grad_enabled()
+            else None
+        )
     )
     loss = y.square().sum()
     loss.backward(retain_graph=True)

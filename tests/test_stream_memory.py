@@ -58,8 +58,14 @@ def test_default_plan_with_a_fixed_tile_is_flat_apart_from_input_and_output(subp
     from tilegrad import plan_streaming
 
     net = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 3, stride=2, padding=1),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 8, 3, stride=2, padding=1),
     )  # fmt: skip  (SCRIPT's network)
     lean = plan_streaming(net, (1, 1, 1536, 1536), tile_size=96, mode="lean", dtype=torch.float32)
     half_tile = 0.5 * lean.segments[0].tile_train_bytes

@@ -285,7 +285,8 @@ def _reserve(fd: int, nbytes: int) -> bool:
 
 _PIECE_BYTES = 256 * 1024  # staging buffer of an accelerator's read or write (NOTE [ Storage tiers ])
 _SPAN_BYTES = 1024 * 1024  # at most this many file bytes per call on the CPU (NOTE [ Storage tiers ])
-_GAP_BYTES = 16384  # runs at most this far apart (or as far as they are long) are moved together with their gaps
+# runs at most this far apart (or as far as they are long) are moved together with their gaps
+_GAP_BYTES = 16384
 
 
 class DiskStore:
@@ -426,7 +427,9 @@ class DiskStore:
         """The box's positions of a span in ``staging`` (file layout), as a (runs, run, N*C) view."""
         return staging.as_strided((count, run, self._nc), (step * self._nc, self._nc, 1))
 
-    def _span_io(self, write: bool, staging: torch.Tensor, offset: int, count: int, run: int, step: int) -> None:
+    def _span_io(
+        self, write: bool, staging: torch.Tensor, offset: int, count: int, run: int, step: int
+    ) -> None:
         nbytes = ((count - 1) * step + run) * self._position_bytes
         self._io(write, self._bytes(staging)[:nbytes], offset)
 

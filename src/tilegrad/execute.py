@@ -124,7 +124,9 @@ class Execution:
         inside -= self.graph.streamed_globals([sp.segment for sp in plan.segments])
         # reductions of layers a whole piece calls itself (Segment._native): the layer updates its running
         # statistics there, so the engine does not when a streamed segment needs the same statistic too
-        self.native = {r for sp in plan.segments if sp.segment.whole for r, p in sp.segment._native().items() if not p}
+        self.native = {
+            r for sp in plan.segments if sp.segment.whole for r, p in sp.segment._native().items() if not p
+        }
         items = [(index[sp.segment.out], "segment", k) for k, sp in enumerate(plan.segments)]
         items += [(index[r], "reduction", r) for r in self.graph.reductions if r not in inside]
         items += [(index[n], "global", n) for n in self.graph.global_nodes if n not in inside]
@@ -217,7 +219,11 @@ class Execution:
             return None
         (out_node,) = [n for n in chain.graph.nodes if n.op == "output"]
         conv_node = out_node.args[0]
-        if not isinstance(conv_node, torch.fx.Node) or conv_node.op != "call_module" or len(conv_node.args) != 1:
+        if (
+            not isinstance(conv_node, torch.fx.Node)
+            or conv_node.op != "call_module"
+            or len(conv_node.args) != 1
+        ):
             return None
         conv = chain.get_submodule(conv_node.target)
         if not isinstance(conv, nn.modules.conv._ConvNd):

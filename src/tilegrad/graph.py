@@ -217,7 +217,6 @@ class Segment:
         new.output(env[self.out])
         return torch.fx.GraphModule(g.gm, new)
 
-
     def _native(self) -> dict[torch.fx.Node, str | None]:
         """NOTE [ Whole pieces ]: the reduction + apply pairs of a whole piece that are one layer of the trunk (a
         normalisation rewritten by ``rewrite_statistics``): apply -> the layer's path, reduction -> None (dropped)."""
@@ -226,9 +225,16 @@ class Segment:
         for r in self.nodes:
             path = r.meta.get("tilegrad_module")
             users = list(r.users)
-            if path is None or not users or any(
-                u not in members or u.target is not apply_norm or u.args[1] is not r or u.args[0] is not r.args[0]
-                for u in users
+            if (
+                path is None
+                or not users
+                or any(
+                    u not in members
+                    or u.target is not apply_norm
+                    or u.args[1] is not r
+                    or u.args[0] is not r.args[0]
+                    for u in users
+                )
             ):
                 continue
             out[r] = None
@@ -477,12 +483,16 @@ class TrunkGraph:
             stack.extend(n.all_input_nodes)
         missing = inner - members
         if missing:
-            raise GeometryError(f"{sorted(m.name for m in missing)} not on the path to {out.name}: not one piece")
+            raise GeometryError(
+                f"{sorted(m.name for m in missing)} not on the path to {out.name}: not one piece"
+            )
         for n in members:
             if n is not out and (n in inner or n in self.global_set):
                 outside = [u.name for u in n.users if u not in members]
                 if outside:
-                    raise GeometryError(f"{n.name} is read outside the piece ending at {out.name} ({outside})")
+                    raise GeometryError(
+                        f"{n.name} is read outside the piece ending at {out.name} ({outside})"
+                    )
         nodes = sorted(members, key=self.index.__getitem__)
         srcs = sorted(sources, key=self.index.__getitem__)
         seg = self._new_segment(out, nodes, srcs, set())
@@ -504,7 +514,8 @@ class TrunkGraph:
         geoms = propagate(self.root, nodes, self.ndim, seeds)
         geometry = geoms[out]
         assert geometry is not None
-        if len(srcs) > 1:  # sources and merge points of several sources sit on their grid (NOTE [ Segment windows ])
+        if len(srcs) > 1:
+            # sources and merge points of several sources sit on their grid (NOTE [ Segment windows ])
             for n in [s for s in srcs if s is not self.input] + nodes:
                 spatial = [a for a in n.all_input_nodes if geoms.get(a) is not None]
                 if (n in srcs or len(spatial) > 1) and not self.on_grid(n):
@@ -574,7 +585,8 @@ class TrunkGraph:
             for a in n.all_input_nodes:
                 visit(a)
             written = _mutated(n, self.root)
-            if written is not None and written in inputs:  # in place on a leaf (SiLU(inplace=True)): on a copy
+            if written is not None and written in inputs:
+                # in place on a leaf (SiLU(inplace=True)): on a copy
                 env[written] = new.call_method("clone", (env[written],))
             env[n] = new.node_copy(n, lambda a: env[a])
             return env[n]

@@ -264,7 +264,11 @@ class Plan:
                     else ""
                 )
                 + f"disk +{self.time_parts['disk']:.2f}"
-                + (f", statistics +{self.time_parts['statistics']:.2f}" if self.time_parts.get("statistics") else "")
+                + (
+                    f", statistics +{self.time_parts['statistics']:.2f}"
+                    if self.time_parts.get("statistics")
+                    else ""
+                )
                 + ")"
                 if self.time_parts
                 else ""
@@ -790,8 +794,10 @@ class _Planner:
         self._to_device(segs, bounds, budget)
         if self.training:  # keep one-tile segments' graphs while the plan still fits
             for k, sp in sorted(enumerate(segs), key=lambda e: -e[1].flops / max(1, e[1].tile_saved_bytes)):
-                if sp.segment.whole or sp.tiles != 1 or (
-                    k == 0 and not self.input_in_memory and self.g.input in sp.segment.sources
+                if (
+                    sp.segment.whole
+                    or sp.tiles != 1
+                    or (k == 0 and not self.input_in_memory and self.g.input in sp.segment.sources)
                 ):
                     continue
                 sp.keep = True
@@ -843,8 +849,10 @@ class _Planner:
         k = 0
         while k < len(segments):
             j = k
-            while j < len(segments) and plan.segments[j].tiles == 1 and not (
-                j == 0 and not self.input_in_memory and self.g.input in segments[0].sources
+            while (
+                j < len(segments)
+                and plan.segments[j].tiles == 1
+                and not (j == 0 and not self.input_in_memory and self.g.input in segments[0].sources)
             ):
                 j += 1
             if j - k >= 2:
@@ -939,7 +947,8 @@ class _Planner:
         descents: list[tuple[frozenset, list]] = []
         if mode == "lean":
             starts = [frozenset()]
-        elif mode == "stages":  # the cuts off their grid may not line up with others (NOTE [ Segment windows ])
+        elif mode == "stages":
+            # the cuts off their grid may not line up with others (NOTE [ Segment windows ])
             starts = list(dict.fromkeys([frozenset(n for n in stage_cands if self.g.on_grid(n)), stages]))
         else:
             starts = list(dict.fromkeys([frozenset(), stages, every]))

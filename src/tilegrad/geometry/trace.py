@@ -452,7 +452,9 @@ def _graph_geometry(root: nn.Module, graph: torch.fx.Graph, ndim: int, prefix: s
     return _output(root, graph, values, ndim)
 
 
-def trunk_output(root: nn.Module, graph: torch.fx.Graph, geoms: dict[torch.fx.Node, Geometry | None]) -> Geometry:
+def trunk_output(
+    root: nn.Module, graph: torch.fx.Graph, geoms: dict[torch.fx.Node, Geometry | None]
+) -> Geometry:
     """The geometry of the graph's single tensor output, from :func:`propagate`'s result."""
     (output,) = [n for n in graph.nodes if n.op == "output"]
     out_arg = output.args[0]
