@@ -120,8 +120,7 @@ class Execution:
         # NOTE [ Streamed statistics ]: reductions and global nodes run between the segments, in graph order
         index = self.graph.index
         # a whole piece computes its statistics itself (NOTE [ Whole pieces ] in graph.py)
-        inside = {n for sp in plan.segments if sp.segment.whole for n in sp.segment.nodes}
-        inside -= self.graph.streamed_globals([sp.segment for sp in plan.segments])
+        inside = self.graph.inside_pieces([sp.segment for sp in plan.segments])
         # reductions of layers a whole piece calls itself (Segment._native): the layer updates its running
         # statistics there, so the engine does not when a streamed segment needs the same statistic too
         self.native = {

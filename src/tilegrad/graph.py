@@ -423,7 +423,11 @@ class TrunkGraph:
         outs = sorted(set(cuts) | {self.output}, key=self.index.__getitem__)
         return tuple(self._segment(out, stops) for out in outs)
 
-    def _segment(self, out: torch.fx.Node, stops: set[torch.fx.Node]) -> Segment:
+    def _cone(
+        self, out: torch.fx.Node, stops: set[torch.fx.Node], globals_apart: bool
+    ) -> tuple[set[torch.fx.Node], set[torch.fx.Node], set[torch.fx.Node]]:
+        """(members, sources, globals) of the nodes ``out`` is computed from, the walk ending at ``stops`` (the
+        sources) and, with ``globals_apart``, at the statistics and global nodes (read whole, not computed)."""
         members: set[torch.fx.Node] = set()
         sources: set[torch.fx.Node] = set()
         globals_: set[torch.fx.Node] = set()
@@ -432,7 +436,7 @@ class TrunkGraph:
             n = stack.pop()
             if n in members or n in sources or n in globals_:
                 continue
-            if n in self.global_set:
+            if globals_apart and n in self.global_set:
                 globals_.add(n)
                 continue
             if n in stops and n is not out:
@@ -440,6 +444,10 @@ class TrunkGraph:
                 continue
             members.add(n)
             stack.extend(n.all_input_nodes)
+        return members, sources, globals_
+
+    def _segment(self, out: torch.fx.Node, stops: set[torch.fx.Node]) -> Segment:
+        members, sources, globals_ = self._cone(out, stops, globals_apart=True)
         nodes = sorted(members, key=self.index.__getitem__)
         srcs = sorted(sources, key=self.index.__getitem__)
         # the walk above depends only on ``out`` and the stops it meets (its sources): one Segment per pair, shared
@@ -469,18 +477,7 @@ class TrunkGraph:
         return self._cached(key, lambda: self._whole(run[-1].out, stops, inner))
 
     def _whole(self, out: torch.fx.Node, stops: set[torch.fx.Node], inner: set[torch.fx.Node]) -> Segment:
-        members: set[torch.fx.Node] = set()
-        sources: set[torch.fx.Node] = set()
-        stack = [out]
-        while stack:
-            n = stack.pop()
-            if n in members or n in sources:
-                continue
-            if n in stops:
-                sources.add(n)
-                continue
-            members.add(n)
-            stack.extend(n.all_input_nodes)
+        members, sources, _ = self._cone(out, stops, globals_apart=False)  # its statistics inside
         missing = inner - members
         if missing:
             raise GeometryError(
@@ -538,6 +535,12 @@ class TrunkGraph:
             inplace_sources=inplace,
             globals=globs,
         )
+
+    def inside_pieces(self, segments: Sequence[Segment]) -> set[torch.fx.Node]:
+        """The nodes the whole pieces among ``segments`` compute themselves (NOTE [ Whole pieces ]): their members,
+        less the statistics the engine streams anyway because a streamed segment reads them too."""
+        inside = {n for s in segments if s.whole for n in s.nodes}
+        return inside - self.streamed_globals(segments) if inside else inside
 
     def streamed_globals(self, segments: Sequence[Segment]) -> set[torch.fx.Node]:
         """The statistics and global nodes the engine computes between segments: those the streamed segments read,

@@ -665,7 +665,7 @@ class _Planner:
     def stat_seconds(self, segs: list[SegmentPlan]) -> float:
         """Seconds of the streamed statistics' own work (NOTE [ Cost model ]): ``STAT_TRAFFIC`` times the bytes of
         their inputs, at ``BYTE_RATE``; a whole piece's statistics are its layers' (NOTE [ Whole pieces ])."""
-        inside = {n for sp in segs if sp.segment.whole for n in sp.segment.nodes}
+        inside = self.g.inside_pieces([sp.segment for sp in segs])  # what the engine does not stream
         read = sum(self.g.profiles[r.args[0]].out_bytes for r in self.g.reductions if r not in inside)
         return STAT_TRAFFIC[self.training] * read / BYTE_RATE
 
