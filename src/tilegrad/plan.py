@@ -794,11 +794,7 @@ class _Planner:
         self._to_device(segs, bounds, budget)
         if self.training:  # keep one-tile segments' graphs while the plan still fits
             for k, sp in sorted(enumerate(segs), key=lambda e: -e[1].flops / max(1, e[1].tile_saved_bytes)):
-                if (
-                    sp.segment.whole
-                    or sp.tiles != 1
-                    or (k == 0 and not self.input_in_memory and self.g.input in sp.segment.sources)
-                ):
+                if sp.segment.whole or sp.tiles != 1 or self._reads_lazy_input(k, sp.segment):
                     continue
                 sp.keep = True
                 limit = budget if budget is not None else None
@@ -840,8 +836,8 @@ class _Planner:
     def wholes(self, plan: Plan, budget: int, requested: tuple[int, ...] | None) -> Plan:
         """NOTE [ Whole pieces ]: each run of consecutive one-tile segments of the chosen plan becomes one piece
         run on the whole map with its graph kept, when a plan with it (every other segment's tile chosen again)
-        fits and is no slower (its boundary stores are saved too); the deepest runs first, a run that does not fit shortened from its front (where the
-        maps are largest)."""
+        fits and is no slower (its boundary stores are saved too); the deepest runs first, a run that does not fit
+        shortened from its front (where the maps are largest)."""
         if not self.training or plan.conventional:
             return plan
         segments = [sp.segment for sp in plan.segments]
@@ -852,7 +848,7 @@ class _Planner:
             while (
                 j < len(segments)
                 and plan.segments[j].tiles == 1
-                and not (j == 0 and not self.input_in_memory and self.g.input in segments[0].sources)
+                and not self._reads_lazy_input(j, segments[j])
             ):
                 j += 1
             if j - k >= 2:
@@ -872,6 +868,11 @@ class _Planner:
                 best = found
                 segments = [sp.segment for sp in best.segments]
         return best
+
+    def _reads_lazy_input(self, k: int, seg: Segment) -> bool:
+        """Whether segment ``k`` is the first and reads a lazy input: the slide is read tile by tile, never whole,
+        so such a segment is neither kept nor part of a whole piece."""
+        return k == 0 and not self.input_in_memory and self.g.input in seg.sources
 
     def _with_piece(
         self, segments: list[Segment], start: int, stop: int, budget: int, requested: tuple[int, ...] | None
