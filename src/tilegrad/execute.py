@@ -12,6 +12,17 @@ over tiles (NOTE [ Disjoint cores ] in tiling.py). A boundary's gradient is comp
 has run its backward, which reverse topological order guarantees; its store is freed right after its producer's
 backward, and an activation store right after the backward of its first reader.
 
+NOTE [ Tile order ]
+In a training step the segments alternate the order of their tiles: the forward of an even segment runs its grid in
+raster order, of an odd one in reverse, and each segment's backward runs the reverse of its own forward. Every pass
+over a boundary file then starts where the previous pass over it ended (a reader reads the map from the last tiles
+its producer wrote, a producer's backward reads its gradient from the last boxes its reader's backward added
+into), so when a map is larger than the page cache, the part the cache still holds is read first instead of being
+evicted before the scan reaches it (an LRU cache under a repeated scan in one direction misses everywhere: NOTE
+[ Page cache ] in plan.py prices both). The order changes only the order of floating-point sums (gradients of
+overlapping boxes, parameter gradients, statistics' partials). Inference keeps raster order (sinks and the
+resumable journal of infer.py write tiles in it).
+
 NOTE [ Last convolution not recomputed ]
 The backward of a convolution needs its input and the gradient of its output, never its output. When a segment
 ends in a convolution (nn.ConvNd or nn.ConvTransposeNd with zero padding: in a network cut at every normalisation
@@ -196,6 +207,12 @@ class Execution:
         for j, s in enumerate(seg.globals, start=len(seg.sources)):
             out.append(_leaf(self.values[s], grad[j]))
         return out
+
+    def _order(self, k: int, training: bool) -> list[int]:
+        """NOTE [ Tile order ]: the grid indices of segment ``k``'s tiles in the order its forward runs them (its
+        backward runs them in reverse)."""
+        order = list(range(len(self.plan.segments[k].grid)))
+        return order[::-1] if training and k % 2 == 1 else order
 
     @staticmethod
     def _args(sp: SegmentPlan, srcs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -408,7 +425,8 @@ class Execution:
                     b = self.tiers[seg.out.name]
                     self.stores[seg.out] = self._store(seg.out, b.tier, zero=False)
                 whole = tuple(slice(0, n) for n in self.graph.input_shape[2:])
-                tiles = [None] if (sp.keep and training) else list(sp.grid)
+                grid = list(sp.grid)
+                tiles = [None] if (sp.keep and training) else [grid[i] for i in self._order(k, training)]
                 for tile in tiles:
                     window = whole if tile is None else tile.inputs
                     if tile is None:  # NOTE [ Kept segments ]
@@ -564,7 +582,11 @@ class Execution:
                     # a whole piece recomputed (a second backward: NOTE [ Kept segments ]) must not update its
                     # layers' running statistics again
                     buffers = [(b, b.clone()) for b in module.buffers()] if seg.whole else []
-                    for t, tile in enumerate(sp.grid):
+                    grid = list(sp.grid)
+                    order = self._order(k, True)
+                    # t: the tile's place in the forward (the index of its head partial)
+                    for t in reversed(range(len(order))):
+                        tile = grid[order[t]]
                         srcs = self._sources(sp, tile.inputs, k, need)
                         inputs = [s for s, n in zip(srcs, need) if n] + seg_params
                         if inputs and tail:  # NOTE [ Last convolution not recomputed ]

@@ -41,10 +41,15 @@ backward's recomputation, its gradient by the producer's backward): while the fi
 has free, the kernel's page cache serves those reads, which then cost a copy (``DISK_READ``) rather than the disk
 (``DISK_COLD_READ``, 2.4x slower in wall time on this machine). Which reads the cache serves is decided like an LRU
 cache of ``page_cache_bytes`` (the available memory less the budget): the step's touches of disk-tier stores are
-listed in order (forward, then backward in reverse), and a read of a store is served from the cache when that
-store plus every live store touched since its last touch (half of those touched in the same step: tiles
-interleave them) fit. A tile-order scan of a store larger than the cache therefore misses everywhere (LRU under a
-sequential scan), as a 64 GiB layer1 map at 65536^2 does. A gradient store is freed after its producer's backward;
+listed in order (forward, then backward in reverse); for a read of a store of S bytes, *newer* is the bytes of the
+live stores touched since its last pass, *beside* those touched in that same step (tiles interleave them with it:
+the cache holds them in proportion) and *during* those the reading step touches too. A training step scans each
+store in the reverse order of its previous pass (NOTE [ Tile order ] in execute.py): the reader starts on the part
+the cache still holds, held = (C - newer) * S / (S + beside), while what it touches meanwhile evicts the other end,
+so a share held / (S + during), at most 1, is served from the cache. In the same order (inference), LRU misses
+everywhere once the store no longer fits: a read is served whole if newer + beside + S + during / 2 <= C, else not
+at all. At 65536^2 the maps (8-64 GiB) dwarf the cache and most reads go to the disk either way; at 16384^2
+(1-4 GiB maps, 23 GiB of them with gradients) the cache serves them. A gradient store is freed after its producer's backward;
 its first adds read unwritten (zero) blocks, which costs no disk read. Writes go to the cache and are written back
 in the background: the model does not charge the disk's write bandwidth (0.15-0.3 GB/s here), which a plan writing
 faster than that for minutes would hit. Fitted on one machine (23 GiB of RAM, a virtual disk): rates and cache size
@@ -735,15 +740,15 @@ class _Planner:
     def disk_seconds(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:
         """Seconds of boundary IO on the disk tier (NOTE [ Cost model ], NOTE [ Page cache ])."""
         return sum(
-            nbytes * (segs[k].overlap if tiled else 1.0) / rate
-            for k, nbytes, tiled, rate in self._disk_touches(segs, bounds)
+            nbytes * (segs[k].overlap if tiled else 1.0) * per_byte
+            for k, nbytes, tiled, per_byte in self._disk_touches(segs, bounds)
         )
 
     def _disk_touches(
         self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]
     ) -> list[tuple[int, int, bool, float]]:
         """NOTE [ Page cache ]: the step's touches of disk-tier stores, each as (segment, store bytes, whether the
-        segment's overlap multiplies them, bytes/s). Cached per cut set, tiers and kept segments: which reads the
+        segment's overlap multiplies them, seconds per byte). Cached per cut set, tiers and kept segments: which reads the
         page cache serves does not depend on the tiles."""
         key = (tuple(id(sp.segment) for sp in segs), tuple((b.tier, b.grad_tier) for b in bounds),
                tuple(sp.keep for sp in segs))  # fmt: skip
@@ -775,29 +780,34 @@ class _Planner:
         cache = self.page_cache
         size: dict[tuple[str, str], int] = {}
         last: dict[tuple[str, str], int] = {}  # step of each live store's last touch
-        out_touches: list[tuple[int, int, bool, float]] = []
+        out_touches: list[tuple[int, int, bool, float]] = []  # (segment, bytes, tiled, seconds per byte)
         for i, (k, touch, freed) in enumerate(steps):
             now = {key_ for key_, *_ in touch}
+            size.update((key_, nbytes) for key_, nbytes, *_ in touch)
             for key_, nbytes, tiled, op in touch:
-                size[key_] = nbytes
                 if op == "write":
-                    out_touches.append((k, nbytes, tiled, DISK_WRITE))
+                    out_touches.append((k, nbytes, tiled, 1 / DISK_WRITE))
                     continue
                 if op == "add":
-                    out_touches.append((k, nbytes, tiled, DISK_ADD))
-                if key_ not in last:  # a gradient's first add reads unwritten (zero) blocks: no disk read
+                    out_touches.append((k, nbytes, tiled, 1 / DISK_ADD))
+                if key_ not in last:  # a gradient's first adds read unwritten (zero) blocks: no disk read
                     continue
                 t = last[key_]
-                distance = nbytes + sum(
-                    size[y] * (1.0 if ty > t else 0.5)
-                    for y, ty in last.items()
-                    if y != key_ and (ty > t or ty == t or y in now)
-                )
-                cold = distance > cache
+                newer = sum(size[y] for y, ty in last.items() if ty > t)  # touched since
+                beside = sum(
+                    size[y] for y, ty in last.items() if ty == t and y != key_
+                )  # interleaved with it
+                during = sum(size[y] for y in now if y != key_ and last.get(y, -1) <= t)
+                if self.training:  # a scan in reverse (NOTE [ Tile order ]): the cached part first
+                    held = max(0.0, cache - newer) * nbytes / (nbytes + beside)
+                    hit = min(1.0, held / (nbytes + during))
+                else:  # in the same order: LRU misses everywhere once the store no longer fits
+                    hit = 1.0 if newer + beside + nbytes + during / 2 <= cache else 0.0
+                cold = (1 - hit) / DISK_COLD_READ
                 if op == "read":
-                    out_touches.append((k, nbytes, tiled, DISK_COLD_READ if cold else DISK_READ))
-                elif cold:  # an add whose blocks the cache has dropped reads them from the disk first
-                    out_touches.append((k, nbytes, tiled, DISK_COLD_READ))
+                    out_touches.append((k, nbytes, tiled, hit / DISK_READ + cold))
+                elif cold:  # an add into blocks the cache has dropped reads them from the disk first
+                    out_touches.append((k, nbytes, tiled, cold))
             for key_ in now:
                 last[key_] = i
             if freed is not None:
