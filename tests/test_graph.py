@@ -3,6 +3,7 @@ against the plain computation: outputs, input gradients and every parameter grad
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -311,13 +312,18 @@ def test_each_pass_over_a_boundary_file_starts_where_the_previous_one_ended(monk
 
     phase = ["forward"]
     log: list[tuple[str, str, tuple[slice, ...]]] = []  # (file, pass, box)
+
+    def spying(op: str):
+        inner = getattr(DiskStore, op)
+
+        def spy(self, box, *rest):
+            log.append((self.path.name, f"{phase[0]} {op}", box))
+            return inner(self, box, *rest)
+
+        return spy
+
     for op in ("read", "write", "add"):
-
-        def spy(self, box, *rest, _op=op, _inner=getattr(DiskStore, op)):
-            log.append((self.path.name, f"{phase[0]} {_op}", box))
-            return _inner(self, box, *rest)
-
-        monkeypatch.setattr(DiskStore, op, spy)
+        monkeypatch.setattr(DiskStore, op, spying(op))
     backward = Execution.backward
 
     def marked(self, *args, **kwargs):
@@ -339,5 +345,5 @@ def test_each_pass_over_a_boundary_file_starts_where_the_previous_one_ended(monk
     assert len(passes) == 2 * len(streamed.last_plan.boundaries)  # each map and its gradient
     for name, runs in passes.items():
         assert len(runs) == (3 if not name.endswith(".grad") else 2), name
-        for before, after in zip(runs, runs[1:]):
+        for before, after in itertools.pairwise(runs):
             assert all(a.start < b.stop and b.start < a.stop for a, b in zip(before[-1], after[0])), name

@@ -13,15 +13,19 @@ has run its backward, which reverse topological order guarantees; its store is f
 backward, and an activation store right after the backward of its first reader.
 
 NOTE [ Tile order ]
-In a training step the segments alternate the order of their tiles: the forward of an even segment runs its grid in
-raster order, of an odd one in reverse, and each segment's backward runs the reverse of its own forward. Every pass
-over a boundary file then starts where the previous pass over it ended (a reader reads the map from the last tiles
-its producer wrote, a producer's backward reads its gradient from the last boxes its reader's backward added
-into), so when a map is larger than the page cache, the part the cache still holds is read first instead of being
-evicted before the scan reaches it (an LRU cache under a repeated scan in one direction misses everywhere: NOTE
-[ Page cache ] in plan.py prices both). The order changes only the order of floating-point sums (gradients of
-overlapping boxes, parameter gradients, statistics' partials). Inference keeps raster order (sinks and the
-resumable journal of infer.py write tiles in it).
+In a training step the segments alternate the order of their tiles (plan.py, ``reversed_tiles``): the forward of
+the first segment runs its grid in reverse raster order, of the second in raster order, and so on, and each
+segment's backward runs the reverse of its own forward. A pass over a boundary file then starts where the previous
+pass over it ended (a reader reads the map from the last tiles its producer wrote, a producer's backward reads its
+gradient from the last boxes its reader's backward added into, a backward's recomputation reads its sources from
+where its forward stopped), so when a map is larger than the page cache, the part the cache still holds is read
+first instead of being evicted before the scan reaches it (an LRU cache under scans in one direction misses
+everywhere: NOTE [ Page cache ] in plan.py prices both). Two ends are fixed: the first segment's backward runs in
+raster order (a GradientSink receives the input's gradient boxes in raster order), and so does the forward of a
+last segment feeding a streamed head (its partials are merged in raster order: ties of GlobalPool("max") resolve
+as on the whole map); with an odd number of segments and a head, the last boundary is then scanned twice in one
+direction. The order changes only the order of floating-point sums (gradients of overlapping boxes, parameter
+gradients, statistics' partials). Inference keeps raster order (sinks and infer.py's resumable journal).
 
 NOTE [ Last convolution not recomputed ]
 The backward of a convolution needs its input and the gradient of its output, never its output. When a segment
@@ -57,7 +61,7 @@ from torch import nn
 from ._autocast import autocast_state, replay_autocast
 from .boundary import DiskStore, Scratch, TensorStore
 from .graph import last_convolution
-from .plan import Plan, SegmentPlan
+from .plan import Plan, SegmentPlan, reversed_tiles
 from .statistics import reduction_combine, reduction_grad, reduction_partials, slabs, update_running_stats
 
 __all__ = ["Execution", "Reader", "run_plan"]
@@ -212,7 +216,8 @@ class Execution:
         """NOTE [ Tile order ]: the grid indices of segment ``k``'s tiles in the order its forward runs them (its
         backward runs them in reverse)."""
         order = list(range(len(self.plan.segments[k].grid)))
-        return order[::-1] if training and k % 2 == 1 else order
+        flip = reversed_tiles(len(self.plan.segments), self.head is not None)[k]
+        return order[::-1] if training and flip else order
 
     @staticmethod
     def _args(sp: SegmentPlan, srcs: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -43,7 +43,7 @@ has free, the kernel's page cache serves those reads, which then cost a copy (``
 cache of ``page_cache_bytes`` (the available memory less the budget): the step's touches of disk-tier stores are
 listed in order (forward, then backward in reverse); for a read of a store of S bytes, *newer* is the bytes of the
 live stores touched since its last pass, *beside* those touched in that same step (tiles interleave them with it:
-the cache holds them in proportion) and *during* those the reading step touches too. A training step scans each
+the cache holds them in proportion) and *during* those the reading step touches too. A training step mostly scans a
 store in the reverse order of its previous pass (NOTE [ Tile order ] in execute.py): the reader starts on the part
 the cache still holds, held = (C - newer) * S / (S + beside), while what it touches meanwhile evicts the other end,
 so a share held / (S + during), at most 1, is served from the cache. In the same order (inference), LRU misses
@@ -171,6 +171,15 @@ def page_cache_bytes(budget: int | None) -> int:
         return 0
     free = max(0, kib * 1024 - (budget or 0))
     return free // 2**30 * 2**30
+
+
+def reversed_tiles(segments: int, head: bool) -> list[bool]:
+    """Whether each segment's forward runs its tiles in reverse raster order in a training step (its backward runs
+    the other way): NOTE [ Tile order ] in execute.py."""
+    flags = [k % 2 == 0 for k in range(segments)]
+    if head and flags:
+        flags[-1] = False
+    return flags
 
 
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
@@ -755,20 +764,23 @@ class _Planner:
         if key in self._touches:
             return self._touches[key]
         by_node = {b.name: b for b in bounds}
-        steps: list[tuple[int, list[tuple[tuple[str, str], int, bool, str]], tuple[str, str] | None]] = []
+        flips = reversed_tiles(len(segs), self.head is not None) if self.training else [False] * len(segs)
+        steps: list[
+            tuple[int, bool, list[tuple[tuple[str, str], int, bool, str]], tuple[str, str] | None]
+        ] = []
         for k, sp in enumerate(segs):  # forward: read the sources' boxes, write the output's cores
             touch = [(("map", s.name), b.nbytes, not sp.keep, "read") for s in sp.segment.sources
                      if (b := by_node.get(s.name)) is not None and b.tier == "disk"]  # fmt: skip
             out = by_node.get(sp.segment.out.name)
             if out is not None and out.tier == "disk":
                 touch.append((("map", out.name), out.nbytes, False, "write"))
-            steps.append((k, touch, None))
+            steps.append((k, flips[k], touch, None))
         # backward, in reverse: the sources again (recomputation, unless kept), the output's gradient, the sources'
         if self.training:
             for k in reversed(range(len(segs))):
                 sp = segs[k]
                 touch = (
-                    [] if sp.keep else [(key_, n, True, op) for key_, n, _, op in steps[k][1] if op == "read"]
+                    [] if sp.keep else [(key_, n, True, op) for key_, n, _, op in steps[k][2] if op == "read"]
                 )
                 out = by_node.get(sp.segment.out.name)
                 if out is not None and out.grad_tier == "disk":
@@ -776,12 +788,13 @@ class _Planner:
                 touch += [(("grad", s.name), b.nbytes, not sp.keep, "add") for s in sp.segment.sources
                           if (b := by_node.get(s.name)) is not None and b.grad_tier == "disk"]  # fmt: skip
                 # a gradient's store is freed after its producer's backward (NOTE [ Streamed execution ])
-                steps.append((k, touch, ("grad", out.name) if out is not None else None))
+                steps.append((k, not flips[k], touch, ("grad", out.name) if out is not None else None))
         cache = self.page_cache
         size: dict[tuple[str, str], int] = {}
         last: dict[tuple[str, str], int] = {}  # step of each live store's last touch
+        way: dict[tuple[str, str], bool] = {}  # the order of that touch (True: reverse raster order)
         out_touches: list[tuple[int, int, bool, float]] = []  # (segment, bytes, tiled, seconds per byte)
-        for i, (k, touch, freed) in enumerate(steps):
+        for i, (k, flip, touch, freed) in enumerate(steps):
             now = {key_ for key_, *_ in touch}
             size.update((key_, nbytes) for key_, nbytes, *_ in touch)
             for key_, nbytes, tiled, op in touch:
@@ -798,7 +811,7 @@ class _Planner:
                     size[y] for y, ty in last.items() if ty == t and y != key_
                 )  # interleaved with it
                 during = sum(size[y] for y in now if y != key_ and last.get(y, -1) <= t)
-                if self.training:  # a scan in reverse (NOTE [ Tile order ]): the cached part first
+                if way[key_] != flip:  # a scan in reverse (NOTE [ Tile order ]): the cached part first
                     held = max(0.0, cache - newer) * nbytes / (nbytes + beside)
                     hit = min(1.0, held / (nbytes + during))
                 else:  # in the same order: LRU misses everywhere once the store no longer fits
@@ -809,7 +822,7 @@ class _Planner:
                 elif cold:  # an add into blocks the cache has dropped reads them from the disk first
                     out_touches.append((k, nbytes, tiled, cold))
             for key_ in now:
-                last[key_] = i
+                last[key_], way[key_] = i, flip
             if freed is not None:
                 last.pop(freed, None)
         self._touches[key] = out_touches
