@@ -121,10 +121,14 @@ class Execution:
         index = self.graph.index
         # a whole piece computes its statistics itself (NOTE [ Whole pieces ] in graph.py)
         inside = self.graph.inside_pieces([sp.segment for sp in plan.segments])
-        # reductions of layers a whole piece calls itself (Segment._native): the layer updates its running
+        # reductions of layers a whole piece calls itself (Segment.native_layers): the layer updates its running
         # statistics there, so the engine does not when a streamed segment needs the same statistic too
         self.native = {
-            r for sp in plan.segments if sp.segment.whole for r, p in sp.segment._native().items() if not p
+            r
+            for sp in plan.segments
+            if sp.segment.whole
+            for r, p in sp.segment.native_layers.items()
+            if not p
         }
         items = [(index[sp.segment.out], "segment", k) for k, sp in enumerate(plan.segments)]
         items += [(index[r], "reduction", r) for r in self.graph.reductions if r not in inside]
