@@ -165,7 +165,9 @@ class Execution:
         box = self.graph.source_box(node, window)
         if node is self.graph.input:
             return self.reader.read(box)
-        return self.stores[node].read(box)
+        # only read: a source the segment writes into in place is copied first (_args), so a one-tile segment
+        # reads the whole map without a copy (NOTE [ Storage tiers ] in boundary.py)
+        return self.stores[node].read(box, shared=True)
 
     def close(self) -> None:
         self.kept.clear()

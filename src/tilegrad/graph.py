@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
@@ -100,10 +101,37 @@ def _mutated(node: torch.fx.Node, root: nn.Module) -> torch.fx.Node | None:
     elif node.op == "call_method":
         inplace = node.target.endswith("_") and not node.target.endswith("__")
     elif node.op == "call_function":
-        inplace = node.target in _INPLACE_FUNCTIONS or bool(node.kwargs.get("inplace", False))
+        name = getattr(node.target, "__name__", "")
+        inplace = (
+            node.target in _INPLACE_FUNCTIONS
+            or (name.endswith("_") and not name.endswith("__"))  # torch.relu_, F.relu_
+            or _inplace_argument(node)
+        )
     else:
         inplace = False
     return node.args[0] if inplace else None
+
+
+def _inplace_argument(node: torch.fx.Node) -> bool:
+    """Whether a function is called with ``inplace=True``, by keyword or by position (``F.relu(x, True)``)."""
+    if "inplace" in node.kwargs:
+        return bool(node.kwargs["inplace"])
+    signature = _signature(node.target)
+    if signature is None or "inplace" not in signature.parameters:
+        return False
+    try:
+        bound = signature.bind(*node.args, **node.kwargs)
+    except TypeError:  # arguments it would not take: its own error when it runs
+        return False
+    return bool(bound.arguments.get("inplace", False))
+
+
+@functools.cache
+def _signature(function: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin without one
+        return None
 
 
 @dataclass
