@@ -391,10 +391,10 @@ def _balanced_dim(dim: Any, align: int, in_len: int, out_len: int, tile: int, ax
 def _conv_kernel(shape: Sequence[int], spatial: Sequence[int], w: torch.Tensor, conf: tuple) -> str:
     """The name of the CPU kernel PyTorch selects for a convolution (weight ``w``, ``conf``: stride, padding,
     dilation, transposed, output padding, groups) on an input of ``shape`` cropped to ``spatial``."""
-    from .memory.kernels import _backend
+    from .memory.kernels import select_conv_backend
 
     x = torch.empty((*shape[:2], *spatial), device="meta", dtype=w.dtype)
-    b = _backend(x, w, *conf)
+    b = select_conv_backend(x, w, *conf)
     return b.name if hasattr(b, "name") else str(b)
 
 
@@ -537,7 +537,7 @@ class _Planner:
         key = (id(seg), window)
         if key in self._kern:
             return self._kern[key]
-        from .memory.kernels import _CONV_BACKWARD, _channel_block, conv_workspace_bytes
+        from .memory.kernels import CONV_BACKWARD, channel_block, conv_workspace_bytes
 
         g, slow, workspace = self.g, 0.0, 0
         last = last_convolution(seg)
@@ -557,7 +557,7 @@ class _Planner:
             w = torch.empty(conv.weight.shape, device="meta", dtype=g.dtype)
             if (
                 not conv.transposed
-                and shape[1] // conv.groups >= _channel_block()
+                and shape[1] // conv.groups >= channel_block()
                 and _conv_kernel(shape, box, w, conf).startswith("Slow")
                 and not _conv_kernel(shape, shape[2:], w, conf).startswith("Slow")
             ):
@@ -566,7 +566,7 @@ class _Planner:
                 x = torch.empty((*shape[:2], *box), device="meta", dtype=g.dtype)
                 grad = torch.empty((*out[:2], *box), device="meta", dtype=g.dtype)  # its size does not matter
                 workspace = conv_workspace_bytes(
-                    _CONV_BACKWARD,
+                    CONV_BACKWARD,
                     (grad, x, w, None, *conf[:5], conv.groups, [True, True, conv.bias is not None]),
                 )
         self._kern[key] = (slow, workspace)
@@ -1296,7 +1296,7 @@ def _check_tiles(plan: Plan) -> None:
     forward that branches on sizes is refused before the first tile rather than failing in the middle of a run.
     MONAI's UpCat pads when an odd size was halved: traced on the whole image, the pad is there for every tile."""
     from .geometry.trace import hooks_off
-    from .memory.estimate import _on_meta
+    from .memory.estimate import on_meta
 
     g = plan.graph
     if g is None:
@@ -1306,7 +1306,7 @@ def _check_tiles(plan: Plan) -> None:
             continue
         seg = sp.segment
         module = seg.module
-        with _on_meta(module, g.dtype), torch.no_grad(), hooks_off(), _ShapeOnlyNorms():
+        with on_meta(module, g.dtype), torch.no_grad(), hooks_off(), _ShapeOnlyNorms():
             for combo in itertools.product(*(_representatives(spans) for spans in sp.grid.spans)):
                 window = tuple(slice(s.in_start, s.in_stop) for s in combo)
                 args = [
