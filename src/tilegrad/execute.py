@@ -258,7 +258,12 @@ class Execution:
         with torch.enable_grad():
             z = prefix(*self._args(sp, srcs))
         nd = z.dim() - 2
-        value = self.stores[seg.out].read(tile.outputs) if seg.out in self.pending else None
+        value = None
+        if seg.out in self.pending and seg.out in self.stores:
+            value = self.stores[seg.out].read(tile.outputs)
+        elif seg.out in self.pending:  # NOTE [ Recomputed statistic inputs ]: not stored, the convolution again
+            with torch.no_grad():
+                value = conv(z.detach())[(slice(None), slice(None), *tile.crop)]
         g_core = self._out_grad(seg.out, tile.outputs, value, z.dtype)
         # one buffer for the segment's tiles, as large as the largest tile's map so far, zeroed again on reuse: a
         # fresh map per tile paid its pages' first touch every time (NOTE [ Heap growth under a budget ] in
@@ -404,8 +409,8 @@ class Execution:
                 seg = sp.segment
                 module = sp.chain
                 nin = len(seg.sources) + len(seg.globals)
-                if k < last:
-                    b = self.tiers[seg.out.name]
+                b = self.tiers.get(seg.out.name)
+                if k < last and b.tier != "recompute":  # NOTE [ Recomputed statistic inputs ]: no store
                     self.stores[seg.out] = self._store(seg.out, b.tier, zero=False)
                 whole = tuple(slice(0, n) for n in self.graph.input_shape[2:])
                 tiles = [None] if (sp.keep and training) else list(sp.grid)
@@ -438,7 +443,8 @@ class Execution:
                         outputs = tile.outputs
                     if k < last:
                         self._accumulate(seg.out, core.to(self.dtype))
-                        self.stores[seg.out].write(outputs, core.to(self.dtype))
+                        if seg.out in self.stores:
+                            self.stores[seg.out].write(outputs, core.to(self.dtype))
                     elif self.head is not None:
                         self.partials.append(tuple(p.detach() for p in self.head.partial(core)))
                     else:
