@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._allocator import trim_heap
 from ._autocast import autocast_state, replay_autocast
 from .boundary import DiskStore, Scratch, TensorStore
 from .graph import last_convolution
@@ -452,8 +453,11 @@ class Execution:
                             out = torch.empty(self.graph.shape(seg.out), dtype=core.dtype, device=core.device)
                         out[(slice(None), slice(None), *outputs)] = core
                     del srcs, y, core
+                    if not training:  # no segment-wide reuse to keep (NOTE [ Heap growth under a budget ])
+                        trim_heap()
                     if bar is not None:
                         bar.update(1 if tile is not None else len(sp.grid))
+                trim_heap()  # NOTE [ Heap growth under a budget ] in _allocator.py
                 if not training:  # free what no later segment reads
                     for s in seg.sources:
                         if s in self.stores and max(self.consumers[s]) <= k:
@@ -605,6 +609,7 @@ class Execution:
                     for b, saved in buffers:
                         b.copy_(saved)
                     del buffers
+                trim_heap()
                 # what this segment's backward completes
                 self.pending.pop(seg.out, None)
                 self.g_out_buf = None
