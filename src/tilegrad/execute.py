@@ -262,7 +262,7 @@ class Execution:
         value = None
         if seg.out in self.pending and seg.out in self.stores:
             value = self.stores[seg.out].read(tile.outputs)
-        elif seg.out in self.pending:  # NOTE [ Recomputed statistic inputs ]: not stored, the convolution again
+        elif seg.out in self.pending:  # NOTE [ Recomputed statistic inputs ]: not stored, the conv again
             with torch.no_grad():
                 value = conv(z.detach())[(slice(None), slice(None), *tile.crop)]
         g_core = self._out_grad(seg.out, tile.outputs, value, z.dtype)

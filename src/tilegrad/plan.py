@@ -855,7 +855,9 @@ class _Planner:
         cuts = frozenset(outs - self.g.forced - {self.g.output})
         recompute = frozenset(n for n in self.g.forced if n.name in _recomputed(plan))
         best = plan
-        for f in sorted(self.g.forced - recompute, key=lambda n: (-self.g.profiles[n].out_bytes, self.g.index[n])):
+        for f in sorted(
+            self.g.forced - recompute, key=lambda n: (-self.g.profiles[n].out_bytes, self.g.index[n])
+        ):
             try:
                 segments = self.g.segments(cuts, recompute | {f})
             except GeometryError:
