@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import os
 import tempfile
 import time
@@ -41,21 +40,20 @@ def part(tile: torch.Tensor, b: tuple[slice, ...]) -> torch.Tensor:
     return tile[(slice(None), slice(None), *(slice(0, s.stop - s.start) for s in b))]
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process: user + system, all threads) of ``fn()``."""
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def pread_only(store: DiskStore, size: int, box: int) -> None:
-    """The preads of a read without the transpose into (N, C, *box)."""
-    pb = store._position_bytes
+    """The preads of a read (span by span into the staging buffer) without the transpose into (N, C, *box)."""
     for b in boxes(size, box):
-        ranges = [(s.start, s.stop) for s in b]
-        _, view = store._staging(math.prod(e - a for a, e in ranges))
-        for _, _, group in store._groups(ranges):
-            for offset, start, k in group:
-                store._io(False, view[start * pb : (start + k) * pb], offset)
+        spans = list(store._spans([(s.start, s.stop) for s in b]))
+        staging = store._span_staging(spans)
+        for offset, _, count, run, step in spans:
+            store._span_io(False, staging, offset, count, run, step)
 
 
 def clones(channels: int, box: int, dtype: torch.dtype, count: int) -> None:
@@ -64,7 +62,9 @@ def clones(channels: int, box: int, dtype: torch.dtype, count: int) -> None:
         tile.clone()
 
 
-def phases(store, size: int, box: int, channels: int, dtype: torch.dtype, cold: bool) -> dict[str, float]:
+def phases(
+    store, size: int, box: int, channels: int, dtype: torch.dtype, cold: bool
+) -> dict[str, tuple[float, float]]:
     tile = torch.randn(1, channels, *[box] * NDIM).to(dtype)
 
     def write() -> None:
@@ -115,37 +115,40 @@ def main() -> None:
     print(
         f"map {shape} {args.dtype} = {format_bytes(nbytes)}, scratch in {args.scratch_dir or tempfile.gettempdir()}"
     )
-    print("| store | map | box | phase | seconds | GB/s | per box (ms) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| store | map | box | phase | seconds | GB/s | CPU seconds | GB/s of CPU time | per box (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for box in args.box:
         count = len(list(boxes(args.size, box)))
         with Scratch(args.scratch_dir, nbytes) as scratch:
             store = DiskStore(shape, dtype, scratch, "map", "cpu")
-            for phase, seconds in phases(
+            for phase, (seconds, cpu) in phases(
                 store, args.size, box, args.channels, dtype, not args.no_cold
             ).items():
                 moved = nbytes * (2 if phase == "add" else 1)  # add reads and writes the box
                 print(
                     f"| DiskStore | {args.size}^{NDIM} x {args.channels} | {box}^{NDIM} | {phase} | {seconds:.2f} | "
-                    f"{moved / seconds / 1e9:.2f} | {1000 * seconds / count:.1f} |",
+                    f"{moved / seconds / 1e9:.2f} | {cpu:.2f} | {moved / max(cpu, 1e-9) / 1e9:.2f} | "
+                    f"{1000 * seconds / count:.1f} |",
                     flush=True,
                 )
         size = args.memory_size
         memory = TensorStore((1, args.channels, *[size] * NDIM), dtype, "cpu")
         mem_bytes = args.channels * size**NDIM * itemsize
         mem_count = len(list(boxes(size, box)))
-        for phase, seconds in phases(memory, size, box, args.channels, dtype, False).items():
+        for phase, (seconds, cpu) in phases(memory, size, box, args.channels, dtype, False).items():
             moved = mem_bytes * (2 if phase == "add" else 1)
             print(
                 f"| TensorStore (cpu) | {size}^{NDIM} x {args.channels} | {box}^{NDIM} | {phase} | {seconds:.2f} | "
-                f"{moved / seconds / 1e9:.2f} | {1000 * seconds / mem_count:.1f} |",
+                f"{moved / seconds / 1e9:.2f} | {cpu:.2f} | {moved / max(cpu, 1e-9) / 1e9:.2f} | "
+                f"{1000 * seconds / mem_count:.1f} |",
                 flush=True,
             )
         memory.close()
-        seconds = timed(lambda b=box, n=mem_count: clones(args.channels, b, dtype, n))
+        seconds, cpu = timed(lambda b=box, n=mem_count: clones(args.channels, b, dtype, n))
         print(
             f"| plain copy (tensor.clone) | - | {box}^{NDIM} | clone | {seconds:.2f} | "
-            f"{mem_bytes / seconds / 1e9:.2f} | {1000 * seconds / mem_count:.1f} |",
+            f"{mem_bytes / seconds / 1e9:.2f} | {cpu:.2f} | {mem_bytes / max(cpu, 1e-9) / 1e9:.2f} | "
+            f"{1000 * seconds / mem_count:.1f} |",
             flush=True,
         )
 

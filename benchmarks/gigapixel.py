@@ -5,7 +5,8 @@ Two sub-commands (issue 11's targets):
 ``predict``: the planner's view only (no image is allocated): for each size, the predicted device peak, time ratio
 against the conventional step, host and disk bytes, with a lazy input and a 2 GiB budget; for GlobalPool("max") and
 AttentionMIL(512), with automatic tiers, with tiers="device", and a what-if with a scratch disk at 2 GB/s (the
-planner's DISK_WRITE / DISK_READ patched in this process only; this VM's disk measured 0.2 / 0.3 GB/s).
+planner's DISK_* rates patched in this process only; this VM's measured 0.7-0.9 GB/s through the page cache, 0.29 GB/s
+reading from the disk itself).
 
     python benchmarks/gigapixel.py predict --sizes 8192 16384 65536
     python benchmarks/gigapixel.py predict --configs max-disk2GBps    # the what-if alone
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -72,9 +74,11 @@ def predict(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for head_name, tiers, disk_rate in configs:
         for size in args.sizes:
-            saved = (tplan.DISK_WRITE, tplan.DISK_READ)
+            rates = ("DISK_WRITE", "DISK_READ", "DISK_ADD", "DISK_COLD_READ")
+            saved = tuple(getattr(tplan, r) for r in rates)
             if disk_rate:
-                tplan.DISK_WRITE = tplan.DISK_READ = disk_rate
+                for r in rates:
+                    setattr(tplan, r, disk_rate)
             t0 = time.perf_counter()
             try:
                 plan = tplan.plan_streaming(
@@ -85,7 +89,8 @@ def predict(args: argparse.Namespace) -> None:
             except TilegradError as e:
                 plan, err = None, str(e)
             finally:
-                tplan.DISK_WRITE, tplan.DISK_READ = saved
+                for r, v in zip(rates, saved):
+                    setattr(tplan, r, v)
             secs = time.perf_counter() - t0
             label = tiers + (" (what-if disk 2 GB/s)" if disk_rate else "")
             if plan is None:
@@ -157,6 +162,40 @@ def write_slide(path: Path, size: int, seed: int = 0) -> None:
             out[:, y : y + h, :] = (base - noise * tissue).astype(np.uint8)
 
 
+def _time_disk_io() -> dict:
+    """Wrap DiskStore's read / write / add to add up their calls, bytes, wall and CPU seconds (the disk term of the
+    planner's cost model, measured inside the step)."""
+    from tilegrad.boundary import DiskStore
+
+    totals: dict = {}
+
+    def wrap(name: str):
+        inner = getattr(DiskStore, name)
+
+        def timed(self, box, *rest):
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = inner(self, box, *rest)
+            t = totals.setdefault(name, {"calls": 0, "bytes": 0, "seconds": 0.0, "cpu_seconds": 0.0})
+            t["calls"] += 1
+            t["bytes"] += (
+                self.nbytes
+                // max(1, math.prod(self.shape[2:]))
+                * math.prod(
+                    (s.stop if s.stop is not None else n) - (s.start or 0)
+                    for s, n in zip(box, self.shape[2:])
+                )
+            )
+            t["seconds"] += time.perf_counter() - t0
+            t["cpu_seconds"] += time.process_time() - c0
+            return out
+
+        setattr(DiskStore, name, timed)
+
+    for name in ("read", "write", "add"):
+        wrap(name)
+    return totals
+
+
 def run_step(method: str, path: str, size: int, head_name: str, budget: str, tiers: str) -> dict:
     import numpy as np
     import torch
@@ -174,6 +213,7 @@ def run_step(method: str, path: str, size: int, head_name: str, budget: str, tie
     trunk.zero_grad(set_to_none=True)
     head.zero_grad(set_to_none=True)
     plan = None
+    io = _time_disk_io()
     if method == "streamed":
         body = tilegrad.StreamingModule(trunk, tile_size="auto", memory_budget=budget, head=head, tiers=tiers,
                                         progress=False)  # fmt: skip
@@ -204,6 +244,8 @@ def run_step(method: str, path: str, size: int, head_name: str, budget: str, tie
         "predicted_peak": plan.peak_bytes if plan else None,
         "predicted_ratio": plan.time_ratio if plan else None,
         "plan": str(plan) if plan else None,
+        "disk_io": io,
+        "predicted_parts": plan.time_parts if plan else None,
         "grad_norm": float(
             sum(p.grad.square().sum() for p in trunk.parameters() if p.grad is not None) ** 0.5
         ),
@@ -250,6 +292,12 @@ def measure(args: argparse.Namespace) -> None:
         )  # fmt: skip
         if row["plan"]:
             print("    " + row["plan"].replace("\n", "\n    "), flush=True)
+        for op, t in sorted(row.get("disk_io", {}).items()):
+            print(
+                f"    disk {op}: {t['calls']} calls, {t['bytes'] / 2**30:.2f} GiB, {t['seconds']:.1f} s "
+                f"(CPU {t['cpu_seconds']:.1f} s), {t['bytes'] / max(t['seconds'], 1e-9) / 1e9:.2f} GB/s",
+                flush=True,
+            )
         if args.json:
             with args.json.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -264,6 +312,14 @@ def measure(args: argparse.Namespace) -> None:
             f"{base:.3f} s/MP (median of {len(conv)}): measured x{s['s_per_mp'] / base:.2f} "
             f"(CPU time x{s['cpu_s_per_mp'] / base_cpu:.2f}), predicted x{s['predicted_ratio']:.2f}; "
             f"peak {format_bytes(s['peak_bytes'])} under {args.budget}"
+        )
+        mp = args.size * args.size / 1e6
+        io_wall = sum(t["seconds"] for t in s["disk_io"].values())
+        io_cpu = sum(t["cpu_seconds"] for t in s["disk_io"].values())
+        print(
+            f"disk IO inside the streamed step: {io_wall:.1f} s wall, {io_cpu:.1f} s CPU = "
+            f"{io_wall / (base * mp):.3f} (wall) / {io_cpu / (base_cpu * mp):.3f} (CPU) of a conventional step at "
+            f"{args.size}^2 (from its s/MP); predicted disk part {s['predicted_parts'].get('disk', 0):.3f}"
         )
 
 

@@ -445,6 +445,8 @@ def check(row: Row, side: int | None = None) -> Row:
     try:
         with _deadline(SECONDS):
             params, refusal, found = on_meta(row, shape)
+            if row.side > shape[2]:  # the model refused that size in its own forward (:func:`_accepted`)
+                shape = (*shape[:2], *(row.side,) * row.ndim)
             if params is not None and params > MAX_PARAMS:
                 row.status, row.message = "not run", _too_large(params)
             elif refusal is not None:
@@ -477,6 +479,8 @@ def on_meta(
     params = float(sum(p.numel() for p in meta.parameters()))
     if params > MAX_PARAMS:
         return params, None, None
+    shape = _accepted(meta, shape)
+    row.side = shape[2] if shape[2] > (row.side or SIDE[row.ndim]) else row.side
     try:
         trunk, _ = streamable_part(meta)
         shape, tile, plan = _tile(trunk, shape, max(16, shape[2] * 2 // 3))
@@ -486,6 +490,24 @@ def on_meta(
     except Exception:  # meta tensors cannot do everything: the real run says what happens
         return params, None, None
     return params, None, (shape, tile, slow)
+
+
+def _accepted(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape``, or the shape with the smallest larger side (in steps of 32, up to MAX_PIXELS) on which the plain
+    model runs (on the meta device: nothing is computed), when it refuses ``shape`` itself: timm's Inception-v3,
+    -v4 and Inception-ResNet-v2 need at least 75 px, and timm has no ``min_input_size`` for them (torchvision
+    has its weights' ``min_size``, :func:`_tv_min_side`)."""
+    ndim = len(shape) - 2
+    side = shape[2]
+    while math.prod((side,) * ndim) <= MAX_PIXELS[ndim]:
+        try:
+            with torch.no_grad():
+                model(torch.empty((*shape[:2], *(side,) * ndim), device="meta", dtype=torch.float64))
+        except Exception:  # the model's own forward: too small for it, or something the meta device cannot do
+            side += 32
+            continue
+        return (*shape[:2], *(side,) * ndim)
+    return shape  # no size it accepts here: the check says what fails at the first one
 
 
 def _too_slow(trunk: nn.Module, shape: tuple[int, ...], tile: int) -> str:

@@ -90,7 +90,12 @@ def run_one(method: str, bn: str, size: int, budget: int | None, profile: bool) 
 
         profiler.disable()
         out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
+        stats = pstats.Stats(profiler, stream=out)
+        stats.sort_stats("tottime").print_stats(30)
+        reads = [(nc, ct) for (f, _, name), (_, nc, _, ct, _) in stats.stats.items()  # type: ignore[attr-defined]
+                 if f.endswith("boundary.py") and name == "read"]  # fmt: skip
+        print(f"boundary store reads: {sum(n for n, _ in reads)} calls, {sum(t for _, t in reads):.3f} s cumulative",
+              file=out)  # fmt: skip
         print(out.getvalue(), file=sys.stderr)
     return {
         "method": method,

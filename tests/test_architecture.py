@@ -240,3 +240,57 @@ def test_architecture_md_shows_the_same_layers():
     shown = [line.split() for line in block.group(1).strip().splitlines()]
     expected = [[f"{name}:", *" | ".join(" ".join(g) for g in groups).split()] for name, groups in LAYERS]
     assert shown == expected
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_members() -> dict[str, set[str]]:
+    """Private members of tilegrad's classes (methods, ``self._x = ...``, class-level names) -> defining modules."""
+    found: dict[str, set[str]] = {}
+    for name, (path, _) in _modules().items():
+        for cls in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(cls, ast.ClassDef):
+                continue
+            for node in ast.walk(cls):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _private(node.name):
+                    found.setdefault(node.name, set()).add(name)
+                elif (
+                    isinstance(node, ast.Attribute)
+                    and isinstance(node.ctx, ast.Store)
+                    and _private(node.attr)
+                ):
+                    found.setdefault(node.attr, set()).add(name)
+                elif (
+                    isinstance(node, ast.AnnAssign)
+                    and isinstance(node.target, ast.Name)
+                    and _private(node.target.id)
+                ):
+                    found.setdefault(node.target.id, set()).add(name)
+    return found
+
+
+def test_no_module_uses_another_modules_private_names():
+    # a name with a leading underscore is its module's own: another module that needs it gets a public name for it
+    # in the module that owns it (plan.py once imported memory/kernels.py's _backend and _channel_block, execute.py
+    # called graph.py's Segment._native)
+    members = _private_members()
+    wrong = []
+    for name, (path, is_package) in sorted(_modules().items()):
+        package = name if is_package else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                source = (
+                    ".".join(p for p in (base, node.module or "") if p) if node.level else node.module or ""
+                )
+                if source == "tilegrad" or source.startswith("tilegrad."):
+                    wrong += [f"{name}:{node.lineno} imports {a.name} from {source}" for a in node.names
+                              if _private(a.name)]  # fmt: skip
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and _private(node.attr):
+                owners = members.get(node.attr, set())
+                self_like = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+                if owners and name not in owners and not self_like:
+                    wrong.append(f"{name}:{node.lineno} uses {ast.unparse(node)} ({sorted(owners)}'s own)")
+    assert not wrong, "\n".join(wrong)

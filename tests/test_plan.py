@@ -220,3 +220,26 @@ def test_cuts_at_residual_block_outputs_are_candidates_and_exact():
     stage = {n.name for n in streamed.last_plan.graph.stage_candidates}
     cuts = [s.segment.out.name for s in streamed.last_plan.segments[:-1]]
     assert any(c not in stage for c in cuts), str(streamed.last_plan)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_disk_reads_cost_a_copy_from_the_page_cache_and_the_disk_beyond_it(monkeypatch, cached):
+    # NOTE [ Page cache ]: with a cache larger than every store each read costs DISK_READ; with none, DISK_COLD_READ;
+    # writes and adds cost the same either way (a gradient's first adds read unwritten blocks). Counted by hand for a
+    # chain of segments: the producer writes its output, its reader reads it in the forward and again in the
+    # backward (unless kept), adds into its gradient, and the producer reads that gradient.
+    import tilegrad.plan as tplan
+
+    monkeypatch.setattr(tplan, "PAGE_CACHE", 2**50 if cached else 0)
+    plan = tilegrad.plan_streaming(conv_net_2d(), (1, 3, 256, 256), tile_size=64, mode="stages", tiers="disk")
+    assert len(plan.boundaries) >= 2 and {b.tier for b in plan.boundaries} == {"disk"}
+    read = tplan.DISK_READ if cached else tplan.DISK_COLD_READ
+    expected = 0.0
+    for k, b in enumerate(plan.boundaries):  # b: the output of segment k, read by segment k + 1
+        reader = plan.segments[k + 1]
+        assert [s.name for s in reader.segment.sources] == [b.name]
+        share = 1.0 if reader.keep else reader.overlap
+        expected += b.nbytes / tplan.DISK_WRITE + b.nbytes * share / read  # forward
+        expected += (0 if reader.keep else b.nbytes * share / read) + b.nbytes * share / tplan.DISK_ADD
+        expected += b.nbytes / read  # the producer's backward reads the gradient
+    assert plan.time_parts["disk"] * plan.conventional_seconds == pytest.approx(expected, rel=1e-9)

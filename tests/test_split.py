@@ -11,6 +11,7 @@ from torch import nn
 
 import tilegrad
 from tilegrad import ConfigError
+from tilegrad.split import streamable_part
 
 # (case, factory, input shape)
 MONAI_CASES = [
@@ -68,6 +69,36 @@ def test_split_model_resnet_vgg_densenet_sequential():
     assert len(trunk) == 1 and torch.allclose(head(trunk(x)), seq(x))
     with pytest.raises(ConfigError, match="expected the name of one of its children"):
         tilegrad.split_model(seq, at="nope")
+
+
+class _PoolingInside(nn.Module):
+    """A dense network whose only global pooling sits inside a block (a squeeze-excitation gate), no head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 4, 1), nn.Sigmoid())
+        self.out = nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.out(x * self.gate(x))
+
+
+def test_a_model_without_a_head_among_its_children_is_streamed_whole():
+    # torchvision's DeepLabV3 (the ASPP pooling branch) and the transformers were refused with "cannot split ... at
+    # None": streamed whole, the refusal names the layer that cannot stream; this one streams
+    model = _PoolingInside()
+    with pytest.raises(ConfigError, match=r"none of its children is a head layer.*pass at="):
+        tilegrad.split_model(model)
+    trunk, head = streamable_part(model)
+    assert trunk is model and head is None
+    tilegrad.plan_streaming(model, (1, 3, 64, 64), tile_size=32, mode="stages")
+    deeplab = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None
+    )
+    with pytest.raises(tilegrad.NotStreamableError, match=r"inside 'classifier.0' \(ASPP\)"):
+        tilegrad.plan_streaming(streamable_part(deeplab)[0], (1, 3, 64, 64), tile_size=32)
 
 
 timm = pytest.importorskip("timm")

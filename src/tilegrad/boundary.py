@@ -56,8 +56,13 @@ __all__ = ["Box", "DiskStore", "Scratch", "Store", "TensorStore", "remove_stale_
 # tile (in the backward, its gradient: the tiles of the later segment *add* into overlapping boxes). The planner puts
 # each one in a tier:
 #
-# * "device": a tensor on the compute device. Reads are a copy of the box (never a view, so a caller cannot alter
-#   the store by accident); nothing moves between memories.
+# * "device": a tensor on the compute device. Reads are a copy of the box, so a caller cannot alter the store by
+#   accident; nothing moves between memories. A caller that only reads may ask for the store's own memory instead
+#   (``read(box, shared=True)``): a box that is contiguous in the map (the whole map, as a one-tile segment reads its
+#   sources; whole rows of the first spatial dim when N and C are 1) is then returned as a view, without the copy (2.2 s
+#   of a 46 s EfficientNet-B0 step went into copying whole maps, BENCHMARKS.md). Writing into such a view would
+#   change the map under every later reader, so the store remembers its tensor's version counter after each of its
+#   own writes and adds and refuses to be read once anything else has written into it.
 # * "host": when computing on CUDA, a tensor in pinned host memory. A read gathers the box into a pinned staging
 #   buffer and copies it to the device with non_blocking=True, so the transfer overlaps whatever the device is still
 #   computing; the staging buffer is the transfer's own (PyTorch's pinned allocator keeps it until the copy is
@@ -109,8 +114,9 @@ class Store(Protocol):
     nbytes: int
     tier: str  # "device" | "host" | "disk"
 
-    def read(self, box: Box) -> torch.Tensor:
-        """The box as a new contiguous ``(N, C, *box)`` tensor on the compute device."""
+    def read(self, box: Box, *, shared: bool = False) -> torch.Tensor:
+        """The box as a contiguous ``(N, C, *box)`` tensor on the compute device: a new one, or, with ``shared``
+        (the caller only reads it and never writes into it), possibly the store's own memory."""
         ...
 
     def write(self, box: Box, value: torch.Tensor) -> None:
@@ -175,6 +181,12 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.type != "cuda" or norm(a) == norm(b))
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """The version counter of ``t`` (shared by its views, bumped by every in-place write), or None for a tensor
+    made under torch.inference_mode, which has none."""
+    return None if t.is_inference() else t._version
+
+
 class TensorStore:
     """A boundary tensor in memory: on the compute device (tier ``"device"``), or, with ``device="cpu"`` and a CUDA
     ``compute_device``, in pinned host memory (tier ``"host"``) from which reads are copied with non_blocking=True.
@@ -215,19 +227,31 @@ class TensorStore:
             self.shape, dtype=dtype, device=self.device, pin_memory=self._pinned
         )
         self.nbytes = self._data.numel() * self._data.element_size()
+        self._version = _version(self._data)  # NOTE [ Storage tiers ]: written only by write() and add()
 
     def _view(self, box: Box) -> tuple[torch.Tensor, tuple[int, ...]]:
         if self._data is None:
             raise WriterStateError(
                 f"this {self.tier} store {self.shape} was closed: it cannot be read or written"
             )
+        if _version(self._data) != self._version:
+            raise WriterStateError(
+                f"this {self.tier} store {self.shape} was written through a view that read(shared=True) returned: "
+                "its map is no longer what its writer stored. A caller of read(shared=True) must not write into "
+                "the result; copy it first (read without shared=True)"
+            )
         ranges = _ranges(box, self.shape[2:])
         view = self._data[(slice(None), slice(None), *(slice(a, b) for a, b in ranges))]
         return view, tuple(view.shape)
 
-    def read(self, box: Box) -> torch.Tensor:
+    def read(self, box: Box, *, shared: bool = False) -> torch.Tensor:
+        """The box as a contiguous ``(N, C, *box)`` tensor on the compute device. A copy, unless ``shared`` and the
+        store is on the compute device and the box is contiguous in it: then a view of the store's own memory,
+        which the caller must not write into (NOTE [ Storage tiers ])."""
         view, _ = self._view(box)
         if not self._pinned:
+            if shared and self.tier == "device" and view.is_contiguous():
+                return view
             return view.to(self.compute_device).clone(memory_format=torch.contiguous_format)
         staging = torch.empty(view.shape, dtype=self.dtype, pin_memory=True)
         staging.copy_(view)  # a copy of its own: later writes to the store cannot race with the transfer
@@ -237,11 +261,13 @@ class TensorStore:
         view, expected = self._view(box)
         value = _check_value(value, expected, self.dtype, box)
         view.copy_(value)
+        self._version = _version(view)
 
     def add(self, box: Box, value: torch.Tensor) -> None:
         view, expected = self._view(box)
         value = _check_value(value, expected, self.dtype, box)
         view.add_(value.to(self.device))
+        self._version = _version(view)
 
     def close(self) -> None:
         self._data = None
@@ -473,7 +499,9 @@ class DiskStore:
         """``value`` (N, C, *box) as a contiguous CPU (N*C, positions) tensor."""
         return value.detach().cpu().contiguous().view(self._nc, positions)
 
-    def read(self, box: Box) -> torch.Tensor:
+    def read(self, box: Box, *, shared: bool = False) -> torch.Tensor:
+        """The box as a new contiguous ``(N, C, *box)`` tensor on the compute device (``shared`` changes nothing
+        here: the box is always read from the file)."""
         ranges, sizes = self._prepare(box)
         positions, pb = math.prod(sizes), self._position_bytes
         if not self._fused:  # the whole box in file layout, transposed on the compute device

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError
-from .reversible import _frozen_buffers
+from .reversible import frozen_buffers
 
 __all__ = ["CheckpointedSequential", "checkpoint_sequential"]
 
@@ -77,7 +77,7 @@ def _recompute_context(
     ``num_batches_tracked``) whenever it runs, so plain ``torch.utils.checkpoint`` updates them twice per step. The
     recomputation uses batch statistics, so restoring the buffers after it changes no value.
     """
-    return contextlib.nullcontext(), _frozen_buffers(layers)
+    return contextlib.nullcontext(), frozen_buffers(layers)
 
 
 def checkpoint_sequential(module: nn.Sequential, segments: int) -> CheckpointedSequential:

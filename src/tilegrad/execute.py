@@ -122,10 +122,14 @@ class Execution:
         index = self.graph.index
         # a whole piece computes its statistics itself (NOTE [ Whole pieces ] in graph.py)
         inside = self.graph.inside_pieces([sp.segment for sp in plan.segments])
-        # reductions of layers a whole piece calls itself (Segment._native): the layer updates its running
+        # reductions of layers a whole piece calls itself (Segment.native_layers): the layer updates its running
         # statistics there, so the engine does not when a streamed segment needs the same statistic too
         self.native = {
-            r for sp in plan.segments if sp.segment.whole for r, p in sp.segment._native().items() if not p
+            r
+            for sp in plan.segments
+            if sp.segment.whole
+            for r, p in sp.segment.native_layers.items()
+            if not p
         }
         items = [(index[sp.segment.out], "segment", k) for k, sp in enumerate(plan.segments)]
         items += [(index[r], "reduction", r) for r in self.graph.reductions if r not in inside]
@@ -162,7 +166,9 @@ class Execution:
         box = self.graph.source_box(node, window)
         if node is self.graph.input:
             return self.reader.read(box)
-        return self.stores[node].read(box)
+        # only read: a source the segment writes into in place is copied first (_args), so a one-tile segment
+        # reads the whole map without a copy (NOTE [ Storage tiers ] in boundary.py)
+        return self.stores[node].read(box, shared=True)
 
     def close(self) -> None:
         self.kept.clear()

@@ -49,7 +49,7 @@ boundary store per convolution (on disk when the budget is tight) and the statis
 (plan.py ``wholes``) therefore turns a run of consecutive one-tile segments into one *whole piece*
 (``TrunkGraph.whole``): the cone of the run's last output over the run's sources, statistics included, run on the
 whole map with its graph kept from the forward to its backward (NOTE [ Kept segments ] in execute.py). Inside it a
-normalisation is the layer itself (``Segment._native``: BatchNorm updates its running statistics as in the
+normalisation is the layer itself (``Segment.native_layers``: BatchNorm updates its running statistics as in the
 conventional step) and a squeeze-excitation pool a mean over the whole map, so autograd does the backward's
 reductions; its saved bytes are the layers', not the rewritten reductions'. A run is not one piece
 when a tensor or a statistic it keeps inside is read by a segment after it, nor when a statistic is inside two pieces
@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
@@ -77,7 +78,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import GeometryError, NotStreamableError
 from .geometry import DimGeometry, Geometry
-from .geometry.trace import _trace, propagate, trunk_output
+from .geometry.trace import propagate, trace_graph, trunk_output
 from .statistics import apply_norm, is_reduction, rewrite_statistics
 
 __all__ = ["Segment", "TrunkGraph", "last_convolution"]
@@ -101,10 +102,37 @@ def _mutated(node: torch.fx.Node, root: nn.Module) -> torch.fx.Node | None:
     elif node.op == "call_method":
         inplace = node.target.endswith("_") and not node.target.endswith("__")
     elif node.op == "call_function":
-        inplace = node.target in _INPLACE_FUNCTIONS or bool(node.kwargs.get("inplace", False))
+        name = getattr(node.target, "__name__", "")
+        inplace = (
+            node.target in _INPLACE_FUNCTIONS
+            or (name.endswith("_") and not name.endswith("__"))  # torch.relu_, F.relu_
+            or _inplace_argument(node)
+        )
     else:
         inplace = False
     return node.args[0] if inplace else None
+
+
+def _inplace_argument(node: torch.fx.Node) -> bool:
+    """Whether a function is called with ``inplace=True``, by keyword or by position (``F.relu(x, True)``)."""
+    if "inplace" in node.kwargs:
+        return bool(node.kwargs["inplace"])
+    signature = _signature(node.target)
+    if signature is None or "inplace" not in signature.parameters:
+        return False
+    try:
+        bound = signature.bind(*node.args, **node.kwargs)
+    except TypeError:  # arguments it would not take: its own error when it runs
+        return False
+    return bool(bound.arguments.get("inplace", False))
+
+
+@functools.cache
+def _signature(function: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin without one
+        return None
 
 
 @dataclass
@@ -208,7 +236,7 @@ class Segment:
             env[s] = new.placeholder(f"source_{k}")
         for k, s in enumerate(self.globals):
             env[s] = new.placeholder(f"global_{k}")
-        native = self._native() if self.whole else {}
+        native = self.native_layers if self.whole else {}
         for n in self.nodes:
             if n in native:  # NOTE [ Whole pieces ]: the layer itself on the whole map
                 if native[n] is not None:
@@ -218,9 +246,14 @@ class Segment:
         new.output(env[self.out])
         return torch.fx.GraphModule(g.gm, new)
 
-    def _native(self) -> dict[torch.fx.Node, str | None]:
-        """NOTE [ Whole pieces ]: the reduction + apply pairs of a whole piece that are one layer of the trunk (a
-        normalisation rewritten by ``rewrite_statistics``): apply -> the layer's path, reduction -> None (dropped)."""
+    @functools.cached_property
+    def native_layers(self) -> dict[torch.fx.Node, str | None]:
+        """The reduction + apply pairs among the segment's nodes that are one layer of the trunk (a normalisation
+        rewritten by ``rewrite_statistics``): apply node -> the layer's module path, reduction node -> None.
+
+        A whole piece (NOTE [ Whole pieces ]) calls such a layer itself on the whole map instead of the pair, so the
+        layer computes its statistics and updates its running ones as in the conventional step; the engine then
+        leaves those reductions to it. Computed once per segment (its nodes do not change)."""
         members = set(self.nodes)
         out: dict[torch.fx.Node, str | None] = {}
         for r in self.nodes:
@@ -253,7 +286,7 @@ class TrunkGraph:
         self.input_shape = tuple(int(s) for s in input_shape)
         self.ndim = len(self.input_shape) - 2
         self.dtype = dtype
-        graph = _trace(module, self.ndim, self.input_shape)
+        graph = trace_graph(module, self.ndim, self.input_shape)
         self.gm = torch.fx.GraphModule(module, graph)
         graph = self.gm.graph
         self.rewritten = rewrite_statistics(self.gm, self.ndim) > 0

@@ -23,8 +23,9 @@ One number per plan, ``time_ratio``: predicted time of a training step over that
   input); below it the native unfold kernel costs ``SLOW_CONV`` times as much per output (16->32 and 64->128 3D
   convolutions: 2.5-3.3x measured). A convolution that the whole image runs on oneDNN and a tile's box (the window
   over its input's scale) does not has its FLOPs counted ``SLOW_CONV`` times in that segment's passes;
-* disk: bytes written and read by boundaries on the disk tier at ``DISK_WRITE`` / ``DISK_READ`` bytes per second
-  (sources are read once per tile, overlap included; gradients are read-modify-written).
+* disk: bytes written, read and added into by boundaries on the disk tier at ``DISK_WRITE``, ``DISK_READ`` (from
+  the page cache) or ``DISK_COLD_READ`` (from the disk), and ``DISK_ADD`` bytes per second (sources are read once
+  per tile, overlap included; gradients are read-modify-written): NOTE [ Page cache ].
 Statistics (NOTE [ Streamed statistics ] in statistics.py) cost no pass of the segments: they are accumulated from
 the cores their input's segment writes, and their gradient is added in that segment's backward; their own work (a
 sum and a variance of each core, the gradient's share) is ``STAT_TRAFFIC`` times their input's bytes at
@@ -33,6 +34,21 @@ machine's (a CPU core pair, float32); a ratio only needs them in the right propo
 memory is a sweep over the steps of a training step (forward over segments, backward in reverse): the parameters
 and their gradients, the input (if in memory), the boundaries and boundary gradients alive on the device at that
 step, and the step's tile working set (NOTE [ Tile memory ]). Host and disk bytes are reported, not budgeted.
+
+NOTE [ Page cache ]
+A boundary on the disk tier is written by its producer and read back soon after (its readers' forward, their
+backward's recomputation, its gradient by the producer's backward): while the files fit in the memory the machine
+has free, the kernel's page cache serves those reads, which then cost a copy (``DISK_READ``) rather than the disk
+(``DISK_COLD_READ``, 2.4x slower in wall time on this machine). Which reads the cache serves is decided like an LRU
+cache of ``page_cache_bytes`` (the available memory less the budget): the step's touches of disk-tier stores are
+listed in order (forward, then backward in reverse), and a read of a store is served from the cache when that
+store plus every live store touched since its last touch (half of those touched in the same step: tiles
+interleave them) fit. A tile-order scan of a store larger than the cache therefore misses everywhere (LRU under a
+sequential scan), as a 64 GiB layer1 map at 65536^2 does. A gradient store is freed after its producer's backward;
+its first adds read unwritten (zero) blocks, which costs no disk read. Writes go to the cache and are written back
+in the background: the model does not charge the disk's write bandwidth (0.15-0.3 GB/s here), which a plan writing
+faster than that for minutes would hit. Fitted on one machine (23 GiB of RAM, a virtual disk): rates and cache size
+are this machine's.
 
 NOTE [ Tile memory ]
 A tile's working set is the sources it reads, what autograd saves while it is recomputed (the segment's saved bytes
@@ -108,11 +124,18 @@ BYTE_RATE = 2.2e9
 # and backward)
 TILE_SECONDS = 0.002
 NODE_SECONDS = 1e-4
-# bytes/s of a DiskStore, measured by benchmarks/boundary_io.py (BENCHMARKS.md, "Boundary storage"): writes
-# 0.13-0.27, reads 0.34-0.45 from the page cache and 0.06-0.3 from the disk; 3D tile boxes since they move a span
-# at a time (NOTE [ Storage tiers ]): writes 0.3-0.7, reads 0.6-1.1, adds 0.4-0.7 (16-32 channels, 24^3-50^3 boxes)
-DISK_WRITE = 0.3e9
-DISK_READ = 0.6e9
+# bytes/s of a DiskStore (NOTE [ Page cache ]), measured by benchmarks/boundary_io.py on this machine (BENCHMARKS.md,
+# "Boundary storage": a 4 GiB map of 64 channels in 512^2 and 1024^2 boxes, load 2-3): a write into the page cache
+# 0.8-1.0; a read from it 0.6-0.9 (into a fresh tensor, whose pages fault on first touch); an add (read-modify-write
+# through a staging buffer that stays in the CPU cache) 1.0-1.3 of the box's bytes; a read from the disk itself 0.29
+# (0.5 in CPU time). Earlier figures (0.13-0.27 written, under a load of 9-18) had set these 3-5x lower.
+DISK_WRITE = 0.9e9
+DISK_READ = 0.7e9
+DISK_ADD = 1.1e9
+DISK_COLD_READ = 0.29e9
+# bytes of page cache the scratch files may use (NOTE [ Page cache ]); None: the machine's available memory
+# (MemAvailable) when planning, less the memory budget, rounded down to whole GiB
+PAGE_CACHE: int | None = None
 # passes a streamed statistic makes over its input, in units of its input's bytes (NOTE [ Streamed statistics ] in
 # statistics.py): forward, the partials (a float64-accumulated sum, a variance); training adds the backward's share
 # of the gradient (one multiply-add into the gradient read from the store, and that gradient's read); an estimate
@@ -128,6 +151,21 @@ FORWARD_TRANSIENT = 2.0  # no-grad forward working set, in units of the largest 
 BUDGET_SAFETY = 0.8  # share of a user budget the planner plans for (the rest: allocator slack)
 FIXED_TILE_EXTRA = 0.5  # NOTE [ Tile memory ]: extra room of a fixed tile without budget, in tiles
 TIERS = ("auto", "device", "host", "disk", "recompute")
+
+
+def page_cache_bytes(budget: int | None) -> int:
+    """Bytes of page cache the scratch files of a step may use (NOTE [ Page cache ]): ``PAGE_CACHE`` if set, else
+    the machine's available memory (MemAvailable, which counts the page cache the kernel can reclaim) less the
+    memory budget, rounded down to whole GiB so that plans do not change with every page; 0 where it cannot be read."""
+    if PAGE_CACHE is not None:
+        return PAGE_CACHE
+    try:
+        with open("/proc/meminfo") as fh:
+            kib = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0
+    free = max(0, kib * 1024 - (budget or 0))
+    return free // 2**30 * 2**30
 
 
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
@@ -346,10 +384,10 @@ def _balanced_dim(dim: Any, align: int, in_len: int, out_len: int, tile: int, ax
 def _conv_kernel(shape: Sequence[int], spatial: Sequence[int], w: torch.Tensor, conf: tuple) -> str:
     """The name of the CPU kernel PyTorch selects for a convolution (weight ``w``, ``conf``: stride, padding,
     dilation, transposed, output padding, groups) on an input of ``shape`` cropped to ``spatial``."""
-    from .memory.kernels import _backend
+    from .memory.kernels import select_conv_backend
 
     x = torch.empty((*shape[:2], *spatial), device="meta", dtype=w.dtype)
-    b = _backend(x, w, *conf)
+    b = select_conv_backend(x, w, *conf)
     return b.name if hasattr(b, "name") else str(b)
 
 
@@ -376,8 +414,10 @@ class _Planner:
         head: str | None,
         tiers: str,
         batch_tiles: int,
+        page_cache: int | None = None,
     ):
         self.g = graph
+        self.page_cache = page_cache_bytes(None) if page_cache is None else page_cache
         self.training = training
         self.input_in_memory = input_in_memory
         self.input_grad = input_grad
@@ -399,6 +439,7 @@ class _Planner:
         self._options: dict[tuple, list[SegmentPlan]] = {}
         self._leaner_of: dict[int, list[int | None]] = {}  # by id of a cached options list
         self._kern: dict[tuple, tuple[float, int]] = {}
+        self._touches: dict[tuple, list[tuple[int, int, bool, float]]] = {}
         self.errors: list[str] = []
 
     # -- one segment at one tile ----------------------------------------------------------------------------
@@ -489,7 +530,7 @@ class _Planner:
         key = (id(seg), window)
         if key in self._kern:
             return self._kern[key]
-        from .memory.kernels import _CONV_BACKWARD, _channel_block, conv_workspace_bytes
+        from .memory.kernels import CONV_BACKWARD, channel_block, conv_workspace_bytes
 
         g, slow, workspace = self.g, 0.0, 0
         last = last_convolution(seg)
@@ -509,7 +550,7 @@ class _Planner:
             w = torch.empty(conv.weight.shape, device="meta", dtype=g.dtype)
             if (
                 not conv.transposed
-                and shape[1] // conv.groups >= _channel_block()
+                and shape[1] // conv.groups >= channel_block()
                 and _conv_kernel(shape, box, w, conf).startswith("Slow")
                 and not _conv_kernel(shape, shape[2:], w, conf).startswith("Slow")
             ):
@@ -518,7 +559,7 @@ class _Planner:
                 x = torch.empty((*shape[:2], *box), device="meta", dtype=g.dtype)
                 grad = torch.empty((*out[:2], *box), device="meta", dtype=g.dtype)  # its size does not matter
                 workspace = conv_workspace_bytes(
-                    _CONV_BACKWARD,
+                    CONV_BACKWARD,
                     (grad, x, w, None, *conf[:5], conv.groups, [True, True, conv.bias is not None]),
                 )
         self._kern[key] = (slow, workspace)
@@ -699,23 +740,77 @@ class _Planner:
         }
 
     def disk_seconds(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:
-        """Seconds of boundary IO on the disk tier (NOTE [ Cost model ])."""
-        seconds = 0.0
+        """Seconds of boundary IO on the disk tier (NOTE [ Cost model ], NOTE [ Page cache ])."""
+        return sum(
+            nbytes * (segs[k].overlap if tiled else 1.0) / rate
+            for k, nbytes, tiled, rate in self._disk_touches(segs, bounds)
+        )
+
+    def _disk_touches(
+        self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]
+    ) -> list[tuple[int, int, bool, float]]:
+        """NOTE [ Page cache ]: the step's touches of disk-tier stores, each as (segment, store bytes, whether the
+        segment's overlap multiplies them, bytes/s). Cached per cut set, tiers and kept segments: which reads the
+        page cache serves does not depend on the tiles."""
+        key = (tuple(id(sp.segment) for sp in segs), tuple((b.tier, b.grad_tier) for b in bounds),
+               tuple(sp.keep for sp in segs))  # fmt: skip
+        if key in self._touches:
+            return self._touches[key]
         by_node = {b.name: b for b in bounds}
-        for sp in segs:
+        steps: list[tuple[int, list[tuple[tuple[str, str], int, bool, str]], tuple[str, str] | None]] = []
+        for k, sp in enumerate(segs):  # forward: read the sources' boxes, write the output's cores
+            touch = [(("map", s.name), b.nbytes, not sp.keep, "read") for s in sp.segment.sources
+                     if (b := by_node.get(s.name)) is not None and b.tier == "disk"]  # fmt: skip
             out = by_node.get(sp.segment.out.name)
             if out is not None and out.tier == "disk":
-                seconds += out.nbytes / DISK_WRITE + (out.nbytes / DISK_READ if self.training else 0)
-            for s in sp.segment.sources:
-                b = by_node.get(s.name)
-                if b is None:
+                touch.append((("map", out.name), out.nbytes, False, "write"))
+            steps.append((k, touch, None))
+        # backward, in reverse: the sources again (recomputation, unless kept), the output's gradient, the sources'
+        if self.training:
+            for k in reversed(range(len(segs))):
+                sp = segs[k]
+                touch = (
+                    [] if sp.keep else [(key_, n, True, op) for key_, n, _, op in steps[k][1] if op == "read"]
+                )
+                out = by_node.get(sp.segment.out.name)
+                if out is not None and out.grad_tier == "disk":
+                    touch.append((("grad", out.name), out.nbytes, False, "read"))
+                touch += [(("grad", s.name), b.nbytes, not sp.keep, "add") for s in sp.segment.sources
+                          if (b := by_node.get(s.name)) is not None and b.grad_tier == "disk"]  # fmt: skip
+                # a gradient's store is freed after its producer's backward (NOTE [ Streamed execution ])
+                steps.append((k, touch, ("grad", out.name) if out is not None else None))
+        cache = self.page_cache
+        size: dict[tuple[str, str], int] = {}
+        last: dict[tuple[str, str], int] = {}  # step of each live store's last touch
+        out_touches: list[tuple[int, int, bool, float]] = []
+        for i, (k, touch, freed) in enumerate(steps):
+            now = {key_ for key_, *_ in touch}
+            for key_, nbytes, tiled, op in touch:
+                size[key_] = nbytes
+                if op == "write":
+                    out_touches.append((k, nbytes, tiled, DISK_WRITE))
                     continue
-                read = b.nbytes * sp.overlap
-                if b.tier == "disk":
-                    seconds += read / DISK_READ * (2 if self.training and not sp.keep else 1)
-                if self.training and b.grad_tier == "disk":
-                    seconds += read / DISK_READ + read / DISK_WRITE
-        return seconds
+                if op == "add":
+                    out_touches.append((k, nbytes, tiled, DISK_ADD))
+                if key_ not in last:  # a gradient's first add reads unwritten (zero) blocks: no disk read
+                    continue
+                t = last[key_]
+                distance = nbytes + sum(
+                    size[y] * (1.0 if ty > t else 0.5)
+                    for y, ty in last.items()
+                    if y != key_ and (ty > t or ty == t or y in now)
+                )
+                cold = distance > cache
+                if op == "read":
+                    out_touches.append((k, nbytes, tiled, DISK_COLD_READ if cold else DISK_READ))
+                elif cold:  # an add whose blocks the cache has dropped reads them from the disk first
+                    out_touches.append((k, nbytes, tiled, DISK_COLD_READ))
+            for key_ in now:
+                last[key_] = i
+            if freed is not None:
+                last.pop(freed, None)
+        self._touches[key] = out_touches
+        return out_touches
 
     def build(self, cuts: frozenset, budget: int | None, requested: tuple[int, ...] | None) -> Plan | None:
         """The fastest plan with these cuts under ``budget`` (or the leanest, if none fits), or None."""
@@ -1096,6 +1191,7 @@ def plan_streaming(
         head=_head_name(head),
         tiers=tiers,
         batch_tiles=batch_tiles,
+        page_cache=page_cache_bytes(None if memory_budget is None else int(memory_budget)),
     )
     requested = (
         None if tile_size == "auto" else (tile_size if isinstance(tile_size, tuple) else (tile_size,) * ndim)
@@ -1217,7 +1313,7 @@ def _check_tiles(plan: Plan) -> None:
     forward that branches on sizes is refused before the first tile rather than failing in the middle of a run.
     MONAI's UpCat pads when an odd size was halved: traced on the whole image, the pad is there for every tile."""
     from .geometry.trace import hooks_off
-    from .memory.estimate import _on_meta
+    from .memory.estimate import on_meta
 
     g = plan.graph
     if g is None:
@@ -1227,7 +1323,7 @@ def _check_tiles(plan: Plan) -> None:
             continue
         seg = sp.segment
         module = seg.module
-        with _on_meta(module, g.dtype), torch.no_grad(), hooks_off(), _ShapeOnlyNorms():
+        with on_meta(module, g.dtype), torch.no_grad(), hooks_off(), _ShapeOnlyNorms():
             for combo in itertools.product(*(_representatives(spans) for spans in sp.grid.spans)):
                 window = tuple(slice(s.in_start, s.in_stop) for s in combo)
                 args = [

@@ -61,7 +61,7 @@ from ._autocast import autocast_state, replay_autocast
 from .errors import ConfigError, NotInvertibleError, ShapeError, TilegradWarning
 from .geometry import Context, Geometry, compose, merge, module_geometry, register_geometry_rule
 
-__all__ = ["AdditiveCoupling", "ReconstructionWarning", "ReversibleSequential"]
+__all__ = ["AdditiveCoupling", "ReconstructionWarning", "ReversibleSequential", "frozen_buffers"]
 
 
 class ReconstructionWarning(TilegradWarning, RuntimeWarning):
@@ -177,7 +177,7 @@ class AdditiveCoupling(nn.Module):
         """
         _refuse_random_layers(self, "AdditiveCoupling")
         y1, y2 = self._split(y, "output")
-        with _frozen_buffers(self), _no_random_draws():
+        with frozen_buffers(self), _no_random_draws():
             x2 = y2 - self._run(self.g, "g", y1, None, 0, False)
             x1 = y1 - self._run(self.f, "f", x2, None, 0, False)
         return torch.cat((x1, x2), dim=self.split_dim)
@@ -209,7 +209,7 @@ class AdditiveCoupling(nn.Module):
 
         z1 = y1.detach().requires_grad_(True)
         g_params = [p for p in self.g.parameters() if p.requires_grad]
-        with _frozen_buffers(self.g):  # restored after autograd.grad: BatchNorm's backward saved them
+        with frozen_buffers(self.g):  # restored after autograd.grad: BatchNorm's backward saved them
             hg = self._run(self.g, "g", z1, tape, 2 * slot + 1, False)
             grads = torch.autograd.grad(hg, (z1, *g_params), dy2.to(hg.dtype), allow_unused=True)
         accumulate(g_params, grads[1:])  # before any write: a parameter gradient may alias dy2
@@ -220,7 +220,7 @@ class AdditiveCoupling(nn.Module):
 
         x2_in = x2.detach().requires_grad_(True)
         f_params = [p for p in self.f.parameters() if p.requires_grad]
-        with _frozen_buffers(self.f):
+        with frozen_buffers(self.f):
             hf = self._run(self.f, "f", x2_in, tape, 2 * slot, False)
             grads = torch.autograd.grad(hf, (x2_in, *f_params), dx1.to(hf.dtype), allow_unused=True)
         accumulate(f_params, grads[1:])
@@ -242,11 +242,11 @@ def _add_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> Non
 
 
 @contextmanager
-def _frozen_buffers(module: nn.Module) -> Iterator[None]:
+def frozen_buffers(module: nn.Module) -> Iterator[None]:
     """Restore, on exit, the buffers of ``module``'s training-mode submodules (NOTE [ Statistics and randomness ]).
 
     >>> bn = nn.BatchNorm1d(2)
-    >>> with _frozen_buffers(bn):
+    >>> with frozen_buffers(bn):
     ...     _ = bn(torch.randn(4, 2))
     >>> int(bn.num_batches_tracked), bool(bn.running_mean.eq(0).all())
     (0, True)

@@ -306,13 +306,13 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Module, nn.
         if found is not None:
             return found
     if at is None:
-        if tv_name == "ResNet" or "avgpool" in names:
-            at = "avgpool"
-        else:
-            for name, child in children:
-                if isinstance(child, HEAD_LAYERS):
-                    at = name
-                    break
+        at = _default_split(model)
+        if at is None:
+            raise ConfigError(
+                f"cannot split {tv_name}: none of its children is a head layer (global pooling, Flatten, Linear) "
+                f"and split_model does not know its family; pass at=, the name of the child where the head "
+                f"begins, one of {names}"
+            )
     if isinstance(at, int):
         at = names[at] if -len(names) <= at < len(names) else str(at)
     if at not in names:
@@ -358,9 +358,23 @@ def streamable_part(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     try:
         return split_model(model)
     except TilegradError as err:
+        if isinstance(err, ConfigError) and _default_split(model) is None:
+            # no head among its children: its pooling or Linear layers sit inside its blocks (a segmentation
+            # network's ASPP pooling branch, a transformer's attention and MLPs). Streamed whole, so that the
+            # refusal names the layer that cannot stream, not the split
+            return model, None
         raise NotStreamableError(
             f"cannot split {type(model).__name__} into a streamable trunk and a head: {err}"
         ) from err
+
+
+def _default_split(model: nn.Module) -> str | None:
+    """The child :func:`split_model` splits a model of no known family at: ``avgpool`` (ResNet), else the first
+    child of :data:`HEAD_LAYERS`; None when it has none."""
+    children = _children(model)
+    if type(model).__name__ == "ResNet" or "avgpool" in [n for n, _ in children]:
+        return "avgpool"
+    return next((name for name, child in children if isinstance(child, HEAD_LAYERS)), None)
 
 
 def local_trunk(model: nn.Module) -> tuple[nn.Module, nn.Module]:

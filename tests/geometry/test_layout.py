@@ -197,12 +197,12 @@ def test_monai_basicunet_2d_with_batch_norm_streams_exactly():
 
 
 def test_basicunet_trace_keeps_its_skip_connections():
-    from tilegrad.geometry.trace import _trace
+    from tilegrad.geometry.trace import trace_graph
 
     model = nets.BasicUNet(
         spatial_dims=2, in_channels=1, out_channels=2, norm="batch", features=(4, 4, 8, 8, 8, 4)
     )
-    graph = _trace(model.eval())
+    graph = trace_graph(model.eval())
     cats = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.cat]
     # one per decoder level; the plain fx tracer took the no-skip branch and traced none
     assert len(cats) == 4

@@ -127,19 +127,19 @@ MODULES = {
 W = torch.ones(2, 2, 3, 3, dtype=torch.float64)
 _ELEMENTWISE = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul, torch.add, torch.sub,
-    torch.mul, torch.div, torch.maximum, torch.minimum, torch.pow,
+    torch.mul, torch.div, torch.maximum, torch.minimum, torch.pow, operator.pow,
 ]  # fmt: skip
 _UNARY = [
     operator.neg, torch.neg, torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.sqrt,
-    torch.round, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh,
+    torch.rsqrt, torch.square, torch.round, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh,
     F.hardsigmoid, F.sigmoid, F.tanh, F.softplus,
 ]  # fmt: skip
 _METHODS = [
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "type_as",
 ]  # fmt: skip
 _UNARY_METHODS = [
-    "neg", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "sqrt", "contiguous", "clone",
-    "float", "double", "half", "bfloat16", "detach", "round",
+    "neg", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "sqrt", "rsqrt", "square",
+    "contiguous", "clone", "float", "double", "half", "bfloat16", "detach", "round",
 ]  # fmt: skip
 _COMPARE = [
     operator.gt,
@@ -176,6 +176,7 @@ FUNCTIONS = {
     torch.clamp: (lambda x: x + torch.clamp(x, -0.5, 0.5), 2, LOCAL, True),
     "clamp": (lambda x: x + x.clamp(-0.5, 0.5), 2, LOCAL, True),
     "clamp_": (lambda x: x + (x + 0).clamp_(-0.5, 0.5), 2, LOCAL, True),
+    "square_": (lambda x: x + (x + 1).square_(), 2, LOCAL, True),
     torch.where: (lambda x: torch.where(x > 0, x, -x), 2, LOCAL, True),
     "to": (lambda x: x.to(torch.float64), 2, LOCAL, True),
     F.prelu: (lambda x: F.prelu(x, torch.full((1,), 0.25, dtype=x.dtype)), 2, LOCAL, True),
@@ -230,6 +231,11 @@ FUNCTIONS = {
     "squeeze": (lambda x: x.unsqueeze(1).squeeze(1), 2, LOCAL, True),
     torch.squeeze: (lambda x: torch.squeeze(x), 2, REFUSED, False),
     "repeat": (lambda x: x.repeat(1, 2, 1, 1), 2, LOCAL, True),
+    # a flip over channels reorders them at each position; over space it mirrors about the tile's middle
+    "flip": (lambda x: x * x.flip(1), 2, LOCAL, True),
+    torch.flip: (lambda x: x * torch.flip(x, (3,)), 2, REFUSED, False),
+    torch.fliplr: (lambda x: x * torch.fliplr(x), 2, LOCAL, True),  # dim 1: the channels of (N, C, H, W)
+    torch.flipud: (lambda x: x * torch.flipud(x), 2, LOCAL, True),  # dim 0: the batch
     torch.mean: (lambda x: x - torch.mean(x, dim=1, keepdim=True), 2, LOCAL, True),
     "mean": (lambda x: x - x.mean((2, 3), keepdim=True), 2, REFUSED, False),
     torch.sum: (lambda x: torch.sum(x), 2, REFUSED, False),
@@ -361,3 +367,25 @@ def test_module_rules_match_the_measured_receptive_field_or_refuse(target):
 def test_function_rules_match_the_measured_receptive_field_or_refuse(target):
     call, ndim, expectation, tight = FUNCTIONS[target]
     _check(_Call(call, ndim), ndim, 4, expectation, tight)
+
+
+@pytest.mark.parametrize(
+    "call, expectation",
+    [
+        (lambda x: x.flip(1, 0), LOCAL),  # dims as separate arguments
+        (lambda x: x.flip(dims=[-3]), LOCAL),
+        (lambda x: torch.flip(x, [1]), LOCAL),
+        (lambda x: x.flip((2,)), REFUSED),
+        (lambda x: x.flip(-1), REFUSED),
+        (lambda x: torch.flip(x, (1, 2)), REFUSED),
+        (lambda x: x.permute(0, 2, 3, 1).flip(-1).permute(0, 3, 1, 2), LOCAL),  # the channels, last
+        (lambda x: x.permute(0, 2, 3, 1).flip(1).permute(0, 3, 1, 2), REFUSED),  # the height, second
+    ],
+)
+def test_flip_is_local_over_batch_and_channel_dims_only(call, expectation):
+    _check(_Call(call, 2), 2, 4, expectation, expectation == LOCAL)
+
+
+def test_a_spatial_flip_says_why():
+    with pytest.raises(NotStreamableError, match=r"flips dims \(3,\) of \(N, C, H, W\), a spatial dim"):
+        module_geometry(_Call(lambda x: x.flip(3), 2), 2)

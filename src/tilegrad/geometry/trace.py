@@ -1,7 +1,7 @@
 """Trace a module with ``torch.fx`` and apply the geometry rules to its graph: :func:`module_geometry`, and
 :func:`receptive_field` (what users see). Every module with a registered rule is a leaf of the trace.
 
-The tracer (:func:`_trace`) carries a meta-device value beside every node (NOTE [ Layouts and tile extents ] in
+The tracer (:func:`trace_graph`) carries a meta-device value beside every node (NOTE [ Layouts and tile extents ] in
 layout.py), so ``len(x.shape)``, branches on sizes and ``torch.jit.isinstance(x, Tensor)`` (MONAI's BasicUNet) trace
 as they run; the walker (:func:`_graph_geometry`) follows which dims of each tensor are batch, channel or spatial.
 """
@@ -27,7 +27,7 @@ from .core import Geometry, ReceptiveField
 from .layout import Extent, ExtentTuple, Layout, TileDependent, describe, is_spatial, standard
 from .toolkit import Context, function_rule, module_rule
 
-__all__ = ["module_geometry", "propagate", "receptive_field", "trunk_output"]
+__all__ = ["module_geometry", "propagate", "receptive_field", "trace_graph", "trunk_output"]
 
 _META = "tilegrad_meta"
 _UNKNOWN = object()
@@ -264,7 +264,9 @@ def _channels_expected(graph: torch.fx.Graph, root: nn.Module) -> Fraction | Non
     return None
 
 
-def _trace(module: nn.Module, ndim: int | None = None, shape: Sequence[int] | None = None) -> torch.fx.Graph:
+def trace_graph(
+    module: nn.Module, ndim: int | None = None, shape: Sequence[int] | None = None
+) -> torch.fx.Graph:
     """The ``torch.fx`` graph of ``module`` (leaves: modules with a rule); node.meta["tilegrad_meta"] holds each
     node's value on an example meta input when one could be made (``ndim``: its spatial rank, else guessed from
     the first convolution; the channel count from the first convolution or normalisation, corrected once the meta
@@ -351,7 +353,7 @@ def module_geometry(module: nn.Module, ndim: int, name: str = "") -> Geometry:
     cached = _GRAPH_CACHE.get(id(module))
     if cached is None or cached[0]() is not module or cached[1] != modes or cached[2] != ndim:
         try:
-            graph = _trace(module, ndim)
+            graph = trace_graph(module, ndim)
         except NotStreamableError as err:
             raise _explained(module, name, err) from err
         _GRAPH_CACHE[id(module)] = (weakref.ref(module), modes, ndim, graph)

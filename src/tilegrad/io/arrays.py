@@ -27,7 +27,7 @@ from ..errors import ConfigError, DataError, ShapeError
 from ._deps import require
 from ._indexing import Bounds
 from ._rawfile import RawArrayFile
-from .base import ArrayImage, Level, _downsample
+from .base import ArrayImage, Level, downsample_factors
 from .writer import ImageWriter
 
 __all__ = ["NpyImage", "ZarrImage", "ZarrWriter"]
@@ -111,7 +111,7 @@ class ZarrImage(ArrayImage):
         self._fixed = dict.fromkeys(other, 0)
         self._native_ndim = len(axes)
         shapes = [tuple(1 if a is None else int(arr.shape[a]) for a in self._axes) for arr in arrays]
-        self._levels = tuple(Level(sh, _downsample(shapes[0][1:], sh[1:])) for sh in shapes)
+        self._levels = tuple(Level(sh, downsample_factors(shapes[0][1:], sh[1:])) for sh in shapes)
         self._level_index = level
         self._shape = shapes[level]
         self._dtype = np.dtype(arrays[level].dtype)
@@ -138,7 +138,7 @@ class ZarrImage(ArrayImage):
     def _native_array(self) -> Any:
         return self._handle
 
-    def _checked_read(self, bounds: Bounds) -> np.ndarray:
+    def read_bounds(self, bounds: Bounds) -> np.ndarray:
         try:
             return self._read(bounds)
         except (ValueError, RuntimeError, OSError) as exc:  # codec errors (numcodecs, zstd) are RuntimeErrors

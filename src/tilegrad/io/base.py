@@ -50,7 +50,8 @@ class Level:
     downsample: tuple[float, ...]
 
 
-def _downsample(base: Sequence[int], shape: Sequence[int]) -> tuple[float, ...]:
+def downsample_factors(base: Sequence[int], shape: Sequence[int]) -> tuple[float, ...]:
+    """Level-0 size / this level's size per spatial axis (``Level.downsample``); inf for an empty axis."""
     return tuple(float(b) / float(s) if s else float("inf") for b, s in zip(base, shape))
 
 
@@ -107,7 +108,7 @@ class LazyImage:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         plan = normalize_key(key, self._shape)
-        return read_planned(plan, self._checked_read, self._dtype)
+        return read_planned(plan, self.read_bounds, self._dtype)
 
     def read(self) -> np.ndarray:
         """The whole level as a numpy array (only for images that fit in memory)."""
@@ -159,8 +160,8 @@ class LazyImage:
         n = len(self.levels)
         if not -n <= k < n:
             raise DataError(
-                f"{self._name()} has {n} pyramid level(s) (0..{n - 1}); received level={k}. "
-                f"Levels: {self._describe_levels()}"
+                f"{self.label} has {n} pyramid level(s) (0..{n - 1}); received level={k}. "
+                f"Levels: {self.describe_levels()}"
             )
         k = k + n if k < 0 else k
         if k == self._level_index:
@@ -168,9 +169,10 @@ class LazyImage:
         return self._open_level(k)
 
     def _open_level(self, k: int) -> LazyImage:  # pragma: no cover - single-level readers never get here
-        raise DataError(f"{self._name()} has a single level")
+        raise DataError(f"{self.label} has a single level")
 
-    def _describe_levels(self) -> str:
+    def describe_levels(self) -> str:
+        """The pyramid as text for messages: each level's shape, downsample factor and pixel size where known."""
         spacing0 = None if self._spacing is None else self._level0_spacing()
         parts = []
         for i, lv in enumerate(self.levels):
@@ -224,13 +226,18 @@ class LazyImage:
         state["_state_pid"] = None
         return state
 
-    def _checked_read(self, bounds: Bounds) -> np.ndarray:
+    def read_bounds(self, bounds: Bounds) -> np.ndarray:
+        """The pixels of ``bounds`` (one normalised ``(start, stop, step)`` per axis), with the reader's own checks
+        (a format turns its decoder's errors into a DataError here): what ``image[key]`` reads through, and what a
+        view over another image (a crop, a flip) calls on the image it wraps. Subclasses implement :meth:`_read`."""
         return self._read(bounds)
 
     def _read(self, bounds: Bounds) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _name(self) -> str:
+    @property
+    def label(self) -> str:
+        """What messages call this image: its path, or its class name when it has none."""
         return str(self.path) if self.path is not None else type(self).__name__
 
     def __repr__(self) -> str:

@@ -136,7 +136,7 @@ class NiftiImage(ArrayImage):
     def _native_array(self) -> Any:
         return self._handle
 
-    def _checked_read(self, bounds: Bounds) -> np.ndarray:
+    def read_bounds(self, bounds: Bounds) -> np.ndarray:
         return self._guard(lambda: self._read(bounds))
 
 

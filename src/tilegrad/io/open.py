@@ -98,8 +98,8 @@ def select_level(image: LazyImage, mpp: float, *, tolerance: float = 0.1) -> int
         raise ConfigError(f"mpp must be a positive number of microns per pixel; received {mpp}")
     if image.mpp is None:
         raise DataError(
-            f"{image._name()} has no pixel size metadata, so mpp={mpp} cannot choose a level; pass level=... "
-            f"instead (levels: {image._describe_levels()})"
+            f"{image.label} has no pixel size metadata, so mpp={mpp} cannot choose a level; pass level=... "
+            f"instead (levels: {image.describe_levels()})"
         )
     mpps = [
         image.level(k).mpp for k in range(len(image.levels))
@@ -109,7 +109,7 @@ def select_level(image: LazyImage, mpp: float, *, tolerance: float = 0.1) -> int
     if errors[best] > tolerance:
         listing = ", ".join(f"level {i}: {m:.4g}" for i, m in enumerate(mpps))
         raise DataError(
-            f"{image._name()} has no level within {tolerance:.0%} of {mpp} µm/pixel ({listing}). Choose one of "
+            f"{image.label} has no level within {tolerance:.0%} of {mpp} µm/pixel ({listing}). Choose one of "
             "these mpp values or a level, or resample the image"
         )
     return best

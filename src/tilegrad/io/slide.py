@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import DataError
 from ._deps import require
 from ._indexing import Bounds, read_strided_in_blocks
-from .base import LazyImage, Level, _downsample
+from .base import LazyImage, Level, downsample_factors
 
 __all__ = ["OpenSlideImage"]
 
@@ -49,7 +49,7 @@ class OpenSlideImage(LazyImage):
                     f"{self.path} has {len(dims)} pyramid level(s) (0..{len(dims) - 1}); received level={level}"
                 )
             self._level_index = level
-            self._levels = tuple(Level((3, *hw), _downsample(dims[0], hw)) for hw in dims)
+            self._levels = tuple(Level((3, *hw), downsample_factors(dims[0], hw)) for hw in dims)
             self._ds = float(slide.level_downsamples[level])
             self._shape = (3, *dims[level])
             self._dtype = np.dtype(np.uint8)

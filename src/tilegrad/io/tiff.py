@@ -41,7 +41,7 @@ from ..errors import ConfigError, DataError, ShapeError
 from ._deps import require
 from ._indexing import Bounds
 from ._rawfile import RawArrayFile
-from .base import ArrayImage, Level, _downsample
+from .base import ArrayImage, Level, downsample_factors
 from .writer import ImageWriter
 
 __all__ = ["TiffImage", "TiffWriter"]
@@ -202,7 +202,7 @@ class TiffImage(ArrayImage):
             lv_axes, _ = _map_axes(lv.axes, lv.shape, where)
             shapes.append(tuple(1 if a is None else int(lv.shape[a]) for a in lv_axes))
         base = shapes[0][1:]
-        self._levels = tuple(Level(sh, _downsample(base, sh[1:])) for sh in shapes)
+        self._levels = tuple(Level(sh, downsample_factors(base, sh[1:])) for sh in shapes)
         self._shape = shapes[level]
         self._dtype = np.dtype(s.dtype)
         spatial_names = [s.axes[a] for a in axes[1:]]
@@ -254,7 +254,7 @@ class TiffImage(ArrayImage):
     def _native_array(self) -> Any:
         return self._handle[2]
 
-    def _checked_read(self, bounds: Bounds) -> np.ndarray:
+    def read_bounds(self, bounds: Bounds) -> np.ndarray:
         try:
             return self._read(bounds)
         except (ValueError, RuntimeError, OSError) as exc:  # decoder errors (imagecodecs) are RuntimeErrors

@@ -101,7 +101,7 @@ class FlipRotateView(LazyImage):
                 base_plan[p] = AxisIndex(n - 1 - lo, -step, count)
             else:
                 base_plan[p] = AxisIndex(lo, step, count)
-        out = read_planned(base_plan, self.base._checked_read, self._dtype)
+        out = read_planned(base_plan, self.base.read_bounds, self._dtype)
         return out.transpose(self._perm)
 
     def _open_level(self, k: int) -> FlipRotateView:

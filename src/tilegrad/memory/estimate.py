@@ -29,7 +29,7 @@ from .timeline import Timeline, storage_key, unique_bytes
 from .watch import ModuleWatch, tensors_of
 from .workload import OptimizerSpec, default_loss, optimizer_factory, run_steps
 
-__all__ = ["estimate_memory"]
+__all__ = ["estimate_memory", "on_meta"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -50,7 +50,7 @@ def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
 
 
 @contextlib.contextmanager
-def _on_meta(
+def on_meta(
     model: nn.Module, dtype: torch.dtype
 ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
     """Swap every parameter and buffer of ``model`` for a meta stand-in (``dtype`` for floating ones); restore after.
@@ -164,7 +164,7 @@ def estimate_memory(
     train = mode == "train"
     loss_fn = loss_fn or default_loss
 
-    with _modes(model, None if train else False), _on_meta(model, dtype) as (params, buffers):
+    with _modes(model, None if train else False), on_meta(model, dtype) as (params, buffers):
         trainable = [p for p in params.values() if p.requires_grad] if train else []
         state = {**params, **buffers}
         _plan_streaming_modules(model, shape, dtype, train, label)

@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["conv_workspace_bytes"]
+__all__ = ["CONV_BACKWARD", "channel_block", "conv_workspace_bytes", "select_conv_backend"]
 
 _aten = torch.ops.aten
 _CONV = _aten.convolution.default
-_CONV_BACKWARD = _aten.convolution_backward.default
+CONV_BACKWARD = _aten.convolution_backward.default  # the op whose workspace conv_workspace_bytes also prices
 
 
 def _probe(t: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,11 @@ def _probe(t: torch.Tensor) -> torch.Tensor:
     return torch.empty((), dtype=t.dtype).expand(t.shape)
 
 
-def _backend(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, transposed, output_padding, groups):
+def select_conv_backend(
+    x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, transposed, output_padding, groups
+):
+    """The CPU kernel (``torch._C._ConvBackend``) PyTorch would pick for a convolution of ``x`` (meta or real) by
+    ``w`` with these settings (NOTE [ CPU convolution workspaces ]); nothing is computed or allocated."""
     return torch._C._select_conv_backend(
         _probe(x),
         _probe(w),
@@ -77,14 +81,14 @@ def conv_workspace_bytes(func: Any, args: tuple, kwargs: dict | None = None) -> 
         x, w, _bias, stride, padding, dilation, transposed, output_padding, groups = args[:9]
         grad_out = None
         backward = False
-    elif func is _CONV_BACKWARD:
+    elif func is CONV_BACKWARD:
         grad_out, x, w, _bias_sizes, stride, padding, dilation, transposed, output_padding, groups = args[:10]
         backward = True
     else:
         return 0
     if x.dim() not in (4, 5) or not x.dtype.is_floating_point:
         return 0
-    backend = _backend(x, w, stride, padding, dilation, transposed, output_padding, groups)
+    backend = select_conv_backend(x, w, stride, padding, dilation, transposed, output_padding, groups)
     name = backend.name if hasattr(backend, "name") else str(backend).rsplit(".", 1)[-1]
     itemsize = x.element_size()
     spatial_in = tuple(x.shape[2:])
@@ -118,7 +122,8 @@ def conv_workspace_bytes(func: Any, args: tuple, kwargs: dict | None = None) -> 
     # fmt: on
 
 
-def _channel_block() -> int:
+def channel_block() -> int:
+    """oneDNN's channel block on this CPU: 16 with AVX-512, else 8 (its blocked layouts pad channels to it)."""
     return 16 if "AVX512" in torch.backends.cpu.get_cpu_capability() else 8
 
 
@@ -140,7 +145,7 @@ def _scratch(name, backend_id, backward, args_need_grad_input, n, x, w, kernel, 
     if name == "Mkldnn":
         # oneDNN computes in channel-blocked layouts (nChw16c): reorder buffers for the source and the result, with
         # channels padded up to the block. Inputs with few channels (first layers) are read in place.
-        block = _channel_block()
+        block = channel_block()
         padded_in = _padded(x.shape[1], block) * (in_bytes // max(1, x.shape[1]))
         padded_out = _padded(c_out, block) * (out_bytes // max(1, c_out))
         src = padded_in if x.shape[1] >= block else 0

@@ -250,7 +250,7 @@ def _crop_view() -> type:
             self.path = image.path
 
         def _read(self, bounds: Any) -> np.ndarray:
-            return self.base._checked_read(
+            return self.base.read_bounds(
                 tuple((lo + o, hi + o, step) for (lo, hi, step), o in zip(bounds, self._offsets))
             )
 

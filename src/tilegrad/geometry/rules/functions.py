@@ -300,6 +300,34 @@ def _repeat(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -
     return merge(ctx, inputs)
 
 
+def _flip(fixed: tuple[int, ...] | None = None) -> Rule:
+    """``x.flip(dims)`` / ``torch.flip(x, dims)`` (``fixed``: torch.fliplr and flipud, which flip dim 1 or 0): a
+    flip over batch or channel dims is local (it reorders channels at each position); a flip over a spatial dim
+    mirrors positions about the middle of the tensor, which is a tile's middle, not the image's."""
+
+    @layout_aware
+    def rule(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+        layout = ctx.input_layout()
+        if fixed is not None:
+            dims: Any = fixed
+        else:
+            dims = list(node.args[1:]) or node.kwargs.get("dims")
+            if isinstance(dims, list) and len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                dims = dims[0]
+        dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
+        labels = [dim_label(layout, d) for d in dims]
+        if any(label is None for label in labels):
+            ctx.refuse(f"tilegrad could not read its dims {dims}")
+        if any(is_spatial(label) for label in labels):
+            ctx.refuse(
+                f"it flips dims {dims} of {describe(layout, ctx.ndim)}, a spatial dim: a tile's positions would be "
+                "mirrored about the tile's middle, not the image's; only batch and channel dims may be flipped"
+            )
+        return merge(ctx, inputs)
+
+    return rule
+
+
 @layout_aware
 def _f_layer_norm(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
     shape = node_arg(node, 1, "normalized_shape")
@@ -376,7 +404,8 @@ _ELEMENTWISE_FUNCTIONS: list[Any] = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.imul,
     operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne,
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
-    torch.exp, torch.abs, torch.sqrt, torch.clamp, torch.maximum, torch.minimum, torch.where, torch.pow, torch.round,
+    torch.exp, torch.abs, torch.sqrt, torch.rsqrt, torch.square, torch.clamp, torch.maximum, torch.minimum,
+    torch.where, torch.pow, operator.pow, torch.round,
     F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh, F.hardsigmoid,
     F.sigmoid, F.tanh, F.softplus, F.prelu,
 ]  # fmt: skip
@@ -384,8 +413,9 @@ for _fn in _ELEMENTWISE_FUNCTIONS:
     register_geometry_rule(_fn, elementwise)
 for _name in (
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "relu", "relu_", "sigmoid", "sigmoid_",
-    "tanh", "tanh_", "exp", "abs", "sqrt", "clamp", "clamp_", "pow", "contiguous", "clone", "float", "double",
-    "half", "bfloat16", "to", "type_as", "detach", "round", "gt", "lt", "ge", "le", "eq", "ne",
+    "tanh", "tanh_", "exp", "abs", "sqrt", "rsqrt", "square", "square_", "clamp", "clamp_", "pow", "contiguous",
+    "clone", "float", "double", "half", "bfloat16", "to", "type_as", "detach", "round", "gt", "lt", "ge", "le", "eq",
+    "ne",
 ):  # fmt: skip
     register_geometry_rule(_name, elementwise)
 for _fn in (F.conv1d, F.conv2d, F.conv3d):
@@ -421,6 +451,10 @@ for _fn in ("unsqueeze", torch.unsqueeze):
 for _fn in ("squeeze", torch.squeeze):
     register_geometry_rule(_fn, _squeeze)
 register_geometry_rule("repeat", _repeat)
+for _fn in ("flip", torch.flip):
+    register_geometry_rule(_fn, _flip())
+register_geometry_rule(torch.fliplr, _flip((1,)))
+register_geometry_rule(torch.flipud, _flip((0,)))
 for _fn, _kind in (
     (torch.mean, "mean"), ("mean", "mean"), (torch.sum, "sum"), ("sum", "sum"),
     (torch.amax, "max"), ("amax", "max"), (torch.amin, "min"), ("amin", "min"),
