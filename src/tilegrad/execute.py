@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._allocator import trim_heap
 from ._autocast import autocast_state, replay_autocast
 from .boundary import DiskStore, Scratch, TensorStore
 from .graph import last_convolution
@@ -286,7 +287,12 @@ class Execution:
         with torch.enable_grad():
             z = prefix(*self._args(sp, srcs))
         nd = z.dim() - 2
-        value = self.stores[seg.out].read(tile.outputs) if seg.out in self.pending else None
+        value = None
+        if seg.out in self.pending and seg.out in self.stores:
+            value = self.stores[seg.out].read(tile.outputs)
+        elif seg.out in self.pending:  # NOTE [ Recomputed statistic inputs ]: not stored, the conv again
+            with torch.no_grad():
+                value = conv(z.detach())[(slice(None), slice(None), *tile.crop)]
         g_core = self._out_grad(seg.out, tile.outputs, value, z.dtype)
         # one buffer for the segment's tiles, as large as the largest tile's map so far, zeroed again on reuse: a
         # fresh map per tile paid its pages' first touch every time (NOTE [ Heap growth under a budget ] in
@@ -432,8 +438,8 @@ class Execution:
                 seg = sp.segment
                 module = sp.chain
                 nin = len(seg.sources) + len(seg.globals)
-                if k < last:
-                    b = self.tiers[seg.out.name]
+                b = self.tiers.get(seg.out.name)
+                if k < last and b.tier != "recompute":  # NOTE [ Recomputed statistic inputs ]: no store
                     self.stores[seg.out] = self._store(seg.out, b.tier, zero=False)
                 whole = tuple(slice(0, n) for n in self.graph.input_shape[2:])
                 grid = list(sp.grid)
@@ -467,7 +473,8 @@ class Execution:
                         outputs = tile.outputs
                     if k < last:
                         self._accumulate(seg.out, core.to(self.dtype))
-                        self.stores[seg.out].write(outputs, core.to(self.dtype))
+                        if seg.out in self.stores:
+                            self.stores[seg.out].write(outputs, core.to(self.dtype))
                     elif self.head is not None:
                         self.partials.append(tuple(p.detach() for p in self.head.partial(core)))
                     else:
@@ -475,8 +482,11 @@ class Execution:
                             out = torch.empty(self.graph.shape(seg.out), dtype=core.dtype, device=core.device)
                         out[(slice(None), slice(None), *outputs)] = core
                     del srcs, y, core
+                    if not training:  # no segment-wide reuse to keep (NOTE [ Heap growth under a budget ])
+                        trim_heap()
                     if bar is not None:
                         bar.update(1 if tile is not None else len(sp.grid))
+                trim_heap()  # NOTE [ Heap growth under a budget ] in _allocator.py
                 if not training:  # free what no later segment reads
                     for s in seg.sources:
                         if s in self.stores and max(self.consumers[s]) <= k:
@@ -632,6 +642,7 @@ class Execution:
                     for b, saved in buffers:
                         b.copy_(saved)
                     del buffers
+                trim_heap()
                 # what this segment's backward completes
                 self.pending.pop(seg.out, None)
                 self.g_out_buf = None

@@ -155,7 +155,7 @@ SLOW_CONV = 2.5
 FORWARD_TRANSIENT = 2.0  # no-grad forward working set, in units of the largest tensor
 BUDGET_SAFETY = 0.8  # share of a user budget the planner plans for (the rest: allocator slack)
 FIXED_TILE_EXTRA = 0.5  # NOTE [ Tile memory ]: extra room of a fixed tile without budget, in tiles
-TIERS = ("auto", "device", "host", "disk")
+TIERS = ("auto", "device", "host", "disk", "recompute")
 
 
 def page_cache_bytes(budget: int | None) -> int:
@@ -344,12 +344,19 @@ class Plan:
                 )
             if self.boundaries:
                 by_tier: dict[str, int] = {}
-                for b in self.boundaries:
+                stored = [b for b in self.boundaries if b.tier != "recompute"]
+                for b in stored:
                     by_tier[b.tier] = by_tier.get(b.tier, 0) + b.nbytes
                     if self.training:
                         by_tier[b.grad_tier] = by_tier.get(b.grad_tier, 0) + b.nbytes
                 tiers = ", ".join(f"{t} {format_bytes(n)}" for t, n in sorted(by_tier.items()))
-                lines.append(f"  boundaries: {len(self.boundaries)} tensors (with gradients): {tiers}")
+                lines.append(f"  boundaries: {len(stored)} tensors (with gradients): {tiers or 'none'}")
+                again = [b for b in self.boundaries if b.tier == "recompute"]
+                if again:
+                    lines.append(
+                        f"  recomputed by their readers, not stored: {len(again)} statistic inputs "
+                        f"({format_bytes(sum(b.nbytes for b in again))})"
+                    )
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -831,7 +838,7 @@ class _Planner:
     def build(self, cuts: frozenset, budget: int | None, requested: tuple[int, ...] | None) -> Plan | None:
         """The fastest plan with these cuts under ``budget`` (or the leanest, if none fits), or None."""
         try:
-            segments = self.g.segments(cuts)
+            segments = self.g.segments(cuts, self.g.forced if self.tiers == "recompute" else ())
         except GeometryError as err:
             self.errors.append(str(err))
             return None
@@ -847,6 +854,10 @@ class _Planner:
         if self.tiers in ("host", "disk"):
             for b in bounds:
                 b.tier = b.grad_tier = self.tiers
+        read = {src for s in segments for src in s.sources}
+        for b, s in zip(bounds, segments):
+            if s.out not in read:  # NOTE [ Recomputed statistic inputs ] in statistics.py: never stored
+                b.tier = b.grad_tier = "recompute"
         # each segment: options ordered fastest first; a fixed tile caps the working set (NOTE [ Tile memory ])
         options: list[list[SegmentPlan]] = []
         cap = None
@@ -878,7 +889,7 @@ class _Planner:
             peak, fwd, steps = self.evaluate(segs, bounds)
             if budget is None or peak <= budget:
                 break
-            if self.tiers == "auto":
+            if self.tiers in ("auto", "recompute"):
                 # maps first (they live through the step), gradients (alive from a reader's backward to their
                 # producer's) only when every map is on disk
                 movable = [b for b in bounds if b.tier == "device"]
@@ -940,16 +951,39 @@ class _Planner:
 
     def _to_device(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan], budget: int | None) -> None:
         """Bring back to the device the boundaries on disk that still fit, smallest first."""
-        if self.tiers != "auto" or budget is None:
+        if self.tiers not in ("auto", "recompute") or budget is None:
             return
         for attr in ("grad_tier", "tier"):
             for b in sorted(bounds, key=lambda b: b.nbytes):
-                if getattr(b, attr) == "device":
+                if getattr(b, attr) in ("device", "recompute"):
                     continue
                 old = getattr(b, attr)
                 setattr(b, attr, "device")
                 if self.evaluate(segs, bounds)[0] > budget:
                     setattr(b, attr, old)
+
+    def recomputed(self, plan: Plan, budget: int, requested: tuple[int, ...] | None) -> Plan:
+        """NOTE [ Cost model ]: statistic inputs (forced cuts) that their readers recompute from the sources of the
+        segment computing them instead of reading them from a store (NOTE [ Recomputed statistic inputs ] in
+        statistics.py), each tried in turn, the largest first, and kept when the plan (every tile chosen again)
+        fits and is faster."""
+        if self.tiers != "auto" or plan.conventional or not self.g.forced:
+            return plan
+        outs = {sp.segment.out for sp in plan.segments}
+        cuts = frozenset(outs - self.g.forced - {self.g.output})
+        recompute = frozenset(n for n in self.g.forced if n.name in _recomputed(plan))
+        best = plan
+        for f in sorted(
+            self.g.forced - recompute, key=lambda n: (-self.g.profiles[n].out_bytes, self.g.index[n])
+        ):
+            try:
+                segments = self.g.segments(cuts, recompute | {f})
+            except GeometryError:
+                continue
+            trial = self.assemble(segments, budget, requested)
+            if trial is not None and trial.peak_bytes <= budget and trial.time_ratio < best.time_ratio:
+                best, recompute = trial, recompute | {f}
+        return best
 
     def wholes(self, plan: Plan, budget: int, requested: tuple[int, ...] | None) -> Plan:
         """NOTE [ Whole pieces ]: each run of consecutive one-tile segments of the chosen plan becomes one piece
@@ -1225,6 +1259,7 @@ def plan_streaming(
             leanest = other_lean
     if best is not None:
         if budget is not None and not best.conventional:
+            best = planner.recomputed(best, budget, requested)
             best = planner.wholes(best, budget, requested)
             best = planner.refine(best, budget, requested)
         _check_tiles(best)
@@ -1253,6 +1288,11 @@ def plan_streaming(
         )
         + (", or write the output to a sink on disk (out=)" if not training and output_in_memory else "")
     )
+
+
+def _recomputed(plan: Plan) -> set[str]:
+    """Names of the statistic inputs the plan's readers recompute (NOTE [ Recomputed statistic inputs ])."""
+    return {b.name for b in plan.boundaries if b.tier == "recompute"}
 
 
 def _representatives(spans: Sequence[Any]) -> list[Any]:
