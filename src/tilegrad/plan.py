@@ -17,6 +17,7 @@ One number per plan, ``time_ratio``: predicted time of a training step over that
   streamed segment costs 4 such passes (forward, recompute, backward = 2) times its *overlap* (window area read
   over all tiles / image area); a kept segment (one tile, graph kept: NOTE [ Kept segments ] in execute.py) costs
   the conventional 3;
+* depthwise convolutions run far below those rates on the CPU: ``DEPTHWISE_CONV`` times their FLOPs and bytes;
 * per tile: a fixed overhead (Python, dispatch, first touch of fresh buffers) per tile pass, ``TILE_SECONDS`` plus
   ``NODE_SECONDS`` per node of the segment;
 * small-tile kernels: PyTorch runs a CPU convolution on oneDNN only above a size (for 3D, N*C*D*H > 20480 of its
@@ -123,6 +124,11 @@ FLOP_RATE = 1.2e11
 # 1024^2 (153 GFLOP, 1.0 GiB written per forward, 4.6 s) and MONAI UNet 16-32-64-128 at 160^3 (14.6 GFLOP, 0.5 GiB,
 # 1.1 s); FLOPs alone predicted the UNet's step 3x too fast
 BYTE_RATE = 2.2e9
+# a depthwise convolution (groups == input channels) costs this many times its FLOPs and bytes at the rates above:
+# measured forward + backward per layer against ResNet-34's 3x3 convolutions in the same process (EfficientNet-B0's
+# 16 depthwise layers at 512^2 and 1024^2: 3.7-4.9x of what the rates predict, where the 3x3 ones are at 1.0); the
+# rates alone made EfficientNet-B0's conventional step 1.7x too fast and every fixed cost too heavy against it
+DEPTHWISE_CONV = 4.0
 # fixed cost of one tile pass (Python, dispatch, first touch of fresh buffers): a base plus a share per node of the
 # segment, so that a whole ResNet-34 trunk (232 nodes) costs the 25 ms per tile measured for issue 2 and a few
 # layers 2-4 ms (an 8-layer 2D net at 1536^2: 96 px tiles, 361 of them, against 192 px, 81: 4 ms per tile, forward
@@ -446,7 +452,10 @@ class _Planner:
         self.total_flops = sum(p.flops for p in graph.profiles.values()) + head_flops or 1.0
         # seconds of one conventional forward pass (NOTE [ Cost model ])
         written = sum(p.out_bytes for p in graph.profiles.values())
-        self.total_seconds = self.total_flops / FLOP_RATE + written / BYTE_RATE
+        self._slow_nodes = self._depthwise_extra()
+        self.total_seconds = (
+            self.total_flops / FLOP_RATE + written / BYTE_RATE + sum(self._slow_nodes.values())
+        )
         self._pass_seconds: dict[int, float] = {}
         self._sp: dict[tuple[int, tuple[int, ...]], SegmentPlan | None] = {}
         self._forward_rate: dict[int, float] = {}
@@ -648,8 +657,19 @@ class _Planner:
         """Seconds of one forward pass of a segment over the whole image: its FLOPs and the bytes it writes."""
         if id(seg) not in self._pass_seconds:
             written = sum(self.g.profiles[n].out_bytes for n in seg.nodes)
-            self._pass_seconds[id(seg)] = seg.flops / FLOP_RATE + written / BYTE_RATE
+            slow = sum(self._slow_nodes.get(n, 0.0) for n in seg.nodes)
+            self._pass_seconds[id(seg)] = seg.flops / FLOP_RATE + written / BYTE_RATE + slow
         return self._pass_seconds[id(seg)]
+
+    def _depthwise_extra(self) -> dict[Any, float]:
+        """Seconds a forward pass of each depthwise convolution takes beyond its FLOPs and bytes at the rates
+        (``DEPTHWISE_CONV``, NOTE [ Cost model ])."""
+        extra = {}
+        for n, prof in self.g.profiles.items():
+            m = self.g.gm.get_submodule(n.target) if n.op == "call_module" else None
+            if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels:
+                extra[n] = (DEPTHWISE_CONV - 1) * (prof.flops / FLOP_RATE + prof.out_bytes / BYTE_RATE)
+        return extra
 
     def tile_seconds(self, sp: SegmentPlan) -> float:
         """The fixed cost of a segment's tile passes (NOTE [ Cost model ])."""
