@@ -17,6 +17,7 @@ One number per plan, ``time_ratio``: predicted time of a training step over that
   streamed segment costs 4 such passes (forward, recompute, backward = 2) times its *overlap* (window area read
   over all tiles / image area); a kept segment (one tile, graph kept: NOTE [ Kept segments ] in execute.py) costs
   the conventional 3;
+* depthwise convolutions run far below those rates on the CPU: ``DEPTHWISE_CONV`` times their FLOPs and bytes;
 * per tile: a fixed overhead (Python, dispatch, first touch of fresh buffers) per tile pass, ``TILE_SECONDS`` plus
   ``NODE_SECONDS`` per node of the segment;
 * small-tile kernels: PyTorch runs a CPU convolution on oneDNN only above a size (for 3D, N*C*D*H > 20480 of its
@@ -46,10 +47,15 @@ backward's recomputation, its gradient by the producer's backward): while the fi
 has free, the kernel's page cache serves those reads, which then cost a copy (``DISK_READ``) rather than the disk
 (``DISK_COLD_READ``, 2.4x slower in wall time on this machine). Which reads the cache serves is decided like an LRU
 cache of ``page_cache_bytes`` (the available memory less the budget): the step's touches of disk-tier stores are
-listed in order (forward, then backward in reverse), and a read of a store is served from the cache when that
-store plus every live store touched since its last touch (half of those touched in the same step: tiles
-interleave them) fit. A tile-order scan of a store larger than the cache therefore misses everywhere (LRU under a
-sequential scan), as a 64 GiB layer1 map at 65536^2 does. A gradient store is freed after its producer's backward;
+listed in order (forward, then backward in reverse); for a read of a store of S bytes, *newer* is the bytes of the
+live stores touched since its last pass, *beside* those touched in that same step (tiles interleave them with it:
+the cache holds them in proportion) and *during* those the reading step touches too. A training step mostly scans a
+store in the reverse order of its previous pass (NOTE [ Tile order ] in execute.py): the reader starts on the part
+the cache still holds, held = (C - newer) * S / (S + beside), while what it touches meanwhile evicts the other end,
+so a share held / (S + during), at most 1, is served from the cache. In the same order (inference), LRU misses
+everywhere once the store no longer fits: a read is served whole if newer + beside + S + during / 2 <= C, else not
+at all. At 65536^2 the maps (8-64 GiB) dwarf the cache and most reads go to the disk either way; at 16384^2
+(1-4 GiB maps, 23 GiB of them with gradients) the cache serves them. A gradient store is freed after its producer's backward;
 its first adds read unwritten (zero) blocks, which costs no disk read. Writes go to the cache and are written back
 in the background: the model does not charge the disk's write bandwidth (0.15-0.3 GB/s here), which a plan writing
 faster than that for minutes would hit. Fitted on one machine (23 GiB of RAM, a virtual disk): rates and cache size
@@ -123,6 +129,11 @@ FLOP_RATE = 1.2e11
 # 1024^2 (153 GFLOP, 1.0 GiB written per forward, 4.6 s) and MONAI UNet 16-32-64-128 at 160^3 (14.6 GFLOP, 0.5 GiB,
 # 1.1 s); FLOPs alone predicted the UNet's step 3x too fast
 BYTE_RATE = 2.2e9
+# a depthwise convolution (groups == input channels) costs this many times its FLOPs and bytes at the rates above:
+# measured forward + backward per layer against ResNet-34's 3x3 convolutions in the same process (EfficientNet-B0's
+# 16 depthwise layers at 512^2 and 1024^2: 3.7-4.9x of what the rates predict, where the 3x3 ones are at 1.0); the
+# rates alone made EfficientNet-B0's conventional step 1.7x too fast and every fixed cost too heavy against it
+DEPTHWISE_CONV = 4.0
 # fixed cost of one tile pass (Python, dispatch, first touch of fresh buffers): a base plus a share per node of the
 # segment, so that a whole ResNet-34 trunk (232 nodes) costs the 25 ms per tile measured for issue 2 and a few
 # layers 2-4 ms (an 8-layer 2D net at 1536^2: 96 px tiles, 361 of them, against 192 px, 81: 4 ms per tile, forward
@@ -172,6 +183,15 @@ def page_cache_bytes(budget: int | None) -> int:
         return 0
     free = max(0, kib * 1024 - (budget or 0))
     return free // 2**30 * 2**30
+
+
+def reversed_tiles(segments: int, head: bool) -> list[bool]:
+    """Whether each segment's forward runs its tiles in reverse raster order in a training step (its backward runs
+    the other way): NOTE [ Tile order ] in execute.py."""
+    flags = [k % 2 == 0 for k in range(segments)]
+    if head and flags:
+        flags[-1] = False
+    return flags
 
 
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
@@ -438,7 +458,10 @@ class _Planner:
         self.total_flops = sum(p.flops for p in graph.profiles.values()) + head_flops or 1.0
         # seconds of one conventional forward pass (NOTE [ Cost model ])
         written = sum(p.out_bytes for p in graph.profiles.values())
-        self.total_seconds = self.total_flops / FLOP_RATE + written / BYTE_RATE
+        self._slow_nodes = self._depthwise_extra()
+        self.total_seconds = (
+            self.total_flops / FLOP_RATE + written / BYTE_RATE + sum(self._slow_nodes.values())
+        )
         self._pass_seconds: dict[int, float] = {}
         self._sp: dict[tuple[int, tuple[int, ...]], SegmentPlan | None] = {}
         self._forward_rate: dict[int, float] = {}
@@ -640,8 +663,19 @@ class _Planner:
         """Seconds of one forward pass of a segment over the whole image: its FLOPs and the bytes it writes."""
         if id(seg) not in self._pass_seconds:
             written = sum(self.g.profiles[n].out_bytes for n in seg.nodes)
-            self._pass_seconds[id(seg)] = seg.flops / FLOP_RATE + written / BYTE_RATE
+            slow = sum(self._slow_nodes.get(n, 0.0) for n in seg.nodes)
+            self._pass_seconds[id(seg)] = seg.flops / FLOP_RATE + written / BYTE_RATE + slow
         return self._pass_seconds[id(seg)]
+
+    def _depthwise_extra(self) -> dict[Any, float]:
+        """Seconds a forward pass of each depthwise convolution takes beyond its FLOPs and bytes at the rates
+        (``DEPTHWISE_CONV``, NOTE [ Cost model ])."""
+        extra = {}
+        for n, prof in self.g.profiles.items():
+            m = self.g.gm.get_submodule(n.target) if n.op == "call_module" else None
+            if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels:
+                extra[n] = (DEPTHWISE_CONV - 1) * (prof.flops / FLOP_RATE + prof.out_bytes / BYTE_RATE)
+        return extra
 
     def tile_seconds(self, sp: SegmentPlan) -> float:
         """The fixed cost of a segment's tile passes (NOTE [ Cost model ])."""
@@ -748,35 +782,38 @@ class _Planner:
     def disk_seconds(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:
         """Seconds of boundary IO on the disk tier (NOTE [ Cost model ], NOTE [ Page cache ])."""
         return sum(
-            nbytes * (segs[k].overlap if tiled else 1.0) / rate
-            for k, nbytes, tiled, rate in self._disk_touches(segs, bounds)
+            nbytes * (segs[k].overlap if tiled else 1.0) * per_byte
+            for k, nbytes, tiled, per_byte in self._disk_touches(segs, bounds)
         )
 
     def _disk_touches(
         self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]
     ) -> list[tuple[int, int, bool, float]]:
         """NOTE [ Page cache ]: the step's touches of disk-tier stores, each as (segment, store bytes, whether the
-        segment's overlap multiplies them, bytes/s). Cached per cut set, tiers and kept segments: which reads the
+        segment's overlap multiplies them, seconds per byte). Cached per cut set, tiers and kept segments: which reads the
         page cache serves does not depend on the tiles."""
         key = (tuple(id(sp.segment) for sp in segs), tuple((b.tier, b.grad_tier) for b in bounds),
                tuple(sp.keep for sp in segs))  # fmt: skip
         if key in self._touches:
             return self._touches[key]
         by_node = {b.name: b for b in bounds}
-        steps: list[tuple[int, list[tuple[tuple[str, str], int, bool, str]], tuple[str, str] | None]] = []
+        flips = reversed_tiles(len(segs), self.head is not None) if self.training else [False] * len(segs)
+        steps: list[
+            tuple[int, bool, list[tuple[tuple[str, str], int, bool, str]], tuple[str, str] | None]
+        ] = []
         for k, sp in enumerate(segs):  # forward: read the sources' boxes, write the output's cores
             touch = [(("map", s.name), b.nbytes, not sp.keep, "read") for s in sp.segment.sources
                      if (b := by_node.get(s.name)) is not None and b.tier == "disk"]  # fmt: skip
             out = by_node.get(sp.segment.out.name)
             if out is not None and out.tier == "disk":
                 touch.append((("map", out.name), out.nbytes, False, "write"))
-            steps.append((k, touch, None))
+            steps.append((k, flips[k], touch, None))
         # backward, in reverse: the sources again (recomputation, unless kept), the output's gradient, the sources'
         if self.training:
             for k in reversed(range(len(segs))):
                 sp = segs[k]
                 touch = (
-                    [] if sp.keep else [(key_, n, True, op) for key_, n, _, op in steps[k][1] if op == "read"]
+                    [] if sp.keep else [(key_, n, True, op) for key_, n, _, op in steps[k][2] if op == "read"]
                 )
                 out = by_node.get(sp.segment.out.name)
                 if out is not None and out.grad_tier == "disk":
@@ -784,35 +821,41 @@ class _Planner:
                 touch += [(("grad", s.name), b.nbytes, not sp.keep, "add") for s in sp.segment.sources
                           if (b := by_node.get(s.name)) is not None and b.grad_tier == "disk"]  # fmt: skip
                 # a gradient's store is freed after its producer's backward (NOTE [ Streamed execution ])
-                steps.append((k, touch, ("grad", out.name) if out is not None else None))
+                steps.append((k, not flips[k], touch, ("grad", out.name) if out is not None else None))
         cache = self.page_cache
         size: dict[tuple[str, str], int] = {}
         last: dict[tuple[str, str], int] = {}  # step of each live store's last touch
-        out_touches: list[tuple[int, int, bool, float]] = []
-        for i, (k, touch, freed) in enumerate(steps):
+        way: dict[tuple[str, str], bool] = {}  # the order of that touch (True: reverse raster order)
+        out_touches: list[tuple[int, int, bool, float]] = []  # (segment, bytes, tiled, seconds per byte)
+        for i, (k, flip, touch, freed) in enumerate(steps):
             now = {key_ for key_, *_ in touch}
+            size.update((key_, nbytes) for key_, nbytes, *_ in touch)
             for key_, nbytes, tiled, op in touch:
-                size[key_] = nbytes
                 if op == "write":
-                    out_touches.append((k, nbytes, tiled, DISK_WRITE))
+                    out_touches.append((k, nbytes, tiled, 1 / DISK_WRITE))
                     continue
                 if op == "add":
-                    out_touches.append((k, nbytes, tiled, DISK_ADD))
-                if key_ not in last:  # a gradient's first add reads unwritten (zero) blocks: no disk read
+                    out_touches.append((k, nbytes, tiled, 1 / DISK_ADD))
+                if key_ not in last:  # a gradient's first adds read unwritten (zero) blocks: no disk read
                     continue
                 t = last[key_]
-                distance = nbytes + sum(
-                    size[y] * (1.0 if ty > t else 0.5)
-                    for y, ty in last.items()
-                    if y != key_ and (ty > t or ty == t or y in now)
-                )
-                cold = distance > cache
+                newer = sum(size[y] for y, ty in last.items() if ty > t)  # touched since
+                beside = sum(
+                    size[y] for y, ty in last.items() if ty == t and y != key_
+                )  # interleaved with it
+                during = sum(size[y] for y in now if y != key_ and last.get(y, -1) <= t)
+                if way[key_] != flip:  # a scan in reverse (NOTE [ Tile order ]): the cached part first
+                    held = max(0.0, cache - newer) * nbytes / (nbytes + beside)
+                    hit = min(1.0, held / (nbytes + during))
+                else:  # in the same order: LRU misses everywhere once the store no longer fits
+                    hit = 1.0 if newer + beside + nbytes + during / 2 <= cache else 0.0
+                cold = (1 - hit) / DISK_COLD_READ
                 if op == "read":
-                    out_touches.append((k, nbytes, tiled, DISK_COLD_READ if cold else DISK_READ))
-                elif cold:  # an add whose blocks the cache has dropped reads them from the disk first
-                    out_touches.append((k, nbytes, tiled, DISK_COLD_READ))
+                    out_touches.append((k, nbytes, tiled, hit / DISK_READ + cold))
+                elif cold:  # an add into blocks the cache has dropped reads them from the disk first
+                    out_touches.append((k, nbytes, tiled, cold))
             for key_ in now:
-                last[key_] = i
+                last[key_], way[key_] = i, flip
             if freed is not None:
                 last.pop(freed, None)
         self._touches[key] = out_touches
