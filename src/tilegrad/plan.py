@@ -1214,7 +1214,9 @@ def plan_streaming(
     (with a budget: the fastest plan that fits, including unstreamed execution; with a fixed tile: the fastest
     plan within the tile's implied limit, NOTE [ Tile memory ]). ``head``: a streamed head (tilegrad.heads) fed
     tile by tile; the trunk's output is then never stored. ``tiers``: where boundary tensors live, "auto" (the
-    device while they fit, then disk), "device", "host" or "disk". ``batch_tiles`` (inference only): tiles run
+    device while they fit, then disk; a statistic's input recomputed by its readers where the cost model finds
+    that faster: NOTE [ Recomputed statistic inputs ] in statistics.py), "device", "host", "disk" (none recomputed)
+    or "recompute" (every statistic input recomputed, the rest as "auto"). ``batch_tiles`` (inference only): tiles run
     together in one forward call (NOTE [ Tile batches ] in infer.py). ``memory_budget`` is bytes or a string such
     as ``"2GiB"``. Option mistakes raise :class:`tilegrad.ConfigError`; no plan under the budget,
     :class:`tilegrad.MemoryBudgetError`.
