@@ -231,7 +231,12 @@ FUNCTIONS = {
     "squeeze": (lambda x: x.unsqueeze(1).squeeze(1), 2, LOCAL, True),
     torch.squeeze: (lambda x: torch.squeeze(x), 2, REFUSED, False),
     "repeat": (lambda x: x.repeat(1, 2, 1, 1), 2, LOCAL, True),
-    torch.stack: (lambda x: torch.stack([x, x.flip(1) * 2], dim=-3).sum(2), 2, LOCAL, True),  # (N, C, new, H, W)
+    torch.stack: (
+        lambda x: torch.stack([x, x.flip(1) * 2], dim=-3).sum(2),
+        2,
+        LOCAL,
+        True,
+    ),  # (N, C, new, H, W)
     # a flip over channels reorders them at each position; over space it mirrors about the tile's middle
     "flip": (lambda x: x * x.flip(1), 2, LOCAL, True),
     torch.flip: (lambda x: x * torch.flip(x, (3,)), 2, REFUSED, False),
