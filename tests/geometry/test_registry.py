@@ -283,6 +283,26 @@ FUNCTIONS = {
 }
 
 
+class _Tokens(nn.Module):
+    """A 1D map as tokens (N, L, C) through ``block``, back to (N, C, L): how transformers call attention."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x.transpose(1, 2)).transpose(1, 2)
+
+
+def _monai_attention():
+    from monai.networks.blocks.selfattention import SABlock
+
+    return _Tokens(SABlock(hidden_size=4, num_heads=1))
+
+
+FUNCTIONS["monai.networks.blocks.selfattention.SABlock"] = (_monai_attention(), 1, REFUSED, False)
+
+
 class _Call(nn.Module):
     """A 1x1 convolution (so the trace knows the channels) followed by the call under test."""
 
@@ -395,3 +415,12 @@ def test_flip_is_local_over_batch_and_channel_dims_only(call, expectation):
 def test_a_spatial_flip_says_why():
     with pytest.raises(NotStreamableError, match=r"flips dims \(3,\) of \(N, C, H, W\), a spatial dim"):
         module_geometry(_Call(lambda x: x.flip(3), 2), 2)
+
+
+def test_monai_attention_is_refused_as_attention():
+    # registered by its qualified name (MONAI is not imported by tilegrad); traced through, it failed inside einops
+    # with "KeyError: Proxy(getattr_1)" (issue 12: refusals that say why)
+    with pytest.raises(
+        NotStreamableError, match=r"'call.block' \(SABlock\).*attention over all positions is global"
+    ):
+        module_geometry(_Call(_monai_attention(), 1), 1)

@@ -367,3 +367,8 @@ register_geometry_rule(nn.MultiheadAttention, refusing("attention over all posit
 register_geometry_rule(nn.Transformer, refusing("attention over all positions is global"))
 register_geometry_rule(nn.TransformerEncoderLayer, refusing("attention over all positions is global"))
 register_geometry_rule(nn.TransformerDecoderLayer, refusing("attention over all positions is global"))
+# MONAI's self-attention block (ViT, UNETR, ViTAutoEnc, ...), by name: MONAI is not imported here. Traced through,
+# it failed inside einops with "KeyError: Proxy(getattr_1)"
+register_geometry_rule(
+    "monai.networks.blocks.selfattention.SABlock", refusing("attention over all positions is global")
+)
