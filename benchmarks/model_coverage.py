@@ -496,7 +496,7 @@ def _accepted(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
     """``shape``, or the shape with the smallest larger side (in steps of 32, up to MAX_PIXELS) on which the plain
     model runs (on its device: on the meta device nothing is computed), when it refuses ``shape`` itself: timm's
     Inception-v3, -v4 and Inception-ResNet-v2 need at least 75 px, and timm has no ``min_input_size`` for them
-    (torchvision has its weights' ``min_size``, :func:`_tv_min_side`); MONAI's AHNet fails at 32^3."""
+    (torchvision has its weights' ``min_size``, :func:`_tv_min_side`)."""
     ndim = len(shape) - 2
     side = shape[2]
     device = next(model.parameters(), torch.empty(0, device="meta")).device
