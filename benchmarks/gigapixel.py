@@ -172,9 +172,9 @@ def _time_disk_io() -> dict:
     def wrap(name: str):
         inner = getattr(DiskStore, name)
 
-        def timed(self, box, *rest):
+        def timed(self, box, *rest, **kwargs):
             t0, c0 = time.perf_counter(), time.process_time()
-            out = inner(self, box, *rest)
+            out = inner(self, box, *rest, **kwargs)
             t = totals.setdefault(name, {"calls": 0, "bytes": 0, "seconds": 0.0, "cpu_seconds": 0.0})
             t["calls"] += 1
             t["bytes"] += (

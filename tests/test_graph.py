@@ -3,6 +3,7 @@ against the plain computation: outputs, input gradients and every parameter grad
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -178,7 +179,9 @@ def test_train_mode_batchnorm_on_an_image_off_the_stride(dtype, tol):
     from .test_statistics import _check as _check_statistics  # compares the running statistics too
 
     trunk = resnet18_trunk().train()
-    streamed = _check_statistics(trunk, (1, 3, 100, 90), 64, dtype=dtype, tol=tol)
+    # every boundary stored (tiers="device": none recomputed by its readers, NOTE [ Recomputed statistic inputs ]),
+    # so that the rounded maps are read as sources
+    streamed = _check_statistics(trunk, (1, 3, 100, 90), 64, dtype=dtype, tol=tol, tiers="device")
     assert _rounded_sources(streamed)
 
 
@@ -297,6 +300,55 @@ def test_segmented_inference_is_exact():
     with torch.no_grad():
         y = tilegrad.infer(net, x, tile_size=24, memory_budget="64MiB", mode="stages", progress=False)
         assert rel_err(y, net(x)) <= 1e-12
+
+
+def test_each_pass_over_a_boundary_file_starts_where_the_previous_one_ended(monkeypatch, tmp_path):
+    # NOTE [ Tile order ]: segments alternate their tile order in the forward and run their backward in reverse, so
+    # the first box of every pass over a boundary file (a map: written, read by its reader's forward, read again by
+    # its recomputation; a gradient: added into, read by its producer) overlaps the last box of the pass before:
+    # the part of a map the page cache still holds is read first. A plain raster order in every pass fails this.
+    from tilegrad.boundary import DiskStore
+    from tilegrad.execute import Execution
+
+    from .test_stream import conv_net_2d
+
+    phase = ["forward"]
+    log: list[tuple[str, str, tuple[slice, ...]]] = []  # (file, pass, box)
+
+    def spying(op: str):
+        inner = getattr(DiskStore, op)
+
+        def spy(self, box, *rest, **kwargs):
+            log.append((self.path.name, f"{phase[0]} {op}", box))
+            return inner(self, box, *rest, **kwargs)
+
+        return spy
+
+    for op in ("read", "write", "add"):
+        monkeypatch.setattr(DiskStore, op, spying(op))
+    backward = Execution.backward
+
+    def marked(self, *args, **kwargs):
+        phase[0] = "backward"
+        return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Execution, "backward", marked)
+    streamed = _check(
+        conv_net_2d(), (1, 3, 256, 256), tile_size=32, mode="stages", tiers="disk", scratch_dir=tmp_path
+    )
+    assert len(streamed.last_plan.segments) >= 3 and all(len(s.grid) > 1 for s in streamed.last_plan.segments)
+    passes: dict[str, list[list[tuple[slice, ...]]]] = {}
+    last_pass: dict[str, str] = {}
+    for name, what, box in log:
+        if last_pass.get(name) != what:
+            passes.setdefault(name, []).append([])
+            last_pass[name] = what
+        passes[name][-1].append(box)
+    assert len(passes) == 2 * len(streamed.last_plan.boundaries)  # each map and its gradient
+    for name, runs in passes.items():
+        assert len(runs) == (3 if not name.endswith(".grad") else 2), name
+        for before, after in itertools.pairwise(runs):
+            assert all(a.start < b.stop and b.start < a.stop for a, b in zip(before[-1], after[0])), name
 
 
 class _FunctionalInPlace(nn.Module):

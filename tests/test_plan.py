@@ -243,3 +243,38 @@ def test_disk_reads_cost_a_copy_from_the_page_cache_and_the_disk_beyond_it(monke
         expected += (0 if reader.keep else b.nbytes * share / read) + b.nbytes * share / tplan.DISK_ADD
         expected += b.nbytes / read  # the producer's backward reads the gradient
     assert plan.time_parts["disk"] * plan.conventional_seconds == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_cache_smaller_than_the_maps_serves_part_of_each_reverse_scan(monkeypatch):
+    # NOTE [ Page cache ]: training scans each boundary in the reverse order of its previous pass (NOTE [ Tile
+    # order ] in execute.py), so a cache smaller than the maps still serves a share of every read: the disk part
+    # lies strictly between the all-cold and all-cached figures, and grows as the cache shrinks
+    import tilegrad.plan as tplan
+
+    parts = []
+    for cache in (0, 2**20, 3 * 2**20, 2**50):
+        monkeypatch.setattr(tplan, "PAGE_CACHE", cache)
+        plan = tilegrad.plan_streaming(
+            conv_net_2d(), (1, 3, 256, 256), tile_size=64, mode="stages", tiers="disk"
+        )
+        assert max(b.nbytes for b in plan.boundaries) > 2**20
+        parts.append(plan.time_parts["disk"])
+    assert parts[0] > parts[1] > parts[2] > parts[3], parts
+
+
+def test_a_depthwise_convolution_costs_its_measured_slowdown():
+    # NOTE [ Cost model ]: a depthwise convolution costs DEPTHWISE_CONV times its FLOPs and bytes at the rates, a
+    # dense one (and a grouped one that is not depthwise) the rates themselves
+    import tilegrad.plan as tplan
+
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.Conv2d(8, 8, 3, padding=1, groups=2),
+    )
+    plan = tilegrad.plan_streaming(net, (1, 3, 64, 64), tile_size=32, mode="lean")
+    profiles = plan.graph.profiles
+    cost = {n.target: p.flops / tplan.FLOP_RATE + p.out_bytes / tplan.BYTE_RATE for n, p in profiles.items()}
+    assert cost["1"] > 0
+    expected = 3 * (sum(cost.values()) + (tplan.DEPTHWISE_CONV - 1) * cost["1"])
+    assert plan.conventional_seconds == pytest.approx(expected, rel=1e-12)

@@ -238,3 +238,57 @@ def test_low_precision_moments_and_apply_norm(dtype):
     ref = torch.autograd.grad(apply_norm(xr, stats, w, b, mode="batch").sum(), [xr, stats, w, b])
     for g, r in zip(grads, ref):
         assert _rel(g.float(), r) < 1e-2
+
+
+class _SE(nn.Module):
+    """A timm-style squeeze-excitation for 2D or 3D maps (the mean over space, a small MLP, a channel gate)."""
+
+    def __init__(self, c, ndim):
+        super().__init__()
+        conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        self.dims = tuple(range(2, 2 + ndim))
+        self.fc1, self.fc2 = conv(c, 2, 1), conv(2, c, 1)
+
+    def forward(self, x):
+        return x * self.fc2(torch.relu(self.fc1(x.mean(self.dims, keepdim=True)))).sigmoid()
+
+
+def _recompute_case(kind: str, ndim: int) -> tuple[nn.Module, tuple[int, ...], int]:
+    conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+    shape = (2, 2, 40, 36) if ndim == 2 else (2, 2, 24, 20, 16)
+    tile = 20 if ndim == 2 else 12
+    if kind == "instance":
+        from monai.networks.nets import UNet
+
+        shape = (1, 1, 48, 40) if ndim == 2 else (1, 1, 24, 24, 16)
+        return UNet(ndim, 1, 2, (4, 8, 16), (2, 2)), shape, (24 if ndim == 2 else 16)
+    norm = {
+        "group": lambda c: nn.GroupNorm(2, c),
+        "batch": lambda c: (nn.BatchNorm2d if ndim == 2 else nn.BatchNorm3d)(c),
+        "se": lambda c: _SE(c, ndim),
+    }[kind]
+    trunk = nn.Sequential(conv(2, 6, 3, padding=1), norm(6), nn.PReLU(), conv(6, 6, 3, padding=1, stride=2),
+                          norm(6), nn.ReLU(), conv(6, 4, 3, padding=1), norm(4), nn.ReLU(),
+                          conv(4, 3, 3, padding=1))  # fmt: skip
+    return trunk.train(), shape, tile
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("kind", ["instance", "group", "batch", "se"])
+def test_statistic_inputs_recomputed_by_their_readers(kind, ndim, dtype, tol):
+    # NOTE [ Recomputed statistic inputs ] in statistics.py: tiers="recompute" makes every statistic's input one its
+    # readers compute again per tile instead of reading it from a store; outputs, input gradient, every parameter
+    # gradient and BatchNorm's running statistics as the plain computation's (compared in _check)
+    trunk, shape, tile = _recompute_case(kind, ndim)
+    streamed = _check(trunk, shape, tile, dtype=dtype, tol=tol, tiers="recompute")
+    plan = streamed.last_plan
+    again = {b.name for b in plan.boundaries if b.tier == "recompute"}
+    assert again, str(plan)
+    for sp in plan.segments:  # never read, never stored
+        assert not again & {s.name for s in sp.segment.sources}, str(plan)
+    # and at least one reader recomputes its input over several tiles
+    graph = plan.segments[0].segment.graph
+    forced = {n for n in graph.forced if n.name in again}
+    readers = [sp for sp in plan.segments if forced & set(sp.segment.nodes) and sp.segment.out not in forced]
+    assert any(len(sp.grid) > 1 for sp in readers), str(plan)

@@ -12,6 +12,21 @@ over tiles (NOTE [ Disjoint cores ] in tiling.py). A boundary's gradient is comp
 has run its backward, which reverse topological order guarantees; its store is freed right after its producer's
 backward, and an activation store right after the backward of its first reader.
 
+NOTE [ Tile order ]
+In a training step the segments alternate the order of their tiles (plan.py, ``reversed_tiles``): the forward of
+the first segment runs its grid in reverse raster order, of the second in raster order, and so on, and each
+segment's backward runs the reverse of its own forward. A pass over a boundary file then starts where the previous
+pass over it ended (a reader reads the map from the last tiles its producer wrote, a producer's backward reads its
+gradient from the last boxes its reader's backward added into, a backward's recomputation reads its sources from
+where its forward stopped), so when a map is larger than the page cache, the part the cache still holds is read
+first instead of being evicted before the scan reaches it (an LRU cache under scans in one direction misses
+everywhere: NOTE [ Page cache ] in plan.py prices both). Two ends are fixed: the first segment's backward runs in
+raster order (a GradientSink receives the input's gradient boxes in raster order), and so does the forward of a
+last segment feeding a streamed head (its partials are merged in raster order: ties of GlobalPool("max") resolve
+as on the whole map); with an odd number of segments and a head, the last boundary is then scanned twice in one
+direction. The order changes only the order of floating-point sums (gradients of overlapping boxes, parameter
+gradients, statistics' partials). Inference keeps raster order (sinks and infer.py's resumable journal).
+
 NOTE [ Last convolution not recomputed ]
 The backward of a convolution needs its input and the gradient of its output, never its output. When a segment
 ends in a convolution (nn.ConvNd or nn.ConvTransposeNd with zero padding: in a network cut at every normalisation
@@ -43,10 +58,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._allocator import trim_heap
 from ._autocast import autocast_state, replay_autocast
 from .boundary import DiskStore, Scratch, TensorStore
 from .graph import last_convolution
-from .plan import Plan, SegmentPlan
+from .plan import Plan, SegmentPlan, reversed_tiles
 from .statistics import reduction_combine, reduction_grad, reduction_partials, slabs, update_running_stats
 
 __all__ = ["Execution", "Reader", "run_plan"]
@@ -203,6 +219,13 @@ class Execution:
             out.append(_leaf(self.values[s], grad[j]))
         return out
 
+    def _order(self, k: int, training: bool) -> list[int]:
+        """NOTE [ Tile order ]: the grid indices of segment ``k``'s tiles in the order its forward runs them (its
+        backward runs them in reverse)."""
+        order = list(range(len(self.plan.segments[k].grid)))
+        flip = reversed_tiles(len(self.plan.segments), self.head is not None)[k]
+        return order[::-1] if training and flip else order
+
     @staticmethod
     def _args(sp: SegmentPlan, srcs: list[torch.Tensor]) -> list[torch.Tensor]:
         """The segment's arguments: a source its first layer modifies in place (ReLU(inplace=True)) is copied,
@@ -264,7 +287,12 @@ class Execution:
         with torch.enable_grad():
             z = prefix(*self._args(sp, srcs))
         nd = z.dim() - 2
-        value = self.stores[seg.out].read(tile.outputs) if seg.out in self.pending else None
+        value = None
+        if seg.out in self.pending and seg.out in self.stores:
+            value = self.stores[seg.out].read(tile.outputs)
+        elif seg.out in self.pending:  # NOTE [ Recomputed statistic inputs ]: not stored, the conv again
+            with torch.no_grad():
+                value = conv(z.detach())[(slice(None), slice(None), *tile.crop)]
         g_core = self._out_grad(seg.out, tile.outputs, value, z.dtype)
         # one buffer for the segment's tiles, as large as the largest tile's map so far, zeroed again on reuse: a
         # fresh map per tile paid its pages' first touch every time (NOTE [ Heap growth under a budget ] in
@@ -410,11 +438,12 @@ class Execution:
                 seg = sp.segment
                 module = sp.chain
                 nin = len(seg.sources) + len(seg.globals)
-                if k < last:
-                    b = self.tiers[seg.out.name]
+                b = self.tiers.get(seg.out.name)
+                if k < last and b.tier != "recompute":  # NOTE [ Recomputed statistic inputs ]: no store
                     self.stores[seg.out] = self._store(seg.out, b.tier, zero=False)
                 whole = tuple(slice(0, n) for n in self.graph.input_shape[2:])
-                tiles = [None] if (sp.keep and training) else list(sp.grid)
+                grid = list(sp.grid)
+                tiles = [None] if (sp.keep and training) else [grid[i] for i in self._order(k, training)]
                 for tile in tiles:
                     window = whole if tile is None else tile.inputs
                     if tile is None:  # NOTE [ Kept segments ]
@@ -444,7 +473,8 @@ class Execution:
                         outputs = tile.outputs
                     if k < last:
                         self._accumulate(seg.out, core.to(self.dtype))
-                        self.stores[seg.out].write(outputs, core.to(self.dtype))
+                        if seg.out in self.stores:
+                            self.stores[seg.out].write(outputs, core.to(self.dtype))
                     elif self.head is not None:
                         self.partials.append(tuple(p.detach() for p in self.head.partial(core)))
                     else:
@@ -452,8 +482,11 @@ class Execution:
                             out = torch.empty(self.graph.shape(seg.out), dtype=core.dtype, device=core.device)
                         out[(slice(None), slice(None), *outputs)] = core
                     del srcs, y, core
+                    if not training:  # no segment-wide reuse to keep (NOTE [ Heap growth under a budget ])
+                        trim_heap()
                     if bar is not None:
                         bar.update(1 if tile is not None else len(sp.grid))
+                trim_heap()  # NOTE [ Heap growth under a budget ] in _allocator.py
                 if not training:  # free what no later segment reads
                     for s in seg.sources:
                         if s in self.stores and max(self.consumers[s]) <= k:
@@ -570,7 +603,11 @@ class Execution:
                     # a whole piece recomputed (a second backward: NOTE [ Kept segments ]) must not update its
                     # layers' running statistics again
                     buffers = [(b, b.clone()) for b in module.buffers()] if seg.whole else []
-                    for t, tile in enumerate(sp.grid):
+                    grid = list(sp.grid)
+                    order = self._order(k, True)
+                    # t: the tile's place in the forward (the index of its head partial)
+                    for t in reversed(range(len(order))):
+                        tile = grid[order[t]]
                         srcs = self._sources(sp, tile.inputs, k, need)
                         inputs = [s for s, n in zip(srcs, need) if n] + seg_params
                         if inputs and tail:  # NOTE [ Last convolution not recomputed ]
@@ -605,6 +642,7 @@ class Execution:
                     for b, saved in buffers:
                         b.copy_(saved)
                     del buffers
+                trim_heap()
                 # what this segment's backward completes
                 self.pending.pop(seg.out, None)
                 self.g_out_buf = None

@@ -52,7 +52,8 @@ whole map with its graph kept from the forward to its backward (NOTE [ Kept segm
 normalisation is the layer itself (``Segment.native_layers``: BatchNorm updates its running statistics as in the
 conventional step) and a squeeze-excitation pool a mean over the whole map, so autograd does the backward's
 reductions; its saved bytes are the layers', not the rewritten reductions'. A run is not one piece
-when a tensor or a statistic it keeps inside is read by a segment after it (``whole_conflict``): a statistic of one
+when a tensor or a statistic it keeps inside is read by a segment after it, nor when a statistic is inside two pieces
+(each would call the layer, and BatchNorm update its running statistics, once) (``whole_conflict``): a statistic of one
 of the piece's sources that a streamed segment also reads is computed twice, once inside and once accumulated from
 the source's cores; BatchNorm's running statistics are updated once, by the layer inside the piece (the engine
 skips its update for that reduction node; a module called twice is still updated once per call).
@@ -444,15 +445,21 @@ class TrunkGraph:
     def _ancestors(self, node: torch.fx.Node) -> set[torch.fx.Node]:
         return _closure(node, lambda n: n.all_input_nodes)
 
-    def segments(self, cuts: Iterable[torch.fx.Node]) -> list[Segment]:
-        """The segments of a cut set, in topological order; raises GeometryError if a window would not line up."""
-        key = frozenset(cuts)
-        return list(self._segments(key))
+    def segments(
+        self, cuts: Iterable[torch.fx.Node], recompute: Iterable[torch.fx.Node] = ()
+    ) -> list[Segment]:
+        """The segments of a cut set, in topological order; raises GeometryError if a window would not line up.
+        ``recompute``: statistic inputs (forced cuts) that their readers recompute instead of reading them from a
+        store (NOTE [ Recomputed statistic inputs ] in statistics.py): each still ends a segment, which computes
+        its statistics, but is no source of any other."""
+        return list(self._segments(frozenset(cuts), frozenset(recompute) & self.forced))
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 - one TrunkGraph per planning call
-    def _segments(self, cuts: frozenset[torch.fx.Node]) -> tuple[Segment, ...]:
+    def _segments(
+        self, cuts: frozenset[torch.fx.Node], recompute: frozenset[torch.fx.Node] = frozenset()
+    ) -> tuple[Segment, ...]:
         cuts = cuts | self.forced
-        stops = set(cuts) | {self.input}
+        stops = (set(cuts) - recompute) | {self.input}
         outs = sorted(set(cuts) | {self.output}, key=self.index.__getitem__)
         return tuple(self._segment(out, stops) for out in outs)
 
@@ -589,6 +596,13 @@ class TrunkGraph:
             lost = [src.name for src in s.sources if src not in outs]
             if lost:
                 return f"{s.name} reads {lost}, which a whole piece keeps inside"
+        seen: set[torch.fx.Node] = set()
+        for s in segments:
+            if s.whole:  # a layer called in two pieces would update its running statistics twice
+                twice = [n.name for n in s.nodes if n in self.global_set and n in seen]
+                if twice:
+                    return f"{twice} inside two whole pieces"
+                seen.update(s.nodes)
         shared = self.streamed_globals(segments)
         for s in segments:
             if s.whole:

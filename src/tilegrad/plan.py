@@ -17,6 +17,7 @@ One number per plan, ``time_ratio``: predicted time of a training step over that
   streamed segment costs 4 such passes (forward, recompute, backward = 2) times its *overlap* (window area read
   over all tiles / image area); a kept segment (one tile, graph kept: NOTE [ Kept segments ] in execute.py) costs
   the conventional 3;
+* depthwise convolutions run far below those rates on the CPU: ``DEPTHWISE_CONV`` times their FLOPs and bytes;
 * per tile: a fixed overhead (Python, dispatch, first touch of fresh buffers) per tile pass, ``TILE_SECONDS`` plus
   ``NODE_SECONDS`` per node of the segment;
 * small-tile kernels: PyTorch runs a CPU convolution on oneDNN only above a size (for 3D, N*C*D*H > 20480 of its
@@ -41,10 +42,15 @@ backward's recomputation, its gradient by the producer's backward): while the fi
 has free, the kernel's page cache serves those reads, which then cost a copy (``DISK_READ``) rather than the disk
 (``DISK_COLD_READ``, 2.4x slower in wall time on this machine). Which reads the cache serves is decided like an LRU
 cache of ``page_cache_bytes`` (the available memory less the budget): the step's touches of disk-tier stores are
-listed in order (forward, then backward in reverse), and a read of a store is served from the cache when that
-store plus every live store touched since its last touch (half of those touched in the same step: tiles
-interleave them) fit. A tile-order scan of a store larger than the cache therefore misses everywhere (LRU under a
-sequential scan), as a 64 GiB layer1 map at 65536^2 does. A gradient store is freed after its producer's backward;
+listed in order (forward, then backward in reverse); for a read of a store of S bytes, *newer* is the bytes of the
+live stores touched since its last pass, *beside* those touched in that same step (tiles interleave them with it:
+the cache holds them in proportion) and *during* those the reading step touches too. A training step mostly scans a
+store in the reverse order of its previous pass (NOTE [ Tile order ] in execute.py): the reader starts on the part
+the cache still holds, held = (C - newer) * S / (S + beside), while what it touches meanwhile evicts the other end,
+so a share held / (S + during), at most 1, is served from the cache. In the same order (inference), LRU misses
+everywhere once the store no longer fits: a read is served whole if newer + beside + S + during / 2 <= C, else not
+at all. At 65536^2 the maps (8-64 GiB) dwarf the cache and most reads go to the disk either way; at 16384^2
+(1-4 GiB maps, 23 GiB of them with gradients) the cache serves them. A gradient store is freed after its producer's backward;
 its first adds read unwritten (zero) blocks, which costs no disk read. Writes go to the cache and are written back
 in the background: the model does not charge the disk's write bandwidth (0.15-0.3 GB/s here), which a plan writing
 faster than that for minutes would hit. Fitted on one machine (23 GiB of RAM, a virtual disk): rates and cache size
@@ -118,6 +124,11 @@ FLOP_RATE = 1.2e11
 # 1024^2 (153 GFLOP, 1.0 GiB written per forward, 4.6 s) and MONAI UNet 16-32-64-128 at 160^3 (14.6 GFLOP, 0.5 GiB,
 # 1.1 s); FLOPs alone predicted the UNet's step 3x too fast
 BYTE_RATE = 2.2e9
+# a depthwise convolution (groups == input channels) costs this many times its FLOPs and bytes at the rates above:
+# measured forward + backward per layer against ResNet-34's 3x3 convolutions in the same process (EfficientNet-B0's
+# 16 depthwise layers at 512^2 and 1024^2: 3.7-4.9x of what the rates predict, where the 3x3 ones are at 1.0); the
+# rates alone made EfficientNet-B0's conventional step 1.7x too fast and every fixed cost too heavy against it
+DEPTHWISE_CONV = 4.0
 # fixed cost of one tile pass (Python, dispatch, first touch of fresh buffers): a base plus a share per node of the
 # segment, so that a whole ResNet-34 trunk (232 nodes) costs the 25 ms per tile measured for issue 2 and a few
 # layers 2-4 ms (an 8-layer 2D net at 1536^2: 96 px tiles, 361 of them, against 192 px, 81: 4 ms per tile, forward
@@ -150,7 +161,7 @@ SLOW_CONV = 2.5
 FORWARD_TRANSIENT = 2.0  # no-grad forward working set, in units of the largest tensor
 BUDGET_SAFETY = 0.8  # share of a user budget the planner plans for (the rest: allocator slack)
 FIXED_TILE_EXTRA = 0.5  # NOTE [ Tile memory ]: extra room of a fixed tile without budget, in tiles
-TIERS = ("auto", "device", "host", "disk")
+TIERS = ("auto", "device", "host", "disk", "recompute")
 
 
 def page_cache_bytes(budget: int | None) -> int:
@@ -166,6 +177,15 @@ def page_cache_bytes(budget: int | None) -> int:
         return 0
     free = max(0, kib * 1024 - (budget or 0))
     return free // 2**30 * 2**30
+
+
+def reversed_tiles(segments: int, head: bool) -> list[bool]:
+    """Whether each segment's forward runs its tiles in reverse raster order in a training step (its backward runs
+    the other way): NOTE [ Tile order ] in execute.py."""
+    flags = [k % 2 == 0 for k in range(segments)]
+    if head and flags:
+        flags[-1] = False
+    return flags
 
 
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
@@ -330,12 +350,19 @@ class Plan:
                 )
             if self.boundaries:
                 by_tier: dict[str, int] = {}
-                for b in self.boundaries:
+                stored = [b for b in self.boundaries if b.tier != "recompute"]
+                for b in stored:
                     by_tier[b.tier] = by_tier.get(b.tier, 0) + b.nbytes
                     if self.training:
                         by_tier[b.grad_tier] = by_tier.get(b.grad_tier, 0) + b.nbytes
                 tiers = ", ".join(f"{t} {format_bytes(n)}" for t, n in sorted(by_tier.items()))
-                lines.append(f"  boundaries: {len(self.boundaries)} tensors (with gradients): {tiers}")
+                lines.append(f"  boundaries: {len(stored)} tensors (with gradients): {tiers or 'none'}")
+                again = [b for b in self.boundaries if b.tier == "recompute"]
+                if again:
+                    lines.append(
+                        f"  recomputed by their readers, not stored: {len(again)} statistic inputs "
+                        f"({format_bytes(sum(b.nbytes for b in again))})"
+                    )
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -425,7 +452,10 @@ class _Planner:
         self.total_flops = sum(p.flops for p in graph.profiles.values()) + head_flops or 1.0
         # seconds of one conventional forward pass (NOTE [ Cost model ])
         written = sum(p.out_bytes for p in graph.profiles.values())
-        self.total_seconds = self.total_flops / FLOP_RATE + written / BYTE_RATE
+        self._slow_nodes = self._depthwise_extra()
+        self.total_seconds = (
+            self.total_flops / FLOP_RATE + written / BYTE_RATE + sum(self._slow_nodes.values())
+        )
         self._pass_seconds: dict[int, float] = {}
         self._sp: dict[tuple[int, tuple[int, ...]], SegmentPlan | None] = {}
         self._forward_rate: dict[int, float] = {}
@@ -627,8 +657,19 @@ class _Planner:
         """Seconds of one forward pass of a segment over the whole image: its FLOPs and the bytes it writes."""
         if id(seg) not in self._pass_seconds:
             written = sum(self.g.profiles[n].out_bytes for n in seg.nodes)
-            self._pass_seconds[id(seg)] = seg.flops / FLOP_RATE + written / BYTE_RATE
+            slow = sum(self._slow_nodes.get(n, 0.0) for n in seg.nodes)
+            self._pass_seconds[id(seg)] = seg.flops / FLOP_RATE + written / BYTE_RATE + slow
         return self._pass_seconds[id(seg)]
+
+    def _depthwise_extra(self) -> dict[Any, float]:
+        """Seconds a forward pass of each depthwise convolution takes beyond its FLOPs and bytes at the rates
+        (``DEPTHWISE_CONV``, NOTE [ Cost model ])."""
+        extra = {}
+        for n, prof in self.g.profiles.items():
+            m = self.g.gm.get_submodule(n.target) if n.op == "call_module" else None
+            if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels:
+                extra[n] = (DEPTHWISE_CONV - 1) * (prof.flops / FLOP_RATE + prof.out_bytes / BYTE_RATE)
+        return extra
 
     def tile_seconds(self, sp: SegmentPlan) -> float:
         """The fixed cost of a segment's tile passes (NOTE [ Cost model ])."""
@@ -735,35 +776,38 @@ class _Planner:
     def disk_seconds(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:
         """Seconds of boundary IO on the disk tier (NOTE [ Cost model ], NOTE [ Page cache ])."""
         return sum(
-            nbytes * (segs[k].overlap if tiled else 1.0) / rate
-            for k, nbytes, tiled, rate in self._disk_touches(segs, bounds)
+            nbytes * (segs[k].overlap if tiled else 1.0) * per_byte
+            for k, nbytes, tiled, per_byte in self._disk_touches(segs, bounds)
         )
 
     def _disk_touches(
         self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]
     ) -> list[tuple[int, int, bool, float]]:
         """NOTE [ Page cache ]: the step's touches of disk-tier stores, each as (segment, store bytes, whether the
-        segment's overlap multiplies them, bytes/s). Cached per cut set, tiers and kept segments: which reads the
+        segment's overlap multiplies them, seconds per byte). Cached per cut set, tiers and kept segments: which reads the
         page cache serves does not depend on the tiles."""
         key = (tuple(id(sp.segment) for sp in segs), tuple((b.tier, b.grad_tier) for b in bounds),
                tuple(sp.keep for sp in segs))  # fmt: skip
         if key in self._touches:
             return self._touches[key]
         by_node = {b.name: b for b in bounds}
-        steps: list[tuple[int, list[tuple[tuple[str, str], int, bool, str]], tuple[str, str] | None]] = []
+        flips = reversed_tiles(len(segs), self.head is not None) if self.training else [False] * len(segs)
+        steps: list[
+            tuple[int, bool, list[tuple[tuple[str, str], int, bool, str]], tuple[str, str] | None]
+        ] = []
         for k, sp in enumerate(segs):  # forward: read the sources' boxes, write the output's cores
             touch = [(("map", s.name), b.nbytes, not sp.keep, "read") for s in sp.segment.sources
                      if (b := by_node.get(s.name)) is not None and b.tier == "disk"]  # fmt: skip
             out = by_node.get(sp.segment.out.name)
             if out is not None and out.tier == "disk":
                 touch.append((("map", out.name), out.nbytes, False, "write"))
-            steps.append((k, touch, None))
+            steps.append((k, flips[k], touch, None))
         # backward, in reverse: the sources again (recomputation, unless kept), the output's gradient, the sources'
         if self.training:
             for k in reversed(range(len(segs))):
                 sp = segs[k]
                 touch = (
-                    [] if sp.keep else [(key_, n, True, op) for key_, n, _, op in steps[k][1] if op == "read"]
+                    [] if sp.keep else [(key_, n, True, op) for key_, n, _, op in steps[k][2] if op == "read"]
                 )
                 out = by_node.get(sp.segment.out.name)
                 if out is not None and out.grad_tier == "disk":
@@ -771,35 +815,41 @@ class _Planner:
                 touch += [(("grad", s.name), b.nbytes, not sp.keep, "add") for s in sp.segment.sources
                           if (b := by_node.get(s.name)) is not None and b.grad_tier == "disk"]  # fmt: skip
                 # a gradient's store is freed after its producer's backward (NOTE [ Streamed execution ])
-                steps.append((k, touch, ("grad", out.name) if out is not None else None))
+                steps.append((k, not flips[k], touch, ("grad", out.name) if out is not None else None))
         cache = self.page_cache
         size: dict[tuple[str, str], int] = {}
         last: dict[tuple[str, str], int] = {}  # step of each live store's last touch
-        out_touches: list[tuple[int, int, bool, float]] = []
-        for i, (k, touch, freed) in enumerate(steps):
+        way: dict[tuple[str, str], bool] = {}  # the order of that touch (True: reverse raster order)
+        out_touches: list[tuple[int, int, bool, float]] = []  # (segment, bytes, tiled, seconds per byte)
+        for i, (k, flip, touch, freed) in enumerate(steps):
             now = {key_ for key_, *_ in touch}
+            size.update((key_, nbytes) for key_, nbytes, *_ in touch)
             for key_, nbytes, tiled, op in touch:
-                size[key_] = nbytes
                 if op == "write":
-                    out_touches.append((k, nbytes, tiled, DISK_WRITE))
+                    out_touches.append((k, nbytes, tiled, 1 / DISK_WRITE))
                     continue
                 if op == "add":
-                    out_touches.append((k, nbytes, tiled, DISK_ADD))
-                if key_ not in last:  # a gradient's first add reads unwritten (zero) blocks: no disk read
+                    out_touches.append((k, nbytes, tiled, 1 / DISK_ADD))
+                if key_ not in last:  # a gradient's first adds read unwritten (zero) blocks: no disk read
                     continue
                 t = last[key_]
-                distance = nbytes + sum(
-                    size[y] * (1.0 if ty > t else 0.5)
-                    for y, ty in last.items()
-                    if y != key_ and (ty > t or ty == t or y in now)
-                )
-                cold = distance > cache
+                newer = sum(size[y] for y, ty in last.items() if ty > t)  # touched since
+                beside = sum(
+                    size[y] for y, ty in last.items() if ty == t and y != key_
+                )  # interleaved with it
+                during = sum(size[y] for y in now if y != key_ and last.get(y, -1) <= t)
+                if way[key_] != flip:  # a scan in reverse (NOTE [ Tile order ]): the cached part first
+                    held = max(0.0, cache - newer) * nbytes / (nbytes + beside)
+                    hit = min(1.0, held / (nbytes + during))
+                else:  # in the same order: LRU misses everywhere once the store no longer fits
+                    hit = 1.0 if newer + beside + nbytes + during / 2 <= cache else 0.0
+                cold = (1 - hit) / DISK_COLD_READ
                 if op == "read":
-                    out_touches.append((k, nbytes, tiled, DISK_COLD_READ if cold else DISK_READ))
-                elif cold:  # an add whose blocks the cache has dropped reads them from the disk first
-                    out_touches.append((k, nbytes, tiled, DISK_COLD_READ))
+                    out_touches.append((k, nbytes, tiled, hit / DISK_READ + cold))
+                elif cold:  # an add into blocks the cache has dropped reads them from the disk first
+                    out_touches.append((k, nbytes, tiled, cold))
             for key_ in now:
-                last[key_] = i
+                last[key_], way[key_] = i, flip
             if freed is not None:
                 last.pop(freed, None)
         self._touches[key] = out_touches
@@ -808,7 +858,7 @@ class _Planner:
     def build(self, cuts: frozenset, budget: int | None, requested: tuple[int, ...] | None) -> Plan | None:
         """The fastest plan with these cuts under ``budget`` (or the leanest, if none fits), or None."""
         try:
-            segments = self.g.segments(cuts)
+            segments = self.g.segments(cuts, self.g.forced if self.tiers == "recompute" else ())
         except GeometryError as err:
             self.errors.append(str(err))
             return None
@@ -824,6 +874,10 @@ class _Planner:
         if self.tiers in ("host", "disk"):
             for b in bounds:
                 b.tier = b.grad_tier = self.tiers
+        read = {src for s in segments for src in s.sources}
+        for b, s in zip(bounds, segments):
+            if s.out not in read:  # NOTE [ Recomputed statistic inputs ] in statistics.py: never stored
+                b.tier = b.grad_tier = "recompute"
         # each segment: options ordered fastest first; a fixed tile caps the working set (NOTE [ Tile memory ])
         options: list[list[SegmentPlan]] = []
         cap = None
@@ -855,7 +909,7 @@ class _Planner:
             peak, fwd, steps = self.evaluate(segs, bounds)
             if budget is None or peak <= budget:
                 break
-            if self.tiers == "auto":
+            if self.tiers in ("auto", "recompute"):
                 # maps first (they live through the step), gradients (alive from a reader's backward to their
                 # producer's) only when every map is on disk
                 movable = [b for b in bounds if b.tier == "device"]
@@ -917,16 +971,39 @@ class _Planner:
 
     def _to_device(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan], budget: int | None) -> None:
         """Bring back to the device the boundaries on disk that still fit, smallest first."""
-        if self.tiers != "auto" or budget is None:
+        if self.tiers not in ("auto", "recompute") or budget is None:
             return
         for attr in ("grad_tier", "tier"):
             for b in sorted(bounds, key=lambda b: b.nbytes):
-                if getattr(b, attr) == "device":
+                if getattr(b, attr) in ("device", "recompute"):
                     continue
                 old = getattr(b, attr)
                 setattr(b, attr, "device")
                 if self.evaluate(segs, bounds)[0] > budget:
                     setattr(b, attr, old)
+
+    def recomputed(self, plan: Plan, budget: int, requested: tuple[int, ...] | None) -> Plan:
+        """NOTE [ Cost model ]: statistic inputs (forced cuts) that their readers recompute from the sources of the
+        segment computing them instead of reading them from a store (NOTE [ Recomputed statistic inputs ] in
+        statistics.py), each tried in turn, the largest first, and kept when the plan (every tile chosen again)
+        fits and is faster."""
+        if self.tiers != "auto" or plan.conventional or not self.g.forced:
+            return plan
+        outs = {sp.segment.out for sp in plan.segments}
+        cuts = frozenset(outs - self.g.forced - {self.g.output})
+        recompute = frozenset(n for n in self.g.forced if n.name in _recomputed(plan))
+        best = plan
+        for f in sorted(
+            self.g.forced - recompute, key=lambda n: (-self.g.profiles[n].out_bytes, self.g.index[n])
+        ):
+            try:
+                segments = self.g.segments(cuts, recompute | {f})
+            except GeometryError:
+                continue
+            trial = self.assemble(segments, budget, requested)
+            if trial is not None and trial.peak_bytes <= budget and trial.time_ratio < best.time_ratio:
+                best, recompute = trial, recompute | {f}
+        return best
 
     def wholes(self, plan: Plan, budget: int, requested: tuple[int, ...] | None) -> Plan:
         """NOTE [ Whole pieces ]: each run of consecutive one-tile segments of the chosen plan becomes one piece
@@ -1202,6 +1279,7 @@ def plan_streaming(
             leanest = other_lean
     if best is not None:
         if budget is not None and not best.conventional:
+            best = planner.recomputed(best, budget, requested)
             best = planner.wholes(best, budget, requested)
             best = planner.refine(best, budget, requested)
         _check_tiles(best)
@@ -1230,6 +1308,11 @@ def plan_streaming(
         )
         + (", or write the output to a sink on disk (out=)" if not training and output_in_memory else "")
     )
+
+
+def _recomputed(plan: Plan) -> set[str]:
+    """Names of the statistic inputs the plan's readers recompute (NOTE [ Recomputed statistic inputs ])."""
+    return {b.name for b in plan.boundaries if b.tier == "recompute"}
 
 
 def _representatives(spans: Sequence[Any]) -> list[Any]:

@@ -27,6 +27,21 @@ exactly the chain rule through mean and variance). The engine adds it to the gra
 producing segment runs its own backward, from the core it recomputes anyway (for the image: slab by slab from the
 reader). BatchNorm in training mode updates its running statistics once per forward, from the whole batch's
 statistics, as the conventional step does (unbiased variance, momentum or cumulative average).
+
+NOTE [ Recomputed statistic inputs ]
+A statistic's input ``x`` need not be stored. Where the planner's cost model finds it cheaper (plan.py
+``recomputed``: typically a convolution of a map already stored or of the image, whose output is larger than its
+input), ``x`` still ends a segment, which the engine runs tile by tile in the forward only to accumulate the
+statistic from its cores, but no store holds it (its boundary's tier is ``"recompute"``) and no other segment reads
+it: the segments that read ``x`` compute it again per tile from that segment's sources (graph.py ``segments(...,
+recompute=)``: ``x`` is no stop of their cones). The backward is exact by linearity: the gradient of ``x`` is the
+sum of what its readers send it directly (through ``apply_norm``'s ``x``) and what the statistic sends
+(``reduction_grad``). Each reader pushes its direct share on through the recomputed nodes inside its own tiles'
+backward (to their parameters and to the sources), so no gradient store of ``x`` is needed; the segment computing
+``x`` then runs its backward with the statistic's share alone, ``x``'s value recomputed per tile (for a segment
+ending in a convolution: that convolution once more, NOTE [ Last convolution not recomputed ] in execute.py). The
+statistic's gradient is complete by then, because every reader of it comes after ``x`` in the graph. Costs the
+readers' recomputation (more FLOPs, larger tiles); saves the store, its IO and its gradient's.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ._allocator import pin_mmap_threshold
+from ._allocator import STREAM_THRESHOLD, pin_mmap_threshold
 from .errors import ConfigError, ShapeError, TilegradError
 from .execute import Reader, run_plan
 from .heads import streamed_head
@@ -219,7 +219,7 @@ class StreamingModule(nn.Module):
                     x.register_hook(lambda g: grad_sink.add(whole_box, g))
             y = self.module(x)
             return self.head(y) if self.head is not None else y
-        pin_mmap_threshold(device)  # NOTE [ Heap growth under a budget ] in _allocator.py
+        pin_mmap_threshold(device, STREAM_THRESHOLD)  # NOTE [ Heap growth under a budget ] in _allocator.py
         return run_plan(
             plan,
             self.module,
