@@ -303,6 +303,24 @@ def _monai_attention():
 FUNCTIONS["monai.networks.blocks.selfattention.SABlock"] = (_monai_attention(), 1, REFUSED, False)
 
 
+def _timm_same():
+    from timm.layers import Conv2dSame
+    from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+    from timm.layers.std_conv import ScaledStdConv2dSame, StdConv2dSame
+
+    return {
+        "timm.layers.std_conv.StdConv2dSame": StdConv2dSame(4, 4, 3, stride=2),
+        "timm.layers.std_conv.ScaledStdConv2dSame": ScaledStdConv2dSame(4, 4, 3, stride=2),
+        "timm.layers.conv2d_same.Conv2dSame": Conv2dSame(4, 4, 3, stride=2),
+        "timm.layers.pool2d_same.MaxPool2dSame": MaxPool2dSame(3, stride=2),
+        "timm.layers.pool2d_same.AvgPool2dSame": AvgPool2dSame(3, stride=2),
+    }
+
+
+# 'same' padding computed per input: tiles of other sizes are padded differently (odd and even extents)
+FUNCTIONS.update({name: (layer, 2, REFUSED, False) for name, layer in _timm_same().items()})
+
+
 class _Call(nn.Module):
     """A 1x1 convolution (so the trace knows the channels) followed by the call under test."""
 
@@ -424,3 +442,11 @@ def test_monai_attention_is_refused_as_attention():
         NotStreamableError, match=r"'call.block' \(SABlock\).*attention over all positions is global"
     ):
         module_geometry(_Call(_monai_attention(), 1), 1)
+
+
+@pytest.mark.parametrize("name", list(_timm_same()))
+def test_timm_same_padding_is_refused_not_taken_for_its_base_class(name):
+    # a subclass of nn.Conv2d / nn.MaxPool2d with padding 0 that pads in forward: the base class's rule would miss
+    # the padding (timm's NASNet planned with it and a tile's output came out empty)
+    with pytest.raises(NotStreamableError, match="'same' padding is computed from the size of each input"):
+        module_geometry(_Call(_timm_same()[name], 2), 2)
