@@ -259,6 +259,10 @@ def _monai_family(model: nn.Module, at: str | int | None) -> tuple[nn.Module, nn
     return None
 
 
+class _NoHeadChild(ConfigError):
+    """split_model of a model of no known family without ``at=`` and with no head layer among its children."""
+
+
 def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Module, nn.Module]:
     """Split ``model`` before the child named ``at`` into ``(trunk, head)`` with ``head(trunk(x)) == model(x)``.
 
@@ -308,7 +312,7 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Module, nn.
     if at is None:
         at = _default_split(model)
         if at is None:
-            raise ConfigError(
+            raise _NoHeadChild(
                 f"cannot split {tv_name}: none of its children is a head layer (global pooling, Flatten, Linear) "
                 f"and split_model does not know its family; pass at=, the name of the child where the head "
                 f"begins, one of {names}"
@@ -357,12 +361,12 @@ def streamable_part(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
         return model, None
     try:
         return split_model(model)
+    except _NoHeadChild:
+        # no known family and no head among its children: its pooling or Linear layers sit inside its blocks (a
+        # segmentation network's ASPP pooling branch, a transformer's attention and MLPs). Streamed whole, so that
+        # the refusal names the layer that cannot stream, not the split
+        return model, None
     except TilegradError as err:
-        if isinstance(err, ConfigError) and _default_split(model) is None:
-            # no head among its children: its pooling or Linear layers sit inside its blocks (a segmentation
-            # network's ASPP pooling branch, a transformer's attention and MLPs). Streamed whole, so that the
-            # refusal names the layer that cannot stream, not the split
-            return model, None
         raise NotStreamableError(
             f"cannot split {type(model).__name__} into a streamable trunk and a head: {err}"
         ) from err

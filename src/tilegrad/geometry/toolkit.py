@@ -131,6 +131,7 @@ class Context:
         self.where = where
         self.layouts: list[Layout] = list(layouts) if layouts is not None else []
         self.layout: Layout | None = None
+        self.across_batch: str | None = None
         self._values = values if values is not None else {}
 
     def input_layout(self, index: int = 0) -> Layout:
@@ -145,6 +146,13 @@ class Context:
     def meta(self, arg: Any) -> Any:
         """The value ``arg`` had in the trace's meta run (a meta tensor, a torch.Size, an int), or None."""
         return arg.meta.get("tilegrad_meta") if isinstance(arg, torch.fx.Node) else None
+
+    def mixes_batch(self, label: Any, what: str) -> None:
+        """Record that the op acts along a dim labelled ``label`` and so mixes samples of a batch when that label
+        holds the batch dim (``"N"`` or ``"NC"``): local for the image, but not for tiles stacked along the batch
+        dim (NOTE [ Tile batches ] in infer.py); the walker keeps ``what`` in the node's meta."""
+        if isinstance(label, str) and "N" in label:
+            self.across_batch = what
 
     def refuse(self, why: str) -> None:
         """Raise NotStreamableError: '<where> cannot be streamed: <why>'."""

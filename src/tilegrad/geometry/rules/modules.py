@@ -53,6 +53,7 @@ def along_channels(ctx: Context, dim: Any, what: str) -> None:
         ctx.refuse(
             f"{what} dim {dim} of {describe(layout, ctx.ndim)}, a spatial dim; only batch and channel dims are local"
         )
+    ctx.mixes_batch(label, f"{what} the batch dim")
 
 
 def layer_norm_geometry(ctx: Context, inputs: list[Geometry], count: int, kind: str) -> Geometry:
