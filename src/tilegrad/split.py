@@ -374,11 +374,16 @@ def streamable_part(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
 
 def _default_split(model: nn.Module) -> str | None:
     """The child :func:`split_model` splits a model of no known family at: ``avgpool`` (ResNet), else the first
-    child of :data:`HEAD_LAYERS`; None when it has none."""
+    child of :data:`HEAD_LAYERS`, or the last child when it begins with one (torchvision's MaxViT: ``classifier``
+    begins with its global pool; a squeeze-excitation gate elsewhere does too); None when it has none."""
     children = _children(model)
     if type(model).__name__ == "ResNet" or "avgpool" in [n for n, _ in children]:
         return "avgpool"
-    return next((name for name, child in children if isinstance(child, HEAD_LAYERS)), None)
+    for k, (name, child) in enumerate(children):
+        first = next((m for m in child.modules() if not list(m.children())), child)
+        if isinstance(child, HEAD_LAYERS) or (k == len(children) - 1 and isinstance(first, HEAD_LAYERS)):
+            return name
+    return None
 
 
 def local_trunk(model: nn.Module) -> tuple[nn.Module, nn.Module]:

@@ -305,6 +305,22 @@ def _repeat(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -
     return merge(ctx, inputs)
 
 
+@layout_aware
+def _stack(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    """torch.stack: the tensors side by side along a new dim (timm's SelectiveKernel stacks its branches on dim 1),
+    local whatever the dim: each position of the result is the same position of one input."""
+    layouts = ctx.layouts or [ctx.input_layout()]
+    if any(layout != layouts[0] for layout in layouts):
+        ctx.refuse(f"it stacks tensors of different layouts {[describe(lay, ctx.ndim) for lay in layouts]}")
+    layout = list(layouts[0])
+    dim = node_arg(node, 1, "dim", 0)
+    if not isinstance(dim, int) or not -len(layout) - 1 <= dim <= len(layout):
+        ctx.refuse(f"tilegrad could not read its dim {dim}")
+    layout.insert(dim if dim >= 0 else dim + len(layout) + 1, "C")  # the new dim: which input, not where
+    ctx.layout = tuple(layout)
+    return merge(ctx, inputs)
+
+
 def _flip(fixed: tuple[int, ...] | None = None) -> Rule:
     """``x.flip(dims)`` / ``torch.flip(x, dims)`` (``fixed``: torch.fliplr and flipud, which flip dim 1 or 0): a
     flip over batch or channel dims is local (it reorders channels at each position); a flip over a spatial dim
@@ -460,6 +476,7 @@ for _fn in ("unsqueeze", torch.unsqueeze):
 for _fn in ("squeeze", torch.squeeze):
     register_geometry_rule(_fn, _squeeze)
 register_geometry_rule("repeat", _repeat)
+register_geometry_rule(torch.stack, _stack)
 for _fn in ("flip", torch.flip):
     register_geometry_rule(_fn, _flip())
 register_geometry_rule(torch.fliplr, _flip((1,)))
