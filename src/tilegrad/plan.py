@@ -112,6 +112,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ._autocast import without_autocast
 from .errors import ConfigError, GeometryError, MemoryBudgetError, ShapeError
+from .geometry.trace import ACROSS_BATCH
 from .graph import Segment, TrunkGraph, last_convolution
 from .options import batch_tiles_option, budget_option, mode_option, require_budget, tile_size_option
 from .segment import Unit, units_of
@@ -1192,6 +1193,17 @@ def _head_name(head: nn.Module | None) -> str | None:
 
 
 @without_autocast
+def _refuse_batch_mixing(graph: TrunkGraph, batch_tiles: int) -> None:
+    """NOTE [ Tile batches ] (infer.py) stacks tiles along the batch dim: refuse a model with a layer that mixes
+    the samples of a batch (a flip, a reduction or indexing over the batch dim), naming the first one."""
+    mixing = [n.meta[ACROSS_BATCH] for n in graph.nodes if ACROSS_BATCH in n.meta]
+    if mixing:
+        raise ConfigError(
+            f"batch_tiles={batch_tiles} runs tiles stacked along the batch dim, but {mixing[0]} mixes the samples "
+            "of a batch, so tiles would be mixed with each other; use batch_tiles=1 (the default) for this model"
+        )
+
+
 def plan_streaming(
     module: nn.Module,
     input_shape: Sequence[int],
@@ -1236,6 +1248,8 @@ def plan_streaming(
             f"(shape {input_shape}): give one entry per spatial dim or a single int"
         )
     graph = TrunkGraph(module, input_shape, dtype, training=training)
+    if batch_tiles > 1:
+        _refuse_batch_mixing(graph, batch_tiles)
     out_shape = graph.shape(graph.output)
     planner = _Planner(
         graph,
