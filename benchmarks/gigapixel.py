@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -305,7 +306,7 @@ def measure(args: argparse.Namespace) -> None:
     conv_cpu = sorted(r["cpu_s_per_mp"] for r in results if r["method"] == "conventional")
     stream = [r for r in results if r["method"] == "streamed"]
     if conv and stream:
-        base, base_cpu = conv[len(conv) // 2], conv_cpu[len(conv_cpu) // 2]
+        base, base_cpu = statistics.median(conv), statistics.median(conv_cpu)
         s = stream[0]
         print(
             f"\nstreamed {args.size}^2 {s['s_per_mp']:.3f} s/MP vs conventional {args.conventional_size}^2 "

@@ -494,15 +494,16 @@ def on_meta(
 
 def _accepted(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
     """``shape``, or the shape with the smallest larger side (in steps of 32, up to MAX_PIXELS) on which the plain
-    model runs (on the meta device: nothing is computed), when it refuses ``shape`` itself: timm's Inception-v3,
-    -v4 and Inception-ResNet-v2 need at least 75 px, and timm has no ``min_input_size`` for them (torchvision
-    has its weights' ``min_size``, :func:`_tv_min_side`)."""
+    model runs (on its device: on the meta device nothing is computed), when it refuses ``shape`` itself: timm's
+    Inception-v3, -v4 and Inception-ResNet-v2 need at least 75 px, and timm has no ``min_input_size`` for them
+    (torchvision has its weights' ``min_size``, :func:`_tv_min_side`)."""
     ndim = len(shape) - 2
     side = shape[2]
+    device = next(model.parameters(), torch.empty(0, device="meta")).device
     while math.prod((side,) * ndim) <= MAX_PIXELS[ndim]:
         try:
             with torch.no_grad():
-                model(torch.empty((*shape[:2], *(side,) * ndim), device="meta", dtype=torch.float64))
+                model(torch.zeros((*shape[:2], *(side,) * ndim), device=device, dtype=torch.float64))
         except Exception:  # the model's own forward: too small for it, or something the meta device cannot do
             side += 32
             continue
@@ -561,6 +562,9 @@ def _check(
         row.status, row.message = "not run", _too_large(params)
         return row
     model = model.double().eval()
+    if found is None:  # not planned on the meta device: the size the model accepts, asked of the real one
+        shape = _accepted(model, shape)
+        row.side = shape[2] if shape[2] > (row.side or SIDE[row.ndim]) else row.side
     try:
         trunk, head = streamable_part(model)
         if found is None:

@@ -17,6 +17,16 @@ import pytest
 import tilegrad
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.fixture(autouse=True)
+def _fixed_page_cache(monkeypatch):
+    """Plans with disk tiers depend on the page cache the planner assumes (NOTE [ Page cache ] in plan.py), by default
+    this machine's available memory when planning: fixed here so that every test plans the same on every machine
+    (a test that is about the page cache sets its own)."""
+    import tilegrad.plan
+
+    monkeypatch.setattr(tilegrad.plan, "PAGE_CACHE", 8 * 2**30)
 SRC = Path(tilegrad.__file__).resolve().parents[1]
 
 

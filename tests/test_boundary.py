@@ -91,9 +91,8 @@ def test_store_matches_a_plain_tensor_on_random_boxes(tmp_path, kind, shape, dty
             box = _random_box(rng, shape[2:])
             index = (slice(None), slice(None), *box)
             op = ("write", "add", "add", "read")[step % 4]
-            if (
-                op == "read"
-            ):  # shared: the store's own memory where it can (NOTE [ Storage tiers ]), read only
+            # shared: the store's own memory where it can (NOTE [ Storage tiers ]), read only
+            if op == "read":
                 got = store.read(box, shared=rng.random() < 0.5)
                 assert got.is_contiguous() and got.shape == ref[index].shape
                 assert torch.equal(got.cpu(), ref[index]), (op, box)
@@ -121,7 +120,7 @@ def test_read_returns_a_copy_not_a_view(tmp_path, kind):
 
 
 def test_a_shared_read_of_a_contiguous_box_is_the_stores_own_memory():
-    # a one-tile segment reads its sources whole: BENCHMARKS.md found 2.2 s of a 46 s EfficientNet-B0 step copying them
+    # a one-tile segment reads its sources whole: BENCHMARKS.md: about 0.5 s of an EfficientNet-B0 step copying them
     store = TensorStore((1, 2, 6, 5), torch.float64, "cpu")
     value = torch.randn(1, 2, 6, 5, dtype=torch.float64)
     store.write((slice(None), slice(None)), value)

@@ -135,6 +135,46 @@ def test_batched_tiles_give_the_same_output(name, factory, shape, tile):
     assert rel_err(batched, expected) <= 1e-10 and rel_err(batched, one) <= 1e-12
 
 
+class _MixesBatch(nn.Module):
+    """Local for the image (the batch is not tiled) but not for tiles stacked along the batch dim."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.how == "flip":
+            return y * torch.flipud(y)
+        if self.how == "mean":
+            return y - y.mean(0, keepdim=True)
+        if self.how == "index":
+            return y * y[:1]
+        return y * y.flip(1) + y.mean(1, keepdim=True) + torch.cat([y[:, 2:], y[:, :2]], 1)  # channels only
+
+
+@pytest.mark.parametrize(
+    ("how", "layer"),
+    [("flip", "flipud"), ("mean", r"\.mean\(\)"), ("index", "getitem"), ("channels", None)],
+)
+def test_batched_tiles_refuse_a_layer_that_mixes_samples(how, layer):
+    torch.manual_seed(0)
+    model = _MixesBatch(how).double().eval()
+    source = torch.randn(2, 2, 48, 48, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(source)
+        assert rel_err(tilegrad.infer(model, source, tile_size=16, progress=False), expected) <= 1e-12
+        if layer is None:  # ops over channels only: tile batches stay exact
+            batched = tilegrad.infer(model, source, tile_size=16, progress=False, batch_tiles=4)
+            assert rel_err(batched, expected) <= 1e-12
+            return
+        with pytest.raises(
+            tilegrad.ConfigError, match=rf"batch_tiles=4 .*{layer}.*mixes the samples.*batch_tiles=1"
+        ):
+            tilegrad.infer(model, source, tile_size=16, progress=False, batch_tiles=4)
+
+
 def test_float_output_into_an_integer_sink_is_refused_unless_rounding():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 1, 3, padding=1)).eval()

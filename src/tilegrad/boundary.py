@@ -59,8 +59,9 @@ __all__ = ["Box", "DiskStore", "Scratch", "Store", "TensorStore", "remove_stale_
 # * "device": a tensor on the compute device. Reads are a copy of the box, so a caller cannot alter the store by
 #   accident; nothing moves between memories. A caller that only reads may ask for the store's own memory instead
 #   (``read(box, shared=True)``): a box that is contiguous in the map (the whole map, as a one-tile segment reads its
-#   sources; whole rows of the first spatial dim when N and C are 1) is then returned as a view, without the copy (2.2 s
-#   of a 46 s EfficientNet-B0 step went into copying whole maps, BENCHMARKS.md). Writing into such a view would
+#   sources; whole rows of the first spatial dim when N and C are 1) is then returned as a view, without the copy (about
+#   0.5 s of a 47-52 s EfficientNet-B0 step, BENCHMARKS.md), valid until the store's next write or add (the engine
+#   reads only complete stores). Writing into such a view would
 #   change the map under every later reader, so the store remembers its tensor's version counter after each of its
 #   own writes and adds and refuses to be read once anything else has written into it.
 # * "host": when computing on CUDA, a tensor in pinned host memory. A read gathers the box into a pinned staging
@@ -116,7 +117,8 @@ class Store(Protocol):
 
     def read(self, box: Box, *, shared: bool = False) -> torch.Tensor:
         """The box as a contiguous ``(N, C, *box)`` tensor on the compute device: a new one, or, with ``shared``
-        (the caller only reads it and never writes into it), possibly the store's own memory."""
+        (the caller only reads it and never writes into it), possibly the store's own memory: valid until the
+        store's next write or add (the engine reads only stores that are complete)."""
         ...
 
     def write(self, box: Box, value: torch.Tensor) -> None:
@@ -227,14 +229,16 @@ class TensorStore:
             self.shape, dtype=dtype, device=self.device, pin_memory=self._pinned
         )
         self.nbytes = self._data.numel() * self._data.element_size()
-        self._version = _version(self._data)  # NOTE [ Storage tiers ]: written only by write() and add()
+        self._written_version = _version(
+            self._data
+        )  # NOTE [ Storage tiers ]: written only by write() and add()
 
     def _view(self, box: Box) -> tuple[torch.Tensor, tuple[int, ...]]:
         if self._data is None:
             raise WriterStateError(
                 f"this {self.tier} store {self.shape} was closed: it cannot be read or written"
             )
-        if _version(self._data) != self._version:
+        if _version(self._data) != self._written_version:
             raise WriterStateError(
                 f"this {self.tier} store {self.shape} was written through a view that read(shared=True) returned: "
                 "its map is no longer what its writer stored. A caller of read(shared=True) must not write into "
@@ -261,13 +265,13 @@ class TensorStore:
         view, expected = self._view(box)
         value = _check_value(value, expected, self.dtype, box)
         view.copy_(value)
-        self._version = _version(view)
+        self._written_version = _version(view)
 
     def add(self, box: Box, value: torch.Tensor) -> None:
         view, expected = self._view(box)
         value = _check_value(value, expected, self.dtype, box)
         view.add_(value.to(self.device))
-        self._version = _version(view)
+        self._written_version = _version(view)
 
     def close(self) -> None:
         self._data = None

@@ -74,6 +74,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import GeometryError, NotStreamableError
@@ -125,6 +126,102 @@ def _inplace_argument(node: torch.fx.Node) -> bool:
     except TypeError:  # arguments it would not take: its own error when it runs
         return False
     return bool(bound.arguments.get("inplace", False))
+
+
+# ops whose result may share memory with their first argument (a view, or the argument itself when nothing changes:
+# ``x.contiguous()``, ``x.float()``, nn.Identity, dropout in eval mode): an in-place write into the result writes
+# into the argument
+_ALIASING_METHODS = {
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "contiguous", "permute", "transpose", "t",
+    "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "movedim", "chunk", "split", "unbind", "float",
+    "double", "half", "bfloat16", "to", "type", "type_as", "detach", "__getitem__",
+}  # fmt: skip
+_ALIASING_FUNCTIONS = {
+    operator.getitem, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
+    torch.narrow, torch.movedim, torch.chunk, torch.split, torch.unbind, torch.detach, F.dropout, F.dropout2d,
+    F.dropout3d, F.alpha_dropout,
+}  # fmt: skip
+_ALIASING_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
+
+
+def _may_alias(node: torch.fx.Node, root: nn.Module) -> bool:
+    """Whether ``node``'s result may share memory with its first argument."""
+    if node.op == "call_method":
+        return node.target in _ALIASING_METHODS
+    if node.op == "call_function":
+        return node.target in _ALIASING_FUNCTIONS
+    if node.op == "call_module":
+        return isinstance(root.get_submodule(node.target), _ALIASING_MODULES)
+    return False
+
+
+def _written(nodes: Iterable[torch.fx.Node], root: nn.Module) -> set[torch.fx.Node]:
+    """The tensors ``nodes`` (in graph order) write into in place: directly (ReLU(inplace=True)) or through a view or
+    alias (``x.view(...).relu_()``, ``x.contiguous().add_(y)``: then ``x`` and every alias between)."""
+    base: dict[torch.fx.Node, torch.fx.Node] = {}
+    written: set[torch.fx.Node] = set()
+    for n in nodes:
+        if n.args and isinstance(n.args[0], torch.fx.Node) and _may_alias(n, root):
+            base[n] = n.args[0]
+        target = _mutated(n, root)
+        while target is not None:
+            written.add(target)
+            target = base.get(target)
+    return written
+
+
+_SAME_TENSOR_METHODS = {
+    "contiguous", "float", "double", "half", "bfloat16", "to", "type", "type_as", "detach", "view_as", "reshape_as",
+}  # fmt: skip
+
+
+def _whole_alias(node: torch.fx.Node, root: nn.Module) -> bool:
+    """Whether ``node`` (an aliasing op) gives its argument's values at the same positions: the tensor itself or a
+    view of all of it in the same shape (``x.contiguous()``, ``x.view(x.shape)``, nn.Identity, dropout in eval)."""
+    if node.op == "call_method" and node.target in _SAME_TENSOR_METHODS:
+        return True
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        shapes = [getattr(n.meta.get("tilegrad_meta"), "shape", None) for n in (node, node.args[0])]
+        return shapes[0] is not None and shapes[0] == shapes[1]
+    if node.op == "call_function":
+        return node.target in (torch.detach, F.dropout, F.dropout2d, F.dropout3d, F.alpha_dropout)
+    if node.op == "call_module":
+        return isinstance(root.get_submodule(node.target), (nn.Identity, nn.modules.dropout._DropoutNd))
+    return False
+
+
+def _functionalize(graph: torch.fx.Graph, root: nn.Module) -> None:
+    """NOTE [ In-place writes ]: make every in-place write a link of the graph.
+
+    ``x.add_(1)`` as a statement (its result unused) changes ``x`` for the layers after it, but nothing in the graph
+    says so: the segment that computes the layers after it (the cone of its output, NOTE [ Segment windows ]) would
+    not contain the write and read the unchanged ``x``. So every later reader of a tensor written in place reads the
+    in-place node instead (the same values, as in eager mode); a tensor written through an alias
+    (``x.contiguous().add_(1)``) likewise, when the alias is all of it in the same shape. A tensor written through
+    a partial or reshaped view and read again afterwards is refused: its later readers would need a scatter the
+    graph does not express."""
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    base: dict[torch.fx.Node, torch.fx.Node] = {}
+    for n in list(graph.nodes):
+        if n.args and isinstance(n.args[0], torch.fx.Node) and _may_alias(n, root):
+            base[n] = n.args[0]
+        target = _mutated(n, root)
+        whole = True
+        while target is not None:
+            later = [u for u in target.users if order[u] > order[n]]
+            if whole:
+                for u in later:
+                    u.replace_input_with(target, n)
+            elif later:
+                raise NotStreamableError(
+                    f"node '{n.name}' writes in place into '{target.name}' through a part or reshaped view of it "
+                    f"('{next(iter(a for a in base if base[a] is target), target).name}'), and '{later[0].name}' "
+                    "reads it afterwards; tilegrad cannot follow such a write: assign the result instead "
+                    "(x = x + ... rather than an in-place op on a view)"
+                )
+            parent = base.get(target)
+            whole = whole and parent is not None and _whole_alias(target, root)
+            target = parent
 
 
 @functools.cache
@@ -203,7 +300,7 @@ class Segment:
     saved_bytes: int  # on the whole image
     largest_bytes: int  # largest single tensor inside, on the whole image
     source_bytes: int
-    # indices into sources + globals of the tensors the segment writes in place
+    # indices into sources + globals of the tensors the segment writes in place, directly or through a view
     inplace_sources: frozenset[int] = field(default_factory=frozenset)
     globals: list[torch.fx.Node] = field(
         default_factory=list
@@ -289,6 +386,8 @@ class TrunkGraph:
         graph = trace_graph(module, self.ndim, self.input_shape)
         self.gm = torch.fx.GraphModule(module, graph)
         graph = self.gm.graph
+        _functionalize(graph, module)
+        self.gm.recompile()
         self.rewritten = rewrite_statistics(self.gm, self.ndim) > 0
         self.nodes = list(graph.nodes)
         self.index = {n: k for k, n in enumerate(self.nodes)}
@@ -399,7 +498,7 @@ class TrunkGraph:
         unless ``off_grid`` (a block output off its grid, e.g. after unpadded convolutions, may be cut where it is
         the only source of the segments that read it; a cut set that makes it one of several raises,
         NOTE [ Segment windows ])."""
-        mutated = {m for n in self.nodes if (m := _mutated(n, self.root)) is not None}
+        mutated = _written(self.nodes, self.root)
         ancestors = self._ancestors(self.output)
         return [
             n
@@ -559,7 +658,7 @@ class TrunkGraph:
                     raise GeometryError(f"node {n.name} does not sit on its scale's grid; no cut through it")
         profs = [self.profiles[n] for n in nodes]
         globs = sorted(globals_, key=self.index.__getitem__)
-        written = {_mutated(n, self.root) for n in nodes}
+        written = _written(nodes, self.root)
         inplace = frozenset(k for k, s in enumerate(srcs + globs) if s in written)
         return Segment(
             graph=self,

@@ -10,7 +10,9 @@ NOTE [ Tile batches ]
 Tiles of one shape are collected in grid order and a group is run as soon as it holds K tiles; the few groups of
 edge tiles left at the end run as they are. Each sample of a batch is computed independently (the model is in
 eval mode; train-mode BatchNorm is refused), so the output does not change, only the speed, and the planner counts
-K tiles' activations at once.
+K tiles' activations at once. A model with a layer that mixes the samples of a batch (a flip, a reduction,
+indexing, cat or repeat over the batch dim: local for the image, since the batch is not tiled) is refused for K > 1
+by name (the trace walker marks such nodes, Context.mixes_batch in geometry/toolkit.py).
 
 NOTE [ Resumable inference ]
 With ``journal=path`` infer records, after each group of tiles has been written to ``out``, which tiles are done:

@@ -30,7 +30,12 @@ One number per plan, ``time_ratio``: predicted time of a training step over that
 Statistics (NOTE [ Streamed statistics ] in statistics.py) cost no pass of the segments: they are accumulated from
 the cores their input's segment writes, and their gradient is added in that segment's backward; their own work (a
 sum and a variance of each core, the gradient's share) is ``STAT_TRAFFIC`` times their input's bytes at
-``BYTE_RATE``; inside a whole piece (NOTE [ Whole pieces ] in graph.py) they are the layers' own. The rates are this
+``BYTE_RATE``; inside a whole piece (NOTE [ Whole pieces ] in graph.py) they are the layers' own. A statistic's
+input is stored or recomputed by its readers (NOTE [ Recomputed statistic inputs ] in statistics.py): no new term
+prices the choice, the plan's segments differ (the readers' segments hold the nodes computing the input, so their
+passes, overlap, tile fixed costs and working sets count the recomputation, and the input's boundary has no store,
+no disk IO and no device bytes); ``recomputed`` tries each statistic input of the chosen plan and keeps the faster
+plan that fits. The rates are this
 machine's (a CPU core pair, float32); a ratio only needs them in the right proportion. Device
 memory is a sweep over the steps of a training step (forward over segments, backward in reverse): the parameters
 and their gradients, the input (if in memory), the boundaries and boundary gradients alive on the device at that
@@ -107,6 +112,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ._autocast import without_autocast
 from .errors import ConfigError, GeometryError, MemoryBudgetError, ShapeError
+from .geometry.trace import ACROSS_BATCH
 from .graph import Segment, TrunkGraph, last_convolution
 from .options import batch_tiles_option, budget_option, mode_option, require_budget, tile_size_option
 from .segment import Unit, units_of
@@ -162,6 +168,7 @@ FORWARD_TRANSIENT = 2.0  # no-grad forward working set, in units of the largest 
 BUDGET_SAFETY = 0.8  # share of a user budget the planner plans for (the rest: allocator slack)
 FIXED_TILE_EXTRA = 0.5  # NOTE [ Tile memory ]: extra room of a fixed tile without budget, in tiles
 TIERS = ("auto", "device", "host", "disk", "recompute")
+RECOMPUTE_TRIES = 6  # statistic inputs tried in a row without a faster plan before the search for them stops
 
 
 def page_cache_bytes(budget: int | None) -> int:
@@ -986,13 +993,14 @@ class _Planner:
         """NOTE [ Cost model ]: statistic inputs (forced cuts) that their readers recompute from the sources of the
         segment computing them instead of reading them from a store (NOTE [ Recomputed statistic inputs ] in
         statistics.py), each tried in turn, the largest first, and kept when the plan (every tile chosen again)
-        fits and is faster."""
+        fits and is faster; after ``RECOMPUTE_TRIES`` rejections in a row the smaller ones are not tried (what a
+        small map saves is small; EfficientNet-B0 in training mode has 65 statistic inputs: NOTE [ Planning cost ])."""
         if self.tiers != "auto" or plan.conventional or not self.g.forced:
             return plan
         outs = {sp.segment.out for sp in plan.segments}
         cuts = frozenset(outs - self.g.forced - {self.g.output})
         recompute = frozenset(n for n in self.g.forced if n.name in _recomputed(plan))
-        best = plan
+        best, misses = plan, 0
         for f in sorted(
             self.g.forced - recompute, key=lambda n: (-self.g.profiles[n].out_bytes, self.g.index[n])
         ):
@@ -1002,7 +1010,11 @@ class _Planner:
                 continue
             trial = self.assemble(segments, budget, requested)
             if trial is not None and trial.peak_bytes <= budget and trial.time_ratio < best.time_ratio:
-                best, recompute = trial, recompute | {f}
+                best, recompute, misses = trial, recompute | {f}, 0
+            else:
+                misses += 1
+                if misses >= RECOMPUTE_TRIES:
+                    break
         return best
 
     def wholes(self, plan: Plan, budget: int, requested: tuple[int, ...] | None) -> Plan:
@@ -1181,6 +1193,17 @@ def _head_name(head: nn.Module | None) -> str | None:
 
 
 @without_autocast
+def _refuse_batch_mixing(graph: TrunkGraph, batch_tiles: int) -> None:
+    """NOTE [ Tile batches ] (infer.py) stacks tiles along the batch dim: refuse a model with a layer that mixes
+    the samples of a batch (a flip, a reduction or indexing over the batch dim), naming the first one."""
+    mixing = [n.meta[ACROSS_BATCH] for n in graph.nodes if ACROSS_BATCH in n.meta]
+    if mixing:
+        raise ConfigError(
+            f"batch_tiles={batch_tiles} runs tiles stacked along the batch dim, but {mixing[0]} mixes the samples "
+            "of a batch, so tiles would be mixed with each other; use batch_tiles=1 (the default) for this model"
+        )
+
+
 def plan_streaming(
     module: nn.Module,
     input_shape: Sequence[int],
@@ -1203,7 +1226,9 @@ def plan_streaming(
     (with a budget: the fastest plan that fits, including unstreamed execution; with a fixed tile: the fastest
     plan within the tile's implied limit, NOTE [ Tile memory ]). ``head``: a streamed head (tilegrad.heads) fed
     tile by tile; the trunk's output is then never stored. ``tiers``: where boundary tensors live, "auto" (the
-    device while they fit, then disk), "device", "host" or "disk". ``batch_tiles`` (inference only): tiles run
+    device while they fit, then disk; a statistic's input recomputed by its readers where the cost model finds
+    that faster: NOTE [ Recomputed statistic inputs ] in statistics.py), "device", "host", "disk" (none recomputed)
+    or "recompute" (every statistic input recomputed, the rest as "auto"). ``batch_tiles`` (inference only): tiles run
     together in one forward call (NOTE [ Tile batches ] in infer.py). ``memory_budget`` is bytes or a string such
     as ``"2GiB"``. Option mistakes raise :class:`tilegrad.ConfigError`; no plan under the budget,
     :class:`tilegrad.MemoryBudgetError`.
@@ -1223,6 +1248,8 @@ def plan_streaming(
             f"(shape {input_shape}): give one entry per spatial dim or a single int"
         )
     graph = TrunkGraph(module, input_shape, dtype, training=training)
+    if batch_tiles > 1:
+        _refuse_batch_mixing(graph, batch_tiles)
     out_shape = graph.shape(graph.output)
     planner = _Planner(
         graph,

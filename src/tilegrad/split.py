@@ -259,6 +259,10 @@ def _monai_family(model: nn.Module, at: str | int | None) -> tuple[nn.Module, nn
     return None
 
 
+class _NoHeadChild(ConfigError):
+    """split_model of a model of no known family without ``at=`` and with no head layer among its children."""
+
+
 def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Module, nn.Module]:
     """Split ``model`` before the child named ``at`` into ``(trunk, head)`` with ``head(trunk(x)) == model(x)``.
 
@@ -308,7 +312,7 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Module, nn.
     if at is None:
         at = _default_split(model)
         if at is None:
-            raise ConfigError(
+            raise _NoHeadChild(
                 f"cannot split {tv_name}: none of its children is a head layer (global pooling, Flatten, Linear) "
                 f"and split_model does not know its family; pass at=, the name of the child where the head "
                 f"begins, one of {names}"
@@ -357,12 +361,12 @@ def streamable_part(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
         return model, None
     try:
         return split_model(model)
+    except _NoHeadChild:
+        # no known family and no head among its children: its pooling or Linear layers sit inside its blocks (a
+        # segmentation network's ASPP pooling branch, a transformer's attention and MLPs). Streamed whole, so that
+        # the refusal names the layer that cannot stream, not the split
+        return model, None
     except TilegradError as err:
-        if isinstance(err, ConfigError) and _default_split(model) is None:
-            # no head among its children: its pooling or Linear layers sit inside its blocks (a segmentation
-            # network's ASPP pooling branch, a transformer's attention and MLPs). Streamed whole, so that the
-            # refusal names the layer that cannot stream, not the split
-            return model, None
         raise NotStreamableError(
             f"cannot split {type(model).__name__} into a streamable trunk and a head: {err}"
         ) from err
@@ -370,11 +374,16 @@ def streamable_part(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
 
 def _default_split(model: nn.Module) -> str | None:
     """The child :func:`split_model` splits a model of no known family at: ``avgpool`` (ResNet), else the first
-    child of :data:`HEAD_LAYERS`; None when it has none."""
+    child of :data:`HEAD_LAYERS`, or the last child when it begins with one (torchvision's MaxViT: ``classifier``
+    begins with its global pool; a squeeze-excitation gate elsewhere does too); None when it has none."""
     children = _children(model)
     if type(model).__name__ == "ResNet" or "avgpool" in [n for n, _ in children]:
         return "avgpool"
-    return next((name for name, child in children if isinstance(child, HEAD_LAYERS)), None)
+    for k, (name, child) in enumerate(children):
+        first = next((m for m in child.modules() if not list(m.children())), child)
+        if isinstance(child, HEAD_LAYERS) or (k == len(children) - 1 and isinstance(first, HEAD_LAYERS)):
+            return name
+    return None
 
 
 def local_trunk(model: nn.Module) -> tuple[nn.Module, nn.Module]:

@@ -231,6 +231,12 @@ FUNCTIONS = {
     "squeeze": (lambda x: x.unsqueeze(1).squeeze(1), 2, LOCAL, True),
     torch.squeeze: (lambda x: torch.squeeze(x), 2, REFUSED, False),
     "repeat": (lambda x: x.repeat(1, 2, 1, 1), 2, LOCAL, True),
+    torch.stack: (
+        lambda x: torch.stack([x, x.flip(1) * 2], dim=-3).sum(2),
+        2,
+        LOCAL,
+        True,
+    ),  # (N, C, new, H, W)
     # a flip over channels reorders them at each position; over space it mirrors about the tile's middle
     "flip": (lambda x: x * x.flip(1), 2, LOCAL, True),
     torch.flip: (lambda x: x * torch.flip(x, (3,)), 2, REFUSED, False),
@@ -275,6 +281,44 @@ FUNCTIONS = {
     F.group_norm: (lambda x: F.group_norm(x, 2), 2, REFUSED, False),
     F.instance_norm: (lambda x: F.instance_norm(x), 2, REFUSED, False),
 }
+
+
+class _Tokens(nn.Module):
+    """A 1D map as tokens (N, L, C) through ``block``, back to (N, C, L): how transformers call attention."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x.transpose(1, 2)).transpose(1, 2)
+
+
+def _monai_attention():
+    from monai.networks.blocks.selfattention import SABlock
+
+    return _Tokens(SABlock(hidden_size=4, num_heads=1))
+
+
+FUNCTIONS["monai.networks.blocks.selfattention.SABlock"] = (_monai_attention(), 1, REFUSED, False)
+
+
+def _timm_same():
+    from timm.layers import Conv2dSame
+    from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+    from timm.layers.std_conv import ScaledStdConv2dSame, StdConv2dSame
+
+    return {
+        "timm.layers.std_conv.StdConv2dSame": StdConv2dSame(4, 4, 3, stride=2),
+        "timm.layers.std_conv.ScaledStdConv2dSame": ScaledStdConv2dSame(4, 4, 3, stride=2),
+        "timm.layers.conv2d_same.Conv2dSame": Conv2dSame(4, 4, 3, stride=2),
+        "timm.layers.pool2d_same.MaxPool2dSame": MaxPool2dSame(3, stride=2),
+        "timm.layers.pool2d_same.AvgPool2dSame": AvgPool2dSame(3, stride=2),
+    }
+
+
+# 'same' padding computed per input: tiles of other sizes are padded differently (odd and even extents)
+FUNCTIONS.update({name: (layer, 2, REFUSED, False) for name, layer in _timm_same().items()})
 
 
 class _Call(nn.Module):
@@ -389,3 +433,20 @@ def test_flip_is_local_over_batch_and_channel_dims_only(call, expectation):
 def test_a_spatial_flip_says_why():
     with pytest.raises(NotStreamableError, match=r"flips dims \(3,\) of \(N, C, H, W\), a spatial dim"):
         module_geometry(_Call(lambda x: x.flip(3), 2), 2)
+
+
+def test_monai_attention_is_refused_as_attention():
+    # registered by its qualified name (MONAI is not imported by tilegrad); traced through, it failed inside einops
+    # with "KeyError: Proxy(getattr_1)" (issue 12: refusals that say why)
+    with pytest.raises(
+        NotStreamableError, match=r"'call.block' \(SABlock\).*attention over all positions is global"
+    ):
+        module_geometry(_Call(_monai_attention(), 1), 1)
+
+
+@pytest.mark.parametrize("name", list(_timm_same()))
+def test_timm_same_padding_is_refused_not_taken_for_its_base_class(name):
+    # a subclass of nn.Conv2d / nn.MaxPool2d with padding 0 that pads in forward: the base class's rule would miss
+    # the padding (timm's NASNet planned with it and a tile's output came out empty)
+    with pytest.raises(NotStreamableError, match="'same' padding is computed from the size of each input"):
+        module_geometry(_Call(_timm_same()[name], 2), 2)

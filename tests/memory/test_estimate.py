@@ -328,3 +328,18 @@ def test_predicted_peak_within_10_percent_of_measured(name, shape):
     predicted = estimate_memory(model, shape, optimizer="sgd").peak_bytes
     measured = measure_workload_subprocess(spec, shape, optimizer="sgd", timeout=600)
     assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
+
+
+def test_no_workspace_on_an_input_smaller_than_the_kernel():
+    # the planner prices the box of a small tile at a deep scale: a 5x5 kernel on a 4x4 box crashed planning timm's
+    # NASNet ("Kernel size can't be greater than actual input size"); no convolution runs there, so no workspace
+    from tilegrad.memory.kernels import CONV_BACKWARD, conv_workspace_bytes, select_conv_backend
+
+    w = torch.empty(8, 8, 5, 5, device="meta")
+    small, large = (torch.empty(1, 8, n, n, device="meta") for n in (4, 40))
+    conf = ([1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    assert select_conv_backend(small, w, *conf) is None and select_conv_backend(large, w, *conf) is not None
+    assert select_conv_backend(small, w, [1, 1], [1, 1], [1, 1], False, [0, 0], 1) is not None  # padded to 6
+    grad = torch.empty(1, 8, 1, 1, device="meta")
+    assert conv_workspace_bytes(CONV_BACKWARD, (grad, small, w, None, *conf, [True, True, False])) == 0
+    assert conv_workspace_bytes(CONV_BACKWARD, (grad, large, w, None, *conf, [True, True, False])) > 0

@@ -37,9 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--tiers",
-        choices=("auto", "device", "host", "disk"),
+        choices=("auto", "device", "host", "disk", "recompute"),
         default="auto",
-        help="where boundary tensors between segments live (default: the device while they fit, then disk)",
+        help="where boundary tensors between segments live (default: the device while they fit, then disk; "
+        "statistic inputs recomputed by their readers where that is faster; recompute: every statistic input)",
     )
     p.add_argument(
         "--scratch-dir",

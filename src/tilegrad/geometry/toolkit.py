@@ -67,7 +67,8 @@ _FUNCTION_RULES: dict[Any, Rule] = {}
 
 def register_geometry_rule(target: type | Callable[..., Any] | str, rule: Rule) -> None:
     """Teach tilegrad the geometry of a custom module type, function or tensor method name (a string with dots is
-    a function's qualified name, ``"torchvision.ops.stochastic_depth.stochastic_depth"``: no import needed).
+    the qualified name of a function or a module class, ``"torchvision.ops.stochastic_depth.stochastic_depth"``,
+    ``"monai.networks.blocks.selfattention.SABlock"``: no import needed).
 
     ``rule(ctx, module, node, inputs)`` receives the geometries of the spatial inputs and returns the output's;
     ``ctx.op(geometry, stride, lo, hi)`` applies a local op (units of its input), ``ctx.refuse(why)`` raises
@@ -89,9 +90,10 @@ def register_geometry_rule(target: type | Callable[..., Any] | str, rule: Rule) 
 
 
 def module_rule(module: nn.Module | type) -> Rule | None:
-    """The rule registered for ``module``'s type (or ``module`` itself, a type) or its nearest base class, or None."""
+    """The rule registered for ``module``'s type (or ``module`` itself, a type) or its nearest base class, by the
+    class or by its qualified name, or None."""
     for klass in (module if isinstance(module, type) else type(module)).__mro__:
-        rule = _MODULE_RULES.get(klass)
+        rule = _MODULE_RULES.get(klass) or _FUNCTION_RULES.get(f"{klass.__module__}.{klass.__qualname__}")
         if rule is not None:
             return rule
     return None
@@ -129,6 +131,7 @@ class Context:
         self.where = where
         self.layouts: list[Layout] = list(layouts) if layouts is not None else []
         self.layout: Layout | None = None
+        self.across_batch: str | None = None
         self._values = values if values is not None else {}
 
     def input_layout(self, index: int = 0) -> Layout:
@@ -143,6 +146,13 @@ class Context:
     def meta(self, arg: Any) -> Any:
         """The value ``arg`` had in the trace's meta run (a meta tensor, a torch.Size, an int), or None."""
         return arg.meta.get("tilegrad_meta") if isinstance(arg, torch.fx.Node) else None
+
+    def mixes_batch(self, label: Any, what: str) -> None:
+        """Record that the op acts along a dim labelled ``label`` and so mixes samples of a batch when that label
+        holds the batch dim (``"N"`` or ``"NC"``): local for the image, but not for tiles stacked along the batch
+        dim (NOTE [ Tile batches ] in infer.py); the walker keeps ``what`` in the node's meta."""
+        if isinstance(label, str) and "N" in label:
+            self.across_batch = what
 
     def refuse(self, why: str) -> None:
         """Raise NotStreamableError: '<where> cannot be streamed: <why>'."""

@@ -27,9 +27,11 @@ from .core import Geometry, ReceptiveField
 from .layout import Extent, ExtentTuple, Layout, TileDependent, describe, is_spatial, standard
 from .toolkit import Context, function_rule, module_rule
 
-__all__ = ["module_geometry", "propagate", "receptive_field", "trace_graph", "trunk_output"]
+__all__ = ["ACROSS_BATCH", "module_geometry", "propagate", "receptive_field", "trace_graph", "trunk_output"]
 
 _META = "tilegrad_meta"
+ACROSS_BATCH = "tilegrad_across_batch"
+"""node.meta key: set (to the layer and the reason) on a node that mixes the samples of a batch (Context.mixes_batch)."""
 _UNKNOWN = object()
 # Spatial extent of the example input of the meta run, per spatial rank: multiples of every stride in use, small
 # enough that a model which builds CPU tensors from sizes stays cheap (NOTE [ Layouts and tile extents ]).
@@ -573,6 +575,8 @@ def _propagate(
         if node.target in (torch.chunk, torch.split, "chunk", "split"):
             node.meta["tilegrad_tuple"] = True
         geometry = rule(ctx, module, node, [s.geometry for s in spatial])
+        if ctx.across_batch is not None:
+            node.meta[ACROSS_BATCH] = f"{ctx.where} ({ctx.across_batch})"
         if geometry is None:  # a reduction (NOTE [ Streamed statistics ] in statistics.py): no spatial extent
             values[node] = None
             continue

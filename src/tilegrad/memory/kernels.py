@@ -49,7 +49,13 @@ def select_conv_backend(
     x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, transposed, output_padding, groups
 ):
     """The CPU kernel (``torch._C._ConvBackend``) PyTorch would pick for a convolution of ``x`` (meta or real) by
-    ``w`` with these settings (NOTE [ CPU convolution workspaces ]); nothing is computed or allocated."""
+    ``w`` with these settings (NOTE [ CPU convolution workspaces ]); nothing is computed or allocated. None when
+    ``x`` is too small for the kernel, so that no convolution runs on it (the planner asks about the box of a small
+    tile at a deep scale: timm's NASNet crashed planning there)."""
+    if not transposed:
+        span = [d * (k - 1) + 1 for d, k in zip(dilation, w.shape[2:])]
+        if any(n + 2 * p < s for n, p, s in zip(x.shape[2:], padding, span)):
+            return None
     return torch._C._select_conv_backend(
         _probe(x),
         _probe(w),
@@ -89,6 +95,8 @@ def conv_workspace_bytes(func: Any, args: tuple, kwargs: dict | None = None) -> 
     if x.dim() not in (4, 5) or not x.dtype.is_floating_point:
         return 0
     backend = select_conv_backend(x, w, stride, padding, dilation, transposed, output_padding, groups)
+    if backend is None:  # no convolution runs on an input this small
+        return 0
     name = backend.name if hasattr(backend, "name") else str(backend).rsplit(".", 1)[-1]
     itemsize = x.element_size()
     spatial_in = tuple(x.shape[2:])

@@ -158,6 +158,8 @@ def _getitem(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) 
                 f"indexing with {node.args[1]} selects spatial positions by absolute coordinates, which differ "
                 "between a tile and the image"
             )
+        if not (isinstance(i, slice) and i == slice(None)):
+            ctx.mixes_batch(label, f"indexing with {node.args[1]} selects samples of the batch")
         if not isinstance(i, int):
             out.append(label)
     ctx.layout = tuple(out) + layout[dim:]
@@ -292,11 +294,30 @@ def _repeat(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -
         ctx.refuse(
             f"repeat{tuple(sizes)} does not give one whole number per dim of {describe(layout, ctx.ndim)}"
         )
+    for label, s in zip(layout, sizes):
+        if s != 1:
+            ctx.mixes_batch(label, "it repeats the batch dim")
     if any(is_spatial(label) and s != 1 for label, s in zip(layout, sizes)):
         ctx.refuse(
             f"repeat{tuple(sizes)} repeats a spatial dim of {describe(layout, ctx.ndim)}: the copies would sit at "
             "positions that differ between a tile and the image"
         )
+    return merge(ctx, inputs)
+
+
+@layout_aware
+def _stack(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    """torch.stack: the tensors side by side along a new dim (timm's SelectiveKernel stacks its branches on dim 1),
+    local whatever the dim: each position of the result is the same position of one input."""
+    layouts = ctx.layouts or [ctx.input_layout()]
+    if any(layout != layouts[0] for layout in layouts):
+        ctx.refuse(f"it stacks tensors of different layouts {[describe(lay, ctx.ndim) for lay in layouts]}")
+    layout = list(layouts[0])
+    dim = node_arg(node, 1, "dim", 0)
+    if not isinstance(dim, int) or not -len(layout) - 1 <= dim <= len(layout):
+        ctx.refuse(f"tilegrad could not read its dim {dim}")
+    layout.insert(dim if dim >= 0 else dim + len(layout) + 1, "C")  # the new dim: which input, not where
+    ctx.layout = tuple(layout)
     return merge(ctx, inputs)
 
 
@@ -323,6 +344,8 @@ def _flip(fixed: tuple[int, ...] | None = None) -> Rule:
                 f"it flips dims {dims} of {describe(layout, ctx.ndim)}, a spatial dim: a tile's positions would be "
                 "mirrored about the tile's middle, not the image's; only batch and channel dims may be flipped"
             )
+        for label in labels:
+            ctx.mixes_batch(label, "it flips the batch dim")
         return merge(ctx, inputs)
 
     return rule
@@ -380,6 +403,8 @@ def _reduction(kind: str) -> Rule:
                 "head (tilegrad.split_model cuts there); inside the trunk (squeeze-and-excitation, a global "
                 "context branch) stream the part before it"
             )
+        for label in labels:
+            ctx.mixes_batch(label, f"{kind} over the batch dim")
         if not node_arg(node, 2, "keepdim", False):
             dropped = {d % len(layout) for d in dims}
             ctx.layout = tuple(label for i, label in enumerate(layout) if i not in dropped)
@@ -451,6 +476,7 @@ for _fn in ("unsqueeze", torch.unsqueeze):
 for _fn in ("squeeze", torch.squeeze):
     register_geometry_rule(_fn, _squeeze)
 register_geometry_rule("repeat", _repeat)
+register_geometry_rule(torch.stack, _stack)
 for _fn in ("flip", torch.flip):
     register_geometry_rule(_fn, _flip())
 register_geometry_rule(torch.fliplr, _flip((1,)))

@@ -53,6 +53,7 @@ def along_channels(ctx: Context, dim: Any, what: str) -> None:
         ctx.refuse(
             f"{what} dim {dim} of {describe(layout, ctx.ndim)}, a spatial dim; only batch and channel dims are local"
         )
+    ctx.mixes_batch(label, f"{what} the batch dim")
 
 
 def layer_norm_geometry(ctx: Context, inputs: list[Geometry], count: int, kind: str) -> Geometry:
@@ -367,3 +368,26 @@ register_geometry_rule(nn.MultiheadAttention, refusing("attention over all posit
 register_geometry_rule(nn.Transformer, refusing("attention over all positions is global"))
 register_geometry_rule(nn.TransformerEncoderLayer, refusing("attention over all positions is global"))
 register_geometry_rule(nn.TransformerDecoderLayer, refusing("attention over all positions is global"))
+# MONAI's self-attention block (ViT, UNETR, ViTAutoEnc, ...), by name: MONAI is not imported here. Traced through,
+# it failed inside einops with "KeyError: Proxy(getattr_1)"
+register_geometry_rule(
+    "monai.networks.blocks.selfattention.SABlock", refusing("attention over all positions is global")
+)
+# timm's 'same' padding computed from each input's size (pad_same): a subclass of nn.Conv2d / nn.MaxPool2d /
+# nn.AvgPool2d with padding 0 whose forward pads first, so the base class's rule would miss the padding (timm's NASNet
+# and PNASNet planned with it and produced empty tiles). By name: timm is not imported here
+for _name in (
+    "timm.layers.conv2d_same.Conv2dSame",
+    "timm.layers.pool2d_same.MaxPool2dSame",
+    "timm.layers.pool2d_same.AvgPool2dSame",
+    "timm.layers.std_conv.StdConv2dSame",
+    "timm.layers.std_conv.ScaledStdConv2dSame",
+):
+    register_geometry_rule(
+        _name,
+        refusing(
+            "its 'same' padding is computed from the size of each input, so a tile would be padded differently "
+            "from the image (timm pads this way where a model asks for pad_type='same'); a model built with "
+            "static padding streams"
+        ),
+    )
