@@ -408,6 +408,41 @@ def test_in_place_statements_stream_exactly(dtype, tol):
         assert rel_err(got, want) <= tol
 
 
+class _CopyThenInPlace(nn.Module):
+    """In-place writes into what eager mode made a copy (leaving its source unchanged) or, by dtype, the same tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 2, 3, padding=1, stride=2)
+
+    def forward(self, x):
+        y = self.a(x)
+        p = y.permute(0, 2, 3, 1)
+        q = p.contiguous()  # a copy: p is not contiguous
+        q.mul_(2.0)
+        y = (p + q).permute(0, 3, 1, 2)
+        z = y.double()  # a copy in float32, y itself in float64
+        z.add_(1.0)
+        return self.b((y * z).type_as(y))
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_in_place_writes_into_copies_stream_exactly(dtype, tol):
+    torch.manual_seed(0)
+    net = _CopyThenInPlace().to(dtype)
+    x = torch.randn(1, 2, 48, 40, dtype=dtype, requires_grad=True)
+    weight = torch.randn(1, 2, 24, 20, dtype=dtype)
+    (net(x).to(dtype) * weight).sum().backward()
+    expected = [x.grad.clone(), *(p.grad.clone() for p in net.parameters())]
+    x.grad = None
+    net.zero_grad(set_to_none=True)
+    streamed = StreamingModule(net, 24)
+    (streamed(x).to(dtype) * weight).sum().backward()
+    for got, want in zip([x.grad, *(p.grad for p in net.parameters())], expected):
+        assert rel_err(got, want) <= tol
+
+
 class _PartialInPlace(nn.Module):
     def __init__(self):
         super().__init__()

@@ -175,19 +175,33 @@ _SAME_TENSOR_METHODS = {
 }  # fmt: skip
 
 
-def _whole_alias(node: torch.fx.Node, root: nn.Module) -> bool:
-    """Whether ``node`` (an aliasing op) gives its argument's values at the same positions: the tensor itself or a
-    view of all of it in the same shape (``x.contiguous()``, ``x.view(x.shape)``, nn.Identity, dropout in eval)."""
+def _alias_kind(node: torch.fx.Node, root: nn.Module) -> str:
+    """How ``node`` (an aliasing op) relates to its argument, as eager mode runs it on the traced shapes: ``"same"``
+    (the tensor itself or a view of all of it in the same shape: ``x.contiguous()`` of a contiguous ``x``,
+    ``x.float()`` of a float32 ``x``, ``x.view(x.shape)``, nn.Identity, dropout in eval), ``"copy"`` (a new tensor:
+    a dtype conversion, ``contiguous()`` of a permuted view) or ``"view"`` (part of it, or reshaped)."""
+    value, arg = (getattr(n, "meta", {}).get("tilegrad_meta") for n in (node, node.args[0]))
+    if not isinstance(value, torch.Tensor) or not isinstance(arg, torch.Tensor):
+        return "view"  # unknown: the cautious answer
     if node.op == "call_method" and node.target in _SAME_TENSOR_METHODS:
-        return True
+        if value.dtype != arg.dtype or (node.target == "contiguous" and not arg.is_contiguous()):
+            return "copy"
+        return "same" if value.shape == arg.shape else "view"
     if node.op == "call_method" and node.target in ("view", "reshape"):
-        shapes = [getattr(n.meta.get("tilegrad_meta"), "shape", None) for n in (node, node.args[0])]
-        return shapes[0] is not None and shapes[0] == shapes[1]
-    if node.op == "call_function":
-        return node.target in (torch.detach, F.dropout, F.dropout2d, F.dropout3d, F.alpha_dropout)
-    if node.op == "call_module":
-        return isinstance(root.get_submodule(node.target), (nn.Identity, nn.modules.dropout._DropoutNd))
-    return False
+        return "same" if value.shape == arg.shape else "view"
+    if node.op == "call_function" and node.target in (
+        torch.detach,
+        F.dropout,
+        F.dropout2d,
+        F.dropout3d,
+        F.alpha_dropout,
+    ):
+        return "same"
+    if node.op == "call_module" and isinstance(
+        root.get_submodule(node.target), (nn.Identity, nn.modules.dropout._DropoutNd)
+    ):
+        return "same"
+    return "view"
 
 
 def _functionalize(graph: torch.fx.Graph, root: nn.Module) -> None:
@@ -206,7 +220,7 @@ def _functionalize(graph: torch.fx.Graph, root: nn.Module) -> None:
         if n.args and isinstance(n.args[0], torch.fx.Node) and _may_alias(n, root):
             base[n] = n.args[0]
         target = _mutated(n, root)
-        whole = True
+        whole, through = True, None
         while target is not None:
             later = [u for u in target.users if order[u] > order[n]]
             if whole:
@@ -215,13 +229,14 @@ def _functionalize(graph: torch.fx.Graph, root: nn.Module) -> None:
             elif later:
                 raise NotStreamableError(
                     f"node '{n.name}' writes in place into '{target.name}' through a part or reshaped view of it "
-                    f"('{next(iter(a for a in base if base[a] is target), target).name}'), and '{later[0].name}' "
-                    "reads it afterwards; tilegrad cannot follow such a write: assign the result instead "
-                    "(x = x + ... rather than an in-place op on a view)"
+                    f"('{through.name}'), and '{later[0].name}' reads it afterwards; tilegrad cannot follow such a "
+                    "write: assign the result instead (x = x + ... rather than an in-place op on a view)"
                 )
             parent = base.get(target)
-            whole = whole and parent is not None and _whole_alias(target, root)
-            target = parent
+            kind = _alias_kind(target, root) if parent is not None else "copy"
+            if kind == "copy":  # eager mode wrote into a new tensor: what it was made from is unchanged
+                break
+            whole, through, target = whole and kind == "same", target, parent
 
 
 @functools.cache

@@ -1192,7 +1192,6 @@ def _head_name(head: nn.Module | None) -> str | None:
     return f"{type(head).__name__}({extra})" if extra else type(head).__name__
 
 
-@without_autocast
 def _refuse_batch_mixing(graph: TrunkGraph, batch_tiles: int) -> None:
     """NOTE [ Tile batches ] (infer.py) stacks tiles along the batch dim: refuse a model with a layer that mixes
     the samples of a batch (a flip, a reduction or indexing over the batch dim), naming the first one."""
@@ -1204,6 +1203,7 @@ def _refuse_batch_mixing(graph: TrunkGraph, batch_tiles: int) -> None:
         )
 
 
+@without_autocast
 def plan_streaming(
     module: nn.Module,
     input_shape: Sequence[int],
