@@ -299,6 +299,27 @@ def test_grad_sink_receives_the_input_gradient_of_a_lazy_input(tile, kwargs):
     assert len(sink.boxes) == (1 if first.keep or streamed.last_plan.conventional else len(first.grid))
 
 
+@pytest.mark.parametrize("mode", ["lean", "stages"])
+def test_grad_sink_receives_raster_order_with_a_head(mode):
+    # a head makes the last segment's forward run in raster order (NOTE [ Tile order ] in execute.py); with one
+    # segment that is also the first, whose backward must still hand the sink its boxes in raster order
+    from tilegrad.heads import GlobalPool
+
+    torch.manual_seed(0)
+    net = conv_net_2d().double()
+    head = GlobalPool("max")
+    data = np.random.default_rng(4).standard_normal((1, 3, 96, 96))
+    x = torch.from_numpy(data).requires_grad_(True)
+    head(net(x)).sum().backward()
+    ref_x = x.grad.clone()
+    sink = _SumSink(data.shape)
+    streamed = StreamingModule(net, 32, head=head, mode=mode)
+    streamed(data, grad_sink=sink).sum().backward()
+    assert rel_err(sink.grad, ref_x) <= 1e-10 and len(sink.boxes) > 1
+    starts = [tuple(b.start for b in box) for box in sink.boxes]
+    assert starts == sorted(starts), "boxes arrive in raster order"
+
+
 def test_grad_sink_works_with_frozen_parameters_and_refuses_tensors():
     net = conv_net_2d().double().requires_grad_(False)
     data = np.random.default_rng(3).standard_normal((1, 3, 40, 44))

@@ -52,6 +52,7 @@ from __future__ import annotations
 import math
 import sys
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -223,8 +224,16 @@ class Execution:
         """NOTE [ Tile order ]: the grid indices of segment ``k``'s tiles in the order its forward runs them (its
         backward runs them in reverse)."""
         order = list(range(len(self.plan.segments[k].grid)))
-        flip = reversed_tiles(len(self.plan.segments), self.head is not None)[k]
+        flip = reversed_tiles(len(self.plan.segments), self.head is not None)[k][0]
         return order[::-1] if training and flip else order
+
+    def _backward_places(self, k: int) -> Iterable[int]:
+        """NOTE [ Tile order ]: the places in segment ``k``'s forward order (``_order``) of the tiles its backward
+        runs, in the order it runs them: the reverse of its forward, unless both run the same way (the first
+        segment's backward stays in raster order)."""
+        count = len(self.plan.segments[k].grid)
+        forward, backward = reversed_tiles(len(self.plan.segments), self.head is not None)[k]
+        return range(count) if forward == backward else reversed(range(count))
 
     @staticmethod
     def _args(sp: SegmentPlan, srcs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -606,7 +615,7 @@ class Execution:
                     grid = list(sp.grid)
                     order = self._order(k, True)
                     # t: the tile's place in the forward (the index of its head partial)
-                    for t in reversed(range(len(order))):
+                    for t in self._backward_places(k):
                         tile = grid[order[t]]
                         srcs = self._sources(sp, tile.inputs, k, need)
                         inputs = [s for s, n in zip(srcs, need) if n] + seg_params

@@ -186,13 +186,18 @@ def page_cache_bytes(budget: int | None) -> int:
     return free // 2**30 * 2**30
 
 
-def reversed_tiles(segments: int, head: bool) -> list[bool]:
-    """Whether each segment's forward runs its tiles in reverse raster order in a training step (its backward runs
-    the other way): NOTE [ Tile order ] in execute.py."""
-    flags = [k % 2 == 0 for k in range(segments)]
-    if head and flags:
-        flags[-1] = False
-    return flags
+def reversed_tiles(segments: int, head: bool) -> list[tuple[bool, bool]]:
+    """Whether each segment's forward and its backward run their tiles in reverse raster order in a training step:
+    NOTE [ Tile order ] in execute.py. The backward runs the other way from the forward, but the first segment's
+    backward always runs in raster order (a GradientSink takes the input gradient in raster order), also when it is
+    the one segment and a head makes its forward run in raster order too."""
+    forward = [k % 2 == 0 for k in range(segments)]
+    if head and forward:
+        forward[-1] = False
+    backward = [not f for f in forward]
+    if backward:
+        backward[0] = False
+    return list(zip(forward, backward))
 
 
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
@@ -798,7 +803,11 @@ class _Planner:
         if key in self._touches:
             return self._touches[key]
         by_node = {b.name: b for b in bounds}
-        flips = reversed_tiles(len(segs), self.head is not None) if self.training else [False] * len(segs)
+        flips = (
+            reversed_tiles(len(segs), self.head is not None)
+            if self.training
+            else [(False, False)] * len(segs)
+        )
         steps: list[
             tuple[int, bool, list[tuple[tuple[str, str], int, bool, str]], tuple[str, str] | None]
         ] = []
@@ -808,7 +817,7 @@ class _Planner:
             out = by_node.get(sp.segment.out.name)
             if out is not None and out.tier == "disk":
                 touch.append((("map", out.name), out.nbytes, False, "write"))
-            steps.append((k, flips[k], touch, None))
+            steps.append((k, flips[k][0], touch, None))
         # backward, in reverse: the sources again (recomputation, unless kept), the output's gradient, the sources'
         if self.training:
             for k in reversed(range(len(segs))):
@@ -822,7 +831,7 @@ class _Planner:
                 touch += [(("grad", s.name), b.nbytes, not sp.keep, "add") for s in sp.segment.sources
                           if (b := by_node.get(s.name)) is not None and b.grad_tier == "disk"]  # fmt: skip
                 # a gradient's store is freed after its producer's backward (NOTE [ Streamed execution ])
-                steps.append((k, not flips[k], touch, ("grad", out.name) if out is not None else None))
+                steps.append((k, flips[k][1], touch, ("grad", out.name) if out is not None else None))
         cache = self.page_cache
         size: dict[tuple[str, str], int] = {}
         last: dict[tuple[str, str], int] = {}  # step of each live store's last touch
