@@ -27,6 +27,8 @@ def _fixed_page_cache(monkeypatch):
     import tilegrad.plan
 
     monkeypatch.setattr(tilegrad.plan, "PAGE_CACHE", 8 * 2**30)
+
+
 SRC = Path(tilegrad.__file__).resolve().parents[1]
 
 
