@@ -607,7 +607,9 @@ class _Planner:
         if id(seg) not in self._forward_rate:
             area = math.prod(self.image[2:])
             rule = (seg.source_bytes + FORWARD_TRANSIENT * seg.largest_bytes) / area
-            if seg.sources == [self.g.input] and seg.out is self.g.output:  # the whole model: simulate it
+            # the whole model (reading no statistic computed apart, which a recomputed input brings: NOTE
+            # [ Recomputed statistic inputs ]): simulate it
+            if seg.sources == [self.g.input] and seg.out is self.g.output and not seg.globals:
                 from .memory.estimate import estimate_memory
 
                 module = copy.deepcopy(seg.module)
