@@ -24,7 +24,8 @@ everywhere: NOTE [ Page cache ] in plan.py prices both). Two ends are fixed: the
 raster order (a GradientSink receives the input's gradient boxes in raster order), and so does the forward of a
 last segment feeding a streamed head (its partials are merged in raster order: ties of GlobalPool("max") resolve
 as on the whole map); with an odd number of segments and a head, the last boundary is then scanned twice in one
-direction. The order changes only the order of floating-point sums (gradients of overlapping boxes, parameter
+direction; a plan of one segment with a head runs both its forward and its backward in raster order. (A later
+segment that also reads the image hands the sink boxes of its own, after the first segment's.) The order changes only the order of floating-point sums (gradients of overlapping boxes, parameter
 gradients, statistics' partials). Inference keeps raster order (sinks and infer.py's resumable journal).
 
 NOTE [ Last convolution not recomputed ]
