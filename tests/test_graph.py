@@ -394,17 +394,20 @@ def test_in_place_statements_stream_exactly(dtype, tol):
     torch.manual_seed(0)
     net = _StatementInPlace().to(dtype)
     x = torch.randn(1, 2, 48, 40, dtype=dtype, requires_grad=True)
-    weight = torch.randn(1, 2, 12, 10, dtype=dtype)
-    (net(x) * weight).sum().backward()
-    expected = [x.grad.clone(), *(p.grad.clone() for p in net.parameters())]
+    streamed = StreamingModule(net, 24, mode="stages")
+    _assert_streams_like_plain(streamed, net, x, torch.randn(1, 2, 12, 10, dtype=dtype), tol)
+    assert len(streamed.last_plan.segments) > 1
+
+
+def _assert_streams_like_plain(streamed, net, x, weight, tol):
+    """Output, input gradient and every parameter gradient of ``streamed`` against ``net`` (training)."""
+    (net(x).to(x.dtype) * weight).sum().backward()
+    expected = [net(x).detach(), x.grad.clone(), *(p.grad.clone() for p in net.parameters())]
     x.grad = None
     net.zero_grad(set_to_none=True)
-    streamed = StreamingModule(net, 24, mode="stages")
-    with torch.no_grad():
-        assert rel_err(streamed(x), net(x)) <= tol
-    (streamed(x) * weight).sum().backward()
-    assert len(streamed.last_plan.segments) > 1
-    for got, want in zip([x.grad, *(p.grad for p in net.parameters())], expected):
+    out = streamed(x)
+    (out.to(x.dtype) * weight).sum().backward()
+    for got, want in zip([out.detach(), x.grad, *(p.grad for p in net.parameters())], expected):
         assert rel_err(got, want) <= tol
 
 
@@ -432,15 +435,7 @@ def test_in_place_writes_into_copies_stream_exactly(dtype, tol):
     torch.manual_seed(0)
     net = _CopyThenInPlace().to(dtype)
     x = torch.randn(1, 2, 48, 40, dtype=dtype, requires_grad=True)
-    weight = torch.randn(1, 2, 24, 20, dtype=dtype)
-    (net(x).to(dtype) * weight).sum().backward()
-    expected = [x.grad.clone(), *(p.grad.clone() for p in net.parameters())]
-    x.grad = None
-    net.zero_grad(set_to_none=True)
-    streamed = StreamingModule(net, 24)
-    (streamed(x).to(dtype) * weight).sum().backward()
-    for got, want in zip([x.grad, *(p.grad for p in net.parameters())], expected):
-        assert rel_err(got, want) <= tol
+    _assert_streams_like_plain(StreamingModule(net, 24), net, x, torch.randn(1, 2, 24, 20, dtype=dtype), tol)
 
 
 class _PartialInPlace(nn.Module):
@@ -482,12 +477,5 @@ def test_functional_in_place_activations_stream_exactly(training, dtype, tol):
             assert rel_err(streamed(x), net(x)) <= tol
         assert len(streamed.last_plan.segments) > 1
         return
-    weight = torch.randn(1, 2, 12, 10, dtype=dtype)
-    (net(x) * weight).sum().backward()
-    expected = [x.grad.clone(), *(p.grad.clone() for p in net.parameters())]
-    x.grad = None
-    net.zero_grad(set_to_none=True)
-    (streamed(x) * weight).sum().backward()
+    _assert_streams_like_plain(streamed, net, x, torch.randn(1, 2, 12, 10, dtype=dtype), tol)
     assert len(streamed.last_plan.segments) > 1
-    for got, want in zip([x.grad, *(p.grad for p in net.parameters())], expected):
-        assert rel_err(got, want) <= tol
