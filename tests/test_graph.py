@@ -368,16 +368,9 @@ class _FunctionalInPlace(nn.Module):
         return self.d(x)
 
 
-class _StatementInPlace(nn.Module):
-    """In-place writes whose results are not used: the later layers see the written tensor (NOTE [ In-place writes ]
-    in graph.py); before, a segment after the write read the tensor unchanged."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(2, 4, 3, padding=1)
-        self.b = nn.Conv2d(4, 4, 3, padding=1, stride=2)
-        self.c = nn.Conv2d(4, 4, 3, padding=1, stride=2)
-        self.d = nn.Conv2d(4, 2, 3, padding=1)
+class _StatementInPlace(_FunctionalInPlace):
+    """The same layers, with in-place writes whose results are not used: the later layers see the written tensor
+    (NOTE [ In-place writes ] in graph.py); before, a segment after the write read the tensor unchanged."""
 
     def forward(self, x):
         x = self.a(x)
