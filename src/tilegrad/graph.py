@@ -136,12 +136,14 @@ _ALIASING_METHODS = {
     "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "movedim", "chunk", "split", "unbind", "float",
     "double", "half", "bfloat16", "to", "type", "type_as", "detach", "__getitem__",
 }  # fmt: skip
+# of those, the ones that always give all of their argument unchanged (``_alias_kind``: "same")
+_SAME_TENSOR_FUNCTIONS = {torch.detach, F.dropout, F.dropout2d, F.dropout3d, F.alpha_dropout}
+_SAME_TENSOR_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd)
 _ALIASING_FUNCTIONS = {
     operator.getitem, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
-    torch.narrow, torch.movedim, torch.chunk, torch.split, torch.unbind, torch.detach, F.dropout, F.dropout2d,
-    F.dropout3d, F.alpha_dropout,
+    torch.narrow, torch.movedim, torch.chunk, torch.split, torch.unbind, *_SAME_TENSOR_FUNCTIONS,
 }  # fmt: skip
-_ALIASING_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
+_ALIASING_MODULES = (nn.Flatten, nn.Unflatten, *_SAME_TENSOR_MODULES)
 
 
 def _may_alias(node: torch.fx.Node, root: nn.Module) -> bool:
@@ -189,17 +191,9 @@ def _alias_kind(node: torch.fx.Node, root: nn.Module) -> str:
         return "same" if value.shape == arg.shape else "view"
     if node.op == "call_method" and node.target in ("view", "reshape"):
         return "same" if value.shape == arg.shape else "view"
-    if node.op == "call_function" and node.target in (
-        torch.detach,
-        F.dropout,
-        F.dropout2d,
-        F.dropout3d,
-        F.alpha_dropout,
-    ):
+    if node.op == "call_function" and node.target in _SAME_TENSOR_FUNCTIONS:
         return "same"
-    if node.op == "call_module" and isinstance(
-        root.get_submodule(node.target), (nn.Identity, nn.modules.dropout._DropoutNd)
-    ):
+    if node.op == "call_module" and isinstance(root.get_submodule(node.target), _SAME_TENSOR_MODULES):
         return "same"
     return "view"
 
