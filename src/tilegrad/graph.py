@@ -79,7 +79,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import GeometryError, NotStreamableError
 from .geometry import DimGeometry, Geometry
-from .geometry.trace import propagate, trace_graph, trunk_output
+from .geometry.trace import explained, node_where, propagate, trace_graph, trunk_output
 from .statistics import apply_norm, is_reduction, rewrite_statistics
 
 __all__ = ["Segment", "TrunkGraph", "last_convolution"]
@@ -262,6 +262,7 @@ class _Profiler(torch.fx.Interpreter):
         self._params = {t.untyped_storage()._cdata for t in (*gm.parameters(), *gm.buffers())}
         self._seen: set[int] = set()
         self._current: NodeProfile | None = None
+        self.failed_at: torch.fx.Node | None = None  # the node running when the model's own forward raised
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         key = t.untyped_storage()._cdata
@@ -279,7 +280,9 @@ class _Profiler(torch.fx.Interpreter):
             torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t),
             FlopCounterMode(display=False) as fc,
         ):
+            self.failed_at = n
             out = super().run_node(n)
+            self.failed_at = None
         prof.flops = float(fc.get_total_flops())
         if isinstance(out, torch.Tensor):
             prof.shape = tuple(out.shape)
@@ -392,7 +395,10 @@ class TrunkGraph:
         self.input_shape = tuple(int(s) for s in input_shape)
         self.ndim = len(self.input_shape) - 2
         self.dtype = dtype
-        graph = trace_graph(module, self.ndim, self.input_shape)
+        try:
+            graph = trace_graph(module, self.ndim, self.input_shape)
+        except NotStreamableError as err:
+            raise explained(module, "", err) from err
         self.gm = torch.fx.GraphModule(module, graph)
         graph = self.gm.graph
         _functionalize(graph, module)
@@ -404,7 +410,10 @@ class TrunkGraph:
         if not placeholders:
             raise NotStreamableError(f"{type(module).__name__}.forward takes no tensor input")
         self.input = placeholders[0]
-        self.geoms = propagate(module, self.nodes, self.ndim, {self.input: Geometry.identity(self.ndim)})
+        try:
+            self.geoms = propagate(module, self.nodes, self.ndim, {self.input: Geometry.identity(self.ndim)})
+        except NotStreamableError as err:  # in the user's words when it is attention's doing
+            raise explained(module, "", err) from err
         (out_node,) = [n for n in self.nodes if n.op == "output"]
         self.output: torch.fx.Node = out_node.args[0]
         self._refuse_global_output()
@@ -455,12 +464,30 @@ class TrunkGraph:
         try:
             prof.run(x)
         except Exception as err:
+            at = prof.failed_at
+            module = self.gm.get_submodule(at.target) if at is not None and at.op == "call_module" else None
+            where = f", in {node_where(at, module, root=type(self.root).__name__)}" if at is not None else ""
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise GeometryError(
-                f"{type(self.root).__name__} failed on an input of shape {self.input_shape}: "
-                f"{type(err).__name__}: {err}"
+                f"{type(self.root).__name__} failed on an input of shape {self.input_shape}{where}: "
+                f"{type(err).__name__}: {first}. This is the model's own forward: called whole on an input of this "
+                f"size it fails the same way; give it an input size it accepts{self._accepted_size(meta, training)}"
             ) from err
         by_name = {n.name: n for n in self.nodes}
         return {by_name[k]: v for k, v in prof.profiles.items()}
+
+    def _accepted_size(self, meta: torch.fx.GraphModule, training: bool) -> str:
+        """' (it runs on <shape>)': the first of the input's spatial sizes times 2, 4, 8 on which the traced graph
+        runs (on meta tensors: nothing is computed), or ''."""
+        for factor in (2, 4, 8):
+            shape = (*self.input_shape[:2], *(factor * s for s in self.input_shape[2:]))
+            x = torch.empty(shape, device="meta", dtype=self.dtype)
+            try:
+                _Profiler(meta, False).run(x)
+            except Exception:  # still too small for it (or something the meta device cannot do): not a hint
+                continue
+            return f" (its traced graph runs on {shape}, {factor}x larger)"
+        return ""
 
     def shape(self, node: torch.fx.Node) -> tuple[int, ...]:
         shape = self.profiles[node].shape

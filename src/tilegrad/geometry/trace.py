@@ -25,9 +25,18 @@ from torch.utils._pytree import tree_map
 from ..errors import ConfigError, NotStreamableError
 from .core import Geometry, ReceptiveField
 from .layout import Extent, ExtentTuple, Layout, TileDependent, describe, is_spatial, standard
-from .toolkit import Context, function_rule, module_rule
+from .toolkit import Context, function_rule, module_rule, overrides_computation, refuses
 
-__all__ = ["ACROSS_BATCH", "module_geometry", "propagate", "receptive_field", "trace_graph", "trunk_output"]
+__all__ = [
+    "ACROSS_BATCH",
+    "explained",
+    "module_geometry",
+    "node_where",
+    "propagate",
+    "receptive_field",
+    "trace_graph",
+    "trunk_output",
+]
 
 _META = "tilegrad_meta"
 ACROSS_BATCH = "tilegrad_across_batch"
@@ -36,9 +45,6 @@ _UNKNOWN = object()
 # Spatial extent of the example input of the meta run, per spatial rank: multiples of every stride in use, small
 # enough that a model which builds CPU tensors from sizes stays cheap (NOTE [ Layouts and tile extents ]).
 _EXAMPLE_EXTENT = {1: 4096, 2: 256, 3: 64}
-# torch.nn layers whose subclasses are traced through when they override forward (torchvision's and timm's
-# LayerNorm2d permute to channels-last around F.layer_norm: a LayerNorm over channels, not over the last dim).
-_TRACE_OVERRIDES: tuple[type[nn.Module], ...] = (nn.LayerNorm,)
 
 
 def _meta_of(proxy: torch.fx.Proxy) -> Any:
@@ -84,14 +90,11 @@ class _Tracer(torch.fx.Tracer):
         self._placeholders = 0
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        for base in _TRACE_OVERRIDES:
-            if (
-                isinstance(m, base)
-                and type(m).forward is not base.forward
-                and module_rule(m) is module_rule(base)
-            ):
-                return False
-        return module_rule(m) is not None or super().is_leaf_module(m, module_qualified_name)
+        rule = module_rule(m)
+        if rule is not None and overrides_computation(m) and not refuses(rule):
+            # NOTE [ Subclasses that change what a layer computes ] in toolkit.py: trace what its forward does
+            return super().is_leaf_module(m, module_qualified_name)
+        return rule is not None or super().is_leaf_module(m, module_qualified_name)
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _MetaProxy(node, self)
@@ -297,15 +300,36 @@ def trace_graph(
         if failure is None:
             return graph
         raise NotStreamableError(
-            f"tilegrad could not trace {type(module).__name__} to work out its receptive field: "
-            f"{type(failure).__name__}: {failure}. Streaming needs a forward pass without data-dependent control "
-            "flow; wrap the offending part as a module and register its geometry with "
+            f"tilegrad could not trace {type(module).__name__}{_failed_in(tracer, module)} to work out its receptive "
+            f"field: {type(failure).__name__}: {failure}. Streaming needs a forward pass without data-dependent "
+            "control flow; wrap the offending part as a module and register its geometry with "
             "tilegrad.geometry.register_geometry_rule"
         ) from failure
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _node_where(node: torch.fx.Node, module: nn.Module | None, prefix: str = "", root: str = "") -> str:
+def _failed_in(tracer: torch.fx.Tracer, root: nn.Module) -> str:
+    """Where a failed trace stopped: the innermost module it was tracing through, and why it did (a subclass of a
+    registered layer that overrides its forward: NOTE [ Subclasses that change what a layer computes ])."""
+    stack = list(getattr(tracer, "module_stack", {}).values())
+    path = stack[-1][0] if stack and isinstance(stack[-1], tuple) and stack[-1][0] else ""
+    if not path:
+        return ""
+    try:
+        layer = root.get_submodule(path)
+    except AttributeError:
+        return f" (in '{path}')"
+    why = ""
+    if overrides_computation(layer):
+        base = next(k for k in type(layer).__mro__ if module_rule(k) is module_rule(layer))
+        why = (
+            f", traced through because it overrides forward (or a method it runs) of {base.__name__}, whose "
+            "geometry rule would not describe it"
+        )
+    return f" (in layer '{path}' ({type(layer).__name__}){why})"
+
+
+def node_where(node: torch.fx.Node, module: nn.Module | None, prefix: str = "", root: str = "") -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if node.op == "call_module":
         qualified = f"{prefix}.{node.target}" if prefix else node.target
@@ -357,14 +381,14 @@ def module_geometry(module: nn.Module, ndim: int, name: str = "") -> Geometry:
         try:
             graph = trace_graph(module, ndim)
         except NotStreamableError as err:
-            raise _explained(module, name, err) from err
+            raise explained(module, name, err) from err
         _GRAPH_CACHE[id(module)] = (weakref.ref(module), modes, ndim, graph)
     else:
         graph = cached[3]
     try:
         return _graph_geometry(module, graph, ndim, name)
     except NotStreamableError as err:
-        raise _explained(module, name, err) from err
+        raise explained(module, name, err) from err
 
 
 def _attention(module: nn.Module) -> tuple[str, nn.Module] | None:
@@ -380,7 +404,7 @@ def _attention(module: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
-def _explained(module: nn.Module, name: str, err: NotStreamableError) -> NotStreamableError:
+def explained(module: nn.Module, name: str, err: NotStreamableError) -> NotStreamableError:
     """Say why in the user's words when the first refused step only feeds a global layer (attention)."""
     found = _attention(module)
     if found is None:
@@ -396,9 +420,25 @@ def _explained(module: nn.Module, name: str, err: NotStreamableError) -> NotStre
     )
     return NotStreamableError(
         f"'{where}' ({kind}) in {type(module).__name__} cannot be streamed: attention over all positions is "
-        f"global ({how}), so no tile can be computed from its neighbourhood. "
-        f"Stream the convolutional part before it (split the model there) or run the model whole. (The first step "
-        f"tilegrad refused on the way: {err})"
+        f"global ({how}), so no tile can be computed from its neighbourhood. {_before(path, name)} "
+        f"(The first step tilegrad refused on the way: {err})"
+    )
+
+
+def _before(path: str, name: str) -> str:
+    """The way forward around an attention layer at ``path``: the blocks of its outermost list that run before it."""
+    parts = path.split(".")
+    index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    if index is None or int(parts[index]) == 0:
+        return (
+            "No convolutional part of the model runs before it, so there is nothing to stream on its own; run the "
+            "model whole (tilegrad cannot tile it exactly)."
+        )
+    blocks = ".".join(p for p in (name, *parts[:index]) if p)
+    return (
+        f"The blocks before '{blocks}.{parts[index]}' are local: stream them as a trunk (an nn.Sequential of "
+        f"{blocks}[:{parts[index]}] and the layers they need, through tilegrad.StreamingModule or tilegrad.infer) "
+        "and run the rest whole, or run the model whole."
     )
 
 
@@ -528,7 +568,7 @@ def _propagate(
             continue
         module = root.get_submodule(node.target) if node.op == "call_module" else None
         layouts = [s.layout for s in spatial]
-        ctx = Context(ndim, _node_where(node, module, prefix, type(root).__name__), layouts, values)
+        ctx = Context(ndim, node_where(node, module, prefix, type(root).__name__), layouts, values)
         if node.op == "call_function" and node.target is getattr:
             attribute = node.args[1]
             if attribute in _SHAPE_ATTRIBUTES:
