@@ -66,7 +66,7 @@ import functools
 import inspect
 import math
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -157,19 +157,31 @@ def _may_alias(node: torch.fx.Node, root: nn.Module) -> bool:
     return False
 
 
-def _written(nodes: Iterable[torch.fx.Node], root: nn.Module) -> set[torch.fx.Node]:
-    """The tensors ``nodes`` (in graph order) write into in place: directly (ReLU(inplace=True)) or through a view or
-    alias (``x.view(...).relu_()``, ``x.contiguous().add_(y)``: then ``x`` and every alias between)."""
+def _in_place_writes(
+    nodes: Iterable[torch.fx.Node], root: nn.Module
+) -> Iterator[tuple[torch.fx.Node, list[torch.fx.Node]]]:
+    """Each node of ``nodes`` (in graph order) that writes in place, with the tensors it writes into, nearest first:
+    its first argument, then, while that is the result of an op that may alias its own argument (a view, an
+    alias: ``x.view(...).relu_()``, ``x.contiguous().add_(y)``), that argument. The one walk of the alias map that
+    :func:`_written` and :func:`_functionalize` share (NOTE [ In-place writes ]); lazy, so a caller may rewrite the
+    graph after each node before the walk reads the next."""
     base: dict[torch.fx.Node, torch.fx.Node] = {}
-    written: set[torch.fx.Node] = set()
     for n in nodes:
         if n.args and isinstance(n.args[0], torch.fx.Node) and _may_alias(n, root):
             base[n] = n.args[0]
+        chain = []
         target = _mutated(n, root)
         while target is not None:
-            written.add(target)
+            chain.append(target)
             target = base.get(target)
-    return written
+        if chain:
+            yield n, chain
+
+
+def _written(nodes: Iterable[torch.fx.Node], root: nn.Module) -> set[torch.fx.Node]:
+    """The tensors ``nodes`` (in graph order) write into in place: directly (ReLU(inplace=True)) or through a view or
+    alias (then ``x`` and every alias between, a conversion's copy included: the cautious answer)."""
+    return {t for _, chain in _in_place_writes(nodes, root) for t in chain}
 
 
 _SAME_TENSOR_METHODS = {
@@ -209,13 +221,9 @@ def _functionalize(graph: torch.fx.Graph, root: nn.Module) -> None:
     a partial or reshaped view and read again afterwards is refused: its later readers would need a scatter the
     graph does not express."""
     order = {n: k for k, n in enumerate(graph.nodes)}
-    base: dict[torch.fx.Node, torch.fx.Node] = {}
-    for n in list(graph.nodes):
-        if n.args and isinstance(n.args[0], torch.fx.Node) and _may_alias(n, root):
-            base[n] = n.args[0]
-        target = _mutated(n, root)
+    for n, chain in _in_place_writes(list(graph.nodes), root):
         whole, through = True, None
-        while target is not None:
+        for k, target in enumerate(chain):
             later = [u for u in target.users if order[u] > order[n]]
             if whole:
                 for u in later:
@@ -226,11 +234,10 @@ def _functionalize(graph: torch.fx.Graph, root: nn.Module) -> None:
                     f"('{through.name}'), and '{later[0].name}' reads it afterwards; tilegrad cannot follow such a "
                     "write: assign the result instead (x = x + ... rather than an in-place op on a view)"
                 )
-            parent = base.get(target)
-            kind = _alias_kind(target, root) if parent is not None else "copy"
+            kind = _alias_kind(target, root) if k + 1 < len(chain) else "copy"
             if kind == "copy":  # eager mode wrote into a new tensor: what it was made from is unchanged
                 break
-            whole, through, target = whole and kind == "same", target, parent
+            whole, through = whole and kind == "same", target
 
 
 @functools.cache
