@@ -30,7 +30,9 @@ def test_the_engine_trims_for_its_own_device(monkeypatch):
     monkeypatch.setattr(execute, "trim_heap", lambda device="cpu": devices.append(torch.device(device)))
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, stride=2, padding=1), torch.nn.Conv2d(4, 1, 3)
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        torch.nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        torch.nn.Conv2d(4, 1, 3),
     )
     x = torch.randn(1, 1, 64, 64)
     plan = tilegrad.plan_streaming(net, tuple(x.shape), tile_size=24, mode="stages", training=False)
