@@ -4,7 +4,9 @@ NOTE [ Streamed statistics ]
 A layer whose output at a position depends on a statistic over all positions (InstanceNorm, GroupNorm, BatchNorm
 in training mode, the global average pool of a squeeze-excitation block) is not local, but it is local *given the
 statistic*. The trunk's traced graph is rewritten (``rewrite_statistics``, before the geometry rules run) so that
-each such layer becomes two nodes:
+each such layer becomes two nodes (the layer as a module, or as the call ``F.group_norm`` / ``F.instance_norm`` /
+``F.batch_norm`` with batch statistics and none kept, which a subclass's forward traced through makes: NOTE
+[ Subclasses that change what a layer computes ] in geometry/toolkit.py):
 
 * a *reduction* ``moments(x)`` or ``spatial_mean(x)``: a small tensor (per sample and group: mean and variance;
   per sample and channel: the mean). The planner makes its input ``x`` a boundary (graph.py ``forced``), so ``x``
@@ -46,6 +48,7 @@ readers' recomputation (more FLOPs, larger tiles); saves the store, its IO and i
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -318,6 +321,36 @@ def _spatial_dims(dims: Any, rank: int) -> bool:
     return sorted(d % rank for d in dims) == list(range(2, rank))
 
 
+# the functional normalisations, each with the flag that says it uses its input's statistics (None: always)
+_FUNCTIONAL_NORMS = {F.group_norm: None, F.instance_norm: "use_input_stats", F.batch_norm: "training"}
+
+
+def _functional_statistic(node: torch.fx.Node) -> tuple[str, int, Any, Any, float] | None:
+    """(mode, groups, weight, bias, eps) of an F.group_norm / F.instance_norm / F.batch_norm call that normalises
+    with statistics of its input and keeps none (no running statistics: a traced-through subclass's forward, NOTE
+    [ Subclasses that change what a layer computes ] in geometry/toolkit.py), or None: then its geometry rule decides
+    (local with running statistics in eval mode, refused otherwise)."""
+    flag = _FUNCTIONAL_NORMS[node.target]
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    a = bound.arguments
+    if not isinstance(a["input"], torch.fx.Node) or isinstance(a["eps"], torch.fx.Node):
+        return None
+    if flag is not None and (
+        a[flag] is not True or any(a.get(k) is not None for k in ("running_mean", "running_var"))
+    ):
+        return None
+    if node.target is F.group_norm:
+        if not isinstance(a["num_groups"], int):
+            return None
+        return "group", a["num_groups"], a["weight"], a["bias"], float(a["eps"])
+    mode = "instance" if node.target is F.instance_norm else "batch"
+    return mode, 1, a["weight"], a["bias"], float(a["eps"])
+
+
 def rewrite_statistics(gm: torch.fx.GraphModule, ndim: int) -> int:
     """Replace statistics layers in ``gm``'s graph by reduction + apply nodes (NOTE [ Streamed statistics ]);
     returns how many were rewritten."""
@@ -360,6 +393,21 @@ def rewrite_statistics(gm: torch.fx.GraphModule, ndim: int) -> int:
                 if all(s == 1 for s in sizes):
                     _replace(graph, node, spatial_mean, node.args[0], True)
                     count += 1
+            continue
+        if node.op == "call_function" and node.target in _FUNCTIONAL_NORMS:
+            found = _functional_statistic(node)
+            if found is not None:
+                mode, groups, w, b, eps = found
+                x = node.args[0] if node.args else node.kwargs["input"]
+                with graph.inserting_before(node):
+                    stats = graph.call_function(moments, (x,), {"mode": mode, "groups": groups})
+                    stats.meta["tilegrad_source"] = f"{node.target.__name__} (node '{node.name}')"
+                    new = graph.call_function(
+                        apply_norm, (x, stats, w, b), {"mode": mode, "groups": groups, "eps": eps}
+                    )
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+                count += 1
             continue
         if node.op == "call_function" and node.target in (
             F.adaptive_avg_pool1d,

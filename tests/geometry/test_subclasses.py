@@ -50,6 +50,18 @@ class BatchNormAct(nn.BatchNorm2d):
         return F.silu(super().forward(x))
 
 
+class GroupNormAct(nn.GroupNorm):
+    """A group norm followed by an activation (timm's GroupNormAct): traced into F.group_norm, a streamed statistic."""
+
+    def forward(self, x):
+        return F.silu(super().forward(x))
+
+
+class InstanceNormAct(nn.InstanceNorm2d):
+    def forward(self, x):
+        return torch.relu(super().forward(x)) * 2
+
+
 class PaddedPool(nn.MaxPool2d):
     """Pads the right and bottom border with -inf before pooling (a 'same' pooling for even sizes)."""
 
@@ -84,6 +96,10 @@ LAYERS = {
     "_conv_forward only": lambda: ReflectConv(3, 3, 5, padding=1),
     "batch norm + act (eval)": lambda: BatchNormAct(3).eval(),
     "padded max pool": lambda: PaddedPool(2, stride=1),
+    # statistics over the whole image, traced into the functional form and streamed (NOTE [ Streamed statistics ])
+    "group norm + act": lambda: GroupNormAct(3, 3),
+    "instance norm + act": lambda: InstanceNormAct(3, affine=True),
+    "batch norm + act (batch statistics, none kept)": lambda: BatchNormAct(3, track_running_stats=False),
 }
 
 
@@ -93,7 +109,7 @@ def test_computing_subclasses_stream_exactly(name, dtype, tol):
     torch.manual_seed(0)
     layer = LAYERS[name]()
     assert overrides_computation(layer)
-    if isinstance(layer, nn.BatchNorm2d):  # statistics that are not the identity
+    if isinstance(layer, nn.BatchNorm2d) and layer.track_running_stats:  # statistics that are not the identity
         layer.running_mean.uniform_(-1, 1)
         layer.running_var.uniform_(0.5, 2)
     net = _net(layer).to(dtype)
