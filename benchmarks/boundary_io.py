@@ -11,8 +11,8 @@ once, like the cost model's DISK_ADD), in wall and in CPU time (user + system of
 box (tensor.clone) is timed for scale: on a machine shared with other jobs, memory bandwidth moves every figure.
 
 The script uses the stores' public interface only, so the same command measures another checkout of tilegrad
-(PYTHONPATH=<checkout>/src) for an A/B of file layouts; --chunk sets the chunk (one side, or one per dim) of this
-checkout's chunked layout. Run:
+(PYTHONPATH=<checkout>/src) for an A/B of file layouts (BENCHMARKS.md: the chunked layout tried in the seventh
+session, commit 3325d66). Run:
 
     python benchmarks/boundary_io.py --channels 64 --size 16384 --rows 1024 --box 364 --halo 48
     python benchmarks/boundary_io.py --ndim 3 --channels 16 --size 80 --box 40 --halo 8
@@ -64,9 +64,6 @@ def main() -> None:
         "--halo", type=int, default=0, help="a reader's box: its core grown by this on each side"
     )
     parser.add_argument("--write-box", type=int, default=None, help="the producer's cores (default: --box)")
-    parser.add_argument(
-        "--chunk", type=int, nargs="+", default=None, help="chunk side(s); default: the store's"
-    )
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--scratch-dir", default=None, help="default: the system temp directory")
     parser.add_argument(
@@ -85,9 +82,6 @@ def main() -> None:
     nbytes = args.batch * args.channels * itemsize
     for s in spatial:
         nbytes *= s
-    kwargs = {}
-    if args.chunk is not None:
-        kwargs["chunk"] = tuple(args.chunk * args.ndim if len(args.chunk) == 1 else args.chunk)
     write_box = args.write_box or args.box
     reads = list(grid(spatial, args.box, args.halo))
     writes = list(grid(spatial, write_box, 0))
@@ -98,8 +92,8 @@ def main() -> None:
         return tile[(slice(None), slice(None), *(slice(0, n) for n in sizes(b)))]
 
     with Scratch(args.scratch_dir, nbytes) as scratch:
-        store = DiskStore(shape, dtype, scratch, "map", "cpu", **kwargs)
-        chunk = getattr(store, "chunk", None)
+        store = DiskStore(shape, dtype, scratch, "map", "cpu")
+        chunk = getattr(store, "chunk", None)  # a chunked layout's chunk (commit 3325d66)
         print(
             f"map {shape} {args.dtype} = {format_bytes(nbytes)}, {len(writes)} cores of {write_box}, {len(reads)} "
             f"boxes of {args.box} + halo {args.halo}, chunk {chunk or 'none (file is (*spatial, N, C))'}, scratch "

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tilegrad import ConfigError, DiskFullError, ShapeError, WriterStateError
-from tilegrad.boundary import DiskStore, Scratch, Store, TensorStore, chunk_shape, remove_stale_runs
+from tilegrad.boundary import DiskStore, Scratch, Store, TensorStore, remove_stale_runs
 
 from .conftest import SRC
 
@@ -32,13 +32,18 @@ def _make(kind: str, shape: tuple[int, ...], dtype: torch.dtype, scratch: Scratc
         return TensorStore(shape, dtype, "cpu")
     if kind == "host":  # pinned host memory, reads copied to the GPU
         return TensorStore(shape, dtype, "cpu", compute_device="cuda")
-    if kind == "disk-chunks":  # small chunks that the boxes cut: partial chunks, edge chunks, joined chunks
-        return DiskStore(shape, dtype, scratch, "store", "cpu", chunk=(2, 3, 4)[: len(shape) - 2])
-    if kind == "disk-calls":  # one chunk per call, writes cut into calls of 3 bytes (NOTE [ Storage tiers ])
-        store = DiskStore(shape, dtype, scratch, "store", "cpu", chunk=(3, 2, 5)[: len(shape) - 2])
-        store._span_bytes, store._write_bytes = 1, 3
-        return store
-    return DiskStore(shape, dtype, scratch, "store", "cpu")
+    store = DiskStore(shape, dtype, scratch, "store", "cpu")
+    if kind == "disk-whole":  # the path an accelerator takes (whole box in file layout), run on the CPU
+        store._fused = False
+    if (
+        kind == "disk-5"
+    ):  # a staging buffer of 5 positions: runs split into pieces and groups, one run a call;
+        store._piece = 5  # writes in calls of 3 bytes
+        store._write_bytes = 3
+        store._span_bytes, store._gap_bytes = 5 * store._position_bytes, 0
+    if kind == "disk-spans":  # spans of a few runs with their gaps, whatever the gap (NOTE [ Storage tiers ])
+        store._span_bytes, store._gap_bytes = 24 * store._position_bytes, 2**20
+    return store
 
 
 def _random_box(rng: random.Random, spatial: tuple[int, ...]) -> tuple[slice, ...]:
@@ -64,8 +69,9 @@ KINDS = [
     "device",
     pytest.param("host", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA")),
     "disk",
-    "disk-chunks",
-    "disk-calls",
+    "disk-whole",
+    "disk-5",
+    "disk-spans",
 ]
 SHAPES = [
     (2, 3, 37),  # 1D, N > 1
@@ -103,6 +109,42 @@ def test_store_matches_a_plain_tensor_on_random_boxes(tmp_path, kind, shape, dty
                 ref[index] += value
         assert torch.equal(store.read(tuple(slice(None) for _ in shape[2:])).cpu(), ref)
         store.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_disk_store_on_random_call_geometries(tmp_path, seed):
+    # any staging and call sizes (spans, gaps, accelerator pieces, pwrite calls), 1-3 spatial dims, N > 1, float32
+    # and float64, on random boxes: reads, writes and adds give exactly what a plain tensor does
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(25):
+        spatial = tuple(rng.randint(1, 11) for _ in range(rng.randint(1, 3)))
+        shape = (rng.randint(1, 3), rng.randint(1, 3), *spatial)
+        dtype = rng.choice([torch.float32, torch.float64])
+        ref = torch.zeros(shape, dtype=dtype)
+        with Scratch(tmp_path, 0) as scratch:
+            store = DiskStore(shape, dtype, scratch, "map", "cpu")
+            pb = store._position_bytes
+            store._fused = rng.random() < 0.8
+            store._piece = rng.randint(1, 7)
+            store._span_bytes = rng.choice([1, pb * rng.randint(1, 9), 2**20])
+            store._gap_bytes = rng.choice([0, pb * rng.randint(1, 9), 2**20])
+            store._write_bytes = rng.choice([1, 5, pb * rng.randint(1, 9), 2**20])
+            for _ in range(16):
+                box = _random_box(rng, spatial)
+                index = (slice(None), slice(None), *box)
+                op = rng.choice(["write", "add", "read"])
+                if op == "read":
+                    assert torch.equal(store.read(box), ref[index]), (shape, box)
+                    continue
+                value = _value(tuple(ref[index].shape), dtype, gen)
+                if op == "write":
+                    store.write(box, value)
+                    ref[index] = value
+                else:
+                    store.add(box, value)
+                    ref[index] += value
+            assert torch.equal(store.read(tuple(slice(None) for _ in spatial)), ref), shape
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -180,74 +222,14 @@ def test_overlapping_adds_of_a_tile_grid_sum_exactly(tmp_path):
         assert expected.max() == 4  # the fixture does overlap
 
 
-def test_file_layout_chunks(tmp_path):
-    # shape (2, 3, 5, 7) float32, chunk (2, 3): a grid of 3 x 3 chunks, the last row 1 high and the last column 1
-    # wide, stored in grid order without padding, each chunk channel-major (N*C = 6 elements per position;
-    # hand-computed offsets in elements)
-    with Scratch(tmp_path, 0) as scratch:
-        store = DiskStore((2, 3, 5, 7), torch.float32, scratch, "act", "cpu", chunk=(2, 3))
-        assert store._grid == (3, 3) and store.chunk == (2, 3)
-        assert [store._chunk_offset(g) for g in [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0), (2, 2)]] == [
-            0, 36, 72, 84, 168, 204,  # row 1 starts after 2 x 7 positions; row 2 is 1 high: 168 + 2 x 3 x 6
-        ]  # fmt: skip
-        # a box inside chunk (1, 1): one piece of that chunk alone, one copy (N*C, 1, 1 chunk, 2 wide)
-        pieces = list(store._pieces([(2, 3), (4, 6)]))
-        assert [(o, n, list(c), w) for o, n, c, w, _ in pieces] == [(84 + 36, 36, [4], False)]
-        assert pieces[0][4] == [(1, (6, 1, 1, 2), (6, 3, 36, 1), (0, 0))]
-        # a box of the whole map: three rows of chunks, the two whole chunks of each row joined in one copy
-        pieces = list(store._pieces([(0, 5), (0, 7)]))
-        assert [len(p[4]) for p in pieces] == [2, 2, 2] and all(p[3] for p in pieces)
-        assert sum(n for _, n, *_ in pieces) == 2 * 3 * 5 * 7
-        # the file stays the map's size
-        assert os.stat(store.path).st_size == store.nbytes == 2 * 3 * 5 * 7 * 4
-
-
-def test_chunk_shape_default():
-    assert chunk_shape((16384, 16384), 256) == (64, 64)  # 1 MiB of a 64-channel float32 map
-    assert chunk_shape((80, 80, 80), 64) == (16, 32, 32)
-    assert chunk_shape((3, 100000), 256) == (3, 1024)  # a dim the map cuts short: the others grow
-    assert chunk_shape((5,), 2**30) == (1,)
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_disk_store_on_random_chunk_geometries(tmp_path, seed):
-    # any chunk (larger than the map, one position, cut by the map's edge), span and write sizes, 1-3 spatial dims,
-    # N > 1, float32 and float64: reads, writes and adds give exactly what a plain tensor does
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(25):
-        k = rng.randint(1, 3)
-        spatial = tuple(rng.randint(1, 11) for _ in range(k))
-        shape = (rng.randint(1, 3), rng.randint(1, 3), *spatial)
-        dtype = rng.choice([torch.float32, torch.float64])
-        chunk = tuple(rng.randint(1, s + 2) for s in spatial)
-        ref = torch.zeros(shape, dtype=dtype)
-        with Scratch(tmp_path, 0) as scratch:
-            store = DiskStore(shape, dtype, scratch, "map", "cpu", chunk=chunk)
-            store._span_bytes = rng.choice([1, 64, 1000, 2**20])
-            store._write_bytes = rng.choice([4, 100, 2**20])
-            for _ in range(16):
-                box = _random_box(rng, spatial)
-                index = (slice(None), slice(None), *box)
-                op = rng.choice(["write", "add", "read"])
-                if op == "read":
-                    assert torch.equal(store.read(box), ref[index]), (shape, chunk, box)
-                    continue
-                value = _value(tuple(ref[index].shape), dtype, gen)
-                if op == "write":
-                    store.write(box, value)
-                    ref[index] = value
-                else:
-                    store.add(box, value)
-                    ref[index] += value
-            assert torch.equal(store.read(tuple(slice(None) for _ in spatial)), ref), (shape, chunk)
-
-
-def test_bad_chunks_are_refused(tmp_path):
-    with Scratch(tmp_path, 0) as scratch:
-        for chunk in [(2,), (0, 2), (2, 2.5)]:
-            with pytest.raises(ShapeError, match="one size >= 1 per spatial dim"):
-                DiskStore((1, 1, 4, 4), torch.float32, scratch, "a", "cpu", chunk=chunk)
+def test_file_layout_runs():
+    # shape (1, 2, 4, 5) float32: the file is (4, 5, 1, 2), 8 bytes per position, 40 per row (hand-computed)
+    store = DiskStore.__new__(DiskStore)
+    store._spatial, store._strides = (4, 5), (40, 8)
+    chunk, offsets = store._runs([(1, 3), (0, 5)])  # whole rows: one run
+    assert (chunk, list(offsets)) == (80, [40])
+    chunk, offsets = store._runs([(1, 3), (1, 3)])  # two rows of two positions
+    assert (chunk, list(offsets)) == (16, [48, 88])
 
 
 @pytest.mark.parametrize("reserve", [True, False])
@@ -315,7 +297,7 @@ def test_the_scratch_is_removed_on_an_error_and_on_keyboard_interrupt(tmp_path):
         ((slice(0, 2), slice(0, 2)), [[0.0]], "from a torch.Tensor"),
     ],
 )
-@pytest.mark.parametrize("kind", ["device", "disk", "disk-chunks"])
+@pytest.mark.parametrize("kind", ["device", "disk", "disk-whole"])
 def test_bad_boxes_and_values_are_refused(tmp_path, kind, box, value, fragment):
     with Scratch(tmp_path, 0) as scratch:
         store = _make(kind, (1, 2, 8, 8), torch.float32, scratch)

@@ -49,7 +49,7 @@ import torch
 from .errors import ConfigError, DataError, DiskFullError, ShapeError, WriterStateError
 from .units import format_bytes
 
-__all__ = ["Box", "DiskStore", "Scratch", "Store", "TensorStore", "chunk_shape", "remove_stale_runs"]
+__all__ = ["Box", "DiskStore", "Scratch", "Store", "TensorStore", "remove_stale_runs"]
 
 # NOTE [ Storage tiers ]
 # A boundary tensor is a whole map (N, C, *spatial) that one segment writes tile by tile and the next reads tile by
@@ -80,38 +80,30 @@ __all__ = ["Box", "DiskStore", "Scratch", "Store", "TensorStore", "chunk_shape",
 #   pread/pwrite the process holds only the box; the kernel's page cache keeps what it can and drops the rest
 #   without charging the process.
 #
-# Disk layout: chunks. The map is cut into chunks of `chunk` positions (DiskStore(chunk=...); default chunk_shape():
-# a power-of-two cube of about 1 MiB, e.g. 64x64 positions of a 64-channel float32 map, 16x32 of a 512-channel one,
-# 16x32x32 of a 16-channel 3D map), the chunks lie in the file in C order of their grid index, each as large as the
-# map leaves it (no padding: the file is the map's size), and each chunk is contiguous and channel-major, (N*C,
-# *chunk). Chunks next to each other along the last dim are next to each other in the file, so a box is, per row of
-# chunks it touches, one contiguous range of whole chunks (a 560^2 box of a 64-channel map: about 10 ranges of about
-# 10 MiB), moved in pieces of at most 1 MiB of whole chunks through a staging buffer. The box's part of each chunk
-# is copied between the staging buffer and the (N*C, *box) tensor with strided views whose innermost dim is
-# contiguous on both sides: no transposition (the chunks of a row that the box covers alike share one view). Reading
-# moves the chunks whole (a box not aligned to the chunks reads up to a chunk more per side: 1.24x the bytes for a
-# 560^2 box in 64^2 chunks); writing a piece that the box covers only in part reads it first and writes it back
-# whole, unless none of its chunks was ever written (the store remembers which were: the rest of a fresh chunk is
-# zero, so neither a read nor a zero pass of the file is needed); an add reads every written piece. pwrite calls
-# move at most _WRITE_BYTES (140 KiB, 35 pages): on this machine's kernel (6.18, ext4), a large write aligned to a
-# power of two makes the page cache allocate large folios, and 1 MiB writes ran at 0.35-0.6 GB/s of CPU time against
-# 1.2-3.5 GB/s for writes of 140 KiB (BENCHMARKS.md). On an accelerator the box is assembled in pinned host memory
-# and copied to the device with non_blocking=True (a new pinned tensor per read, which PyTorch keeps until the copy
-# is done); writes and adds copy the value to the CPU first.
+# Disk layout: spatial-major with N*C innermost, i.e. the file is the C-order array (*spatial, N, C). A box
+# (b_0, ..., b_{k-1}) is then prod(b_0 .. b_{k-2}) contiguous runs of b_{k-1}*N*C*itemsize bytes (fewer, longer runs
+# when trailing dims are whole: a box of whole rows is one run), instead of N*C times as many short runs in an
+# (N, C, *spatial) layout. The (N, C, *box) tensor a read returns is a transpose of what the file holds. On the CPU
+# the box moves a *span* at a time: the runs along the box's last outer dim are evenly spaced in the file, and those
+# whose gaps are no longer than the runs themselves (or 16 KiB) are moved with one call together with their gaps,
+# into a staging buffer of at most 1 MiB that stays in cache, and transposed from there into the output with one
+# strided copy per span (a 3D box of a 16-channel map, 56^3 of 80^3: 56 calls of 280 KiB instead of 3,136 calls of
+# 3.5 KiB, at most twice the box's bytes moved). A write or an add reads a span that has gaps first, changes the
+# box's positions and writes the span back whole, so the gaps keep what they held (add reads every span). The box
+# crosses main memory once; transposing a whole 64 MiB box after reading it took twice as long. On an accelerator
+# the box moves whole in file layout (pinned, runs in pieces of 256 KiB) and is transposed there.
 #
-# Before the chunks (up to the seventh session) the file was the C-order array (*spatial, N, C): a box was
-# prod(b_0 .. b_{k-2}) strided runs of b_{k-1}*N*C*itemsize bytes (a 560^2 box of a 16384-wide 64-channel map: 560
-# runs of 140 KiB, 4 MiB apart), transposed into (N, C, *box) through a staging buffer. What the chunks changed, in
-# BENCHMARKS.md, "Boundary storage (issue 11)".
-#
-# Costs per tile (B = the box's bytes = N*C*prod(b)*itemsize): a read moves B and the chunks' margins from the page
-# cache or the disk and writes B into a new tensor (page faults included: the engine maps each buffer fresh, NOTE [
-# Heap growth under a budget ] in _allocator.py); a write moves B the other way (plus a read of the partly covered
-# chunks already written); an add reads and writes the covering chunks (the sum is taken on the CPU in the store's
-# dtype, so it rounds exactly as `tensor[box] += value` does). Measured on this machine: BENCHMARKS.md,
-# "Boundary storage (issue 11)" (benchmarks/boundary_io.py). add() and a partial write are read-modify-writes of
-# whole chunks: two threads writing or adding into boxes that share a chunk of one DiskStore must be serialised by
-# the caller.
+# Costs per tile (B = the box's bytes = N*C*prod(b)*itemsize): a read moves B from the page cache or the disk and
+# writes B into a new tensor (page faults included: the engine maps each buffer fresh, NOTE [ Heap growth under a
+# budget ] in _allocator.py); a write moves B the other way; add moves 2B (the sum is taken on the CPU in the
+# store's dtype, so it rounds exactly as `tensor[box] += value` does), a write with gaps 2B. One preadv/pwritev per
+# span (per piece on an accelerator): without spans, a 3D box of few channels (runs of a few KiB) was bound by those
+# calls, not by bytes. A pwrite moves at most _WRITE_BYTES (140 KiB, 35 pages): on this machine's kernel (6.18,
+# ext4) a large write aligned to a power of two makes the page cache allocate large folios, and a whole 2048^2 x 64
+# map written in 1 MiB spans ran at 0.5 GB/s of CPU time against 1.7 GB/s in calls of 140 KiB (the runs of a tile's
+# box in a wide map are shorter than that and were not slowed). Measured on this machine: BENCHMARKS.md,
+# "Boundary storage (issue 11)" (benchmarks/boundary_io.py). add() is a read-modify-write: two threads adding into
+# overlapping boxes of one DiskStore must be serialised by the caller.
 
 Box = tuple[slice, ...]
 """One slice per SPATIAL dim of a store (N and C are always whole); steps must be 1, bounds inside the shape."""
@@ -324,45 +316,18 @@ def _reserve(fd: int, nbytes: int) -> bool:
     return True
 
 
-_Copy = tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]
-_CHUNK_BYTES = 1024 * 1024  # default chunk of a DiskStore's file, at most (NOTE [ Storage tiers ])
-_SPAN_BYTES = 1024 * 1024  # at most this many file bytes per call: whole chunks, at least one
-# at most this many bytes per pwrite: 35 pages, not a power of two (NOTE [ Storage tiers ]: large aligned writes
-# make the page cache allocate large folios, 3-5x slower on this machine)
+_PIECE_BYTES = 256 * 1024  # staging buffer of an accelerator's read or write (NOTE [ Storage tiers ])
+_SPAN_BYTES = 1024 * 1024  # at most this many file bytes per call on the CPU (NOTE [ Storage tiers ])
+# runs at most this far apart (or as far as they are long) are moved together with their gaps
+_GAP_BYTES = 16384
+# at most this many bytes per pwrite: 35 pages, not a power of two (NOTE [ Storage tiers ]: a large aligned write
+# makes the page cache allocate large folios, 3x slower on this machine)
 _WRITE_BYTES = 35 * 4096
-
-
-def chunk_shape(spatial: Sequence[int], position_bytes: int, target: int = _CHUNK_BYTES) -> tuple[int, ...]:
-    """The default chunk of a disk store's file (NOTE [ Storage tiers ]): a power-of-two cube of positions of at
-    most ``target`` bytes (``position_bytes`` = N*C*itemsize each), clipped to the map, then grown along the dims
-    the map cut short (the last dims first) while it stays within ``target``.
-
-    >>> chunk_shape((16384, 16384), 256), chunk_shape((2048, 2048), 2048), chunk_shape((80, 80, 80), 64)
-    ((64, 64), (16, 32), (16, 32, 32))
-    >>> chunk_shape((3, 100000), 256)
-    (3, 1024)
-    """
-    positions = max(1, target // max(position_bytes, 1))
-    side = 1
-    while (2 * side) ** len(spatial) <= positions:
-        side *= 2
-    chunk = [max(1, min(side, s)) for s in spatial]
-    grown = True
-    while grown:
-        grown = False
-        for d in reversed(range(len(chunk))):
-            if chunk[d] < spatial[d] and math.prod(chunk) * 2 <= positions:
-                chunk[d] = min(2 * chunk[d], spatial[d])
-                grown = True
-    return tuple(chunk)
 
 
 class DiskStore:
     """A boundary tensor in the file ``scratch.path(name)`` (tier ``"disk"``), read and written with pread/pwrite
     (NOTE [ Storage tiers ]); unwritten regions read as zeros. Reads return tensors on ``compute_device``.
-
-    The file holds the map in chunks of ``chunk`` positions (default: :func:`chunk_shape`, about 1 MiB), each chunk
-    contiguous and channel-major; a box moves as whole chunks, a few long runs of consecutive chunks.
 
     ``reserve=True`` reserves the file's blocks when it is made (fallocate, where the filesystem has it: writes are
     much faster and a full disk shows at once); ``reserve=False`` leaves it sparse (no disk used until written).
@@ -380,27 +345,26 @@ class DiskStore:
         compute_device: str | torch.device,
         *,
         reserve: bool = True,
-        chunk: Sequence[int] | None = None,
     ) -> None:
         self.shape = _check_shape(shape)
         self.dtype = dtype
         self.compute_device = torch.device(compute_device)
         self._spatial = self.shape[2:]
-        self._itemsize = torch.empty((), dtype=dtype).element_size()
-        self.nbytes = math.prod(self.shape) * self._itemsize
-        self._nc = self.shape[0] * self.shape[1]
-        if chunk is None:
-            chunk = chunk_shape(self._spatial, self._nc * self._itemsize)
-        chunk = tuple(chunk)
-        if len(chunk) != len(self._spatial) or not all(isinstance(c, int) and c >= 1 for c in chunk):
-            raise ShapeError(
-                f"a disk store's chunk is one size >= 1 per spatial dim of {self._spatial}, got {chunk!r}"
-            )
-        self.chunk = tuple(max(1, min(c, s)) for c, s in zip(chunk, self._spatial))
-        self._grid = tuple(-(-s // c) for s, c in zip(self._spatial, self.chunk))
-        self._written = bytearray(math.prod(self._grid))  # chunks ever written: the others hold zeros
-        self._span_bytes, self._write_bytes = _SPAN_BYTES, _WRITE_BYTES
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.nbytes = math.prod(self.shape) * itemsize
+        # byte strides of the spatial dims in the (*spatial, N, C) layout
+        strides = [self.shape[0] * self.shape[1] * itemsize]
+        for size in reversed(self._spatial[1:]):
+            strides.insert(0, strides[0] * size)
+        self._strides = tuple(strides)
         self._pinned = self.compute_device.type == "cuda"
+        self._nc = self.shape[0] * self.shape[1]
+        self._position_bytes = self._nc * itemsize
+        self._piece = max(1, _PIECE_BYTES // max(self._position_bytes, 1))
+        self._span_bytes, self._gap_bytes, self._write_bytes = _SPAN_BYTES, _GAP_BYTES, _WRITE_BYTES
+        # on the CPU, reads and writes transpose piece by piece through a small staging buffer that stays in cache;
+        # on an accelerator the box moves whole in file layout and is transposed there
+        self._fused = self.compute_device.type == "cpu"
         self.path = scratch.path(name)
         try:
             self._fd: int | None = os.open(
@@ -432,97 +396,89 @@ class DiskStore:
             f" with scratch_dir= (--scratch-dir) on a disk with more room ({os.strerror(err.errno)})",
         )
 
-    def _extent(self, d: int, g: int) -> int:
-        """Size along dim ``d`` of the chunks with grid index ``g`` there (the last ones may be cut by the map)."""
-        return min(self.chunk[d], self._spatial[d] - g * self.chunk[d])
+    def _runs(self, ranges: list[tuple[int, int]]) -> tuple[int, Iterator[int]]:
+        """(bytes per run, file offsets of the runs in C order) of the box ``ranges``."""
+        k = len(ranges)
+        j = k - 1
+        chunk = (ranges[j][1] - ranges[j][0]) * self._strides[j]
+        while j > 0 and ranges[j] == (0, self._spatial[j]):  # whole trailing dims: runs join up
+            j -= 1
+            chunk *= ranges[j][1] - ranges[j][0]
+        base = sum(ranges[i][0] * self._strides[i] for i in range(j, k))
+        outer = [range(a, b) for a, b in ranges[:j]]
+        strides = self._strides[:j]
+        return chunk, (
+            base + sum(i * s for i, s in zip(index, strides)) for index in itertools.product(*outer)
+        )
 
-    def _chunk_offset(self, g: Sequence[int]) -> int:
-        """Element offset of chunk ``g`` in the file: the chunks in C order of their grid index, each as large as
-        the map leaves it (no padding), so the chunks before ``g`` hold, per dim d, the positions of the chunks with
-        the same indices before d, a smaller index at d and any index after it."""
-        k, offset, before = len(g), 0, 1
-        for d in range(k):
-            offset += before * g[d] * self.chunk[d] * math.prod(self._spatial[d + 1 :])
-            before *= self._extent(d, g[d])
-        return offset * self._nc
+    def _pieces(self, ranges: list[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
+        """(file offset, first position in the box in C order, number of positions) of each piece: the runs of the
+        box cut into pieces of at most ``self._piece`` positions (NOTE [ Storage tiers ])."""
+        chunk, offsets = self._runs(ranges)
+        run = chunk // self._position_bytes
+        position = 0
+        for offset in offsets:
+            for a in range(0, run, self._piece):
+                yield offset + a * self._position_bytes, position + a, min(self._piece, run - a)
+            position += run
 
-    def _pieces(self, ranges: list[tuple[int, int]]) -> Iterator[tuple[int, int, range, bool, list[_Copy]]]:
-        """The box as pieces of consecutive chunks of one row (chunks whose grid indices differ only in the last
-        dim, consecutive in the file), each moved with one call of at most ``_span_bytes`` (one chunk at least):
-        (element offset in the file, elements, flat indices of its chunks, whether the box covers them all whole,
-        copies). A copy (offset in the piece, shape, strides, box start) is a view of the piece of shape
-        (N*C, *part, m, w): the box's part of m chunks that it covers alike (w wide along the last dim; along the
-        others, every chunk of a row has the same part), and where that part starts in the box."""
-        k, nc, chunk = len(ranges), self._nc, self.chunk
-        last, c = k - 1, chunk[-1]
-        a, b = ranges[last]
-        g0, g1 = a // c, -(-b // c)
-        cells = [range(lo // ch, -(-hi // ch)) for (lo, hi), ch in zip(ranges[:last], chunk)]
-        for outer in itertools.product(*cells):
-            ext = [self._extent(d, g) for d, g in enumerate(outer)]
-            lo = [max(ranges[d][0] - g * chunk[d], 0) for d, g in enumerate(outer)]
-            hi = [min(ranges[d][1] - g * chunk[d], e) for d, (g, e) in enumerate(zip(outer, ext))]
-            start = [g * chunk[d] + x - ranges[d][0] for d, (g, x) in enumerate(zip(outer, lo))]
-            part = [y - x for x, y in zip(lo, hi)]
-            whole_outer = all(x == 0 and y == e for x, y, e in zip(lo, hi, ext))
-            area = math.prod(ext)
-            # elements of a chunk of the row that the map does not cut along the last dim
-            full = area * c * nc
-            row = self._chunk_offset((*outer, g0))
-            flat0 = 0
-            for d, g in enumerate((*outer, g0)):
-                flat0 = flat0 * self._grid[d] + g
-            per = max(1, self._span_bytes // (full * self._itemsize))
-            for p0 in range(g0, g1, per):
-                p1 = min(p0 + per, g1)
-                copies: list[_Copy] = []
-                whole, g, elems = whole_outer, p0, 0
-                while g < p1:
-                    e = self._extent(last, g)
-                    x, y = max(a - g * c, 0), min(b - g * c, e)
-                    m = 1
-                    if x == 0 and y == c:  # covered along the last dim: joins the next chunks covered so
-                        while g + m < p1 and min(b, self._spatial[last]) >= (g + m + 1) * c:
-                            m += 1
-                    whole = whole and x == 0 and y == e
-                    inner = [math.prod(ext[d + 1 :]) * e for d in range(last)]  # position strides in a chunk
-                    copies.append(
-                        (
-                            (g - p0) * full + sum(v * s for v, s in zip(lo, inner)) + x,
-                            (nc, *part, m, y - x),
-                            (area * e, *inner, full, 1),
-                            (*start, g * c + x - a),
-                        )
-                    )
-                    elems += m * area * e * nc
-                    g += m
-                yield row + (p0 - g0) * full, elems, range(flat0 + p0 - g0, flat0 + p1 - g0), whole, copies
+    def _spans(self, ranges: list[tuple[int, int]]) -> Iterator[tuple[int, int, int, int, int]]:
+        """The box as *spans*, each moved with one call (NOTE [ Storage tiers ]): (file offset, first position in
+        the box in C order, runs, positions per run, positions from one run's start to the next's in the file).
+        Runs along the last outer dim are evenly spaced; those whose gaps are at most as long as the runs (or
+        ``_GAP_BYTES``) go into one span of at most ``_SPAN_BYTES`` (the gaps are moved too, so at most twice the
+        box's bytes); a run longer than that is cut into pieces."""
+        chunk, _ = self._runs(ranges)
+        pb = self._position_bytes
+        run = chunk // pb
+        if run == 0:
+            return
+        k = len(ranges)
+        j = k - 1
+        while j > 0 and ranges[j] == (0, self._spatial[j]):
+            j -= 1
+        base = sum(ranges[i][0] * self._strides[i] for i in range(j, k))
+        if j == 0 or chunk > self._span_bytes:  # pieces of long runs
+            piece = max(1, self._span_bytes // pb)
+            position = 0
+            _, offsets = self._runs(ranges)
+            for offset in offsets:
+                for a in range(0, run, piece):
+                    yield offset + a * pb, position + a, 1, min(piece, run - a), 0
+                position += run
+            return
+        stride = self._strides[j - 1]
+        per = max(1, self._span_bytes // stride) if stride - chunk <= max(chunk, self._gap_bytes) else 1
+        a, b = ranges[j - 1]
+        outer = [range(lo, hi) for lo, hi in ranges[: j - 1]]
+        position = 0
+        for index in itertools.product(*outer):
+            start = base + sum(i * st for i, st in zip(index, self._strides))
+            for i in range(a, b, per):
+                count = min(per, b - i)
+                yield start + i * stride, position, count, run, stride // pb
+                position += count * run
 
-    @staticmethod
-    def _piece_view(staging: torch.Tensor, copy: _Copy) -> torch.Tensor:
-        offset, shape, strides, _ = copy
-        return staging.as_strided(shape, strides, offset)
+    def _span_view(self, staging: torch.Tensor, count: int, run: int, step: int) -> torch.Tensor:
+        """The box's positions of a span in ``staging`` (file layout), as a (runs, run, N*C) view."""
+        return staging.as_strided((count, run, self._nc), (step * self._nc, self._nc, 1))
 
-    @staticmethod
-    def _box_view(box: torch.Tensor, copy: _Copy) -> torch.Tensor:
-        """The part of ``box`` (N*C, *box) that a copy moves, shaped like its view of the piece."""
-        _, shape, _, start = copy
-        index = (slice(None), *(slice(s, s + n) for s, n in zip(start[:-1], shape[1:-2])))
-        w = shape[-2] * shape[-1]
-        return box[(*index, slice(start[-1], start[-1] + w))].unflatten(-1, shape[-2:])
+    def _span_io(
+        self, write: bool, staging: torch.Tensor, offset: int, count: int, run: int, step: int
+    ) -> None:
+        nbytes = ((count - 1) * step + run) * self._position_bytes
+        self._io(write, self._bytes(staging)[:nbytes], offset)
 
-    def _staging(self, size: int) -> torch.Tensor:
-        return torch.empty(size, dtype=self.dtype)
-
-    def _move(self, write: bool, staging: torch.Tensor, offset: int, elems: int) -> None:
-        self._io(write, self._bytes(staging)[: elems * self._itemsize], offset * self._itemsize)
+    def _span_staging(self, spans: list[tuple[int, int, int, int, int]]) -> torch.Tensor:
+        most = max((c - 1) * st + r for _, _, c, r, st in spans)
+        return torch.empty((most, self._nc), dtype=self.dtype)
 
     def _io(self, write: bool, view: memoryview, offset: int) -> None:
         """Move one contiguous byte range between ``view`` and the file at ``offset`` (short transfers resumed)."""
         assert self._fd is not None
         while view.nbytes:
             try:
-                if write:
+                if write:  # in calls of at most _WRITE_BYTES (NOTE [ Storage tiers ])
                     done = os.pwritev(self._fd, [view[: self._write_bytes]], offset)
                 else:
                     done = os.preadv(self._fd, [view], offset)
@@ -552,58 +508,68 @@ class DiskStore:
     def _bytes(t: torch.Tensor) -> memoryview:
         return memoryview(t.view(-1).view(torch.uint8).numpy())
 
+    def _flat(self, value: torch.Tensor, positions: int) -> torch.Tensor:
+        """``value`` (N, C, *box) as a contiguous CPU (N*C, positions) tensor."""
+        return value.detach().cpu().contiguous().view(self._nc, positions)
+
     def read(self, box: Box, *, shared: bool = False) -> torch.Tensor:
         """The box as a new contiguous ``(N, C, *box)`` tensor on the compute device (``shared`` changes nothing
         here: the box is always read from the file)."""
         ranges, sizes = self._prepare(box)
-        out = torch.empty((self._nc, *sizes), dtype=self.dtype, pin_memory=self._pinned)
-        if out.numel():
-            staging: torch.Tensor | None = None
-            for offset, elems, chunks, _, copies in self._pieces(ranges):
-                if not any(self._written[i] for i in chunks):  # never written: zeros, nothing to read
-                    for copy in copies:
-                        self._box_view(out, copy).zero_()
-                    continue
-                if staging is None or staging.numel() < elems:
-                    staging = self._staging(elems)
-                self._move(False, staging, offset, elems)
-                for copy in copies:
-                    self._box_view(out, copy).copy_(self._piece_view(staging, copy))
-        out = out.view(*self.shape[:2], *sizes)
-        return out.to(self.compute_device, non_blocking=self._pinned)
+        positions, pb = math.prod(sizes), self._position_bytes
+        if not self._fused:  # the whole box in file layout, transposed on the compute device
+            raw = torch.empty((positions, self._nc), dtype=self.dtype, pin_memory=self._pinned)
+            if raw.numel():
+                view = self._bytes(raw)
+                for offset, p, k in self._pieces(ranges):
+                    self._io(False, view[p * pb : (p + k) * pb], offset)
+            raw = raw.to(self.compute_device, non_blocking=self._pinned)
+            return raw.t().contiguous().view(*self.shape[:2], *sizes)
+        out = torch.empty((self._nc, positions), dtype=self.dtype)
+        spans = list(self._spans(ranges)) if out.numel() else []
+        if spans:
+            staging = self._span_staging(spans)
+            for offset, first, count, run, step in spans:
+                self._span_io(False, staging, offset, count, run, step)
+                dst = out[:, first : first + count * run].view(self._nc, count, run)
+                dst.copy_(self._span_view(staging, count, run, step).permute(2, 0, 1))
+        return out.view(*self.shape[:2], *sizes)
 
     def write(self, box: Box, value: torch.Tensor) -> None:
-        self._update(box, value, add=False)
+        ranges, sizes = self._prepare(box, value)
+        positions, pb = math.prod(sizes), self._position_bytes
+        if positions * pb == 0:
+            return
+        if not self._fused:
+            raw = value.detach().reshape(self._nc, positions).t().contiguous().cpu()
+            view = self._bytes(raw)
+            for offset, p, k in self._pieces(ranges):
+                self._io(True, view[p * pb : (p + k) * pb], offset)
+            return
+        self._update(ranges, self._flat(value, positions), add=False)
 
     def add(self, box: Box, value: torch.Tensor) -> None:
-        self._update(box, value, add=True)
-
-    def _update(self, box: Box, value: torch.Tensor, add: bool) -> None:
-        """Write or add ``value`` into the box, a piece of whole chunks at a time: a piece that the box covers only
-        in part (or any piece, for an add) is read first if it was ever written, changed at the box's positions
-        and written back whole, so the rest of its chunks keeps what it held."""
         ranges, sizes = self._prepare(box, value)
-        if not math.prod(sizes) or not self._nc:
+        positions, pb = math.prod(sizes), self._position_bytes
+        if positions * pb == 0:
             return
-        flat = value.detach().to("cpu").contiguous().view(self._nc, *sizes)
-        staging: torch.Tensor | None = None
-        for offset, elems, chunks, whole, copies in self._pieces(ranges):
-            if staging is None or staging.numel() < elems:
-                staging = self._staging(elems)
-            held = (add or not whole) and any(self._written[i] for i in chunks)
-            if held:
-                self._move(False, staging, offset, elems)
-            elif not whole or add:
-                staging[:elems].zero_()
-            for copy in copies:
-                piece, part = self._piece_view(staging, copy), self._box_view(flat, copy)
-                if add:
-                    piece += part
-                else:
-                    piece.copy_(part)
-            self._move(True, staging, offset, elems)
-            for i in chunks:
-                self._written[i] = 1
+        self._update(ranges, self._flat(value, positions), add=True)
+
+    def _update(self, ranges: list[tuple[int, int]], flat: torch.Tensor, add: bool) -> None:
+        """Write or add ``flat`` (N*C, positions) into the box, a span at a time: a span with gaps (or an add) is
+        read first, changed at the box's positions and written back whole, so the gaps keep what they held."""
+        spans = list(self._spans(ranges))
+        staging = self._span_staging(spans)
+        for offset, first, count, run, step in spans:
+            if add or count > 1:
+                self._span_io(False, staging, offset, count, run, step)
+            dst = self._span_view(staging, count, run, step)
+            src = flat[:, first : first + count * run].view(self._nc, count, run).permute(1, 2, 0)
+            if add:
+                dst += src
+            else:
+                dst.copy_(src)
+            self._span_io(True, staging, offset, count, run, step)
 
     def close(self) -> None:
         fd, self._fd = getattr(self, "_fd", None), None
@@ -614,10 +580,7 @@ class DiskStore:
             os.unlink(self.path)
 
     def __repr__(self) -> str:
-        return (
-            f"DiskStore({self.shape}, {self.dtype}, {str(self.path)!r}, {format_bytes(self.nbytes)}, "
-            f"chunk={self.chunk})"
-        )
+        return f"DiskStore({self.shape}, {self.dtype}, {str(self.path)!r}, {format_bytes(self.nbytes)})"
 
 
 # NOTE [ Scratch lifetime ]
