@@ -222,6 +222,23 @@ def test_cuts_at_residual_block_outputs_are_candidates_and_exact():
     assert any(c not in stage for c in cuts), str(streamed.last_plan)
 
 
+def test_the_page_cache_is_host_memory_less_a_cpu_budget_only(monkeypatch):
+    """NOTE [ Page cache ]: a CPU step's budget is host RAM the page cache cannot have; a CUDA step's budget is device
+    memory, another pool (it took 4 GiB of a 20 GiB host's cache for a 4 GiB GPU budget before)."""
+    import tilegrad.plan as tplan
+
+    monkeypatch.setattr(tplan, "PAGE_CACHE", None)
+    monkeypatch.setattr(tplan, "_available_bytes", lambda: 20 * 2**30 + 123)
+    assert tplan.page_cache_bytes(4 * 2**30, "cpu") == 16 * 2**30
+    assert tplan.page_cache_bytes(4 * 2**30, torch.device("cuda", 0)) == 20 * 2**30
+    assert tplan.page_cache_bytes(None, "cpu") == 20 * 2**30
+    # the planner asks with the device the module's parameters are on
+    asked = []
+    monkeypatch.setattr(tplan, "page_cache_bytes", lambda budget, device="cpu": asked.append(device) or 0)
+    tilegrad.plan_streaming(conv_net_2d(), (1, 3, 64, 64), tile_size=32, memory_budget="64MiB")
+    assert [torch.device(d).type for d in asked] == ["cpu"]
+
+
 @pytest.mark.parametrize("cached", [True, False])
 def test_disk_reads_cost_a_copy_from_the_page_cache_and_the_disk_beyond_it(monkeypatch, cached):
     # NOTE [ Page cache ]: with a cache larger than every store each read costs DISK_READ; with none, DISK_COLD_READ;

@@ -10,7 +10,10 @@ gradient store, or derived from the head's partial results) is pushed through it
 added into their gradient stores at the tile's boxes (overlapping boxes add up), parameter gradients are summed
 over tiles (NOTE [ Disjoint cores ] in tiling.py). A boundary's gradient is complete when every segment reading it
 has run its backward, which reverse topological order guarantees; its store is freed right after its producer's
-backward, and an activation store right after the backward of its first reader.
+backward. Activation stores live through the whole step (the planner's memory sweep charges them so, NOTE
+[ Boundary lifetime ] in plan.py): a producer's backward may read its own output's store (NOTE [ Last convolution
+not recomputed ]) and a second backward (``retain_graph=True``) reads them all again; they are freed when the
+step's graph is. In inference a store is freed after its last reader's forward.
 
 NOTE [ Tile order ]
 In a training step the segments alternate the order of their tiles (plan.py, ``reversed_tiles``): the forward of
@@ -493,10 +496,10 @@ class Execution:
                         out[(slice(None), slice(None), *outputs)] = core
                     del srcs, y, core
                     if not training:  # no segment-wide reuse to keep (NOTE [ Heap growth under a budget ])
-                        trim_heap()
+                        trim_heap(self.device)
                     if bar is not None:
                         bar.update(1 if tile is not None else len(sp.grid))
-                trim_heap()  # NOTE [ Heap growth under a budget ] in _allocator.py
+                trim_heap(self.device)  # NOTE [ Heap growth under a budget ] in _allocator.py
                 if not training:  # free what no later segment reads
                     for s in seg.sources:
                         if s in self.stores and max(self.consumers[s]) <= k:
@@ -652,7 +655,7 @@ class Execution:
                     for b, saved in buffers:
                         b.copy_(saved)
                     del buffers
-                trim_heap()
+                trim_heap(self.device)
                 # what this segment's backward completes
                 self.pending.pop(seg.out, None)
                 self.g_out_buf = None

@@ -46,8 +46,9 @@ A boundary on the disk tier is written by its producer and read back soon after 
 backward's recomputation, its gradient by the producer's backward): while the files fit in the memory the machine
 has free, the kernel's page cache serves those reads, which then cost a copy (``DISK_READ``) rather than the disk
 (``DISK_COLD_READ``, 2.4x slower in wall time on this machine). Which reads the cache serves is decided like an LRU
-cache of ``page_cache_bytes`` (the available memory less the budget): the step's touches of disk-tier stores are
-listed in order (forward, then backward in reverse); for a read of a store of S bytes, *newer* is the bytes of the
+cache of ``page_cache_bytes`` (the available memory, less the budget on the CPU; on CUDA the budget is device
+memory, another pool than host RAM): the step's touches of disk-tier stores are listed in order (forward, then
+backward in reverse); for a read of a store of S bytes, *newer* is the bytes of the
 live stores touched since its last pass, *beside* those touched in that same step (tiles interleave them with it:
 the cache holds them in proportion) and *during* those the reading step touches too. A training step mostly scans a
 store in the reverse order of its previous pass (NOTE [ Tile order ] in execute.py): the reader starts on the part
@@ -171,19 +172,25 @@ TIERS = ("auto", "device", "host", "disk", "recompute")
 RECOMPUTE_TRIES = 6  # statistic inputs tried in a row without a faster plan before the search for them stops
 
 
-def page_cache_bytes(budget: int | None) -> int:
+def page_cache_bytes(budget: int | None, device: torch.device | str = "cpu") -> int:
     """Bytes of page cache the scratch files of a step may use (NOTE [ Page cache ]): ``PAGE_CACHE`` if set, else
     the machine's available memory (MemAvailable, which counts the page cache the kernel can reclaim) less the
-    memory budget, rounded down to whole GiB so that plans do not change with every page; 0 where it cannot be read."""
+    memory budget when the step computes on the CPU (on CUDA the budget is device memory, another pool), rounded
+    down to whole GiB so that plans do not change with every page; 0 where it cannot be read."""
     if PAGE_CACHE is not None:
         return PAGE_CACHE
+    host_budget = budget if torch.device(device).type in ("cpu", "meta") else None
+    free = max(0, _available_bytes() - (host_budget or 0))
+    return free // 2**30 * 2**30
+
+
+def _available_bytes() -> int:
+    """The machine's MemAvailable in bytes, 0 where it cannot be read."""
     try:
         with open("/proc/meminfo") as fh:
-            kib = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:"))
+            return 1024 * next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
         return 0
-    free = max(0, kib * 1024 - (budget or 0))
-    return free // 2**30 * 2**30
 
 
 def reversed_tiles(segments: int, head: bool) -> list[tuple[bool, bool]]:
@@ -1272,7 +1279,10 @@ def plan_streaming(
         head=_head_name(head),
         tiers=tiers,
         batch_tiles=batch_tiles,
-        page_cache=page_cache_bytes(None if memory_budget is None else int(memory_budget)),
+        page_cache=page_cache_bytes(
+            None if memory_budget is None else int(memory_budget),
+            next((p.device for p in module.parameters()), torch.device("cpu")),
+        ),
     )
     requested = (
         None if tile_size == "auto" else (tile_size if isinstance(tile_size, tuple) else (tile_size,) * ndim)

@@ -82,3 +82,73 @@ def test_global_pooling_in_a_trunk_names_the_block_it_sits_in():
         NotStreamableError, match=r"AdaptiveAvgPool2d in SqueezeExcitation\).*squeeze-and-excitation"
     ):
         tilegrad.receptive_field(se, ndim=2)
+
+
+# The same refusals where users meet them: planning a streamed step or tiled inference (tilegrad/graph.py traces the
+# whole model). Before, these named a trace node or a trace failure: UNETR and ViT "flatten merges spatial positions"
+# at the patch embedding, AutoencoderKL a reshape inside its attention block, ControlNet and DiffusionModelUNet
+# "symbolically traced variables cannot be used as inputs to control flow", SwinUNETR "invalid __array_struct__".
+PLANNED = [
+    (
+        "MONAI UNETR",
+        lambda: nets.UNETR(in_channels=1, out_channels=2, img_size=(32, 32, 32)),
+        [
+            "'vit.blocks.0.attn' (SABlock) in UNETR",
+            "attention over all positions is global",
+            "run the model whole",
+        ],
+    ),
+    (
+        "MONAI ViT",
+        lambda: nets.ViT(in_channels=1, img_size=(32, 32, 32), patch_size=16),
+        ["'blocks.0.attn' (SABlock) in ViT", "attention over all positions is global"],
+    ),
+    (
+        "MONAI AutoencoderKL",
+        lambda: nets.AutoencoderKL(spatial_dims=3),
+        [
+            "'encoder.blocks.8.attn' (SABlock) in AutoencoderKL",
+            "The blocks before 'encoder.blocks.8' are local",
+        ],
+    ),
+    (
+        "MONAI ControlNet",
+        lambda: nets.ControlNet(spatial_dims=3, in_channels=1),
+        ["'down_blocks.2.attentions.0.attn' (SABlock) in ControlNet", "before 'down_blocks.2' are local"],
+    ),
+    (
+        "MONAI DiffusionModelUNet",
+        lambda: nets.DiffusionModelUNet(spatial_dims=3, in_channels=1, out_channels=2),
+        ["'down_blocks.2.attentions.0.attn' (SABlock) in DiffusionModelUNet", "attention over all positions"],
+    ),
+    (
+        "MONAI SwinUNETR",
+        lambda: nets.SwinUNETR(in_channels=1, out_channels=2, feature_size=24),
+        ["(WindowAttention) in SwinUNETR", "attention over all positions is global", "run the model whole"],
+    ),
+]
+
+
+@pytest.mark.parametrize("case, factory, words", PLANNED, ids=[c[0] for c in PLANNED])
+def test_planning_refusals_name_the_layer_and_the_cause(case, factory, words):
+    torch.manual_seed(0)
+    model = factory().eval()
+    for training in (True, False):  # a streamed step, tiled inference
+        with pytest.raises(NotStreamableError) as info:
+            tilegrad.plan_streaming(model, (1, 1, 32, 32, 32), tile_size=24, mode="stages", training=training)
+        for word in words:
+            assert word in str(info.value), case
+
+
+def test_a_model_that_rejects_the_size_in_its_own_forward_is_named_with_the_size_it_takes():
+    """MONAI's AHNet pools 32x32 and 64x64 windows of a half-resolution map in its PSP block: its own forward fails
+    below 128 px in-plane. The refusal names the layer and says which size runs."""
+    model = nets.AHNet().eval()
+    with pytest.raises(tilegrad.GeometryError) as info:
+        tilegrad.plan_streaming(model, (1, 1, 32, 32, 32), tile_size=24, mode="stages")
+    message = str(info.value)
+    assert "in layer 'psp.pool_modules.2' (MaxPool3d in PSP)" in message
+    assert "Output size is too small" in message and "While executing" not in message
+    assert "model's own forward" in message and "(1, 1, 128, 128, 128), 4x larger" in message
+    with pytest.raises(RuntimeError, match="Output size is too small"), torch.no_grad():  # as the plain model
+        model(torch.zeros(1, 1, 32, 32, 32))
