@@ -79,6 +79,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import GeometryError, NotStreamableError
 from .geometry import DimGeometry, Geometry
+from .geometry.toolkit import has_forward_hooks, overrides_computation
 from .geometry.trace import explained, node_where, propagate, trace_graph, trunk_output
 from .statistics import apply_norm, is_reduction, rewrite_statistics
 
@@ -802,13 +803,21 @@ class TrunkGraph:
 
 def last_convolution(seg: Segment) -> torch.fx.Node | None:
     """The segment's output node if it is a zero-padded convolution module called on one tensor (the convolution
-    whose recomputation the engine's backward skips: NOTE [ Last convolution not recomputed ] in execute.py)."""
+    whose recomputation the engine's backward skips: NOTE [ Last convolution not recomputed ] in execute.py). Only
+    torch's own convolution classes, without hooks: the engine runs torch's convolution backward for it."""
     n = seg.out
     if n.op != "call_module" or len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], torch.fx.Node):
         return None
     conv = seg.graph.gm.get_submodule(n.target)
     if (
         not isinstance(conv, nn.modules.conv._ConvNd)
+        or not type(conv).__module__.startswith(
+            "torch.nn."
+        )  # a subclass with a rule of its own: what it computes
+        or overrides_computation(
+            conv
+        )  # is not torch's convolution, whose backward the engine would run for it
+        or has_forward_hooks(conv)
         or conv.padding_mode != "zeros"
         or isinstance(conv.padding, str)
     ):

@@ -29,6 +29,7 @@ stride 1 x 1, halo 3+3 x 3+3 px, receptive field 7 x 7 px
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from fractions import Fraction
@@ -46,11 +47,14 @@ __all__ = [
     "Context",
     "Rule",
     "elementwise",
+    "forward_hook_count",
     "function_rule",
+    "has_forward_hooks",
     "layout_aware",
     "merge",
     "module_rule",
     "node_arg",
+    "observer_hook",
     "overrides_computation",
     "pixel_shuffle",
     "refuses",
@@ -115,6 +119,11 @@ def module_rule(module: nn.Module | type) -> Rule | None:
 # dict loading, input checks) do not count, nor do torch.nn's own subclasses (the rules are written for the family,
 # and the registry contract in tests/geometry/test_registry.py checks them). Two cases keep the inherited rule: a rule registered for the subclass
 # itself (by class or by name), and a refusing rule (:func:`refusing`): a subclass of a refused layer is refused too.
+# The same holds for one module whose ``forward`` was replaced on the instance (``conv.forward = ...``), and for a
+# module with forward hooks or pre-hooks (:func:`has_forward_hooks`): a hook may change the input or the output (a
+# pre-hook that blurs, an output hook that scales), so it is traced through too (torch.fx traces the module's
+# ``__call__``, hooks included) and the engine never treats it as the plain layer of its type (graph.py's
+# ``last_convolution``). A hook that only records what it sees records trace proxies, not tiles.
 _NEUTRAL_METHODS = frozenset(
     {
         "__init__",
@@ -138,20 +147,58 @@ def overrides_computation(module: nn.Module | type) -> bool:
     changes construction."""
     mro = (module if isinstance(module, type) else type(module)).__mro__
     owner = next((i for i, k in enumerate(mro) if _registered(k)), None)
-    if not owner:  # None: no rule; 0: the type itself is registered
+    if owner is None:
         return False
+    if not isinstance(module, type) and any(
+        n in vars(module) for n in ("forward", "__call__", "_conv_forward")
+    ):
+        return (
+            True  # an instance whose forward was replaced (module.forward = ...): its own type's rule is moot
+        )
     base = mro[owner]
     for klass in mro[:owner]:
         if klass.__module__.startswith("torch.nn."):
             continue  # torch's own kin of the registered type (InstanceNorm2d's _get_no_batch_dim): the same family
         for name, value in vars(klass).items():
+            if name in ("forward", "__call__", "_call_impl"):
+                return True  # whatever it is (a function, functools.partialmethod, a descriptor)
             if name in _NEUTRAL_METHODS or not (
-                callable(value) or isinstance(value, (property, classmethod, staticmethod))
+                callable(value)
+                or isinstance(value, (property, classmethod, staticmethod, functools.partialmethod))
             ):
                 continue
-            if name in ("forward", "__call__") or (hasattr(base, name) and name not in vars(nn.Module)):
+            if hasattr(base, name) and name not in vars(nn.Module):
                 return True
     return False
+
+
+def observer_hook(hook: Callable[..., None]) -> Callable[..., None]:
+    """Mark a forward (pre-)hook as one that only watches (returns None, changes nothing): tilegrad's own memory
+    bookkeeping (memory/watch.py), which plans while it watches. :func:`has_forward_hooks` does not count it."""
+    hook.tilegrad_observer = True  # type: ignore[attr-defined]
+    return hook
+
+
+def forward_hook_count(module: nn.Module) -> int:
+    """The forward hooks and pre-hooks registered on ``module`` itself that may change what it computes (all but
+    :func:`observer_hook` ones)."""
+    hooks = (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+    return sum(not getattr(h, "tilegrad_observer", False) for h in hooks)
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """True when calling ``module`` runs forward hooks or forward pre-hooks (its own or global ones) that may change
+    what it computes, which its type's rule does not describe (NOTE [ Subclasses that change what a layer computes
+    ])."""
+    from torch.nn.modules import module as torch_module
+
+    global_hooks = (
+        *getattr(torch_module, "_global_forward_hooks", {}).values(),
+        *getattr(torch_module, "_global_forward_pre_hooks", {}).values(),
+    )
+    return forward_hook_count(module) > 0 or any(
+        not getattr(h, "tilegrad_observer", False) for h in global_hooks
+    )
 
 
 def _registered(klass: type) -> bool:

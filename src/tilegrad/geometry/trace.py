@@ -25,7 +25,15 @@ from torch.utils._pytree import tree_map
 from ..errors import ConfigError, NotStreamableError
 from .core import Geometry, ReceptiveField
 from .layout import Extent, ExtentTuple, Layout, TileDependent, describe, is_spatial, standard
-from .toolkit import Context, function_rule, module_rule, overrides_computation, refuses
+from .toolkit import (
+    Context,
+    forward_hook_count,
+    function_rule,
+    has_forward_hooks,
+    module_rule,
+    overrides_computation,
+    refuses,
+)
 
 __all__ = [
     "ACROSS_BATCH",
@@ -91,9 +99,9 @@ class _Tracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         rule = module_rule(m)
-        if rule is not None and overrides_computation(m) and not refuses(rule):
+        if rule is not None and not refuses(rule) and (overrides_computation(m) or has_forward_hooks(m)):
             # NOTE [ Subclasses that change what a layer computes ] in toolkit.py: trace what its forward does
-            return super().is_leaf_module(m, module_qualified_name)
+            return False
         return rule is not None or super().is_leaf_module(m, module_qualified_name)
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
@@ -278,6 +286,13 @@ def trace_graph(
     run shows what a layer expects). ``shape``: trace on a meta input of this shape instead, so that a forward
     that branches on sizes (MONAI's UpCat pads when an odd size was halved) takes the branch the real input takes.
     """
+    if forward_hook_count(module):
+        # torch.fx traces the root's forward, not its __call__: its own hooks would be left out of the graph
+        raise NotStreamableError(
+            f"the model passed to tilegrad ({type(module).__name__}) has forward hooks or pre-hooks of its own, "
+            "which tilegrad's trace of its forward would leave out; expected a model without hooks on itself. "
+            "Wrap it (`nn.Sequential(model)`): hooks of the layers inside a model are traced with them"
+        )
     example = _example_input(module, ndim)
     if shape is not None and example is not None:
         # the batch stays 2: with a batch of 1 a reshape that merges N into C looks local (geometry/layout.py)
@@ -320,12 +335,13 @@ def _failed_in(tracer: torch.fx.Tracer, root: nn.Module) -> str:
     except AttributeError:
         return f" (in '{path}')"
     why = ""
-    if overrides_computation(layer):
-        base = next(k for k in type(layer).__mro__ if module_rule(k) is module_rule(layer))
-        why = (
-            f", traced through because it overrides forward (or a method it runs) of {base.__name__}, whose "
-            "geometry rule would not describe it"
+    if overrides_computation(layer) or has_forward_hooks(layer):
+        rule = module_rule(layer)
+        base = next((k for k in type(layer).__mro__[1:] if module_rule(k) is rule), type(layer))
+        change = (
+            "has forward hooks" if has_forward_hooks(layer) else "overrides forward (or a method it runs)"
         )
+        why = f", traced through because it {change} of {base.__name__}, whose geometry rule would not describe it"
     return f" (in layer '{path}' ({type(layer).__name__}){why})"
 
 
@@ -353,7 +369,7 @@ def node_where(node: torch.fx.Node, module: nn.Module | None, prefix: str = "", 
     return f"function {name} (node '{node.name}'){inside}"
 
 
-_GRAPH_CACHE: dict[int, tuple[Any, tuple[bool, ...], int, torch.fx.Graph]] = {}
+_GRAPH_CACHE: dict[int, tuple[Any, tuple[tuple[bool, int], ...], int, torch.fx.Graph]] = {}
 
 
 def module_geometry(module: nn.Module, ndim: int, name: str = "") -> Geometry:
@@ -375,7 +391,8 @@ def module_geometry(module: nn.Module, ndim: int, name: str = "") -> Geometry:
             placeholder,
             [Geometry.identity(ndim)],
         )
-    modes = tuple(m.training for m in module.modules())  # a trace bakes in train/eval branches
+    # a trace bakes in train/eval branches and what hooks do
+    modes = tuple((m.training, forward_hook_count(m)) for m in module.modules())
     cached = _GRAPH_CACHE.get(id(module))
     if cached is None or cached[0]() is not module or cached[1] != modes or cached[2] != ndim:
         try:
