@@ -1080,8 +1080,9 @@ class _Planner:
         lazy input gets its IO run beside its tiles when the plan still fits ``budget`` with the extra working set
         (the next tile's sources read ahead, the last tile's output or source gradients still being written): at
         most twice its sources' boxes plus its output core, counted in its steps (``io_bytes``). The segments and
-        tiles are not chosen again; the predicted time is unchanged (the cost model prices work, not cores)."""
-        if plan.conventional:
+        tiles are not chosen again; the predicted time is unchanged (the cost model prices work, not cores). Training
+        plans only: ``tilegrad.infer`` runs one-segment plans in its own loop, whose reads stay on the main thread."""
+        if plan.conventional or not self.training:
             return plan
         tiers = {b.name: b for b in plan.boundaries}
         segs = list(plan.segments)
