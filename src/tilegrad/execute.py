@@ -62,7 +62,8 @@ writes and adds in the sequential order (an add is a read-modify-write: NOTE [ S
 the results are bit for bit those of the sequential loop; the main thread never touches those stores while the
 segment runs (it reads its output's stores, the thread its sources'), and the thread is drained at the end of each
 segment, before anything else reads what it wrote. At most one tile's sources read ahead and one tile's writes
-behind are alive beside the tile (``io_bytes`` counts twice the sources' boxes plus the output core). The thread
+behind are alive beside the tile (``io_bytes``, ``io_forward_bytes``: the boxes read ahead plus the output core
+written behind in the forward, or the sources' gradients added behind in the backward). The thread
 runs its torch copies on one OpenMP thread (its own team would compete with the compute's). An error in the thread
 is raised on the main thread (the same exception, at the next hand-over or at the segment's end); pending work is
 cancelled and the scratch files removed as on any error.
@@ -291,7 +292,7 @@ class Execution:
     # -- NOTE [ IO overlap ] -----------------------------------------------------------------------------------
     def _overlap_for(self, sp: SegmentPlan) -> _Overlap | None:
         """The IO thread, if this segment's plan runs its IO beside its tiles."""
-        if not sp.io_bytes or self.device.type == "meta":
+        if not (sp.io_bytes or sp.io_forward_bytes) or self.device.type == "meta":
             return None
         if self.overlap is None:
             self.overlap = _Overlap()
