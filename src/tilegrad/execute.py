@@ -54,7 +54,7 @@ NOTE [ IO overlap ]
 Scratch files and a lazy input are read and written by the CPU (page-cache copies, TIFF decoding): done between
 tiles on the main thread, that work ran while the intra-op threads waited (measured at 8192^2, ResNet-34 under 2
 GiB: the main thread ran alone 15% of the step, disk and input IO about 27 s of its 493 CPU s). A segment whose plan
-has ``io_bytes`` (plan.py, ``Planner.overlapped``: the extra working set fits the budget) hands that IO to one
+has ``io_bytes`` (plan.py, ``_Planner.overlapped``: the extra working set fits the budget) hands that IO to one
 background thread (``_Overlap``) that runs it in submission order: while tile i computes, the sources of tile i+1
 that come from a scratch file or the lazy input are read, and the output core of tile i-1 (forward) or its sources'
 gradients (backward) are written or added into their scratch files. One thread in order keeps every store's reads,
