@@ -188,6 +188,11 @@ MONAI_ARGS: dict[str, dict[str, Any]] = {  # per network, on top of MONAI_FILL
     "TorchVisionFCModel": {**_NO_DOWNLOAD},
     "VarAutoEncoder": {"channels": (8, 16), "strides": (2, 2)},
 }
+MONAI_INPUT: dict[str, dict[str, int]] = {  # input geometry MONAI_FILL cannot say (ndim, channels, side)
+    # a torchvision model (dim=2, RGB); MONAI's default pool averages 7x7 windows and the fc reads one pixel of
+    # them: 224 px, torchvision's own size
+    "TorchVisionFCModel": {"ndim": 2, "channels": 3, "side": 224},
+}
 MONAI_SKIP = {  # classes of monai.networks.nets that are building blocks or need a whole model as an argument
     "BertAttention", "BertMixedLayer", "BertOutput", "BertPreTrainedModel", "HighResBlock", "PatchMerging",
     "PatchMergingV2", "Pooler", "ResNetBlock", "ResNetBottleneck", "NetAdapter", "TopologyConstruction",
@@ -229,6 +234,8 @@ def _monai_rows() -> list[Row]:
         missing = [r for r in required if r not in chosen]
         setup = ", ".join(f"{k}={v}" for k, v in chosen.items())
         row = Row("monai", name, _monai_factory(cls, chosen), ndim=ndim, channels=channels, setup=setup)
+        for key, value in MONAI_INPUT.get(name, {}).items():
+            setattr(row, key, value)
         if missing:
             row.status, row.message = "not built", f"needs {', '.join(missing)} (no small default to choose)"
         rows.append(row)

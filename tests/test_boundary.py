@@ -35,8 +35,11 @@ def _make(kind: str, shape: tuple[int, ...], dtype: torch.dtype, scratch: Scratc
     store = DiskStore(shape, dtype, scratch, "store", "cpu")
     if kind == "disk-whole":  # the path an accelerator takes (whole box in file layout), run on the CPU
         store._fused = False
-    if kind == "disk-5":  # a staging buffer of 5 positions: runs split into pieces and groups, one run a call
-        store._piece = 5
+    if (
+        kind == "disk-5"
+    ):  # a staging buffer of 5 positions: runs split into pieces and groups, one run a call;
+        store._piece = 5  # writes in calls of 3 bytes
+        store._write_bytes = 3
         store._span_bytes, store._gap_bytes = 5 * store._position_bytes, 0
     if kind == "disk-spans":  # spans of a few runs with their gaps, whatever the gap (NOTE [ Storage tiers ])
         store._span_bytes, store._gap_bytes = 24 * store._position_bytes, 2**20
@@ -106,6 +109,42 @@ def test_store_matches_a_plain_tensor_on_random_boxes(tmp_path, kind, shape, dty
                 ref[index] += value
         assert torch.equal(store.read(tuple(slice(None) for _ in shape[2:])).cpu(), ref)
         store.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_disk_store_on_random_call_geometries(tmp_path, seed):
+    # any staging and call sizes (spans, gaps, accelerator pieces, pwrite calls), 1-3 spatial dims, N > 1, float32
+    # and float64, on random boxes: reads, writes and adds give exactly what a plain tensor does
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(25):
+        spatial = tuple(rng.randint(1, 11) for _ in range(rng.randint(1, 3)))
+        shape = (rng.randint(1, 3), rng.randint(1, 3), *spatial)
+        dtype = rng.choice([torch.float32, torch.float64])
+        ref = torch.zeros(shape, dtype=dtype)
+        with Scratch(tmp_path, 0) as scratch:
+            store = DiskStore(shape, dtype, scratch, "map", "cpu")
+            pb = store._position_bytes
+            store._fused = rng.random() < 0.8
+            store._piece = rng.randint(1, 7)
+            store._span_bytes = rng.choice([1, pb * rng.randint(1, 9), 2**20])
+            store._gap_bytes = rng.choice([0, pb * rng.randint(1, 9), 2**20])
+            store._write_bytes = rng.choice([1, 5, pb * rng.randint(1, 9), 2**20])
+            for _ in range(16):
+                box = _random_box(rng, spatial)
+                index = (slice(None), slice(None), *box)
+                op = rng.choice(["write", "add", "read"])
+                if op == "read":
+                    assert torch.equal(store.read(box), ref[index]), (shape, box)
+                    continue
+                value = _value(tuple(ref[index].shape), dtype, gen)
+                if op == "write":
+                    store.write(box, value)
+                    ref[index] = value
+                else:
+                    store.add(box, value)
+                    ref[index] += value
+            assert torch.equal(store.read(tuple(slice(None) for _ in spatial)), ref), shape
 
 
 @pytest.mark.parametrize("kind", KINDS)

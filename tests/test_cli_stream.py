@@ -80,3 +80,21 @@ def test_bench_lists_targets(capsys):
     except SystemExit as exit_:
         assert exit_.code == 0
     assert "streaming" in capsys.readouterr().out
+
+
+def test_plan_names_a_missing_scratch_directory(capsys, tmp_path):
+    # a missing --scratch-dir is said to be missing (it was reported as "0 B free"); an existing one reports its
+    # free bytes in the JSON
+    missing = tmp_path / "no-such-dir"
+    args = ["plan", "resnet18", "--input", "3x512x512", "--tile", "256", "--tiers", "disk", "--scratch-dir"]
+    assert main([*args, str(missing)]) == 0
+    out = capsys.readouterr().out
+    assert f"{missing} does not exist" in out and "0 B free" not in out
+    assert main([*args, str(missing), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (
+        data["disk_bytes"] > 0 and data["scratch_free_bytes"] is None and data["scratch_dir"] == str(missing)
+    )
+    assert main([*args, str(tmp_path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["scratch_free_bytes"] > 0 and "scratch_problem" not in data

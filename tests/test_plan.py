@@ -8,6 +8,7 @@ from torch import nn
 
 import tilegrad
 from tilegrad import GeometryError, StreamingModule
+from tilegrad.geometry import observer_hook
 
 from .test_stream import conv_net_2d, rel_err, resnet18_trunk
 
@@ -73,8 +74,10 @@ def test_planning_calls_no_forward_hooks():
     # on meta tensors through nn.Module.__call__, so the user's hooks saw meta tensors during planning
     trunk = resnet18_trunk()
     seen = []
-    trunk.conv1.register_forward_pre_hook(lambda m, args: seen.append(("pre", args[0].device)))
-    trunk.layer1[0].conv2.register_forward_hook(lambda m, args, out: seen.append(("post", out.device)))
+    trunk.conv1.register_forward_pre_hook(observer_hook(lambda m, args: seen.append(("pre", args[0].device))))
+    trunk.layer1[0].conv2.register_forward_hook(
+        observer_hook(lambda m, args, out: seen.append(("post", out.device)))
+    )
     tilegrad.plan_streaming(trunk, (1, 3, 320, 288), memory_budget="300MiB")
     assert seen == []
     trunk(torch.randn(1, 3, 64, 64))  # the hooks themselves work
@@ -220,6 +223,23 @@ def test_cuts_at_residual_block_outputs_are_candidates_and_exact():
     stage = {n.name for n in streamed.last_plan.graph.stage_candidates}
     cuts = [s.segment.out.name for s in streamed.last_plan.segments[:-1]]
     assert any(c not in stage for c in cuts), str(streamed.last_plan)
+
+
+def test_the_page_cache_is_host_memory_less_a_cpu_budget_only(monkeypatch):
+    """NOTE [ Page cache ]: a CPU step's budget is host RAM the page cache cannot have; a CUDA step's budget is device
+    memory, another pool (it took 4 GiB of a 20 GiB host's cache for a 4 GiB GPU budget before)."""
+    import tilegrad.plan as tplan
+
+    monkeypatch.setattr(tplan, "PAGE_CACHE", None)
+    monkeypatch.setattr(tplan, "_available_bytes", lambda: 20 * 2**30 + 123)
+    assert tplan.page_cache_bytes(4 * 2**30, "cpu") == 16 * 2**30
+    assert tplan.page_cache_bytes(4 * 2**30, torch.device("cuda", 0)) == 20 * 2**30
+    assert tplan.page_cache_bytes(None, "cpu") == 20 * 2**30
+    # the planner asks with the device the module's parameters are on
+    asked = []
+    monkeypatch.setattr(tplan, "page_cache_bytes", lambda budget, device="cpu": asked.append(device) or 0)
+    tilegrad.plan_streaming(conv_net_2d(), (1, 3, 64, 64), tile_size=32, memory_budget="64MiB")
+    assert [torch.device(d).type for d in asked] == ["cpu"]
 
 
 @pytest.mark.parametrize("cached", [True, False])

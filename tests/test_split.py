@@ -226,3 +226,63 @@ def test_monai_feature_extractors_returning_lists_are_refused_in_words(name):
         tilegrad.NotStreamableError, match=f"{name} returns the feature maps of several stages"
     ):
         tilegrad.split_model(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, size",
+    [
+        ({}, 224),  # MONAI's default pool: average over 7x7, stride 1, then flatten and a Linear
+        ({"pool": None, "use_conv": True}, 64),  # torchvision's own pooling kept, fc a 1x1 convolution
+    ],
+    ids=["default", "pool=None use_conv"],
+)
+def test_monai_torchvision_fc_model_splits_exactly(kwargs, size):
+    # was "cannot split TorchVisionFCModel ... forward may not be a plain chain of its children"
+    torch.manual_seed(0)
+    model = nets.TorchVisionFCModel("resnet18", num_classes=3, pretrained=False, **kwargs).eval()
+    trunk, head = tilegrad.split_model(model)
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        assert torch.allclose(head(trunk(x)), model(x), atol=1e-5)
+    assert not any(isinstance(m, (nn.Linear, nn.AdaptiveAvgPool2d)) for m in trunk.modules())
+    tilegrad.receptive_field(trunk, ndim=2)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, cause",
+    [
+        ("MILModel", {"num_classes": 2, "pretrained": False}, "bag of patches.*AttentionMIL"),
+        ("ResNetFeatures", {"model_name": "resnet10", "pretrained": False}, "several stages"),
+        ("ResNetEncoder", {"model_name": "resnet10", "pretrained": False}, "several stages"),
+        (
+            "VarAutoEncoder",
+            {
+                "spatial_dims": 3,
+                "in_shape": (1, 32, 32, 32),
+                "out_channels": 2,
+                "latent_size": 8,
+                "channels": (8, 16),
+                "strides": (2, 2),
+            },
+            "latent code.*global.*AutoEncoder",
+        ),
+        ("SegResNetVAE", {"input_image_size": (32, 32, 32)}, "VAE branch.*SegResNet"),
+        (
+            "GlobalNet",
+            {
+                "spatial_dims": 3,
+                "in_channels": 1,
+                "num_channel_initial": 8,
+                "depth": 2,
+                "image_size": (32, 32, 32),
+            },
+            "affine.*LocalNet",
+        ),
+    ],
+)
+def test_monai_networks_that_cannot_stream_say_why(name, kwargs, cause):
+    # these were refused with "cannot split X ... forward may not be a plain chain of its children"
+    model = getattr(nets, name)(**kwargs)
+    with pytest.raises(tilegrad.NotStreamableError, match=cause) as info:
+        streamable_part(model)
+    assert str(info.value).startswith(name) and "cannot split" not in str(info.value)

@@ -98,7 +98,10 @@ __all__ = ["Box", "DiskStore", "Scratch", "Store", "TensorStore", "remove_stale_
 # budget ] in _allocator.py); a write moves B the other way; add moves 2B (the sum is taken on the CPU in the
 # store's dtype, so it rounds exactly as `tensor[box] += value` does), a write with gaps 2B. One preadv/pwritev per
 # span (per piece on an accelerator): without spans, a 3D box of few channels (runs of a few KiB) was bound by those
-# calls, not by bytes. Measured on this machine: BENCHMARKS.md,
+# calls, not by bytes. A pwrite moves at most _WRITE_BYTES (140 KiB, 35 pages): on this machine's kernel (6.18,
+# ext4) a large write aligned to a power of two makes the page cache allocate large folios, and a whole 2048^2 x 64
+# map written in 1 MiB spans ran at 0.5 GB/s of CPU time against 1.7 GB/s in calls of 140 KiB (the runs of a tile's
+# box in a wide map are shorter than that and were not slowed). Measured on this machine: BENCHMARKS.md,
 # "Boundary storage (issue 11)" (benchmarks/boundary_io.py). add() is a read-modify-write: two threads adding into
 # overlapping boxes of one DiskStore must be serialised by the caller.
 
@@ -317,6 +320,9 @@ _PIECE_BYTES = 256 * 1024  # staging buffer of an accelerator's read or write (N
 _SPAN_BYTES = 1024 * 1024  # at most this many file bytes per call on the CPU (NOTE [ Storage tiers ])
 # runs at most this far apart (or as far as they are long) are moved together with their gaps
 _GAP_BYTES = 16384
+# at most this many bytes per pwrite: 35 pages, not a power of two (NOTE [ Storage tiers ]: a large aligned write
+# makes the page cache allocate large folios, 3x slower on this machine)
+_WRITE_BYTES = 35 * 4096
 
 
 class DiskStore:
@@ -355,7 +361,7 @@ class DiskStore:
         self._nc = self.shape[0] * self.shape[1]
         self._position_bytes = self._nc * itemsize
         self._piece = max(1, _PIECE_BYTES // max(self._position_bytes, 1))
-        self._span_bytes, self._gap_bytes = _SPAN_BYTES, _GAP_BYTES
+        self._span_bytes, self._gap_bytes, self._write_bytes = _SPAN_BYTES, _GAP_BYTES, _WRITE_BYTES
         # on the CPU, reads and writes transpose piece by piece through a small staging buffer that stays in cache;
         # on an accelerator the box moves whole in file layout and is transposed there
         self._fused = self.compute_device.type == "cpu"
@@ -472,7 +478,10 @@ class DiskStore:
         assert self._fd is not None
         while view.nbytes:
             try:
-                done = os.pwritev(self._fd, [view], offset) if write else os.preadv(self._fd, [view], offset)
+                if write:  # in calls of at most _WRITE_BYTES (NOTE [ Storage tiers ])
+                    done = os.pwritev(self._fd, [view[: self._write_bytes]], offset)
+                else:
+                    done = os.preadv(self._fd, [view], offset)
             except OSError as err:
                 if err.errno in _FULL:
                     raise self._full(err, view.nbytes) from None

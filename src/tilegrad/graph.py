@@ -66,7 +66,7 @@ import functools
 import inspect
 import math
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -79,7 +79,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import GeometryError, NotStreamableError
 from .geometry import DimGeometry, Geometry
-from .geometry.trace import propagate, trace_graph, trunk_output
+from .geometry.toolkit import has_forward_hooks, overrides_computation
+from .geometry.trace import explained, node_where, propagate, trace_graph, trunk_output
 from .statistics import apply_norm, is_reduction, rewrite_statistics
 
 __all__ = ["Segment", "TrunkGraph", "last_convolution"]
@@ -157,19 +158,31 @@ def _may_alias(node: torch.fx.Node, root: nn.Module) -> bool:
     return False
 
 
-def _written(nodes: Iterable[torch.fx.Node], root: nn.Module) -> set[torch.fx.Node]:
-    """The tensors ``nodes`` (in graph order) write into in place: directly (ReLU(inplace=True)) or through a view or
-    alias (``x.view(...).relu_()``, ``x.contiguous().add_(y)``: then ``x`` and every alias between)."""
+def _in_place_writes(
+    nodes: Iterable[torch.fx.Node], root: nn.Module
+) -> Iterator[tuple[torch.fx.Node, list[torch.fx.Node]]]:
+    """Each node of ``nodes`` (in graph order) that writes in place, with the tensors it writes into, nearest first:
+    its first argument, then, while that is the result of an op that may alias its own argument (a view, an
+    alias: ``x.view(...).relu_()``, ``x.contiguous().add_(y)``), that argument. The one walk of the alias map that
+    :func:`_written` and :func:`_functionalize` share (NOTE [ In-place writes ]); lazy, so a caller may rewrite the
+    graph after each node before the walk reads the next."""
     base: dict[torch.fx.Node, torch.fx.Node] = {}
-    written: set[torch.fx.Node] = set()
     for n in nodes:
         if n.args and isinstance(n.args[0], torch.fx.Node) and _may_alias(n, root):
             base[n] = n.args[0]
+        chain = []
         target = _mutated(n, root)
         while target is not None:
-            written.add(target)
+            chain.append(target)
             target = base.get(target)
-    return written
+        if chain:
+            yield n, chain
+
+
+def _written(nodes: Iterable[torch.fx.Node], root: nn.Module) -> set[torch.fx.Node]:
+    """The tensors ``nodes`` (in graph order) write into in place: directly (ReLU(inplace=True)) or through a view or
+    alias (then ``x`` and every alias between, a conversion's copy included: the cautious answer)."""
+    return {t for _, chain in _in_place_writes(nodes, root) for t in chain}
 
 
 _SAME_TENSOR_METHODS = {
@@ -209,13 +222,9 @@ def _functionalize(graph: torch.fx.Graph, root: nn.Module) -> None:
     a partial or reshaped view and read again afterwards is refused: its later readers would need a scatter the
     graph does not express."""
     order = {n: k for k, n in enumerate(graph.nodes)}
-    base: dict[torch.fx.Node, torch.fx.Node] = {}
-    for n in list(graph.nodes):
-        if n.args and isinstance(n.args[0], torch.fx.Node) and _may_alias(n, root):
-            base[n] = n.args[0]
-        target = _mutated(n, root)
+    for n, chain in _in_place_writes(list(graph.nodes), root):
         whole, through = True, None
-        while target is not None:
+        for k, target in enumerate(chain):
             later = [u for u in target.users if order[u] > order[n]]
             if whole:
                 for u in later:
@@ -226,11 +235,10 @@ def _functionalize(graph: torch.fx.Graph, root: nn.Module) -> None:
                     f"('{through.name}'), and '{later[0].name}' reads it afterwards; tilegrad cannot follow such a "
                     "write: assign the result instead (x = x + ... rather than an in-place op on a view)"
                 )
-            parent = base.get(target)
-            kind = _alias_kind(target, root) if parent is not None else "copy"
+            kind = _alias_kind(target, root) if k + 1 < len(chain) else "copy"
             if kind == "copy":  # eager mode wrote into a new tensor: what it was made from is unchanged
                 break
-            whole, through, target = whole and kind == "same", target, parent
+            whole, through = whole and kind == "same", target
 
 
 @functools.cache
@@ -262,6 +270,7 @@ class _Profiler(torch.fx.Interpreter):
         self._params = {t.untyped_storage()._cdata for t in (*gm.parameters(), *gm.buffers())}
         self._seen: set[int] = set()
         self._current: NodeProfile | None = None
+        self.failed_at: torch.fx.Node | None = None  # the node running when the model's own forward raised
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         key = t.untyped_storage()._cdata
@@ -279,7 +288,9 @@ class _Profiler(torch.fx.Interpreter):
             torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t),
             FlopCounterMode(display=False) as fc,
         ):
+            self.failed_at = n
             out = super().run_node(n)
+            self.failed_at = None
         prof.flops = float(fc.get_total_flops())
         if isinstance(out, torch.Tensor):
             prof.shape = tuple(out.shape)
@@ -392,7 +403,10 @@ class TrunkGraph:
         self.input_shape = tuple(int(s) for s in input_shape)
         self.ndim = len(self.input_shape) - 2
         self.dtype = dtype
-        graph = trace_graph(module, self.ndim, self.input_shape)
+        try:
+            graph = trace_graph(module, self.ndim, self.input_shape)
+        except NotStreamableError as err:
+            raise explained(module, "", err) from err
         self.gm = torch.fx.GraphModule(module, graph)
         graph = self.gm.graph
         _functionalize(graph, module)
@@ -404,7 +418,10 @@ class TrunkGraph:
         if not placeholders:
             raise NotStreamableError(f"{type(module).__name__}.forward takes no tensor input")
         self.input = placeholders[0]
-        self.geoms = propagate(module, self.nodes, self.ndim, {self.input: Geometry.identity(self.ndim)})
+        try:
+            self.geoms = propagate(module, self.nodes, self.ndim, {self.input: Geometry.identity(self.ndim)})
+        except NotStreamableError as err:  # in the user's words when it is attention's doing
+            raise explained(module, "", err) from err
         (out_node,) = [n for n in self.nodes if n.op == "output"]
         self.output: torch.fx.Node = out_node.args[0]
         self._refuse_global_output()
@@ -455,12 +472,30 @@ class TrunkGraph:
         try:
             prof.run(x)
         except Exception as err:
+            at = prof.failed_at
+            module = self.gm.get_submodule(at.target) if at is not None and at.op == "call_module" else None
+            where = f", in {node_where(at, module, root=type(self.root).__name__)}" if at is not None else ""
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise GeometryError(
-                f"{type(self.root).__name__} failed on an input of shape {self.input_shape}: "
-                f"{type(err).__name__}: {err}"
+                f"{type(self.root).__name__} failed on an input of shape {self.input_shape}{where}: "
+                f"{type(err).__name__}: {first}. This is the model's own forward: called whole on an input of this "
+                f"size it fails the same way; give it an input size it accepts{self._accepted_size(meta, training)}"
             ) from err
         by_name = {n.name: n for n in self.nodes}
         return {by_name[k]: v for k, v in prof.profiles.items()}
+
+    def _accepted_size(self, meta: torch.fx.GraphModule, training: bool) -> str:
+        """' (it runs on <shape>)': the first of the input's spatial sizes times 2, 4, 8 on which the traced graph
+        runs (on meta tensors: nothing is computed), or ''."""
+        for factor in (2, 4, 8):
+            shape = (*self.input_shape[:2], *(factor * s for s in self.input_shape[2:]))
+            x = torch.empty(shape, device="meta", dtype=self.dtype)
+            try:
+                _Profiler(meta, False).run(x)
+            except Exception:  # still too small for it (or something the meta device cannot do): not a hint
+                continue
+            return f" (its traced graph runs on {shape}, {factor}x larger)"
+        return ""
 
     def shape(self, node: torch.fx.Node) -> tuple[int, ...]:
         shape = self.profiles[node].shape
@@ -768,13 +803,21 @@ class TrunkGraph:
 
 def last_convolution(seg: Segment) -> torch.fx.Node | None:
     """The segment's output node if it is a zero-padded convolution module called on one tensor (the convolution
-    whose recomputation the engine's backward skips: NOTE [ Last convolution not recomputed ] in execute.py)."""
+    whose recomputation the engine's backward skips: NOTE [ Last convolution not recomputed ] in execute.py). Only
+    torch's own convolution classes, without hooks: the engine runs torch's convolution backward for it."""
     n = seg.out
     if n.op != "call_module" or len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], torch.fx.Node):
         return None
     conv = seg.graph.gm.get_submodule(n.target)
     if (
         not isinstance(conv, nn.modules.conv._ConvNd)
+        or not type(conv).__module__.startswith(
+            "torch.nn."
+        )  # a subclass with a rule of its own: what it computes
+        or overrides_computation(
+            conv
+        )  # is not torch's convolution, whose backward the engine would run for it
+        or has_forward_hooks(conv)
         or conv.padding_mode != "zeros"
         or isinstance(conv.padding, str)
     ):

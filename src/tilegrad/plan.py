@@ -46,8 +46,9 @@ A boundary on the disk tier is written by its producer and read back soon after 
 backward's recomputation, its gradient by the producer's backward): while the files fit in the memory the machine
 has free, the kernel's page cache serves those reads, which then cost a copy (``DISK_READ``) rather than the disk
 (``DISK_COLD_READ``, 2.4x slower in wall time on this machine). Which reads the cache serves is decided like an LRU
-cache of ``page_cache_bytes`` (the available memory less the budget): the step's touches of disk-tier stores are
-listed in order (forward, then backward in reverse); for a read of a store of S bytes, *newer* is the bytes of the
+cache of ``page_cache_bytes`` (the available memory, less the budget on the CPU; on CUDA the budget is device
+memory, another pool than host RAM): the step's touches of disk-tier stores are listed in order (forward, then
+backward in reverse); for a read of a store of S bytes, *newer* is the bytes of the
 live stores touched since its last pass, *beside* those touched in that same step (tiles interleave them with it:
 the cache holds them in proportion) and *during* those the reading step touches too. A training step mostly scans a
 store in the reverse order of its previous pass (NOTE [ Tile order ] in execute.py): the reader starts on the part
@@ -151,7 +152,8 @@ DISK_READ = 0.7e9
 DISK_ADD = 1.1e9
 DISK_COLD_READ = 0.29e9
 # bytes of page cache the scratch files may use (NOTE [ Page cache ]); None: the machine's available memory
-# (MemAvailable) when planning, less the memory budget, rounded down to whole GiB
+# (MemAvailable) when planning, less the memory budget when the step computes on the CPU (on CUDA the budget is
+# device memory; the pinned host tier is not subtracted either), rounded down to whole GiB
 PAGE_CACHE: int | None = None
 # passes a streamed statistic makes over its input, in units of its input's bytes (NOTE [ Streamed statistics ] in
 # statistics.py): forward, the partials (a float64-accumulated sum, a variance); training adds the backward's share
@@ -171,19 +173,25 @@ TIERS = ("auto", "device", "host", "disk", "recompute")
 RECOMPUTE_TRIES = 6  # statistic inputs tried in a row without a faster plan before the search for them stops
 
 
-def page_cache_bytes(budget: int | None) -> int:
+def page_cache_bytes(budget: int | None, device: torch.device | str = "cpu") -> int:
     """Bytes of page cache the scratch files of a step may use (NOTE [ Page cache ]): ``PAGE_CACHE`` if set, else
     the machine's available memory (MemAvailable, which counts the page cache the kernel can reclaim) less the
-    memory budget, rounded down to whole GiB so that plans do not change with every page; 0 where it cannot be read."""
+    memory budget when the step computes on the CPU (on CUDA the budget is device memory, another pool), rounded
+    down to whole GiB so that plans do not change with every page; 0 where it cannot be read."""
     if PAGE_CACHE is not None:
         return PAGE_CACHE
+    host_budget = budget if torch.device(device).type in ("cpu", "meta") else None
+    free = max(0, _available_bytes() - (host_budget or 0))
+    return free // 2**30 * 2**30
+
+
+def _available_bytes() -> int:
+    """The machine's MemAvailable in bytes, 0 where it cannot be read."""
     try:
         with open("/proc/meminfo") as fh:
-            kib = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:"))
+            return 1024 * next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
         return 0
-    free = max(0, kib * 1024 - (budget or 0))
-    return free // 2**30 * 2**30
 
 
 def reversed_tiles(segments: int, head: bool) -> list[tuple[bool, bool]]:
@@ -221,6 +229,9 @@ class SegmentPlan:
     flops: float = 0.0
     keep: bool = False  # NOTE [ Kept segments ] in execute.py
     slow_flops: float = 0.0  # of convolutions the tile drops onto the slow kernel (NOTE [ Cost model ])
+    io_bytes: int = (
+        0  # NOTE [ IO overlap ] in execute.py: extra working set while IO runs beside the tiles; 0: none
+    )
 
     @property
     def name(self) -> str:
@@ -359,6 +370,7 @@ class Plan:
                     f"  {seg.name}: tile {'x'.join(map(str, seg.tile))} of {px} image px, {seg.tiles} tiles, "
                     f"overlap x{seg.overlap:.2f}, tile {'training' if self.training else 'forward'} peak "
                     f"{format_bytes(work)}"
+                    + (f", IO beside the tiles +{format_bytes(seg.io_bytes)}" if seg.io_bytes else "")
                 )
             if self.boundaries:
                 by_tier: dict[str, int] = {}
@@ -738,7 +750,7 @@ class _Planner:
         kept_before = 0
         for k in range(n):  # forward
             alive = sum(nb for p, nb in acts if p <= k)
-            work = segs[k].tile_forward_bytes + kept[k]
+            work = segs[k].tile_forward_bytes + kept[k] + segs[k].io_bytes
             steps.append(fixed + alive + kept_before + work + (dev_out if k == n - 1 else 0))
             kept_before += kept[k]
         forward_peak = max(steps)
@@ -750,7 +762,7 @@ class _Planner:
             base = fixed + acts_all + 2 * dev_out + input_grad
             for k in reversed(range(n)):
                 alive = sum(nb for p, u, nb in grads if p <= k <= u)
-                steps.append(base + alive + sum(kept[:k]) + segs[k].tile_train_bytes)
+                steps.append(base + alive + sum(kept[:k]) + segs[k].tile_train_bytes + segs[k].io_bytes)
         return max(steps), forward_peak, steps
 
     def time_ratio(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:
@@ -1064,6 +1076,44 @@ class _Planner:
                 segments = [sp.segment for sp in best.segments]
         return best
 
+    def overlapped(self, plan: Plan, budget: int) -> Plan:
+        """NOTE [ IO overlap ] in execute.py: each streamed segment that reads or writes a scratch file or reads the
+        lazy input gets its IO run beside its tiles when the plan still fits ``budget`` with the extra working set
+        (the next tile's sources read ahead, the last tile's output or source gradients still being written): at
+        most twice its sources' boxes plus its output core, counted in its steps (``io_bytes``). The segments and
+        tiles are not chosen again; the predicted time is unchanged (the cost model prices work, not cores)."""
+        if plan.conventional:
+            return plan
+        tiers = {b.name: b for b in plan.boundaries}
+        segs = list(plan.segments)
+        changed = False
+        for k, sp in enumerate(segs):
+            seg = sp.segment
+            if sp.keep or sp.tiles <= 1:
+                continue
+            disk = [
+                b
+                for b in (tiers.get(s.name) for s in (*seg.sources, seg.out))
+                if b is not None and (b.tier == "disk" or (self.training and b.grad_tier == "disk"))
+            ]
+            if not disk and not self._reads_lazy_input(k, seg):
+                continue
+            ratio = math.prod(sp.max_in_shape) / math.prod(self.image[2:])
+            core = self.g.profiles[seg.out].out_bytes * ratio
+            trial = [
+                *segs[:k],
+                dataclasses.replace(sp, io_bytes=int(2 * seg.source_bytes * ratio + core)),
+                *segs[k + 1 :],
+            ]
+            if self.evaluate(trial, plan.boundaries)[0] <= budget:
+                segs, changed = trial, True
+        if not changed:
+            return plan
+        peak, fwd, _ = self.evaluate(segs, plan.boundaries)
+        return dataclasses.replace(
+            plan, segments=segs, peak_bytes=int(peak if self.training else fwd), forward_peak_bytes=int(fwd)
+        )
+
     def _reads_lazy_input(self, k: int, seg: Segment) -> bool:
         """Whether segment ``k`` is the first and reads a lazy input: the slide is read tile by tile, never whole,
         so such a segment is neither kept nor part of a whole piece."""
@@ -1272,7 +1322,10 @@ def plan_streaming(
         head=_head_name(head),
         tiers=tiers,
         batch_tiles=batch_tiles,
-        page_cache=page_cache_bytes(None if memory_budget is None else int(memory_budget)),
+        page_cache=page_cache_bytes(
+            None if memory_budget is None else int(memory_budget),
+            next((p.device for p in module.parameters()), torch.device("cpu")),
+        ),
     )
     requested = (
         None if tile_size == "auto" else (tile_size if isinstance(tile_size, tuple) else (tile_size,) * ndim)
@@ -1320,6 +1373,7 @@ def plan_streaming(
             best = planner.recomputed(best, budget, requested)
             best = planner.wholes(best, budget, requested)
             best = planner.refine(best, budget, requested)
+            best = planner.overlapped(best, budget)
         _check_tiles(best)
         best.budget = memory_budget
         if note:

@@ -103,6 +103,28 @@ class _CriticHead(nn.Module):
         return x.view((x.shape[0], -1))
 
 
+class _NetAdapterHead(nn.Module):
+    """MONAI NetAdapter's (TorchVisionFCModel's) forward after ``features``: ``pool``, then flatten (or, with
+    ``use_conv``, singleton dims put back), then ``fc``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.pool = model.pool
+        self.fc = model.fc
+        self.use_conv = bool(model.use_conv)
+        self.dim = int(model.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool is not None:
+            x = self.pool(x)
+        if not self.use_conv:
+            x = torch.flatten(x, 1)
+        else:
+            while x.dim() < self.dim + 2:
+                x = x[..., None]
+        return self.fc(x)
+
+
 def _children(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return list(model.named_children())
 
@@ -212,6 +234,50 @@ def _monai_family(model: nn.Module, at: str | int | None) -> tuple[nn.Module, nn
         return None
     kinds = {cls.__name__ for cls in type(model).__mro__}
     kind = type(model).__name__
+    if "MILModel" in kinds:
+        raise NotStreamableError(
+            f"{kind} classifies a bag of patches (input N x patches x C x H x W): each patch runs through its "
+            "backbone whole, and its attention pools over the patches. To train on whole slides with slide labels, "
+            "stream a backbone over the slide with tilegrad's own attention head instead: `StreamingModule(trunk, "
+            "head=tilegrad.heads.AttentionMIL(...))` or `tilegrad train --head attention`"
+        )
+    if "NetAdapter" in kinds and all(
+        hasattr(model, n) for n in ("features", "pool", "fc", "use_conv", "dim")
+    ):
+        # TorchVisionFCModel: features (a torchvision model without its pooling and fc) | pool, flatten, fc
+        _check_at(kind, at, ("pool", "fc"), "after 'features' (before 'pool')")
+        if isinstance(model.features, nn.Sequential):
+            return model.features, _NetAdapterHead(model)
+        if getattr(model, "node_name", ""):
+            raise NotStreamableError(
+                f"{kind} was built with node_name= (a torchvision feature extractor as its features): split_model "
+                "streams the plain chain of the torchvision model's children only (node_name='')"
+            )
+        # pool=None: features is the whole torchvision model with its fc replaced by an identity
+        trunk, inner_head = split_model(model.features)
+        return trunk, nn.Sequential(OrderedDict(features_head=inner_head, adapter=_NetAdapterHead(model)))
+    if "ResNetFeatures" in kinds:  # ResNetFeatures, ResNetEncoder (FlexibleUNet's encoder)
+        raise NotStreamableError(
+            f"{kind} returns the feature maps of several stages (a list), not one map: tilegrad streams a trunk "
+            "with one output map. Wrap it in a module that returns the one map you need, or stream the network it "
+            "is the encoder of (MONAI FlexibleUNet streams whole)"
+        )
+    if {"VarAutoEncoder", "SegResNetVAE", "GlobalNet"} & kinds:
+        what = {
+            "VarAutoEncoder": "its latent code (mean and log-variance) is a Linear layer over the whole encoded map",
+            "SegResNetVAE": "its VAE branch reads the whole encoded map through Linear layers",
+            "GlobalNet": "it predicts one affine transform for the whole image from a Linear layer over the map",
+        }[next(k for k in ("VarAutoEncoder", "SegResNetVAE", "GlobalNet") if k in kinds)]
+        forward = {
+            "VarAutoEncoder": "stream its convolutional encoder (model.encode's conv layers) yourself, or use "
+            "MONAI's AutoEncoder, which has no latent layer and streams whole",
+            "SegResNetVAE": "for segmentation, load its weights into MONAI SegResNet (the same network without the "
+            "VAE branch, strict=False), which streams whole",
+            "GlobalNet": "use MONAI LocalNet, whose displacement field is local, or run GlobalNet whole",
+        }[next(k for k in ("VarAutoEncoder", "SegResNetVAE", "GlobalNet") if k in kinds)]
+        raise NotStreamableError(
+            f"{kind} cannot be streamed: {what}, a global operation. Way forward: {forward}"
+        )
     if "SENet" in kinds:
         # features: layer0..layer4; logits: adaptive_avg_pool, [dropout,] flatten, last_linear
         _check_at(kind, at, ("adaptive_avg_pool",), "after 'layer4' (before 'adaptive_avg_pool')")
@@ -273,7 +339,8 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Module, nn.
     ``forward_features``, the head ``forward_head``; ``at`` may be timm's ``"global_pool"``; a ``features_only``
     model with one ``out_indices`` is a trunk with an identity head); MONAI's ResNet (as torchvision's; with
     ``no_max_pool=True`` the unused ``maxpool`` child is left out), DenseNet (``features`` | ``class_layers``), SENet
-    (``layer0``..``layer4``), EfficientNetBN and Classifier/Regressor (``net`` | ``final``); and any
+    (``layer0``..``layer4``), EfficientNetBN, TorchVisionFCModel (``features`` | ``pool``, ``fc``) and
+    Classifier/Regressor (``net`` | ``final``); and any
     ``nn.Sequential`` (``at`` is a child name or index; default: the first adaptive/global pooling or Flatten
     layer). A trunk built from children is an ``nn.Sequential`` with the original child names, so errors name
     layers as in the model (``layer3.1.conv2``).
@@ -325,6 +392,7 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Module, nn.
         )
     if not isinstance(model, nn.Sequential) and tv_name != "ResNet":
         raise NotStreamableError(
+            f"cannot split {tv_name} into a streamable trunk and a head: "
             f"split_model knows torchvision's and MONAI's classification families, timm models and nn.Sequential; "
             f"{tv_name}'s forward may not be a plain chain of its children. Build the trunk and head yourself "
             "(trunk = an nn.Sequential of the local layers)"
@@ -361,6 +429,8 @@ def streamable_part(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
         return model, None
     try:
         return split_model(model)
+    except NotStreamableError:  # a known family that cannot stream says why itself
+        raise
     except _NoHeadChild:
         # no known family and no head among its children: its pooling or Linear layers sit inside its blocks (a
         # segmentation network's ASPP pooling branch, a transformer's attention and MLPs). Streamed whole, so that

@@ -21,6 +21,7 @@ from torch import nn
 from ._allocator import STREAM_THRESHOLD, pin_mmap_threshold
 from .errors import ConfigError, ShapeError, TilegradError
 from .execute import Reader, run_plan
+from .geometry.toolkit import forward_hook_count
 from .heads import streamed_head
 from .options import budget_option, mode_option, require_budget, tile_size_option
 from .plan import TIERS, Plan, plan_streaming
@@ -138,7 +139,10 @@ class StreamingModule(nn.Module):
             )
         tile = self._tile_request  # plan_streaming checks it against the input's rank
         dtype = dtype or self._param_dtype()
-        key = (input_shape, dtype, lazy, input_grad, self.training, self.mode, self.tiers)
+        # every layer's train/eval flag (a BatchNorm frozen by .eval() is element-wise; in training mode it is a
+        # streamed statistic) and its hooks (a hooked layer is traced through) decide the plan, not only the wrapper's
+        state = tuple((m.training, forward_hook_count(m)) for m in self.modules())
+        key = (input_shape, dtype, lazy, input_grad, state, self.mode, self.tiers)
         if key not in self._plans:
             plan = plan_streaming(
                 self.module,
@@ -152,7 +156,7 @@ class StreamingModule(nn.Module):
                 head=self.head,
                 tiers=self.tiers,
             )
-            self._plans = {k: v for k, v in self._plans.items() if k[4] == self.training}
+            self._plans = {k: v for k, v in self._plans.items() if k[4] == state}
             self._plans[key] = plan
             if tile == "auto":
                 log.info("tilegrad chose a plan for %s:\n%s", input_shape, plan)

@@ -277,7 +277,13 @@ FUNCTIONS = {
     F.adaptive_avg_pool3d: (lambda x: F.adaptive_avg_pool3d(x, 1), 3, REFUSED, False),
     F.adaptive_max_pool2d: (lambda x: F.adaptive_max_pool2d(x, 1), 2, REFUSED, False),
     F.scaled_dot_product_attention: (lambda x: F.scaled_dot_product_attention(x, x, x), 2, REFUSED, False),
-    F.batch_norm: (lambda x: F.batch_norm(x, None, None, training=True), 2, REFUSED, False),
+    # with running statistics in eval mode: an affine map per channel (timm's BatchNormAct2d traced through)
+    F.batch_norm: (
+        lambda x: F.batch_norm(x, *(torch.rand(4, dtype=x.dtype) + 0.5 for _ in range(3))),
+        2,
+        LOCAL,
+        True,
+    ),
     F.group_norm: (lambda x: F.group_norm(x, 2), 2, REFUSED, False),
     F.instance_norm: (lambda x: F.instance_norm(x), 2, REFUSED, False),
 }

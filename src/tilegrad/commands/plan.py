@@ -97,7 +97,11 @@ def run(args: argparse.Namespace) -> int:
     )
     free = _free_bytes(args.scratch_dir) if plan.disk_bytes else None
     if args.json:
-        print(json.dumps({"model": label, **plan.to_dict(), "scratch_free_bytes": free}, indent=2))
+        scratch = {"scratch_dir": _scratch_path(args.scratch_dir), "scratch_free_bytes": free}
+        if free is not None and free < 0:
+            scratch["scratch_free_bytes"] = None
+            scratch["scratch_problem"] = "does not exist or cannot be read"
+        print(json.dumps({"model": label, **plan.to_dict(), **scratch}, indent=2))
     else:
         print(f"{label}:")
         print(plan)
@@ -108,21 +112,34 @@ def run(args: argparse.Namespace) -> int:
             f"disk {format_bytes(plan.disk_bytes)}; predicted {seconds / pixels:.3g} s per megapixel per step "
             "(cost model, NOTE [ Cost model ] in plan.py)"
         )
-        if free is not None and free < plan.disk_bytes:
+        if free is None:
+            pass
+        elif free < 0:
             print(
-                f"warning: the scratch directory has {format_bytes(free)} free, the plan needs "
-                f"{format_bytes(plan.disk_bytes)}: pass --scratch-dir on a larger disk"
+                f"warning: the scratch directory {_scratch_path(args.scratch_dir)} does not exist or cannot be read; "
+                f"the plan needs {format_bytes(plan.disk_bytes)} there: create it, or pass --scratch-dir a directory "
+                "with enough free space"
+            )
+        elif free < plan.disk_bytes:
+            print(
+                f"warning: the scratch directory {_scratch_path(args.scratch_dir)} has {format_bytes(free)} free, "
+                f"the plan needs {format_bytes(plan.disk_bytes)}: pass --scratch-dir on a larger disk"
             )
     return 0
 
 
-def _free_bytes(scratch_dir: str | None) -> int:
-    import os
+def _scratch_path(scratch_dir: str | None) -> str:
     import tempfile
 
-    path = scratch_dir or tempfile.gettempdir()
+    return scratch_dir or tempfile.gettempdir()
+
+
+def _free_bytes(scratch_dir: str | None) -> int:
+    """Free bytes in the scratch directory, or -1 when it does not exist or cannot be read."""
+    import os
+
     try:
-        stat = os.statvfs(path)
+        stat = os.statvfs(_scratch_path(scratch_dir))
     except OSError:
-        return 0
+        return -1
     return stat.f_bavail * stat.f_frsize

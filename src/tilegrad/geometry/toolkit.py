@@ -29,6 +29,7 @@ stride 1 x 1, halo 3+3 x 3+3 px, receptive field 7 x 7 px
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from fractions import Fraction
@@ -46,12 +47,17 @@ __all__ = [
     "Context",
     "Rule",
     "elementwise",
+    "forward_hook_count",
     "function_rule",
+    "has_forward_hooks",
     "layout_aware",
     "merge",
     "module_rule",
     "node_arg",
+    "observer_hook",
+    "overrides_computation",
     "pixel_shuffle",
+    "refuses",
     "refusing",
     "register_geometry_rule",
     "shuffle",
@@ -72,7 +78,9 @@ def register_geometry_rule(target: type | Callable[..., Any] | str, rule: Rule) 
 
     ``rule(ctx, module, node, inputs)`` receives the geometries of the spatial inputs and returns the output's;
     ``ctx.op(geometry, stride, lo, hi)`` applies a local op (units of its input), ``ctx.refuse(why)`` raises
-    NotStreamableError naming the layer. Subclasses of a registered module type use its rule. The building blocks
+    NotStreamableError naming the layer. Subclasses of a registered module type use its rule, unless they override
+    ``forward`` (or a method the registered type's forward runs): those are traced through (NOTE [ Subclasses that
+    change what a layer computes ]). The building blocks
     are in :mod:`tilegrad.geometry.toolkit`.
     """
     if not callable(rule):
@@ -97,6 +105,113 @@ def module_rule(module: nn.Module | type) -> Rule | None:
         if rule is not None:
             return rule
     return None
+
+
+# NOTE [ Subclasses that change what a layer computes ]
+# A rule registered for a module type describes what that type's forward computes; a subclass inherits it only
+# while it computes the same thing. A subclass that overrides ``forward`` (timm's BatchNormAct2d adds an activation,
+# LayerNorm2d permutes to channels-last, a home-made Conv2d pads first) or a method the registered class's forward
+# runs (Conv2d's ``_conv_forward``) may compute anything: its rule would describe the parent and the engine would
+# plan (and, for statistics layers, rewrite) the parent's computation, a silent wrong result. Such a module is
+# traced through instead (trace.py's ``_Tracer.is_leaf_module``), so the rules of the functions its forward really
+# calls decide, and it streams or is refused as they say; a trace that cannot follow its forward fails with the
+# layer named. Methods that do not change the result (``__init__``, ``extra_repr``, parameter initialisation, state
+# dict loading, input checks) do not count, nor do torch.nn's own subclasses (the rules are written for the family,
+# and the registry contract in tests/geometry/test_registry.py checks them). Two cases keep the inherited rule: a rule registered for the subclass
+# itself (by class or by name), and a refusing rule (:func:`refusing`): a subclass of a refused layer is refused too.
+# The same holds for one module whose ``forward`` was replaced on the instance (``conv.forward = ...``): traced
+# through. Forward hooks and pre-hooks on a layer with a rule (:func:`has_forward_hooks`) may change its input or
+# output too (a pre-hook that blurs, an output hook that scales), and what they do cannot be read: such a layer is
+# refused by name (trace.py's ``_propagate``), unless each hook is marked :func:`observer_hook` (it only watches:
+# tilegrad's own memory bookkeeping, a user's hook that records what a layer sees), which then runs on every tile.
+# Hooks on modules that are traced through (containers, the subclasses above) are traced with them; hooks on the
+# model itself would be left out of the trace (fx traces its forward, not its __call__) and are refused. A segment's
+# last convolution runs torch's own convolution backward only for torch's own convolution classes without such hooks
+# (graph.py's ``last_convolution``).
+_NEUTRAL_METHODS = frozenset(
+    {
+        "__init__",
+        "__repr__",
+        "__setstate__",
+        "__getstate__",
+        "extra_repr",
+        "reset_parameters",
+        "reset_running_stats",
+        "_check_input_dim",
+        "_load_from_state_dict",
+        "_save_to_state_dict",
+    }
+)
+
+
+def overrides_computation(module: nn.Module | type) -> bool:
+    """True when ``module``'s type inherits its rule from a base class (not registered for the type itself) and
+    overrides ``forward`` or another method the base class defines (NOTE [ Subclasses that change what a layer
+    computes ]); False for a registered type itself, an unregistered one and a subclass that only adds methods or
+    changes construction."""
+    mro = (module if isinstance(module, type) else type(module)).__mro__
+    owner = next((i for i, k in enumerate(mro) if _registered(k)), None)
+    if owner is None:
+        return False
+    if not isinstance(module, type) and any(
+        n in vars(module) for n in ("forward", "__call__", "_conv_forward")
+    ):
+        return (
+            True  # an instance whose forward was replaced (module.forward = ...): its own type's rule is moot
+        )
+    base = mro[owner]
+    for klass in mro[:owner]:
+        if klass.__module__.startswith("torch.nn."):
+            continue  # torch's own kin of the registered type (InstanceNorm2d's _get_no_batch_dim): the same family
+        for name, value in vars(klass).items():
+            if name in ("forward", "__call__", "_call_impl"):
+                return True  # whatever it is (a function, functools.partialmethod, a descriptor)
+            if name in _NEUTRAL_METHODS or not (
+                callable(value)
+                or isinstance(value, (property, classmethod, staticmethod, functools.partialmethod))
+            ):
+                continue
+            if hasattr(base, name) and name not in vars(nn.Module):
+                return True
+    return False
+
+
+def observer_hook(hook: Callable[..., None]) -> Callable[..., None]:
+    """Mark a forward (pre-)hook as one that only watches (returns None, changes nothing): tilegrad's own memory
+    bookkeeping (memory/watch.py), which plans while it watches. :func:`has_forward_hooks` does not count it."""
+    hook.tilegrad_observer = True  # type: ignore[attr-defined]
+    return hook
+
+
+def forward_hook_count(module: nn.Module) -> int:
+    """The forward hooks and pre-hooks registered on ``module`` itself that may change what it computes (all but
+    :func:`observer_hook` ones)."""
+    hooks = (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+    return sum(not getattr(h, "tilegrad_observer", False) for h in hooks)
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """True when calling ``module`` runs forward hooks or forward pre-hooks (its own or global ones) that may change
+    what it computes, which its type's rule does not describe (NOTE [ Subclasses that change what a layer computes
+    ])."""
+    from torch.nn.modules import module as torch_module
+
+    global_hooks = (
+        *getattr(torch_module, "_global_forward_hooks", {}).values(),
+        *getattr(torch_module, "_global_forward_pre_hooks", {}).values(),
+    )
+    return forward_hook_count(module) > 0 or any(
+        not getattr(h, "tilegrad_observer", False) for h in global_hooks
+    )
+
+
+def _registered(klass: type) -> bool:
+    return klass in _MODULE_RULES or f"{klass.__module__}.{klass.__qualname__}" in _FUNCTION_RULES
+
+
+def refuses(rule: Rule | None) -> bool:
+    """True for a rule made by :func:`refusing` (it refuses every use of its target)."""
+    return bool(getattr(rule, "tilegrad_refuses", False))
 
 
 def function_rule(target: Any) -> Rule | None:
@@ -257,6 +372,7 @@ def refusing(why: str) -> Rule:
         ctx.refuse(why)
         raise AssertionError("unreachable")
 
+    rule.tilegrad_refuses = True  # type: ignore[attr-defined]
     return rule
 
 

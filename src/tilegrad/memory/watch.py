@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from ..geometry.toolkit import observer_hook
 from .diagnose import Failure
 
 __all__ = ["NODE_LABEL", "ModuleWatch", "tensors_of"]
@@ -61,6 +62,7 @@ class ModuleWatch:
             handle.remove()
         self._handles.clear()
 
+    @observer_hook
     def _pre(self, module: nn.Module, args: Any) -> None:
         name = self.names[module]
         self.stack.append(name)
@@ -71,6 +73,7 @@ class ModuleWatch:
         if self.label_nodes:
             self._boundaries.append({t.grad_fn for t in tensors_of(args) if t.grad_fn is not None})
 
+    @observer_hook
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         name = self.names[module]
         if output is None:

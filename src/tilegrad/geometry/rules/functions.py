@@ -21,6 +21,7 @@ from ..layout import (
     flatten_layout,
     is_spatial,
     regroup,
+    standard,
 )
 from ..toolkit import (
     Context,
@@ -425,6 +426,27 @@ def _stochastic_depth(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Ge
     return merge(ctx, inputs)
 
 
+@layout_aware
+def _f_batch_norm(ctx: Context, m: Any, node: torch.fx.Node, inputs: list[Geometry]) -> Geometry:
+    """F.batch_norm with running statistics and training=False (timm's BatchNormAct2d in eval mode, traced through:
+    NOTE [ Subclasses that change what a layer computes ]) is an affine map per channel; with batch statistics it
+    normalises over all positions."""
+    running = (node_arg(node, 1, "running_mean"), node_arg(node, 2, "running_var"))
+    if node_arg(node, 5, "training", False) or any(r is None for r in running):
+        ctx.refuse(
+            "batch_norm with batch statistics (training=True or no running statistics) normalises with statistics "
+            "of the whole image, which a tile does not see; use nn.BatchNorm (streamed with its statistics) or put "
+            "the layer in eval mode"
+        )
+    if len(inputs) != 1 or ctx.value(node_arg(node, 0, "input")) is None:
+        ctx.refuse("its statistics or affine parameters depend on the image")
+    if ctx.input_layout() != standard(ctx.ndim):
+        ctx.refuse(
+            f"it normalises dim 1 of {describe(ctx.input_layout(), ctx.ndim)}, which is not the channel dim"
+        )
+    return merge(ctx, inputs)
+
+
 _ELEMENTWISE_FUNCTIONS: list[Any] = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.imul,
     operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne,
@@ -490,6 +512,7 @@ register_geometry_rule(F.layer_norm, _f_layer_norm)
 if hasattr(F, "rms_norm"):
     register_geometry_rule(F.rms_norm, _f_layer_norm)
 register_geometry_rule(F.linear, _f_linear)
+register_geometry_rule(F.batch_norm, _f_batch_norm)
 register_geometry_rule(F.glu, _f_glu)
 for _fn in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d):
     register_geometry_rule(_fn, _f_dropout)
@@ -506,10 +529,6 @@ for _fn, _why in (
     (F.adaptive_avg_pool3d, "adaptive pooling mixes the whole image; it belongs in the head"),
     (F.adaptive_max_pool2d, "adaptive pooling mixes the whole image; it belongs in the head"),
     (F.scaled_dot_product_attention, "attention over all positions is global"),
-    (
-        F.batch_norm,
-        "functional batch_norm cannot be checked for fixed statistics; use nn.BatchNorm in eval mode",
-    ),
     (F.group_norm, "group_norm normalises over space with per-image statistics"),
     (F.instance_norm, "instance_norm normalises over space with per-image statistics"),
 ):
