@@ -152,7 +152,8 @@ DISK_READ = 0.7e9
 DISK_ADD = 1.1e9
 DISK_COLD_READ = 0.29e9
 # bytes of page cache the scratch files may use (NOTE [ Page cache ]); None: the machine's available memory
-# (MemAvailable) when planning, less the memory budget, rounded down to whole GiB
+# (MemAvailable) when planning, less the memory budget when the step computes on the CPU (on CUDA the budget is
+# device memory; the pinned host tier is not subtracted either), rounded down to whole GiB
 PAGE_CACHE: int | None = None
 # passes a streamed statistic makes over its input, in units of its input's bytes (NOTE [ Streamed statistics ] in
 # statistics.py): forward, the partials (a float64-accumulated sum, a variance); training adds the backward's share
