@@ -206,6 +206,10 @@ def run_step(method: str, path: str, size: int, head_name: str, budget: str, tie
     from tilegrad.train.dataset import SlideInput
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    if os.environ.get("BENCH_NO_IO_OVERLAP"):  # the IO on the main thread between tiles (NOTE [ IO overlap ])
+        import tilegrad.plan
+
+        tilegrad.plan.Planner.overlapped = lambda self, plan, budget: plan
     trunk = _trunk()
     head = _head(head_name)
     slide = tio.open_image(path)
@@ -269,22 +273,28 @@ def measure(args: argparse.Namespace) -> None:
     print(f"load: {os.getloadavg()}", flush=True)
     results = []
     jobs = [("conventional", args.conventional_size)] * args.repeat + [("streamed", args.size)]
+    if args.without_io_overlap:
+        jobs.append(("streamed-sequential-io", args.size))
     if args.conventional_after:
         jobs += [("conventional", args.conventional_size)] * args.repeat
     for method, size in jobs:
+        env = dict(os.environ, BENCH_NO_IO_OVERLAP="1") if method == "streamed-sequential-io" else None
         proc = subprocess.run(
-            [sys.executable, __file__, "_run", method, str(path), str(size), args.head, args.budget, args.tiers],
-            capture_output=True, text=True,
+            [sys.executable, __file__, "_run", method.split("-")[0], str(path), str(size), args.head, args.budget,
+             args.tiers],
+            capture_output=True, text=True, env=env,
         )  # fmt: skip
         if proc.returncode != 0:
             print(f"{method} @ {size}: FAILED\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
             continue
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         row["load"] = os.getloadavg()[0]
+        row["method"] = method
         results.append(row)
         print(
             f"{method:<12} {size:>6}^2: {row['seconds']:8.1f} s, {row['s_per_mp']:.3f} s/MP, "
-            f"CPU {row['cpu_seconds']:.1f} s ({row['cpu_s_per_mp']:.3f} s/MP), peak "
+            f"CPU {row['cpu_seconds']:.1f} s ({row['cpu_s_per_mp']:.3f} s/MP, {row['cpu_seconds'] / row['seconds']:.2f} "
+            "cores), peak "
             f"{format_bytes(row['peak_bytes'])}"
             + (f" (predicted {format_bytes(row['predicted_peak'])}, x{row['predicted_ratio']:.2f})"
                if row["predicted_peak"] else "")
@@ -304,10 +314,10 @@ def measure(args: argparse.Namespace) -> None:
                 fh.write(json.dumps(row) + "\n")
     conv = sorted(r["s_per_mp"] for r in results if r["method"] == "conventional")
     conv_cpu = sorted(r["cpu_s_per_mp"] for r in results if r["method"] == "conventional")
-    stream = [r for r in results if r["method"] == "streamed"]
-    if conv and stream:
-        base, base_cpu = statistics.median(conv), statistics.median(conv_cpu)
-        s = stream[0]
+    stream = [r for r in results if r["method"].startswith("streamed")]
+    base, base_cpu = (statistics.median(conv), statistics.median(conv_cpu)) if conv else (None, None)
+    for s in stream if conv else []:
+        print(f"\n{s['method']}:")
         print(
             f"\nstreamed {args.size}^2 {s['s_per_mp']:.3f} s/MP vs conventional {args.conventional_size}^2 "
             f"{base:.3f} s/MP (median of {len(conv)}): measured x{s['s_per_mp'] / base:.2f} "
@@ -348,6 +358,8 @@ def main() -> None:
     m.add_argument("--repeat", type=int, default=1, help="conventional steps before (and with --conventional-after, "
                    "after) the streamed one")  # fmt: skip
     m.add_argument("--conventional-after", action="store_true")
+    m.add_argument("--without-io-overlap", action="store_true", help="also a streamed step with its IO on the main "
+                   "thread between tiles (NOTE [ IO overlap ] in execute.py)")  # fmt: skip
     m.add_argument("--workdir", help="where the TIFF goes (kept; reused when present)")
     m.add_argument("--json", type=Path, help="append raw results to this JSON-lines file")
     args = parser.parse_args()

@@ -154,7 +154,8 @@ DISK_READ = 0.95e9
 DISK_ADD = 1.4e9
 DISK_COLD_READ = 0.4e9
 # bytes of page cache the scratch files may use (NOTE [ Page cache ]); None: the machine's available memory
-# (MemAvailable) when planning, less the memory budget, rounded down to whole GiB
+# (MemAvailable) when planning, less the memory budget when the step computes on the CPU (on CUDA the budget is
+# device memory; the pinned host tier is not subtracted either), rounded down to whole GiB
 PAGE_CACHE: int | None = None
 # passes a streamed statistic makes over its input, in units of its input's bytes (NOTE [ Streamed statistics ] in
 # statistics.py): forward, the partials (a float64-accumulated sum, a variance); training adds the backward's share
@@ -230,6 +231,9 @@ class SegmentPlan:
     flops: float = 0.0
     keep: bool = False  # NOTE [ Kept segments ] in execute.py
     slow_flops: float = 0.0  # of convolutions the tile drops onto the slow kernel (NOTE [ Cost model ])
+    io_bytes: int = (
+        0  # NOTE [ IO overlap ] in execute.py: extra working set while IO runs beside the tiles; 0: none
+    )
 
     @property
     def name(self) -> str:
@@ -368,6 +372,7 @@ class Plan:
                     f"  {seg.name}: tile {'x'.join(map(str, seg.tile))} of {px} image px, {seg.tiles} tiles, "
                     f"overlap x{seg.overlap:.2f}, tile {'training' if self.training else 'forward'} peak "
                     f"{format_bytes(work)}"
+                    + (f", IO beside the tiles +{format_bytes(seg.io_bytes)}" if seg.io_bytes else "")
                 )
             if self.boundaries:
                 by_tier: dict[str, int] = {}
@@ -747,7 +752,7 @@ class _Planner:
         kept_before = 0
         for k in range(n):  # forward
             alive = sum(nb for p, nb in acts if p <= k)
-            work = segs[k].tile_forward_bytes + kept[k]
+            work = segs[k].tile_forward_bytes + kept[k] + segs[k].io_bytes
             steps.append(fixed + alive + kept_before + work + (dev_out if k == n - 1 else 0))
             kept_before += kept[k]
         forward_peak = max(steps)
@@ -759,7 +764,7 @@ class _Planner:
             base = fixed + acts_all + 2 * dev_out + input_grad
             for k in reversed(range(n)):
                 alive = sum(nb for p, u, nb in grads if p <= k <= u)
-                steps.append(base + alive + sum(kept[:k]) + segs[k].tile_train_bytes)
+                steps.append(base + alive + sum(kept[:k]) + segs[k].tile_train_bytes + segs[k].io_bytes)
         return max(steps), forward_peak, steps
 
     def time_ratio(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:
@@ -1073,6 +1078,44 @@ class _Planner:
                 segments = [sp.segment for sp in best.segments]
         return best
 
+    def overlapped(self, plan: Plan, budget: int) -> Plan:
+        """NOTE [ IO overlap ] in execute.py: each streamed segment that reads or writes a scratch file or reads the
+        lazy input gets its IO run beside its tiles when the plan still fits ``budget`` with the extra working set
+        (the next tile's sources read ahead, the last tile's output or source gradients still being written): at
+        most twice its sources' boxes plus its output core, counted in its steps (``io_bytes``). The segments and
+        tiles are not chosen again; the predicted time is unchanged (the cost model prices work, not cores)."""
+        if plan.conventional:
+            return plan
+        tiers = {b.name: b for b in plan.boundaries}
+        segs = list(plan.segments)
+        changed = False
+        for k, sp in enumerate(segs):
+            seg = sp.segment
+            if sp.keep or sp.tiles <= 1:
+                continue
+            disk = [
+                b
+                for b in (tiers.get(s.name) for s in (*seg.sources, seg.out))
+                if b is not None and (b.tier == "disk" or (self.training and b.grad_tier == "disk"))
+            ]
+            if not disk and not self._reads_lazy_input(k, seg):
+                continue
+            ratio = math.prod(sp.max_in_shape) / math.prod(self.image[2:])
+            core = self.g.profiles[seg.out].out_bytes * ratio
+            trial = [
+                *segs[:k],
+                dataclasses.replace(sp, io_bytes=int(2 * seg.source_bytes * ratio + core)),
+                *segs[k + 1 :],
+            ]
+            if self.evaluate(trial, plan.boundaries)[0] <= budget:
+                segs, changed = trial, True
+        if not changed:
+            return plan
+        peak, fwd, _ = self.evaluate(segs, plan.boundaries)
+        return dataclasses.replace(
+            plan, segments=segs, peak_bytes=int(peak if self.training else fwd), forward_peak_bytes=int(fwd)
+        )
+
     def _reads_lazy_input(self, k: int, seg: Segment) -> bool:
         """Whether segment ``k`` is the first and reads a lazy input: the slide is read tile by tile, never whole,
         so such a segment is neither kept nor part of a whole piece."""
@@ -1332,6 +1375,7 @@ def plan_streaming(
             best = planner.recomputed(best, budget, requested)
             best = planner.wholes(best, budget, requested)
             best = planner.refine(best, budget, requested)
+            best = planner.overlapped(best, budget)
         _check_tiles(best)
         best.budget = memory_budget
         if note:
