@@ -142,15 +142,17 @@ DEPTHWISE_CONV = 4.0
 # and backward)
 TILE_SECONDS = 0.002
 NODE_SECONDS = 1e-4
-# bytes/s of a DiskStore (NOTE [ Page cache ]), measured by benchmarks/boundary_io.py on this machine (BENCHMARKS.md,
-# "Boundary storage": a 4 GiB map of 64 channels in 512^2 and 1024^2 boxes, load 2-3): a write into the page cache
-# 0.8-1.0; a read from it 0.6-0.9 (into a fresh tensor, whose pages fault on first touch); an add (read-modify-write
-# through a staging buffer that stays in the CPU cache) 1.0-1.3 of the box's bytes; a read from the disk itself 0.29
-# (0.5 in CPU time). Earlier figures (0.13-0.27 written, under a load of 9-18) had set these 3-5x lower.
-DISK_WRITE = 0.9e9
-DISK_READ = 0.7e9
-DISK_ADD = 1.1e9
-DISK_COLD_READ = 0.29e9
+# bytes/s of a DiskStore (NOTE [ Page cache ]), measured by benchmarks/boundary_io.py on this machine as the engine
+# uses a boundary at 65536^2 (BENCHMARKS.md, "Boundary storage", seventh session: bands of ResNet-34's layer1, layer2
+# and layer4 maps, cores written, halo boxes read and added, load 1-3.7), CPU time: a write into the page cache
+# 0.62-0.83; a read from it 0.79-1.09 (into a fresh tensor, whose pages fault on first touch); an add (read-modify-
+# write through a staging buffer that stays in the CPU cache) 1.1-1.5 of the box's bytes; a read from the disk itself
+# 0.40-0.61 in wall time (medians of 4; this VM's disk is the host's cache as much as a disk). The fourth session's
+# figures (one 4096^2 map, 512^2 boxes without halo) were write 0.9, read 0.7, add 1.1, disk 0.29.
+DISK_WRITE = 0.7e9
+DISK_READ = 0.95e9
+DISK_ADD = 1.4e9
+DISK_COLD_READ = 0.4e9
 # bytes of page cache the scratch files may use (NOTE [ Page cache ]); None: the machine's available memory
 # (MemAvailable) when planning, less the memory budget when the step computes on the CPU (on CUDA the budget is
 # device memory; the pinned host tier is not subtracted either), rounded down to whole GiB
