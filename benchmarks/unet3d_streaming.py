@@ -50,7 +50,7 @@ def conventional_peak(model, size: int) -> int:
     return plan.peak_bytes
 
 
-def run_one(method: str, size: int, norm: str, budget: int) -> dict:
+def run_one(method: str, size: int, norm: str, budget: int, phases: bool = False) -> dict:
     import torch
 
     import tilegrad
@@ -67,10 +67,22 @@ def run_one(method: str, size: int, norm: str, budget: int) -> dict:
     if method == "streamed":
         body = tilegrad.StreamingModule(model, tile_size="auto", memory_budget=budget, progress=False)
         plan = body.plan(x.shape)
+    inner: list = []  # --phases: a meter opened when the model's output gradient arrives (the loss's backward done)
+
+    def split(grad):
+        # a nested meter folds the peak so far into the outer one (NOTE [ Nested meters ])
+        inner.append(tilegrad.PeakMemoryMeter("cpu").__enter__())
+
     with tilegrad.PeakMemoryMeter("cpu") as meter:
         t0, c0 = time.perf_counter(), time.process_time()
-        loss = torch.nn.functional.cross_entropy(body(x), target)
+        out = body(x)
+        if phases:
+            out.register_hook(split)
+        loss = torch.nn.functional.cross_entropy(out, target)
+        del out  # as a caller that keeps only the loss
         loss.backward()
+        if inner:
+            inner[0].__exit__(None, None, None)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {
         "method": method,
@@ -79,6 +91,9 @@ def run_one(method: str, size: int, norm: str, budget: int) -> dict:
         "seconds": elapsed,
         "cpu_seconds": cpu,  # both threads: steadier than the seconds on a loaded machine
         "peak_bytes": meter.peak_bytes,
+        # --phases: the peak of the model's own backward (from the output gradient on), above the same start as
+        # peak_bytes; the rest of the step (forward, loss, the loss's backward) sets peak_bytes when this is lower
+        "backward_peak": inner[0].peak_bytes + inner[0]._start - meter._start if inner else None,
         "loss": loss.item(),
         "predicted_peak": plan.peak_bytes if plan else None,
         "predicted_ratio": plan.time_ratio if plan else None,
@@ -100,13 +115,19 @@ def main() -> None:
         "--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY of the runs ('' to inherit)"
     )
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="also measure the peak of the model's backward alone (from the output gradient on: after the loss's "
+        "backward), to tell the caller's loss from the model; adds a gc pass and a heap trim at that point",
+    )
     parser.add_argument("--json", help="append raw results to this JSON-lines file")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
-        print(json.dumps(run_one(args.run, args.size, args.norm, args.budget)))
+        print(json.dumps(run_one(args.run, args.size, args.norm, args.budget, args.phases)))
         return
     from tilegrad.units import format_bytes
 
@@ -123,7 +144,7 @@ def main() -> None:
             for method in ("conventional", "streamed"):
                 proc = subprocess.run(
                     [sys.executable, __file__, "--run", method, "--size", str(size), "--norm", args.norm,
-                     "--budget", str(budget)],
+                     "--budget", str(budget), *(["--phases"] if args.phases else [])],
                     capture_output=True, text=True, env=env,
                 )  # fmt: skip
                 if proc.returncode != 0:
@@ -147,7 +168,9 @@ def main() -> None:
                         fh.write(json.dumps(row) + "\n")
                 print(
                     f"  {method:<12} run {rep + 1}: {row['seconds']:7.1f} s ({row['cpu_seconds']:.1f} s CPU), "
-                    f"peak {format_bytes(row['peak_bytes'])}, "
+                    f"peak {format_bytes(row['peak_bytes'])}"
+                    + (f" (model's backward {format_bytes(row['backward_peak'])})" if args.phases else "")
+                    + ", "
                     f"loss {row['loss']:.6f}, load {row['load']:.1f}",
                     flush=True,
                 )

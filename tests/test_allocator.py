@@ -27,7 +27,7 @@ def test_the_engine_trims_for_its_own_device(monkeypatch):
     from tilegrad.execute import Execution, Reader
 
     devices = []
-    monkeypatch.setattr(execute, "trim_heap", lambda device="cpu": devices.append(torch.device(device)))
+    monkeypatch.setattr(execute, "trim_heap", lambda device: devices.append(torch.device(device)))
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(1, 4, 3, padding=1),

@@ -13,6 +13,7 @@ from torch import nn
 
 import tilegrad
 from tilegrad import ConfigError, NotStreamableError, StreamingModule
+from tilegrad.geometry import observer_hook
 from tilegrad.graph import TrunkGraph
 from tilegrad.heads import AttentionMIL, GlobalPool
 
@@ -267,7 +268,7 @@ def test_scratch_files_are_removed_after_the_step_and_on_error(tmp_path):
     def boom(module, args):
         raise KeyboardInterrupt
 
-    handle = trunk.dec.register_forward_pre_hook(boom)
+    handle = trunk.dec.register_forward_pre_hook(observer_hook(boom))
     with pytest.raises(KeyboardInterrupt):
         streamed(x)
     handle.remove()

@@ -13,6 +13,7 @@ from monai.data import DataLoader, MetaTensor
 from monai.inferers import Inferer, SimpleInferer
 
 from tilegrad import ConfigError
+from tilegrad.geometry import observer_hook
 from tilegrad.monai import ExactInferer
 
 from .test_stream import rel_err
@@ -47,7 +48,7 @@ def test_equals_simple_inferer_float64(options):
     with torch.no_grad():
         expected = SimpleInferer()(x, net)
         calls = []  # the comparison means something only if the volume was cut: count the forward calls
-        net.register_forward_hook(lambda *_: calls.append(1))
+        net.register_forward_hook(observer_hook(lambda *_: calls.append(1)))
         got = ExactInferer(**options)(x, net)
     assert len(calls) >= 2
     assert type(got) is type(expected) and got.shape == expected.shape

@@ -8,6 +8,7 @@ from torch import nn
 
 import tilegrad
 from tilegrad import GeometryError, StreamingModule
+from tilegrad.geometry import observer_hook
 
 from .test_stream import conv_net_2d, rel_err, resnet18_trunk
 
@@ -73,8 +74,10 @@ def test_planning_calls_no_forward_hooks():
     # on meta tensors through nn.Module.__call__, so the user's hooks saw meta tensors during planning
     trunk = resnet18_trunk()
     seen = []
-    trunk.conv1.register_forward_pre_hook(lambda m, args: seen.append(("pre", args[0].device)))
-    trunk.layer1[0].conv2.register_forward_hook(lambda m, args, out: seen.append(("post", out.device)))
+    trunk.conv1.register_forward_pre_hook(observer_hook(lambda m, args: seen.append(("pre", args[0].device))))
+    trunk.layer1[0].conv2.register_forward_hook(
+        observer_hook(lambda m, args, out: seen.append(("post", out.device)))
+    )
     tilegrad.plan_streaming(trunk, (1, 3, 320, 288), memory_budget="300MiB")
     assert seen == []
     trunk(torch.randn(1, 3, 64, 64))  # the hooks themselves work

@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 
 from tilegrad import NotStreamableError, StreamingModule
+from tilegrad.geometry import observer_hook
 from tilegrad.heads import GlobalPool
 
 
@@ -125,7 +126,7 @@ def test_a_segment_ending_in_a_convolution_does_not_recompute_it(transposed):
     calls = {k: 0 for k in ("0", "3", "6")}
     for name in calls:
         count = lambda *a, name=name: calls.__setitem__(name, calls[name] + 1)  # noqa: E731
-        trunk.get_submodule(name).register_forward_hook(count)
+        trunk.get_submodule(name).register_forward_hook(observer_hook(count))
     streamed = _check(trunk, (2, 2, 48, 40), 24)
     plan = streamed.last_plan
     tiles = {sp.segment.out.target: len(sp.grid) for sp in plan.segments if not sp.keep}
@@ -150,7 +151,9 @@ def test_whole_pieces_compute_their_statistics_in_place(dtype, tol):
     calls: dict[str, int] = {}
     for name, m in trunk.named_modules():
         if isinstance(m, nn.BatchNorm2d):
-            m.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+            m.register_forward_hook(
+                observer_hook(lambda *a, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+            )
     # batch 2: with one image the pooled output of a batch-normalised map is its bias
     streamed = _check(trunk, (2, 3, 128, 96), 64, dtype=dtype, tol=tol, head=GlobalPool("avg"))
     plan = streamed.last_plan

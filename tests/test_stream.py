@@ -12,6 +12,7 @@ from torch import nn
 
 import tilegrad
 from tilegrad import ConfigError, NotStreamableError, ShapeError, StreamingModule
+from tilegrad.geometry import observer_hook
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
@@ -184,8 +185,12 @@ def test_kept_segments_are_exact_and_not_recomputed():
     torch.manual_seed(0)
     trunk = resnet18_trunk()
     calls = {"conv1": 0, "layer4": 0}
-    trunk.conv1.register_forward_hook(lambda *a: calls.__setitem__("conv1", calls["conv1"] + 1))
-    trunk.layer4[1].register_forward_hook(lambda *a: calls.__setitem__("layer4", calls["layer4"] + 1))
+    trunk.conv1.register_forward_hook(
+        observer_hook(lambda *a: calls.__setitem__("conv1", calls["conv1"] + 1))
+    )
+    trunk.layer4[1].register_forward_hook(
+        observer_hook(lambda *a: calls.__setitem__("layer4", calls["layer4"] + 1))
+    )
     streamed = assert_equivalent(trunk, (1, 3, 320, 288), "auto", memory_budget="300MiB")  # float64
     segments = streamed.last_plan.segments
     kept = [s for s in segments if s.keep]

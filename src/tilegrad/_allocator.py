@@ -24,7 +24,8 @@ Without a backward there is no such reuse to keep: a forward without gradients t
 ``tilegrad.infer`` keeps 128 KiB (MONAI UNet 16-32-64 on 96^3 under 24 MiB measured 24.1 and 32.4 MiB with 4 MiB).
 The trim costs little there: timed inside segmented ``tilegrad.infer`` (``benchmarks/heap_trim.py``, MONAI UNet
 16-32-64 at 128^3 under 40 MiB, 28 trims, load 2.0), 0.003 s of 3.0 s CPU (0.1%, about 0.1 ms a call), so it stays
-per tile. Only work on the CPU is trimmed (``trim_heap(device)``): tiles on CUDA leave nothing on this heap.
+per tile. Only work on the CPU is trimmed (``trim_heap(device)``): on CUDA a tile's tensors live in device memory; what it
+leaves on this heap is the CPU staging of lazy-input and disk-tier boxes, one box at a time, not trimmed.
 """
 
 from __future__ import annotations

@@ -152,3 +152,49 @@ def test_a_model_that_rejects_the_size_in_its_own_forward_is_named_with_the_size
     assert "model's own forward" in message and "(1, 1, 128, 128, 128), 4x larger" in message
     with pytest.raises(RuntimeError, match="Output size is too small"), torch.no_grad():  # as the plain model
         model(torch.zeros(1, 1, 32, 32, 32))
+
+
+class _PoolBesideAttention(nn.Module):
+    """A global pooling branch computed before, and apart from, an attention branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+
+    def forward(self, x):
+        gate = self.pool(self.c2(x))
+        n, c, h, w = x.shape
+        t = self.c1(x).flatten(2).transpose(1, 2)
+        return self.attn(t, t, t)[0].transpose(1, 2).reshape(n, 4, h, w) + gate
+
+
+def test_a_refusal_that_feeds_no_attention_is_not_blamed_on_it():
+    # review: any refusal in a model holding attention anywhere was rewritten as "attention is global"
+    with pytest.raises(NotStreamableError) as info:
+        tilegrad.receptive_field(_PoolBesideAttention(), ndim=2)
+    assert "'pool' (AdaptiveAvgPool2d)" in str(info.value) and "attention" not in str(info.value)
+
+
+def test_an_attention_layer_directly_in_a_sequential_names_the_layers_before_it():
+    # review: the way forward read "blocks before '.2' ... an nn.Sequential of [:2]"
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+
+        def forward(self, x):
+            n, c, h, w = x.shape
+            t = x.flatten(2).transpose(1, 2)
+            return self.attn(t, t, t)[0].transpose(1, 2).reshape(n, c, h, w)
+
+    class Attention(Tokens):  # the name marks it as attention, as timm's and MONAI's blocks are
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), Attention())
+    with pytest.raises(NotStreamableError) as info:
+        tilegrad.receptive_field(model, ndim=2)
+    assert "The layers before '2' are local" in str(info.value) and "model[:2]" in str(info.value)
+    assert "'.2'" not in str(info.value)

@@ -176,6 +176,8 @@ def _scaled_output(c: int) -> nn.Module:
 CHANGED = {  # plain torch layers whose instance computes something else, found by a review (all were silent)
     "forward replaced on the instance": _instance_forward,
     "forward a partialmethod": lambda c: PartialForward(c, c, 3, padding=1),
+}
+HOOKED = {  # layers whose hooks change what they compute: were silently planned as the plain layer, now refused
     "pre-hook that blurs": _blurred_input,
     "output hook that scales": _scaled_output,
 }
@@ -186,6 +188,28 @@ CHANGED = {  # plain torch layers whose instance computes something else, found 
 def test_layers_changed_per_instance_or_by_hooks_stream_exactly(name, dtype, tol):
     torch.manual_seed(0)
     _assert_streams_exactly(_net(CHANGED[name](3)).to(dtype), dtype, tol)
+
+
+@pytest.mark.parametrize("name", list(HOOKED))
+def test_layers_with_hooks_that_may_change_them_are_refused_by_name(name):
+    with pytest.raises(NotStreamableError, match=r"'2' \(Conv2d\).*forward hooks.*observer_hook"):
+        StreamingModule(_net(HOOKED[name](3)).double(), 16, mode="stages")(torch.randn(1, 2, 40, 36).double())
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_an_observer_hook_runs_on_every_tile_and_streams_exactly(dtype, tol):
+    from tilegrad.geometry import observer_hook
+
+    seen = []
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    conv.register_forward_hook(observer_hook(lambda m, i, o: seen.append(tuple(o.shape))))
+    streamed = _assert_streams_exactly(_net(conv).to(dtype), dtype, tol)
+    tiles = next(s for s in streamed.last_plan.segments if s.segment.out.target == "2").grid
+    assert (
+        len(seen) >= 1 + len(tiles) and (1, 3, 40, 36) in seen
+    )  # the plain run, then tiles smaller than the image
+    assert any(shape[2] < 40 for shape in seen)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])

@@ -137,14 +137,15 @@ def test_a_measurement_below_its_floor_or_in_swap_is_named_disturbed():
     clean = {"peak_bytes": 275_783_680, "floor_bytes": 174_381_376, "swap_before": 0, "swap_after": 0}
     assert disturbed(clean) == ""
     assert "below the 166.3 MiB" in disturbed(dict(clean, peak_bytes=114_000_000))
-    assert "3.0 MiB of the measuring process were in swap" in disturbed(dict(clean, swap_after=3 * 2**20))
-    assert disturbed(dict(clean, swap_before=4096)) != ""
+    assert "3.0 MiB of the measuring process went to swap" in disturbed(dict(clean, swap_after=3 * 2**20))
+    # pages in swap all along (a CI machine with swap) do not hide the measured run's peak
+    assert disturbed(dict(clean, swap_before=4096, swap_after=4096)) == ""
 
 
 @pytest.mark.parametrize("mode, grads", [("train", 2), ("infer", 1)])
 def test_the_measuring_child_reports_its_floor_and_swap(mode, grads):
     """The child's report (a real subprocess): its floor is the parameters' bytes (twice in training), its measured
-    peak is above it, and nothing of it was in swap on this machine."""
+    peak is above it, and it reports its pages in swap before and after the measured run."""
     import json
     import os
     import subprocess
@@ -165,7 +166,7 @@ def test_the_measuring_child_reports_its_floor_and_swap(mode, grads):
     params = sum(p.numel() * p.element_size() for p in factory().parameters())
     assert result["floor_bytes"] == grads * params
     assert result["peak_bytes"] >= result["floor_bytes"] > 0
-    assert result["swap_before"] == result["swap_after"] == 0
+    assert result["swap_after"] >= 0 and result["swap_before"] >= 0  # VmSwap read (0 where it cannot be)
 
 
 def test_a_measurement_disturbed_twice_is_refused_with_the_reason(monkeypatch):

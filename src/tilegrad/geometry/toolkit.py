@@ -119,11 +119,15 @@ def module_rule(module: nn.Module | type) -> Rule | None:
 # dict loading, input checks) do not count, nor do torch.nn's own subclasses (the rules are written for the family,
 # and the registry contract in tests/geometry/test_registry.py checks them). Two cases keep the inherited rule: a rule registered for the subclass
 # itself (by class or by name), and a refusing rule (:func:`refusing`): a subclass of a refused layer is refused too.
-# The same holds for one module whose ``forward`` was replaced on the instance (``conv.forward = ...``), and for a
-# module with forward hooks or pre-hooks (:func:`has_forward_hooks`): a hook may change the input or the output (a
-# pre-hook that blurs, an output hook that scales), so it is traced through too (torch.fx traces the module's
-# ``__call__``, hooks included) and the engine never treats it as the plain layer of its type (graph.py's
-# ``last_convolution``). A hook that only records what it sees records trace proxies, not tiles.
+# The same holds for one module whose ``forward`` was replaced on the instance (``conv.forward = ...``): traced
+# through. Forward hooks and pre-hooks on a layer with a rule (:func:`has_forward_hooks`) may change its input or
+# output too (a pre-hook that blurs, an output hook that scales), and what they do cannot be read: such a layer is
+# refused by name (trace.py's ``_propagate``), unless each hook is marked :func:`observer_hook` (it only watches:
+# tilegrad's own memory bookkeeping, a user's hook that records what a layer sees), which then runs on every tile.
+# Hooks on modules that are traced through (containers, the subclasses above) are traced with them; hooks on the
+# model itself would be left out of the trace (fx traces its forward, not its __call__) and are refused. A segment's
+# last convolution runs torch's own convolution backward only for torch's own convolution classes without such hooks
+# (graph.py's ``last_convolution``).
 _NEUTRAL_METHODS = frozenset(
     {
         "__init__",

@@ -99,7 +99,7 @@ class _Tracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         rule = module_rule(m)
-        if rule is not None and not refuses(rule) and (overrides_computation(m) or has_forward_hooks(m)):
+        if rule is not None and not refuses(rule) and overrides_computation(m):
             # NOTE [ Subclasses that change what a layer computes ] in toolkit.py: trace what its forward does
             return False
         return rule is not None or super().is_leaf_module(m, module_qualified_name)
@@ -335,13 +335,13 @@ def _failed_in(tracer: torch.fx.Tracer, root: nn.Module) -> str:
     except AttributeError:
         return f" (in '{path}')"
     why = ""
-    if overrides_computation(layer) or has_forward_hooks(layer):
+    if overrides_computation(layer):
         rule = module_rule(layer)
         base = next((k for k in type(layer).__mro__[1:] if module_rule(k) is rule), type(layer))
-        change = (
-            "has forward hooks" if has_forward_hooks(layer) else "overrides forward (or a method it runs)"
+        why = (
+            f", traced through because it overrides forward (or a method it runs) of {base.__name__}, whose "
+            "geometry rule would not describe it"
         )
-        why = f", traced through because it {change} of {base.__name__}, whose geometry rule would not describe it"
     return f" (in layer '{path}' ({type(layer).__name__}){why})"
 
 
@@ -381,9 +381,9 @@ def module_geometry(module: nn.Module, ndim: int, name: str = "") -> Geometry:
     if ndim not in (1, 2, 3):
         raise ConfigError(f"expected 1, 2 or 3 spatial dims, received ndim={ndim}")
     rule = module_rule(module)
-    if rule is not None and _Tracer().is_leaf_module(
-        module, name
-    ):  # a single known layer (or a registered rule)
+    if (
+        rule is not None and _Tracer().is_leaf_module(module, name) and not forward_hook_count(module)
+    ):  # a single known layer (or a registered rule); with hooks of its own, trace_graph refuses it
         placeholder = torch.fx.Graph().placeholder("x")
         return rule(
             Context(ndim, _node_where_module(module, name), [standard(ndim)]),
@@ -408,8 +408,10 @@ def module_geometry(module: nn.Module, ndim: int, name: str = "") -> Geometry:
         raise explained(module, name, err) from err
 
 
-def _attention(module: nn.Module) -> tuple[str, nn.Module] | None:
-    """The first attention layer in ``module`` (torch's, MONAI's SABlock/WindowAttention, timm's Attention)."""
+def _attentions(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The attention layers in ``module`` (torch's, MONAI's SABlock/WindowAttention, timm's Attention), outermost
+    first."""
+    found = []
     for path, m in module.named_modules():
         kind = type(m).__name__
         if isinstance(m, nn.MultiheadAttention) or "Attention" in kind or kind == "SABlock":
@@ -417,16 +419,54 @@ def _attention(module: nn.Module) -> tuple[str, nn.Module] | None:
                 ("Channel", "Spatial")
             ):
                 continue  # attention gates (AttentionUnet) and CBAM-style attention are not over positions
-            return path, m
-    return None
+            if not any(path.startswith(f"{p}.") for p, _ in found):
+                found.append((path, m))
+    return found
+
+
+def _in(node: torch.fx.Node, paths: list[str]) -> bool:
+    """Whether ``node`` runs inside one of the modules at ``paths`` (a call of it, or a step of its forward)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    where = [str(node.target)] if node.op == "call_module" else []
+    where += [v[0] if isinstance(v, tuple) else str(k) for k, v in stack.items()]
+    return any(w == p or w.startswith(f"{p}.") for w in where for p in paths)
+
+
+def _feeds(node: torch.fx.Node, paths: list[str]) -> bool:
+    """Whether ``node``'s values reach one of the modules at ``paths`` (sizes read from it do not count)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if _in(n, paths):
+            return True
+        todo.extend(u for u in n.users if not _reads_sizes_only(u))
+    return False
+
+
+def _reads_sizes_only(node: torch.fx.Node) -> bool:
+    """``x.shape``, ``x.size()``, ``x.dim()``...: what it passes on is sizes, not the tensor's values."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in _SHAPE_ATTRIBUTES | _CONSTANT_ATTRIBUTES
+    return node.op == "call_method" and (node.target == "size" or node.target in _CONSTANT_METHODS)
 
 
 def explained(module: nn.Module, name: str, err: NotStreamableError) -> NotStreamableError:
-    """Say why in the user's words when the first refused step only feeds a global layer (attention)."""
-    found = _attention(module)
-    if found is None:
+    """Say why in the user's words when the first refused step feeds a global layer (attention): it is in an
+    attention layer or its values reach one (a patch embedding's flatten into tokens; the refusal is quoted too). A
+    refusal whose values reach no attention layer (a classifier branch beside it) is returned as it is."""
+    found = _attentions(module)
+    if not found:
         return err
-    path, layer = found
+    paths = [p for p, _ in found]
+    refused = getattr(err, "tilegrad_node", None)
+    if isinstance(refused, torch.fx.Node) and not _feeds(refused, paths):
+        return err
+    path, layer = next(
+        ((p, m) for p, m in found if isinstance(refused, torch.fx.Node) and _in(refused, [p])), found[0]
+    )
     where = ".".join(p for p in (name, path) if p) or type(module).__name__
     kind = type(layer).__name__
     how = (
@@ -446,7 +486,20 @@ def _before(path: str, name: str) -> str:
     """The way forward around an attention layer at ``path``: the blocks of its outermost list that run before it."""
     parts = path.split(".")
     index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
-    if index is None or int(parts[index]) == 0:
+    if index is not None and index == 0 and not name:  # a child of the model itself (an nn.Sequential's '2')
+        return (
+            f"The layers before '{parts[0]}' are local: stream them as a trunk (model[:{parts[0]}], through "
+            "tilegrad.StreamingModule or tilegrad.infer) and run the rest whole, or run the model whole."
+            if int(parts[0]) > 0
+            else "No convolutional part of the model runs before it, so there is nothing to stream on its own; run "
+            "the model whole (tilegrad cannot tile it exactly)."
+        )
+    if index is None:  # not in a list of blocks: what runs before it is not known from its path
+        return (
+            "Stream the local layers that run before it (if any) as a trunk, through tilegrad.StreamingModule or "
+            "tilegrad.infer, and run the rest whole, or run the model whole."
+        )
+    if int(parts[index]) == 0:
         return (
             "No convolutional part of the model runs before it, so there is nothing to stream on its own; run the "
             "model whole (tilegrad cannot tile it exactly)."
@@ -571,73 +624,90 @@ def _propagate(
     prefix: str = "",
 ) -> dict[torch.fx.Node, Any]:
     values: dict[torch.fx.Node, Any] = {n: Spatial(g, standard(ndim)) for n, g in seeds.items()}
-    for node in nodes:
-        if node in seeds or node.op == "output":
-            continue
-        if node.op in ("placeholder", "get_attr"):
-            values[node] = None
-            continue
-        spatial = [values[a] for a in node.all_input_nodes if isinstance(values.get(a), Spatial)]
-        if not spatial:
-            values[node] = _scalar(
-                node, values
-            )  # depends only on parameters, constants or sizes read earlier
-            continue
-        module = root.get_submodule(node.target) if node.op == "call_module" else None
-        layouts = [s.layout for s in spatial]
-        ctx = Context(ndim, node_where(node, module, prefix, type(root).__name__), layouts, values)
-        if node.op == "call_function" and node.target is getattr:
-            attribute = node.args[1]
-            if attribute in _SHAPE_ATTRIBUTES:
-                values[node] = ExtentTuple(tuple(layouts[0]))
+    node = None
+    try:
+        for node in nodes:
+            if node in seeds or node.op == "output":
                 continue
-            if attribute in _CONSTANT_ATTRIBUTES:
+            if node.op in ("placeholder", "get_attr"):
                 values[node] = None
                 continue
-        if node.op == "call_method" and node.target == "size":
-            values[node] = _sizes(node, layouts[0])
-            continue
-        if node.op == "call_method" and node.target in _CONSTANT_METHODS:
-            values[node] = None
-            continue
-        if node.op == "call_module":
-            rule = module_rule(module)
-            if rule is None:
+            spatial = [values[a] for a in node.all_input_nodes if isinstance(values.get(a), Spatial)]
+            if not spatial:
+                values[node] = _scalar(
+                    node, values
+                )  # depends only on parameters, constants or sizes read earlier
+                continue
+            module = root.get_submodule(node.target) if node.op == "call_module" else None
+            layouts = [s.layout for s in spatial]
+            ctx = Context(ndim, node_where(node, module, prefix, type(root).__name__), layouts, values)
+            if node.op == "call_function" and node.target is getattr:
+                attribute = node.args[1]
+                if attribute in _SHAPE_ATTRIBUTES:
+                    values[node] = ExtentTuple(tuple(layouts[0]))
+                    continue
+                if attribute in _CONSTANT_ATTRIBUTES:
+                    values[node] = None
+                    continue
+            if node.op == "call_method" and node.target == "size":
+                values[node] = _sizes(node, layouts[0])
+                continue
+            if node.op == "call_method" and node.target in _CONSTANT_METHODS:
+                values[node] = None
+                continue
+            if node.op == "call_module":
+                rule = module_rule(module)
+                if has_forward_hooks(
+                    module
+                ):  # NOTE [ Subclasses that change what a layer computes ] in toolkit.py
+                    ctx.refuse(
+                        "it has forward hooks or pre-hooks (register_forward_hook), which may change what it "
+                        f"computes on a tile in ways the {type(module).__name__} geometry does not describe. Remove "
+                        "them while streaming, or mark a hook that only watches (returns None) with "
+                        "tilegrad.geometry.observer_hook: it then runs on every tile"
+                    )
+                if rule is None:
+                    ctx.refuse(
+                        f"tilegrad does not know whether {type(module).__name__} is local; if it is, register its "
+                        "geometry with tilegrad.geometry.register_geometry_rule"
+                    )
+            else:
+                rule = function_rule(node.target)
+                if rule is None:
+                    ctx.refuse(
+                        "tilegrad does not know whether it is local; if it is, register its geometry with "
+                        "tilegrad.geometry.register_geometry_rule"
+                    )
+            if not getattr(rule, "tilegrad_reads_sizes", False):
+                tiled = [a for a in node.all_input_nodes if _tile_dependent(values.get(a))]
+                if tiled:
+                    ctx.refuse(
+                        f"it takes a value computed from the tile's extent (node '{tiled[0].name}', from a tensor's "
+                        ".shape or .size()), which differs between a tile and the image"
+                    )
+            if not getattr(rule, "tilegrad_layout_aware", False) and any(
+                lay != standard(ndim) for lay in layouts
+            ):
+                odd = next(lay for lay in layouts if lay != standard(ndim))
                 ctx.refuse(
-                    f"tilegrad does not know whether {type(module).__name__} is local; if it is, register its "
-                    "geometry with tilegrad.geometry.register_geometry_rule"
+                    f"its input has dims {describe(odd, ndim)} and tilegrad knows its geometry only for "
+                    f"{describe(standard(ndim), ndim)}; permute back first"
                 )
-        else:
-            rule = function_rule(node.target)
-            if rule is None:
-                ctx.refuse(
-                    "tilegrad does not know whether it is local; if it is, register its geometry with "
-                    "tilegrad.geometry.register_geometry_rule"
-                )
-        if not getattr(rule, "tilegrad_reads_sizes", False):
-            tiled = [a for a in node.all_input_nodes if _tile_dependent(values.get(a))]
-            if tiled:
-                ctx.refuse(
-                    f"it takes a value computed from the tile's extent (node '{tiled[0].name}', from a tensor's "
-                    ".shape or .size()), which differs between a tile and the image"
-                )
-        if not getattr(rule, "tilegrad_layout_aware", False) and any(
-            lay != standard(ndim) for lay in layouts
-        ):
-            odd = next(lay for lay in layouts if lay != standard(ndim))
-            ctx.refuse(
-                f"its input has dims {describe(odd, ndim)} and tilegrad knows its geometry only for "
-                f"{describe(standard(ndim), ndim)}; permute back first"
-            )
-        if node.target in (torch.chunk, torch.split, "chunk", "split"):
-            node.meta["tilegrad_tuple"] = True
-        geometry = rule(ctx, module, node, [s.geometry for s in spatial])
-        if ctx.across_batch is not None:
-            node.meta[ACROSS_BATCH] = f"{ctx.where} ({ctx.across_batch})"
-        if geometry is None:  # a reduction (NOTE [ Streamed statistics ] in statistics.py): no spatial extent
-            values[node] = None
-            continue
-        values[node] = Spatial(geometry, ctx.layout if ctx.layout is not None else layouts[0])
+            if node.target in (torch.chunk, torch.split, "chunk", "split"):
+                node.meta["tilegrad_tuple"] = True
+            geometry = rule(ctx, module, node, [s.geometry for s in spatial])
+            if ctx.across_batch is not None:
+                node.meta[ACROSS_BATCH] = f"{ctx.where} ({ctx.across_batch})"
+            if (
+                geometry is None
+            ):  # a reduction (NOTE [ Streamed statistics ] in statistics.py): no spatial extent
+                values[node] = None
+                continue
+            values[node] = Spatial(geometry, ctx.layout if ctx.layout is not None else layouts[0])
+    except NotStreamableError as err:
+        if node is not None and not hasattr(err, "tilegrad_node"):
+            err.tilegrad_node = node  # type: ignore[attr-defined]  # the refused step, for explained()
+        raise
     return values
 
 

@@ -28,7 +28,8 @@ the backward, so the measurement itself had lost memory. What can lose it: pages
 the allocator and reused unseen (a caching allocator preloaded in place of glibc's, on which
 ``MALLOC_MMAP_THRESHOLD_`` has no effect). So the child reports its swap (VmSwap before and after the measured run)
 and a floor no real run can go under (the bytes of the parameters, and in training of their gradients too), and a
-measurement below its floor or with any of the process in swap is taken again, and refused with that reason if it
+measurement below its floor or during which pages of the process went to swap (VmSwap grew; pages in swap all along
+do not hide the measured run's peak) is taken again, and refused with that reason if it
 happens twice: a comparison with the estimate is only made on a measurement that saw the workload.
 """
 
@@ -269,9 +270,11 @@ def measure_workload_subprocess(
 def disturbed(result: dict[str, Any]) -> str:
     """Why a child's measurement does not show the workload's peak (NOTE [ Resident pages of a measurement ]), or
     "" when nothing disturbed it."""
-    swapped = max(int(result.get("swap_before", 0)), int(result.get("swap_after", 0)))
-    if swapped:
-        return f"{swapped / 2**20:.1f} MiB of the measuring process were in swap"
+    # pages that sat in swap before the measured run (a machine with swap, CI's) do not hide its peak; pages moved
+    # out during it do
+    swapped = int(result.get("swap_after", 0)) - int(result.get("swap_before", 0))
+    if swapped > 0:
+        return f"{swapped / 2**20:.1f} MiB of the measuring process went to swap while it was measured"
     peak, floor = int(result["peak_bytes"]), int(result.get("floor_bytes", 0))
     if peak < floor:
         return (
@@ -295,7 +298,8 @@ def _floor_bytes(factory: Callable[[], nn.Module], mode: str, dtype: torch.dtype
     """Bytes the workload surely holds at once: its parameters, and in training their gradients (after backward)."""
     with torch.device("meta"):
         model = factory().to(dtype)
-    params = [p for p in model.parameters()]
+    # lazy layers (nn.LazyConv2d) have no size until their first call: left out of the floor, which stays a floor
+    params = [p for p in model.parameters() if not isinstance(p, nn.parameter.UninitializedParameter)]
     total = sum(p.numel() * p.element_size() for p in params)
     grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad) if mode == "train" else 0
     return total + grads

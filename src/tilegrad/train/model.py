@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, TilegradError
+from ..errors import ConfigError, NotStreamableError, TilegradError
 from ..heads import AttentionMIL, GlobalPool, StreamedHead
 from ..models import small_cnn
 from ..models.resolve import find_model
@@ -287,6 +287,8 @@ def _split(model: nn.Module, name: str) -> nn.Module:
     replaced by a PoolingHead, so the point-wise layers it applied first join the trunk (split.local_trunk)."""
     try:
         trunk, _ = local_trunk(model)
+    except NotStreamableError:  # a known family that cannot stream says why, and what to do instead
+        raise
     except TilegradError as err:
         raise ConfigError(
             f"cannot split model {name!r} into a streamed trunk and a head: {err}. Give a factory that returns "
