@@ -112,7 +112,9 @@ def test_computing_subclasses_stream_exactly(name, dtype, tol):
     torch.manual_seed(0)
     layer = LAYERS[name]()
     assert overrides_computation(layer)
-    if isinstance(layer, nn.BatchNorm2d) and layer.track_running_stats:  # statistics that are not the identity
+    if (
+        isinstance(layer, nn.BatchNorm2d) and layer.track_running_stats
+    ):  # statistics that are not the identity
         layer.running_mean.uniform_(-1, 1)
         layer.running_var.uniform_(0.5, 2)
     _assert_streams_exactly(_net(layer).to(dtype), dtype, tol)
