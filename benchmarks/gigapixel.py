@@ -209,7 +209,7 @@ def run_step(method: str, path: str, size: int, head_name: str, budget: str, tie
     if os.environ.get("BENCH_NO_IO_OVERLAP"):  # the IO on the main thread between tiles (NOTE [ IO overlap ])
         import tilegrad.plan
 
-        tilegrad.plan.Planner.overlapped = lambda self, plan, budget: plan
+        tilegrad.plan._Planner.overlapped = lambda self, plan, budget: plan
     trunk = _trunk()
     head = _head(head_name)
     slide = tio.open_image(path)

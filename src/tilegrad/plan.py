@@ -231,9 +231,9 @@ class SegmentPlan:
     flops: float = 0.0
     keep: bool = False  # NOTE [ Kept segments ] in execute.py
     slow_flops: float = 0.0  # of convolutions the tile drops onto the slow kernel (NOTE [ Cost model ])
-    io_bytes: int = (
-        0  # NOTE [ IO overlap ] in execute.py: extra working set while IO runs beside the tiles; 0: none
-    )
+    # NOTE [ IO overlap ] in execute.py: extra working set of its backward / forward tiles while IO runs beside them
+    io_bytes: int = 0
+    io_forward_bytes: int = 0
 
     @property
     def name(self) -> str:
@@ -372,7 +372,11 @@ class Plan:
                     f"  {seg.name}: tile {'x'.join(map(str, seg.tile))} of {px} image px, {seg.tiles} tiles, "
                     f"overlap x{seg.overlap:.2f}, tile {'training' if self.training else 'forward'} peak "
                     f"{format_bytes(work)}"
-                    + (f", IO beside the tiles +{format_bytes(seg.io_bytes)}" if seg.io_bytes else "")
+                    + (
+                        f", IO beside the tiles +{format_bytes(seg.io_bytes if self.training else seg.io_forward_bytes)}"
+                        if seg.io_bytes or seg.io_forward_bytes
+                        else ""
+                    )
                 )
             if self.boundaries:
                 by_tier: dict[str, int] = {}
@@ -752,7 +756,7 @@ class _Planner:
         kept_before = 0
         for k in range(n):  # forward
             alive = sum(nb for p, nb in acts if p <= k)
-            work = segs[k].tile_forward_bytes + kept[k] + segs[k].io_bytes
+            work = segs[k].tile_forward_bytes + kept[k] + segs[k].io_forward_bytes
             steps.append(fixed + alive + kept_before + work + (dev_out if k == n - 1 else 0))
             kept_before += kept[k]
         forward_peak = max(steps)
@@ -1080,11 +1084,13 @@ class _Planner:
 
     def overlapped(self, plan: Plan, budget: int) -> Plan:
         """NOTE [ IO overlap ] in execute.py: each streamed segment that reads or writes a scratch file or reads the
-        lazy input gets its IO run beside its tiles when the plan still fits ``budget`` with the extra working set
-        (the next tile's sources read ahead, the last tile's output or source gradients still being written): at
-        most twice its sources' boxes plus its output core, counted in its steps (``io_bytes``). The segments and
-        tiles are not chosen again; the predicted time is unchanged (the cost model prices work, not cores)."""
-        if plan.conventional:
+        lazy input gets its IO run beside its tiles when the plan still fits ``budget`` with the extra working set,
+        counted in its steps: the next tile's sources read ahead (those from scratch files or the lazy input), and
+        the last tile's output core still being written (forward, an output on disk) or its sources' gradients
+        still being added (backward, gradients on disk). The segments and tiles are not chosen again; the predicted
+        time is unchanged (the cost model prices work, not cores). Training plans only: ``tilegrad.infer`` runs
+        one-segment plans in its own loop, whose reads stay on the main thread."""
+        if plan.conventional or not self.training:
             return plan
         tiers = {b.name: b for b in plan.boundaries}
         segs = list(plan.segments)
@@ -1093,18 +1099,28 @@ class _Planner:
             seg = sp.segment
             if sp.keep or sp.tiles <= 1:
                 continue
-            disk = [
-                b
-                for b in (tiers.get(s.name) for s in (*seg.sources, seg.out))
-                if b is not None and (b.tier == "disk" or (self.training and b.grad_tier == "disk"))
-            ]
-            if not disk and not self._reads_lazy_input(k, seg):
-                continue
             ratio = math.prod(sp.max_in_shape) / math.prod(self.image[2:])
-            core = self.g.profiles[seg.out].out_bytes * ratio
+
+            def box(s: Any, ratio: float = ratio) -> float:  # a source's bytes in the largest window
+                whole = _nbytes(self.image, self.dtype) if s is self.g.input else self.g.profiles[s].out_bytes
+                return whole * ratio
+
+            def tier(s: Any, grad: bool = False) -> str:
+                b = tiers.get(s.name)
+                return "" if b is None else (b.grad_tier if grad else b.tier)
+
+            ahead = sum(
+                box(s)
+                for s in seg.sources
+                if tier(s) == "disk" or (s is self.g.input and self._reads_lazy_input(k, seg))
+            )
+            written = self.g.profiles[seg.out].out_bytes * ratio if tier(seg.out) == "disk" else 0.0
+            added = sum(box(s) for s in seg.sources if s is not self.g.input and tier(s, grad=True) == "disk")
+            if not (ahead or written or added):
+                continue
             trial = [
                 *segs[:k],
-                dataclasses.replace(sp, io_bytes=int(2 * seg.source_bytes * ratio + core)),
+                dataclasses.replace(sp, io_bytes=int(ahead + added), io_forward_bytes=int(ahead + written)),
                 *segs[k + 1 :],
             ]
             if self.evaluate(trial, plan.boundaries)[0] <= budget:
