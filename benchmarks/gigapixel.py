@@ -5,8 +5,8 @@ Two sub-commands (issue 11's targets):
 ``predict``: the planner's view only (no image is allocated): for each size, the predicted device peak, time ratio
 against the conventional step, host and disk bytes, with a lazy input and a 2 GiB budget; for GlobalPool("max") and
 AttentionMIL(512), with automatic tiers, with tiers="device", and a what-if with a scratch disk at 2 GB/s (the
-planner's DISK_* rates patched in this process only; this VM's measured 0.7-0.9 GB/s through the page cache, 0.29 GB/s
-reading from the disk itself).
+planner's DISK_* rates patched in this process only; this VM's measured 0.6-1.5 GB/s through the page cache, 0.4-0.6
+GB/s reading from the disk itself: plan.py).
 
     python benchmarks/gigapixel.py predict --sizes 8192 16384 65536
     python benchmarks/gigapixel.py predict --configs max-disk2GBps    # the what-if alone
@@ -209,7 +209,7 @@ def run_step(method: str, path: str, size: int, head_name: str, budget: str, tie
     if os.environ.get("BENCH_NO_IO_OVERLAP"):  # the IO on the main thread between tiles (NOTE [ IO overlap ])
         import tilegrad.plan
 
-        tilegrad.plan.Planner.overlapped = lambda self, plan, budget: plan
+        tilegrad.plan._Planner.overlapped = lambda self, plan, budget: plan
     trunk = _trunk()
     head = _head(head_name)
     slide = tio.open_image(path)

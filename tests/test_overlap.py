@@ -53,7 +53,7 @@ def _plan(trunk, dtype):
     plan = tilegrad.plan_streaming(trunk, SHAPE, memory_budget=BUDGET[dtype], dtype=dtype, input_in_memory=False,
                                    tiers="disk", mode="stages")  # fmt: skip
     streamed = [sp for sp in plan.segments if not sp.keep and sp.tiles > 1]
-    assert sum(sp.io_bytes > 0 for sp in streamed) >= 2, str(plan)
+    assert sum(sp.io_bytes + sp.io_forward_bytes > 0 for sp in streamed) >= 2, str(plan)
     assert plan.peak_bytes <= 0.8 * tilegrad.units.parse_bytes(BUDGET[dtype]), (
         "the IO working set is budgeted"
     )
@@ -62,7 +62,8 @@ def _plan(trunk, dtype):
 
 
 def _sequential(plan):
-    return dataclasses.replace(plan, segments=[dataclasses.replace(sp, io_bytes=0) for sp in plan.segments])
+    segments = [dataclasses.replace(sp, io_bytes=0, io_forward_bytes=0) for sp in plan.segments]
+    return dataclasses.replace(plan, segments=segments)
 
 
 def _step(trunk, plan, image, dtype, tmp_path):

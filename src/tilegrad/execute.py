@@ -54,7 +54,7 @@ NOTE [ IO overlap ]
 Scratch files and a lazy input are read and written by the CPU (page-cache copies, TIFF decoding): done between
 tiles on the main thread, that work ran while the intra-op threads waited (measured at 8192^2, ResNet-34 under 2
 GiB: the main thread ran alone 15% of the step, disk and input IO about 27 s of its 493 CPU s). A segment whose plan
-has ``io_bytes`` (plan.py, ``Planner.overlapped``: the extra working set fits the budget) hands that IO to one
+has ``io_bytes`` (plan.py, ``_Planner.overlapped``: the extra working set fits the budget) hands that IO to one
 background thread (``_Overlap``) that runs it in submission order: while tile i computes, the sources of tile i+1
 that come from a scratch file or the lazy input are read, and the output core of tile i-1 (forward) or its sources'
 gradients (backward) are written or added into their scratch files. One thread in order keeps every store's reads,
@@ -62,7 +62,8 @@ writes and adds in the sequential order (an add is a read-modify-write: NOTE [ S
 the results are bit for bit those of the sequential loop; the main thread never touches those stores while the
 segment runs (it reads its output's stores, the thread its sources'), and the thread is drained at the end of each
 segment, before anything else reads what it wrote. At most one tile's sources read ahead and one tile's writes
-behind are alive beside the tile (``io_bytes`` counts twice the sources' boxes plus the output core). The thread
+behind are alive beside the tile (``io_bytes``, ``io_forward_bytes``: the boxes read ahead plus the output core
+written behind in the forward, or the sources' gradients added behind in the backward). The thread
 runs its torch copies on one OpenMP thread (its own team would compete with the compute's). An error in the thread
 is raised on the main thread (the same exception, at the next hand-over or at the segment's end); pending work is
 cancelled and the scratch files removed as on any error.
@@ -291,7 +292,7 @@ class Execution:
     # -- NOTE [ IO overlap ] -----------------------------------------------------------------------------------
     def _overlap_for(self, sp: SegmentPlan) -> _Overlap | None:
         """The IO thread, if this segment's plan runs its IO beside its tiles."""
-        if not sp.io_bytes or self.device.type == "meta":
+        if not (sp.io_bytes or sp.io_forward_bytes) or self.device.type == "meta":
             return None
         if self.overlap is None:
             self.overlap = _Overlap()

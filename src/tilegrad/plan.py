@@ -142,15 +142,17 @@ DEPTHWISE_CONV = 4.0
 # and backward)
 TILE_SECONDS = 0.002
 NODE_SECONDS = 1e-4
-# bytes/s of a DiskStore (NOTE [ Page cache ]), measured by benchmarks/boundary_io.py on this machine (BENCHMARKS.md,
-# "Boundary storage": a 4 GiB map of 64 channels in 512^2 and 1024^2 boxes, load 2-3): a write into the page cache
-# 0.8-1.0; a read from it 0.6-0.9 (into a fresh tensor, whose pages fault on first touch); an add (read-modify-write
-# through a staging buffer that stays in the CPU cache) 1.0-1.3 of the box's bytes; a read from the disk itself 0.29
-# (0.5 in CPU time). Earlier figures (0.13-0.27 written, under a load of 9-18) had set these 3-5x lower.
-DISK_WRITE = 0.9e9
-DISK_READ = 0.7e9
-DISK_ADD = 1.1e9
-DISK_COLD_READ = 0.29e9
+# bytes/s of a DiskStore (NOTE [ Page cache ]), measured by benchmarks/boundary_io.py on this machine as the engine
+# uses a boundary at 65536^2 (BENCHMARKS.md, "Boundary storage", seventh session: bands of ResNet-34's layer1, layer2
+# and layer4 maps, cores written, halo boxes read and added, load 1-3.7), CPU time: a write into the page cache
+# 0.62-0.83; a read from it 0.79-1.09 (into a fresh tensor, whose pages fault on first touch); an add (read-modify-
+# write through a staging buffer that stays in the CPU cache) 1.1-1.5 of the box's bytes; a read from the disk itself
+# 0.40-0.61 in wall time (medians of 4; this VM's disk is the host's cache as much as a disk). The fourth session's
+# figures (one 4096^2 map, 512^2 boxes without halo) were write 0.9, read 0.7, add 1.1, disk 0.29.
+DISK_WRITE = 0.7e9
+DISK_READ = 0.95e9
+DISK_ADD = 1.4e9
+DISK_COLD_READ = 0.4e9
 # bytes of page cache the scratch files may use (NOTE [ Page cache ]); None: the machine's available memory
 # (MemAvailable) when planning, less the memory budget when the step computes on the CPU (on CUDA the budget is
 # device memory; the pinned host tier is not subtracted either), rounded down to whole GiB
@@ -229,9 +231,9 @@ class SegmentPlan:
     flops: float = 0.0
     keep: bool = False  # NOTE [ Kept segments ] in execute.py
     slow_flops: float = 0.0  # of convolutions the tile drops onto the slow kernel (NOTE [ Cost model ])
-    io_bytes: int = (
-        0  # NOTE [ IO overlap ] in execute.py: extra working set while IO runs beside the tiles; 0: none
-    )
+    # NOTE [ IO overlap ] in execute.py: extra working set of its backward / forward tiles while IO runs beside them
+    io_bytes: int = 0
+    io_forward_bytes: int = 0
 
     @property
     def name(self) -> str:
@@ -370,7 +372,11 @@ class Plan:
                     f"  {seg.name}: tile {'x'.join(map(str, seg.tile))} of {px} image px, {seg.tiles} tiles, "
                     f"overlap x{seg.overlap:.2f}, tile {'training' if self.training else 'forward'} peak "
                     f"{format_bytes(work)}"
-                    + (f", IO beside the tiles +{format_bytes(seg.io_bytes)}" if seg.io_bytes else "")
+                    + (
+                        f", IO beside the tiles +{format_bytes(seg.io_bytes if self.training else seg.io_forward_bytes)}"
+                        if seg.io_bytes or seg.io_forward_bytes
+                        else ""
+                    )
                 )
             if self.boundaries:
                 by_tier: dict[str, int] = {}
@@ -750,7 +756,7 @@ class _Planner:
         kept_before = 0
         for k in range(n):  # forward
             alive = sum(nb for p, nb in acts if p <= k)
-            work = segs[k].tile_forward_bytes + kept[k] + segs[k].io_bytes
+            work = segs[k].tile_forward_bytes + kept[k] + segs[k].io_forward_bytes
             steps.append(fixed + alive + kept_before + work + (dev_out if k == n - 1 else 0))
             kept_before += kept[k]
         forward_peak = max(steps)
@@ -1078,11 +1084,13 @@ class _Planner:
 
     def overlapped(self, plan: Plan, budget: int) -> Plan:
         """NOTE [ IO overlap ] in execute.py: each streamed segment that reads or writes a scratch file or reads the
-        lazy input gets its IO run beside its tiles when the plan still fits ``budget`` with the extra working set
-        (the next tile's sources read ahead, the last tile's output or source gradients still being written): at
-        most twice its sources' boxes plus its output core, counted in its steps (``io_bytes``). The segments and
-        tiles are not chosen again; the predicted time is unchanged (the cost model prices work, not cores)."""
-        if plan.conventional:
+        lazy input gets its IO run beside its tiles when the plan still fits ``budget`` with the extra working set,
+        counted in its steps: the next tile's sources read ahead (those from scratch files or the lazy input), and
+        the last tile's output core still being written (forward, an output on disk) or its sources' gradients
+        still being added (backward, gradients on disk). The segments and tiles are not chosen again; the predicted
+        time is unchanged (the cost model prices work, not cores). Training plans only: ``tilegrad.infer`` runs
+        one-segment plans in its own loop, whose reads stay on the main thread."""
+        if plan.conventional or not self.training:
             return plan
         tiers = {b.name: b for b in plan.boundaries}
         segs = list(plan.segments)
@@ -1091,18 +1099,28 @@ class _Planner:
             seg = sp.segment
             if sp.keep or sp.tiles <= 1:
                 continue
-            disk = [
-                b
-                for b in (tiers.get(s.name) for s in (*seg.sources, seg.out))
-                if b is not None and (b.tier == "disk" or (self.training and b.grad_tier == "disk"))
-            ]
-            if not disk and not self._reads_lazy_input(k, seg):
-                continue
             ratio = math.prod(sp.max_in_shape) / math.prod(self.image[2:])
-            core = self.g.profiles[seg.out].out_bytes * ratio
+
+            def box(s: Any, ratio: float = ratio) -> float:  # a source's bytes in the largest window
+                whole = _nbytes(self.image, self.dtype) if s is self.g.input else self.g.profiles[s].out_bytes
+                return whole * ratio
+
+            def tier(s: Any, grad: bool = False) -> str:
+                b = tiers.get(s.name)
+                return "" if b is None else (b.grad_tier if grad else b.tier)
+
+            ahead = sum(
+                box(s)
+                for s in seg.sources
+                if tier(s) == "disk" or (s is self.g.input and self._reads_lazy_input(k, seg))
+            )
+            written = self.g.profiles[seg.out].out_bytes * ratio if tier(seg.out) == "disk" else 0.0
+            added = sum(box(s) for s in seg.sources if s is not self.g.input and tier(s, grad=True) == "disk")
+            if not (ahead or written or added):
+                continue
             trial = [
                 *segs[:k],
-                dataclasses.replace(sp, io_bytes=int(2 * seg.source_bytes * ratio + core)),
+                dataclasses.replace(sp, io_bytes=int(ahead + added), io_forward_bytes=int(ahead + written)),
                 *segs[k + 1 :],
             ]
             if self.evaluate(trial, plan.boundaries)[0] <= budget:

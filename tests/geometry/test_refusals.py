@@ -166,7 +166,7 @@ class _PoolBesideAttention(nn.Module):
 
     def forward(self, x):
         gate = self.pool(self.c2(x))
-        n, c, h, w = x.shape
+        n, _, h, w = x.shape
         t = self.c1(x).flatten(2).transpose(1, 2)
         return self.attn(t, t, t)[0].transpose(1, 2).reshape(n, 4, h, w) + gate
 
