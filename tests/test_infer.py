@@ -11,6 +11,7 @@ from torch import nn
 
 import tilegrad
 from tilegrad import ShapeError
+from tilegrad.geometry import observer_hook
 
 from .test_stream import TinyUNet, rel_err
 
@@ -114,7 +115,8 @@ def test_errors_name_shapes():
 def _counting(model):
     """Counts forward calls on real tiles and the samples in each (planning runs on meta copies without hooks)."""
     calls = []
-    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    # an observer (tilegrad.geometry.observer_hook): other hooks on the model itself are refused by the trace
+    model.register_forward_pre_hook(observer_hook(lambda module, args: calls.append(args[0].shape[0])))
     return calls
 
 
@@ -219,7 +221,7 @@ def _interrupting(model, after):
         if len(calls) > after:
             raise KeyboardInterrupt
 
-    return calls, model.register_forward_pre_hook(hook)
+    return calls, model.register_forward_pre_hook(observer_hook(hook))
 
 
 def test_ctrl_c_keeps_written_tiles_and_the_journal_resumes(tmp_path):
