@@ -141,3 +141,40 @@ def test_an_interrupt_while_io_runs_leaves_no_scratch_files(tmp_path):
         handle.remove()
     assert not os.listdir(tmp_path)
     assert not [t for t in threading.enumerate() if t.name.startswith("tilegrad-io")]
+
+
+class _Skip(torch.nn.Module):
+    """A residual net whose last segment recomputes its first layer from the image (the skip's cone): a segment
+    after the first that reads the lazy input."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        nn = torch.nn
+        self.a = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+        self.c = nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 3, stride=2, padding=1), nn.ReLU())
+        self.d = nn.Conv2d(c, c, 3, padding=1)
+        self.e = nn.Conv2d(2 * c, 2, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2)
+
+    def forward(self, x):
+        a = self.a(x)
+        b = a + self.b(a)
+        c = self.c(b)
+        d = c + self.d(c)
+        return self.e(torch.cat([b, self.up(d)], 1))
+
+
+def test_a_later_segment_reading_the_lazy_input_budgets_its_read_ahead():
+    # review: only the first segment's lazy-input reads were counted, though every segment that reads the input
+    # has them read ahead by the IO thread
+    plan = tilegrad.plan_streaming(_Skip().double(), (2, 3, 192, 80), memory_budget="14MiB", dtype=torch.float64,
+                                   input_in_memory=False, tiers="disk", mode="stages")  # fmt: skip
+    later = [
+        (k, sp) for k, sp in enumerate(plan.segments)
+        if k > 0 and sp.io_bytes and any(s.op == "placeholder" for s in sp.segment.sources)
+    ]  # fmt: skip
+    assert later, str(plan)
+    for _, sp in later:
+        box = 2 * 3 * 8 * max(int(np.prod(sp.max_in_shape)), 1)  # N * C * float64 * the tile's input box
+        assert sp.io_bytes >= box, (sp.io_bytes, box, str(plan))

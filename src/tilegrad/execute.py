@@ -62,7 +62,8 @@ writes and adds in the sequential order (an add is a read-modify-write: NOTE [ S
 the results are bit for bit those of the sequential loop; the main thread never touches those stores while the
 segment runs (it reads its output's stores, the thread its sources'), and the thread is drained at the end of each
 segment, before anything else reads what it wrote. At most one tile's sources read ahead and one tile's writes
-behind are alive beside the tile (``io_bytes``, ``io_forward_bytes``: the boxes read ahead plus the output core
+behind are alive beside the tile (the forward waits for the previous core's write before it hands over the next;
+``io_bytes``, ``io_forward_bytes``: the boxes read ahead plus the output core
 written behind in the forward, or the sources' gradients added behind in the backward). The thread
 runs its torch copies on one OpenMP thread (its own team would compete with the compute's). An error in the thread
 is raised on the main thread (the same exception, at the next hand-over or at the segment's end); pending work is
@@ -144,6 +145,7 @@ class _Overlap:
             1, thread_name_prefix="tilegrad-io", initializer=_one_omp_thread
         )
         self.futures: collections.deque[concurrent.futures.Future] = collections.deque()
+        self.last_write: concurrent.futures.Future | None = None  # the forward's last output core handed over
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         while self.futures and self.futures[0].done():  # an error of finished work is raised here
@@ -154,6 +156,7 @@ class _Overlap:
 
     def drain(self) -> None:
         """Wait for everything handed over; raise the first error."""
+        self.last_write = None
         while self.futures:
             self.futures[0].result()
             self.futures.popleft()
@@ -164,6 +167,7 @@ class _Overlap:
             f.cancel()
         concurrent.futures.wait(self.futures)
         self.futures.clear()
+        self.last_write = None
 
     def close(self) -> None:
         self.cancel()
@@ -316,14 +320,26 @@ class Execution:
         return io.submit(lambda: {j: self.read(s, window, k) for j, s in todo})
 
     def _write_behind(
-        self, io: _Overlap | None, store: Any, box: tuple[slice, ...], value: torch.Tensor, add: bool
+        self,
+        io: _Overlap | None,
+        store: Any,
+        box: tuple[slice, ...],
+        value: torch.Tensor,
+        add: bool,
+        one_behind: bool = False,
     ) -> None:
         """A write (or an add) into a store; into a scratch file by the IO thread when there is one, with the
-        value made contiguous here, so the tile's whole output does not stay alive for a view of its core."""
+        value made contiguous here, so the tile's whole output does not stay alive for a view of its core.
+        ``one_behind`` (the forward's output core): the previous tile's write is waited for first, so at most one
+        core is behind, as the plan counts (``io_forward_bytes``)."""
         if io is None or not isinstance(store, DiskStore):
             (store.add if add else store.write)(box, value)
             return
-        io.submit(store.add if add else store.write, box, value.contiguous())
+        if one_behind and io.last_write is not None:
+            io.last_write.result()
+        future = io.submit(store.add if add else store.write, box, value.contiguous())
+        if one_behind:
+            io.last_write = future
 
     def _sources(
         self,
@@ -615,7 +631,12 @@ class Execution:
                         self._accumulate(seg.out, core.to(self.dtype))
                         if seg.out in self.stores:
                             self._write_behind(
-                                io, self.stores[seg.out], outputs, core.to(self.dtype), add=False
+                                io,
+                                self.stores[seg.out],
+                                outputs,
+                                core.to(self.dtype),
+                                add=False,
+                                one_behind=True,
                             )
                     elif self.head is not None:
                         self.partials.append(tuple(p.detach() for p in self.head.partial(core)))

@@ -373,7 +373,8 @@ class Plan:
                     f"overlap x{seg.overlap:.2f}, tile {'training' if self.training else 'forward'} peak "
                     f"{format_bytes(work)}"
                     + (
-                        f", IO beside the tiles +{format_bytes(seg.io_bytes if self.training else seg.io_forward_bytes)}"
+                        f", IO beside the tiles +{format_bytes(seg.io_forward_bytes)} forward"
+                        + (f", +{format_bytes(seg.io_bytes)} backward" if self.training else "")
                         if seg.io_bytes or seg.io_forward_bytes
                         else ""
                     )
@@ -1112,7 +1113,7 @@ class _Planner:
             ahead = sum(
                 box(s)
                 for s in seg.sources
-                if tier(s) == "disk" or (s is self.g.input and self._reads_lazy_input(k, seg))
+                if tier(s) == "disk" or (s is self.g.input and not self.input_in_memory)
             )
             written = self.g.profiles[seg.out].out_bytes * ratio if tier(seg.out) == "disk" else 0.0
             added = sum(box(s) for s in seg.sources if s is not self.g.input and tier(s, grad=True) == "disk")
