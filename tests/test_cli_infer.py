@@ -19,6 +19,8 @@ import os
 import torch
 from torch import nn
 
+from tilegrad.geometry import observer_hook
+
 def build():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 3, padding=1))
@@ -32,7 +34,7 @@ def build():
             if stop and sum(1 for _ in open(calls)) > stop:
                 raise KeyboardInterrupt
 
-    net[0].register_forward_pre_hook(count)
+    net[0].register_forward_pre_hook(observer_hook(count))  # it only watches: tilegrad runs it on every tile
     return net
 """
 
