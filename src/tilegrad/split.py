@@ -262,19 +262,24 @@ def _monai_family(model: nn.Module, at: str | int | None) -> tuple[nn.Module, nn
             "with one output map. Wrap it in a module that returns the one map you need, or stream the network it "
             "is the encoder of (MONAI FlexibleUNet streams whole)"
         )
-    if {"VarAutoEncoder", "SegResNetVAE", "GlobalNet"} & kinds:
-        what = {
-            "VarAutoEncoder": "its latent code (mean and log-variance) is a Linear layer over the whole encoded map",
-            "SegResNetVAE": "its VAE branch reads the whole encoded map through Linear layers",
-            "GlobalNet": "it predicts one affine transform for the whole image from a Linear layer over the map",
-        }[next(k for k in ("VarAutoEncoder", "SegResNetVAE", "GlobalNet") if k in kinds)]
-        forward = {
-            "VarAutoEncoder": "stream its convolutional encoder (model.encode's conv layers) yourself, or use "
-            "MONAI's AutoEncoder, which has no latent layer and streams whole",
-            "SegResNetVAE": "for segmentation, load its weights into MONAI SegResNet (the same network without the "
-            "VAE branch, strict=False), which streams whole",
-            "GlobalNet": "use MONAI LocalNet, whose displacement field is local, or run GlobalNet whole",
-        }[next(k for k in ("VarAutoEncoder", "SegResNetVAE", "GlobalNet") if k in kinds)]
+    global_kind = next((k for k in ("VarAutoEncoder", "SegResNetVAE", "GlobalNet") if k in kinds), None)
+    if global_kind is not None:
+        what, forward = {
+            "VarAutoEncoder": (
+                "its latent code (mean and log-variance) is a Linear layer over the whole encoded map",
+                "stream its convolutional encoder (model.encode's conv layers) yourself, or use MONAI's "
+                "AutoEncoder, which has no latent layer and streams whole",
+            ),
+            "SegResNetVAE": (
+                "its VAE branch reads the whole encoded map through Linear layers",
+                "for segmentation, load its weights into MONAI SegResNet (the same network without the VAE branch, "
+                "strict=False), which streams whole",
+            ),
+            "GlobalNet": (
+                "it predicts one affine transform for the whole image from a Linear layer over the map",
+                "use MONAI LocalNet, whose displacement field is local, or run GlobalNet whole",
+            ),
+        }[global_kind]
         raise NotStreamableError(
             f"{kind} cannot be streamed: {what}, a global operation. Way forward: {forward}"
         )

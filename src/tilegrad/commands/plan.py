@@ -112,15 +112,13 @@ def run(args: argparse.Namespace) -> int:
             f"disk {format_bytes(plan.disk_bytes)}; predicted {seconds / pixels:.3g} s per megapixel per step "
             "(cost model, NOTE [ Cost model ] in plan.py)"
         )
-        if free is None:
-            pass
-        elif free < 0:
+        if free is not None and free < 0:
             print(
                 f"warning: the scratch directory {_scratch_path(args.scratch_dir)} does not exist or cannot be read; "
                 f"the plan needs {format_bytes(plan.disk_bytes)} there: create it, or pass --scratch-dir a directory "
                 "with enough free space"
             )
-        elif free < plan.disk_bytes:
+        elif free is not None and free < plan.disk_bytes:
             print(
                 f"warning: the scratch directory {_scratch_path(args.scratch_dir)} has {format_bytes(free)} free, "
                 f"the plan needs {format_bytes(plan.disk_bytes)}: pass --scratch-dir on a larger disk"

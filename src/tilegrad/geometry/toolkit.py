@@ -186,7 +186,11 @@ def observer_hook(hook: Callable[..., None]) -> Callable[..., None]:
 def forward_hook_count(module: nn.Module) -> int:
     """The forward hooks and pre-hooks registered on ``module`` itself that may change what it computes (all but
     :func:`observer_hook` ones)."""
-    hooks = (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+    return _changing((*module._forward_hooks.values(), *module._forward_pre_hooks.values()))
+
+
+def _changing(hooks: Sequence[Callable[..., Any]]) -> int:
+    """How many of ``hooks`` are not marked :func:`observer_hook`."""
     return sum(not getattr(h, "tilegrad_observer", False) for h in hooks)
 
 
@@ -200,9 +204,7 @@ def has_forward_hooks(module: nn.Module) -> bool:
         *getattr(torch_module, "_global_forward_hooks", {}).values(),
         *getattr(torch_module, "_global_forward_pre_hooks", {}).values(),
     )
-    return forward_hook_count(module) > 0 or any(
-        not getattr(h, "tilegrad_observer", False) for h in global_hooks
-    )
+    return forward_hook_count(module) + _changing(global_hooks) > 0
 
 
 def _registered(klass: type) -> bool:
