@@ -21,7 +21,7 @@ from torch import nn
 from ._allocator import STREAM_THRESHOLD, pin_mmap_threshold
 from .errors import ConfigError, ShapeError, TilegradError
 from .execute import Reader, run_plan
-from .geometry.toolkit import forward_hook_count
+from .geometry.toolkit import planning_state
 from .heads import streamed_head
 from .options import budget_option, mode_option, require_budget, tile_size_option
 from .plan import TIERS, Plan, plan_streaming
@@ -139,9 +139,7 @@ class StreamingModule(nn.Module):
             )
         tile = self._tile_request  # plan_streaming checks it against the input's rank
         dtype = dtype or self._param_dtype()
-        # every layer's train/eval flag (a BatchNorm frozen by .eval() is element-wise; in training mode it is a
-        # streamed statistic) and its hooks (a hooked layer is traced through) decide the plan, not only the wrapper's
-        state = tuple((m.training, forward_hook_count(m)) for m in self.modules())
+        state = planning_state(self)  # every layer's train flag and hooks, not only the wrapper's
         key = (input_shape, dtype, lazy, input_grad, state, self.mode, self.tiers)
         if key not in self._plans:
             plan = plan_streaming(

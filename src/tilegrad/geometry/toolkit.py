@@ -57,6 +57,7 @@ __all__ = [
     "observer_hook",
     "overrides_computation",
     "pixel_shuffle",
+    "planning_state",
     "refuses",
     "refusing",
     "register_geometry_rule",
@@ -192,6 +193,12 @@ def forward_hook_count(module: nn.Module) -> int:
 def _changing(hooks: Sequence[Callable[..., Any]]) -> int:
     """How many of ``hooks`` are not marked :func:`observer_hook`."""
     return sum(not getattr(h, "tilegrad_observer", False) for h in hooks)
+
+
+def planning_state(module: nn.Module) -> tuple[tuple[bool, int], ...]:
+    """What a trace or a plan of ``module`` bakes in besides its code: every layer's train/eval flag (a BatchNorm
+    frozen by .eval() is element-wise, in training a streamed statistic) and its hooks that may change it (refused)."""
+    return tuple((m.training, forward_hook_count(m)) for m in module.modules())
 
 
 def has_forward_hooks(module: nn.Module) -> bool:

@@ -32,6 +32,7 @@ from .toolkit import (
     has_forward_hooks,
     module_rule,
     overrides_computation,
+    planning_state,
     refuses,
 )
 
@@ -391,8 +392,8 @@ def module_geometry(module: nn.Module, ndim: int, name: str = "") -> Geometry:
             placeholder,
             [Geometry.identity(ndim)],
         )
-    # a trace bakes in train/eval branches and what hooks do
-    modes = tuple((m.training, forward_hook_count(m)) for m in module.modules())
+    # a trace bakes in train/eval branches; hooks that may change a layer are refused
+    modes = planning_state(module)
     cached = _GRAPH_CACHE.get(id(module))
     if cached is None or cached[0]() is not module or cached[1] != modes or cached[2] != ndim:
         try:
