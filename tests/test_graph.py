@@ -473,3 +473,70 @@ def test_functional_in_place_activations_stream_exactly(training, dtype, tol):
         return
     _assert_streams_like_plain(streamed, net, x, torch.randn(1, 2, 12, 10, dtype=dtype), tol)
     assert len(streamed.last_plan.segments) > 1
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops run while active (by overload packet name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_small_tile_convolutions_run_on_onednn_and_stay_exact():
+    """NOTE [ Small-tile convolutions on oneDNN ] (execute.py): a 16->32 3D convolution whose tile box drops below
+    PyTorch's oneDNN cutoff (N*C*D*H <= 20480) runs its forward on oneDNN, and the step stays exact in float32."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("PyTorch built without oneDNN")
+    trunk = nn.Sequential(
+        nn.Conv3d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv3d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv3d(32, 2, 1),
+    )
+    shape = (1, 1, 40, 40, 40)  # whole map: 16*40*40 > 20480 (oneDNN); a 16-px tile's box: 16*20*20 (unfold)
+    probe = torch.empty(1, 16, 20, 20, 20)
+    assert (
+        torch._C._select_conv_backend(
+            probe, trunk[2].weight, None, [1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1
+        )
+        == torch._C._ConvBackend.Slow3d
+    ), "the case must reach PyTorch's unfold kernel"
+    with _CountOps() as ops:
+        _check(trunk, shape, dtype=torch.float32, tol=1e-5, tile_size=16, mode="lean")
+    assert ops.counts.get("mkldnn_convolution", 0) > 0, ops.counts
+
+
+@pytest.mark.parametrize(
+    ("ndim", "cin", "cout", "size", "stride", "padding", "dilation", "groups", "bias"),
+    [
+        (3, 1, 16, 18, 2, 1, 1, 1, True),  # the UNet's first convolution on a small tile
+        (3, 16, 32, 14, 2, 1, 1, 1, True),
+        (3, 8, 8, 12, 1, 2, 2, 2, False),  # dilated, grouped
+        (2, 4, 6, 15, 1, 0, 1, 1, True),
+    ],
+)
+def test_conv_forward_matches_pytorch(ndim, cin, cout, size, stride, padding, dilation, groups, bias):
+    from tilegrad.execute import _conv_forward
+
+    conv = (nn.Conv3d if ndim == 3 else nn.Conv2d)(cin, cout, 3, stride, padding, dilation, groups, bias)
+    x = torch.randn(1, cin, *(size,) * ndim, requires_grad=True)
+    args = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+    got = _conv_forward(x, conv.weight, conv.bias, *args)
+    want = conv(x)
+    assert rel_err(got, want) <= 1e-5
+    g = torch.randn_like(want)
+    assert all(
+        rel_err(a, b) <= 1e-5
+        for a, b in zip(
+            torch.autograd.grad(got, [x, conv.weight], g), torch.autograd.grad(want, [x, conv.weight], g)
+        )
+    )
+    conv64, x64 = conv.double(), x.detach().double()  # float64 never leaves PyTorch's own choice: identical
+    assert torch.equal(_conv_forward(x64, conv64.weight, conv64.bias, *args), conv64(x64))

@@ -40,6 +40,20 @@ node calls) on that input with the core's gradient placed in a zero map of the t
 output's value is needed for (the gradient a statistic of it sends, NOTE [ Streamed statistics ]) is read from the
 output's store, which holds exactly what the forward wrote. Not under autocast, not for a streamed head's input.
 
+NOTE [ Small-tile convolutions on oneDNN ]
+PyTorch runs a float32 CPU convolution on oneDNN only above a size (for 3D, N*C*D*H > 20480 of its input, or a
+batch above 1); below it, the native unfold kernel (``Slow3d``), which a tile's box reaches where the whole image
+does not (plan.py, NOTE [ Cost model ]). For the forward that kernel is 3-6x slower per output than oneDNN at the
+same box (measured, 160^3 UNet's tiles: 1->16 at 64^3 82 against 19 ns per output, 16->32 at 32^3 1576 against
+266, 32->64 at 22^3 3407 against 972; the 1->16 results bit-identical, the others within float32 rounding). So the
+engine runs each segment through a copy of its graph whose plain convolutions (``nn.Conv2d``/``nn.Conv3d``, zero
+padding, no hooks) call ``_conv_forward``: ``aten.mkldnn_convolution`` (the op PyTorch's own dispatch calls above
+the cutoff) when PyTorch would pick an unfold kernel for a float32 CPU input outside autocast, else the layer's own
+convolution. Its gradient is autograd's for that op, ``convolution_backward``, which still selects by size: the
+backward stays on the unfold kernel below the cutoff (no oneDNN backward is exposed), and the cost model charges
+``SLOW_CONV`` to the backward's passes only. The forward, the backward's recomputation and a statistic's recomputed
+input all go through the same function, so they agree with what the forward stored.
+
 NOTE [ Kept segments ]
 A segment the plan runs in one tile keeps its graph from the forward to its own backward (run whole with autograd
 on detached sources): nothing is recomputed, at the price of the bytes autograd saves. The graph is dropped right
@@ -93,6 +107,98 @@ from .plan import Plan, SegmentPlan, reversed_tiles
 from .statistics import reduction_combine, reduction_grad, reduction_partials, slabs, update_running_stats
 
 __all__ = ["Execution", "Reader", "run_plan"]
+
+
+_SLOW_CONV = {torch._C._ConvBackend.Slow2d, torch._C._ConvBackend.Slow3d}
+
+
+def _conv_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
+    """A zero-padded convolution, on oneDNN where PyTorch would pick its unfold kernel for a float32 CPU input
+    (NOTE [ Small-tile convolutions on oneDNN ])."""
+    if (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and torch._C._select_conv_backend(
+            x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
+        )
+        in _SLOW_CONV
+    ):
+        return torch.ops.aten.mkldnn_convolution(
+            x.contiguous(), weight, bias, padding, stride, dilation, groups
+        )
+    conv = torch.nn.functional.conv3d if x.dim() == 5 else torch.nn.functional.conv2d
+    return conv(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _plain_conv(conv: nn.Module) -> bool:
+    """Whether ``conv`` computes exactly ``_conv_forward`` of its weight and bias: an ``nn.Conv2d``/``nn.Conv3d``
+    itself, zero padding given in numbers, no hooks, no forward of its own (NOTE [ Small-tile convolutions on
+    oneDNN ])."""
+    hooks = nn.modules.module
+    return (
+        type(conv) in (nn.Conv2d, nn.Conv3d)
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and not conv._forward_hooks
+        and not conv._forward_pre_hooks
+        and "forward" not in vars(conv)
+        and not hooks._global_forward_hooks
+        and not hooks._global_forward_pre_hooks
+    )
+
+
+def _conv_module(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    """``conv(x)``, as ``_conv_forward`` when the layer is a plain convolution at the time of the call (NOTE
+    [ Small-tile convolutions on oneDNN ]): a hook registered later still runs."""
+    if not _plain_conv(conv):
+        return conv(x)
+    args = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+    return _conv_forward(x, conv.weight, conv.bias, *args)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether any module in ``module`` has a hook (running its trace instead would skip those of inner modules)."""
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in module.modules()
+    )
+
+
+def _onednn_convs(module: nn.Module) -> nn.Module:
+    """A copy of a segment's GraphModule whose ``nn.Conv2d``/``nn.Conv3d`` layers are called through
+    ``_conv_module`` (NOTE [ Small-tile convolutions on oneDNN ]); the module itself when there is none (or it is not
+    a GraphModule)."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return module
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    graph.output(graph.graph_copy(module.graph, env))
+    changed = False
+    for n in list(graph.nodes):
+        if n.op != "call_module" or len(n.args) != 1 or n.kwargs:
+            continue
+        if type(module.get_submodule(n.target)) not in (nn.Conv2d, nn.Conv3d):
+            continue
+        with graph.inserting_before(n):
+            new = graph.call_function(_conv_module, (n.args[0], graph.get_attr(n.target)))
+        n.replace_all_uses_with(new)
+        graph.erase_node(n)
+        changed = True
+    if not changed:
+        return module
+    return torch.fx.GraphModule(module, graph)
 
 
 class Reader:
@@ -246,6 +352,7 @@ class Execution:
         self.red_parts: dict[Any, list[Any]] = {}
         self.pending: dict[Any, list[tuple[Any, torch.Tensor]]] = {}
         self.tails: dict[int, Any] = {}  # NOTE [ Last convolution not recomputed ]
+        self.runners: dict[int, nn.Module] = {}  # NOTE [ Small-tile convolutions on oneDNN ]
         self.g_out_buf: torch.Tensor | None = None  # its output-gradient map, within one segment
         self.kept_glob: dict[Any, Any] = {}
         self.gglob: dict[Any, torch.Tensor] = {}
@@ -378,6 +485,25 @@ class Execution:
         forward, backward = reversed_tiles(len(self.plan.segments), self.head is not None)[k]
         return range(count) if forward == backward else reversed(range(count))
 
+    def _runner(self, sp: SegmentPlan) -> nn.Module:
+        """The module a segment's tiles call: its chain with the plain convolutions on ``_conv_forward`` (NOTE
+        [ Small-tile convolutions on oneDNN ])."""
+        key = id(sp.segment)
+        if key not in self.runners:
+            chain = sp.chain
+            g = sp.segment.graph
+            if (
+                chain is g.root
+                and not g.rewritten
+                and not isinstance(chain, torch.fx.GraphModule)
+                and not _hooked(chain)
+            ):
+                chain = g.gm  # the one-segment plan of a trunk computes it as its trace does (graph.py)
+            self.runners[key] = _onednn_convs(chain)
+            if self.runners[key] is g.gm:
+                self.runners[key] = sp.chain
+        return self.runners[key]
+
     @staticmethod
     def _args(sp: SegmentPlan, srcs: list[torch.Tensor]) -> list[torch.Tensor]:
         """The segment's arguments: a source its first layer modifies in place (ReLU(inplace=True)) is copied,
@@ -415,7 +541,7 @@ class Execution:
         prefix = torch.fx.GraphModule(chain, graph)
         prefix.graph.eliminate_dead_code()
         prefix.recompile()
-        self.tails[key] = (prefix, conv)
+        self.tails[key] = (_onednn_convs(prefix), conv)
         return self.tails[key]
 
     @staticmethod
@@ -443,8 +569,8 @@ class Execution:
         if seg.out in self.pending and seg.out in self.stores:
             value = self.stores[seg.out].read(tile.outputs)
         elif seg.out in self.pending:  # NOTE [ Recomputed statistic inputs ]: not stored, the conv again
-            with torch.no_grad():
-                value = conv(z.detach())[(slice(None), slice(None), *tile.crop)]
+            with torch.no_grad():  # as the forward computed it (NOTE [ Small-tile convolutions on oneDNN ])
+                value = _conv_module(z.detach(), conv)[(slice(None), slice(None), *tile.crop)]
         g_core = self._out_grad(seg.out, tile.outputs, value, z.dtype)
         # one buffer for the segment's tiles, as large as the largest tile's map so far, zeroed again on reuse: a
         # fresh map per tile paid its pages' first touch every time (NOTE [ Heap growth under a budget ] in
@@ -588,7 +714,6 @@ class Execution:
                 k = what
                 sp = segs[k]
                 seg = sp.segment
-                module = sp.chain
                 nin = len(seg.sources) + len(seg.globals)
                 b = self.tiers.get(seg.out.name)
                 if k < last and b.tier != "recompute":  # NOTE [ Recomputed statistic inputs ]: no store
@@ -603,7 +728,7 @@ class Execution:
                     if tile is None:  # NOTE [ Kept segments ]
                         srcs = self._sources(sp, window, k, [True] * nin)
                         with torch.enable_grad():
-                            y = module(*self._args(sp, srcs))
+                            y = self._runner(sp)(*self._args(sp, srcs))
                             if k == last and self.head is not None:  # the head's partial joins the kept graph
                                 kept_out: Any = tuple(self.head.partial(y))
                             else:
@@ -618,7 +743,7 @@ class Execution:
                         srcs = self._sources(sp, window, k, [False] * nin, ahead)
                         nxt = tiles[i + 1] if i + 1 < len(tiles) else None
                         ahead = self._read_ahead(io, sp, None if nxt is None else nxt.inputs, k)
-                        y = module(*self._args(sp, srcs))
+                        y = self._runner(sp)(*self._args(sp, srcs))
                         if k == last and self.writer is not None:  # inference into a sink (infer.py)
                             self.writer(tile, y)
                             del srcs, y
@@ -792,7 +917,7 @@ class Execution:
                             del gs, conv_grads
                         elif inputs:
                             with torch.enable_grad(), replay_autocast(self.device.type, self.autocast):
-                                y = module(*self._args(sp, srcs))
+                                y = self._runner(sp)(*self._args(sp, srcs))
                                 core = y[(slice(None), slice(None), *tile.crop)]
                                 if k == last and self.head is not None:
                                     parts = self.head.partial(core)

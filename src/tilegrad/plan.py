@@ -23,7 +23,9 @@ One number per plan, ``time_ratio``: predicted time of a training step over that
 * small-tile kernels: PyTorch runs a CPU convolution on oneDNN only above a size (for 3D, N*C*D*H > 20480 of its
   input); below it the native unfold kernel costs ``SLOW_CONV`` times as much per output (16->32 and 64->128 3D
   convolutions: 2.5-3.3x measured). A convolution that the whole image runs on oneDNN and a tile's box (the window
-  over its input's scale) does not has its FLOPs counted ``SLOW_CONV`` times in that segment's passes;
+  over its input's scale) does not has its FLOPs counted ``SLOW_CONV`` times in that segment's passes: in float32
+  only in the backward's 2 passes, since the engine runs the forward and the recomputation on oneDNN (NOTE
+  [ Small-tile convolutions on oneDNN ] in execute.py: no oneDNN backward is exposed);
 * disk: bytes written, read and added into by boundaries on the disk tier at ``DISK_WRITE``, ``DISK_READ`` (from
   the page cache) or ``DISK_COLD_READ`` (from the disk), and ``DISK_ADD`` bytes per second (sources are read once
   per tile, overlap included; gradients are read-modify-written): NOTE [ Page cache ].
@@ -716,7 +718,10 @@ class _Planner:
         model ])."""
         if sp.keep or not sp.slow_flops:
             return 0.0
-        return self.passes(sp) * sp.slow_flops * (SLOW_CONV - 1) / FLOP_RATE * sp.overlap
+        # in float32 the forward and the backward's recomputation run on oneDNN (NOTE [ Small-tile convolutions on
+        # oneDNN ] in execute.py): only the backward's 2 passes stay on the unfold kernel
+        slow_passes = self.passes(sp) if self.dtype != torch.float32 else (2 if self.training else 0)
+        return slow_passes * sp.slow_flops * (SLOW_CONV - 1) / FLOP_RATE * sp.overlap
 
     def seconds(self, sp: SegmentPlan) -> float:
         overlap = 1 if sp.keep else sp.overlap
