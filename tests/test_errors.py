@@ -263,6 +263,47 @@ CASES = [
     ("checkpoint-segments", lambda: tilegrad.checkpoint_sequential(_net(), 9), ConfigError, "segments must be"),
     ("parse-bytes", lambda: tilegrad.parse_bytes("two gigs"), ConfigError, "cannot read 'two gigs' as a byte count"),
     ("parse-bytes-negative", lambda: tilegrad.parse_bytes(-1), ConfigError, "must be positive"),
+    ("parse-bytes-nan", lambda: tilegrad.parse_bytes(float("nan")), ConfigError, "must be positive and finite"),
+    ("parse-bytes-inf", lambda: tilegrad.parse_bytes(float("inf")), ConfigError, "must be positive and finite"),
+    ("parse-bytes-huge", lambda: tilegrad.parse_bytes("1e999GiB"), ConfigError, "must be positive and finite"),
+    ("parse-bytes-under-a-byte", lambda: tilegrad.parse_bytes("0.5B"), ConfigError, "at least one byte"),
+    # ---- shapes and dtypes handed to the public entry points -----------------------------------------------------
+    (
+        "plan-negative-shape",
+        lambda: tilegrad.plan_streaming(_net(), (1, 3, -5, 64), memory_budget="1GiB"),
+        ShapeError,
+        "every size a positive int, received (1, 3, -5, 64)",
+    ),
+    (
+        "plan-shape-string",
+        lambda: tilegrad.plan_streaming(_net(), "1,3,64,64", memory_budget="1GiB"),
+        ShapeError,
+        "must be a tuple of ints (N, C, *spatial), received '1,3,64,64'",
+    ),
+    (
+        "stream-empty-input",
+        lambda: tilegrad.StreamingModule(_net(), tile_size=32)(torch.zeros(1, 3, 0, 64)),
+        ShapeError,
+        "received (1, 3, 0, 64)",
+    ),
+    (
+        "stream-integer-input",
+        lambda: tilegrad.StreamingModule(_net(), tile_size=32)(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)),
+        ShapeError,
+        "the input is a torch.uint8 tensor; the model computes in torch.float32: convert it first",
+    ),
+    (
+        "infer-path-source",
+        lambda: tilegrad.infer(_net().eval(), "/data/slide.tif", tile_size=32, progress=False),
+        ShapeError,
+        "infer reads arrays: open the image first, e.g. tilegrad.io.open_image('/data/slide.tif')",
+    ),
+    (
+        "infer-none-source",
+        lambda: tilegrad.infer(_net().eval(), None, tile_size=32, progress=False),
+        ShapeError,
+        "received NoneType",
+    ),
     # ---- scratch directory of disk-tier boundary tensors (tilegrad/boundary.py), checked when a run starts ----
     ("scratch-missing", lambda: _scratch("/nonexistent-scratch", 2**30), ConfigError, "/nonexistent-scratch does not exist (this run needs 1.00 GiB"),
     ("scratch-a-file", lambda: _scratch(__file__, 2**30), ConfigError, "is not a directory"),

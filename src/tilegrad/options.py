@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, ShapeError
 from .units import parse_bytes
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "budget_option",
     "mode_option",
     "require_budget",
+    "shape_option",
     "tile_size_option",
 ]
 
@@ -45,6 +46,25 @@ def tile_size_option(value: Any) -> int | tuple[int, ...] | str:
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
         raise ConfigError(f"tile_size must hold positive ints, received {value!r}")
     return value if isinstance(value, int) else values
+
+
+def shape_option(value: Any, name: str = "input_shape") -> tuple[int, ...]:
+    """An input shape (N, C, *spatial): a sequence of at least three positive ints (a ``torch.Size`` is one).
+
+    >>> shape_option((1, 3, 64, 64))
+    (1, 3, 64, 64)
+    """
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ShapeError(f"{name} must be a tuple of ints (N, C, *spatial), received {value!r}")
+    values = tuple(value)
+    if len(values) < 3 or any(
+        isinstance(v, bool) or not isinstance(v, int) and not hasattr(v, "__index__") or int(v) < 1 for v in values
+    ):
+        raise ShapeError(
+            f"{name} must be (N, C, *spatial) with at least one spatial dim and every size a positive int, "
+            f"received {value!r}"
+        )
+    return tuple(int(v) for v in values)
 
 
 def budget_option(value: Any) -> int | None:
