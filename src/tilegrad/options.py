@@ -58,7 +58,8 @@ def shape_option(value: Any, name: str = "input_shape") -> tuple[int, ...]:
         raise ShapeError(f"{name} must be a tuple of ints (N, C, *spatial), received {value!r}")
     values = tuple(value)
     if len(values) < 3 or any(
-        isinstance(v, bool) or not isinstance(v, int) and not hasattr(v, "__index__") or int(v) < 1 for v in values
+        isinstance(v, bool) or (not isinstance(v, int) and not hasattr(v, "__index__")) or int(v) < 1
+        for v in values
     ):
         raise ShapeError(
             f"{name} must be (N, C, *spatial) with at least one spatial dim and every size a positive int, "

@@ -44,7 +44,9 @@ def parse_bytes(value: int | float | str) -> int:
         raise ConfigError(f"expected a byte count such as 2147483648 or '2GiB', received {value!r}")
     if isinstance(value, (int, float)):
         if not math.isfinite(value) or value < 1:
-            raise ConfigError(f"a memory budget must be positive and finite (at least one byte), received {value!r}")
+            raise ConfigError(
+                f"a memory budget must be positive and finite (at least one byte), received {value!r}"
+            )
         return int(value)
     if not isinstance(value, str):
         raise ConfigError(
@@ -59,7 +61,9 @@ def parse_bytes(value: int | float | str) -> int:
         )
     number = float(match.group(1)) * _UNITS[unit]
     if not math.isfinite(number) or number < 1:
-        raise ConfigError(f"a memory budget must be positive and finite (at least one byte), received {value!r}")
+        raise ConfigError(
+            f"a memory budget must be positive and finite (at least one byte), received {value!r}"
+        )
     return int(number)
 
 
