@@ -263,6 +263,7 @@ CASES = [
     ("checkpoint-segments", lambda: tilegrad.checkpoint_sequential(_net(), 9), ConfigError, "segments must be"),
     ("parse-bytes", lambda: tilegrad.parse_bytes("two gigs"), ConfigError, "cannot read 'two gigs' as a byte count"),
     ("parse-bytes-negative", lambda: tilegrad.parse_bytes(-1), ConfigError, "must be positive"),
+    ("split-not-a-module", lambda: tilegrad.split_model(None), ConfigError, "split_model takes an nn.Module, received NoneType"),
     ("parse-bytes-nan", lambda: tilegrad.parse_bytes(float("nan")), ConfigError, "must be positive and finite"),
     ("parse-bytes-inf", lambda: tilegrad.parse_bytes(float("inf")), ConfigError, "must be positive and finite"),
     ("parse-bytes-huge", lambda: tilegrad.parse_bytes("1e999GiB"), ConfigError, "must be positive and finite"),
@@ -272,13 +273,13 @@ CASES = [
         "plan-negative-shape",
         lambda: tilegrad.plan_streaming(_net(), (1, 3, -5, 64), memory_budget="1GiB"),
         ShapeError,
-        "every size a positive int, received (1, 3, -5, 64)",
+        "expected input_shape as positive integers (N, C, *spatial), e.g. (1, 3, 224, 224)",
     ),
     (
         "plan-shape-string",
         lambda: tilegrad.plan_streaming(_net(), "1,3,64,64", memory_budget="1GiB"),
         ShapeError,
-        "must be a tuple of ints (N, C, *spatial), received '1,3,64,64'",
+        "received '1,3,64,64'",
     ),
     (
         "stream-empty-input",

@@ -48,24 +48,26 @@ def tile_size_option(value: Any) -> int | tuple[int, ...] | str:
     return value if isinstance(value, int) else values
 
 
-def shape_option(value: Any, name: str = "input_shape") -> tuple[int, ...]:
-    """An input shape (N, C, *spatial): a sequence of at least three positive ints (a ``torch.Size`` is one).
+def shape_option(value: Any, name: str = "input_shape", min_dims: int = 3) -> tuple[int, ...]:
+    """An input shape (N, C, *spatial): a sequence of at least ``min_dims`` positive ints (a ``torch.Size`` is one).
 
     >>> shape_option((1, 3, 64, 64))
     (1, 3, 64, 64)
     """
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise ShapeError(f"{name} must be a tuple of ints (N, C, *spatial), received {value!r}")
-    values = tuple(value)
-    if len(values) < 3 or any(
-        isinstance(v, bool) or (not isinstance(v, int) and not hasattr(v, "__index__")) or int(v) < 1
-        for v in values
-    ):
+    try:
+        values = tuple(value) if not isinstance(value, (str, bytes)) else ()
+        shape = tuple(int(v) for v in values)
+        ok = len(shape) >= min_dims and all(
+            s > 0 and s == v and not isinstance(v, bool) for s, v in zip(shape, values)
+        )
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ShapeError(
-            f"{name} must be (N, C, *spatial) with at least one spatial dim and every size a positive int, "
+            f"expected {name} as positive integers (N, C, *spatial), e.g. (1, 3, 224, 224) or (1, 1, 64, 64, 64); "
             f"received {value!r}"
         )
-    return tuple(int(v) for v in values)
+    return shape
 
 
 def budget_option(value: Any) -> int | None:
