@@ -264,6 +264,12 @@ CASES = [
     ("parse-bytes", lambda: tilegrad.parse_bytes("two gigs"), ConfigError, "cannot read 'two gigs' as a byte count"),
     ("parse-bytes-negative", lambda: tilegrad.parse_bytes(-1), ConfigError, "must be positive"),
     ("split-not-a-module", lambda: tilegrad.split_model(None), ConfigError, "split_model takes an nn.Module, received NoneType"),
+    (
+        "io-zero-size-image",
+        lambda: tilegrad.io.open_image(np.zeros((3, 0, 5), np.float32)),
+        ShapeError,
+        "the array holds no pixels: its (C, *spatial) shape is (3, 0, 5)",
+    ),
     ("parse-bytes-nan", lambda: tilegrad.parse_bytes(float("nan")), ConfigError, "must be positive and finite"),
     ("parse-bytes-inf", lambda: tilegrad.parse_bytes(float("inf")), ConfigError, "must be positive and finite"),
     ("parse-bytes-huge", lambda: tilegrad.parse_bytes("1e999GiB"), ConfigError, "must be positive and finite"),
