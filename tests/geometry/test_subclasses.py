@@ -262,6 +262,44 @@ def test_a_parametrized_convolution_ending_a_segment_streams_exactly(kind, dtype
     assert all(p.grad is not None and p.grad.abs().max() > 0 for n, p in net.named_parameters() if n in names)
 
 
+def test_spectral_norm_in_training_mode_is_refused_and_its_way_forward_is_exact():
+    # each read of a spectral-normalised weight in training mode runs a power iteration: streamed, every tile read
+    # a slightly different weight (1e-11 apart here) and advanced u and v once per tile, not once per step
+    import copy
+
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    net = _net(parametrizations.spectral_norm(nn.Conv2d(3, 3, 3, padding=1))).double().train()
+    reference = copy.deepcopy(net)
+    x = torch.randn(1, 2, 40, 36, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(
+        NotStreamableError, match=r"'2' \(ParametrizedConv2d\).*'weight' is spectral-normalised"
+    ):
+        StreamingModule(net, 16, mode="stages")(x)
+    # the message's way forward: one read in training mode (one power iteration, as the conventional step makes),
+    # then the parametrization in eval mode while streaming
+    expected_out = reference(x)
+    weight = torch.randn_like(expected_out)
+    (expected_out * weight).sum().backward()
+    expected = [expected_out.detach(), x.grad.clone(), *(p.grad for p in reference.parameters())]
+    x.grad = None
+    with torch.no_grad():
+        net[2].weight
+    net[2].parametrizations.weight.eval()
+    streamed = StreamingModule(net, 16, mode="stages")
+    out = streamed(x)
+    (out * weight).sum().backward()
+    got = [out.detach(), x.grad, *(p.grad for p in net.parameters())]
+    assert len(streamed.last_plan.segments) > 1
+    for a, b in zip(got, expected, strict=True):
+        assert a is not None and rel_err(a, b) <= 1e-10
+    for a, b in zip(
+        net.buffers(), reference.buffers(), strict=True
+    ):  # u and v: one iteration, as conventional
+        assert torch.equal(a, b)
+
+
 def test_the_plan_follows_a_layer_switched_to_training_mode():
     # the plan cache was keyed on the wrapper's train flag only: bn.train() after a first step reused the frozen
     # BatchNorm's plan (element-wise) and normalised each tile by the running statistics

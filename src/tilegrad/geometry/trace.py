@@ -34,6 +34,7 @@ from .toolkit import (
     overrides_computation,
     planning_state,
     refuses,
+    stateful_parametrization,
 )
 
 __all__ = [
@@ -666,6 +667,16 @@ def _propagate(
                         f"computes on a tile in ways the {type(module).__name__} geometry does not describe. Remove "
                         "them while streaming, or mark a hook that only watches (returns None) with "
                         "tilegrad.geometry.observer_hook: it then runs on every tile"
+                    )
+                stateful = stateful_parametrization(module)
+                if stateful is not None:
+                    ctx.refuse(
+                        f"its {stateful!r} is spectral-normalised in training mode: each read of it runs a power "
+                        "iteration (updating u and v), so every tile would read a slightly different weight and "
+                        "advance the iteration once per tile instead of once per step. Before each streamed step "
+                        f"read layer.{stateful} once in training mode, then stream with "
+                        f"layer.parametrizations.{stateful}.eval(): every tile uses that step's weight, as a "
+                        "conventional step does"
                     )
                 if rule is None:
                     ctx.refuse(
