@@ -108,7 +108,11 @@ class Reader:
     def read(self, box: tuple[slice, ...]) -> torch.Tensor:
         key = (slice(None), slice(None), *box)
         if self.is_tensor:
-            return self.source[key]
+            block = self.source[key]
+            if not block.is_floating_point() and self.dtype.is_floating_point:
+                # integer pixels as values, like an integer array's below
+                block = block.to(device=self.device, dtype=self.dtype)
+            return block
         block = np.asarray(self.source[key])
         if block.dtype.kind in "uib" and self.dtype.is_floating_point:
             block = block.astype(np.float32)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, ShapeError
 from .units import parse_bytes
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "budget_option",
     "mode_option",
     "require_budget",
+    "shape_option",
     "tile_size_option",
 ]
 
@@ -45,6 +46,28 @@ def tile_size_option(value: Any) -> int | tuple[int, ...] | str:
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
         raise ConfigError(f"tile_size must hold positive ints, received {value!r}")
     return value if isinstance(value, int) else values
+
+
+def shape_option(value: Any, name: str = "input_shape", min_dims: int = 3) -> tuple[int, ...]:
+    """An input shape (N, C, *spatial): a sequence of at least ``min_dims`` positive ints (a ``torch.Size`` is one).
+
+    >>> shape_option((1, 3, 64, 64))
+    (1, 3, 64, 64)
+    """
+    try:
+        values = tuple(value) if not isinstance(value, (str, bytes)) else ()
+        shape = tuple(int(v) for v in values)
+        ok = len(shape) >= min_dims and all(
+            s > 0 and s == v and not isinstance(v, bool) for s, v in zip(shape, values)
+        )
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ShapeError(
+            f"expected {name} as positive integers (N, C, *spatial), e.g. (1, 3, 224, 224) or (1, 1, 64, 64, 64); "
+            f"received {value!r}"
+        )
+    return shape
 
 
 def budget_option(value: Any) -> int | None:
