@@ -111,13 +111,15 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+_CONV = torch.ops.aten.convolution.default
+
 from ._autocast import without_autocast
 from .errors import ConfigError, GeometryError, MemoryBudgetError, ShapeError
 from .geometry.trace import ACROSS_BATCH
 from .graph import Segment, TrunkGraph, last_convolution
 from .options import batch_tiles_option, budget_option, mode_option, require_budget, tile_size_option
 from .segment import Unit, units_of
-from .tiling import TileGrid, dim_summary, grid_summary, plan_dim, tile_grid
+from .tiling import TileGrid, dim_summary, grid_lengths, grid_summary, plan_dim, tile_grid
 from .typing import Bytes
 from .units import format_bytes
 
@@ -168,7 +170,7 @@ TAIL_TRANSIENT = 3.0
 # a convolution that a small tile drops below PyTorch's oneDNN cutoff runs the native unfold kernel: this many times
 # the time per output of the oneDNN kernel (NOTE [ Cost model ]; 2.5-3.3x measured for 16->32 and 64->128 3D convs)
 SLOW_CONV = 2.5
-FORWARD_TRANSIENT = 2.0  # no-grad forward working set, in units of the largest tensor
+FORWARD_TRANSIENT = 2.0  # no-grad forward working set of a training step's forward, in units of the largest tensor
 BUDGET_SAFETY = 0.8  # share of a user budget the planner plans for (the rest: allocator slack)
 FIXED_TILE_EXTRA = 0.5  # NOTE [ Tile memory ]: extra room of a fixed tile without budget, in tiles
 TIERS = ("auto", "device", "host", "disk", "recompute")
@@ -489,7 +491,8 @@ class _Planner:
         )
         self._pass_seconds: dict[int, float] = {}
         self._sp: dict[tuple[int, tuple[int, ...]], SegmentPlan | None] = {}
-        self._forward_rate: dict[int, float] = {}
+        self._fwd: dict[tuple, int] = {}
+        self._scratch: dict[tuple, tuple[str, int]] = {}
         self._options: dict[tuple, list[SegmentPlan]] = {}
         self._leaner_of: dict[int, list[int | None]] = {}  # by id of a cached options list
         self._kern: dict[tuple, tuple[float, int]] = {}
@@ -545,9 +548,9 @@ class _Planner:
             slow_flops=slow_flops,
         )
         if not self.training:
-            sp.tile_forward_bytes = int(max(self._forward_per_px(seg) * math.prod(max_in_shape), 0)) * (
-                self.batch_tiles
-            )
+            window = tuple(min(t, i) for t, i in zip(tile, self.image[2:]))
+            lengths = grid_lengths(seg.geometry, self.image[2:], out_shape[2:], window)
+            sp.tile_forward_bytes = self._forward_bytes(seg, lengths)
         self._sp[key] = sp
         return sp
 
@@ -619,28 +622,95 @@ class _Planner:
         self._kern[key] = (slow, workspace)
         return self._kern[key]
 
-    def _forward_per_px(self, seg: Segment) -> float:
-        """Inference peak per image pixel of a segment, from estimate_memory's allocator simulation (CPU
-        convolution scratch included, so it errs on the safe side), or the rule of thumb for multi-source
-        segments."""
-        if id(seg) not in self._forward_rate:
-            area = math.prod(self.image[2:])
-            rule = (seg.source_bytes + FORWARD_TRANSIENT * seg.largest_bytes) / area
-            # the whole model (reading no statistic computed apart, which a recomputed input brings: NOTE
-            # [ Recomputed statistic inputs ]): simulate it
-            if seg.sources == [self.g.input] and seg.out is self.g.output and not seg.globals:
-                from .memory.estimate import estimate_memory
+    def _forward_bytes(self, seg: Segment, lengths: tuple[tuple[int, ...], ...]) -> int:
+        """NOTE [ Inference tile memory ]: the peak of one tile's forward without gradients over the grid's tile
+        shapes (``lengths``: per dim, the distinct window extents, longest first). A sweep over the segment's nodes
+        at the largest window, and at each smaller one whose boxes put a convolution on another kernel."""
+        key = (id(seg), lengths)
+        if key not in self._fwd:
+            top = tuple(n[0] for n in lengths)
+            kinds = {n: self._conv_scratch(n, self._box(n.args[0], top))[0] for n in self._convs(seg)}
+            peak = self._sweep(seg, top)
+            for window in itertools.product(*lengths):
+                if window != top and any(
+                    self._conv_scratch(n, self._box(n.args[0], window))[0] != kind for n, kind in kinds.items()
+                ):
+                    peak = max(peak, self._sweep(seg, window))
+            self._fwd[key] = peak
+        return self._fwd[key]
 
-                module = copy.deepcopy(seg.module)
-                for m in module.modules():
-                    m._forward_hooks.clear()
-                    m._forward_pre_hooks.clear()
-                report = estimate_memory(module.to("meta"), self.image, mode="infer", dtype=self.dtype)
-                out_px = math.prod(seg.out_shape[2:]) / area
-                sink = 3 * _nbytes(seg.out_shape[:2], self.dtype) * out_px
-                rule = max(report.peak_bytes / area, sink)
-            self._forward_rate[id(seg)] = rule
-        return self._forward_rate[id(seg)]
+    def _box(self, node: Any, window: tuple[int, ...]) -> tuple[int, ...] | None:
+        """A node's extent in a tile of ``window`` image px (its scale's share of the window, at most its map)."""
+        g = self.g
+        shape = g.profiles[node].shape
+        if shape is None or len(shape) != g.ndim + 2 or g.geoms.get(node) is None:
+            return None
+        return tuple(min(d, math.ceil(w / sc)) for w, sc, d in zip(window, g.scale(node), shape[2:]))
+
+    def _convs(self, seg: Segment) -> list[Any]:
+        """The segment's convolution nodes whose input is a map (their kernels' scratch: NOTE [ Inference tile
+        memory ])."""
+        g = self.g
+        return [
+            n
+            for n in seg.nodes
+            if n.op == "call_module"
+            and isinstance(conv := g.gm.get_submodule(n.target), nn.modules.conv._ConvNd)
+            and not isinstance(conv.padding, str)
+            and n.args
+            and isinstance(n.args[0], torch.fx.Node)
+            and self._box(n.args[0], (1,) * g.ndim) is not None
+        ]
+
+    def _conv_scratch(self, node: Any, box: tuple[int, ...] | None) -> tuple[str, int]:
+        """(kernel, scratch bytes) of a convolution node's forward on ``batch_tiles`` tiles of its input's ``box``
+        (NOTE [ CPU convolution workspaces ] in memory/kernels.py)."""
+        key = (node, box)
+        if key not in self._scratch:
+            from .memory.kernels import conv_workspace_bytes
+
+            g = self.g
+            conv = g.gm.get_submodule(node.target)
+            shape = g.profiles[node.args[0]].shape
+            x = torch.empty((self.batch_tiles * shape[0], shape[1], *box), device="meta", dtype=g.dtype)
+            w = torch.empty(conv.weight.shape, device="meta", dtype=g.dtype)
+            conf = (conv.stride, conv.padding, conv.dilation, conv.transposed, conv.output_padding, conv.groups)
+            kernel = _conv_kernel(x.shape, box, w, conf) if all(box) else "none"
+            self._scratch[key] = (kernel, conv_workspace_bytes(_CONV, (x, w, None, *conf)))
+        return self._scratch[key]
+
+    def _sweep(self, seg: Segment, window: tuple[int, ...]) -> int:
+        """NOTE [ Inference tile memory ]: the most bytes alive at once while ``batch_tiles`` tiles of ``window``
+        image px run through the segment without gradients."""
+        g = self.g
+
+        def nbytes(node: Any) -> int:
+            prof, b = g.profiles[node], self._box(node, window)
+            if b is None or prof.shape is None:
+                return prof.out_bytes
+            return self.batch_tiles * prof.out_bytes * math.prod(b) // max(1, math.prod(prof.shape[2:]))
+
+        members = set(seg.nodes)
+        root: dict[Any, Any] = {}  # an alias's tensor: the node whose memory it is (NodeProfile.alias)
+        last: dict[Any, int] = {}  # a tensor's last reader among the segment's nodes
+        for i, n in enumerate(seg.nodes):
+            ins = [root.get(a, a) for a in n.all_input_nodes if a in members]
+            if g.profiles[n].alias and ins:
+                root[n] = ins[0]
+            for a in ins:
+                last[a] = i
+        convs = set(self._convs(seg))
+        live = sum(nbytes(s) for s in seg.sources)  # the tile's source boxes, held for the whole tile
+        peak = live
+        for i, n in enumerate(seg.nodes):
+            new = 0 if n in root else nbytes(n)
+            scratch = self._conv_scratch(n, self._box(n.args[0], window))[1] if n in convs else 0
+            peak = max(peak, live + new + scratch)
+            live += new if n in last or n is seg.out else 0  # a result nothing reads is dropped at once
+            for a in {root.get(a, a) for a in n.all_input_nodes if a in members}:
+                if last.get(a) == i and a is not seg.out and root.get(seg.out) is not a:
+                    live -= nbytes(a)
+        return int(peak)
 
     def options(self, seg: Segment, requested: tuple[int, ...] | None, cap: int | None) -> list[SegmentPlan]:
         """The segment's plans over the tile ladder, fastest first (a fixed tile: the requested one for a segment
