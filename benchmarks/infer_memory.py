@@ -3,8 +3,8 @@
 MONAI UNet 16-32-64 (2 residual units, eval BatchNorm), a random volume in memory, ``infer(mode=...)`` returning
 the output tensor. Each configuration runs in its own process: the first call there is *cold* (PyTorch maps the
 code of the kernels it runs for the first time: NOTE [ What a budget covers ] in infer.py), the second *warm*.
-A peak is ``tilegrad.PeakMemoryMeter`` above the start of the call plus the input (the budget covers an
-in-memory input, which the process held before the call):
+A peak is ``tilegrad.PeakMemoryMeter`` above the start of the call plus the input and the parameters (the budget
+covers them; the process held them before the call):
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/infer_memory.py --size 128 --budgets 40MiB 64MiB
     OMP_WAIT_POLICY=PASSIVE python benchmarks/infer_memory.py --size 128 --budgets 64MiB --phases
@@ -47,7 +47,8 @@ def run(size: int, budget: str, mode: str, phases: bool, threads: int) -> dict:
         norm="batch",
     ).eval()  # fmt: skip
     volume = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(1))
-    input_bytes = volume.numel() * volume.element_size()
+    # held before the call and counted by the budget: the input in memory and the parameters
+    input_bytes = volume.numel() * volume.element_size() + sum(p.numel() * p.element_size() for p in model.parameters())
     try:
         plan = plan_streaming(
             model, volume.shape, memory_budget=budget, mode=mode, training=False, output_in_memory=True
