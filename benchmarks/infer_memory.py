@@ -48,7 +48,9 @@ def run(size: int, budget: str, mode: str, phases: bool, threads: int) -> dict:
     ).eval()  # fmt: skip
     volume = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(1))
     # held before the call and counted by the budget: the input in memory and the parameters
-    input_bytes = volume.numel() * volume.element_size() + sum(p.numel() * p.element_size() for p in model.parameters())
+    input_bytes = volume.numel() * volume.element_size() + sum(
+        p.numel() * p.element_size() for p in model.parameters()
+    )
     try:
         plan = plan_streaming(
             model, volume.shape, memory_budget=budget, mode=mode, training=False, output_in_memory=True
@@ -114,7 +116,9 @@ def plan_steps(plan) -> list[int]:  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--budgets", nargs="+", default=["40MiB", "64MiB"])
     parser.add_argument("--mode", default="auto", choices=["auto", "lean", "stages"])
@@ -130,7 +134,9 @@ def main() -> None:
     for budget in args.budgets:
         cmd = [sys.executable, __file__, "--child", budget, "--size", str(args.size), "--mode", args.mode]
         cmd += ["--threads", str(args.threads)] + (["--phases"] if args.phases else [])
-        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        r = json.loads(
+            subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+        )
         if "error" in r:
             print(f"{args.size}^3 under {budget}: refused before running: {r['error']}")
             continue
@@ -144,7 +150,9 @@ def main() -> None:
         if args.phases:
             print(r["plan"])
             for k, (p, c, w) in enumerate(zip(r["predicted_steps"], cold["segments"], warm["segments"])):
-                print(f"  segment {k}: predicted {p / mib:7.1f} MiB, measured cold {c / mib:7.1f}, warm {w / mib:7.1f}")
+                print(
+                    f"  segment {k}: predicted {p / mib:7.1f} MiB, measured cold {c / mib:7.1f}, warm {w / mib:7.1f}"
+                )
 
 
 if __name__ == "__main__":

@@ -258,7 +258,7 @@ class NodeProfile:
     saved: int = 0
     out_bytes: int = 0
     value: Any = None  # a value that is not a tensor (a size read from a shape), on the whole image
-    alias: bool = False  # the output is an input or a view of one (eval dropout, identity, in-place): no new memory
+    alias: bool = False  # the output is an input or a view of one (eval dropout, identity): no new memory
 
 
 class _Profiler(torch.fx.Interpreter):

@@ -75,6 +75,27 @@ any plan whose predicted peak is at most the one-segment plan's plus half of one
 so memory stays flat in the image size and the planner cuts more (and stores more, on disk if needed) as the image
 grows.
 
+NOTE [ Inference tile memory ]
+Without gradients a tile holds only what is alive at each node, and a CPU convolution adds scratch that can dwarf
+it: below a size (for 3D, N*C*D*H <= 20480 of its input) PyTorch runs the native unfold kernel, which builds
+C_in x 27 x its output positions (memory/kernels.py), 54x a 2-channel map. So a segment's inference working set is
+a sweep over its nodes in order at the tile's boxes (a node's box: the window over its scale, at most its map): the
+sources' boxes for the whole tile (the image in memory is read as a view, which a convolution copies while it reads
+a box of it), each result until its last reader (an alias, such as eval-mode dropout or an identity, shares its
+input's memory: ``NodeProfile.alias``), and at each convolution the scratch of the kernel PyTorch picks for its
+box. A grid's edge tiles are smaller, and a smaller box can drop a convolution onto the unfold kernel: MONAI UNet
+16-32-64 at 128^3 in 80^3 windows ran a 16->16 convolution of an 80x54x80 edge tile with 75 MiB of scratch, the
+80^3 tiles with oneDNN's 8 MiB. The sweep is therefore repeated at each of the grid's tile shapes (products of the
+distinct window lengths per dim, ``tiling.grid_lengths``) that raises some convolution's scratch; any other shape
+holds less than the largest. A plan's steps (``_inference_steps``): a store on the device lives from its
+producer's start to its last reader's end (the engine frees it there); the producer's own store, and the output
+for the last segment, fill tile by tile, so its tiles run next to at most all of it, a one-tile segment next to
+none of it until its result is written; a one-tile segment reads a whole map on the device as a view. The rule
+this replaced (the sources plus twice the largest tensor, or the whole model simulated on the whole image and
+scaled per pixel) left the scratch of small tiles out: measured peaks were 2-6x the prediction; with the sweep,
+0.93-1.04x for every segment and call measured (benchmarks/infer_memory.py, warm calls; NOTE [ What a budget
+covers ] in infer.py for the first call in a process).
+
 The search: the conventional step (if it fits), the one-segment plan, the stage cuts, all candidate cuts (stage cuts
 and block outputs, graph.py), and greedy descents that toggle one cut at a time while the plan gets faster (or,
 while nothing fits, leaner): over the stage cuts, then over every candidate. For each cut set, each
@@ -111,8 +132,6 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-_CONV = torch.ops.aten.convolution.default
-
 from ._autocast import without_autocast
 from .errors import ConfigError, GeometryError, MemoryBudgetError, ShapeError
 from .geometry.trace import ACROSS_BATCH
@@ -124,6 +143,8 @@ from .typing import Bytes
 from .units import format_bytes
 
 __all__ = ["BoundaryPlan", "Plan", "SegmentPlan", "Unit", "plan_streaming", "units_of"]
+
+_CONV = torch.ops.aten.convolution.default
 
 # FLOP/s (FlopCounterMode counts 2 per multiply-add) of float32 convolutions on this CPU: the ResNet-34 trunk's
 # conventional step at 4096^2 (7.3e12 FLOP) took 61 s on a quiet machine
@@ -170,7 +191,7 @@ TAIL_TRANSIENT = 3.0
 # a convolution that a small tile drops below PyTorch's oneDNN cutoff runs the native unfold kernel: this many times
 # the time per output of the oneDNN kernel (NOTE [ Cost model ]; 2.5-3.3x measured for 16->32 and 64->128 3D convs)
 SLOW_CONV = 2.5
-FORWARD_TRANSIENT = 2.0  # no-grad forward working set of a training step's forward, in units of the largest tensor
+FORWARD_TRANSIENT = 2.0  # training: a forward step's working set, in units of the largest tensor
 BUDGET_SAFETY = 0.8  # share of a user budget the planner plans for (the rest: allocator slack)
 FIXED_TILE_EXTRA = 0.5  # NOTE [ Tile memory ]: extra room of a fixed tile without budget, in tiles
 TIERS = ("auto", "device", "host", "disk", "recompute")
@@ -230,7 +251,7 @@ class SegmentPlan:
     tile_train_bytes: int = 0
     tile_forward_bytes: int = 0
     tile_saved_bytes: int = 0
-    tile_end_bytes: int = 0  # inference: what a tile holds when the segment returns (NOTE [ Inference tile memory ])
+    tile_end_bytes: int = 0  # inference: held when the segment returns (NOTE [ Inference tile memory ])
     flops: float = 0.0
     keep: bool = False  # NOTE [ Kept segments ] in execute.py
     slow_flops: float = 0.0  # of convolutions the tile drops onto the slow kernel (NOTE [ Cost model ])
@@ -390,7 +411,8 @@ class Plan:
                     if self.training:
                         by_tier[b.grad_tier] = by_tier.get(b.grad_tier, 0) + b.nbytes
                 tiers = ", ".join(f"{t} {format_bytes(n)}" for t, n in sorted(by_tier.items()))
-                lines.append(f"  boundaries: {len(stored)} tensors (with gradients): {tiers or 'none'}")
+                grads = " (with gradients)" if self.training else ""
+                lines.append(f"  boundaries: {len(stored)} tensors{grads}: {tiers or 'none'}")
                 again = [b for b in self.boundaries if b.tier == "recompute"]
                 if again:
                     lines.append(
@@ -714,7 +736,14 @@ class _Planner:
             shape = g.profiles[node.args[0]].shape
             x = torch.empty((self.batch_tiles * shape[0], shape[1], *box), device="meta", dtype=g.dtype)
             w = torch.empty(conv.weight.shape, device="meta", dtype=g.dtype)
-            conf = (conv.stride, conv.padding, conv.dilation, conv.transposed, conv.output_padding, conv.groups)
+            conf = (
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                conv.transposed,
+                conv.output_padding,
+                conv.groups,
+            )
             self._scratch[key] = conv_workspace_bytes(_CONV, (x, w, None, *conf))
         return self._scratch[key]
 
@@ -886,7 +915,11 @@ class _Planner:
         return max(steps), forward_peak, steps
 
     def _inference_steps(
-        self, segs: list[SegmentPlan], bounds: list[BoundaryPlan], producer: dict[str, int], last_user: dict[str, int]
+        self,
+        segs: list[SegmentPlan],
+        bounds: list[BoundaryPlan],
+        producer: dict[str, int],
+        last_user: dict[str, int],
     ) -> list[int]:
         """NOTE [ Inference tile memory ]: the peak of each segment of a forward without gradients. A store on the
         device lives from its producer's start to its last reader's end (the engine frees it then); the
@@ -908,9 +941,10 @@ class _Planner:
             alive = sum(nb for p, u, nb in spans if p < k <= u)
             work, end = sp.tile_forward_bytes + sp.io_forward_bytes, sp.tile_end_bytes
             if sp.tiles == 1:  # a whole map on the device is read without a copy (TensorStore.read)
-                views = sum(
-                    self.g.profiles[s].out_bytes for s in sp.segment.sources if s.name in device
-                ) * self.batch_tiles
+                views = (
+                    sum(self.g.profiles[s].out_bytes for s in sp.segment.sources if s.name in device)
+                    * self.batch_tiles
+                )
                 work, end = work - views, end - views
             mid = max(work, end + own[k]) if sp.tiles == 1 else work + own[k]
             steps.append(fixed + alive + mid)

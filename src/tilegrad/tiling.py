@@ -132,7 +132,9 @@ def dim_summary(
 
 
 @functools.lru_cache(maxsize=65536)
-def dim_lengths(dim: DimGeometry, align: int, in_len: int, out_len: int, tile: int, axis: int = 0) -> tuple[int, ...]:
+def dim_lengths(
+    dim: DimGeometry, align: int, in_len: int, out_len: int, tile: int, axis: int = 0
+) -> tuple[int, ...]:
     """The distinct input extents of :func:`plan_dim`'s tiles, longest first, without listing the tiles."""
     runs = _greedy_runs(dim, align, in_len, out_len, tile, axis)
     return tuple(sorted({s.in_length for run, _, _, _ in runs for s in run}, reverse=True))
@@ -335,5 +337,7 @@ def grid_lengths(
     plan.py)."""
     return tuple(
         dim_lengths(d, a, i, o, t, axis)
-        for axis, (d, a, i, o, t) in enumerate(zip(geometry.dims, geometry.align, in_shape, out_shape, tile_size))
+        for axis, (d, a, i, o, t) in enumerate(
+            zip(geometry.dims, geometry.align, in_shape, out_shape, tile_size)
+        )
     )
