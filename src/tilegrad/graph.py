@@ -298,8 +298,7 @@ class _Profiler(torch.fx.Interpreter):
             prof.out_bytes = out.numel() * out.element_size()
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             ins = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-            bases = {id(t) for a in ins for t in (a, a._base) if t is not None}
-            prof.alias = id(out) in bases or (out._base is not None and id(out._base) in bases)
+            prof.alias = any(out.untyped_storage()._cdata == a.untyped_storage()._cdata for a in ins)
         elif _constant(out):
             prof.value = out
         self.profiles[n.name] = prof

@@ -700,11 +700,12 @@ class _Planner:
         root: dict[Any, Any] = {}  # an alias's tensor: the node whose memory it is
         last: dict[Any, int] = {}  # a tensor's last reader among the segment's nodes
         for i, n in enumerate(seg.nodes):
-            ins = [root.get(a, a) for a in n.all_input_nodes if a in members]
-            if g.profiles[n].alias and ins:
-                root[n] = ins[0]
-            for a in ins:
-                last[a] = i
+            if g.profiles[n].alias and n.all_input_nodes:  # its first argument's memory (a source's: kept)
+                first = n.all_input_nodes[0]
+                root[n] = root.get(first, first)
+            for a in n.all_input_nodes:
+                if a in members:
+                    last[root.get(a, a)] = i
         out = root.get(seg.out, seg.out)
         layout = []
         for i, n in enumerate(seg.nodes):
@@ -716,8 +717,8 @@ class _Planner:
                 and isinstance(n.args[0], torch.fx.Node)
                 and self._box(n.args[0], (1,) * g.ndim) is not None
             )
-            freed = [a for a in dict.fromkeys(root.get(a, a) for a in n.all_input_nodes if a in members)]
-            freed = [a for a in freed if last.get(a) == i and a is not out]
+            freed = list(dict.fromkeys(root.get(a, a) for a in n.all_input_nodes if a in members))
+            freed = [a for a in freed if a in members and last.get(a) == i and a is not out]
             if n not in root and n not in last and n is not out:
                 freed.append(n)
             layout.append((n, n not in root, conv, freed))
