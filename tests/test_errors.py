@@ -22,6 +22,7 @@ import tilegrad.io
 from tilegrad import (
     CheckpointError,
     ConfigError,
+    DataError,
     DiskFullError,
     GeometryError,
     LockedError,
@@ -296,14 +297,14 @@ CASES = [
     (
         "stream-integer-input",
         lambda: tilegrad.StreamingModule(_net(), tile_size=32)(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)),
-        ShapeError,
+        DataError,
         "the input is a torch.uint8 tensor; the model computes in torch.float32: convert it first",
     ),
     (
         "infer-path-source",
         lambda: tilegrad.infer(_net().eval(), "/data/slide.tif", tile_size=32, progress=False),
-        ShapeError,
-        "infer reads arrays: open the image first, e.g. tilegrad.io.open_image('/data/slide.tif')",
+        ConfigError,
+        "infer reads arrays, received a path ('/data/slide.tif'): open the image first, e.g. tilegrad.io.open_image(",
     ),
     (
         "infer-none-source",

@@ -355,3 +355,15 @@ def test_an_integer_tensor_source_is_read_as_values_like_an_integer_array(mode):
         expected = model(pixels.float())
     torch.testing.assert_close(from_tensor, expected, rtol=1e-5, atol=1e-4)
     assert torch.equal(from_tensor, from_array)
+
+
+def test_integers_above_two_to_the_24_reach_a_float64_model_unrounded():
+    # an integer array was converted through float32 (2**24 + 1 became 2**24) before a float64 model saw it
+    model = nn.Conv2d(1, 1, 3, padding=1, bias=False).double().eval()
+    nn.init.ones_(model.weight)
+    values = torch.full((1, 1, 24, 20), 2**24 + 1, dtype=torch.int64)
+    values[..., ::2, :] += 2
+    expected = model(values.double())
+    for source in (values, values.numpy(), values.numpy().astype(np.int32)):
+        got = tilegrad.infer(model, source, tile_size=12, progress=False)
+        assert torch.equal(got, expected)

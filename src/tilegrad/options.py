@@ -17,6 +17,7 @@ tilegrad.errors.ConfigError: mode must be 'auto', 'lean' or 'stages', received '
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .errors import ConfigError, ShapeError
@@ -29,6 +30,7 @@ __all__ = [
     "mode_option",
     "require_budget",
     "shape_option",
+    "source_option",
     "tile_size_option",
 ]
 
@@ -63,11 +65,27 @@ def shape_option(value: Any, name: str = "input_shape", min_dims: int = 3) -> tu
     except (TypeError, ValueError):
         ok = False
     if not ok:
+        layout = "(N, C, *spatial)" if min_dims >= 3 else "(N, C, *spatial) or (N, features)"
         raise ShapeError(
-            f"expected {name} as positive integers (N, C, *spatial), e.g. (1, 3, 224, 224) or (1, 1, 64, 64, 64); "
+            f"expected {name} as positive integers {layout}, e.g. (1, 3, 224, 224) or (1, 1, 64, 64, 64); "
             f"received {value!r}"
         )
     return shape
+
+
+def source_option(value: Any, who: str) -> Any:
+    """An image ``who`` reads box by box: a tensor, or an array with ``.shape`` and numpy-style slicing."""
+    if isinstance(value, (str, os.PathLike)):
+        raise ConfigError(
+            f"{who} reads arrays, received a path ({os.fspath(value)!r}): open the image first, e.g. "
+            f"tilegrad.io.open_image({os.fspath(value)!r}) (lazily, tile by tile)"
+        )
+    if not (hasattr(value, "shape") and hasattr(value, "__getitem__")):
+        raise ShapeError(
+            f"{who} takes a tensor or an array with .shape and numpy-style slicing (a numpy or zarr array, a "
+            f"tilegrad.io image), received {type(value).__name__}"
+        )
+    return value
 
 
 def budget_option(value: Any) -> int | None:

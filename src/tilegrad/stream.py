@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from ._allocator import STREAM_THRESHOLD, pin_mmap_threshold
-from .errors import ConfigError, ShapeError, TilegradError
+from .errors import ConfigError, DataError, ShapeError, TilegradError
 from .execute import Reader, run_plan
 from .geometry.toolkit import planning_state
 from .heads import streamed_head
-from .options import budget_option, mode_option, require_budget, shape_option, tile_size_option
+from .options import budget_option, mode_option, require_budget, shape_option, source_option, tile_size_option
 from .plan import TIERS, Plan, plan_streaming
 from .typing import ArrayLike, Bytes, TileSize
 
@@ -182,11 +182,8 @@ class StreamingModule(nn.Module):
         tile during backward (see :class:`tilegrad.stream.GradientSink`); with it the whole-image input gradient
         never exists in memory at once (``tilegrad saliency`` reduces it on the fly).
         """
+        x = source_option(x, "StreamingModule")
         lazy = not isinstance(x, torch.Tensor)
-        if lazy and not (hasattr(x, "shape") and hasattr(x, "__getitem__")):
-            raise ShapeError(
-                f"expected a tensor or a lazy array with .shape and numpy-style slicing, received {type(x).__name__}"
-            )
         if grad_sink is not None and not lazy:
             raise ShapeError(
                 "grad_sink is for lazy inputs; a tensor input gets its gradient in x.grad (call x.requires_grad_())"
@@ -200,7 +197,7 @@ class StreamingModule(nn.Module):
             dtype = x.dtype
         elif not lazy:
             scale = " / 255 (if the model was trained on values in [0, 1])" if x.dtype == torch.uint8 else ""
-            raise ShapeError(
+            raise DataError(
                 f"the input is a {x.dtype} tensor; the model computes in {dtype}: convert it first, e.g. "
                 f"x.to({dtype}){scale}. A lazy array of integers is converted tile by tile"
             )
