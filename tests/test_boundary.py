@@ -3,6 +3,7 @@ NOTE [ Storage tiers ], NOTE [ Scratch lifetime ])."""
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -12,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -230,6 +232,30 @@ def test_file_layout_runs():
     assert (chunk, list(offsets)) == (80, [40])
     chunk, offsets = store._runs([(1, 3), (1, 3)])  # two rows of two positions
     assert (chunk, list(offsets)) == (16, [48, 88])
+
+
+def test_file_layout_of_3d_maps_is_rows_of_channels(tmp_path):
+    # a 3D map with short rows is the file (D, H, N*C, W) (NOTE [ Storage tiers ]); 1D, 2D and 3D maps whose rows
+    # are longer than _GAP_BYTES are (*spatial, N*C). Checked on the file's bytes, hand-computed
+    shape = (2, 3, 4, 5, 6)  # N*C = 6 rows of W = 6 per (d, h)
+    value = torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape)
+    with Scratch(tmp_path, 0) as scratch:
+        store = DiskStore(shape, torch.float64, scratch, "rows", "cpu")
+        assert store.layout == "rows"
+        store.write((slice(None),) * 3, value)
+        raw = torch.from_numpy(np.fromfile(store.path, dtype=np.float64))
+        assert torch.equal(raw, value.reshape(6, 4, 5, 6).permute(1, 2, 0, 3).flatten())
+        # a box cut in every dim, written over the map, then read back and added into
+        box = (slice(1, 3), slice(2, 5), slice(1, 4))
+        store.write(box, -value[(slice(None), slice(None), *box)])
+        value[(slice(None), slice(None), *box)] *= -1
+        store.add(box, value[(slice(None), slice(None), *box)])
+        value[(slice(None), slice(None), *box)] *= 2
+        assert torch.equal(store.read(box), value[(slice(None), slice(None), *box)])
+        assert torch.equal(store.read((slice(None),) * 3), value)
+        long_rows = (1, 8, 2, 2, 600)  # 8 * 600 * 4 bytes = 18.75 KiB a row
+        assert DiskStore(long_rows, torch.float32, scratch, "long", "cpu").layout == "positions"
+        assert DiskStore((1, 3, 4, 5), torch.float64, scratch, "2d", "cpu").layout == "positions"
 
 
 @pytest.mark.parametrize("reserve", [True, False])

@@ -22,6 +22,7 @@ import tilegrad.io
 from tilegrad import (
     CheckpointError,
     ConfigError,
+    DataError,
     DiskFullError,
     GeometryError,
     LockedError,
@@ -263,6 +264,54 @@ CASES = [
     ("checkpoint-segments", lambda: tilegrad.checkpoint_sequential(_net(), 9), ConfigError, "segments must be"),
     ("parse-bytes", lambda: tilegrad.parse_bytes("two gigs"), ConfigError, "cannot read 'two gigs' as a byte count"),
     ("parse-bytes-negative", lambda: tilegrad.parse_bytes(-1), ConfigError, "must be positive"),
+    ("split-not-a-module", lambda: tilegrad.split_model(None), ConfigError, "split_model takes an nn.Module, received NoneType"),
+    (
+        "io-zero-size-image",
+        lambda: tilegrad.io.open_image(np.zeros((3, 0, 5), np.float32)),
+        ShapeError,
+        "the array holds no pixels: its (C, *spatial) shape is (3, 0, 5)",
+    ),
+    ("parse-bytes-nan", lambda: tilegrad.parse_bytes(float("nan")), ConfigError, "must be positive and finite"),
+    ("parse-bytes-inf", lambda: tilegrad.parse_bytes(float("inf")), ConfigError, "must be positive and finite"),
+    ("parse-bytes-huge", lambda: tilegrad.parse_bytes("1e999GiB"), ConfigError, "must be positive and finite"),
+    ("parse-bytes-under-a-byte", lambda: tilegrad.parse_bytes("0.5B"), ConfigError, "at least one byte"),
+    # ---- shapes and dtypes handed to the public entry points -----------------------------------------------------
+    (
+        "plan-negative-shape",
+        lambda: tilegrad.plan_streaming(_net(), (1, 3, -5, 64), memory_budget="1GiB"),
+        ShapeError,
+        "expected input_shape as positive integers (N, C, *spatial), e.g. (1, 3, 224, 224)",
+    ),
+    (
+        "plan-shape-string",
+        lambda: tilegrad.plan_streaming(_net(), "1,3,64,64", memory_budget="1GiB"),
+        ShapeError,
+        "received '1,3,64,64'",
+    ),
+    (
+        "stream-empty-input",
+        lambda: tilegrad.StreamingModule(_net(), tile_size=32)(torch.zeros(1, 3, 0, 64)),
+        ShapeError,
+        "received (1, 3, 0, 64)",
+    ),
+    (
+        "stream-integer-input",
+        lambda: tilegrad.StreamingModule(_net(), tile_size=32)(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)),
+        DataError,
+        "the input is a torch.uint8 tensor; the model computes in torch.float32: convert it first",
+    ),
+    (
+        "infer-path-source",
+        lambda: tilegrad.infer(_net().eval(), "/data/slide.tif", tile_size=32, progress=False),
+        ConfigError,
+        "infer reads arrays, received a path ('/data/slide.tif'): open the image first, e.g. tilegrad.io.open_image(",
+    ),
+    (
+        "infer-none-source",
+        lambda: tilegrad.infer(_net().eval(), None, tile_size=32, progress=False),
+        ShapeError,
+        "received NoneType",
+    ),
     # ---- scratch directory of disk-tier boundary tensors (tilegrad/boundary.py), checked when a run starts ----
     ("scratch-missing", lambda: _scratch("/nonexistent-scratch", 2**30), ConfigError, "/nonexistent-scratch does not exist (this run needs 1.00 GiB"),
     ("scratch-a-file", lambda: _scratch(__file__, 2**30), ConfigError, "is not a directory"),

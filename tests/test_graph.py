@@ -91,6 +91,26 @@ def test_unet_3d_float32_with_disk_tier():
            tiers="disk")  # fmt: skip
 
 
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_unet_3d_on_disk_in_the_rows_layout_is_exact(monkeypatch, dtype, tol):
+    # 3D boundaries on disk are files of (D, H, N*C, W) rows (NOTE [ Storage tiers ] in boundary.py): a batch of 2
+    # (N*C rows per position), sizes off the tile grid, boxes cut in every dim; outputs, input and parameter gradients exact
+    from tilegrad import boundary
+
+    layouts = []
+    made = boundary.DiskStore.__init__
+
+    def spy(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        layouts.append(self.layout)
+
+    monkeypatch.setattr(boundary.DiskStore, "__init__", spy)
+    _check(
+        TinyUNet(ndim=3), (2, 1, 26, 18, 22), dtype=dtype, tol=tol, tile_size=12, mode="stages", tiers="disk"
+    )
+    assert layouts and set(layouts) == {"rows"}, layouts
+
+
 def test_resnet_residual_graph_cut_at_every_candidate():
     trunk = resnet18_trunk()
     streamed = _check(trunk, (1, 3, 96, 64), tile_size=64, mode="stages")

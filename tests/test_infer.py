@@ -386,3 +386,33 @@ def test_an_unreadable_journal_is_a_data_error(tmp_path, text):
     journal.write_text(text)
     with pytest.raises(tilegrad.DataError, match="is not a readable tilegrad infer journal"):
         tilegrad.infer(model, source, tile_size=44, out=out, progress=False, journal=journal)
+
+
+@pytest.mark.parametrize("mode", ["lean", "auto"])
+def test_an_integer_tensor_source_is_read_as_values_like_an_integer_array(mode):
+    """8-bit pixels in a tensor give what the same pixels give as a numpy array and as float: the values, converted
+    tile by tile (a model that expects [0, 1] divides inside; tilegrad does not rescale)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1)).eval()
+    pixels = torch.randint(0, 256, (1, 3, 48, 40), dtype=torch.uint8)
+    budget = "64MiB" if mode == "auto" else None
+    tile = None if mode == "auto" else 24
+    opts = dict(tile_size=tile, memory_budget=budget, mode=mode, progress=False)
+    from_tensor = tilegrad.infer(model, pixels, **opts)
+    from_array = tilegrad.infer(model, pixels.numpy(), **opts)
+    with torch.no_grad():
+        expected = model(pixels.float())
+    torch.testing.assert_close(from_tensor, expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(from_tensor, from_array)
+
+
+def test_integers_above_two_to_the_24_reach_a_float64_model_unrounded():
+    # an integer array was converted through float32 (2**24 + 1 became 2**24) before a float64 model saw it
+    model = nn.Conv2d(1, 1, 3, padding=1, bias=False).double().eval()
+    nn.init.ones_(model.weight)
+    values = torch.full((1, 1, 24, 20), 2**24 + 1, dtype=torch.int64)
+    values[..., ::2, :] += 2
+    expected = model(values.double())
+    for source in (values, values.numpy(), values.numpy().astype(np.int32)):
+        got = tilegrad.infer(model, source, tile_size=12, progress=False)
+        assert torch.equal(got, expected)

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -107,6 +108,40 @@ def test_timm_style_mean_and_float32():
                           nn.Conv2d(8, 4, 3, stride=2, padding=1), SE(4))  # fmt: skip
     _check(trunk, (2, 3, 64, 64), 32)
     _check(trunk, (2, 3, 64, 64), 32, dtype=torch.float32, tol=1e-5)
+
+
+class _ScaledStdConv(nn.Conv2d):
+    """timm's ScaledStdConv2d (nfnet) in small: the weight standardised per output channel on every call, with
+    F.batch_norm in training mode on the weight (no running statistics), times a learned gain."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=(self.gain * 0.5).view(-1), training=True, momentum=0.0, eps=1e-6)  # fmt: skip
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, self.padding)
+
+
+class _CentredConv(nn.Conv2d):
+    """A weight centred over its kernel window: a mean over the weight's last two dims (dims 2, 3, as an image's)."""
+
+    def forward(self, x):
+        w = self.weight - self.weight.mean((2, 3), keepdim=True)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+@pytest.mark.parametrize("conv", [_ScaledStdConv, _CentredConv])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_statistics_of_parameters_alone_are_computed_with_each_tile(conv, dtype, tol):
+    # a normalisation or spatial mean whose input the image does not flow into is the same for every tile: it was
+    # rewritten into a streamed statistic all the same, and the model refused ("segment ending at reshape does not
+    # depend on the image": timm's nfnet row, streamed exactly before the functional norms were streamed)
+    trunk = nn.Sequential(conv(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          conv(8, 8, 3, padding=1, stride=2), nn.ReLU(), conv(8, 4, 3, padding=1)).train()  # fmt: skip
+    streamed = _check(trunk, (2, 3, 48, 40), 24, dtype=dtype, tol=tol)
+    assert len(streamed.last_plan.segments) > 1
 
 
 def test_instance_norm_tracking_running_stats_in_training_is_refused():

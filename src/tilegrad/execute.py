@@ -108,10 +108,15 @@ class Reader:
     def read(self, box: tuple[slice, ...]) -> torch.Tensor:
         key = (slice(None), slice(None), *box)
         if self.is_tensor:
-            return self.source[key]
+            block = self.source[key]
+            if not block.is_floating_point() and self.dtype.is_floating_point:
+                # integer pixels as values, like an integer array's below
+                block = block.to(device=self.device, dtype=self.dtype)
+            return block
         block = np.asarray(self.source[key])
         if block.dtype.kind in "uib" and self.dtype.is_floating_point:
-            block = block.astype(np.float32)
+            # float64 for a float64 model: float32 would round integers above 2**24
+            block = block.astype(np.float64 if self.dtype == torch.float64 else np.float32)
         return torch.from_numpy(np.ascontiguousarray(block)).to(device=self.device, dtype=self.dtype)
 
 

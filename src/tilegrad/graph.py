@@ -813,25 +813,38 @@ class TrunkGraph:
 def last_convolution(seg: Segment) -> torch.fx.Node | None:
     """The segment's output node if it is a zero-padded convolution module called on one tensor (the convolution
     whose recomputation the engine's backward skips: NOTE [ Last convolution not recomputed ] in execute.py). Only
-    torch's own convolution classes, without hooks: the engine runs torch's convolution backward for it."""
+    torch's own convolution classes, without hooks, whose weight and bias are their own parameters: the engine runs
+    torch's convolution backward for it on ``conv.weight`` and gives the weight gradient to that parameter."""
     n = seg.out
     if n.op != "call_module" or len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], torch.fx.Node):
         return None
     conv = seg.graph.gm.get_submodule(n.target)
     if (
         not isinstance(conv, nn.modules.conv._ConvNd)
-        or not type(conv).__module__.startswith(
-            "torch.nn."
-        )  # a subclass with a rule of its own: what it computes
-        or overrides_computation(
-            conv
-        )  # is not torch's convolution, whose backward the engine would run for it
+        # a subclass with a rule of its own (timm's ScaledStdConv2d once was one: its forward standardises the
+        # weight) computes something other than torch's convolution, whose backward the engine would run for it
+        or type(conv).__module__ != nn.modules.conv.__name__
+        or overrides_computation(conv)
         or has_forward_hooks(conv)
+        or not _own_parameters(conv)
         or conv.padding_mode != "zeros"
         or isinstance(conv.padding, str)
     ):
         return None
     return n
+
+
+def _own_parameters(conv: nn.Module) -> bool:
+    """Whether ``conv.weight`` and ``conv.bias`` are parameters of the layer itself. A parametrized layer
+    (``torch.nn.utils.parametrize``: ``parametrizations.weight_norm``, ``spectral_norm``) computes its weight from
+    other parameters on each access, in a class of ``torch.nn.utils.parametrize``: the weight gradient of torch's
+    convolution backward belongs to that computed tensor, not to a parameter, and was silently dropped."""
+    own = conv._parameters
+    return all(
+        own.get(name) is getattr(conv, name)
+        and (own.get(name) is None or isinstance(own[name], nn.Parameter))
+        for name in ("weight", "bias")
+    )
 
 
 def _closure(

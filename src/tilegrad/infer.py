@@ -64,7 +64,7 @@ from ._atomic import atomic_write
 from ._lock import FileLock
 from .errors import ConfigError, DataError, NotStreamableError, ShapeError
 from .execute import Reader as _Reader
-from .options import batch_tiles_option, budget_option, mode_option
+from .options import batch_tiles_option, budget_option, mode_option, source_option
 from .plan import plan_streaming
 from .tiling import Tile
 from .typing import ArrayLike, Bytes
@@ -151,6 +151,7 @@ def infer(
                 f"layer '{name}' ({type(m).__name__}) is in training mode: in inference it would normalise with this "
                 "image's statistics and update its running statistics; call model.eval() first"
             )
+    source = source_option(source, "infer")
     ndim = ndim or _spatial_ndim(model)
     shape = tuple(int(s) for s in source.shape)
     if len(shape) == ndim + 1:

@@ -17,9 +17,10 @@ tilegrad.errors.ConfigError: mode must be 'auto', 'lean' or 'stages', received '
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, ShapeError
 from .units import parse_bytes
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "budget_option",
     "mode_option",
     "require_budget",
+    "shape_option",
+    "source_option",
     "tile_size_option",
 ]
 
@@ -45,6 +48,44 @@ def tile_size_option(value: Any) -> int | tuple[int, ...] | str:
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
         raise ConfigError(f"tile_size must hold positive ints, received {value!r}")
     return value if isinstance(value, int) else values
+
+
+def shape_option(value: Any, name: str = "input_shape", min_dims: int = 3) -> tuple[int, ...]:
+    """An input shape (N, C, *spatial): a sequence of at least ``min_dims`` positive ints (a ``torch.Size`` is one).
+
+    >>> shape_option((1, 3, 64, 64))
+    (1, 3, 64, 64)
+    """
+    try:
+        values = tuple(value) if not isinstance(value, (str, bytes)) else ()
+        shape = tuple(int(v) for v in values)
+        ok = len(shape) >= min_dims and all(
+            s > 0 and s == v and not isinstance(v, bool) for s, v in zip(shape, values)
+        )
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        layout = "(N, C, *spatial)" if min_dims >= 3 else "(N, C, *spatial) or (N, features)"
+        raise ShapeError(
+            f"expected {name} as positive integers {layout}, e.g. (1, 3, 224, 224) or (1, 1, 64, 64, 64); "
+            f"received {value!r}"
+        )
+    return shape
+
+
+def source_option(value: Any, who: str) -> Any:
+    """An image ``who`` reads box by box: a tensor, or an array with ``.shape`` and numpy-style slicing."""
+    if isinstance(value, (str, os.PathLike)):
+        raise ConfigError(
+            f"{who} reads arrays, received a path ({os.fspath(value)!r}): open the image first, e.g. "
+            f"tilegrad.io.open_image({os.fspath(value)!r}) (lazily, tile by tile)"
+        )
+    if not (hasattr(value, "shape") and hasattr(value, "__getitem__")):
+        raise ShapeError(
+            f"{who} takes a tensor or an array with .shape and numpy-style slicing (a numpy or zarr array, a "
+            f"tilegrad.io image), received {type(value).__name__}"
+        )
+    return value
 
 
 def budget_option(value: Any) -> int | None:

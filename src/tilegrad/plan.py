@@ -136,7 +136,14 @@ from ._autocast import without_autocast
 from .errors import ConfigError, GeometryError, MemoryBudgetError, ShapeError
 from .geometry.trace import ACROSS_BATCH
 from .graph import Segment, TrunkGraph, last_convolution
-from .options import batch_tiles_option, budget_option, mode_option, require_budget, tile_size_option
+from .options import (
+    batch_tiles_option,
+    budget_option,
+    mode_option,
+    require_budget,
+    shape_option,
+    tile_size_option,
+)
 from .segment import Unit, units_of
 from .tiling import TileGrid, dim_summary, grid_lengths, grid_summary, plan_dim, tile_grid
 from .typing import Bytes
@@ -1492,7 +1499,7 @@ def plan_streaming(
     as ``"2GiB"``. Option mistakes raise :class:`tilegrad.ConfigError`; no plan under the budget,
     :class:`tilegrad.MemoryBudgetError`.
     """
-    input_shape = tuple(int(s) for s in input_shape)
+    input_shape = shape_option(input_shape)
     ndim = len(input_shape) - 2
     tile_size = tile_size_option(tile_size)
     memory_budget = budget_option(memory_budget)

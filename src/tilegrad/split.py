@@ -355,6 +355,11 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[nn.Module, nn.
     >>> list(trunk._modules)[-1], type(head[0]).__name__
     ('layer4', 'AdaptiveAvgPool2d')
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"split_model takes an nn.Module, received {type(model).__name__}: pass the model itself, e.g. "
+            "split_model(torchvision.models.resnet34())"
+        )
     tv_name = type(model).__name__
     found = _timm_family(model, at)  # first: timm's VGG and DenseNet share torchvision's class names
     if found is not None:

@@ -357,7 +357,22 @@ def rewrite_statistics(gm: torch.fx.GraphModule, ndim: int) -> int:
     graph = gm.graph
     rank = ndim + 2
     count = 0
+    # only statistics of what the image flows into: a normalisation or mean of parameters alone (timm's
+    # ScaledStdConv2d standardises its weight with F.batch_norm(training=True) on every call) is the same for every
+    # tile, computed with the tile like any other parameter arithmetic; streamed as a statistic, its input became a
+    # segment that "does not depend on the image" and the whole model was refused (nfnet)
+    imaged: set[torch.fx.Node] = set()
+    # the nodes whose (first) input the image flows into, found before any rewrite
+    of_image: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(a in imaged for a in node.all_input_nodes):
+            imaged.add(node)
+        first = node.args[0] if node.args else node.kwargs.get("input")
+        if isinstance(first, torch.fx.Node) and first in imaged:
+            of_image.add(node)
     for node in list(graph.nodes):
+        if node not in of_image:
+            continue
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             kind = _statistic_kind(module)

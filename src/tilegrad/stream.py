@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from ._allocator import STREAM_THRESHOLD, pin_mmap_threshold
-from .errors import ConfigError, ShapeError, TilegradError
+from .errors import ConfigError, DataError, ShapeError, TilegradError
 from .execute import Reader, run_plan
 from .geometry.toolkit import planning_state
 from .heads import streamed_head
-from .options import budget_option, mode_option, require_budget, tile_size_option
+from .options import budget_option, mode_option, require_budget, shape_option, source_option, tile_size_option
 from .plan import TIERS, Plan, plan_streaming
 from .typing import ArrayLike, Bytes, TileSize
 
@@ -131,7 +131,7 @@ class StreamingModule(nn.Module):
     def plan(self, input_shape: Sequence[int], *, dtype: torch.dtype | None = None, lazy: bool = False,
              input_grad: bool = False) -> Plan:  # fmt: skip
         """The plan used for an input of ``input_shape`` (N, C, *spatial); computed once per shape and mode."""
-        input_shape = tuple(int(s) for s in input_shape)
+        input_shape = shape_option(input_shape)
         if len(input_shape) not in (3, 4, 5):
             raise ShapeError(
                 f"expected an input of shape (N, C, H, W) or (N, C, D, H, W), received {len(input_shape)}-d "
@@ -182,11 +182,8 @@ class StreamingModule(nn.Module):
         tile during backward (see :class:`tilegrad.stream.GradientSink`); with it the whole-image input gradient
         never exists in memory at once (``tilegrad saliency`` reduces it on the fly).
         """
+        x = source_option(x, "StreamingModule")
         lazy = not isinstance(x, torch.Tensor)
-        if lazy and not (hasattr(x, "shape") and hasattr(x, "__getitem__")):
-            raise ShapeError(
-                f"expected a tensor or a lazy array with .shape and numpy-style slicing, received {type(x).__name__}"
-            )
         if grad_sink is not None and not lazy:
             raise ShapeError(
                 "grad_sink is for lazy inputs; a tensor input gets its gradient in x.grad (call x.requires_grad_())"
@@ -198,6 +195,12 @@ class StreamingModule(nn.Module):
         dtype = self._param_dtype()
         if not lazy and x.is_floating_point():
             dtype = x.dtype
+        elif not lazy:
+            scale = " / 255 (if the model was trained on values in [0, 1])" if x.dtype == torch.uint8 else ""
+            raise DataError(
+                f"the input is a {x.dtype} tensor; the model computes in {dtype}: convert it first, e.g. "
+                f"x.to({dtype}){scale}. A lazy array of integers is converted tile by tile"
+            )
         if not lazy and x.device != device:
             raise ShapeError(
                 f"the input is on {x.device} but the module is on {device}; move one of them "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import ConfigError
@@ -42,8 +43,10 @@ def parse_bytes(value: int | float | str) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"expected a byte count such as 2147483648 or '2GiB', received {value!r}")
     if isinstance(value, (int, float)):
-        if value <= 0:
-            raise ConfigError(f"a memory budget must be positive, received {value!r}")
+        if not math.isfinite(value) or value < 1:
+            raise ConfigError(
+                f"a memory budget must be positive and finite (at least one byte), received {value!r}"
+            )
         return int(value)
     if not isinstance(value, str):
         raise ConfigError(
@@ -57,8 +60,10 @@ def parse_bytes(value: int | float | str) -> int:
             f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. '2GiB' or '512MB'"
         )
     number = float(match.group(1)) * _UNITS[unit]
-    if number <= 0:
-        raise ConfigError(f"a memory budget must be positive, received {value!r}")
+    if not math.isfinite(number) or number < 1:
+        raise ConfigError(
+            f"a memory budget must be positive and finite (at least one byte), received {value!r}"
+        )
     return int(number)
 
 

@@ -128,7 +128,11 @@ def module_rule(module: nn.Module | type) -> Rule | None:
 # Hooks on modules that are traced through (containers, the subclasses above) are traced with them; hooks on the
 # model itself would be left out of the trace (fx traces its forward, not its __call__) and are refused. A segment's
 # last convolution runs torch's own convolution backward only for torch's own convolution classes without such hooks
-# (graph.py's ``last_convolution``).
+# (graph.py's ``last_convolution``). A parametrized layer (``torch.nn.utils.parametrize``: weight_norm, spectral_norm)
+# keeps its type's rule (its forward is the type's; its weight is computed from other parameters on every read, once
+# per tile), but not that backward (it would give the gradient to the computed weight); one whose parametrization
+# changes its own state on each read (spectral_norm's power iteration in training mode) is refused by name
+# (:func:`stateful_parametrization`), with the way to stream it exactly.
 _NEUTRAL_METHODS = frozenset(
     {
         "__init__",
@@ -212,6 +216,20 @@ def has_forward_hooks(module: nn.Module) -> bool:
         *getattr(torch_module, "_global_forward_pre_hooks", {}).values(),
     )
     return forward_hook_count(module) + _changing(global_hooks) > 0
+
+
+def stateful_parametrization(module: nn.Module) -> str | None:
+    """The name of the tensor of ``module`` whose parametrization changes its own state each time it is read (the
+    ``torch.nn.utils.parametrizations.spectral_norm`` power iteration in training mode), or None. A tile reads it
+    once per tile, forward and backward: a slightly different weight for each, and the iteration advanced once per
+    tile where a conventional step advances it once."""
+    parametrizations = getattr(module, "parametrizations", None)
+    if not isinstance(parametrizations, nn.ModuleDict):
+        return None
+    for name, chain in parametrizations.items():
+        if any(type(p).__name__ == "_SpectralNorm" and p.training for p in chain):
+            return name
+    return None
 
 
 def _registered(klass: type) -> bool:

@@ -9,6 +9,7 @@ as they run; the walker (:func:`_graph_geometry`) follows which dims of each ten
 from __future__ import annotations
 
 import contextlib
+import inspect
 import operator
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
@@ -34,6 +36,7 @@ from .toolkit import (
     overrides_computation,
     planning_state,
     refuses,
+    stateful_parametrization,
 )
 
 __all__ = [
@@ -617,6 +620,51 @@ def propagate(
     return {n: (v.geometry if isinstance(v, Spatial) else None) for n, v in values.items()}
 
 
+def _power_iteration(name: str) -> str:
+    return (
+        f"its {name!r} is spectral-normalised in training mode: each read of it runs a power iteration (updating u "
+        "and v), so every tile would read a slightly different weight and advance the iteration once per tile "
+        f"instead of once per step. Before each streamed step read layer.{name} once in training mode, then stream "
+        f"with layer.parametrizations.{name}.eval(): every tile uses that step's weight, as a conventional step does"
+    )
+
+
+def _side_effect_per_call(node: torch.fx.Node, root: nn.Module) -> str | None:
+    """Why a node of parameters alone must not run once per tile, or None. Such a node (a weight standardised, a
+    spectral norm read) is computed again with every tile, forward and in the backward's recomputation: exact for
+    its value, which is the same each time, but a side effect of the call (running statistics updated, a power
+    iteration advanced) would happen once per tile where a conventional step has it once."""
+    if node.op == "call_module":
+        owner, _, name = str(node.target).rpartition(".parametrizations.")
+        if name and stateful_parametrization(root.get_submodule(owner)) == name:  # the weight read alone
+            return _power_iteration(name)
+        for sub in root.get_submodule(node.target).modules():
+            if isinstance(sub, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)) and (
+                sub.training and sub.track_running_stats
+            ):
+                return (
+                    f"{type(sub).__name__} normalises parameters (not the image) in training mode and updates its "
+                    "running statistics on each call: streamed, that would happen once per tile instead of once per "
+                    "step. Put that layer in eval mode, or build it with track_running_stats=False"
+                )
+        return None
+    functions = {F.batch_norm: ("training", False), F.instance_norm: ("use_input_stats", True)}
+    if node.op != "call_function" or node.target not in functions:
+        return None
+    flag, default = functions[node.target]
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments
+    except TypeError:
+        return None
+    if bound.get("running_mean") is None or not bound.get(flag, default):
+        return None
+    return (
+        f"{node.target.__name__} normalises parameters (not the image) with batch statistics and updates the running "
+        "statistics it is given on each call: streamed, that would happen once per tile instead of once per step. "
+        "Pass running_mean=None and running_var=None, or compute the normalised parameter outside the streamed trunk"
+    )
+
+
 def _propagate(
     root: nn.Module,
     nodes: Iterable[torch.fx.Node],
@@ -635,6 +683,10 @@ def _propagate(
                 continue
             spatial = [values[a] for a in node.all_input_nodes if isinstance(values.get(a), Spatial)]
             if not spatial:
+                effect = _side_effect_per_call(node, root)
+                if effect is not None:
+                    module = root.get_submodule(node.target) if node.op == "call_module" else None
+                    Context(ndim, node_where(node, module, prefix, type(root).__name__)).refuse(effect)
                 values[node] = _scalar(
                     node, values
                 )  # depends only on parameters, constants or sizes read earlier
@@ -667,6 +719,9 @@ def _propagate(
                         "them while streaming, or mark a hook that only watches (returns None) with "
                         "tilegrad.geometry.observer_hook: it then runs on every tile"
                     )
+                stateful = stateful_parametrization(module)
+                if stateful is not None:
+                    ctx.refuse(_power_iteration(stateful))
                 if rule is None:
                     ctx.refuse(
                         f"tilegrad does not know whether {type(module).__name__} is local; if it is, register its "

@@ -298,6 +298,11 @@ class ArrayImage(LazyImage):
                 "Pass axes=(None, 0) (or channel_axis=None to open_image) to add a channel axis"
             )
         self._shape = tuple(1 if a is None else native[a] for a in self._axes)
+        if 0 in self._shape:
+            where = f"{os.fspath(path)} holds" if path is not None else "the array holds"
+            raise ShapeError(
+                f"{where} no pixels: its (C, *spatial) shape is {self._shape}; expected every size >= 1"
+            )
         self._dtype = np.dtype(dtype if dtype is not None else array.dtype)
         if spacing is not None:
             spacing = tuple(float(s) for s in spacing)

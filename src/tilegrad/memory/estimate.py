@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..dtypes import parse_dtype
-from ..errors import ConfigError, ShapeError, TilegradError
+from ..errors import ConfigError, TilegradError
+from ..options import shape_option
 from ..typing import PlanningModule
 from .diagnose import model_failed
 from .kernels import conv_workspace_bytes
@@ -36,17 +37,7 @@ __all__ = ["estimate_memory", "on_meta"]
 # Validation
 # ----------------------------------------------------------------------------------------------------------------
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in input_shape)
-        ok = len(shape) >= 2 and all(s > 0 and s == v for s, v in zip(shape, input_shape))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ShapeError(
-            f"expected input_shape as positive integers (N, C, *spatial), e.g. (1, 3, 224, 224) or "
-            f"(1, 1, 64, 64, 64); received {input_shape!r}"
-        )
-    return shape
+    return shape_option(input_shape, min_dims=2)  # (N, features) too: a head alone
 
 
 @contextlib.contextmanager
