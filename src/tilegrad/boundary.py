@@ -80,9 +80,10 @@ __all__ = ["Box", "DiskStore", "Scratch", "Store", "TensorStore", "remove_stale_
 #   pread/pwrite the process holds only the box; the kernel's page cache keeps what it can and drops the rest
 #   without charging the process.
 #
-# Disk layout: spatial-major with N*C innermost, i.e. the file is the C-order array (*spatial, N, C). A box
-# (b_0, ..., b_{k-1}) is then prod(b_0 .. b_{k-2}) contiguous runs of b_{k-1}*N*C*itemsize bytes (fewer, longer runs
-# when trailing dims are whole: a box of whole rows is one run), instead of N*C times as many short runs in an
+# Disk layout ("positions", every map but short-rowed 3D ones on the CPU, below): spatial-major with N*C innermost,
+# i.e. the file is the C-order array (*spatial, N, C). A box (b_0, ..., b_{k-1}) is then prod(b_0 .. b_{k-2})
+# contiguous runs of b_{k-1}*N*C*itemsize bytes (fewer, longer runs when trailing dims are whole: a box of whole
+# rows is one run), instead of N*C times as many short runs in an
 # (N, C, *spatial) layout. The (N, C, *box) tensor a read returns is a transpose of what the file holds. On the CPU
 # the box moves a *span* at a time: the runs along the box's last outer dim are evenly spaced in the file, and those
 # whose gaps are no longer than the runs themselves (or 16 KiB) are moved with one call together with their gaps,
@@ -97,11 +98,12 @@ __all__ = ["Box", "DiskStore", "Scratch", "Store", "TensorStore", "remove_stale_
 # _GAP_BYTES, 16 KiB: every map of a 3D U-Net up to ~256^3) is the file (D, H, N*C, W) instead. Rows h0..h1 of a
 # plane are then one contiguous span (whole planes join up), which holds the box's W range of every channel, and
 # the copy between the span and the (N, C, d, h, w) tensor moves runs of w positions that are contiguous on both
-# sides instead of transposing N*C-element positions: adds (a strided add) 20-30% cheaper, reads and writes
-# 5-10% (BENCHMARKS.md, "Boundary storage", eighth session). A span carries the rows' positions outside the box's
-# W range, less than a row each, which the positions layout's gap rule joins as well; a write reads a span first
-# only when the box does not cover W whole. 1D and 2D maps keep the positions layout: a 2D row is a whole slide's
-# width (tens of MiB), where the positions layout moves a box's runs without the rest of the row.
+# sides instead of transposing N*C-element positions: in a 160^3 UNet step the store calls took 9-16% less CPU
+# time (adds 15-20%, reads 5-13%, writes 12-15%; BENCHMARKS.md, "Boundary storage", eighth session). A span
+# carries the rows' positions outside the box's W range, less than a row each, which the positions layout's gap
+# rule joins as well; a write reads a span first only when the box does not cover W whole. 1D and 2D maps keep the
+# positions layout: a 2D row is a whole slide's width (tens of MiB), where the positions layout moves a box's runs
+# without the rest of the row.
 #
 # Costs per tile (B = the box's bytes = N*C*prod(b)*itemsize): a read moves B from the page cache or the disk and
 # writes B into a new tensor (page faults included: the engine maps each buffer fresh, NOTE [ Heap growth under a

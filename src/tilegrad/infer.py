@@ -24,6 +24,19 @@ journal of a different run is refused. It survives an interrupted or killed proc
 is fsynced). A tilegrad writer opened with ``resume=True`` continues the partial files of the interrupted run and
 is told (``mark_written``) which regions they already hold.
 
+NOTE [ What a budget covers ]
+``memory_budget`` bounds what the call holds at once: the parameters, the source and the output when they are
+tensors in memory (a lazy source and a sink such as a tilegrad.io writer are read and written a tile's box at a
+time), the tiles' working set with the convolutions' scratch (NOTE [ Inference tile memory ] in plan.py) and the
+boundary stores the plan keeps on the device. The planner plans for 80% of it (``BUDGET_SAFETY``); when even the
+leanest plan does not fit, it refuses before running with a MemoryBudgetError naming the smallest budget that
+works. What a budget cannot cover is what PyTorch keeps once it has run a kernel in a process: the code of the
+kernels, mapped from libtorch_cpu.so on first use, and oneDNN's buffers. On this machine (MONAI UNet 16-32-64, 64^3
+to 128^3) the first call in a fresh process adds 29 MiB of such file pages and about 11 MiB of anonymous memory,
+about 40 MiB over the warm call's peak, and later calls nothing (benchmarks/infer_memory.py); the same is paid by
+any first forward of the model, tiled or not. The 20% slack covers it at budgets from about 200 MiB; below that the
+first call in a process can exceed the budget by that much.
+
 With a memory budget the CPU allocator is set as in NOTE [ Heap growth under a budget ] (tilegrad/_allocator.py).
 It costs time on allocation-heavy models (MONAI UNet 16-32-64, 192^3 in 136^3 tiles: about 2.5 s -> 4.0 s), but
 glibc's default policy makes the peak unpredictable: 310 to 448 MiB resident for 241 MiB predicted in repeated
@@ -104,6 +117,9 @@ def infer(
             (N, C, *spatial) or (C, *spatial).
         tile_size: input tile extent in pixels (halo included), an int or a tuple; or None with ``memory_budget``
             to take the largest tile whose predicted peak fits (NOTE [ Heap growth under a budget ]).
+        memory_budget: bytes or a string such as ``"2GiB"``: what the call may hold at once, the source and output
+            included when they are tensors in memory (NOTE [ What a budget covers ]). A budget no plan fits raises
+            :class:`tilegrad.MemoryBudgetError` with the smallest one that does, before anything runs.
         out: None to return a tensor, or any writable array of the output's shape (numpy memmap, zarr array, a
             :func:`tilegrad.io.create_writer` sink), filled tile by tile; the same layout as ``source``.
         progress: show a progress bar over tiles.

@@ -77,6 +77,27 @@ any plan whose predicted peak is at most the one-segment plan's plus half of one
 so memory stays flat in the image size and the planner cuts more (and stores more, on disk if needed) as the image
 grows.
 
+NOTE [ Inference tile memory ]
+Without gradients a tile holds only what is alive at each node, and a CPU convolution adds scratch that can dwarf
+it: below a size (for 3D, N*C*D*H <= 20480 of its input) PyTorch runs the native unfold kernel, which builds
+C_in x 27 x its output positions (memory/kernels.py), 54x a 2-channel map. So a segment's inference working set is
+a sweep over its nodes in order at the tile's boxes (a node's box: the window over its scale, at most its map): the
+sources' boxes for the whole tile (the image in memory is read as a view, which a convolution copies while it reads
+a box of it), each result until its last reader (an alias, such as eval-mode dropout or an identity, shares its
+input's memory: ``NodeProfile.alias``), and at each convolution the scratch of the kernel PyTorch picks for its
+box. A grid's edge tiles are smaller, and a smaller box can drop a convolution onto the unfold kernel: MONAI UNet
+16-32-64 at 128^3 in 80^3 windows ran a 16->16 convolution of an 80x54x80 edge tile with 75 MiB of scratch, the
+80^3 tiles with oneDNN's 8 MiB. The sweep is therefore repeated at each of the grid's tile shapes (products of the
+distinct window lengths per dim, ``tiling.grid_lengths``) that raises some convolution's scratch; any other shape
+holds less than the largest. A plan's steps (``_inference_steps``): a store on the device lives from its
+producer's start to its last reader's end (the engine frees it there); the producer's own store, and the output
+for the last segment, fill tile by tile, so its tiles run next to at most all of it, a one-tile segment next to
+none of it until its result is written; a one-tile segment reads a whole map on the device as a view. The rule
+this replaced (the sources plus twice the largest tensor, or the whole model simulated on the whole image and
+scaled per pixel) left the scratch of small tiles out: measured peaks were 2-6x the prediction; with the sweep,
+0.93-1.04x for every segment and call measured (benchmarks/infer_memory.py, warm calls; NOTE [ What a budget
+covers ] in infer.py for the first call in a process).
+
 The search: the conventional step (if it fits), the one-segment plan, the stage cuts, all candidate cuts (stage cuts
 and block outputs, graph.py), and greedy descents that toggle one cut at a time while the plan gets faster (or,
 while nothing fits, leaner): over the stage cuts, then over every candidate. For each cut set, each
@@ -126,11 +147,13 @@ from .options import (
     tile_size_option,
 )
 from .segment import Unit, units_of
-from .tiling import TileGrid, dim_summary, grid_summary, plan_dim, tile_grid
+from .tiling import TileGrid, dim_summary, grid_lengths, grid_summary, plan_dim, tile_grid
 from .typing import Bytes
 from .units import format_bytes
 
 __all__ = ["BoundaryPlan", "Plan", "SegmentPlan", "Unit", "plan_streaming", "units_of"]
+
+_CONV = torch.ops.aten.convolution.default
 
 # FLOP/s (FlopCounterMode counts 2 per multiply-add) of float32 convolutions on this CPU: the ResNet-34 trunk's
 # conventional step at 4096^2 (7.3e12 FLOP) took 61 s on a quiet machine
@@ -177,7 +200,7 @@ TAIL_TRANSIENT = 3.0
 # a convolution that a small tile drops below PyTorch's oneDNN cutoff runs the native unfold kernel: this many times
 # the time per output of the oneDNN kernel (NOTE [ Cost model ]; 2.5-3.3x measured for 16->32 and 64->128 3D convs)
 SLOW_CONV = 2.5
-FORWARD_TRANSIENT = 2.0  # no-grad forward working set, in units of the largest tensor
+FORWARD_TRANSIENT = 2.0  # training: a forward step's working set, in units of the largest tensor
 BUDGET_SAFETY = 0.8  # share of a user budget the planner plans for (the rest: allocator slack)
 FIXED_TILE_EXTRA = 0.5  # NOTE [ Tile memory ]: extra room of a fixed tile without budget, in tiles
 TIERS = ("auto", "device", "host", "disk", "recompute")
@@ -237,6 +260,7 @@ class SegmentPlan:
     tile_train_bytes: int = 0
     tile_forward_bytes: int = 0
     tile_saved_bytes: int = 0
+    tile_end_bytes: int = 0  # inference: held when the segment returns (NOTE [ Inference tile memory ])
     flops: float = 0.0
     keep: bool = False  # NOTE [ Kept segments ] in execute.py
     slow_flops: float = 0.0  # of convolutions the tile drops onto the slow kernel (NOTE [ Cost model ])
@@ -396,7 +420,8 @@ class Plan:
                     if self.training:
                         by_tier[b.grad_tier] = by_tier.get(b.grad_tier, 0) + b.nbytes
                 tiers = ", ".join(f"{t} {format_bytes(n)}" for t, n in sorted(by_tier.items()))
-                lines.append(f"  boundaries: {len(stored)} tensors (with gradients): {tiers or 'none'}")
+                grads = " (with gradients)" if self.training else ""
+                lines.append(f"  boundaries: {len(stored)} tensors{grads}: {tiers or 'none'}")
                 again = [b for b in self.boundaries if b.tier == "recompute"]
                 if again:
                     lines.append(
@@ -498,7 +523,10 @@ class _Planner:
         )
         self._pass_seconds: dict[int, float] = {}
         self._sp: dict[tuple[int, tuple[int, ...]], SegmentPlan | None] = {}
-        self._forward_rate: dict[int, float] = {}
+        self._fwd: dict[tuple, tuple[int, int]] = {}
+        self._scratch: dict[tuple, int] = {}
+        self._geo: dict[Any, tuple[tuple[int, int, int], ...] | None] = {}
+        self._layouts: dict[int, list[tuple[Any, bool, bool, list[Any]]]] = {}
         self._options: dict[tuple, list[SegmentPlan]] = {}
         self._leaner_of: dict[int, list[int | None]] = {}  # by id of a cached options list
         self._kern: dict[tuple, tuple[float, int]] = {}
@@ -554,9 +582,9 @@ class _Planner:
             slow_flops=slow_flops,
         )
         if not self.training:
-            sp.tile_forward_bytes = int(max(self._forward_per_px(seg) * math.prod(max_in_shape), 0)) * (
-                self.batch_tiles
-            )
+            window = tuple(min(t, i) for t, i in zip(tile, self.image[2:]))
+            lengths = grid_lengths(seg.geometry, self.image[2:], out_shape[2:], window)
+            sp.tile_forward_bytes, sp.tile_end_bytes = self._forward_bytes(seg, lengths)
         self._sp[key] = sp
         return sp
 
@@ -628,28 +656,140 @@ class _Planner:
         self._kern[key] = (slow, workspace)
         return self._kern[key]
 
-    def _forward_per_px(self, seg: Segment) -> float:
-        """Inference peak per image pixel of a segment, from estimate_memory's allocator simulation (CPU
-        convolution scratch included, so it errs on the safe side), or the rule of thumb for multi-source
-        segments."""
-        if id(seg) not in self._forward_rate:
-            area = math.prod(self.image[2:])
-            rule = (seg.source_bytes + FORWARD_TRANSIENT * seg.largest_bytes) / area
-            # the whole model (reading no statistic computed apart, which a recomputed input brings: NOTE
-            # [ Recomputed statistic inputs ]): simulate it
-            if seg.sources == [self.g.input] and seg.out is self.g.output and not seg.globals:
-                from .memory.estimate import estimate_memory
+    def _forward_bytes(self, seg: Segment, lengths: tuple[tuple[int, ...], ...]) -> tuple[int, int]:
+        """NOTE [ Inference tile memory ]: (peak, bytes held when the segment returns) of one tile's forward without
+        gradients over the grid's tile shapes (``lengths``: per dim, the distinct window extents, longest first).
+        A sweep over the segment's nodes at the largest window, and at each smaller one whose boxes put a
+        convolution on another kernel."""
+        key = (id(seg), lengths)
+        if key not in self._fwd:
+            top = tuple(n[0] for n in lengths)
+            convs = self._convs(seg)
+            scratch = [self._conv_scratch(n, self._box(n.args[0], top)) for n in convs]
+            peak, end = self._sweep(seg, top)
+            # every tensor is smaller at a smaller window; only a convolution's scratch may grow (another kernel)
+            for window in itertools.product(*lengths):
+                if window != top and any(
+                    self._conv_scratch(n, self._box(n.args[0], window)) > top_scratch
+                    for n, top_scratch in zip(convs, scratch)
+                ):
+                    peak = max(peak, self._sweep(seg, window)[0])
+            self._fwd[key] = (peak, end)
+        return self._fwd[key]
 
-                module = copy.deepcopy(seg.module)
-                for m in module.modules():
-                    m._forward_hooks.clear()
-                    m._forward_pre_hooks.clear()
-                report = estimate_memory(module.to("meta"), self.image, mode="infer", dtype=self.dtype)
-                out_px = math.prod(seg.out_shape[2:]) / area
-                sink = 3 * _nbytes(seg.out_shape[:2], self.dtype) * out_px
-                rule = max(report.peak_bytes / area, sink)
-            self._forward_rate[id(seg)] = rule
-        return self._forward_rate[id(seg)]
+    def _box(self, node: Any, window: tuple[int, ...]) -> tuple[int, ...] | None:
+        """A node's extent in a tile of ``window`` image px (its scale's share of the window, at most its map)."""
+        if node not in self._geo:
+            g = self.g
+            shape = g.profiles[node].shape
+            if shape is None or len(shape) != g.ndim + 2 or g.geoms.get(node) is None:
+                self._geo[node] = None
+            else:
+                self._geo[node] = tuple(
+                    (sc.numerator, sc.denominator, d) for sc, d in zip(g.scale(node), shape[2:])
+                )
+        geo = self._geo[node]
+        if geo is None:
+            return None
+        return tuple(min(d, -(-w * q // p)) for w, (p, q, d) in zip(window, geo))
+
+    def _convs(self, seg: Segment) -> list[Any]:
+        """The segment's convolution nodes whose input is a map (their kernels' scratch: NOTE [ Inference tile
+        memory ])."""
+        return [n for n, _, conv, _ in self._layout(seg) if conv]
+
+    def _layout(self, seg: Segment) -> list[tuple[Any, bool, bool, list[Any]]]:
+        """Per node of the segment, in order: (node, whether it allocates its result, whether it is a convolution
+        on a map, the tensors freed after it). An alias (``NodeProfile.alias``) shares its input's memory, which is
+        freed after the last reader of either; a result nothing reads is freed at once, the output never."""
+        if id(seg) in self._layouts:
+            return self._layouts[id(seg)]
+        g = self.g
+        members = set(seg.nodes)
+        root: dict[Any, Any] = {}  # an alias's tensor: the node whose memory it is
+        last: dict[Any, int] = {}  # a tensor's last reader among the segment's nodes
+        for i, n in enumerate(seg.nodes):
+            if g.profiles[n].alias and n.all_input_nodes:  # its first argument's memory (a source's: kept)
+                first = n.all_input_nodes[0]
+                root[n] = root.get(first, first)
+            for a in n.all_input_nodes:
+                if a in members:
+                    last[root.get(a, a)] = i
+        out = root.get(seg.out, seg.out)
+        layout = []
+        for i, n in enumerate(seg.nodes):
+            module = g.gm.get_submodule(n.target) if n.op == "call_module" else None
+            conv = (
+                isinstance(module, nn.modules.conv._ConvNd)
+                and not isinstance(module.padding, str)
+                and bool(n.args)
+                and isinstance(n.args[0], torch.fx.Node)
+                and self._box(n.args[0], (1,) * g.ndim) is not None
+            )
+            freed = list(dict.fromkeys(root.get(a, a) for a in n.all_input_nodes if a in members))
+            freed = [a for a in freed if a in members and last.get(a) == i and a is not out]
+            if n not in root and n not in last and n is not out:
+                freed.append(n)
+            layout.append((n, n not in root, conv, freed))
+        self._layouts[id(seg)] = layout
+        return layout
+
+    def _conv_scratch(self, node: Any, box: tuple[int, ...] | None) -> int:
+        """Scratch bytes of a convolution node's forward on ``batch_tiles`` tiles of its input's ``box``: those of
+        the kernel PyTorch picks for that box (NOTE [ CPU convolution workspaces ] in memory/kernels.py)."""
+        key = (node, box)
+        if key not in self._scratch:
+            from .memory.kernels import conv_workspace_bytes
+
+            g = self.g
+            conv = g.gm.get_submodule(node.target)
+            shape = g.profiles[node.args[0]].shape
+            x = torch.empty((self.batch_tiles * shape[0], shape[1], *box), device="meta", dtype=g.dtype)
+            w = torch.empty(conv.weight.shape, device="meta", dtype=g.dtype)
+            conf = (
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                conv.transposed,
+                conv.output_padding,
+                conv.groups,
+            )
+            self._scratch[key] = conv_workspace_bytes(_CONV, (x, w, None, *conf))
+        return self._scratch[key]
+
+    def _sweep(self, seg: Segment, window: tuple[int, ...]) -> tuple[int, int]:
+        """NOTE [ Inference tile memory ]: (the most bytes alive at once, the bytes alive at the end) while
+        ``batch_tiles`` tiles of ``window`` image px run through the segment without gradients."""
+        g = self.g
+        whole = tuple(min(w, d) for w, d in zip(window, self.image[2:])) == tuple(self.image[2:])
+        sizes: dict[Any, int] = {}
+
+        def nbytes(node: Any) -> int:
+            if node not in sizes:
+                prof, b = g.profiles[node], self._box(node, window)
+                full = prof.shape[2:] if b is not None and prof.shape is not None else None
+                sizes[node] = (
+                    prof.out_bytes
+                    if full is None
+                    else self.batch_tiles * prof.out_bytes * math.prod(b) // max(1, math.prod(full))
+                )
+            return sizes[node]
+
+        # the tile's source boxes, held for the whole tile; an image in memory is read as a view, which a
+        # convolution copies while it runs (a box that is not the whole image is not contiguous)
+        viewed = self.g.input if self.input_in_memory else None
+        live = sum(nbytes(s) for s in seg.sources if s is not viewed)
+        peak = live
+        for n, allocates, conv, freed in self._layout(seg):
+            new = nbytes(n) if allocates else 0
+            scratch = 0
+            if conv:
+                scratch = self._conv_scratch(n, self._box(n.args[0], window))
+                if n.args[0] is viewed and not whole:
+                    scratch += nbytes(viewed)
+            peak = max(peak, live + new + scratch)
+            live += new - sum(nbytes(a) for a in freed)
+        return int(peak), int(live)
 
     def options(self, seg: Segment, requested: tuple[int, ...] | None, cap: int | None) -> list[SegmentPlan]:
         """The segment's plans over the tile ladder, fastest first (a fixed tile: the requested one for a segment
@@ -752,6 +892,9 @@ class _Planner:
         for k, sp in enumerate(segs):
             for s in sp.segment.sources:
                 last_user[s.name] = max(k, last_user.get(s.name, k))
+        if not self.training:
+            steps = self._inference_steps(segs, bounds, producer, last_user)
+            return max(steps), max(steps), steps
         fixed = self.fixed_bytes()
         kept = [sp.tile_saved_bytes if sp.keep else 0 for sp in segs]
         dev_out = 0
@@ -783,6 +926,42 @@ class _Planner:
                 alive = sum(nb for p, u, nb in grads if p <= k <= u)
                 steps.append(base + alive + sum(kept[:k]) + segs[k].tile_train_bytes + segs[k].io_bytes)
         return max(steps), forward_peak, steps
+
+    def _inference_steps(
+        self,
+        segs: list[SegmentPlan],
+        bounds: list[BoundaryPlan],
+        producer: dict[str, int],
+        last_user: dict[str, int],
+    ) -> list[int]:
+        """NOTE [ Inference tile memory ]: the peak of each segment of a forward without gradients. A store on the
+        device lives from its producer's start to its last reader's end (the engine frees it then); the
+        producer's own store (the output, for the last segment) fills tile by tile, so its tiles run with at most
+        all of it but their own core, and a one-tile segment runs with none of it until its result is written."""
+        fixed = self.fixed_bytes()
+        own = [0] * len(segs)
+        spans = []  # (producer, last reader, bytes) of the other segments' stores on the device
+        for b in bounds:
+            if b.tier == "device":
+                p = producer[b.name]
+                own[p] = b.nbytes
+                spans.append((p, last_user.get(b.name, p), b.nbytes))
+        if self.output_in_memory:
+            own[-1] = segs[-1].segment.graph.profiles[segs[-1].segment.out].out_bytes
+        device = {b.name for b in bounds if b.tier == "device"}
+        steps = []
+        for k, sp in enumerate(segs):
+            alive = sum(nb for p, u, nb in spans if p < k <= u)
+            work, end = sp.tile_forward_bytes + sp.io_forward_bytes, sp.tile_end_bytes
+            if sp.tiles == 1:  # a whole map on the device is read without a copy (TensorStore.read)
+                views = (
+                    sum(self.g.profiles[s].out_bytes for s in sp.segment.sources if s.name in device)
+                    * self.batch_tiles
+                )
+                work, end = work - views, end - views
+            mid = max(work, end + own[k]) if sp.tiles == 1 else work + own[k]
+            steps.append(fixed + alive + mid)
+        return steps
 
     def time_ratio(self, segs: list[SegmentPlan], bounds: list[BoundaryPlan]) -> float:
         return (
@@ -1417,11 +1596,13 @@ def plan_streaming(
         return best
     if leanest is None:
         raise GeometryError(planner.errors[0] if planner.errors else "no tile size fits this trunk")
+    smallest = _display_ceil(leanest.peak_bytes / BUDGET_SAFETY)
     raise MemoryBudgetError(
         f"no streaming plan fits the memory budget of {format_bytes(memory_budget or 0)} for input "
         f"{'x'.join(map(str, input_shape))}: the leanest plan found needs about {format_bytes(leanest.peak_bytes)}, "
         f"more than the {format_bytes(budget or 0)} the planner allows itself ({BUDGET_SAFETY:.0%} of the budget; "
-        f"the rest is slack for the allocator) ({leanest}). Raise the budget"
+        f"the rest is slack for the allocator). The smallest budget that works: memory_budget="
+        f"'{format_bytes(smallest).replace(' ', '')}'"
         + (", or request a smaller tile_size" if requested is not None else "")
         + (", or keep the input on disk as a lazy array" if input_in_memory else "")
         + (
@@ -1430,7 +1611,17 @@ def plan_streaming(
             else ""
         )
         + (", or write the output to a sink on disk (out=)" if not training and output_in_memory else "")
+        + f". The leanest plan: {leanest}"
     )
+
+
+def _display_ceil(n: float) -> int:
+    """``n`` bytes rounded up to what :func:`format_bytes` prints (two decimals of its unit), so that the printed
+    budget is at least ``n``."""
+    step = 1.0
+    while n >= 1024 * step and step < 1024**4:
+        step *= 1024
+    return int(math.ceil(n / (step / 100)) * step / 100)
 
 
 def _recomputed(plan: Plan) -> set[str]:

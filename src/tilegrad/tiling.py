@@ -22,7 +22,7 @@ import numpy as np
 from .errors import GeometryError, ShapeError
 from .geometry import DimGeometry, Geometry
 
-__all__ = ["Span", "Tile", "TileGrid", "dim_summary", "grid_summary", "plan_dim", "tile_grid"]
+__all__ = ["Span", "Tile", "TileGrid", "dim_summary", "grid_lengths", "grid_summary", "plan_dim", "tile_grid"]
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,15 @@ def dim_summary(
         longest = max([longest, *(s.in_length for s in run)])
         total += sum(s.in_length for s in run) * repeats
     return count, longest, total
+
+
+@functools.lru_cache(maxsize=65536)
+def dim_lengths(
+    dim: DimGeometry, align: int, in_len: int, out_len: int, tile: int, axis: int = 0
+) -> tuple[int, ...]:
+    """The distinct input extents of :func:`plan_dim`'s tiles, longest first, without listing the tiles."""
+    runs = _greedy_runs(dim, align, in_len, out_len, tile, axis)
+    return tuple(sorted({s.in_length for run, _, _, _ in runs for s in run}, reverse=True))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -315,3 +324,20 @@ def grid_summary(
         )
     ]
     return math.prod(c for c, _, _ in dims), tuple(m for _, m, _ in dims), math.prod(t for _, _, t in dims)
+
+
+def grid_lengths(
+    geometry: Geometry,
+    in_shape: Sequence[int],
+    out_shape: Sequence[int],
+    tile_size: Sequence[int],
+) -> tuple[tuple[int, ...], ...]:
+    """Per dim, the distinct input extents of :func:`tile_grid`'s tiles, longest first: the grid's tile shapes are
+    their products (a working set need not be largest at the largest tile: NOTE [ Inference tile memory ] in
+    plan.py)."""
+    return tuple(
+        dim_lengths(d, a, i, o, t, axis)
+        for axis, (d, a, i, o, t) in enumerate(
+            zip(geometry.dims, geometry.align, in_shape, out_shape, tile_size)
+        )
+    )
