@@ -754,7 +754,17 @@ class _Planner:
                 conv.output_padding,
                 conv.groups,
             )
-            self._scratch[key] = conv_workspace_bytes(_CONV, (x, w, None, *conf))
+            # NOTE [ Small-tile convolutions on oneDNN ] in execute.py: the engine's float32 forward of a plain
+            # convolution never runs the unfold kernel
+            onednn = (
+                g.dtype == torch.float32
+                and type(conv) in (nn.Conv2d, nn.Conv3d)
+                and conv.padding_mode == "zeros"
+                and not isinstance(conv.padding, str)
+                and torch.backends.mkldnn.is_available()
+                and torch.backends.mkldnn.enabled
+            )
+            self._scratch[key] = conv_workspace_bytes(_CONV, (x, w, None, *conf), onednn_forward=onednn)
         return self._scratch[key]
 
     def _sweep(self, seg: Segment, window: tuple[int, ...]) -> tuple[int, int]:

@@ -74,8 +74,12 @@ def _bytes(shape, itemsize: int) -> int:
     return math.prod(shape) * itemsize
 
 
-def conv_workspace_bytes(func: Any, args: tuple, kwargs: dict | None = None) -> int:
+def conv_workspace_bytes(
+    func: Any, args: tuple, kwargs: dict | None = None, *, onednn_forward: bool = False
+) -> int:
     """Scratch bytes a CPU convolution op allocates internally (NOTE [ CPU convolution workspaces ]); 0 otherwise.
+    ``onednn_forward``: a forward PyTorch would run on the unfold kernel runs on oneDNN instead (the streamed
+    engine's float32 convolutions: NOTE [ Small-tile convolutions on oneDNN ] in execute.py).
 
     >>> import torch
     >>> x = torch.empty(1, 2, 48, 48, 48, device="meta"); w = torch.empty(2, 2, 3, 3, 3, device="meta")
@@ -98,6 +102,8 @@ def conv_workspace_bytes(func: Any, args: tuple, kwargs: dict | None = None) -> 
     if backend is None:  # no convolution runs on an input this small
         return 0
     name = backend.name if hasattr(backend, "name") else str(backend).rsplit(".", 1)[-1]
+    if onednn_forward and not backward and not transposed and name in ("Slow2d", "Slow3d"):
+        name = "Mkldnn"
     itemsize = x.element_size()
     spatial_in = tuple(x.shape[2:])
     kernel = tuple(w.shape[2:])
