@@ -89,7 +89,9 @@ box. A grid's edge tiles are smaller, and a smaller box can drop a convolution o
 16-32-64 at 128^3 in 80^3 windows ran a 16->16 convolution of an 80x54x80 edge tile with 75 MiB of scratch, the
 80^3 tiles with oneDNN's 8 MiB. The sweep is therefore repeated at each of the grid's tile shapes (products of the
 distinct window lengths per dim, ``tiling.grid_lengths``) that raises some convolution's scratch; any other shape
-holds less than the largest. A plan's steps (``_inference_steps``): a store on the device lives from its
+holds less than the largest. (In float32 the engine runs a plain convolution's forward on oneDNN where PyTorch
+would pick the unfold kernel, NOTE [ Small-tile convolutions on oneDNN ] in execute.py: its scratch is oneDNN's
+there.) A plan's steps (``_inference_steps``): a store on the device lives from its
 producer's start to its last reader's end (the engine frees it there); the producer's own store, and the output
 for the last segment, fill tile by tile, so its tiles run next to at most all of it, a one-tile segment next to
 none of it until its result is written; a one-tile segment reads a whole map on the device as a view. The rule
