@@ -106,7 +106,7 @@ from .graph import last_convolution
 from .plan import Plan, SegmentPlan, reversed_tiles
 from .statistics import reduction_combine, reduction_grad, reduction_partials, slabs, update_running_stats
 
-__all__ = ["Execution", "Reader", "run_plan"]
+__all__ = ["Execution", "Reader", "run_plan", "segment_runner"]
 
 
 _SLOW_CONV = {torch._C._ConvBackend.Slow2d, torch._C._ConvBackend.Slow3d}
@@ -174,6 +174,23 @@ def _hooked(module: nn.Module) -> bool:
         m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
         for m in module.modules()
     )
+
+
+def segment_runner(sp: SegmentPlan) -> nn.Module:
+    """The module a segment's tiles call: its chain with the plain convolutions on ``_conv_forward`` (NOTE
+    [ Small-tile convolutions on oneDNN ]); what the planner's memory and time models price. ``tilegrad.infer``'s
+    one-segment loop calls it too."""
+    chain = sp.chain
+    g = sp.segment.graph
+    if (
+        chain is g.root
+        and not g.rewritten
+        and not isinstance(chain, torch.fx.GraphModule)
+        and not _hooked(chain)
+    ):
+        chain = g.gm  # the one-segment plan of a trunk computes it as its trace does (graph.py)
+    runner = _onednn_convs(chain)
+    return sp.chain if runner is g.gm else runner
 
 
 def _onednn_convs(module: nn.Module) -> nn.Module:
@@ -491,22 +508,9 @@ class Execution:
         return range(count) if forward == backward else reversed(range(count))
 
     def _runner(self, sp: SegmentPlan) -> nn.Module:
-        """The module a segment's tiles call: its chain with the plain convolutions on ``_conv_forward`` (NOTE
-        [ Small-tile convolutions on oneDNN ])."""
         key = id(sp.segment)
         if key not in self.runners:
-            chain = sp.chain
-            g = sp.segment.graph
-            if (
-                chain is g.root
-                and not g.rewritten
-                and not isinstance(chain, torch.fx.GraphModule)
-                and not _hooked(chain)
-            ):
-                chain = g.gm  # the one-segment plan of a trunk computes it as its trace does (graph.py)
-            self.runners[key] = _onednn_convs(chain)
-            if self.runners[key] is g.gm:
-                self.runners[key] = sp.chain
+            self.runners[key] = segment_runner(sp)
         return self.runners[key]
 
     @staticmethod

@@ -35,7 +35,9 @@ kernels, mapped from libtorch_cpu.so on first use, and oneDNN's buffers. On this
 to 128^3) the first call in a fresh process adds 29 MiB of such file pages and about 11 MiB of anonymous memory,
 about 40 MiB over the warm call's peak, and later calls nothing (benchmarks/infer_memory.py); the same is paid by
 any first forward of the model, tiled or not. The 20% slack covers it at budgets from about 200 MiB; below that the
-first call in a process can exceed the budget by that much.
+first call in a process can exceed the budget by that much. So can a call after the model ran once whole in the same
+process (e.g. checked on a sample): glibc keeps the heap that forward grew, measured 3-6 MiB over a clean process's
+warm call at 48^3.
 
 With a memory budget the CPU allocator is set as in NOTE [ Heap growth under a budget ] (tilegrad/_allocator.py).
 It costs time on allocation-heavy models (MONAI UNet 16-32-64, 192^3 in 136^3 tiles: about 2.5 s -> 4.0 s), but
@@ -64,6 +66,7 @@ from ._atomic import atomic_write
 from ._lock import FileLock
 from .errors import ConfigError, DataError, NotStreamableError, ShapeError
 from .execute import Reader as _Reader
+from .execute import segment_runner
 from .options import batch_tiles_option, budget_option, mode_option, source_option
 from .plan import plan_streaming
 from .tiling import Tile
@@ -217,7 +220,7 @@ def infer(
                 out.mark_written(sink.key(tiles[i]))
     skip = done.done if done is not None else None
     reader = _Reader(reader_source, device, dtype)
-    chain = segment.chain
+    chain = segment_runner(segment)  # as the planner priced it: small-tile convolutions on oneDNN
     bar = None
     if progress and len(tiles) > 1:
         from tqdm.auto import tqdm

@@ -97,8 +97,10 @@ for the last segment, fill tile by tile, so its tiles run next to at most all of
 none of it until its result is written; a one-tile segment reads a whole map on the device as a view. The rule
 this replaced (the sources plus twice the largest tensor, or the whole model simulated on the whole image and
 scaled per pixel) left the scratch of small tiles out: measured peaks were 2-6x the prediction; with the sweep,
-0.93-1.04x for every segment and call measured (benchmarks/infer_memory.py, warm calls; NOTE [ What a budget
-covers ] in infer.py for the first call in a process).
+0.93-1.09x for the segmented MONAI 3D UNets measured (benchmarks/infer_memory.py, warm calls; NOTE [ What a budget
+covers ] in infer.py for the first call in a process). Not yet as close elsewhere (a review, warm calls): float64
+2D transposed convolutions 1.18-1.55x (their unfold scratch grows with the batch, modelled per sample), a 3D
+transposed-convolution net at 64^3 1.45-1.62x, a MONAI 2D UNet at 384^2 1.7x (about 1.5 MiB).
 
 The search: the conventional step (if it fits), the one-segment plan, the stage cuts, all candidate cuts (stage cuts
 and block outputs, graph.py), and greedy descents that toggle one cut at a time while the plan gets faster (or,
