@@ -343,3 +343,23 @@ def test_no_workspace_on_an_input_smaller_than_the_kernel():
     grad = torch.empty(1, 8, 1, 1, device="meta")
     assert conv_workspace_bytes(CONV_BACKWARD, (grad, small, w, None, *conf, [True, True, False])) == 0
     assert conv_workspace_bytes(CONV_BACKWARD, (grad, large, w, None, *conf, [True, True, False])) > 0
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_a_2d_transposed_unfold_forward_scratch_grows_with_the_batch_as_measured(batch):
+    # PyTorch's SlowTranspose2d forward unfolds every sample of the batch at once (its backward and SlowTranspose3d
+    # one at a time); the rule counted one sample, under-predicting batch_tiles > 1 in inference plans
+    from tilegrad.memory.kernels import conv_workspace_bytes, select_conv_backend
+
+    torch.set_num_threads(1)
+    conv = nn.ConvTranspose2d(32, 16, 4, stride=2, padding=1).double()
+    x = torch.randn(batch, 32, 40, 40, dtype=torch.float64)
+    conf = (conv.stride, conv.padding, conv.dilation, conv.transposed, conv.output_padding, conv.groups)
+    assert select_conv_backend(x, conv.weight, *conf).name == "SlowTranspose2d"
+    with torch.no_grad():
+        conv(x)  # first use
+        with tilegrad.PeakMemoryMeter("cpu") as meter:
+            y = conv(x)
+    scratch = meter.peak_bytes - y.numel() * y.element_size()
+    modelled = conv_workspace_bytes(torch.ops.aten.convolution.default, (x, conv.weight, None, *conf))
+    assert 0.9 * scratch <= modelled <= 1.1 * scratch
