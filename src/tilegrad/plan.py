@@ -782,10 +782,10 @@ class _Planner:
             if node not in sizes:
                 prof, b = g.profiles[node], self._box(node, window)
                 full = prof.shape[2:] if b is not None and prof.shape is not None else None
-                sizes[node] = (
+                sizes[node] = self.batch_tiles * (  # tiles run batch_tiles at once, boxed or not
                     prof.out_bytes
                     if full is None
-                    else self.batch_tiles * prof.out_bytes * math.prod(b) // max(1, math.prod(full))
+                    else prof.out_bytes * math.prod(b) // max(1, math.prod(full))
                 )
             return sizes[node]
 
