@@ -422,17 +422,7 @@ def test_a_one_segment_plan_runs_its_small_tiles_on_onednn_as_the_planner_prices
     # the planner prices a float32 plain convolution's forward at oneDNN's scratch (NOTE [ Small-tile convolutions
     # on oneDNN ] in execute.py); the one-segment loop of infer ran PyTorch's own kernel choice, the unfold kernel
     # with its C_in x 27 x voxels scratch at small tiles: 2.9x the predicted peak at the smallest budget named
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls: dict[str, int] = {}
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            self.calls[name] = self.calls.get(name, 0) + 1
-            return func(*args, **(kwargs or {}))
+    from .test_graph import _CountOps
 
     torch.manual_seed(0)
     model = monai.networks.nets.UNet(
@@ -441,8 +431,8 @@ def test_a_one_segment_plan_runs_its_small_tiles_on_onednn_as_the_planner_prices
     x = torch.randn(1, 1, 24, 24, 24)
     plan = tilegrad.plan_streaming(model, tuple(x.shape), tile_size=16, mode="lean", training=False)
     assert len(plan.segments) == 1 and len(plan.segments[0].grid) > 1
-    with torch.no_grad(), Count() as counted:
+    with torch.no_grad(), _CountOps() as counted:
         got = tilegrad.infer(model, x, tile_size=16, progress=False)
         expected = model(x)
-    assert counted.calls.get("mkldnn_convolution", 0) > 0
+    assert counted.counts.get("mkldnn_convolution", 0) > 0
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
