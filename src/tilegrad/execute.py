@@ -102,7 +102,7 @@ from torch import nn
 from ._allocator import trim_heap
 from ._autocast import autocast_state, replay_autocast
 from .boundary import DiskStore, Scratch, TensorStore
-from .graph import last_convolution
+from .graph import last_convolution, zero_padded_torch_conv
 from .plan import Plan, SegmentPlan, reversed_tiles
 from .statistics import reduction_combine, reduction_grad, reduction_partials, slabs, update_running_stats
 
@@ -148,9 +148,7 @@ def _plain_conv(conv: nn.Module) -> bool:
     oneDNN ])."""
     hooks = nn.modules.module
     return (
-        type(conv) in (nn.Conv2d, nn.Conv3d)
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
+        zero_padded_torch_conv(conv)
         and not conv._forward_hooks
         and not conv._forward_pre_hooks
         and "forward" not in vars(conv)

@@ -810,6 +810,17 @@ class TrunkGraph:
         return tuple(out)
 
 
+def zero_padded_torch_conv(conv: nn.Module) -> bool:
+    """Whether ``conv`` is an ``nn.Conv2d``/``nn.Conv3d`` itself with zero padding given in numbers: the layers whose
+    float32 forward the engine runs on oneDNN below PyTorch's cutoff, and the planner prices so (NOTE [ Small-tile
+    convolutions on oneDNN ] in execute.py)."""
+    return (
+        type(conv) in (nn.Conv2d, nn.Conv3d)
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    )
+
+
 def last_convolution(seg: Segment) -> torch.fx.Node | None:
     """The segment's output node if it is a zero-padded convolution module called on one tensor (the convolution
     whose recomputation the engine's backward skips: NOTE [ Last convolution not recomputed ] in execute.py). Only

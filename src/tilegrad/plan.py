@@ -141,7 +141,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ._autocast import without_autocast
 from .errors import ConfigError, GeometryError, MemoryBudgetError, ShapeError
 from .geometry.trace import ACROSS_BATCH
-from .graph import Segment, TrunkGraph, last_convolution
+from .graph import Segment, TrunkGraph, last_convolution, zero_padded_torch_conv
 from .options import (
     batch_tiles_option,
     budget_option,
@@ -762,9 +762,7 @@ class _Planner:
             # convolution never runs the unfold kernel
             onednn = (
                 g.dtype == torch.float32
-                and type(conv) in (nn.Conv2d, nn.Conv3d)
-                and conv.padding_mode == "zeros"
-                and not isinstance(conv.padding, str)
+                and zero_padded_torch_conv(conv)
                 and torch.backends.mkldnn.is_available()
                 and torch.backends.mkldnn.enabled
             )
